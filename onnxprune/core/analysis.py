@@ -1,0 +1,198 @@
+"""Propagate channel spaces through a graph and collect the members of each space.
+
+The driver walks nodes in topological order and calls the rule registered for
+each op type (``onnxprune/rules``). A rule reads the layouts of its inputs
+(one :class:`Space` or ``None`` per axis), registers the constant axes it owns
+as members, and sets the layouts of its outputs. Anything a rule cannot prove
+safe is frozen with a reason; unknown ops freeze everything they touch.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import onnx_ir as ir
+
+from .members import IN, OUT, PARAM, AttrMember, ShapeMember, TensorMember
+from .space import LayoutError, Space, SpaceTable
+
+log = logging.getLogger(__name__)
+
+Layout = tuple  # tuple[Space | None, ...]
+
+
+@dataclass
+class FrozenNote:
+    where: str
+    reason: str
+
+
+@dataclass
+class Analysis:
+    """State of one analysis: spaces, per-value layouts and members."""
+
+    model: ir.Model
+    table: SpaceTable = field(default_factory=SpaceTable)
+    layouts: dict = field(default_factory=dict)  # ir.Value -> Layout
+    tensors: list[TensorMember] = field(default_factory=list)
+    shapes: list[ShapeMember] = field(default_factory=list)
+    attrs: list[AttrMember] = field(default_factory=list)
+    notes: list[FrozenNote] = field(default_factory=list)
+
+    @property
+    def graph(self) -> ir.Graph:
+        return self.model.graph
+
+    # -- value facts ------------------------------------------------------------------
+    @staticmethod
+    def const(v: ir.Value | None) -> np.ndarray | None:
+        if v is None or v.const_value is None:
+            return None
+        return v.const_value.numpy()
+
+    @staticmethod
+    def dims(v: ir.Value) -> list[int | None] | None:
+        if v.shape is None:
+            if v.const_value is not None:
+                return list(v.const_value.shape)
+            return None
+        return [d if isinstance(d, int) else None for d in v.shape.dims]
+
+    def rank(self, v: ir.Value) -> int | None:
+        d = self.dims(v)
+        return None if d is None else len(d)
+
+    def attr(self, node: ir.Node, name: str, default=None):
+        a = node.attributes.get(name)
+        return default if a is None else a.value
+
+    # -- layouts ----------------------------------------------------------------------
+    def layout(self, node: ir.Node, slot: int) -> Layout | None:
+        """Layout of input ``slot`` of ``node``. A constant used as data gets fresh
+        atoms on its non-broadcast axes, owned by this use (so shared tensors
+        can be pruned differently per consumer)."""
+        v = node.inputs[slot] if slot < len(node.inputs) else None
+        if v is None:
+            return None
+        if v in self.layouts:
+            return self.layouts[v]
+        arr = self.const(v)
+        if arr is not None:
+            lay = []
+            for ax, n in enumerate(arr.shape):
+                if n > 1 and np.issubdtype(arr.dtype, np.floating):
+                    s = self.table.atom(n, origin=f"const {v.name}")
+                    self.tensors.append(TensorMember(node, slot, ax, s, PARAM))
+                    lay.append(s)
+                else:
+                    lay.append(None)
+            return tuple(lay)
+        r = self.rank(v)
+        return None if r is None else (None,) * r
+
+    def set_layout(self, v: ir.Value | None, lay) -> None:
+        if v is not None and lay is not None:
+            self.layouts[v] = tuple(lay)
+
+    def spaces_of(self, v: ir.Value) -> list[Space]:
+        return [s for s in self.layouts.get(v, ()) if s is not None]
+
+    # -- members ----------------------------------------------------------------------
+    def member(self, node: ir.Node, slot: int, axis: int, space: Space | None, role: str) -> None:
+        if space is None or slot >= len(node.inputs) or node.inputs[slot] is None:
+            return
+        self.tensors.append(TensorMember(node, slot, axis, space, role))
+
+    def shape_entry(self, node, slot, index, spaces, sign=1) -> None:
+        self.shapes.append(ShapeMember(node, slot, index, list(spaces), sign))
+
+    def attr_entry(self, node, name, spaces, index=None) -> None:
+        self.attrs.append(AttrMember(node, name, list(spaces), index))
+
+    # -- constraints ------------------------------------------------------------------
+    def where(self, node: ir.Node) -> str:
+        return f"{node.op_type} '{node.name}'"
+
+    def freeze(self, spaces, node: ir.Node | None, reason: str) -> None:
+        spaces = [s for s in spaces if s is not None]
+        if not spaces:
+            return
+        if any(self.table.prunable(s) for s in spaces):
+            self.notes.append(FrozenNote(self.where(node) if node else "graph", reason))
+        full = f"{reason} at {self.where(node)}" if node else reason
+        for s in spaces:
+            self.table.freeze(s, full)
+
+    def freeze_node(self, node: ir.Node, reason: str) -> None:
+        """Freeze every space on every input and output of ``node``; outputs become untracked."""
+        sp: list[Space] = []
+        for i, v in enumerate(node.inputs):
+            if v is not None and v in self.layouts:
+                sp.extend(s for s in self.layouts[v] if s is not None)
+        self.freeze(sp, node, reason)
+        for o in node.outputs:
+            r = self.rank(o)
+            if r is not None:
+                self.layouts[o] = (None,) * r
+
+    def tie(self, a: Space | None, b: Space | None, node: ir.Node, what: str = "") -> Space | None:
+        """Unify two axes. A tracked axis tied to an untracked one of width > 1 is frozen."""
+        if a is None and b is None:
+            return None
+        if a is None or b is None:
+            self.freeze([a or b], node, f"channels meet an untracked axis{what}")
+            return a or b
+        try:
+            return self.table.unify(a, b)
+        except LayoutError as e:
+            self.freeze([a, b], node, f"{e}{what}")
+            return self.table.find(a)
+
+
+Rule = Callable[[Analysis, ir.Node], None]
+RULES: dict[str, Rule] = {}
+
+
+def register(*op_types: str):
+    def deco(fn: Rule) -> Rule:
+        for op in op_types:
+            RULES[op] = fn
+        return fn
+
+    return deco
+
+
+def run_analysis(model: ir.Model) -> Analysis:
+    from .. import rules  # noqa: F401  (fills RULES)
+
+    ctx = Analysis(model)
+    g = model.graph
+    for v in g.inputs:
+        r = ctx.rank(v)
+        if r is not None:
+            ctx.layouts[v] = (None,) * r
+    for node in g:
+        if node.domain not in ("", "ai.onnx"):
+            ctx.freeze_node(node, f"operator domain '{node.domain}' is not analysed")
+            continue
+        rule = RULES.get(node.op_type)
+        if rule is None:
+            ctx.freeze_node(node, f"no rule for {node.op_type}")
+            continue
+        try:
+            rule(ctx, node)
+        except LayoutError as e:
+            ctx.freeze_node(node, str(e))
+        for o in node.outputs:
+            if o not in ctx.layouts:
+                r = ctx.rank(o)
+                if r is not None:
+                    ctx.layouts[o] = (None,) * r
+    for v in g.outputs:
+        ctx.freeze(ctx.spaces_of(v), None, f"reaches graph output '{v.name}'")
+    return ctx
+
+
+__all__ = ["Analysis", "register", "run_analysis", "RULES", "IN", "OUT", "PARAM"]

@@ -1,0 +1,137 @@
+"""Groups (one per prunable atom), their kinds and isomorphic sets."""
+from __future__ import annotations
+
+import hashlib
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+
+from .analysis import Analysis
+from .members import IN, OUT, AttrMember, ShapeMember, TensorMember
+from .space import ATOM, Space
+
+APPROX_TAGS = {"norm", "reduced"}
+KINDS = ("embed", "channels", "heads", "head_dim", "mlp")
+
+
+@dataclass(eq=False)
+class Group:
+    id: int
+    space: Space
+    tensors: list[TensorMember] = field(default_factory=list)
+    shapes: list[ShapeMember] = field(default_factory=list)
+    attrs: list[AttrMember] = field(default_factory=list)
+    kind: str = "channels"
+    set_name: str = ""
+    signature: str = ""
+    frozen: list[str] = field(default_factory=list)
+
+    @property
+    def width(self) -> int:
+        return self.space.size
+
+    @property
+    def exact(self) -> bool:
+        """True when zeroed channels contribute nothing (the oracle applies)."""
+        return not (self.space.tags & APPROX_TAGS)
+
+    @property
+    def prunable(self) -> bool:
+        return not self.frozen
+
+    def names(self) -> set[str]:
+        out = set()
+        for m in self.tensors:
+            out.add(m.node.name or "")
+            out.add(m.value.name or "")
+        return out
+
+    def label(self) -> str:
+        """Short description of the producers and consumers, e.g. ``conv3x3>conv1x1``."""
+        outs = sorted({_op_label(m) for m in self.tensors if m.role == OUT})
+        ins = sorted({_op_label(m) for m in self.tensors if m.role == IN})
+        return f"{'+'.join(outs) or 'const'}>{'+'.join(ins) or 'none'}"
+
+
+def _op_label(m: TensorMember) -> str:
+    op = m.node.op_type.lower()
+    if m.node.op_type in ("Conv", "ConvTranspose"):
+        w = m.node.inputs[1].const_value
+        k = "x".join(str(d) for d in w.shape[2:]) if w is not None else ""
+        g = m.node.attributes.get("group")
+        dw = "dw" if g is not None and g.value > 1 and w is not None and w.shape[1] == 1 else ("g" if g is not None and g.value > 1 else "")
+        return f"{dw}{op}{k}"
+    return op
+
+
+def _descriptor(ctx: Analysis, m: TensorMember) -> tuple:
+    v = m.value
+    shape = tuple(v.const_value.shape) if v.const_value is not None else ()
+    kernel = shape[2:] if m.node.op_type in ("Conv", "ConvTranspose") else ()
+    layout = ctx.table.find(m.space).kind
+    return (_op_label(m), m.slot, m.role, m.axis - len(shape), kernel, layout)
+
+
+def build_groups(ctx: Analysis) -> list[Group]:
+    t = ctx.table
+    by_leaf: dict[int, Group] = {}
+
+    def group_of(leaf: Space) -> Group:
+        g = by_leaf.get(leaf.id)
+        if g is None:
+            g = by_leaf[leaf.id] = Group(leaf.id, leaf)
+        return g
+
+    for m in ctx.tensors:
+        for leaf in t.leaves(m.space):
+            if leaf.kind == ATOM:
+                group_of(leaf).tensors.append(m)
+    for m in ctx.shapes:
+        for leaf in {x.id: x for s in m.spaces for x in t.leaves(s)}.values():
+            if leaf.kind == ATOM and leaf.id in by_leaf:
+                by_leaf[leaf.id].shapes.append(m)
+    for m in ctx.attrs:
+        for leaf in {x.id: x for s in m.spaces for x in t.leaves(s)}.values():
+            if leaf.kind == ATOM and leaf.id in by_leaf:
+                by_leaf[leaf.id].attrs.append(m)
+
+    groups = []
+    for g in sorted(by_leaf.values(), key=lambda g: g.id):
+        g.frozen = list(g.space.frozen)
+        if g.width <= 1:
+            continue
+        if not any(m.role == OUT for m in g.tensors):
+            if all(m.role != IN for m in g.tensors):
+                continue  # a constant's own axis that never met a layer: not a group
+            g.frozen.append("no layer produces these channels")
+        g.kind = "embed" if "residual" in g.space.tags else "channels"
+        groups.append(g)
+    _assign_sets(ctx, groups)
+    return groups
+
+
+def _assign_sets(ctx: Analysis, groups: list[Group]) -> None:
+    """Isomorphic sets: groups with the same canonical structure (ops, roles,
+    axes, kernel shapes, layout kinds; widths normalised away)."""
+    names: dict[str, str] = {}
+    used: Counter = Counter()
+    for g in groups:
+        desc = Counter(_descriptor(ctx, m) for m in g.tensors)
+        key = repr((g.kind, sorted(desc.items()), sorted(g.space.tags - {"residual"})))
+        g.signature = hashlib.sha1(key.encode()).hexdigest()[:10]
+        if g.frozen:
+            continue
+        if key not in names:
+            base = f"{g.kind}:{g.label()}"
+            used[base] += 1
+            names[key] = base if used[base] == 1 else f"{base}@{g.width}"
+            if names[key] in names.values() and list(names.values()).count(names[key]) > 1:
+                names[key] = f"{base}#{used[base]}"
+        g.set_name = names[key]
+
+
+def isomorphic_sets(groups: list[Group]) -> dict[str, list[Group]]:
+    out: dict[str, list[Group]] = defaultdict(list)
+    for g in groups:
+        if g.set_name:
+            out[g.set_name].append(g)
+    return dict(out)

@@ -1,0 +1,79 @@
+"""Params and MACs from an ONNX graph with inferred shapes.
+
+MACs count Conv, ConvTranspose, Gemm and MatMul (activation x activation
+included) at batch 1; symbolic dimensions count as 1. Params count the
+elements of floating-point initializers per use (exporters deduplicate equal
+tensors, so a file can hold fewer distinct tensors than the model has weights).
+"""
+from __future__ import annotations
+
+from math import prod
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+
+def _shapes(proto: onnx.ModelProto) -> dict[str, list[int]]:
+    out: dict[str, list[int]] = {}
+    g = proto.graph
+    for vi in list(g.input) + list(g.output) + list(g.value_info):
+        dims = vi.type.tensor_type.shape.dim
+        out[vi.name] = [d.dim_value if d.HasField("dim_value") else 1 for d in dims]
+    for init in g.initializer:
+        out[init.name] = list(init.dims)
+    return out
+
+
+def count(proto: onnx.ModelProto) -> dict[str, int]:
+    """``{"params": ..., "macs": ...}`` of a model (shapes are inferred here)."""
+    from .io import infer
+
+    p = onnx.ModelProto()
+    p.CopyFrom(proto)
+    # shape inference needs no tensor data
+    for init in p.graph.initializer:
+        if init.data_location == onnx.TensorProto.EXTERNAL:
+            raise ValueError("count() needs tensors loaded in memory")
+    p = infer(p)
+    shapes = _shapes(p)
+    inits = {i.name: i for i in p.graph.initializer}
+    floating = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
+    params = 0
+    macs = 0
+    for n in p.graph.node:
+        for i in n.input:
+            t = inits.get(i)
+            if t is not None and t.data_type in floating and prod(t.dims) > 1:
+                params += prod(t.dims)
+        if n.op_type in ("Conv", "ConvTranspose"):
+            w = shapes.get(n.input[1])
+            y = shapes.get(n.output[0])
+            x = shapes.get(n.input[0])
+            if not w or not y or not x:
+                continue
+            if n.op_type == "Conv":
+                macs += prod(y) * prod(w[1:])
+            else:
+                macs += prod(x) * prod(w[1:])
+        elif n.op_type == "Gemm":
+            a, y = shapes.get(n.input[0]), shapes.get(n.output[0])
+            if not a or not y:
+                continue
+            trans_a = next((at.i for at in n.attribute if at.name == "transA"), 0)
+            k = a[0] if trans_a else a[1]
+            macs += prod(y) * k
+        elif n.op_type == "MatMul":
+            a, y = shapes.get(n.input[0]), shapes.get(n.output[0])
+            if not a or not y:
+                continue
+            macs += prod(y) * a[-1]
+    return {"params": int(params), "macs": int(macs)}
+
+
+def file_params(proto: onnx.ModelProto) -> int:
+    """Distinct floating-point initializer elements stored in the file."""
+    return int(sum(numpy_helper.to_array(i).size for i in proto.graph.initializer if i.data_type == onnx.TensorProto.FLOAT))
+
+
+__all__ = ["count", "file_params", "np"]

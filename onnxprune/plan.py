@@ -1,0 +1,216 @@
+"""ratios.json, importance and the plan (which channel indices each group keeps).
+
+The plan is a plain mapping ``group id -> kept indices`` plus what produced it,
+so it can be saved in the report, inspected and replayed on the same model
+(group ids are deterministic for a given file).
+"""
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .core.analysis import Analysis
+from .core.groups import KINDS, Group, isomorphic_sets
+from .errors import UserError
+
+SCOPES = ("isomorphic", "global", "local")
+IMPORTANCES = ("l2", "l1", "random")
+FIELDS = {"default", "kinds", "sets", "layers", "ignore", "round_to", "scope", "importance", "seed"}
+
+
+def _ratio(x, where: str) -> float:
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        raise UserError(f"ratio for {where} must be a number, got {x!r}")
+    if not 0.0 <= float(x) < 1.0:
+        raise UserError(f"ratio for {where} must be in [0, 1), got {x}")
+    return float(x)
+
+
+@dataclass
+class Ratios:
+    default: float = 0.0
+    kinds: dict[str, float] = field(default_factory=dict)
+    sets: dict[str, float] = field(default_factory=dict)
+    layers: dict[str, float] = field(default_factory=dict)
+    ignore: list[str] = field(default_factory=list)
+    round_to: int = 1
+    scope: str = "isomorphic"
+    importance: str = "l2"
+    seed: int = 0
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Ratios":
+        if not isinstance(d, dict):
+            raise UserError("ratios must be a JSON object")
+        unknown = set(d) - FIELDS
+        if unknown:
+            raise UserError(f"unknown field(s) in ratios: {', '.join(sorted(unknown))} (allowed: {', '.join(sorted(FIELDS))})")
+        r = cls()
+        r.default = _ratio(d.get("default", 0.0), "'default'")
+        for key in ("kinds", "sets", "layers"):
+            val = d.get(key, {})
+            if not isinstance(val, dict):
+                raise UserError(f"'{key}' must be an object of name: ratio")
+            setattr(r, key, {str(k): _ratio(v, f"{key} '{k}'") for k, v in val.items()})
+        bad = set(r.kinds) - set(KINDS)
+        if bad:
+            raise UserError(f"unknown kind(s) {', '.join(sorted(bad))} (kinds: {', '.join(KINDS)})")
+        ig = d.get("ignore", [])
+        if not isinstance(ig, list) or not all(isinstance(x, str) for x in ig):
+            raise UserError("'ignore' must be a list of name globs")
+        r.ignore = ig
+        rt = d.get("round_to", 1)
+        if isinstance(rt, bool) or not isinstance(rt, int) or rt < 1:
+            raise UserError(f"'round_to' must be a positive integer, got {rt!r}")
+        r.round_to = rt
+        r.scope = d.get("scope", "isomorphic")
+        if r.scope not in SCOPES:
+            raise UserError(f"unknown scope {r.scope!r} (scopes: {', '.join(SCOPES)})")
+        r.importance = d.get("importance", "l2")
+        if r.importance not in IMPORTANCES:
+            raise UserError(f"unknown importance {r.importance!r} (criteria: {', '.join(IMPORTANCES)})")
+        seed = d.get("seed", 0)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise UserError("'seed' must be an integer")
+        r.seed = seed
+        return r
+
+    @classmethod
+    def load(cls, path_or_json: str | dict | None) -> "Ratios":
+        if path_or_json is None:
+            return cls()
+        if isinstance(path_or_json, dict):
+            return cls.from_dict(path_or_json)
+        text = path_or_json
+        if not text.lstrip().startswith("{"):
+            try:
+                with open(path_or_json) as f:
+                    text = f.read()
+            except OSError as e:
+                raise UserError(f"cannot read ratios file {path_or_json}: {e.strerror}") from None
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UserError(f"ratios are not valid JSON ({e.msg} at line {e.lineno})") from None
+        return cls.from_dict(d)
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+    # -- lookup ------------------------------------------------------------------------
+    def ignored(self, g: Group) -> str | None:
+        names = g.names() | {g.set_name}
+        for pat in self.ignore:
+            if any(fnmatch.fnmatchcase(n, pat) for n in names):
+                return pat
+        return None
+
+    def layer_ratio(self, g: Group) -> float | None:
+        names = g.names()
+        for pat, r in self.layers.items():
+            if any(fnmatch.fnmatchcase(n, pat) for n in names):
+                return r
+        return None
+
+    def set_ratio(self, set_name: str, kind: str) -> tuple[float, str]:
+        if set_name in self.sets:
+            return self.sets[set_name], f"sets[{set_name}]"
+        for pat, r in self.sets.items():
+            if fnmatch.fnmatchcase(set_name, pat):
+                return r, f"sets[{pat}]"
+        if kind in self.kinds:
+            return self.kinds[kind], f"kinds[{kind}]"
+        return self.default, "default"
+
+
+def channel_scores(ctx: Analysis, g: Group, criterion: str, rng: np.random.Generator) -> np.ndarray:
+    """Importance of each channel of ``g``: the norm of all its slices in every member."""
+    if criterion == "random":
+        return rng.random(g.width)
+    scores = np.zeros(g.width)
+    for m in g.tensors:
+        arr = ctx.const(m.value)
+        if arr is None or not np.issubdtype(arr.dtype, np.floating):
+            continue
+        lm = ctx.table.leaf_map(m.space, g.space)
+        per = np.moveaxis(arr.astype(np.float64), m.axis, 0).reshape(arr.shape[m.axis], -1)
+        per = np.abs(per).sum(1) if criterion == "l1" else (per**2).sum(1)
+        sel = lm >= 0
+        np.add.at(scores, lm[sel], per[sel])
+    return np.sqrt(scores) if criterion == "l2" else scores
+
+
+@dataclass
+class Plan:
+    keep: dict[int, np.ndarray]  # group id -> kept indices (sorted)
+    ratios: dict[int, tuple[float, str]]  # group id -> (ratio, where it came from)
+    scores: dict[int, np.ndarray]
+    skipped: dict[int, str]  # group id -> why it was left whole
+
+    def as_space_plan(self) -> dict[int, np.ndarray]:
+        return self.keep
+
+
+def _n_keep(width: int, n_remove: int, round_to: int) -> int:
+    keep = width - n_remove
+    if round_to > 1:
+        keep = int(round(keep / round_to)) * round_to
+        keep = max(keep, min(round_to, width))
+    return int(min(width, max(1, keep)))
+
+
+def make_plan(ctx: Analysis, groups: list[Group], ratios: Ratios) -> Plan:
+    rng = np.random.default_rng(ratios.seed)
+    plan = Plan({}, {}, {}, {})
+    pools: dict[tuple, list[Group]] = {}
+    for g in groups:
+        if g.frozen:
+            continue
+        pat = ratios.ignored(g)
+        if pat:
+            plan.skipped[g.id] = f"ignored by '{pat}'"
+            continue
+        lr = ratios.layer_ratio(g)
+        if lr is not None:
+            r, src = lr, "layers"
+        else:
+            r, src = ratios.set_ratio(g.set_name, g.kind)
+        plan.ratios[g.id] = (r, src)
+        plan.scores[g.id] = channel_scores(ctx, g, ratios.importance, rng)
+        if r <= 0:
+            continue
+        if ratios.scope == "local" or src == "layers":
+            key = ("group", g.id)
+        elif ratios.scope == "isomorphic":
+            key = ("set", g.set_name, r)
+        else:
+            key = ("global", g.kind, r)
+        pools.setdefault(key, []).append(g)
+    for key, members in pools.items():
+        r = plan.ratios[members[0].id][0]
+        total = sum(g.width for g in members)
+        n_remove = int(math.floor(r * total + 1e-9))
+        if len(members) == 1:
+            counts = {members[0].id: n_remove}
+        else:
+            # rank every channel of the pool together; never empty a group
+            cand = []
+            for g in members:
+                s = plan.scores[g.id]
+                order = np.argsort(s, kind="stable")[: g.width - 1]
+                cand.extend((float(s[i]), g.id, int(i)) for i in order)
+            cand.sort(key=lambda t: (t[0], t[1], t[2]))
+            counts = {g.id: 0 for g in members}
+            for _, gid, _ in cand[:n_remove]:
+                counts[gid] += 1
+        for g in members:
+            keep_n = _n_keep(g.width, counts[g.id], ratios.round_to)
+            if keep_n >= g.width:
+                continue
+            order = np.argsort(-plan.scores[g.id], kind="stable")
+            plan.keep[g.id] = np.sort(order[:keep_n])
+    return plan

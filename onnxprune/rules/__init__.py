@@ -1,0 +1,12 @@
+"""Coupling rules, one module per op family; importing this package registers them.
+
+| module          | ops |
+|-----------------|-----|
+| ``elementwise`` | activations, Add/Sub/Mul/Div/PRelu/Where..., Softmax |
+| ``conv``        | Conv, ConvTranspose (regular, grouped, depthwise) |
+| ``linear``      | Gemm, MatMul (initializer on either side, or activation x activation) |
+| ``norm``        | BatchNormalization, InstanceNormalization, GroupNormalization, LayerNormalization |
+| ``pool``        | pools, Reduce*, Resize, Pad |
+| ``shape_ops``   | Transpose, Reshape, Flatten, (Un)Squeeze, Concat, Split, Slice, Gather, Shape, Expand |
+"""
+from . import conv, elementwise, linear, norm, pool, shape_ops  # noqa: F401

@@ -1,0 +1,416 @@
+"""Structural ops: they move, cut, merge and split channel axes.
+
+Concat and Split/Slice make concat spaces (offsets), Flatten/Reshape make
+product spaces (a channel owns H*W consecutive features before a Gemm; a width
+becomes heads x head_dim). Integer constants that spell a pruned width
+(a Reshape target, Split sizes, Slice bounds) become shape members, resolved
+through run-time ``Shape -> Gather -> Concat`` chains where they are built.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from ..core.analysis import Analysis, register
+from ..core.space import LayoutError, Space
+
+INT_MAX = 2**62
+
+
+# -- helpers ---------------------------------------------------------------------------
+def _axes_input(ctx: Analysis, node: ir.Node, slot: int = 1, attr: str = "axes"):
+    if slot < len(node.inputs) and node.inputs[slot] is not None:
+        a = ctx.const(node.inputs[slot])
+        return None if a is None else [int(x) for x in a.reshape(-1)]
+    a = ctx.attr(node, attr)
+    return [] if a is None else [int(x) for x in a]
+
+
+def _merge(ctx: Analysis, node, spaces, dims) -> Space | None:
+    """Layout of one axis made by merging consecutive axes (row-major)."""
+    if all(s is None for s in spaces):
+        return None
+    parts = []
+    for s, d in zip(spaces, dims):
+        if s is not None:
+            parts.append(s)
+        elif d is None:
+            raise LayoutError("channels merged with a dynamic dimension")
+        elif d != 1:
+            parts.append(ctx.table.fixed(d))
+    return ctx.table.product(parts, origin=node.name)
+
+
+def shape_vector(ctx: Analysis, node: ir.Node, slot: int):
+    """Resolve an int64 shape-like input into elements:
+    ``("const", value, node, slot, index)``, ``("dim", value, axis)`` or ``("unknown",)``."""
+    v = node.inputs[slot]
+    arr = ctx.const(v)
+    if arr is not None:
+        return [("const", int(x), node, slot, i) for i, x in enumerate(arr.reshape(-1))]
+    p = v.producer()
+    if p is None:
+        return None
+    op = p.op_type
+    if op == "Shape":
+        r = ctx.rank(p.inputs[0])
+        if r is None:
+            return None
+        start = int(ctx.attr(p, "start", 0))
+        end = ctx.attr(p, "end")
+        axes = list(range(r))[slice(start, None if end is None else int(end))]
+        return [("dim", p.inputs[0], a) for a in axes]
+    if op == "Concat":
+        out = []
+        for k in range(len(p.inputs)):
+            sub = shape_vector(ctx, p, k)
+            if sub is None:
+                return None
+            out.extend(sub)
+        return out
+    if op in ("Unsqueeze", "Squeeze", "Cast", "Identity"):
+        return shape_vector(ctx, p, 0)
+    if op == "Gather" and int(ctx.attr(p, "axis", 0)) == 0:
+        data, idx = shape_vector(ctx, p, 0), ctx.const(p.inputs[1])
+        if data is None or idx is None:
+            return None
+        return [data[int(i)] for i in idx.reshape(-1)]
+    if op == "Slice":
+        data = shape_vector(ctx, p, 0)
+        st = ctx.const(p.inputs[1]) if len(p.inputs) > 1 else None
+        en = ctx.const(p.inputs[2]) if len(p.inputs) > 2 else None
+        if data is None or st is None or en is None or len(p.inputs) > 4:
+            return None
+        return data[int(st.reshape(-1)[0]) : int(min(en.reshape(-1)[0], INT_MAX))]
+    d = ctx.dims(v)
+    if d and d[0] is not None:
+        return [("unknown",)] * d[0]
+    return None
+
+
+def bind_shape(ctx: Analysis, node: ir.Node, slot: int, out_lay, what: str) -> None:
+    """Make the shape vector at ``slot`` follow the output layout ``out_lay``."""
+    tracked = [(j, s) for j, s in enumerate(out_lay) if s is not None]
+    if not tracked:
+        return
+    vec = shape_vector(ctx, node, slot)
+    if vec is None or len(vec) != len(out_lay):
+        ctx.freeze([s for _, s in tracked], node, f"{what} target computed at run time")
+        return
+    for j, s in tracked:
+        e = vec[j]
+        if e[0] == "const":
+            if e[1] > 1:
+                ctx.shape_entry(e[2], e[3], e[4], [s])
+        elif e[0] == "dim":
+            src = ctx.layouts.get(e[1], ())
+            ss = src[e[2]] if e[2] < len(src) else None
+            if ss is None or ctx.table.find(ss) is not ctx.table.find(s):
+                ctx.freeze([s], node, f"{what} size read from another tensor")
+        else:
+            ctx.freeze([s], node, f"{what} size computed at run time")
+
+
+def _axis_groups(din, dout):
+    """Pair runs of input and output axes with equal products (dims of 1 ignored)."""
+    a = [(i, d) for i, d in enumerate(din) if d != 1]
+    b = [(j, d) for j, d in enumerate(dout) if d != 1]
+    groups, i, j = [], 0, 0
+    while i < len(a) and j < len(b):
+        if a[i][1] is None or b[j][1] is None:
+            if a[i][1] is None and b[j][1] is None:
+                groups.append(([a[i][0]], [b[j][0]]))
+                i, j = i + 1, j + 1
+                continue
+            return None
+        ia, ja, pa, pb = [a[i][0]], [b[j][0]], a[i][1], b[j][1]
+        i, j = i + 1, j + 1
+        while pa != pb:
+            if pa < pb:
+                if i >= len(a) or a[i][1] is None:
+                    return None
+                pa *= a[i][1]
+                ia.append(a[i][0])
+                i += 1
+            else:
+                if j >= len(b) or b[j][1] is None:
+                    return None
+                pb *= b[j][1]
+                ja.append(b[j][0])
+                j += 1
+        groups.append((ia, ja))
+    if i < len(a) or j < len(b):
+        return None
+    return groups
+
+
+def reshape_layout(ctx: Analysis, node, lay, din, dout):
+    groups = _axis_groups(din, dout)
+    if groups is None:
+        raise LayoutError("reshape cannot be matched axis by axis")
+    out: list = [None] * len(dout)
+    for ia, ja in groups:
+        merged = _merge(ctx, node, [lay[i] for i in ia], [din[i] for i in ia])
+        if merged is None:
+            continue
+        if len(ja) == 1:
+            out[ja[0]] = merged
+        else:
+            parts = ctx.table.factor(merged, [dout[j] for j in ja], origin=node.name)
+            for j, p in zip(ja, parts):
+                out[j] = p
+    return out
+
+
+# -- rules -------------------------------------------------------------------------------
+@register("Transpose")
+def transpose(ctx: Analysis, node: ir.Node) -> None:
+    lay = ctx.layout(node, 0)
+    if lay is None:
+        ctx.freeze_node(node, "unknown rank")
+        return
+    perm = ctx.attr(node, "perm")
+    perm = list(perm) if perm is not None else list(reversed(range(len(lay))))
+    ctx.set_layout(node.outputs[0], [lay[p] for p in perm])
+
+
+@register("Squeeze")
+def squeeze(ctx: Analysis, node: ir.Node) -> None:
+    lay, dims = ctx.layout(node, 0), ctx.dims(node.inputs[0])
+    axes = _axes_input(ctx, node)
+    if lay is None or axes is None or dims is None:
+        ctx.freeze_node(node, "Squeeze axes unknown")
+        return
+    axes = {a % len(lay) for a in axes} if axes else {i for i, d in enumerate(dims) if d == 1}
+    ctx.set_layout(node.outputs[0], [s for i, s in enumerate(lay) if i not in axes])
+
+
+@register("Unsqueeze")
+def unsqueeze(ctx: Analysis, node: ir.Node) -> None:
+    lay = ctx.layout(node, 0)
+    axes = _axes_input(ctx, node)
+    if lay is None or axes is None:
+        ctx.freeze_node(node, "Unsqueeze axes unknown")
+        return
+    r = len(lay) + len(axes)
+    axes = {a % r for a in axes}
+    it = iter(lay)
+    ctx.set_layout(node.outputs[0], [None if i in axes else next(it) for i in range(r)])
+
+
+@register("Flatten")
+def flatten(ctx: Analysis, node: ir.Node) -> None:
+    lay, dims = ctx.layout(node, 0), ctx.dims(node.inputs[0])
+    if lay is None or dims is None:
+        ctx.freeze_node(node, "unknown rank")
+        return
+    a = int(ctx.attr(node, "axis", 1)) % (len(lay) + 1)
+    ctx.set_layout(
+        node.outputs[0],
+        [_merge(ctx, node, lay[:a], dims[:a]), _merge(ctx, node, lay[a:], dims[a:])],
+    )
+
+
+@register("Reshape")
+def reshape(ctx: Analysis, node: ir.Node) -> None:
+    lay = ctx.layout(node, 0)
+    din, dout = ctx.dims(node.inputs[0]), ctx.dims(node.outputs[0])
+    if lay is None or din is None or dout is None:
+        ctx.freeze_node(node, "Reshape with unknown shapes")
+        return
+    if all(s is None for s in lay):
+        ctx.set_layout(node.outputs[0], [None] * len(dout))
+        return
+    out = reshape_layout(ctx, node, lay, din, dout)
+    bind_shape(ctx, node, 1, out, "Reshape")
+    ctx.set_layout(node.outputs[0], out)
+
+
+@register("Expand")
+def expand(ctx: Analysis, node: ir.Node) -> None:
+    lay, din, dout = ctx.layout(node, 0), ctx.dims(node.inputs[0]), ctx.dims(node.outputs[0])
+    if lay is None or din is None or dout is None:
+        ctx.freeze_node(node, "Expand with unknown shapes")
+        return
+    out = []
+    for j in range(len(dout)):
+        k = j - (len(dout) - len(lay))
+        s = lay[k] if k >= 0 and din[k] != 1 else None
+        out.append(s)
+    bind_shape(ctx, node, 1, out, "Expand")
+    ctx.set_layout(node.outputs[0], out)
+
+
+@register("Concat")
+def concat(ctx: Analysis, node: ir.Node) -> None:
+    lays, dims = [], []
+    for k, v in enumerate(node.inputs):
+        lay, d = ctx.layout(node, k), ctx.dims(v)
+        if lay is None or d is None:
+            ctx.freeze_node(node, "Concat input of unknown rank")
+            return
+        lays.append(lay)
+        dims.append(d)
+    r = len(lays[0])
+    axis = int(ctx.attr(node, "axis", 0)) % r
+    out = []
+    for i in range(r):
+        if i == axis:
+            if all(lay[i] is None for lay in lays):
+                out.append(None)
+                continue
+            parts = []
+            for lay, d in zip(lays, dims):
+                if lay[i] is not None:
+                    parts.append(lay[i])
+                elif d[i] is None:
+                    raise LayoutError("Concat of channels with a dynamic extent")
+                elif d[i] > 0:
+                    parts.append(ctx.table.fixed(d[i]))
+            out.append(ctx.table.concat(parts, origin=node.name))
+            continue
+        res, untracked = None, False
+        for lay, d, v in zip(lays, dims, node.inputs):
+            s = lay[i]
+            if s is None:
+                untracked = untracked or (d[i] != 1 and ctx.const(v) is None)
+                continue
+            res = s if res is None else ctx.tie(res, s, node)
+        if untracked and res is not None:
+            ctx.freeze([res], node, "channels meet an untracked axis")
+        out.append(res)
+    ctx.set_layout(node.outputs[0], out)
+
+
+@register("Split")
+def split(ctx: Analysis, node: ir.Node) -> None:
+    lay, din = ctx.layout(node, 0), ctx.dims(node.inputs[0])
+    if lay is None or din is None:
+        ctx.freeze_node(node, "unknown rank")
+        return
+    axis = int(ctx.attr(node, "axis", 0)) % len(lay)
+    s = lay[axis]
+    explicit = None
+    if len(node.inputs) > 1 and node.inputs[1] is not None:
+        explicit = ("input", ctx.const(node.inputs[1]))
+        if explicit[1] is None:
+            ctx.freeze_node(node, "Split sizes computed at run time")
+            return
+        sizes = [int(x) for x in explicit[1].reshape(-1)]
+    elif ctx.attr(node, "split") is not None:
+        explicit = ("attr", None)
+        sizes = [int(x) for x in ctx.attr(node, "split")]
+    else:
+        sizes = [ctx.dims(o)[axis] if ctx.dims(o) else None for o in node.outputs]
+        if any(x is None for x in sizes):
+            if s is not None:
+                ctx.freeze_node(node, "Split sizes unknown")
+                return
+    if s is None:
+        for o in node.outputs:
+            ctx.set_layout(o, lay)
+        return
+    pieces = ctx.table.split(s, sizes, origin=node.name)
+    if explicit is None:
+        shapes = {tuple(sorted(p.id for p in ctx.table.leaves(x))) for x in pieces}
+        if len(shapes) > 1:
+            ctx.freeze(pieces, node, "equal Split without explicit sizes")
+    elif explicit[0] == "input":
+        for i, p in enumerate(pieces):
+            ctx.shape_entry(node, 1, i, [p])
+    else:
+        for i, p in enumerate(pieces):
+            ctx.attr_entry(node, "split", [p], index=i)
+    for o, p in zip(node.outputs, pieces):
+        ctx.set_layout(o, lay[:axis] + (p,) + lay[axis + 1 :])
+
+
+@register("Slice")
+def slice_(ctx: Analysis, node: ir.Node) -> None:
+    lay, din = ctx.layout(node, 0), ctx.dims(node.inputs[0])
+    if lay is None or din is None:
+        ctx.freeze_node(node, "unknown rank")
+        return
+    if len(node.inputs) < 3:
+        if any(s is not None for s in lay):
+            ctx.freeze_node(node, "attribute-form Slice (opset < 10) on channels")
+        else:
+            ctx.set_layout(node.outputs[0], lay)
+        return
+    starts, ends = ctx.const(node.inputs[1]), ctx.const(node.inputs[2])
+    axes = ctx.const(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3] is not None else None
+    steps = ctx.const(node.inputs[4]) if len(node.inputs) > 4 and node.inputs[4] is not None else None
+    if starts is None or ends is None or (len(node.inputs) > 3 and node.inputs[3] is not None and axes is None):
+        ctx.freeze_node(node, "Slice bounds computed at run time")
+        return
+    starts, ends = starts.reshape(-1).tolist(), ends.reshape(-1).tolist()
+    axes = list(range(len(starts))) if axes is None else [int(a) % len(lay) for a in axes.reshape(-1)]
+    steps = [1] * len(starts) if steps is None else steps.reshape(-1).tolist()
+    out = list(lay)
+    for k, ax in enumerate(axes):
+        s = lay[ax]
+        if s is None:
+            continue
+        n = din[ax]
+        st, en = int(starts[k]), int(ends[k])
+        b = st + n if st < 0 else min(st, n)
+        e = en + n if en < 0 else min(en, n)
+        if steps[k] != 1:
+            ctx.freeze([s], node, "strided Slice on channels")
+            continue
+        if b == 0 and e >= n:
+            continue
+        sizes = [x for x in (b, e - b, n - e)]
+        pieces = ctx.table.split(s, [x for x in sizes if x > 0], origin=node.name)
+        it = iter(pieces)
+        before = [next(it)] if b > 0 else []
+        mid = next(it)
+        after = [next(it)] if n - e > 0 else []
+        out[ax] = mid
+        ctx.shape_entry(node, 1, k, [mid] + after if st < 0 else before, -1 if st < 0 else 1)
+        if en < 0:
+            ctx.shape_entry(node, 2, k, after, -1)
+        elif en < n:
+            ctx.shape_entry(node, 2, k, before + [mid])
+    ctx.set_layout(node.outputs[0], out)
+
+
+@register("Gather")
+def gather(ctx: Analysis, node: ir.Node) -> None:
+    lay, ir_ = ctx.layout(node, 0), ctx.rank(node.inputs[1])
+    if lay is None or ir_ is None:
+        ctx.freeze_node(node, "unknown rank")
+        return
+    axis = int(ctx.attr(node, "axis", 0)) % len(lay)
+    ctx.freeze([lay[axis]], node, "Gather selects channels")
+    ctx.set_layout(node.outputs[0], lay[:axis] + (None,) * ir_ + lay[axis + 1 :])
+
+
+SHAPE_PASS = {"Gather", "Slice", "Concat", "Unsqueeze", "Squeeze", "Cast", "Identity"}
+SHAPE_SINKS = {("Reshape", 1), ("Expand", 1), ("ConstantOfShape", 0), ("Resize", 3)}
+
+
+@register("Shape")
+def shape(ctx: Analysis, node: ir.Node) -> None:
+    src = node.inputs[0]
+    lay = ctx.layouts.get(src, ())
+    start = int(ctx.attr(node, "start", 0))
+    end = ctx.attr(node, "end")
+    read = [s for s in list(lay)[slice(start, None if end is None else int(end))] if s is not None]
+    ctx.set_layout(node.outputs[0], [None])
+    if not read:
+        return
+    todo, seen = [node.outputs[0]], set()
+    while todo:
+        v = todo.pop()
+        for use in v.uses():
+            user, slot = use.node, use.idx
+            if (user.op_type, slot) in SHAPE_SINKS:
+                continue
+            if user.op_type in SHAPE_PASS and id(user) not in seen:
+                seen.add(id(user))
+                todo.extend(user.outputs)
+                continue
+            if user.op_type not in SHAPE_PASS:
+                ctx.freeze(read, user, "channel count read at run time and used in arithmetic")
+                return
