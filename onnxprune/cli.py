@@ -1,0 +1,224 @@
+"""Command line: ``onnxprune MODEL --ratios R -o OUT`` and subcommands.
+
+    onnxprune                                   prune the built-in default model
+    onnxprune MODEL --ratios R -o OUT [--report REP] [--verify]
+    onnxprune analyze MODEL [--json F]
+    onnxprune verify MODEL --ratios R
+    onnxprune export timm:NAME -o OUT [--exporter dynamo|legacy] [--opset N] [--dynamic-batch] [--checkpoint F]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from importlib import resources
+
+from .errors import UserError
+
+SUBCOMMANDS = ("analyze", "verify", "export", "prune")
+log = logging.getLogger("onnxprune")
+
+
+def default_model() -> str:
+    return str(resources.files("onnxprune") / "data" / "default_resnet.onnx")
+
+
+def default_ratios() -> str:
+    return str(resources.files("onnxprune") / "data" / "default_ratios.json")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("-q", "--quiet", action="store_true", help="only the verdict line")
+
+
+def _prune_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="onnxprune", description="Structural pruning of ONNX models.",
+                                epilog="subcommands: analyze, verify, export (onnxprune SUBCOMMAND -h)")
+    p.add_argument("model", nargs="?", help="input .onnx (default: the built-in demo ResNet)")
+    p.add_argument("--ratios", help="ratios.json path or inline JSON (default: built-in demo ratios)")
+    p.add_argument("-o", "--output", help="pruned model path (default: MODEL stem + '.pruned.onnx' in the current directory)")
+    p.add_argument("--report", help="write the JSON report here")
+    p.add_argument("--verify", action="store_true", help="run the zero-contribution oracle on this plan")
+    _common(p)
+    return p
+
+
+def _sub_parsers() -> dict[str, argparse.ArgumentParser]:
+    a = argparse.ArgumentParser(prog="onnxprune analyze", description="List groups, isomorphic sets and what is frozen.")
+    a.add_argument("model")
+    a.add_argument("--json", help="write groups as JSON here")
+    a.add_argument("--members", action="store_true", help="print every group with its members")
+    _common(a)
+    v = argparse.ArgumentParser(prog="onnxprune verify", description="Zero-contribution oracle on your model and plan.")
+    v.add_argument("model")
+    v.add_argument("--ratios", required=True)
+    v.add_argument("--no-per-set", action="store_true", help="one combined check only")
+    v.add_argument("--json", help="write the rows as JSON here")
+    _common(v)
+    e = argparse.ArgumentParser(prog="onnxprune export", description="Export a timm model to ONNX (random init unless --checkpoint).")
+    e.add_argument("name", help="timm:<model name>")
+    e.add_argument("-o", "--output", required=True)
+    e.add_argument("--exporter", choices=["dynamo", "legacy"], default="dynamo")
+    e.add_argument("--opset", type=int)
+    e.add_argument("--dynamic-batch", action="store_true")
+    e.add_argument("--checkpoint")
+    e.add_argument("--img-size", type=int)
+    _common(e)
+    return {"analyze": a, "verify": v, "export": e}
+
+
+def _setup_logging(args) -> None:
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
+
+
+def _say(args, text: str = "") -> None:
+    if not getattr(args, "quiet", False):
+        print(text)
+
+
+def cmd_prune(args) -> str:
+    from . import api, report
+    from .plan import Ratios
+    from .verify import oracle
+
+    model = args.model or default_model()
+    ratios_src = args.ratios or (default_ratios() if not args.model else None)
+    if ratios_src is None:
+        raise UserError("--ratios is required (a ratios.json file or inline JSON)")
+    ratios = Ratios.load(ratios_src)
+    out = args.output or os.path.basename(os.path.splitext(model)[0]) + ".pruned.onnx"
+    if os.path.abspath(out) == os.path.abspath(model):
+        raise UserError("output path equals the input path; onnxprune never overwrites its input")
+    if args.report and os.path.abspath(args.report) in (os.path.abspath(model), os.path.abspath(out)):
+        raise UserError("--report must not be the model or output path")
+    _say(args, f"analysing {model}")
+    res = api.prune(model, ratios)
+    groups = res.analyzed.groups
+    _say(args, report.sets_table(groups, res.plan.keep))
+    frozen = [g for g in groups if g.frozen]
+    if frozen:
+        _say(args, f"\nfrozen groups ({len(frozen)}):\n" + report.frozen_table(groups))
+    b, a = res.before, res.after
+    _say(args, "\n" + report.table(
+        [["params", report.human(b["params"]), report.human(a["params"]), f"{a['params'] / b['params']:.3f}x"],
+         ["MACs (batch 1)", report.human(b["macs"]), report.human(a["macs"]), f"{a['macs'] / b['macs']:.3f}x"]],
+        ["", "before", "after", "ratio"]))
+    rows = []
+    if args.verify:
+        rows = oracle(model, ratios, plan=res.plan)
+        _say(args, "\n" + _oracle_table(rows))
+    api.save_pruned(res, out, model)
+    if args.report:
+        rep = {
+            "input": model,
+            "output": out,
+            "ratios": ratios.to_dict(),
+            "before": b,
+            "after": a,
+            "checks": res.checks,
+            "groups": report.groups_json(groups, res.plan),
+            "sets": {k: [g.id for g in v] for k, v in res.analyzed.sets.items()},
+            "oracle": [r.as_dict() for r in rows],
+            "seconds": round(res.seconds, 3),
+        }
+        with open(args.report, "w") as f:
+            json.dump(rep, f, indent=1)
+    if any(r.status == "FAIL" for r in rows):
+        raise SystemExit(_verdict("FAILED", f"oracle failed; model written to {out}", 2))
+    removed = sum(g.width - len(res.plan.keep[g.id]) for g in groups if g.id in res.plan.keep)
+    return f"{removed} channels removed in {len(res.plan.keep)} groups, MACs {a['macs'] / b['macs']:.3f}x -> {out}"
+
+
+def _oracle_table(rows) -> str:
+    from .report import table
+
+    return "zero-contribution oracle (max relative error, tolerance 1e-4):\n" + table(
+        [[r.scope, r.kind, r.groups, r.removed, "-" if r.max_rel_err is None else f"{r.max_rel_err:.2e}", r.status] for r in rows],
+        ["set", "kind", "groups", "removed", "max rel err", "status"])
+
+
+def cmd_analyze(args) -> str:
+    from . import api, report
+
+    a = api.analyze(args.model) if os.path.exists(args.model) else _missing(args.model)
+    _say(args, report.sets_table(a.groups))
+    _say(args, "\nfrozen groups:\n" + report.frozen_table(a.groups))
+    if args.members:
+        for g in a.groups:
+            _say(args, f"\ngroup {g.id} [{g.kind}] width {g.width} set {g.set_name or '-'}")
+            for m in g.tensors:
+                _say(args, f"   {m.role:5s} {m.node.op_type:12s} {m.value.name} axis {m.axis}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report.groups_json(a.groups), f, indent=1)
+    n = sum(1 for g in a.groups if not g.frozen)
+    return f"{n} prunable groups in {len(a.sets)} isomorphic sets, {len(a.groups) - n} frozen"
+
+
+def _missing(path):
+    raise UserError(f"model file not found: {path}")
+
+
+def cmd_verify(args) -> str:
+    from . import io
+    from .plan import Ratios
+    from .verify import oracle
+
+    ratios = Ratios.load(args.ratios)
+    rows = oracle(io.read_proto(args.model), ratios, per_set=not args.no_per_set)
+    _say(args, _oracle_table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([r.as_dict() for r in rows], f, indent=1)
+    tested = [r for r in rows if r.max_rel_err is not None]
+    if any(r.status == "FAIL" for r in rows):
+        raise SystemExit(_verdict("FAILED", "oracle mismatch", 2))
+    worst = max((r.max_rel_err for r in tested), default=0.0)
+    return f"{len(tested)} checks, max relative error {worst:.2e}"
+
+
+def cmd_export(args) -> str:
+    from .export import export_timm
+
+    export_timm(args.name, args.output, args.exporter, args.opset, args.dynamic_batch, args.checkpoint, args.img_size)
+    return f"exported {args.name} -> {args.output}"
+
+
+def _verdict(status: str, what: str, code: int = 0) -> int:
+    print(f"{status} | Runtime: {time.perf_counter() - _T0:.1f}s | {what} | Command: onnxprune {' '.join(sys.argv[1:])}".rstrip())
+    return code
+
+
+_T0 = time.perf_counter()
+
+
+def main(argv: list[str] | None = None) -> int:
+    global _T0
+    _T0 = time.perf_counter()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in SUBCOMMANDS:
+        sub = argv.pop(0)
+        parser = _prune_parser() if sub == "prune" else _sub_parsers()[sub]
+        fn = {"analyze": cmd_analyze, "verify": cmd_verify, "export": cmd_export, "prune": cmd_prune}[sub]
+    else:
+        parser, fn = _prune_parser(), cmd_prune
+    args = parser.parse_args(argv)
+    _setup_logging(args)
+    try:
+        msg = fn(args)
+    except UserError as e:
+        print(f"onnxprune: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("onnxprune: interrupted", file=sys.stderr)
+        return 130
+    return _verdict("PASSED", msg)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
