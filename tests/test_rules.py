@@ -1,5 +1,4 @@
-"""Per-rule-family tests: small hand-written ONNX models, their analysis, the
-zero-contribution oracle and the pruned model's tensors, shapes and attributes."""
+"""Rule-family tests on small hand-written ONNX models: analysis, zero-contribution oracle, pruned tensors."""
 from __future__ import annotations
 
 import numpy as np
@@ -11,287 +10,244 @@ from onnxprune import io
 from onnxprune.api import analyze, prune
 from onnxprune.errors import UserError
 from onnxprune.plan import Ratios
-from onnxprune.verify import oracle
+from onnxprune.verify import TOLERANCE, oracle, rel_err
 
 HALF = {"default": 0.5}
+APPROX = "approximate (not tested)"
+OUT4 = "float[1,4,8,8] y"
 
-
-# -- helpers -------------------------------------------------------------------------
-def make(text: str, inits: dict, opset: int = 17) -> onnx.ModelProto:
-    """Parse a graph (without initializers) and attach ``inits`` as initializers."""
-    m = onnx.parser.parse_model(f'<ir_version: 8, opset_import: ["" : {opset}]>\n{text}')
+# -- helpers -----------------------------------------------------------------------------
+def make(body: str, inits: dict, out: str = OUT4, inp: str = "float[1,3,8,8] x", opset: int = 17, extra_opsets: str = ""):
+    """Parse a graph body (weights omitted) and attach ``inits`` as initializers."""
+    text = f'<ir_version: 8, opset_import: ["" : {opset}{extra_opsets}]>\ng ({inp}) => ({out}) {{\n{body}\n}}'
+    m = onnx.parser.parse_model(text)
     for name, arr in inits.items():
         m.graph.initializer.append(numpy_helper.from_array(np.asarray(arr), name))
-    onnx.checker.check_model(m, full_check=True)
+    if not extra_opsets:
+        onnx.checker.check_model(m, full_check=True)
     return m
-
 
 _rng = np.random.default_rng(1234)
 
-
-def W(*shape) -> np.ndarray:
-    """Distinct random float32 weights."""
+def W(*shape) -> np.ndarray:  # distinct random float32 weights
     return (_rng.standard_normal(shape) * 0.5).astype(np.float32)
-
 
 def I64(*vals) -> np.ndarray:
     return np.array(vals, dtype=np.int64)
 
-
 def prunable(a):
     return [g for g in a.groups if not g.frozen]
 
+def group_of(a, node_name, role="out"):
+    return next(g for g in a.groups if any(t.node.name == node_name and t.role == role for t in g.tensors))
 
-def frozen(a):
-    return [g for g in a.groups if g.frozen]
-
+def members(g, op=None, role=None):
+    return [t for t in g.tensors if (op is None or t.node.op_type == op) and (role is None or t.role == role)]
 
 def init(proto, name) -> np.ndarray:
     return numpy_helper.to_array(next(i for i in proto.graph.initializer if i.name == name))
 
-
 def node(proto, name) -> onnx.NodeProto:
     return next(n for n in proto.graph.node if n.name == name)
-
 
 def weight(proto, node_name, slot=1) -> np.ndarray:
     return init(proto, node(proto, node_name).input[slot])
 
-
 def attr(proto, node_name, key):
     return onnx.helper.get_attribute_value(next(a for a in node(proto, node_name).attribute if a.name == key))
 
-
-def run(proto):
-    return io.session(proto).run(None, io.random_inputs(proto, batch=1, seed=3))
-
-
 def assert_oracle(m, ratios=HALF, approx_ok=False):
     rows = oracle(m, Ratios.from_dict(ratios))
-    ok = {"PASS", "approximate (not tested)"} if approx_ok else {"PASS"}
+    ok = {"PASS", APPROX} if approx_ok else {"PASS"}
     assert rows, "oracle produced no rows (nothing removed)"
     for r in rows:
         assert r.status in ok, (r.scope, r.status, r.max_rel_err)
     assert any(r.status == "PASS" for r in rows)
     return rows
 
-
-def assert_prune_same_outputs_shapes(m, ratios=HALF):
-    res = prune(m, ratios)
-    before, after = run(m), run(res.proto)
-    assert [o.shape for o in before] == [o.shape for o in after]
+def pruned(m, ratios=HALF, check=True):
+    """prune() and check the pruned model runs with the same output shapes as before."""
+    res = prune(m, ratios, check=check)
+    assert res.plan.keep, "nothing was pruned"
+    run = [io.session(p).run(None, io.random_inputs(m, seed=3)) for p in (m, res.proto)]
+    assert [o.shape for o in run[0]] == [o.shape for o in run[1]]
     return res
 
-
-def members(g, op=None, role=None):
-    return [t for t in g.tensors if (op is None or t.node.op_type == op) and (role is None or t.role == role)]
-
-
-IN3 = "(float[1,3,8,8] x)"
-
-
-# -- 1. Conv -> Relu -> Conv ---------------------------------------------------------
-CONV_CONV = f"""g {IN3} => (float[1,4,8,8] y) {{
-  [c1] h = Conv <pads=[1,1,1,1]> (x, w1, b1)
-  r = Relu(h)
-  [c2] y = Conv (r, w2, b2)
-}}"""
-
-
+# -- 1. Conv -> Relu -> Conv --------------------------------------------------------------
 def conv_conv():
-    return make(CONV_CONV, {"w1": W(8, 3, 3, 3), "b1": W(8), "w2": W(4, 8, 1, 1), "b2": W(4)})
-
+    return make("""[c1] h = Conv <pads=[1,1,1,1]> (x, w1, b1)
+  r = Relu(h)
+  [c2] y = Conv (r, w2, b2)""", {"w1": W(8, 3, 3, 3), "b1": W(8), "w2": W(4, 8, 1, 1), "b2": W(4)})
 
 def test_conv_relu_conv():
     m = conv_conv()
     a = analyze(m)
     (g,) = prunable(a)
-    assert (g.kind, g.width, g.exact) == ("channels", 8, True)
-    assert g.set_name
-    roles = {(t.node.op_type, t.slot, t.axis, t.role) for t in g.tensors}
-    assert roles == {("Conv", 1, 0, "out"), ("Conv", 2, 0, "param"), ("Conv", 1, 1, "in")}
-    (f,) = frozen(a)
+    assert (g.kind, g.width, g.exact) == ("channels", 8, True) and g.set_name
+    roles = {(t.node.name, t.slot, t.axis, t.role) for t in g.tensors}
+    assert roles == {("c1", 1, 0, "out"), ("c1", 2, 0, "param"), ("c2", 1, 1, "in")}
+    (f,) = [g for g in a.groups if g.frozen]
     assert f.width == 4 and any("graph output" in r for r in f.frozen) and f.set_name == ""
     assert_oracle(m)
-    res = assert_prune_same_outputs_shapes(m)
+    res = pruned(m)
     keep = res.plan.keep[g.id]
     assert len(keep) == 4
     np.testing.assert_array_equal(weight(res.proto, "c1"), init(m, "w1")[keep])
     np.testing.assert_array_equal(weight(res.proto, "c1", 2), init(m, "b1")[keep])
     np.testing.assert_array_equal(weight(res.proto, "c2"), init(m, "w2")[:, keep])
-    assert weight(res.proto, "c2", 2).shape == (4,)
-
+    np.testing.assert_array_equal(weight(res.proto, "c2", 2), init(m, "b2"))
+    assert res.after["params"] < res.before["params"]
 
 def test_keep_follows_l2_importance():
     m = conv_conv()
     w1 = init(m, "w1").copy()
     w1[[1, 5, 6]] *= 50.0  # the three loudest channels must survive
     m.graph.initializer[0].CopyFrom(numpy_helper.from_array(w1, "w1"))
-    res = prune(m, {"default": 0.6})  # remove floor(4.8)=4 of 8
-    (keep,) = res.plan.keep.values()
+    (keep,) = prune(m, {"default": 0.6}).plan.keep.values()  # removes floor(4.8) = 4 of 8
     assert len(keep) == 4 and {1, 5, 6} <= set(keep.tolist())
 
+def test_round_to_ignore_and_scopes():
+    m = conv_conv()
+    assert [len(k) for k in prune(m, {"default": 0.4, "round_to": 4}).plan.keep.values()] == [4]  # 5 -> 4
+    assert prune(m, {"default": 0.5, "ignore": ["c1"]}).plan.keep == {}
+    for scope in ("global", "local"):
+        res = prune(m, {"default": 0.5, "scope": scope, "importance": "l1"})
+        assert [len(k) for k in res.plan.keep.values()] == [4]
 
-def test_round_to():
-    res = prune(conv_conv(), {"default": 0.4, "round_to": 4})  # keep 5 -> 4
-    assert [len(k) for k in res.plan.keep.values()] == [4]
-
-
-# -- 2./3. depthwise and grouped convs -----------------------------------------------
-def dw_model(groups: int, cin_per_group: int):
-    return make(f"""g {IN3} => (float[1,4,8,8] y) {{
-  [c1] a = Conv (x, w1, b1)
+# -- 2./3. depthwise and grouped convs ----------------------------------------------------
+def dw_model(groups: int, dw_out: int, cin_per_group: int):
+    return make(f"""[c1] a = Conv (x, w1, b1)
   [dw] d = Conv <group={groups}, pads=[1,1,1,1]> (a, wd, bd)
   r = Relu(d)
-  [c3] y = Conv (r, w3)
-}}""", {"w1": W(8, 3, 1, 1), "b1": W(8), "wd": W(8, cin_per_group, 3, 3), "bd": W(8), "w3": W(4, 8, 1, 1)})
+  [c3] y = Conv (r, w3)""", {"w1": W(8, 3, 1, 1), "b1": W(8), "wd": W(dw_out, cin_per_group, 3, 3),
+                             "bd": W(dw_out), "w3": W(4, dw_out, 1, 1)})
 
-
-def test_depthwise_conv_group_follows_width():
-    m = dw_model(8, 1)
-    a = analyze(m)
-    (g,) = prunable(a)
+@pytest.mark.parametrize("mult", [1, 2], ids=["depthwise", "multiplier2"])
+def test_depthwise_conv_group_follows_width(mult):
+    m = dw_model(8, 8 * mult, 1)
+    (g,) = prunable(analyze(m))
     assert g.width == 8 and g.kind == "channels"
-    dw = members(g, "Conv")
-    assert {(t.node.name, t.role) for t in dw} >= {("c1", "out"), ("dw", "out"), ("dw", "param"), ("c3", "in")}
-    assert any(m_.attr == "group" for m_ in g.attrs)
+    assert {(t.node.name, t.role) for t in g.tensors} == {("c1", "out"), ("c1", "param"), ("dw", "out"),
+                                                          ("dw", "param"), ("c3", "in")}
+    assert [(x.node.name, x.attr) for x in g.attrs] == [("dw", "group")]
     assert_oracle(m)
-    res = assert_prune_same_outputs_shapes(m)
-    kept = len(res.plan.keep[g.id])
-    assert kept == 4
-    assert attr(res.proto, "dw", "group") == kept
-    assert weight(res.proto, "dw").shape == (kept, 1, 3, 3)
-    assert weight(res.proto, "c1").shape[0] == kept
-
+    res = pruned(m)
+    keep = res.plan.keep[g.id]
+    assert attr(res.proto, "dw", "group") == len(keep) == 4
+    rows = (keep[:, None] * mult + np.arange(mult)).ravel()
+    np.testing.assert_array_equal(weight(res.proto, "dw"), init(m, "wd")[rows])
+    np.testing.assert_array_equal(weight(res.proto, "c3"), init(m, "w3")[:, rows])
 
 def test_grouped_conv_prunes_consistently():
-    m = dw_model(2, 4)
+    m = dw_model(2, 8, 4)
     a = analyze(m)
-    assert len(prunable(a)) >= 2
+    gs = prunable(a)
+    assert sorted(g.width for g in gs) == [2, 4, 4]  # group count x per-group-in, per-group-out
+    (gg,) = [g for g in gs if g.attrs]
+    assert gg.width == 2 and gg.attrs[0].attr == "group"
     assert_oracle(m)
-    res = assert_prune_same_outputs_shapes(m)
-    grp = attr(res.proto, "dw", "group")
-    wd = weight(res.proto, "dw")
-    cin = weight(res.proto, "c1").shape[0]
-    assert 1 <= grp <= 2
+    res = pruned(m)
+    grp, wd, cin = attr(res.proto, "dw", "group"), weight(res.proto, "dw"), weight(res.proto, "c1").shape[0]
+    assert grp == len(res.plan.keep.get(gg.id, range(2)))
     assert wd.shape[1] * grp == cin and wd.shape[0] % grp == 0
     assert weight(res.proto, "c3").shape[1] == wd.shape[0]
-    assert res.after["params"] < res.before["params"] if "params" in res.before else True
 
-
-# -- 4. ConvTranspose ----------------------------------------------------------------
+# -- 4. ConvTranspose ---------------------------------------------------------------------
 def test_conv_transpose():
-    m = make("""g (float[1,3,8,8] x) => (float[1,4,16,16] y) {
-  [c1] a = Conv <pads=[1,1,1,1]> (x, w1, b1)
+    m = make("""[c1] a = Conv <pads=[1,1,1,1]> (x, w1, b1)
   r = Relu(a)
   [ct] t = ConvTranspose <strides=[2,2]> (r, wt, bt)
   s = Relu(t)
-  [c3] y = Conv (s, w3)
-}""", {"w1": W(8, 3, 3, 3), "b1": W(8), "wt": W(8, 6, 2, 2), "bt": W(6), "w3": W(4, 6, 1, 1)})
+  [c3] y = Conv (s, w3)""", {"w1": W(8, 3, 3, 3), "b1": W(8), "wt": W(8, 6, 2, 2), "bt": W(6), "w3": W(4, 6, 1, 1)},
+             out="float[1,4,16,16] y")
     a = analyze(m)
     assert sorted(g.width for g in prunable(a)) == [6, 8]
+    assert ("ct", 1, 0, "in") in {(t.node.name, t.slot, t.axis, t.role) for t in group_of(a, "c1").tensors}
     assert_oracle(m)
-    res = assert_prune_same_outputs_shapes(m)
-    assert weight(res.proto, "ct").shape == (4, 3, 2, 2)
-    assert weight(res.proto, "ct", 2).shape == (3,)
+    res = pruned(m)
+    assert weight(res.proto, "ct").shape == (4, 3, 2, 2) and weight(res.proto, "ct", 2).shape == (3,)
 
-
-# -- 5. Flatten -> Gemm ----------------------------------------------------------------
+# -- 5. Flatten -> Gemm -------------------------------------------------------------------
 def test_flatten_gemm_channel_owns_spatial_features():
-    m = make("""g (float[1,3,8,8] x) => (float[1,5] y) {
-  [c1] a = Conv <strides=[4,4]> (x, w1, b1)
+    m = make("""[c1] a = Conv <strides=[4,4]> (x, w1, b1)
   r = Relu(a)
   f = Flatten(r)
-  [fc] y = Gemm <transB=1> (f, wf, bf)
-}""", {"w1": W(8, 3, 4, 4), "b1": W(8), "wf": W(5, 32), "bf": W(5)})
-    a = analyze(m)
-    (g,) = prunable(a)
+  [fc] y = Gemm <transB=1> (f, wf, bf)""", {"w1": W(8, 3, 4, 4), "b1": W(8), "wf": W(5, 32), "bf": W(5)},
+             out="float[1,5] y")
+    (g,) = prunable(analyze(m))
     assert g.width == 8
     assert_oracle(m)
-    res = assert_prune_same_outputs_shapes(m)
+    res = pruned(m)
     keep = res.plan.keep[g.id]
-    cols = (keep[:, None] * 4 + np.arange(4)).ravel()
+    cols = (keep[:, None] * 4 + np.arange(4)).ravel()  # channel c owns features 4c..4c+3
     np.testing.assert_array_equal(weight(res.proto, "fc"), init(m, "wf")[:, cols])
 
-
-# -- 6. MatMul MLP with GELU -------------------------------------------------------------
-MLP = """g (float[1,6,8] x) => (float[1,6,8] y) {{
-  [fc1] h0 = MatMul(x, w1)
-  h = Add(h0, b1)
-  {gelu}
-  [fc2] y = MatMul(g, w2)
-}}"""
+# -- 6. MatMul MLP with GELU --------------------------------------------------------------
 GELU_ERF = """d = Div(h, sqrt2)
   e = Erf(d)
   e1 = Add(e, one)
   hm = Mul(h, half)
   g = Mul(hm, e1)"""
 
-
 @pytest.mark.parametrize("gelu,opset", [(GELU_ERF, 17), ("g = Gelu(h)", 20)], ids=["erf", "gelu20"])
 def test_matmul_mlp(gelu, opset):
     consts = {"sqrt2": np.float32(np.sqrt(2)), "one": np.float32(1), "half": np.float32(0.5)}
     inits = {"w1": W(8, 16), "b1": W(16), "w2": W(16, 8)} | (consts if "Erf" in gelu else {})
-    m = make(MLP.format(gelu=gelu), inits, opset)
-    a = analyze(m)
-    (g,) = prunable(a)
+    m = make(f"""[fc1] h0 = MatMul(x, w1)
+  [bias] h = Add(h0, b1)
+  {gelu}
+  [fc2] y = MatMul(g, w2)""", inits, out="float[1,6,8] y", inp="float[1,6,8] x", opset=opset)
+    (g,) = prunable(analyze(m))
     assert (g.kind, g.width, g.exact) == ("channels", 16, True)
-    assert {(t.node.name or t.node.op_type, t.role) for t in g.tensors} == {("fc1", "out"), ("Add", "param"), ("fc2", "in")}
+    assert {(t.node.name, t.role) for t in g.tensors} == {("fc1", "out"), ("bias", "param"), ("fc2", "in")}
     assert_oracle(m)
-    res = assert_prune_same_outputs_shapes(m)
-    assert weight(res.proto, "fc1").shape == (8, 8) and weight(res.proto, "fc2").shape == (8, 8)
-
-
-# -- 7./8. normalisations ---------------------------------------------------------------
-def norm_model(norm: str, params: dict, opset=17):
-    names = ", ".join(params)
-    return make(f"""g {IN3} => (float[1,4,8,8] y) {{
-  [c1] a = Conv <pads=[1,1,1,1]> (x, w1)
-  [nm] n = {norm} (a, {names})
-  r = Relu(n)
-  [c2] y = Conv (r, w2)
-}}""", {"w1": W(8, 3, 3, 3), "w2": W(4, 8, 1, 1)} | params, opset)
-
-
-def test_batchnorm_params_are_members():
-    bn = {"s": W(8), "bb": W(8), "mu": W(8), "var": np.abs(W(8)) + 0.5}
-    m = norm_model("BatchNormalization", bn)
-    (g,) = prunable(analyze(m))
-    assert sorted(t.slot for t in members(g, "BatchNormalization", "param")) == [1, 2, 3, 4]
-    assert g.exact
-    assert_oracle(m)
-    res = assert_prune_same_outputs_shapes(m)
+    res = pruned(m)
     keep = res.plan.keep[g.id]
-    for slot, nm in enumerate(bn, start=1):
-        np.testing.assert_array_equal(weight(res.proto, "nm", slot), bn[nm][keep])
+    np.testing.assert_array_equal(weight(res.proto, "fc1"), init(m, "w1")[:, keep])
+    np.testing.assert_array_equal(weight(res.proto, "fc2"), init(m, "w2")[keep])
 
+# -- 7./8. normalisations -----------------------------------------------------------------
+def norm_model(norm: str, params: dict, opset=17):
+    return make(f"""[c1] a = Conv <pads=[1,1,1,1]> (x, w1)
+  [nm] n = {norm} (a, {", ".join(params)})
+  r = Relu(n)
+  [c2] y = Conv (r, w2)""", {"w1": W(8, 3, 3, 3), "w2": W(4, 8, 1, 1)} | params, opset=opset)
 
-def test_instance_norm():
-    m = norm_model("InstanceNormalization", {"s": W(8), "bb": W(8)})
+@pytest.mark.parametrize("op,n", [("BatchNormalization", 4), ("InstanceNormalization", 2)])
+def test_per_channel_norm_params_are_members(op, n):
+    params = dict(zip(["s", "bb", "mu", "var"][:n], [W(8), W(8), W(8), np.abs(W(8)) + 0.5]))
+    m = norm_model(op, params)
     (g,) = prunable(analyze(m))
-    assert g.exact and len(members(g, "InstanceNormalization", "param")) == 2
+    assert g.exact and sorted(t.slot for t in members(g, op, "param")) == list(range(1, n + 1))
     assert_oracle(m)
-    assert_prune_same_outputs_shapes(m)
+    res = pruned(m)
+    for slot, name in enumerate(params, start=1):
+        np.testing.assert_array_equal(weight(res.proto, "nm", slot), params[name][res.plan.keep[g.id]])
 
+def group_norm_model():
+    return norm_model("GroupNormalization <num_groups=2>", {"s": W(8), "bb": W(8)}, opset=21)
 
 def test_group_norm_opset21():
-    m = norm_model("GroupNormalization <num_groups=2>", {"s": W(8), "bb": W(8)}, opset=21)
-    a = analyze(m)
-    gs = prunable(a)
-    assert gs and all(g.width < 8 for g in gs)  # channels factor into groups x per-group
-    assert any(not g.exact for g in gs)  # removing channels inside a group is approximate
+    m = group_norm_model()
+    gs = prunable(analyze(m))
+    assert sorted((g.width, g.exact) for g in gs) == [(2, True), (4, False)]  # groups x per-group
+    (gg,) = [g for g in gs if g.attrs]
+    assert gg.width == 2 and gg.attrs[0].attr == "num_groups"
     assert_oracle(m, approx_ok=True)
-    res = assert_prune_same_outputs_shapes(m)
-    c = weight(res.proto, "c1").shape[0]
-    ng = attr(res.proto, "nm", "num_groups")
-    assert c < 8 and 1 <= ng <= 2 and c % ng == 0
+    res = pruned(m, check=False)  # see test_group_norm_prune_validates
+    onnx.checker.check_model(res.proto, full_check=True)
+    c, ng = weight(res.proto, "c1").shape[0], attr(res.proto, "nm", "num_groups")
+    assert c < 8 and ng == len(res.plan.keep[gg.id]) and c % ng == 0
     assert weight(res.proto, "nm", 1).shape == (c,) and weight(res.proto, "c2").shape[1] == c
 
+@pytest.mark.xfail(strict=True, reason="validate() runs onnx strict shape inference, which cannot type a "
+                   "GroupNormalization-21 output (fails on the unpruned model too): prune() raises RuntimeError")
+def test_group_norm_prune_validates():
+    assert prune(group_norm_model(), HALF).checks["checker"] == "ok"
 
-# -- 9. element-wise per-channel constants and activations ---------------------------------
+# -- 9. element-wise per-channel constants and activations -------------------------------------
 def test_elementwise_chain():
-    m = make(f"""g {IN3} => (float[1,4,8,8] y) {{
-  [c1] a = Conv <pads=[1,1,1,1]> (x, w1, b1)
+    m = make("""[c1] a = Conv <pads=[1,1,1,1]> (x, w1, b1)
   [mul] b = Mul(a, scale)
   [add] c = Add(b, bias)
   [prelu] d = PRelu(c, slope)
@@ -300,256 +256,241 @@ def test_elementwise_chain():
   s = Sigmoid(f)
   h = Mul(f, s)
   k = HardSigmoid(h)
-  [c2] y = Conv (k, w2)
-}}""", {"w1": W(8, 3, 3, 3), "b1": W(8), "scale": W(1, 8, 1, 1), "bias": W(1, 8, 1, 1),
-        "slope": W(8, 1, 1), "lo": np.float32(-2), "hi": np.float32(3), "w2": W(4, 8, 1, 1)})
-    a = analyze(m)
-    (g,) = prunable(a)
-    assert g.width == 8 and g.kind == "channels" and g.exact
+  [c2] y = Conv (k, w2)""", {"w1": W(8, 3, 3, 3), "b1": W(8), "scale": W(1, 8, 1, 1), "bias": W(1, 8, 1, 1),
+                            "slope": W(8, 1, 1), "lo": np.float32(-2), "hi": np.float32(3), "w2": W(4, 8, 1, 1)})
+    (g,) = prunable(analyze(m))
+    assert (g.width, g.kind, g.exact) == (8, "channels", True)
     params = {(t.node.name, t.axis) for t in g.tensors if t.role == "param"}
-    assert {("mul", 1), ("add", 1), ("prelu", 0), ("c1", 0)} <= params
+    assert params == {("mul", 1), ("add", 1), ("prelu", 0), ("c1", 0)}
     assert_oracle(m)
-    res = assert_prune_same_outputs_shapes(m)
+    res = pruned(m)
     keep = res.plan.keep[g.id]
     np.testing.assert_array_equal(weight(res.proto, "mul"), init(m, "scale")[:, keep])
     np.testing.assert_array_equal(weight(res.proto, "prelu"), init(m, "slope")[keep])
 
-
-# -- 10. pools and reductions ----------------------------------------------------------------
+# -- 10. pools and reductions ------------------------------------------------------------------
 def test_pools_and_spatial_reduce():
-    m = make("""g (float[1,3,16,16] x) => (float[1,4,1,1] y) {
-  [c1] a = Conv <pads=[1,1,1,1]> (x, w1, b1)
+    m = make("""[c1] a = Conv <pads=[1,1,1,1]> (x, w1, b1)
   p = MaxPool <kernel_shape=[2,2], strides=[2,2]> (a)
   q = AveragePool <kernel_shape=[2,2], strides=[2,2]> (p)
   m = ReduceMean <keepdims=1> (q, axes)
   v = GlobalAveragePool(m)
-  [c2] y = Conv (v, w2)
-}""", {"w1": W(8, 3, 3, 3), "b1": W(8), "axes": I64(2, 3), "w2": W(4, 8, 1, 1)}, opset=18)
+  [c2] y = Conv (v, w2)""", {"w1": W(8, 3, 3, 3), "b1": W(8), "axes": I64(2, 3), "w2": W(4, 8, 1, 1)},
+             out="float[1,4,1,1] y", inp="float[1,3,16,16] x", opset=18)
     (g,) = prunable(analyze(m))
     assert g.width == 8 and g.exact
     assert_oracle(m)
-    assert_prune_same_outputs_shapes(m)
-
+    assert weight(pruned(m).proto, "c2").shape == (4, 4, 1, 1)
 
 def test_reduce_over_channels_is_approximate():
-    m = make(f"""g {IN3} => (float[1,1,8,8] y) {{
-  [c1] a = Conv <pads=[1,1,1,1]> (x, w1)
+    m = make("""[c1] a = Conv <pads=[1,1,1,1]> (x, w1)
   r = Relu(a)
   [c2] b = Conv (r, w2)
-  y = ReduceMean <keepdims=1, axes=[1]> (b)
-}}""", {"w1": W(8, 3, 3, 3), "w2": W(6, 8, 1, 1)})
+  y = ReduceMean <keepdims=1, axes=[1]> (b)""", {"w1": W(8, 3, 3, 3), "w2": W(6, 8, 1, 1)}, out="float[1,1,8,8] y")
     a = analyze(m)
-    by_w = {g.width: g for g in prunable(a)}
-    assert by_w[8].exact and not by_w[6].exact
+    assert group_of(a, "c1").exact and not group_of(a, "c2").exact and len(prunable(a)) == 2
     rows = assert_oracle(m, approx_ok=True)
-    assert any(r.status == "approximate (not tested)" for r in rows)
-    assert_prune_same_outputs_shapes(m)
+    assert any(r.status == APPROX for r in rows)
+    pruned(m)
 
-
-# -- 11./12./13. Concat, Split, Slice --------------------------------------------------------
+# -- 11./12./13. Concat, Split, Slice ---------------------------------------------------------
 def test_concat_two_groups():
-    m = make(f"""g {IN3} => (float[1,4,8,8] y) {{
-  [ca] a = Conv (x, wa, ba)
+    m = make("""[ca] a = Conv (x, wa, ba)
   [cb] b = Conv (x, wb, bb)
   c = Concat <axis=1> (a, b)
   r = Relu(c)
-  [cc] y = Conv (r, wc)
-}}""", {"wa": W(4, 3, 1, 1), "ba": W(4), "wb": W(6, 3, 1, 1), "bb": W(6), "wc": W(4, 10, 1, 1)})
+  [cc] y = Conv (r, wc)""", {"wa": W(4, 3, 1, 1), "ba": W(4), "wb": W(6, 3, 1, 1), "bb": W(6), "wc": W(4, 10, 1, 1)})
     a = analyze(m)
-    gs = prunable(a)
-    assert sorted(g.width for g in gs) == [4, 6] and all(g.kind == "channels" for g in gs)
+    gs = sorted(prunable(a), key=lambda g: g.width)
+    assert [g.width for g in gs] == [4, 6] and all(g.kind == "channels" for g in gs)
     assert_oracle(m)
-    res = assert_prune_same_outputs_shapes(m)
-    ka, kb = (res.plan.keep[g.id] for g in sorted(gs, key=lambda g: g.width))
+    res = pruned(m)
+    ka, kb = (res.plan.keep[g.id] for g in gs)
     assert len(ka) + len(kb) == 5
-    cols = np.concatenate([ka, kb + 4])
-    np.testing.assert_array_equal(weight(res.proto, "cc"), init(m, "wc")[:, cols])
-
+    np.testing.assert_array_equal(weight(res.proto, "cc"), init(m, "wc")[:, np.concatenate([ka, kb + 4])])
 
 def test_split_sizes_follow_kept_widths():
-    m = make(f"""g {IN3} => (float[1,4,8,8] y1, float[1,4,8,8] y2) {{
-  [c1] a = Conv (x, w1, b1)
+    m = make("""[c1] a = Conv (x, w1, b1)
   r = Relu(a)
   [sp] s1, s2 = Split <axis=1> (r, sizes)
   [ca] y1 = Conv (s1, wa)
-  [cb] y2 = Conv (s2, wb)
-}}""", {"w1": W(8, 3, 1, 1), "b1": W(8), "sizes": I64(4, 4), "wa": W(4, 4, 1, 1), "wb": W(4, 4, 1, 1)})
+  [cb] y2 = Conv (s2, wb)""", {"w1": W(8, 3, 1, 1), "b1": W(8), "sizes": I64(5, 3), "wa": W(4, 5, 1, 1),
+                              "wb": W(4, 3, 1, 1)}, out="float[1,4,8,8] y1, float[1,4,8,8] y2")
     a = analyze(m)
     gs = prunable(a)
-    assert [g.width for g in gs] == [4, 4]
+    assert [g.width for g in gs] == [5, 3]
     assert_oracle(m)
-    res = assert_prune_same_outputs_shapes(m)
+    res = pruned(m, {"default": 0.5, "scope": "local"})
     kept = [len(res.plan.keep[g.id]) for g in gs]
-    assert kept == [2, 2]
+    assert kept == [3, 2]
     np.testing.assert_array_equal(weight(res.proto, "sp"), kept)
-    assert weight(res.proto, "ca").shape[1] == 2 and weight(res.proto, "c1").shape[0] == 4
+    assert weight(res.proto, "ca").shape[1] == 3 and weight(res.proto, "c1").shape[0] == 5
 
-
-def test_slice_on_channels():
-    m = make(f"""g {IN3} => (float[1,4,8,8] y) {{
-  [c1] a = Conv (x, w1, b1)
+@pytest.mark.parametrize("st,en", [(0, 4), (2, -2), (-6, -2), (-4, 2**62)])
+def test_slice_on_channels(st, en):
+    n = len(range(8)[st:en])
+    m = make("""[c1] a = Conv (x, w1, b1)
   r = Relu(a)
   [sl] s = Slice(r, st, en, ax)
-  [c2] y = Conv (s, w2)
-}}""", {"w1": W(8, 3, 1, 1), "b1": W(8), "st": I64(0), "en": I64(4), "ax": I64(1), "w2": W(4, 4, 1, 1)})
+  [c2] y = Conv (s, w2)""", {"w1": W(8, 3, 1, 1), "b1": W(8), "st": I64(st), "en": I64(en), "ax": I64(1),
+                            "w2": W(4, n, 1, 1)})
     a = analyze(m)
-    gs = [g for g in a.groups if g.width == 4 and any(t.node.name == "c2" and t.role == "in" for t in g.tensors)]
-    assert len(gs) == 1
-    res = assert_prune_same_outputs_shapes(m)
-    if gs[0].frozen:
+    g = group_of(a, "c2", "in")
+    assert g.width == n
+    res = pruned(m)
+    if g.frozen:
         return
     assert_oracle(m)
-    k = len(res.plan.keep[gs[0].id])
-    assert weight(res.proto, "c2").shape[1] == k
-    assert int(weight(res.proto, "sl", 2)[0]) == k  # Slice end follows the kept width
+    c1 = weight(res.proto, "c1").shape[0]
+    s2, e2 = int(weight(res.proto, "sl", 1)[0]), int(weight(res.proto, "sl", 2)[0])
+    k = len(res.plan.keep[g.id])
+    assert weight(res.proto, "c2").shape[1] == k == len(range(c1)[s2:e2])
 
-
-# -- 14. residual ----------------------------------------------------------------------
+# -- 14. residual -------------------------------------------------------------------------------
 def test_residual_stream_is_embed():
-    m = make(f"""g {IN3} => (float[1,4,8,8] y) {{
-  [ca] a = Conv <pads=[1,1,1,1]> (x, wa, ba)
+    m = make("""[ca] a = Conv <pads=[1,1,1,1]> (x, wa, ba)
   r = Relu(a)
   [cb] b = Conv <pads=[1,1,1,1]> (r, wb, bb)
   s = Add(r, b)
-  [cc] y = Conv (s, wc)
-}}""", {"wa": W(8, 3, 3, 3), "ba": W(8), "wb": W(8, 8, 3, 3), "bb": W(8), "wc": W(4, 8, 1, 1)})
-    a = analyze(m)
-    (g,) = prunable(a)
-    assert g.kind == "embed" and g.width == 8
-    outs = {t.node.name for t in g.tensors if t.role == "out"}
-    assert outs == {"ca", "cb"}
+  [cc] y = Conv (s, wc)""", {"wa": W(8, 3, 3, 3), "ba": W(8), "wb": W(8, 8, 3, 3), "bb": W(8), "wc": W(4, 8, 1, 1)})
+    (g,) = prunable(analyze(m))
+    assert (g.kind, g.width) == ("embed", 8)
+    assert {t.node.name for t in g.tensors if t.role == "out"} == {"ca", "cb"}
     assert_oracle(m)
-    res = assert_prune_same_outputs_shapes(m)
+    res = pruned(m)
+    keep = res.plan.keep[g.id]
     assert weight(res.proto, "cb").shape == (4, 4, 3, 3)
-    assert prune(m, {"kinds": {"channels": 0.5}}).plan.keep == {}  # kind ratios are per kind
+    np.testing.assert_array_equal(weight(res.proto, "cb"), init(m, "wb")[keep][:, keep])
+    assert prune(m, {"kinds": {"channels": 0.5}}).plan.keep == {}  # kind ratios apply per kind
 
-
-# -- 15. channels-last LayerNorm --------------------------------------------------------------
+# -- 15. channels-last LayerNorm ----------------------------------------------------------------
 def test_channels_last_layernorm_is_approximate():
-    m = make(f"""g {IN3} => (float[1,4,8,8] y) {{
-  [c1] a = Conv <pads=[1,1,1,1]> (x, w1, b1)
+    m = make("""[c1] a = Conv <pads=[1,1,1,1]> (x, w1, b1)
   t = Transpose <perm=[0,2,3,1]> (a)
   [ln] n = LayerNormalization <axis=-1> (t, s, bb)
   u = Transpose <perm=[0,3,1,2]> (n)
-  [c2] y = Conv (u, w2)
-}}""", {"w1": W(8, 3, 3, 3), "b1": W(8), "s": W(8), "bb": W(8), "w2": W(4, 8, 1, 1)})
+  [c2] y = Conv (u, w2)""", {"w1": W(8, 3, 3, 3), "b1": W(8), "s": W(8), "bb": W(8), "w2": W(4, 8, 1, 1)})
     (g,) = prunable(analyze(m))
-    assert g.width == 8 and not g.exact
-    assert len(members(g, "LayerNormalization", "param")) == 2
+    assert g.width == 8 and not g.exact and len(members(g, "LayerNormalization", "param")) == 2
     rows = oracle(m, Ratios.from_dict(HALF))
-    assert rows and all(r.status == "approximate (not tested)" for r in rows)
-    res = assert_prune_same_outputs_shapes(m)
+    assert rows and all(r.status == APPROX for r in rows)
+    res = pruned(m)
     assert weight(res.proto, "ln", 1).shape == (4,) and weight(res.proto, "c2").shape[1] == 4
 
-
-# -- 16. Resize and Pad -------------------------------------------------------------------------
-RESIZE_PAD = """g (float[1,3,8,8] x) => (float[1,4,{h},{w}] y) {{
-  [c1] a = Conv <pads=[1,1,1,1]> (x, w1, b1)
-  z = Resize <mode="nearest"> (a, roi, sc)
+# -- 16. Resize and Pad --------------------------------------------------------------------------
+RESIZE_PAD = """[c1] a = Conv <pads=[1,1,1,1]> (x, w1, b1)
+  [rz] z = Resize <mode="nearest"> (a, roi, sc)
   [pad] p = Pad(z, pads)
-  [c2] y = Conv (p, w2)
-}}"""
+  [c2] y = Conv (p, w2)"""
 
+def resize_pad(pads, cout=8, **out):
+    return make(RESIZE_PAD, {"w1": W(8, 3, 3, 3), "b1": W(8), "roi": np.zeros(0, np.float32),
+                             "sc": np.array([1, 1, 2, 2], np.float32), "pads": I64(*pads), "w2": W(4, cout, 1, 1)}, **out)
 
 def test_resize_and_spatial_pad():
-    m = make(RESIZE_PAD.format(h=18, w=18), {"w1": W(8, 3, 3, 3), "b1": W(8), "roi": np.zeros(0, np.float32),
-             "sc": np.array([1, 1, 2, 2], np.float32), "pads": I64(0, 0, 1, 1, 0, 0, 1, 1), "w2": W(4, 8, 1, 1)})
+    m = resize_pad([0, 0, 1, 1, 0, 0, 1, 1], out="float[1,4,18,18] y")
     (g,) = prunable(analyze(m))
     assert g.width == 8
     assert_oracle(m)
-    assert_prune_same_outputs_shapes(m)
+    assert weight(pruned(m).proto, "c2").shape == (4, 4, 1, 1)
 
+def test_resize_sizes_follow_width():
+    m = make("""[c1] a = Conv <pads=[1,1,1,1]> (x, w1, b1)
+  [rz] z = Resize <mode="nearest"> (a, "", "", sz)
+  [c2] y = Conv (z, w2)""", {"w1": W(8, 3, 3, 3), "b1": W(8), "sz": I64(1, 8, 16, 16), "w2": W(4, 8, 1, 1)},
+             out="float[1,4,16,16] y")
+    (g,) = prunable(analyze(m))
+    assert [(s.node.name, s.slot, s.index) for s in g.shapes] == [("rz", 3, 1)]
+    assert_oracle(m)
+    assert weight(pruned(m).proto, "rz", 3).tolist() == [1, 4, 16, 16]
 
 def test_pad_on_channel_axis_freezes():
-    m = make(RESIZE_PAD.format(h=16, w=16),
-             {"w1": W(8, 3, 3, 3), "b1": W(8), "roi": np.zeros(0, np.float32), "sc": np.array([1, 1, 2, 2], np.float32),
-              "pads": I64(0, 1, 0, 0, 0, 1, 0, 0), "w2": W(4, 10, 1, 1)})
+    m = resize_pad([0, 1, 0, 0, 0, 1, 0, 0], cout=10, out="float[1,4,16,16] y")
     a = analyze(m)
     assert not prunable(a)
-    g = next(g for g in a.groups if g.width == 8)
-    assert any("Pad" in r and "channel" in r for r in g.frozen)
+    assert any("Pad" in r and "channel" in r for r in group_of(a, "c1").frozen)
     res = prune(m, HALF)
     assert res.plan.keep == {} and weight(res.proto, "c1").shape == (8, 3, 3, 3)
 
-
-# -- 17. Reshape before Gemm ------------------------------------------------------------------------
-def test_reshape_shape_constant_follows_width():
-    m = make("""g (float[1,3,8,8] x) => (float[1,5] y) {
-  [c1] a = Conv (x, w1, b1)
+# -- 17. Reshape before Gemm -------------------------------------------------------------------
+@pytest.mark.parametrize("shape", [(-1, 8), (0, 8)])
+def test_reshape_shape_constant_follows_width(shape):
+    m = make("""[c1] a = Conv (x, w1, b1)
   r = Relu(a)
   [rs] f = Reshape(r, shp)
-  [fc] y = Gemm <transB=1> (f, wf, bf)
-}""", {"w1": W(8, 3, 8, 8), "b1": W(8), "shp": I64(-1, 8), "wf": W(5, 8), "bf": W(5)})
+  [fc] y = Gemm <transB=1> (f, wf, bf)""", {"w1": W(8, 3, 8, 8), "b1": W(8), "shp": I64(*shape), "wf": W(5, 8),
+                                          "bf": W(5)}, out="float[N,5] y", inp="float[N,3,8,8] x")
     (g,) = prunable(analyze(m))
-    assert g.width == 8 and any(s.node.name == "rs" for s in g.shapes)
+    assert g.width == 8 and [(s.node.name, s.index) for s in g.shapes] == [("rs", 1)]
     assert_oracle(m)
-    res = assert_prune_same_outputs_shapes(m)
+    res = pruned(m)
+    assert res.checks["ort_batches"] == [1, 2]  # symbolic batch: validated at two batch sizes
     k = len(res.plan.keep[g.id])
-    shp = weight(res.proto, "rs")
-    assert shp.tolist() == [-1, k]
-    assert weight(res.proto, "fc").shape == (5, k)
+    assert weight(res.proto, "rs").tolist() == [shape[0], k] and weight(res.proto, "fc").shape == (5, k)
 
-
-# -- 18. shared initializer ------------------------------------------------------------------------
+# -- 18. shared initializer ----------------------------------------------------------------------
 def test_shared_initializer_is_unshared():
-    m = make(f"""g {IN3} => (float[1,2,8,8] y1, float[1,2,8,8] y2) {{
-  [c1] a = Conv (x, w)
+    m = make("""[c1] a = Conv (x, w)
   ra = Relu(a)
   [cA] y1 = Conv (ra, wA)
   [c2] b = Conv (x, w)
   rb = Relu(b)
-  [cB] y2 = Conv (rb, wB)
-}}""", {"w": W(4, 3, 1, 1), "wA": W(2, 4, 1, 1), "wB": W(2, 4, 1, 1)})
+  [cB] y2 = Conv (rb, wB)""", {"w": W(4, 3, 1, 1), "wA": W(2, 4, 1, 1), "wB": W(2, 4, 1, 1)},
+             out="float[1,2,8,8] y1, float[1,2,8,8] y2")
     a = analyze(m)
-    assert len(prunable(a)) == 2
+    assert len(prunable(a)) == 2 and group_of(a, "c1") is not group_of(a, "c2")
     ratios = {"layers": {"c1": 0.5, "c2": 0.25}}
-    res = assert_prune_same_outputs_shapes(m, ratios)
-    w1, w2 = weight(res.proto, "c1"), weight(res.proto, "c2")
+    res = pruned(m, ratios)
     assert node(res.proto, "c1").input[1] != node(res.proto, "c2").input[1]
-    assert (w1.shape[0], w2.shape[0]) == (2, 3)
-    k1 = next(k for k in res.plan.keep.values() if len(k) == 2)
-    np.testing.assert_array_equal(w1, init(m, "w")[k1])
-    assert weight(res.proto, "cA").shape[1] == 2 and weight(res.proto, "cB").shape[1] == 3
+    for name, cons, n in (("c1", "cA", 2), ("c2", "cB", 3)):
+        keep = res.plan.keep[group_of(res.analyzed, name).id]
+        assert len(keep) == n
+        np.testing.assert_array_equal(weight(res.proto, name), init(m, "w")[keep])
+        np.testing.assert_array_equal(weight(res.proto, cons), init(m, "w" + cons[-1])[:, keep])
     assert_oracle(m, ratios)
-
 
 # -- 19. unknown ops -----------------------------------------------------------------------------
 def test_unknown_op_freezes_touching_group():
-    m = make(f"""g {IN3} => (float[1,4,16,16] y) {{
-  [c0] a = Conv <pads=[1,1,1,1]> (x, w0)
+    m = make("""[c0] a = Conv <pads=[1,1,1,1]> (x, w0)
   r = Relu(a)
   [c1] b = Conv (r, w1)
   d = DepthToSpace <blocksize=2> (b)
-  [c2] y = Conv (d, w2)
-}}""", {"w0": W(8, 3, 3, 3), "w1": W(8, 8, 1, 1), "w2": W(4, 2, 1, 1)})
+  [c2] y = Conv (d, w2)""", {"w0": W(8, 3, 3, 3), "w1": W(8, 8, 1, 1), "w2": W(4, 2, 1, 1)},
+             out="float[1,4,16,16] y")
     a = analyze(m)
-    (g,) = prunable(a)
-    assert any(t.node.name == "c0" and t.role == "out" for t in g.tensors)
-    f = next(g for g in a.groups if any(t.node.name == "c1" and t.role == "out" for t in g.tensors))
-    assert any("DepthToSpace" in r for r in f.frozen)
+    assert prunable(a) == [group_of(a, "c0")]
+    assert any("DepthToSpace" in r for r in group_of(a, "c1").frozen)
     assert_oracle(m)
-    res = assert_prune_same_outputs_shapes(m)
-    assert weight(res.proto, "c1").shape == (8, 4, 1, 1)  # output channels untouched
+    res = pruned(m)
+    assert weight(res.proto, "c1").shape == (8, 4, 1, 1)  # its output channels untouched
     np.testing.assert_array_equal(weight(res.proto, "c2"), init(m, "w2"))
 
-
 def test_custom_domain_op_freezes():
-    text = f"""<ir_version: 8, opset_import: ["" : 17, "my.ops" : 1]>
-g {IN3} => (float[1,4,8,8] y) {{
-  [c1] a = Conv (x, w1)
+    m = make("""[c1] a = Conv (x, w1)
   b = my.ops.Weird(a)
-  [c2] y = Conv (b, w2)
-}}"""
-    m = onnx.parser.parse_model(text)
-    for k, v in {"w1": W(8, 3, 1, 1), "w2": W(4, 8, 1, 1)}.items():
-        m.graph.initializer.append(numpy_helper.from_array(v, k))
+  [c2] y = Conv (b, w2)""", {"w1": W(8, 3, 1, 1), "w2": W(4, 8, 1, 1)}, extra_opsets=', "my.ops" : 1')
     a = analyze(m)
     assert not prunable(a)
-    g8 = next(g for g in a.groups if g.width == 8)
-    assert any("my.ops" in r for r in g8.frozen)
+    assert any("my.ops" in r for r in group_of(a, "c1").frozen)
 
+# -- oracle comparison ---------------------------------------------------------------------------
+def test_div_by_per_channel_constant():
+    m = make("""[c1] a = Conv (x, w1, b1)
+  [dv] d = Div(a, sc)
+  [c2] y = Conv (d, w2)""", {"w1": W(8, 3, 1, 1), "b1": W(8), "sc": np.abs(W(1, 8, 1, 1)) + 0.5, "w2": W(4, 8, 1, 1)})
+    (g,) = prunable(analyze(m))
+    assert ("dv", "param") in {(t.node.name, t.role) for t in g.tensors}
+    assert_oracle(m)
+    res = pruned(m)
+    np.testing.assert_array_equal(weight(res.proto, "dv"), init(m, "sc")[:, res.plan.keep[g.id]])
 
-# -- 20. ratio errors --------------------------------------------------------------------------------
+@pytest.mark.xfail(strict=True, reason="verify.rel_err swallows NaN (Python max(0.0, nan) == 0.0), so the oracle "
+                   "reports PASS with max_rel_err 0.0 when the zeroed reference is NaN (e.g. a zeroed Div divisor)")
+def test_oracle_rel_err_flags_nan():
+    err = rel_err([np.array([np.nan, 1.0])], [np.array([5.0, -100.0])])
+    assert not err <= TOLERANCE
+
+# -- 20. ratio errors ----------------------------------------------------------------------------
 @pytest.mark.parametrize("bad", [
     {"default": 1.0}, {"default": -0.1}, {"default": "0.5"}, {"bogus": 0.1}, {"kinds": {"heads_x": 0.2}},
     {"scope": "everything"}, {"importance": "taylor"}, {"round_to": 0}, {"layers": {"c1": 1.5}}, {"ignore": "c1"},
@@ -557,11 +498,3 @@ g {IN3} => (float[1,4,8,8] y) {{
 def test_bad_ratios_raise_user_error(bad):
     with pytest.raises(UserError):
         Ratios.from_dict(bad)
-
-
-def test_ignore_and_scope_variants():
-    m = conv_conv()
-    assert prune(m, {"default": 0.5, "ignore": ["c1"]}).plan.keep == {}
-    for scope in ("global", "local"):
-        res = prune(m, {"default": 0.5, "scope": scope, "importance": "l1"})
-        assert [len(k) for k in res.plan.keep.values()] == [4]

@@ -1,0 +1,84 @@
+"""CLI behaviour: the no-argument demo, reports, and one-line errors with exit 1."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import onnx
+import pytest
+
+from onnxprune.cli import default_model, main
+
+
+def run(args, cwd):
+    p = subprocess.run([sys.executable, "-m", "onnxprune", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+    return p.returncode, p.stdout, p.stderr
+
+
+def test_no_arguments_prunes_the_builtin_model(tmp_path):
+    rc, out, err = run([], tmp_path)
+    assert rc == 0, err
+    assert out.strip().splitlines()[-1].startswith("PASSED | Runtime:")
+    pruned = tmp_path / "default_resnet.pruned.onnx"
+    assert pruned.exists()
+    a, b = onnx.load(default_model()), onnx.load(str(pruned))
+    size = lambda m: sum(int(onnx.numpy_helper.to_array(i).size) for i in m.graph.initializer)
+    assert size(b) < 0.6 * size(a)
+
+
+def test_report_and_verify(tmp_path):
+    rep = tmp_path / "r.json"
+    rc = main([default_model(), "--ratios", '{"default": 0.5}', "-o", str(tmp_path / "p.onnx"), "--report", str(rep), "--verify", "-q"])
+    assert rc == 0
+    r = json.loads(rep.read_text())
+    assert r["after"]["macs"] < r["before"]["macs"]
+    assert r["checks"]["checker"] == "ok" and r["checks"]["ort_batches"] == [1, 2]
+    pruned = [g for g in r["groups"] if g["kept"] is not None]
+    assert pruned and all(len(g["kept"]) == g["width_after"] < g["width"] for g in pruned)
+    assert r["oracle"] and all(row["status"] == "PASS" for row in r["oracle"])
+    frozen = [g for g in r["groups"] if g["frozen"]]
+    assert frozen and all("graph output" in g["frozen"][0] for g in frozen)
+
+
+def test_analyze_json(tmp_path):
+    js = tmp_path / "g.json"
+    assert main(["analyze", default_model(), "--json", str(js), "-q"]) == 0
+    groups = json.loads(js.read_text())
+    sets = {g["set"] for g in groups if g["set"]}
+    # the bottleneck's first and second convs each form one set across all blocks
+    assert "channels:conv1x1>conv3x3" in sets and "channels:conv3x3>conv1x1" in sets
+    assert sum(g["set"] == "channels:conv1x1>conv3x3" for g in groups) == 8
+
+
+BAD = [
+    (["missing.onnx", "--ratios", '{"default":0.5}'], "not found"),
+    (["NOTONNX", "--ratios", '{"default":0.5}'], "not an ONNX model"),
+    (["MODEL", "--ratios", '{"default":1.0}'], "[0, 1)"),
+    (["MODEL", "--ratios", '{"default":-0.1}'], "[0, 1)"),
+    (["MODEL", "--ratios", '{"kinds":{"nope":0.5}}'], "unknown kind"),
+    (["MODEL", "--ratios", '{"defualt":0.5}'], "unknown field"),
+    (["MODEL", "--ratios", '{"scope":"everywhere"}'], "unknown scope"),
+    (["MODEL", "--ratios", "{not json"], "not valid JSON"),
+    (["MODEL", "--ratios", "missing.json"], "cannot read ratios"),
+    (["MODEL", "--ratios", '{"default":0.5}', "-o", "MODEL"], "overwrite"),
+]
+
+
+@pytest.mark.parametrize("args,msg", BAD, ids=[m for _, m in BAD])
+def test_bad_input_is_one_line_and_exit_1(tmp_path, args, msg):
+    model = tmp_path / "model.onnx"
+    model.write_bytes(open(default_model(), "rb").read())
+    (tmp_path / "bad.onnx").write_text("this is not protobuf")
+    args = [str(model) if a == "MODEL" else str(tmp_path / "bad.onnx") if a == "NOTONNX" else a for a in args]
+    if "-o" not in args:
+        args += ["-o", str(tmp_path / "out.onnx")]
+    before = set(os.listdir(tmp_path))
+    rc, out, err = run(args, tmp_path)
+    assert rc == 1
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("onnxprune: error:") and msg in lines[0], err
+    assert "Traceback" not in err
+    assert set(os.listdir(tmp_path)) == before  # no output file written
+    assert model.read_bytes() == open(default_model(), "rb").read()

@@ -1,0 +1,42 @@
+"""The zero-contribution oracle on every group kind of real CNN exports.
+
+Random (not planted) weights; ``verify.oracle`` zeroes the channels the plan
+removes, prunes, and compares in ORT. Every exact set (embed included for
+ResNet and MobileNet-v2) must agree to 1e-4; ConvNeXt's stream sits under
+LayerNorm and must be reported approximate, not tested.
+"""
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+timm = pytest.importorskip("timm")
+
+from onnxprune import io  # noqa: E402
+from onnxprune.export import export_timm  # noqa: E402
+from onnxprune.plan import Ratios  # noqa: E402
+from onnxprune.verify import oracle  # noqa: E402
+from timm_models import randomize  # noqa: E402
+
+MODELS = ["resnet26", "mobilenetv2_100", "convnext_tiny"]
+EXPORTS = [("legacy", 17, True), ("dynamo", 20, False), ("dynamo", 20, True), ("legacy", 20, False)]
+CASES = [(m, *e) for m in MODELS for e in EXPORTS]
+
+
+@pytest.mark.parametrize("name,exporter,opset,dynamic", CASES, ids=[f"{c[0]}-{c[1]}-op{c[2]}-{'dyn' if c[3] else 'static'}" for c in CASES])
+def test_oracle_every_set(tmp_path, name, exporter, opset, dynamic):
+    model = randomize(timm.create_model(name, pretrained=False), seed=3)
+    path = str(tmp_path / "m.onnx")
+    export_timm(name, path, exporter=exporter, opset=opset, dynamic_batch=dynamic, model=model)
+    rows = oracle(io.read_proto(path), Ratios.from_dict({"default": 0.4, "kinds": {"embed": 0.3}, "round_to": 2}), batch=3)
+    by_kind = {}
+    for r in rows:
+        by_kind.setdefault(r.kind, []).append(r)
+        assert r.status != "FAIL", r
+    tested = [r for r in rows if r.status == "PASS"]
+    assert tested and all(r.max_rel_err <= 1e-4 for r in tested)
+    assert any(r.kind == "channels" and r.status == "PASS" for r in rows)
+    if name == "convnext_tiny":
+        assert by_kind["embed"] and all(r.status.startswith("approximate") for r in by_kind["embed"])
+    else:
+        assert by_kind["embed"] and all(r.status == "PASS" for r in by_kind["embed"])
