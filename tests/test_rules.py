@@ -17,7 +17,7 @@ APPROX = "approximate (not tested)"
 OUT4 = "float[1,4,8,8] y"
 
 # -- helpers -----------------------------------------------------------------------------
-def make(body: str, inits: dict, out: str = OUT4, inp: str = "float[1,3,8,8] x", opset: int = 17, extra_opsets: str = ""):
+def make(body: str, inits: dict, out=OUT4, inp="float[1,3,8,8] x", opset=17, extra_opsets=""):
     """Parse a graph body (weights omitted) and attach ``inits`` as initializers."""
     text = f'<ir_version: 8, opset_import: ["" : {opset}{extra_opsets}]>\ng ({inp}) => ({out}) {{\n{body}\n}}'
     m = onnx.parser.parse_model(text)
@@ -240,8 +240,8 @@ def test_group_norm_opset21():
     assert c < 8 and ng == len(res.plan.keep[gg.id]) and c % ng == 0
     assert weight(res.proto, "nm", 1).shape == (c,) and weight(res.proto, "c2").shape[1] == c
 
-@pytest.mark.xfail(strict=True, reason="validate() runs onnx strict shape inference, which cannot type a "
-                   "GroupNormalization-21 output (fails on the unpruned model too): prune() raises RuntimeError")
+@pytest.mark.xfail(strict=True, raises=RuntimeError, reason="validate() runs onnx strict shape inference, which has "
+                   "no GroupNormalization inference (onnx/onnx#7157; fails on the unpruned model too)")
 def test_group_norm_prune_validates():
     assert prune(group_norm_model(), HALF).checks["checker"] == "ok"
 
@@ -385,7 +385,8 @@ RESIZE_PAD = """[c1] a = Conv <pads=[1,1,1,1]> (x, w1, b1)
 
 def resize_pad(pads, cout=8, **out):
     return make(RESIZE_PAD, {"w1": W(8, 3, 3, 3), "b1": W(8), "roi": np.zeros(0, np.float32),
-                             "sc": np.array([1, 1, 2, 2], np.float32), "pads": I64(*pads), "w2": W(4, cout, 1, 1)}, **out)
+                             "sc": np.array([1, 1, 2, 2], np.float32), "pads": I64(*pads),
+                             "w2": W(4, cout, 1, 1)}, **out)
 
 def test_resize_and_spatial_pad():
     m = resize_pad([0, 0, 1, 1, 0, 0, 1, 1], out="float[1,4,18,18] y")
@@ -484,7 +485,8 @@ def test_div_by_per_channel_constant():
     res = pruned(m)
     np.testing.assert_array_equal(weight(res.proto, "dv"), init(m, "sc")[:, res.plan.keep[g.id]])
 
-@pytest.mark.xfail(strict=True, reason="verify.rel_err swallows NaN (Python max(0.0, nan) == 0.0), so the oracle "
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="verify.rel_err swallows NaN (Python max(0.0, nan) == 0.0), so the oracle "
                    "reports PASS with max_rel_err 0.0 when the zeroed reference is NaN (e.g. a zeroed Div divisor)")
 def test_oracle_rel_err_flags_nan():
     err = rel_err([np.array([np.nan, 1.0])], [np.array([5.0, -100.0])])
