@@ -40,3 +40,23 @@ def test_oracle_every_set(tmp_path, name, exporter, opset, dynamic):
         assert by_kind["embed"] and all(r.status.startswith("approximate") for r in by_kind["embed"])
     else:
         assert by_kind["embed"] and all(r.status == "PASS" for r in by_kind["embed"])
+
+
+OTHER = ["mobilenetv3_small_050", "efficientnet_b0", "regnetx_002", "resnext26ts"]  # SE blocks, SiLU/HardSwish, grouped convs
+OTHER_CASES = [(m, *e) for m in OTHER for e in [("legacy", 17, True), ("dynamo", 20, False)]]
+
+
+@pytest.mark.parametrize("name,exporter,opset,dynamic", OTHER_CASES, ids=[f"{c[0]}-{c[1]}" for c in OTHER_CASES])
+def test_oracle_other_families(tmp_path, name, exporter, opset, dynamic):
+    model = randomize(timm.create_model(name, pretrained=False), seed=5)
+    path = str(tmp_path / "m.onnx")
+    export_timm(name, path, exporter=exporter, opset=opset, dynamic_batch=dynamic, model=model)
+    rows = oracle(io.read_proto(path), Ratios.from_dict({"default": 0.5, "kinds": {"embed": 0.3}}), per_set=False, batch=2)
+    assert rows and rows[-1].scope == "all exact groups"
+    assert rows[-1].removed > 0 and rows[-1].status == "PASS", rows[-1]
+    if name.startswith(("regnet", "resnext")):
+        from onnxprune.api import analyze
+
+        a = analyze(path)
+        grouped = [m for g in a.groups for m in g.tensors if m.node.op_type == "Conv" and m.node.attributes["group"].value > 1 and m.role == "out"]
+        assert grouped and not any(g.frozen for g in a.groups if any(m in grouped for m in g.tensors))
