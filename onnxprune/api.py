@@ -6,7 +6,6 @@ import os
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
 import onnx
 import onnx_ir as ir
 
@@ -106,6 +105,3 @@ def save_pruned(res: PruneResult, out_path: str, in_path: str | None = None) -> 
         raise UserError("output path equals the input path; onnxprune never overwrites its input")
     io.save(res.proto, out_path)
 
-
-def kept_widths(res: PruneResult) -> dict[int, int]:
-    return {g.id: len(res.plan.keep.get(g.id, np.arange(g.width))) for g in res.analyzed.groups}

@@ -48,7 +48,6 @@ def normalize(model: ir.Model) -> None:
     only re-name an initializer (the legacy exporter's deduplication), so every
     constant a rule sees is an initializer with ``const_value``."""
     g = model.graph
-    names = {v.name for n in g for v in n.outputs} | set(g.initializers)
     for node in list(g):
         if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and not node.outputs[0].is_graph_output():
             a = next(iter(node.attributes.values()))
@@ -68,7 +67,6 @@ def normalize(model: ir.Model) -> None:
                 continue
             out.replace_all_uses_with(node.inputs[0])
             g.remove(node, safe=True)
-    del names
 
 
 def _constant_value(attr) -> np.ndarray | None:

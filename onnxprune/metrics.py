@@ -9,9 +9,7 @@ from __future__ import annotations
 
 from math import prod
 
-import numpy as np
 import onnx
-from onnx import numpy_helper
 
 
 def _shapes(proto: onnx.ModelProto) -> dict[str, list[int]]:
@@ -70,10 +68,3 @@ def count(proto: onnx.ModelProto) -> dict[str, int]:
             macs += prod(y) * a[-1]
     return {"params": int(params), "macs": int(macs)}
 
-
-def file_params(proto: onnx.ModelProto) -> int:
-    """Distinct floating-point initializer elements stored in the file."""
-    return int(sum(numpy_helper.to_array(i).size for i in proto.graph.initializer if i.data_type == onnx.TensorProto.FLOAT))
-
-
-__all__ = ["count", "file_params", "np"]

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .core.analysis import Analysis
-from .core.groups import KINDS, Group, isomorphic_sets
+from .core.groups import KINDS, Group
 from .errors import UserError
 
 SCOPES = ("isomorphic", "global", "local")
@@ -150,9 +150,6 @@ class Plan:
     ratios: dict[int, tuple[float, str]]  # group id -> (ratio, where it came from)
     scores: dict[int, np.ndarray]
     skipped: dict[int, str]  # group id -> why it was left whole
-
-    def as_space_plan(self) -> dict[int, np.ndarray]:
-        return self.keep
 
 
 def _n_keep(width: int, n_remove: int, round_to: int) -> int:

@@ -115,13 +115,8 @@ class SpaceTable:
     def _merge(self, keep: Space, gone: Space) -> None:
         gone.parent = keep
         if keep.kind in (ATOM, FIXED):
-            if keep.kind == FIXED:
-                # an atom tied to a fixed extent can never be pruned
-                gone_reasons = gone.frozen or []
-                keep.frozen.extend(r for r in gone_reasons if r not in keep.frozen)
-            else:
-                keep.frozen.extend(r for r in gone.frozen if r not in keep.frozen)
-                keep.tags |= gone.tags
+            keep.frozen.extend(r for r in gone.frozen if r not in keep.frozen)
+            keep.tags |= gone.tags
         else:
             for r in gone.frozen:
                 self.freeze(keep, r)

@@ -72,6 +72,4 @@ def conv_transpose(ctx: Analysis, node: ir.Node) -> None:
         return
     if len(node.inputs) > 2:
         ctx.member(node, 2, 0, out, PARAM)
-    if ctx.attr(node, "output_shape") is not None:
-        pass  # spatial only: channels are not part of output_shape
     ctx.set_layout(node.outputs[0], (lay[0], out) + (None,) * (len(lay) - 2))

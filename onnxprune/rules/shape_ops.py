@@ -8,7 +8,6 @@ through run-time ``Shape -> Gather -> Concat`` chains where they are built.
 """
 from __future__ import annotations
 
-import numpy as np
 import onnx_ir as ir
 
 from ..core.analysis import Analysis, register
