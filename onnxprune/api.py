@@ -89,7 +89,7 @@ def prune(
     apply_plan(a.ctx, plan.keep)
     proto = io.to_proto(a.model)
     proto = io.infer(proto)
-    after = metrics.count(proto)
+    after = metrics.count(proto, inferred=True)
     res = PruneResult(proto, a, plan, before, after)
     if check:
         try:

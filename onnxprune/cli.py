@@ -145,7 +145,7 @@ def _oracle_table(rows) -> str:
 def cmd_analyze(args) -> str:
     from . import api, report
 
-    a = api.analyze(args.model) if os.path.exists(args.model) else _missing(args.model)
+    a = api.analyze(args.model)
     _say(args, report.sets_table(a.groups))
     _say(args, "\nfrozen groups:\n" + report.frozen_table(a.groups))
     if args.members:
@@ -158,10 +158,6 @@ def cmd_analyze(args) -> str:
             json.dump(report.groups_json(a.groups), f, indent=1)
     n = sum(1 for g in a.groups if not g.frozen)
     return f"{n} prunable groups in {len(a.sets)} isomorphic sets, {len(a.groups) - n} frozen"
-
-
-def _missing(path):
-    raise UserError(f"model file not found: {path}")
 
 
 def cmd_verify(args) -> str:

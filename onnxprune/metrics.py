@@ -23,17 +23,16 @@ def _shapes(proto: onnx.ModelProto) -> dict[str, list[int]]:
     return out
 
 
-def count(proto: onnx.ModelProto) -> dict[str, int]:
-    """``{"params": ..., "macs": ...}`` of a model (shapes are inferred here)."""
+def count(proto: onnx.ModelProto, inferred: bool = False) -> dict[str, int]:
+    """``{"params": ..., "macs": ...}`` of a model; shapes are inferred on a copy
+    unless ``inferred`` says the proto already carries them."""
     from .io import infer
 
-    p = onnx.ModelProto()
-    p.CopyFrom(proto)
-    # shape inference needs no tensor data
-    for init in p.graph.initializer:
-        if init.data_location == onnx.TensorProto.EXTERNAL:
-            raise ValueError("count() needs tensors loaded in memory")
-    p = infer(p)
+    p = proto
+    if not inferred:
+        p = onnx.ModelProto()
+        p.CopyFrom(proto)
+        p = infer(p)
     shapes = _shapes(p)
     inits = {i.name: i for i in p.graph.initializer}
     floating = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}

@@ -113,7 +113,7 @@ def _assign_sets(ctx: Analysis, groups: list[Group]) -> None:
     """Isomorphic sets: groups with the same canonical structure (ops, roles,
     axes, kernel shapes, layout kinds; widths normalised away)."""
     names: dict[str, str] = {}
-    used: Counter = Counter()
+    taken: set[str] = set()
     for g in groups:
         desc = Counter(_descriptor(ctx, m) for m in g.tensors)
         key = repr((g.kind, sorted(desc.items()), sorted(g.space.tags - {"residual"})))
@@ -121,11 +121,16 @@ def _assign_sets(ctx: Analysis, groups: list[Group]) -> None:
         if g.frozen:
             continue
         if key not in names:
+            # first set with a label takes it; later ones add their width, then a counter
             base = f"{g.kind}:{g.label()}"
-            used[base] += 1
-            names[key] = base if used[base] == 1 else f"{base}@{g.width}"
-            if names[key] in names.values() and list(names.values()).count(names[key]) > 1:
-                names[key] = f"{base}#{used[base]}"
+            name, n = base, 1
+            if name in taken:
+                name = f"{base}@{g.width}"
+            while name in taken:
+                n += 1
+                name = f"{base}#{n}"
+            taken.add(name)
+            names[key] = name
         g.set_name = names[key]
 
 

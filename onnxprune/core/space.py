@@ -152,13 +152,11 @@ class SpaceTable:
         # different structure over the same width: use the finer common refinement
         la, lb = self._flat_concat(ra), self._flat_concat(rb)
         if la is not None and lb is not None:
-            pa, pb = self._common_cuts(la, lb)
-            if pa is not None:
-                sa = self.split(ra, pa)
-                sb = self.split(rb, pb)
-                for x, y in zip(sa, sb):
-                    self.unify(x, y)
-                return self.find(ra)
+            cuts = sorted(set(np.cumsum(la).tolist()) | set(np.cumsum(lb).tolist()))
+            sizes = np.diff([0] + cuts).tolist()
+            for x, y in zip(self.split(ra, sizes), self.split(rb, sizes)):
+                self.unify(x, y)
+            return self.find(ra)
         raise LayoutError("incompatible channel layouts")
 
     # -- refinement -----------------------------------------------------------------
@@ -174,13 +172,6 @@ class SpaceTable:
         if r.kind in (ATOM, FIXED):
             return [r.size]
         return [r.size]  # a product is opaque: only cut at its borders
-
-    @staticmethod
-    def _common_cuts(a: list[int], b: list[int]):
-        ca, cb = set(np.cumsum(a).tolist()), set(np.cumsum(b).tolist())
-        cuts = sorted(ca | cb)
-        sizes = np.diff([0] + cuts).tolist()
-        return sizes, sizes
 
     def split(self, s: Space, sizes: list[int], origin: str = "") -> list[Space]:
         """Cut ``s`` into consecutive pieces of the given sizes (Split, Slice)."""
