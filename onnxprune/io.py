@@ -43,6 +43,96 @@ def load(path: str) -> ir.Model:
     return to_ir(read_proto(path))
 
 
+FOLDABLE = set(
+    "Cast Sqrt Div Mul Add Sub Reciprocal Pow Neg Abs Floor Ceil Unsqueeze Squeeze Concat Gather Slice "
+    "Reshape Equal Where Range Max Min Mod ReduceProd Identity Expand ConstantOfShape".split()
+)
+FOLD_MAX = 64  # elements: only shape-sized values are folded, never weights
+
+
+def _const_value(out: ir.Value, arr: np.ndarray) -> ir.Value:
+    tensor = ir.Tensor(np.asarray(arr), name=out.name)
+    return ir.Value(name=out.name, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
+
+
+def fold_static_shapes(model: ir.Model) -> int:
+    """Evaluate shape arithmetic whose inputs are known: ``Shape`` elements of
+    static dims and small ops on constants. The legacy exporter's run-time
+    attention scale (Shape -> Slice -> Cast -> Sqrt -> Div) becomes the original
+    constant, and Reshape targets built from shapes become constants that the
+    analysis can rewrite."""
+    from onnx.reference import ReferenceEvaluator
+
+    g = model.graph
+    folded = 0
+    for node in list(g):
+        if node.graph is None or node.domain not in ("", "ai.onnx") or any(o.is_graph_output() for o in node.outputs):
+            continue
+        val = None
+        if node.op_type == "Shape":
+            dims = node.inputs[0].shape
+            if dims is None:
+                continue
+            start = node.attributes.get("start")
+            end = node.attributes.get("end")
+            sel = list(dims.dims)[slice(start.value if start else 0, end.value if end else None)]
+            if sel and all(isinstance(d, int) for d in sel):
+                val = [np.array(sel, dtype=np.int64)]
+            elif node.outputs[0].uses():
+                _fold_shape_selects(g, node, sel)
+                continue
+        elif node.op_type in FOLDABLE and all(v is None or v.const_value is not None for v in node.inputs):
+            ins = [v.const_value.numpy() if v is not None else None for v in node.inputs]
+            if not ins or any(a is not None and a.size > FOLD_MAX for a in ins):
+                continue
+            try:
+                proto = ir.serde.serialize_node(node)
+                names = [i for i in proto.input]
+                val = ReferenceEvaluator(proto).run(None, {n: a for n, a in zip(names, ins) if n})
+            except Exception:  # leave anything the reference evaluator cannot do
+                continue
+            if any(np.asarray(v).size > FOLD_MAX for v in val):
+                continue
+        if val is None:
+            continue
+        _replace_with_constants(g, node, val)
+        folded += 1
+    for node in list(g):  # Shape nodes whose every reader was folded
+        if node.op_type == "Shape" and not node.outputs[0].uses() and not node.outputs[0].is_graph_output():
+            g.remove(node, safe=True)
+    return folded
+
+
+def _replace_with_constants(g: ir.Graph, node: ir.Node, vals) -> None:
+    for out, arr in zip(node.outputs, vals):
+        new = _const_value(out, np.asarray(arr))
+        out.replace_all_uses_with(new)
+        g.register_initializer(new)
+    g.remove(node, safe=True)
+
+
+def _fold_shape_selects(g: ir.Graph, shape_node: ir.Node, dims) -> None:
+    """``Gather``/``Slice`` picking only static elements out of a partly dynamic Shape."""
+    for use in list(shape_node.outputs[0].uses()):
+        user = use.node
+        if use.idx != 0 or user.outputs[0].is_graph_output():
+            continue
+        picked = None
+        if user.op_type == "Gather" and user.inputs[1].const_value is not None:
+            idx = user.inputs[1].const_value.numpy()
+            flat = [dims[int(i)] for i in idx.reshape(-1)]
+            if all(isinstance(d, int) for d in flat):
+                picked = np.array(flat, dtype=np.int64).reshape(idx.shape)
+        elif user.op_type == "Slice" and len(user.inputs) in (3, 4, 5) and all(v is None or v.const_value is not None for v in user.inputs[1:]):
+            st, en = (int(user.inputs[i].const_value.numpy().reshape(-1)[0]) for i in (1, 2))
+            steps = user.inputs[4].const_value.numpy().reshape(-1)[0] if len(user.inputs) > 4 and user.inputs[4] is not None else 1
+            flat = list(dims)[slice(st, min(en, len(dims) + 1), int(steps))]
+            if flat and all(isinstance(d, int) for d in flat):
+                picked = np.array(flat, dtype=np.int64)
+        if picked is not None:
+            _replace_with_constants(g, user, [picked])
+
+
 def normalize(model: ir.Model) -> None:
     """Turn ``Constant`` nodes into initializers and drop ``Identity`` nodes that
     only re-name an initializer (the legacy exporter's deduplication), so every
@@ -67,6 +157,7 @@ def normalize(model: ir.Model) -> None:
                 continue
             out.replace_all_uses_with(node.inputs[0])
             g.remove(node, safe=True)
+    fold_static_shapes(model)
 
 
 def _constant_value(attr) -> np.ndarray | None:

@@ -40,6 +40,7 @@ class Analysis:
     shapes: list[ShapeMember] = field(default_factory=list)
     attrs: list[AttrMember] = field(default_factory=list)
     notes: list[FrozenNote] = field(default_factory=list)
+    sym_alias: dict = field(default_factory=dict)  # symbolic dim name -> token it stands for
 
     @property
     def graph(self) -> ir.Graph:

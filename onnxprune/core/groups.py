@@ -103,10 +103,30 @@ def build_groups(ctx: Analysis) -> list[Group]:
             if all(m.role != IN for m in g.tensors):
                 continue  # a constant's own axis that never met a layer: not a group
             g.frozen.append("no layer produces these channels")
-        g.kind = "embed" if "residual" in g.space.tags else "channels"
+        g.kind = _kind(g)
         groups.append(g)
     _assign_sets(ctx, groups)
     return groups
+
+
+LINEAR = {"MatMul", "Gemm"}
+
+
+def _kind(g: Group) -> str:
+    """heads / head_dim (axes of activation x activation MatMuls), embed (crosses a
+    residual join), mlp (a Linear -> Linear hidden width), channels (the rest)."""
+    tags = g.space.tags
+    if "heads" in tags:
+        return "heads"
+    if "head_dim" in tags:
+        return "head_dim"
+    if "residual" in tags:
+        return "embed"
+    outs = {m.node.op_type for m in g.tensors if m.role == OUT}
+    ins = {m.node.op_type for m in g.tensors if m.role == IN}
+    if outs and ins and outs <= LINEAR and ins <= LINEAR:
+        return "mlp"
+    return "channels"
 
 
 def _assign_sets(ctx: Analysis, groups: list[Group]) -> None:

@@ -51,16 +51,16 @@ class SpaceTable:
 
     # -- creation -----------------------------------------------------------------
     def _new(self, size: int, kind: str, children=(), origin: str = "") -> Space:
-        s = Space(len(self.spaces), int(size), kind, list(children), origin=origin)
+        s = Space(len(self.spaces), None if size is None else int(size), kind, list(children), origin=origin)
         self.spaces.append(s)
         return s
 
     def atom(self, size: int, origin: str = "") -> Space:
         return self._new(size, ATOM, origin=origin)
 
-    def fixed(self, size: int, origin: str = "") -> Space:
-        s = self._new(size, FIXED, origin=origin)
-        return s
+    def fixed(self, size: int | None, origin: str = "") -> Space:
+        """An extent that never changes; ``None`` is a dynamic one (a batch)."""
+        return self._new(size, FIXED, origin=origin)
 
     def concat(self, parts: list[Space], origin: str = "") -> Space:
         if len(parts) == 1:
@@ -73,7 +73,8 @@ class SpaceTable:
             return self.fixed(1, origin)
         if len(parts) == 1:
             return parts[0]
-        return self._new(prod(p.size for p in parts), PRODUCT, parts, origin)
+        size = None if any(p.size is None for p in parts) else prod(p.size for p in parts)
+        return self._new(size, PRODUCT, parts, origin)
 
     # -- union-find ---------------------------------------------------------------
     def find(self, s: Space) -> Space:
@@ -129,6 +130,8 @@ class SpaceTable:
         if ra is rb:
             return ra
         if ra.size != rb.size:
+            if ra.size is None or rb.size is None:
+                raise LayoutError("channels merged with a dynamic dimension")
             raise LayoutError(f"cannot tie widths {ra.size} and {rb.size}")
         if ra.kind == FIXED or rb.kind == FIXED:
             fixed, other = (ra, rb) if ra.kind == FIXED else (rb, ra)
@@ -219,9 +222,12 @@ class SpaceTable:
 
     def factor(self, s: Space, sizes: list[int], origin: str = "") -> list[Space]:
         """View ``s`` as a row-major product of the given extents (a Reshape split)."""
-        if prod(sizes) != s.size:
+        dynamic = s.size is None or any(n is None for n in sizes)
+        if not dynamic and prod(sizes) != s.size:
             raise LayoutError(f"factors {sizes} do not multiply to {s.size}")
         r = self.find(s)
+        if dynamic and r.kind != PRODUCT:
+            raise LayoutError("channels merged with a dynamic dimension")
         real = [n for n in sizes if n != 1]
         if len(real) <= 1:
             return [r if n != 1 else self.fixed(1) for n in sizes]
@@ -246,8 +252,14 @@ class SpaceTable:
             for k in kids:
                 need = k.size
                 take = []
+                if k.size is None:  # a dynamic extent stays whole
+                    if j >= len(real) or real[j] is not None:
+                        raise LayoutError("reshape crosses factor borders")
+                    out.append(k)
+                    j += 1
+                    continue
                 while need > 1 and j < len(real):
-                    if need % real[j] != 0:
+                    if real[j] is None or need % real[j] != 0:
                         raise LayoutError("reshape crosses factor borders")
                     take.append(real[j])
                     need //= real[j]

@@ -80,6 +80,11 @@ def matmul(ctx: Analysis, node: ir.Node) -> None:
         ctx.tie(la[-1], lb[-2], node, " (MatMul contraction)")
         batch = _batch(ctx, node, la[:-2], lb[:-2], None, None)
         lay = batch + (la[-2], lb[-1])
+        # attention: the batch axes of QK^T / AV are heads, the feature axes head dims
+        for s in batch:
+            ctx.table.tag(s, "heads")
+        for s in (la[-1], lb[-1]):
+            ctx.table.tag(s, "head_dim")
     else:
         ctx.freeze_node(node, "MatMul of two constants")
         return

@@ -26,18 +26,63 @@ def _axes_input(ctx: Analysis, node: ir.Node, slot: int = 1, attr: str = "axes")
 
 
 def _merge(ctx: Analysis, node, spaces, dims) -> Space | None:
-    """Layout of one axis made by merging consecutive axes (row-major)."""
+    """Layout of one axis made by merging consecutive axes (row-major); a
+    dynamic dimension (``None``) joins as a dynamic fixed extent."""
     if all(s is None for s in spaces):
         return None
     parts = []
     for s, d in zip(spaces, dims):
         if s is not None:
             parts.append(s)
-        elif d is None:
-            raise LayoutError("channels merged with a dynamic dimension")
         elif d != 1:
             parts.append(ctx.table.fixed(d))
     return ctx.table.product(parts, origin=node.name)
+
+
+# Dims as tokens: (static factor, sorted symbolic names), so that a Reshape of
+# [batch, H, N, D] into [-1, N, D] can be matched as (batch*H) x N x D.
+Token = tuple
+
+
+def _tokens(v: ir.Value, ctx: Analysis | None = None) -> list[Token] | None:
+    """Dims of ``v`` as tokens; symbols a Reshape resolved earlier (``batch*3``
+    named ``unk__2`` by shape inference) are replaced by what they stand for."""
+    alias = ctx.sym_alias if ctx is not None else {}
+    if v.shape is None:
+        c = v.const_value
+        return None if c is None else [(int(d), ()) for d in c.shape]
+    out = []
+    for i, d in enumerate(v.shape.dims):
+        if isinstance(d, int):
+            out.append((d, ()))
+        else:
+            name = getattr(d, "value", None)
+            out.append(alias.get(name) or (1, (name if name else f"?{v.name}:{i}",)))
+    return out
+
+
+def _tprod(toks) -> Token:
+    n, syms = 1, []
+    for t in toks:
+        n *= t[0]
+        syms.extend(t[1])
+    return (n, tuple(sorted(syms)))
+
+
+def _divides(a: Token, b: Token) -> bool:
+    from collections import Counter
+
+    return b[0] % a[0] == 0 and not (Counter(a[1]) - Counter(b[1]))
+
+
+def _tdiv(a: Token, b: Token) -> Token:
+    from collections import Counter
+
+    return (a[0] // b[0], tuple(sorted((Counter(a[1]) - Counter(b[1])).elements())))
+
+
+def _size(t: Token) -> int | None:
+    return None if t[1] else t[0]
 
 
 def shape_vector(ctx: Analysis, node: ir.Node, slot: int):
@@ -67,8 +112,20 @@ def shape_vector(ctx: Analysis, node: ir.Node, slot: int):
                 return None
             out.extend(sub)
         return out
-    if op in ("Unsqueeze", "Squeeze", "Cast", "Identity"):
+    if op in ("Unsqueeze", "Squeeze", "Cast", "Identity") or (op == "Reshape" and ctx.rank(p.inputs[0]) == 1):
         return shape_vector(ctx, p, 0)
+    if op == "Equal":
+        a, b = shape_vector(ctx, p, 0), shape_vector(ctx, p, 1)
+        if a is None or b is None:
+            return None
+        if len(a) == 1 or len(b) == 1:
+            a, b = a * (len(b) if len(a) == 1 else 1), b * (len(a) if len(b) == 1 else 1)
+        return [("const", int(x[1] == y[1]), None, None, None) if x[0] == y[0] == "const" else ("unknown",) for x, y in zip(a, b)]
+    if op == "Where":
+        c, a, b = (shape_vector(ctx, p, k) for k in range(3))
+        if c is None or a is None or b is None or not len(c) == len(a) == len(b):
+            return None
+        return [(x if cc[1] else y) if cc[0] == "const" else ("unknown",) for cc, x, y in zip(c, a, b)]
     if op == "Gather" and int(ctx.attr(p, "axis", 0)) == 0:
         data, idx = shape_vector(ctx, p, 0), ctx.const(p.inputs[1])
         if data is None or idx is None:
@@ -99,7 +156,9 @@ def bind_shape(ctx: Analysis, node: ir.Node, slot: int, out_lay, what: str) -> N
     for j, s in tracked:
         e = vec[j]
         if e[0] == "const":
-            if e[1] > 1:
+            if e[1] > 1 and e[2] is None:
+                ctx.freeze([s], node, f"{what} size derived from a constant it cannot rewrite")
+            elif e[1] > 1:
                 ctx.shape_entry(e[2], e[3], e[4], [s])
         elif e[0] == "dim":
             src = ctx.layouts.get(e[1], ())
@@ -110,52 +169,80 @@ def bind_shape(ctx: Analysis, node: ir.Node, slot: int, out_lay, what: str) -> N
             ctx.freeze([s], node, f"{what} size computed at run time")
 
 
-def _axis_groups(din, dout):
-    """Pair runs of input and output axes with equal products (dims of 1 ignored)."""
-    a = [(i, d) for i, d in enumerate(din) if d != 1]
-    b = [(j, d) for j, d in enumerate(dout) if d != 1]
+def _axis_groups(tin: list[Token], tout: list[Token]):
+    """Pair runs of input and output axes with equal products (size-1 axes ignored)."""
+    one = (1, ())
+    a = [(i, t) for i, t in enumerate(tin) if t != one]
+    b = [(j, t) for j, t in enumerate(tout) if t != one]
     groups, i, j = [], 0, 0
     while i < len(a) and j < len(b):
-        if a[i][1] is None or b[j][1] is None:
-            if a[i][1] is None and b[j][1] is None:
-                groups.append(([a[i][0]], [b[j][0]]))
-                i, j = i + 1, j + 1
-                continue
-            return None
-        ia, ja, pa, pb = [a[i][0]], [b[j][0]], a[i][1], b[j][1]
+        ia, ja = [a[i][0]], [b[j][0]]
+        pa, pb = a[i][1], b[j][1]
         i, j = i + 1, j + 1
         while pa != pb:
-            if pa < pb:
-                if i >= len(a) or a[i][1] is None:
-                    return None
-                pa *= a[i][1]
+            if _divides(pa, pb) and i < len(a):
+                pa = _tprod([pa, a[i][1]])
                 ia.append(a[i][0])
                 i += 1
-            else:
-                if j >= len(b) or b[j][1] is None:
-                    return None
-                pb *= b[j][1]
+            elif _divides(pb, pa) and j < len(b):
+                pb = _tprod([pb, b[j][1]])
                 ja.append(b[j][0])
                 j += 1
+            else:
+                return None
         groups.append((ia, ja))
     if i < len(a) or j < len(b):
         return None
     return groups
 
 
-def reshape_layout(ctx: Analysis, node, lay, din, dout):
-    groups = _axis_groups(din, dout)
+def _reshape_out_tokens(ctx: Analysis, node: ir.Node, tin: list[Token]):
+    """Output dims of a Reshape, from its shape vector where inference gave up."""
+    tout = _tokens(node.outputs[0], ctx)
+    vec = shape_vector(ctx, node, 1)
+    if vec is None or tout is None or len(vec) != len(tout):
+        return tout
+    allowzero = int(ctx.attr(node, "allowzero", 0))
+    res: list = []
+    for j, e in enumerate(vec):
+        known = tout[j] if not tout[j][1] else None
+        if e[0] == "const" and e[1] > 0:
+            res.append((e[1], ()))
+        elif e[0] == "const" and e[1] == 0 and not allowzero and j < len(tin):
+            res.append(tin[j])
+        elif e[0] == "dim":
+            src = tin if e[1] is node.inputs[0] else _tokens(e[1], ctx)
+            res.append(src[e[2]] if src and e[2] < len(src) else known)
+        else:
+            res.append(known if e[0] != "const" else None)
+    if sum(t is None for t in res) == 1:
+        k = res.index(None)
+        total, rest = _tprod(tin), _tprod([t for t in res if t is not None])
+        if not _divides(rest, total):
+            return tout
+        res[k] = _tdiv(total, rest)
+    if None in res:
+        return tout
+    for d, t in zip(node.outputs[0].shape.dims if node.outputs[0].shape is not None else (), res):
+        name = getattr(d, "value", None)
+        if name and not isinstance(d, int) and t != (1, (name,)):
+            ctx.sym_alias[name] = t
+    return res
+
+
+def reshape_layout(ctx: Analysis, node, lay, tin, tout):
+    groups = _axis_groups(tin, tout)
     if groups is None:
         raise LayoutError("reshape cannot be matched axis by axis")
-    out: list = [None] * len(dout)
+    out: list = [None] * len(tout)
     for ia, ja in groups:
-        merged = _merge(ctx, node, [lay[i] for i in ia], [din[i] for i in ia])
+        merged = _merge(ctx, node, [lay[i] for i in ia], [_size(tin[i]) for i in ia])
         if merged is None:
             continue
         if len(ja) == 1:
             out[ja[0]] = merged
         else:
-            parts = ctx.table.factor(merged, [dout[j] for j in ja], origin=node.name)
+            parts = ctx.table.factor(merged, [_size(tout[j]) for j in ja], origin=node.name)
             for j, p in zip(ja, parts):
                 out[j] = p
     return out
@@ -213,14 +300,15 @@ def flatten(ctx: Analysis, node: ir.Node) -> None:
 @register("Reshape")
 def reshape(ctx: Analysis, node: ir.Node) -> None:
     lay = ctx.layout(node, 0)
-    din, dout = ctx.dims(node.inputs[0]), ctx.dims(node.outputs[0])
-    if lay is None or din is None or dout is None:
+    tin = _tokens(node.inputs[0], ctx)
+    tout = _reshape_out_tokens(ctx, node, tin) if tin is not None else None
+    if lay is None or tin is None or tout is None:
         ctx.freeze_node(node, "Reshape with unknown shapes")
         return
     if all(s is None for s in lay):
-        ctx.set_layout(node.outputs[0], [None] * len(dout))
+        ctx.set_layout(node.outputs[0], [None] * len(tout))
         return
-    out = reshape_layout(ctx, node, lay, din, dout)
+    out = reshape_layout(ctx, node, lay, tin, tout)
     bind_shape(ctx, node, 1, out, "Reshape")
     ctx.set_layout(node.outputs[0], out)
 
@@ -385,7 +473,7 @@ def gather(ctx: Analysis, node: ir.Node) -> None:
     ctx.set_layout(node.outputs[0], lay[:axis] + (None,) * ir_ + lay[axis + 1 :])
 
 
-SHAPE_PASS = {"Gather", "Slice", "Concat", "Unsqueeze", "Squeeze", "Cast", "Identity"}
+SHAPE_PASS = {"Gather", "Slice", "Concat", "Unsqueeze", "Squeeze", "Cast", "Identity", "Reshape", "Equal", "Where"}
 SHAPE_SINKS = {("Reshape", 1), ("Expand", 1), ("ConstantOfShape", 0), ("Resize", 3)}
 
 

@@ -1,0 +1,136 @@
+"""Vision transformers: heads, head_dim, mlp and embed groups found from the
+graph alone (both exporters, static and dynamic batch), exact pruning of
+planted dead structures, and the seed's DeiT configurations."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+torch = pytest.importorskip("torch")
+timm = pytest.importorskip("timm")
+
+from onnxprune import io  # noqa: E402
+from onnxprune.api import analyze, prune  # noqa: E402
+from onnxprune.cli import main  # noqa: E402
+from onnxprune.export import export_timm  # noqa: E402
+from onnxprune.plan import Ratios  # noqa: E402
+from onnxprune.verify import oracle  # noqa: E402
+from timm_models import independent_macs, randomize  # noqa: E402
+
+EXPORTS = [("legacy", 17, False), ("legacy", 17, True), ("dynamo", 20, False), ("dynamo", 20, True)]
+IDS = [f"{e}-op{o}-{'dyn' if d else 'static'}" for e, o, d in EXPORTS]
+MODELS = __import__("pathlib").Path(__file__).resolve().parent.parent / "models"
+
+
+def _export(tmp_path, model, exporter, opset, dynamic, name="m.onnx"):
+    path = str(tmp_path / name)
+    export_timm("vit", path, exporter=exporter, opset=opset, dynamic_batch=dynamic, model=model)
+    return path
+
+
+@pytest.mark.parametrize("exporter,opset,dynamic", EXPORTS, ids=IDS)
+def test_deit_tiny_groups_and_oracle(tmp_path, exporter, opset, dynamic):
+    model = randomize(timm.create_model("deit_tiny_patch16_224"), seed=2)
+    path = _export(tmp_path, model, exporter, opset, dynamic)
+    a = analyze(path)
+    live = [g for g in a.groups if not g.frozen]
+    kinds = {}
+    for g in live:
+        kinds.setdefault(g.kind, []).append(g.width)
+    # seed 000's groups: E (192), H (3 per block), QKV dim (64 per block), M (768 per block)
+    assert kinds == {"heads": [3] * 12, "head_dim": [64] * 12, "mlp": [768] * 12, "embed": [192]}
+    assert len(a.sets) == 4
+    cfg = {"kinds": {"heads": 0.34, "head_dim": 0.25, "mlp": 0.5, "embed": 0.25}}
+    rows = oracle(io.read_proto(path), Ratios.from_dict(cfg), batch=3)
+    status = {r.kind: r.status for r in rows if r.scope != "all exact groups"}
+    assert status == {"heads": "PASS", "head_dim": "PASS", "mlp": "PASS", "embed": "approximate (not tested)"}
+    assert rows[-1].status == "PASS" and rows[-1].max_rel_err <= 1e-4
+    res = prune(path, cfg)
+    assert res.checks["ort_batches"] == ([1, 2] if dynamic else [1])
+    assert res.after["macs"] == independent_macs_from_proto(tmp_path, res.proto)
+
+
+def independent_macs_from_proto(tmp_path, proto):
+    p = str(tmp_path / "pruned_for_count.onnx")
+    onnx.save(proto, p)
+    return independent_macs(p)
+
+
+def _plant_dead(model, rng):
+    """Dead heads (a different number per block), dead head dims and dead MLP
+    units, zeroed in every tensor that touches them."""
+    planted = {"heads": 0, "head_dim": 0, "mlp": 0}
+    with torch.no_grad():
+        for i, blk in enumerate(model.blocks):
+            at = blk.attn
+            h, d = at.num_heads, at.head_dim
+            qkv_w, qkv_b = at.qkv.weight.view(3, h, d, -1), at.qkv.bias.view(3, h, d)
+            proj_w = at.proj.weight.view(-1, h, d)
+            heads = rng.choice(h, [0, 1, 2][i % 3], replace=False)
+            dims = rng.choice(d, 8 * (1 + i % 2), replace=False)
+            for x in (qkv_w, qkv_b):
+                x[:, heads] = 0
+                x[:, :, dims] = 0
+            proj_w[:, heads] = 0
+            proj_w[:, :, dims] = 0
+            units = rng.choice(blk.mlp.fc1.out_features, 96 * (1 + i % 4), replace=False)
+            blk.mlp.fc1.weight[units] = 0
+            blk.mlp.fc1.bias[units] = 0
+            blk.mlp.fc2.weight[:, units] = 0
+            planted["heads"] += len(heads)
+            planted["head_dim"] += len(dims)
+            planted["mlp"] += len(units)
+    return planted
+
+
+@pytest.mark.parametrize("exporter,opset,dynamic", EXPORTS, ids=IDS)
+def test_planted_dead_heads_dims_units_are_removed_exactly(tmp_path, exporter, opset, dynamic):
+    model = randomize(timm.create_model("deit_tiny_patch16_224"), seed=4)
+    planted = _plant_dead(model, np.random.default_rng(0))
+    path = _export(tmp_path, model, exporter, opset, dynamic)
+    total = {"heads": 36, "head_dim": 12 * 64, "mlp": 12 * 768}
+    ratios = {"kinds": {k: planted[k] / total[k] + 1e-9 for k in total}}
+    out, rep = str(tmp_path / "p.onnx"), str(tmp_path / "r.json")
+    assert main([path, "--ratios", json.dumps(ratios), "-o", out, "--report", rep, "-q"]) == 0
+    groups = json.load(open(rep))["groups"]
+    for kind in total:
+        removed = sum(g["width"] - g["width_after"] for g in groups if g["kind"] == kind)
+        assert removed == planted[kind], kind
+    assert len({g["width_after"] for g in groups if g["kind"] == "heads"}) == 3  # 3, 2 and 1 heads left
+    batch = 3 if dynamic else 1
+    a, b = onnx.load(path), onnx.load(out)
+    feeds = io.random_inputs(a, batch=batch, seed=5)
+    ya, yb = io.session(a).run(None, feeds)[0], io.session(b).run(None, feeds)[0]
+    assert ya.shape == yb.shape == (batch, 1000)
+    assert np.abs(ya - yb).max() / np.abs(ya).max() < 1e-4
+
+
+@pytest.fixture(scope="module")
+def deit_base(tmp_path_factory):
+    model = randomize(timm.create_model("deit_base_patch16_224"), seed=6)
+    return _export(tmp_path_factory.mktemp("deit"), model, "dynamo", 20, True, "deit_base.onnx")
+
+
+def test_deit_4_2g_target(deit_base, tmp_path):
+    res = prune(deit_base, str(MODELS / "deit_4.2g.json"))
+    out = str(tmp_path / "deit42.onnx")
+    onnx.save(res.proto, out)
+    # seed 000 / DESIGN.md: deit_base at 0.5/0.5/0.25 -> 20.28M params, 4.16G MACs
+    assert abs(res.after["params"] / 20.28e6 - 1) < 0.005
+    assert abs(independent_macs(out) / 4.16e9 - 1) < 0.01
+    assert res.after["macs"] == independent_macs(out)
+    for batch in (1, 8):
+        y = io.session(res.proto).run(None, io.random_inputs(res.proto, batch=batch))[0]
+        assert y.shape == (batch, 1000)
+
+
+def test_half_deit_base_has_deit_small_shapes(deit_base, tmp_path):
+    cfg = {"kinds": {"embed": 0.5, "heads": 0.5, "mlp": 0.5, "head_dim": 0}, "scope": "local"}
+    res = prune(deit_base, cfg)
+    small = randomize(timm.create_model("deit_small_patch16_224"), seed=7)
+    ref = onnx.load(_export(tmp_path, small, "dynamo", 20, True, "small.onnx"))
+    floats = lambda m: sorted(tuple(i.dims) for i in m.graph.initializer if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) > 0 and np.prod(i.dims) > 1)
+    assert floats(res.proto) == floats(ref)
