@@ -198,7 +198,7 @@ def test_matmul_mlp(gelu, opset):
   {gelu}
   [fc2] y = MatMul(g, w2)""", inits, out="float[1,6,8] y", inp="float[1,6,8] x", opset=opset)
     (g,) = prunable(analyze(m))
-    assert (g.kind, g.width, g.exact) == ("channels", 16, True)
+    assert (g.kind, g.width, g.exact) == ("mlp", 16, True)
     assert {(t.node.name, t.role) for t in g.tensors} == {("fc1", "out"), ("bias", "param"), ("fc2", "in")}
     assert_oracle(m)
     res = pruned(m)
