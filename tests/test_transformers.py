@@ -134,3 +134,22 @@ def test_half_deit_base_has_deit_small_shapes(deit_base, tmp_path):
     ref = onnx.load(_export(tmp_path, small, "dynamo", 20, True, "small.onnx"))
     floats = lambda m: sorted(tuple(i.dims) for i in m.graph.initializer if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) > 0 and np.prod(i.dims) > 1)
     assert floats(res.proto) == floats(ref)
+
+
+def test_swin_tiny_dynamo_static(tmp_path):
+    """Windows, shifted windows (mask add), relative-position bias gathered by
+    head and patch merging: every group found, exact groups pass the oracle."""
+    model = randomize(timm.create_model("swin_tiny_patch4_window7_224"), seed=8)
+    path = _export(tmp_path, model, "dynamo", 20, False)
+    a = analyze(path)
+    live = [g for g in a.groups if not g.frozen]
+    assert len(live) == len(a.groups) - 1  # only the classifier (graph output)
+    heads = sorted(g.width for g in live if g.kind == "heads")
+    assert heads == [3] * 2 + [6] * 2 + [12] * 6 + [24] * 2
+    assert sorted(g.width for g in live if g.kind == "embed") == [96, 192, 384, 768]
+    assert all(g.width == 32 for g in live if g.kind == "head_dim")
+    cfg = {"kinds": {"heads": 0.34, "head_dim": 0.25, "mlp": 0.5, "embed": 0.25}}
+    rows = oracle(io.read_proto(path), Ratios.from_dict(cfg), per_set=False)
+    assert rows[-1].status == "PASS" and rows[-1].removed > 0
+    res = prune(path, cfg)
+    assert res.checks["checker"] == "ok" and res.after["macs"] < 0.5 * res.before["macs"]

@@ -78,7 +78,8 @@ class Analysis:
         if v is None:
             return None
         if v in self.layouts:
-            return self.layouts[v]
+            # a space that can no longer be pruned is a plain extent from here on
+            return tuple(s if s is None or self.table.prunable(s) else None for s in self.layouts[v])
         arr = self.const(v)
         if arr is not None:
             lay = []

@@ -448,7 +448,12 @@ def slice_(ctx: Analysis, node: ir.Node) -> None:
         if b == 0 and e >= n:
             continue
         sizes = [x for x in (b, e - b, n - e)]
-        pieces = ctx.table.split(s, [x for x in sizes if x > 0], origin=node.name)
+        try:
+            pieces = ctx.table.split(s, [x for x in sizes if x > 0], origin=node.name)
+        except LayoutError as err:
+            ctx.freeze([s], node, str(err))
+            out[ax] = None
+            continue
         it = iter(pieces)
         before = [next(it)] if b > 0 else []
         mid = next(it)
