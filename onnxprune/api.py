@@ -83,13 +83,12 @@ def prune(
     t0 = time.perf_counter()
     ratios = ratios if isinstance(ratios, Ratios) else Ratios.load(ratios)
     src = io.read_proto(model) if isinstance(model, str) else _copy(model)
-    before = metrics.count(src)
     a = analyze(src)
+    before = metrics.count(io.to_proto(a.model))  # normalised: run-time shape chains folded
     plan = make_plan(a.ctx, a.groups, ratios)
     apply_plan(a.ctx, plan.keep)
-    proto = io.to_proto(a.model)
-    proto = io.infer(proto)
-    after = metrics.count(proto, inferred=True)
+    proto = io.infer(io.to_proto(a.model))
+    after = metrics.count(proto)
     res = PruneResult(proto, a, plan, before, after)
     if check:
         try:

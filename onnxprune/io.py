@@ -32,9 +32,57 @@ def infer(proto: onnx.ModelProto, strict: bool = False) -> onnx.ModelProto:
     return onnx.shape_inference.infer_shapes(proto, strict_mode=strict, data_prop=True)
 
 
+PROBES = (7, 11)
+
+
+def probe_batch_dims(proto: onnx.ModelProto) -> dict[str, list]:
+    """For a model with one symbolic input dim (the batch), infer shapes with it
+    set to 7 and to 11: a dim that comes out as 7k and 11k is ``k * batch``.
+    Returns ``{value name: [(k, ("batch",)) | (n, ()) | None, ...]}``."""
+    syms = {d.dim_param for i in proto.graph.input for d in i.type.tensor_type.shape.dim if d.dim_param or not d.HasField("dim_value")}
+    if len(syms) != 1:
+        return {}
+    probes = []
+    for n in PROBES:
+        p = onnx.ModelProto()
+        p.CopyFrom(proto)
+        for i in p.graph.input:
+            for d in i.type.tensor_type.shape.dim:
+                if not d.HasField("dim_value"):
+                    d.dim_value = n
+        try:
+            p = infer(p)
+        except Exception:
+            return {}
+        probes.append({vi.name: [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
+                       for vi in list(p.graph.value_info) + list(p.graph.output)})
+    out: dict[str, list] = {}
+    (a, b), (pa, pb) = probes, PROBES
+    for name, da in a.items():
+        db = b.get(name)
+        if db is None or len(db) != len(da):
+            continue
+        toks = []
+        for x, y in zip(da, db):
+            if x is None or y is None:
+                toks.append(None)
+            elif x == y:
+                toks.append((x, ()))
+            elif x % pa == 0 and y % pb == 0 and x // pa == y // pb:
+                toks.append((x // pa, ("batch",)))
+            else:
+                toks.append(None)
+        out[name] = toks
+    return out
+
+
 def to_ir(proto: onnx.ModelProto) -> ir.Model:
     model = ir.serde.deserialize_model(infer(proto))
-    normalize(model)
+    for _ in range(12):  # folding can make shapes static, which lets more fold
+        if not normalize(model):
+            break
+        model = ir.serde.deserialize_model(infer(ir.serde.serialize_model(model)))
+    model.graph.meta["dim_tokens"] = probe_batch_dims(ir.serde.serialize_model(model))
     return model
 
 
@@ -45,7 +93,7 @@ def load(path: str) -> ir.Model:
 
 FOLDABLE = set(
     "Cast Sqrt Div Mul Add Sub Reciprocal Pow Neg Abs Floor Ceil Unsqueeze Squeeze Concat Gather Slice "
-    "Reshape Equal Where Range Max Min Mod ReduceProd Identity Expand ConstantOfShape".split()
+    "Reshape Equal Where Range Max Min Mod ReduceProd Identity Expand ConstantOfShape Transpose Less Greater Not And Or".split()
 )
 FOLD_MAX = 64  # elements: only shape-sized values are folded, never weights
 
@@ -133,7 +181,7 @@ def _fold_shape_selects(g: ir.Graph, shape_node: ir.Node, dims) -> None:
             _replace_with_constants(g, user, [picked])
 
 
-def normalize(model: ir.Model) -> None:
+def normalize(model: ir.Model) -> int:
     """Turn ``Constant`` nodes into initializers and drop ``Identity`` nodes that
     only re-name an initializer (the legacy exporter's deduplication), so every
     constant a rule sees is an initializer with ``const_value``."""
@@ -157,7 +205,7 @@ def normalize(model: ir.Model) -> None:
                 continue
             out.replace_all_uses_with(node.inputs[0])
             g.remove(node, safe=True)
-    fold_static_shapes(model)
+    return fold_static_shapes(model)
 
 
 def _constant_value(attr) -> np.ndarray | None:

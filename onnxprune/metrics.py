@@ -1,7 +1,8 @@
 """Params and MACs from an ONNX graph with inferred shapes.
 
 MACs count Conv, ConvTranspose, Gemm and MatMul (activation x activation
-included) at batch 1; symbolic dimensions count as 1. Params count the
+included) at batch 1: symbolic input dimensions are set to 1 before shape
+inference, so derived dims (batch x windows, batch x heads) come out exact. Params count the
 elements of floating-point initializers per use (exporters deduplicate equal
 tensors, so a file can hold fewer distinct tensors than the model has weights).
 """
@@ -23,16 +24,17 @@ def _shapes(proto: onnx.ModelProto) -> dict[str, list[int]]:
     return out
 
 
-def count(proto: onnx.ModelProto, inferred: bool = False) -> dict[str, int]:
-    """``{"params": ..., "macs": ...}`` of a model; shapes are inferred on a copy
-    unless ``inferred`` says the proto already carries them."""
+def count(proto: onnx.ModelProto) -> dict[str, int]:
+    """``{"params": ..., "macs": ...}`` of a model (shapes inferred on a copy at batch 1)."""
     from .io import infer
 
-    p = proto
-    if not inferred:
-        p = onnx.ModelProto()
-        p.CopyFrom(proto)
-        p = infer(p)
+    p = onnx.ModelProto()
+    p.CopyFrom(proto)
+    for i in p.graph.input:
+        for d in i.type.tensor_type.shape.dim:
+            if not d.HasField("dim_value"):
+                d.dim_value = 1
+    p = infer(p)
     shapes = _shapes(p)
     inits = {i.name: i for i in p.graph.initializer}
     floating = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}

@@ -59,24 +59,35 @@ def independent_macs_from_proto(tmp_path, proto):
     return independent_macs(p)
 
 
+def _blocks(model):
+    if hasattr(model, "layers"):  # Swin
+        return [b for layer in model.layers for b in layer.blocks]
+    return list(model.blocks)
+
+
 def _plant_dead(model, rng):
-    """Dead heads (a different number per block), dead head dims and dead MLP
-    units, zeroed in every tensor that touches them."""
+    """Dead heads (0, 1 or 2 per block), dead head dims and dead MLP units,
+    zeroed in every tensor that touches them (q/k/v rows and biases, projection
+    columns, the relative-position-bias column of a head)."""
     planted = {"heads": 0, "head_dim": 0, "mlp": 0}
     with torch.no_grad():
-        for i, blk in enumerate(model.blocks):
+        for i, blk in enumerate(_blocks(model)):
             at = blk.attn
-            h, d = at.num_heads, at.head_dim
+            h = at.num_heads
+            d = at.qkv.out_features // (3 * h)
             qkv_w, qkv_b = at.qkv.weight.view(3, h, d, -1), at.qkv.bias.view(3, h, d)
             proj_w = at.proj.weight.view(-1, h, d)
             heads = rng.choice(h, [0, 1, 2][i % 3], replace=False)
-            dims = rng.choice(d, 8 * (1 + i % 2), replace=False)
+            dims = rng.choice(d, d // 8 * (1 + i % 2), replace=False)
             for x in (qkv_w, qkv_b):
                 x[:, heads] = 0
                 x[:, :, dims] = 0
             proj_w[:, heads] = 0
             proj_w[:, :, dims] = 0
-            units = rng.choice(blk.mlp.fc1.out_features, 96 * (1 + i % 4), replace=False)
+            if hasattr(at, "relative_position_bias_table"):
+                at.relative_position_bias_table[:, heads] = 0
+            hidden = blk.mlp.fc1.out_features
+            units = rng.choice(hidden, hidden // 8 * (1 + i % 4), replace=False)
             blk.mlp.fc1.weight[units] = 0
             blk.mlp.fc1.bias[units] = 0
             blk.mlp.fc2.weight[:, units] = 0
@@ -86,20 +97,33 @@ def _plant_dead(model, rng):
     return planted
 
 
-@pytest.mark.parametrize("exporter,opset,dynamic", EXPORTS, ids=IDS)
-def test_planted_dead_heads_dims_units_are_removed_exactly(tmp_path, exporter, opset, dynamic):
-    model = randomize(timm.create_model("deit_tiny_patch16_224"), seed=4)
+PLANTED = [("deit_tiny_patch16_224", *e) for e in EXPORTS] + [
+    ("deit_base_patch16_224", "legacy", 17, True), ("deit_base_patch16_224", "dynamo", 20, False),
+    ("swin_tiny_patch4_window7_224", "legacy", 17, False), ("swin_tiny_patch4_window7_224", "dynamo", 20, True),
+]
+
+
+@pytest.mark.parametrize("name,exporter,opset,dynamic", PLANTED, ids=[f"{n.split('_')[0]}_{n.split('_')[1]}-{e}-{'dyn' if d else 'static'}" for n, e, _, d in PLANTED])
+def test_planted_dead_heads_dims_units_are_removed_exactly(tmp_path, name, exporter, opset, dynamic):
+    model = randomize(timm.create_model(name), seed=4)
     planted = _plant_dead(model, np.random.default_rng(0))
     path = _export(tmp_path, model, exporter, opset, dynamic)
-    total = {"heads": 36, "head_dim": 12 * 64, "mlp": 12 * 768}
-    ratios = {"kinds": {k: planted[k] / total[k] + 1e-9 for k in total}}
+    blocks = _blocks(model)
+    total = {
+        "heads": sum(b.attn.num_heads for b in blocks),
+        "head_dim": sum(b.attn.qkv.out_features // (3 * b.attn.num_heads) for b in blocks),
+        "mlp": sum(b.mlp.fc1.out_features for b in blocks),
+    }
+    # global scope: every group of a kind ranked together, so the all-zero
+    # structures are the lowest whatever their share in each block
+    ratios = {"kinds": {k: planted[k] / total[k] + 1e-9 for k in total}, "scope": "global"}
     out, rep = str(tmp_path / "p.onnx"), str(tmp_path / "r.json")
     assert main([path, "--ratios", json.dumps(ratios), "-o", out, "--report", rep, "-q"]) == 0
     groups = json.load(open(rep))["groups"]
     for kind in total:
         removed = sum(g["width"] - g["width_after"] for g in groups if g["kind"] == kind)
         assert removed == planted[kind], kind
-    assert len({g["width_after"] for g in groups if g["kind"] == "heads"}) == 3  # 3, 2 and 1 heads left
+    assert len({g["width"] - g["width_after"] for g in groups if g["kind"] == "heads"}) == 3  # 0, 1 and 2 heads removed
     batch = 3 if dynamic else 1
     a, b = onnx.load(path), onnx.load(out)
     feeds = io.random_inputs(a, batch=batch, seed=5)
@@ -136,20 +160,23 @@ def test_half_deit_base_has_deit_small_shapes(deit_base, tmp_path):
     assert floats(res.proto) == floats(ref)
 
 
-def test_swin_tiny_dynamo_static(tmp_path):
-    """Windows, shifted windows (mask add), relative-position bias gathered by
-    head and patch merging: every group found, exact groups pass the oracle."""
+@pytest.mark.parametrize("exporter,opset,dynamic", EXPORTS, ids=IDS)
+def test_swin_tiny_groups_and_oracle(tmp_path, exporter, opset, dynamic):
+    """Windows, shifted windows (mask add, cyclic shift), relative-position bias
+    gathered by head and patch merging: every group found, oracle passes."""
     model = randomize(timm.create_model("swin_tiny_patch4_window7_224"), seed=8)
-    path = _export(tmp_path, model, "dynamo", 20, False)
+    path = _export(tmp_path, model, exporter, opset, dynamic)
     a = analyze(path)
     live = [g for g in a.groups if not g.frozen]
     assert len(live) == len(a.groups) - 1  # only the classifier (graph output)
     heads = sorted(g.width for g in live if g.kind == "heads")
     assert heads == [3] * 2 + [6] * 2 + [12] * 6 + [24] * 2
     assert sorted(g.width for g in live if g.kind == "embed") == [96, 192, 384, 768]
-    assert all(g.width == 32 for g in live if g.kind == "head_dim")
+    assert sorted(g.width for g in live if g.kind == "head_dim") == [32] * 12
     cfg = {"kinds": {"heads": 0.34, "head_dim": 0.25, "mlp": 0.5, "embed": 0.25}}
-    rows = oracle(io.read_proto(path), Ratios.from_dict(cfg), per_set=False)
+    rows = oracle(io.read_proto(path), Ratios.from_dict(cfg), per_set=False, batch=3)
     assert rows[-1].status == "PASS" and rows[-1].removed > 0
     res = prune(path, cfg)
     assert res.checks["checker"] == "ok" and res.after["macs"] < 0.5 * res.before["macs"]
+    assert res.before["macs"] == independent_macs(path)
+    assert res.after["macs"] == independent_macs_from_proto(tmp_path, res.proto)

@@ -41,6 +41,7 @@ class Analysis:
     attrs: list[AttrMember] = field(default_factory=list)
     notes: list[FrozenNote] = field(default_factory=list)
     sym_alias: dict = field(default_factory=dict)  # symbolic dim name -> token it stands for
+    dim_tokens: dict = field(default_factory=dict)  # value name -> probed dims (see io.probe_batch_dims)
 
     @property
     def graph(self) -> ir.Graph:
@@ -171,6 +172,7 @@ def run_analysis(model: ir.Model) -> Analysis:
 
     ctx = Analysis(model)
     g = model.graph
+    ctx.dim_tokens = g.meta.get("dim_tokens") or {}
     for v in g.inputs:
         r = ctx.rank(v)
         if r is not None:

@@ -48,6 +48,7 @@ def _tokens(v: ir.Value, ctx: Analysis | None = None) -> list[Token] | None:
     """Dims of ``v`` as tokens; symbols a Reshape resolved earlier (``batch*3``
     named ``unk__2`` by shape inference) are replaced by what they stand for."""
     alias = ctx.sym_alias if ctx is not None else {}
+    probed = ctx.dim_tokens.get(v.name) if ctx is not None else None
     if v.shape is None:
         c = v.const_value
         return None if c is None else [(int(d), ()) for d in c.shape]
@@ -55,6 +56,8 @@ def _tokens(v: ir.Value, ctx: Analysis | None = None) -> list[Token] | None:
     for i, d in enumerate(v.shape.dims):
         if isinstance(d, int):
             out.append((d, ()))
+        elif probed is not None and i < len(probed) and probed[i] is not None:
+            out.append(probed[i])  # k * batch, measured by probing inference
         else:
             name = getattr(d, "value", None)
             out.append(alias.get(name) or (1, (name if name else f"?{v.name}:{i}",)))
