@@ -205,7 +205,24 @@ def normalize(model: ir.Model) -> int:
                 continue
             out.replace_all_uses_with(node.inputs[0])
             g.remove(node, safe=True)
+    pin_attention_scale(model)
     return fold_static_shapes(model)
+
+
+def pin_attention_scale(model: ir.Model) -> None:
+    """Give every ``Attention`` without a ``scale`` its default 1/sqrt(head dim)
+    explicitly, so that removing head dims keeps the trained scale."""
+    for node in model.graph:
+        if node.op_type != "Attention" or "scale" in node.attributes:
+            continue
+        q = node.inputs[0]
+        dims = list(q.shape.dims) if q.shape is not None else []
+        d = dims[-1] if dims else None
+        if len(dims) == 3 and isinstance(d, int):
+            nh = node.attributes.get("q_num_heads")
+            d = d // nh.value if nh is not None and nh.value else None
+        if isinstance(d, int) and d > 0:
+            node.attributes["scale"] = ir.AttrFloat32("scale", float(1.0 / np.sqrt(d)))
 
 
 def _constant_value(attr) -> np.ndarray | None:

@@ -1,7 +1,7 @@
 """Params and MACs from an ONNX graph with inferred shapes.
 
-MACs count Conv, ConvTranspose, Gemm and MatMul (activation x activation
-included) at batch 1: symbolic input dimensions are set to 1 before shape
+MACs count Conv, ConvTranspose, Gemm, MatMul (activation x activation
+included) and Attention at batch 1: symbolic input dimensions are set to 1 before shape
 inference, so derived dims (batch x windows, batch x heads) come out exact. Params count the
 elements of floating-point initializers per use (exporters deduplicate equal
 tensors, so a file can hold fewer distinct tensors than the model has weights).
@@ -62,6 +62,10 @@ def count(proto: onnx.ModelProto) -> dict[str, int]:
             trans_a = next((at.i for at in n.attribute if at.name == "transA"), 0)
             k = a[0] if trans_a else a[1]
             macs += prod(y) * k
+        elif n.op_type == "Attention":
+            q, k, v = (shapes.get(x) for x in n.input[:3])
+            if q and k and v:  # QK^T and AV: q rows x kv length x (D + Dv)
+                macs += prod(q[:-1]) * k[-2] * (q[-1] + v[-1])
         elif n.op_type == "MatMul":
             a, y = shapes.get(n.input[0]), shapes.get(n.output[0])
             if not a or not y:

@@ -180,3 +180,22 @@ def test_swin_tiny_groups_and_oracle(tmp_path, exporter, opset, dynamic):
     assert res.checks["checker"] == "ok" and res.after["macs"] < 0.5 * res.before["macs"]
     assert res.before["macs"] == independent_macs(path)
     assert res.after["macs"] == independent_macs_from_proto(tmp_path, res.proto)
+
+
+def test_onnx_attention_op_opset23(tmp_path):
+    """timm's fused attention exported at opset 23 becomes the ONNX Attention op."""
+    model = randomize(timm.create_model("deit_tiny_patch16_224"), seed=9)
+    path = _export(tmp_path, model, "dynamo", 23, False)
+    assert any(n.op_type == "Attention" for n in onnx.load(path).graph.node)
+    a = analyze(path)
+    kinds = sorted((g.kind, g.width) for g in a.groups if not g.frozen)
+    assert kinds == sorted([("heads", 3)] * 12 + [("head_dim", 64)] * 12 + [("mlp", 768)] * 12 + [("embed", 192)])
+    cfg = {"kinds": {"heads": 0.34, "head_dim": 0.25, "mlp": 0.5}}
+    rows = oracle(io.read_proto(path), Ratios.from_dict(cfg))
+    # head_dim exact only because the default 1/sqrt(D) scale is pinned at load
+    assert {r.kind: r.status for r in rows if r.scope != "all exact groups"} == {"heads": "PASS", "head_dim": "PASS", "mlp": "PASS"}
+    res = prune(path, cfg)
+    scales = [at.f for n in res.proto.graph.node if n.op_type == "Attention" for at in n.attribute if at.name == "scale"]
+    assert len(scales) == 12 and np.allclose(scales, 1 / 8)
+    assert res.before["macs"] == independent_macs(path)
+    assert res.after["macs"] == independent_macs_from_proto(tmp_path, res.proto)

@@ -119,12 +119,12 @@ def independent_macs(path: str, batch: int = 1) -> int:
     import onnxruntime as ort
 
     proto = onnx.load(path)
-    ops = [n for n in proto.graph.node if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul")]
+    ops = [n for n in proto.graph.node if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul", "Attention")]
     inits = {i.name: list(i.dims) for i in proto.graph.initializer}
     have = {o.name for o in proto.graph.output}
     names = []
     for n in ops:
-        for v in (n.input[0], n.input[1], n.output[0]):
+        for v in list(n.input[:3] if n.op_type == "Attention" else n.input[:2]) + [n.output[0]]:
             if v not in inits and v not in names:
                 names.append(v)
                 if v not in have:
@@ -151,6 +151,9 @@ def independent_macs(path: str, batch: int = 1) -> int:
         elif n.op_type == "Gemm":
             trans_a = next((a.i for a in n.attribute if a.name == "transA"), 0)
             total += int(np.prod(y)) * (x[0] if trans_a else x[1])
+        elif n.op_type == "Attention":
+            v = shapes[n.input[2]]
+            total += int(np.prod(x[:-1])) * w[-2] * (x[-1] + v[-1])
         else:
             total += int(np.prod(y)) * x[-1]
     return total

@@ -7,6 +7,7 @@
 | ``linear``      | Gemm, MatMul (initializer on either side, or activation x activation) |
 | ``norm``        | BatchNormalization, InstanceNormalization, GroupNormalization, LayerNormalization |
 | ``pool``        | pools, Reduce*, Resize, Pad |
+| ``attention``   | Attention (opset 23) |
 | ``shape_ops``   | Transpose, Reshape, Flatten, (Un)Squeeze, Concat, Split, Slice, Gather, Shape, Expand |
 """
-from . import conv, elementwise, linear, norm, pool, shape_ops  # noqa: F401
+from . import attention, conv, elementwise, linear, norm, pool, shape_ops  # noqa: F401
