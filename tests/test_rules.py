@@ -496,3 +496,32 @@ def test_oracle_rel_err_flags_nan():
 def test_bad_ratios_raise_user_error(bad):
     with pytest.raises(UserError):
         Ratios.from_dict(bad)
+
+# -- attention with separate q/k/v projections (not timm's fused qkv) ---------------------------
+def test_separate_qkv_attention():
+    m = make("""[q] q0 = MatMul(x, wq)
+  [k] k0 = MatMul(x, wk)
+  [v] v0 = MatMul(x, wv)
+  q1 = Reshape(q0, s4)
+  k1 = Reshape(k0, s4)
+  v1 = Reshape(v0, s4)
+  q2 = Transpose <perm=[0,2,1,3]> (q1)
+  k2 = Transpose <perm=[0,2,3,1]> (k1)
+  v2 = Transpose <perm=[0,2,1,3]> (v1)
+  s0 = MatMul(q2, k2)
+  s1 = Mul(s0, scale)
+  p = Softmax <axis=-1> (s1)
+  o0 = MatMul(p, v2)
+  o1 = Transpose <perm=[0,2,1,3]> (o0)
+  o2 = Reshape(o1, s3)
+  [proj] y = MatMul(o2, wo)""", {"wq": W(8, 12), "wk": W(8, 12), "wv": W(8, 12), "wo": W(12, 8),
+                                 "s4": I64(1, 5, 3, 4), "s3": I64(1, 5, 12), "scale": np.float32(0.5)},
+             out="float[1,5,8] y", inp="float[1,5,8] x")
+    a = analyze(m)
+    kinds = sorted((g.kind, g.width) for g in prunable(a))
+    # q and k share head dims (they meet in QK^T); v's head dim is its own group
+    assert kinds == [("head_dim", 4), ("head_dim", 4), ("heads", 3)]
+    rows = assert_oracle(m, {"kinds": {"heads": 0.34, "head_dim": 0.5}})
+    assert {r.kind for r in rows} >= {"heads", "head_dim"}
+    res = pruned(m, {"kinds": {"heads": 0.34}})
+    assert init(res.proto, "s4").tolist() == [1, 5, 2, 4] and init(res.proto, "s3").tolist() == [1, 5, 8]
