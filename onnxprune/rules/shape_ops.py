@@ -8,6 +8,8 @@ through run-time ``Shape -> Gather -> Concat`` chains where they are built.
 """
 from __future__ import annotations
 
+from collections import Counter
+
 import onnx_ir as ir
 
 from ..core.analysis import Analysis, register
@@ -73,14 +75,10 @@ def _tprod(toks) -> Token:
 
 
 def _divides(a: Token, b: Token) -> bool:
-    from collections import Counter
-
     return b[0] % a[0] == 0 and not (Counter(a[1]) - Counter(b[1]))
 
 
 def _tdiv(a: Token, b: Token) -> Token:
-    from collections import Counter
-
     return (a[0] // b[0], tuple(sorted((Counter(a[1]) - Counter(b[1])).elements())))
 
 
