@@ -13,7 +13,8 @@ from . import io, metrics
 from .core.analysis import Analysis, run_analysis
 from .core.groups import Group, build_groups, isomorphic_sets
 from .errors import UserError
-from .plan import Plan, Ratios, make_plan
+from .budget import Estimator, parse_target, solve
+from .plan import Plan, Ratios, compute_scores, make_plan
 from .rewrite import apply_plan
 
 log = logging.getLogger(__name__)
@@ -84,11 +85,24 @@ def prune(
     ratios = ratios if isinstance(ratios, Ratios) else Ratios.load(ratios)
     src = io.read_proto(model) if isinstance(model, str) else _copy(model)
     a = analyze(src)
-    before = metrics.count(io.to_proto(a.model))  # normalised: run-time shape chains folded
-    plan = make_plan(a.ctx, a.groups, ratios)
+    normalised = io.to_proto(a.model)  # run-time shape chains folded
+    if ratios.target is not None:
+        est = Estimator(a.ctx, normalised)
+        before = est.before
+        metric, requested = ratios.target
+        target = parse_target(requested, before[metric], metric)
+        scores = compute_scores(a.ctx, a.groups, ratios)
+        _, plan, predicted, info = solve(a.ctx, a.groups, ratios, target, est, scores)
+        plan.target = info
+    else:
+        before = metrics.count(normalised)
+        plan = make_plan(a.ctx, a.groups, ratios)
+        predicted = None
     apply_plan(a.ctx, plan.keep)
     proto = io.infer(io.to_proto(a.model))
     after = metrics.count(proto)
+    if predicted is not None and predicted != after:
+        log.warning("budget estimate %s differs from the pruned model's count %s", predicted, after)
     res = PruneResult(proto, a, plan, before, after)
     if check:
         try:

@@ -5,6 +5,7 @@
     onnxprune analyze MODEL [--json F]
     onnxprune verify MODEL --ratios R
     onnxprune export timm:NAME -o OUT [--exporter dynamo|legacy] [--opset N] [--dynamic-batch] [--checkpoint F]
+    onnxprune bench MODEL [MORE ...] [--batch N] [--provider cpu|cuda|tensorrt] [--threads N] [--warmup N] [--runs N] [--json F] [--plot F.png]
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from importlib import resources
 
 from .errors import UserError
 
-SUBCOMMANDS = ("analyze", "verify", "export", "prune")
+SUBCOMMANDS = ("analyze", "verify", "export", "prune", "bench")
 log = logging.getLogger("onnxprune")
 
 
@@ -37,14 +38,24 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def _prune_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="onnxprune", description="Structural pruning of ONNX models.",
-                                epilog="subcommands: analyze, verify, export (onnxprune SUBCOMMAND -h)")
+                                epilog="subcommands: analyze, verify, export, bench (onnxprune SUBCOMMAND -h)")
     p.add_argument("model", nargs="?", help="input .onnx (default: the built-in demo ResNet)")
     p.add_argument("--ratios", help="ratios.json path or inline JSON (default: built-in demo ratios)")
     p.add_argument("-o", "--output", help="pruned model path (default: MODEL stem + '.pruned.onnx' in the current directory)")
     p.add_argument("--report", help="write the JSON report here")
     p.add_argument("--verify", action="store_true", help="run the zero-contribution oracle on this plan")
+    p.add_argument("--bench", action="store_true", help="measure ORT latency before and after (interleaved; see 'onnxprune bench')")
+    _bench_opts(p, runs=30, warmup=5)
     _common(p)
     return p
+
+
+def _bench_opts(p: argparse.ArgumentParser, runs: int = 100, warmup: int = 20) -> None:
+    p.add_argument("--batch", type=int, help="batch size for timing (default: 8 on CPU, 256 on GPU)")
+    p.add_argument("--provider", choices=["cpu", "cuda", "tensorrt"], default="cpu")
+    p.add_argument("--threads", type=int, help="ORT intra-op threads (default: ORT's choice)")
+    p.add_argument("--warmup", type=int, default=warmup, help=f"warm-up runs per model (default {warmup})")
+    p.add_argument("--runs", type=int, default=runs, help=f"timed runs per model (default {runs})")
 
 
 def _sub_parsers() -> dict[str, argparse.ArgumentParser]:
@@ -68,7 +79,14 @@ def _sub_parsers() -> dict[str, argparse.ArgumentParser]:
     e.add_argument("--checkpoint")
     e.add_argument("--img-size", type=int)
     _common(e)
-    return {"analyze": a, "verify": v, "export": e}
+    b = argparse.ArgumentParser(prog="onnxprune bench", description="ORT latency, throughput, params, MACs and speed-up "
+                                "against the first model; runs are interleaved across models.")
+    b.add_argument("models", nargs="+")
+    _bench_opts(b)
+    b.add_argument("--json", help="write the rows (with every timing) as JSON here")
+    b.add_argument("--plot", help="write a latency-vs-MACs plot (PNG) here")
+    _common(b)
+    return {"analyze": a, "verify": v, "export": e, "bench": b}
 
 
 def _setup_logging(args) -> None:
@@ -103,6 +121,8 @@ def cmd_prune(args) -> str:
     frozen = [g for g in groups if g.frozen]
     if frozen:
         _say(args, f"\nfrozen groups ({len(frozen)}):\n" + report.frozen_table(groups))
+    if res.plan.target:
+        _say(args, "\n" + _target_text(res.plan.target))
     b, a = res.before, res.after
     _say(args, "\n" + report.table(
         [["params", report.human(b["params"]), report.human(a["params"]), f"{a['params'] / b['params']:.3f}x"],
@@ -112,6 +132,15 @@ def cmd_prune(args) -> str:
     if args.verify:
         rows = oracle(model, ratios, plan=res.plan)
         _say(args, "\n" + _oracle_table(rows))
+    latency = []
+    if args.bench:
+        from .bench import bench, table
+
+        _say(args, f"\nbenchmarking original vs pruned ({args.provider}, {args.runs} interleaved runs each) ...")
+        latency = bench([model, ("pruned", res.proto)],
+                        batch=args.batch, provider=args.provider, threads=args.threads,
+                        warmup=args.warmup, runs=args.runs, progress=not args.quiet)
+        _say(args, table(latency))
     api.save_pruned(res, out, model)
     if args.report:
         rep = {
@@ -124,6 +153,8 @@ def cmd_prune(args) -> str:
             "groups": report.groups_json(groups, res.plan),
             "sets": {k: [g.id for g in v] for k, v in res.analyzed.sets.items()},
             "oracle": [r.as_dict() for r in rows],
+            "target": res.plan.target,
+            "latency": [r.as_dict() for r in latency],
             "seconds": round(res.seconds, 3),
         }
         with open(args.report, "w") as f:
@@ -131,7 +162,19 @@ def cmd_prune(args) -> str:
     if any(r.status == "FAIL" for r in rows):
         raise SystemExit(_verdict("FAILED", f"oracle failed; model written to {out}", 2))
     removed = sum(g.width - len(res.plan.keep[g.id]) for g in groups if g.id in res.plan.keep)
-    return f"{removed} channels removed in {len(res.plan.keep)} groups, MACs {a['macs'] / b['macs']:.3f}x -> {out}"
+    speed = f", speed-up {latency[1].speedup:.2f}x" if latency else ""
+    return f"{removed} channels removed in {len(res.plan.keep)} groups, MACs {a['macs'] / b['macs']:.3f}x{speed} -> {out}"
+
+
+def _target_text(t: dict) -> str:
+    from .report import human
+
+    used = t["ratios_used"]
+    parts = [f"default {used['default']:.4f}"] if used.get("default") else []
+    for key in ("kinds", "sets", "layers"):
+        parts += [f"{key}[{k}] {v:.4f}" for k, v in used.get(key, {}).items()]
+    return (f"target_{t['metric']} {t['requested']}: {human(t['target'])} wanted, {human(t['achieved'])} reached "
+            f"({100 * t['error']:+.2f}%), ratios x{t['scale']:.4f}: {', '.join(parts) or 'none'}")
 
 
 def _oracle_table(rows) -> str:
@@ -185,6 +228,24 @@ def cmd_export(args) -> str:
     return f"exported {args.name} -> {args.output}"
 
 
+def cmd_bench(args) -> str:
+    from .bench import bench, plot, table
+
+    for m in args.models:
+        if not os.path.isfile(m):
+            raise UserError(f"no such model file: {m}")
+    rows = bench(args.models, batch=args.batch, provider=args.provider, threads=args.threads,
+                 warmup=args.warmup, runs=args.runs, progress=not args.quiet)
+    _say(args, table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([r.as_dict(with_times=True) for r in rows], f, indent=1)
+    if args.plot:
+        plot(rows, args.plot)
+    best = max(rows, key=lambda r: r.speedup)
+    return f"{len(rows)} models, {rows[0].provider} batch {rows[0].batch}, best speed-up {best.speedup:.2f}x ({best.name})"
+
+
 def _verdict(status: str, what: str, code: int = 0) -> int:
     print(f"{status} | Runtime: {time.perf_counter() - _T0:.1f}s | {what} | Command: onnxprune {' '.join(sys.argv[1:])}".rstrip())
     return code
@@ -200,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in SUBCOMMANDS:
         sub = argv.pop(0)
         parser = _prune_parser() if sub == "prune" else _sub_parsers()[sub]
-        fn = {"analyze": cmd_analyze, "verify": cmd_verify, "export": cmd_export, "prune": cmd_prune}[sub]
+        fn = {"analyze": cmd_analyze, "verify": cmd_verify, "export": cmd_export, "prune": cmd_prune, "bench": cmd_bench}[sub]
     else:
         parser, fn = _prune_parser(), cmd_prune
     args = parser.parse_args(argv)

@@ -5,12 +5,40 @@ included) and Attention at batch 1: symbolic input dimensions are set to 1 befor
 inference, so derived dims (batch x windows, batch x heads) come out exact. Params count the
 elements of floating-point initializers per use (exporters deduplicate equal
 tensors, so a file can hold fewer distinct tensors than the model has weights).
+
+Both are sums of products of tensor dimensions (:func:`terms`). Each factor
+names the axis it comes from, so :mod:`onnxprune.budget` can re-evaluate the
+same sums for a plan without rewriting the model.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from math import prod
 
 import onnx
+
+FLOATING = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
+
+
+@dataclass(frozen=True)
+class Factor:
+    """One dimension of a cost term: ``dim`` at batch 1, read from axis ``axis``
+    of the node's input ``slot`` (``io == "in"``) or output ``slot`` (``"out"``).
+    ``ref`` is None for a constant factor (kernel size, ...)."""
+
+    dim: int
+    ref: tuple | None  # ("in"|"out", slot, axis)
+
+
+@dataclass(frozen=True)
+class Term:
+    node: int  # index of the node in graph order
+    metric: str  # "params" | "macs"
+    factors: tuple
+
+    @property
+    def value(self) -> int:
+        return prod(f.dim for f in self.factors)
 
 
 def _shapes(proto: onnx.ModelProto) -> dict[str, list[int]]:
@@ -24,8 +52,13 @@ def _shapes(proto: onnx.ModelProto) -> dict[str, list[int]]:
     return out
 
 
-def count(proto: onnx.ModelProto) -> dict[str, int]:
-    """``{"params": ..., "macs": ...}`` of a model (shapes inferred on a copy at batch 1)."""
+def _axes(shape: list[int], io: str, slot: int, axes=None) -> list[Factor]:
+    axes = range(len(shape)) if axes is None else axes
+    return [Factor(shape[a], (io, slot, a)) for a in axes]
+
+
+def terms(proto: onnx.ModelProto) -> list[Term]:
+    """Every params and MACs term of a model (shapes inferred on a copy at batch 1)."""
     from .io import infer
 
     p = onnx.ModelProto()
@@ -37,39 +70,43 @@ def count(proto: onnx.ModelProto) -> dict[str, int]:
     p = infer(p)
     shapes = _shapes(p)
     inits = {i.name: i for i in p.graph.initializer}
-    floating = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
-    params = 0
-    macs = 0
-    for n in p.graph.node:
-        for i in n.input:
+    out: list[Term] = []
+    for k, n in enumerate(p.graph.node):
+        for slot, i in enumerate(n.input):
             t = inits.get(i)
-            if t is not None and t.data_type in floating and prod(t.dims) > 1:
-                params += prod(t.dims)
+            if t is not None and t.data_type in FLOATING and prod(t.dims) > 1:
+                out.append(Term(k, "params", tuple(_axes(list(t.dims), "in", slot))))
+        f = None
         if n.op_type in ("Conv", "ConvTranspose"):
-            w = shapes.get(n.input[1])
-            y = shapes.get(n.output[0])
-            x = shapes.get(n.input[0])
-            if not w or not y or not x:
-                continue
-            if n.op_type == "Conv":
-                macs += prod(y) * prod(w[1:])
-            else:
-                macs += prod(x) * prod(w[1:])
+            w, y, x = (shapes.get(v) for v in (n.input[1], n.output[0], n.input[0]))
+            if w and y and x:
+                # Conv: every output element x (C_in/groups x kernel); ConvTranspose: every input element
+                f = (_axes(y, "out", 0) if n.op_type == "Conv" else _axes(x, "in", 0))
+                f += [Factor(w[1], ("in", 1, 1))] + [Factor(d, None) for d in w[2:]]
         elif n.op_type == "Gemm":
             a, y = shapes.get(n.input[0]), shapes.get(n.output[0])
-            if not a or not y:
-                continue
-            trans_a = next((at.i for at in n.attribute if at.name == "transA"), 0)
-            k = a[0] if trans_a else a[1]
-            macs += prod(y) * k
+            if a and y:
+                trans_a = next((at.i for at in n.attribute if at.name == "transA"), 0)
+                f = _axes(y, "out", 0) + _axes(a, "in", 0, [0 if trans_a else 1])
         elif n.op_type == "Attention":
-            q, k, v = (shapes.get(x) for x in n.input[:3])
-            if q and k and v:  # QK^T and AV: q rows x kv length x (D + Dv)
-                macs += prod(q[:-1]) * k[-2] * (q[-1] + v[-1])
+            q, k_, v = (shapes.get(x) for x in n.input[:3])
+            if q and k_ and v and len(q) == 4 and len(k_) == 4 and len(v) == 4:
+                # QK^T and AV: B x H x q rows x kv length x (D + Dv)
+                qk = _axes(q, "in", 0, [0, 1, 2]) + _axes(k_, "in", 1, [2])
+                out.append(Term(k, "macs", tuple(qk + _axes(q, "in", 0, [3]))))
+                out.append(Term(k, "macs", tuple(qk + _axes(v, "in", 2, [3]))))
+            elif q and k_ and v:  # 3-D form: heads folded into the width
+                out.append(Term(k, "macs", tuple([Factor(prod(q[:-1]), None), Factor(k_[-2], None), Factor(q[-1] + v[-1], None)])))
         elif n.op_type == "MatMul":
             a, y = shapes.get(n.input[0]), shapes.get(n.output[0])
-            if not a or not y:
-                continue
-            macs += prod(y) * a[-1]
-    return {"params": int(params), "macs": int(macs)}
+            if a and y:
+                f = _axes(y, "out", 0) + _axes(a, "in", 0, [len(a) - 1])
+        if f is not None:
+            out.append(Term(k, "macs", tuple(f)))
+    return out
 
+
+def count(proto: onnx.ModelProto) -> dict[str, int]:
+    """``{"params": ..., "macs": ...}`` of a model at batch 1."""
+    ts = terms(proto)
+    return {m: int(sum(t.value for t in ts if t.metric == m)) for m in ("params", "macs")}

@@ -19,7 +19,9 @@ from .errors import UserError
 
 SCOPES = ("isomorphic", "global", "local")
 IMPORTANCES = ("l2", "l1", "random")
-FIELDS = {"default", "kinds", "sets", "layers", "ignore", "round_to", "scope", "importance", "seed"}
+FIELDS = {"default", "kinds", "sets", "layers", "ignore", "round_to", "scope", "importance", "seed",
+          "target_macs", "target_params"}
+UNROUNDED_KINDS = {"heads"}  # heads are pruned whole: round_to applies to widths, not to head counts
 
 
 def _ratio(x, where: str) -> float:
@@ -41,6 +43,8 @@ class Ratios:
     scope: str = "isomorphic"
     importance: str = "l2"
     seed: int = 0
+    target_macs: float | str | None = None
+    target_params: float | str | None = None
 
     @classmethod
     def from_dict(cls, d: dict) -> "Ratios":
@@ -77,6 +81,13 @@ class Ratios:
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise UserError("'seed' must be an integer")
         r.seed = seed
+        for key in ("target_macs", "target_params"):
+            val = d.get(key)
+            if val is not None and (isinstance(val, bool) or not isinstance(val, (int, float, str))):
+                raise UserError(f"'{key}' must be a number (fraction or absolute) or a string like '50%', '4.2G'")
+            setattr(r, key, val)
+        if r.target_macs is not None and r.target_params is not None:
+            raise UserError("give target_macs or target_params, not both")
         return r
 
     @classmethod
@@ -100,6 +111,46 @@ class Ratios:
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
+
+    # -- budgets -----------------------------------------------------------------------
+    @property
+    def target(self) -> tuple[str, object] | None:
+        if self.target_macs is not None:
+            return "macs", self.target_macs
+        if self.target_params is not None:
+            return "params", self.target_params
+        return None
+
+    def ratio_dict(self) -> dict:
+        """The ratio fields only (what a budget search changes)."""
+        out = {"default": self.default}
+        for key in ("kinds", "sets", "layers"):
+            if getattr(self, key):
+                out[key] = dict(getattr(self, key))
+        return out
+
+    def max_ratio(self) -> float:
+        vals = [self.default, *self.kinds.values(), *self.sets.values(), *self.layers.values()]
+        return max(vals, default=0.0)
+
+    def base_for_target(self) -> "Ratios":
+        """The ratios a budget scales: the given ones, or 1 for every group when
+        none is non-zero (uniform pruning)."""
+        if self.max_ratio() > 0:
+            return self
+        r = Ratios(**{**self.__dict__, "kinds": dict(self.kinds), "sets": dict(self.sets), "layers": dict(self.layers)})
+        r.default = 1.0
+        return r
+
+    def scaled(self, s: float, cap: float) -> "Ratios":
+        f = lambda x: min(cap, x * s)
+        r = Ratios(**{**self.__dict__})
+        r.default = f(self.default)
+        r.kinds = {k: f(v) for k, v in self.kinds.items()}
+        r.sets = {k: f(v) for k, v in self.sets.items()}
+        r.layers = {k: f(v) for k, v in self.layers.items()}
+        r.target_macs = r.target_params = None
+        return r
 
     # -- lookup ------------------------------------------------------------------------
     def ignored(self, g: Group) -> str | None:
@@ -150,6 +201,7 @@ class Plan:
     ratios: dict[int, tuple[float, str]]  # group id -> (ratio, where it came from)
     scores: dict[int, np.ndarray]
     skipped: dict[int, str]  # group id -> why it was left whole
+    target: dict | None = None  # what a target_macs / target_params search found
 
 
 def _n_keep(width: int, n_remove: int, round_to: int) -> int:
@@ -160,8 +212,17 @@ def _n_keep(width: int, n_remove: int, round_to: int) -> int:
     return int(min(width, max(1, keep)))
 
 
-def make_plan(ctx: Analysis, groups: list[Group], ratios: Ratios) -> Plan:
+def compute_scores(ctx: Analysis, groups: list[Group], ratios: Ratios) -> dict[int, np.ndarray]:
+    """Channel importance of every prunable group (criterion from ``ratios``)."""
     rng = np.random.default_rng(ratios.seed)
+    return {g.id: channel_scores(ctx, g, ratios.importance, rng) for g in groups if not g.frozen}
+
+
+def make_plan(ctx: Analysis, groups: list[Group], ratios: Ratios, scores: dict[int, np.ndarray] | None = None) -> Plan:
+    """Which channels each group keeps. ``scores`` (from :func:`compute_scores`)
+    can be passed in when many plans are made for one model."""
+    if scores is None:
+        scores = compute_scores(ctx, groups, ratios)
     plan = Plan({}, {}, {}, {})
     pools: dict[tuple, list[Group]] = {}
     for g in groups:
@@ -177,7 +238,7 @@ def make_plan(ctx: Analysis, groups: list[Group], ratios: Ratios) -> Plan:
         else:
             r, src = ratios.set_ratio(g.set_name, g.kind)
         plan.ratios[g.id] = (r, src)
-        plan.scores[g.id] = channel_scores(ctx, g, ratios.importance, rng)
+        plan.scores[g.id] = scores[g.id]
         if r <= 0:
             continue
         if ratios.scope == "local" or src == "layers":
@@ -205,7 +266,7 @@ def make_plan(ctx: Analysis, groups: list[Group], ratios: Ratios) -> Plan:
             for _, gid, _ in cand[:n_remove]:
                 counts[gid] += 1
         for g in members:
-            keep_n = _n_keep(g.width, counts[g.id], ratios.round_to)
+            keep_n = _n_keep(g.width, counts[g.id], 1 if g.kind in UNROUNDED_KINDS else ratios.round_to)
             if keep_n >= g.width:
                 continue
             order = np.argsort(-plan.scores[g.id], kind="stable")

@@ -16,7 +16,7 @@ def table(rows: list[list], header: list[str]) -> str:
 
 
 def _num(s: str) -> bool:
-    return s.replace(".", "").replace("-", "").replace("%", "").replace("M", "").replace("G", "").replace(",", "").isdigit()
+    return s.rstrip("x").replace(".", "").replace("-", "").replace("%", "").replace("M", "").replace("G", "").replace(",", "").isdigit()
 
 
 def human(n: float, unit: str = "") -> str:

@@ -204,3 +204,30 @@ def test_onnx_attention_op_opset23(tmp_path):
     assert len(scales) == 12 and np.allclose(scales, 1 / 8)
     assert res.before["macs"] == independent_macs(path)
     assert res.after["macs"] == independent_macs_from_proto(tmp_path, res.proto)
+
+
+def test_target_macs_half_of_deit_base(deit_base, tmp_path):
+    """Issue 4: a budget of 50% MACs on deit_base lands within 1%, counted independently."""
+    res = prune(deit_base, {"target_macs": "50%", "kinds": {"embed": 0.5, "heads": 0.5, "head_dim": 0.25, "mlp": 0.5}})
+    out = str(tmp_path / "half.onnx")
+    onnx.save(res.proto, out)
+    macs = independent_macs(out)
+    assert abs(macs / (0.5 * res.before["macs"]) - 1) < 0.01
+    t = res.plan.target
+    assert t["achieved"] == res.after["macs"] == macs
+    used = t["ratios_used"]["kinds"]
+    # one common scale: the given proportions are kept
+    assert used["heads"] == pytest.approx(used["embed"]) == pytest.approx(2 * used["head_dim"])
+    assert 0 < used["heads"] < 0.5
+
+
+def test_round_to_applies_to_every_width_but_not_head_counts(deit_base):
+    res = prune(deit_base, {"kinds": {"embed": 0.3, "heads": 0.3, "head_dim": 0.3, "mlp": 0.3}, "round_to": 8, "scope": "local"})
+    kept = {}
+    for g in res.analyzed.groups:
+        if g.id in res.plan.keep:
+            kept.setdefault(g.kind, set()).add(len(res.plan.keep[g.id]))
+    assert set(kept) == {"embed", "heads", "head_dim", "mlp"}
+    for kind in ("embed", "head_dim", "mlp"):
+        assert all(k % 8 == 0 for k in kept[kind]), (kind, kept[kind])
+    assert kept["heads"] == {9}  # 12 heads - floor(0.3 * 12): whole heads, never rounded to 8

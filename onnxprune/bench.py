@@ -1,0 +1,234 @@
+"""``onnxprune bench``: latency of ONNX models in ONNX Runtime, measured fairly.
+
+Protocol (seed 000's latency protocol: fixed batch, warm-up, then timed runs;
+defaults CPU batch 8, GPU batch 256, 20 warm-up and 100 timed runs):
+
+* one session per model, created up front with the same provider and threads;
+* every model is warmed up, then the timed runs are **interleaved**: round
+  ``r`` times one run of each model, in an order rotated every round, so drift
+  of a shared machine (other jobs, clocks, thermal) hits every model alike;
+* latency is the wall time of ``session.run`` on a fixed random batch
+  (inputs created once, outside the timing); median and p90 are reported;
+  throughput is ``batch / median``, speed-up is per image against the first model.
+
+Models with a static batch dimension run at that batch (the row says so);
+speed-ups are per image, so they stay comparable.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import onnx
+
+from . import io, metrics
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+PROVIDERS = {
+    "cpu": ["CPUExecutionProvider"],
+    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+}
+DEFAULT_BATCH = {"cpu": 8, "cuda": 256, "tensorrt": 256}
+
+
+@dataclass
+class BenchRow:
+    name: str
+    batch: int
+    median_ms: float
+    p90_ms: float
+    mean_ms: float
+    min_ms: float
+    throughput: float  # images / s
+    params: int
+    macs: int  # per image (batch 1)
+    file_mb: float | None
+    speedup: float = 1.0  # per image, against the first model
+    provider: str = ""
+    runs: int = 0
+    times_ms: list = field(default_factory=list, repr=False)
+
+    def as_dict(self, with_times: bool = False) -> dict:
+        d = asdict(self)
+        if not with_times:
+            d.pop("times_ms")
+        return d
+
+
+def _proto(m) -> tuple[onnx.ModelProto, str, float | None, str | None]:
+    """(proto, display name, file size MB, path) of a path or an in-memory model."""
+    if isinstance(m, tuple):  # (name, proto)
+        name, proto = m
+        return proto, name, proto.ByteSize() / 1e6, None
+    if isinstance(m, onnx.ModelProto):
+        return m, m.graph.name or "model", m.ByteSize() / 1e6, None
+    proto = io.read_proto(m)
+    size = os.path.getsize(m)
+    data = os.path.join(os.path.dirname(m), os.path.basename(m) + ".data")
+    if os.path.exists(data):
+        size += os.path.getsize(data)
+    return proto, os.path.basename(m), size / 1e6, m
+
+
+def _session(proto: onnx.ModelProto, path: str | None, provider: str, threads: int | None):
+    import onnxruntime as ort
+
+    wanted = PROVIDERS[provider]
+    have = ort.get_available_providers()
+    if wanted[0] not in have:
+        raise UserError(f"provider '{provider}' ({wanted[0]}) is not available in this onnxruntime; available: {', '.join(have)}")
+    so = ort.SessionOptions()
+    if threads:
+        so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    src = path if path and proto.ByteSize() > 2**30 else proto.SerializeToString()
+    sess = ort.InferenceSession(src, so, providers=[p for p in wanted if p in have])
+    used = sess.get_providers()[0]
+    if used != wanted[0]:
+        raise UserError(f"onnxruntime fell back from {wanted[0]} to {used}")
+    return sess
+
+
+def _static_batch(proto: onnx.ModelProto) -> int | None:
+    inits = {i.name for i in proto.graph.initializer}
+    for i in proto.graph.input:
+        if i.name in inits:
+            continue
+        dims = i.type.tensor_type.shape.dim
+        if dims and dims[0].HasField("dim_value"):
+            return dims[0].dim_value
+    return None
+
+
+class _Progress:
+    def __init__(self, total: int, label: str, enabled: bool) -> None:
+        self.total, self.label, self.enabled = total, label, enabled and total > 0
+        self.t0 = self.last = time.perf_counter()
+        self.shown = False
+
+    def step(self, done: int) -> None:
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        if now - self.last < 1.0 and done < self.total:
+            return
+        if now - self.t0 < 2.0 and done < self.total and not self.shown:
+            return  # short jobs stay quiet
+        self.last, self.shown = now, True
+        el = now - self.t0
+        eta = el / max(done, 1) * (self.total - done)
+        sys.stderr.write(f"\r{self.label}: {done}/{self.total} ({100 * done // self.total}%)  {el:.0f}s elapsed, ~{eta:.0f}s left ")
+        sys.stderr.flush()
+        if done >= self.total:
+            sys.stderr.write("\n")
+
+
+def bench(
+    models: list,
+    batch: int | None = None,
+    provider: str = "cpu",
+    threads: int | None = None,
+    warmup: int = 20,
+    runs: int = 100,
+    progress: bool = True,
+    seed: int = 0,
+) -> list[BenchRow]:
+    """Latency of each model (a path, a ModelProto or ``(name, proto)``)."""
+    if provider not in PROVIDERS:
+        raise UserError(f"unknown provider '{provider}' (cpu, cuda, tensorrt)")
+    if not models:
+        raise UserError("bench needs at least one model")
+    if runs < 1 or warmup < 0:
+        raise UserError("--runs must be >= 1 and --warmup >= 0")
+    batch = batch or DEFAULT_BATCH[provider]
+    entries = []
+    for m in models:
+        proto, name, size, path = _proto(m)
+        static = _static_batch(proto)
+        b = static if static is not None else batch
+        if static is not None and static != batch:
+            log.warning("%s has a static batch of %d: timed at batch %d (speed-up is per image)", name, static, static)
+        feeds = io.random_inputs(proto, batch=b, seed=seed)
+        sess = _session(proto, path, provider, threads)
+        counts = metrics.count(proto)
+        entries.append((name, b, sess, feeds, counts, size))
+    bar = _Progress(len(entries) * (warmup + runs), "bench", progress)
+    done = 0
+    for name, b, sess, feeds, *_ in entries:
+        for _ in range(warmup):
+            sess.run(None, feeds)
+            done += 1
+            bar.step(done)
+    times = [[] for _ in entries]
+    n = len(entries)
+    for r in range(runs):
+        for j in range(n):
+            k = (j + r) % n  # rotate the order every round
+            _, _, sess, feeds, _, _ = entries[k]
+            t0 = time.perf_counter()
+            sess.run(None, feeds)
+            times[k].append((time.perf_counter() - t0) * 1e3)
+            done += 1
+            bar.step(done)
+    rows = []
+    for (name, b, sess, _, counts, size), ts in zip(entries, times):
+        a = np.asarray(ts)
+        med = float(np.median(a))
+        rows.append(BenchRow(
+            name=name, batch=b, median_ms=med, p90_ms=float(np.percentile(a, 90)), mean_ms=float(a.mean()),
+            min_ms=float(a.min()), throughput=b / med * 1e3, params=counts["params"], macs=counts["macs"],
+            file_mb=size, provider=sess.get_providers()[0], runs=runs, times_ms=[round(x, 4) for x in ts],
+        ))
+    for r in rows:
+        r.speedup = r.throughput / rows[0].throughput
+    return rows
+
+
+def table(rows: list[BenchRow]) -> str:
+    from .report import human, table as tab
+
+    first = rows[0]
+    body = []
+    for r in rows:
+        body.append([
+            r.name, r.batch, f"{r.median_ms:.2f}", f"{r.p90_ms:.2f}", f"{r.throughput:.1f}",
+            human(r.params), human(r.macs), "-" if r.file_mb is None else f"{r.file_mb:.1f}",
+            f"{first.macs / r.macs:.2f}x" if r.macs else "-", f"{r.speedup:.2f}x",
+        ])
+    return tab(body, ["model", "batch", "median ms", "p90 ms", "img/s", "params", "MACs", "MB", "MACs red.", "speed-up"])
+
+
+def plot(rows: list[BenchRow], path: str, title: str = "") -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UserError("--plot needs matplotlib: pip install 'onnxprune[plot]'") from None
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    xs = [r.macs / 1e9 for r in rows]
+    ys = [r.median_ms / r.batch for r in rows]
+    ax.scatter(xs, ys, zorder=3)
+    for r, x, y in zip(rows, xs, ys):
+        ax.annotate(r.name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    if rows[0].macs:  # the line a latency proportional to MACs would follow
+        k = ys[0] / xs[0]
+        lim = max(xs) * 1.05
+        ax.plot([0, lim], [0, k * lim], ls="--", lw=0.8, color="grey", label="proportional to MACs")
+        ax.legend(fontsize=8)
+    ax.set_xlabel("GMACs per image (batch 1 count)")
+    ax.set_ylabel(f"median latency per image, ms ({rows[0].provider}, batch {rows[0].batch})")
+    ax.set_title(title or "latency vs MACs")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
