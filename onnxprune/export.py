@@ -19,6 +19,7 @@ def export_timm(
     checkpoint: str | None = None,
     img_size: int | None = None,
     model=None,
+    batch: int | None = None,
     **create_kw,
 ) -> str:
     try:
@@ -40,7 +41,7 @@ def export_timm(
     model.eval()
     cfg = getattr(model, "pretrained_cfg", {}) or {}
     size = img_size or (cfg.get("input_size") or (3, 224, 224))[-1]
-    batch = 2 if dynamic_batch else 1
+    batch = batch or (2 if dynamic_batch else 1)  # the export batch (static unless dynamic_batch)
     x = torch.randn(batch, 3, size, size)
     warnings.filterwarnings("ignore")
     if exporter == "dynamo":
