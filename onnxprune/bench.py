@@ -52,6 +52,7 @@ class BenchRow:
     file_mb: float | None
     speedup: float = 1.0  # per image, against the first model
     provider: str = ""
+    threads: int = 0
     runs: int = 0
     times_ms: list = field(default_factory=list, repr=False)
 
@@ -149,6 +150,7 @@ def bench(
     if runs < 1 or warmup < 0:
         raise UserError("--runs must be >= 1 and --warmup >= 0")
     batch = batch or DEFAULT_BATCH[provider]
+    threads = threads or os.cpu_count() or 1  # fixed, so runs are comparable
     entries = []
     for m in models:
         proto, name, size, path = _proto(m)
@@ -159,6 +161,8 @@ def bench(
         feeds = io.random_inputs(proto, batch=b, seed=seed)
         sess = _session(proto, path, provider, threads)
         counts = metrics.count(proto)
+        if static and static > 1:  # counted at the static batch: report per image
+            counts = {"params": counts["params"], "macs": counts["macs"] // static}
         entries.append((name, b, sess, feeds, counts, size))
     bar = _Progress(len(entries) * (warmup + runs), "bench", progress)
     done = 0
@@ -185,7 +189,7 @@ def bench(
         rows.append(BenchRow(
             name=name, batch=b, median_ms=med, p90_ms=float(np.percentile(a, 90)), mean_ms=float(a.mean()),
             min_ms=float(a.min()), throughput=b / med * 1e3, params=counts["params"], macs=counts["macs"],
-            file_mb=size, provider=sess.get_providers()[0], runs=runs, times_ms=[round(x, 4) for x in ts],
+            file_mb=size, provider=sess.get_providers()[0], threads=threads, runs=runs, times_ms=[round(x, 4) for x in ts],
         ))
     for r in rows:
         r.speedup = r.throughput / rows[0].throughput

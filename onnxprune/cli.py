@@ -19,7 +19,7 @@ from importlib import resources
 
 from .errors import UserError
 
-SUBCOMMANDS = ("analyze", "verify", "export", "prune", "bench")
+SUBCOMMANDS = ("analyze", "verify", "export", "prune", "bench", "finetune", "data")
 log = logging.getLogger("onnxprune")
 
 
@@ -38,7 +38,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def _prune_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="onnxprune", description="Structural pruning of ONNX models.",
-                                epilog="subcommands: analyze, verify, export, bench (onnxprune SUBCOMMAND -h)")
+                                epilog="subcommands: analyze, verify, export, bench, finetune, data (onnxprune SUBCOMMAND -h)")
     p.add_argument("model", nargs="?", help="input .onnx (default: the built-in demo ResNet)")
     p.add_argument("--ratios", help="ratios.json path or inline JSON (default: built-in demo ratios)")
     p.add_argument("-o", "--output", help="pruned model path (default: MODEL stem + '.pruned.onnx' in the current directory)")
@@ -53,7 +53,7 @@ def _prune_parser() -> argparse.ArgumentParser:
 def _bench_opts(p: argparse.ArgumentParser, runs: int = 100, warmup: int = 20) -> None:
     p.add_argument("--batch", type=int, help="batch size for timing (default: 8 on CPU, 256 on GPU)")
     p.add_argument("--provider", choices=["cpu", "cuda", "tensorrt"], default="cpu")
-    p.add_argument("--threads", type=int, help="ORT intra-op threads (default: ORT's choice)")
+    p.add_argument("--threads", type=int, help="ORT intra-op threads (default: the number of CPU cores)")
     p.add_argument("--warmup", type=int, default=warmup, help=f"warm-up runs per model (default {warmup})")
     p.add_argument("--runs", type=int, default=runs, help=f"timed runs per model (default {runs})")
 
@@ -78,6 +78,7 @@ def _sub_parsers() -> dict[str, argparse.ArgumentParser]:
     e.add_argument("--dynamic-batch", action="store_true")
     e.add_argument("--checkpoint")
     e.add_argument("--img-size", type=int)
+    e.add_argument("--batch", type=int, help="static batch size of the export (default 1; ignored shape-wise with --dynamic-batch)")
     _common(e)
     b = argparse.ArgumentParser(prog="onnxprune bench", description="ORT latency, throughput, params, MACs and speed-up "
                                 "against the first model; runs are interleaved across models.")
@@ -86,7 +87,34 @@ def _sub_parsers() -> dict[str, argparse.ArgumentParser]:
     b.add_argument("--json", help="write the rows (with every timing) as JSON here")
     b.add_argument("--plot", help="write a latency-vs-MACs plot (PNG) here")
     _common(b)
-    return {"analyze": a, "verify": v, "export": e, "bench": b}
+    f = argparse.ArgumentParser(prog="onnxprune finetune", description="Fine-tune a (pruned) ONNX model in PyTorch via onnx2torch "
+                                "and write the trained tensors back into the same graph.")
+    f.add_argument("model", help="the ONNX model to train (e.g. the pruned one)")
+    f.add_argument("--data", required=True, help="ImageFolder root with train/ and val/")
+    f.add_argument("-o", "--output", required=True)
+    f.add_argument("--teacher", help="unpruned ONNX model: distil from its logits")
+    f.add_argument("--recipe", default="quick", help="deit | convnext | resnet | mobilenet | swin (seed 000 Table 3) | quick")
+    f.add_argument("--epochs", type=int)
+    f.add_argument("--lr", type=float, help="learning rate (default: the recipe's base lr scaled by batch size)")
+    f.add_argument("--batch-size", type=int, default=64)
+    f.add_argument("--workers", type=int, default=2)
+    f.add_argument("--resume", nargs="?", const="auto", help="resume from OUTPUT.ckpt (or the given checkpoint)")
+    f.add_argument("--kd-alpha", type=float, default=0.5)
+    f.add_argument("--kd-temperature", type=float, default=4.0)
+    f.add_argument("--max-steps", type=int, help="stop after this many optimiser steps")
+    f.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
+    f.add_argument("--seed", type=int, default=0)
+    _common(f)
+    d = argparse.ArgumentParser(prog="onnxprune data", description="Generate datasets.")
+    d.add_argument("kind", choices=["synthetic"])
+    d.add_argument("output")
+    d.add_argument("--classes", type=int, default=10)
+    d.add_argument("--train", type=int, default=300, help="training images per class")
+    d.add_argument("--val", type=int, default=60, help="validation images per class")
+    d.add_argument("--size", type=int, default=64)
+    d.add_argument("--seed", type=int, default=0)
+    _common(d)
+    return {"analyze": a, "verify": v, "export": e, "bench": b, "finetune": f, "data": d}
 
 
 def _setup_logging(args) -> None:
@@ -224,7 +252,7 @@ def cmd_verify(args) -> str:
 def cmd_export(args) -> str:
     from .export import export_timm
 
-    export_timm(args.name, args.output, args.exporter, args.opset, args.dynamic_batch, args.checkpoint, args.img_size)
+    export_timm(args.name, args.output, args.exporter, args.opset, args.dynamic_batch, args.checkpoint, args.img_size, batch=args.batch)
     return f"exported {args.name} -> {args.output}"
 
 
@@ -246,6 +274,34 @@ def cmd_bench(args) -> str:
     return f"{len(rows)} models, {rows[0].provider} batch {rows[0].batch}, best speed-up {best.speedup:.2f}x ({best.name})"
 
 
+def cmd_finetune(args) -> str:
+    try:
+        from .finetune.train import Options, finetune
+    except ImportError as e:
+        raise UserError(f"finetune needs torch, timm and onnx2torch: pip install 'onnxprune[finetune]' ({e})") from None
+    if not os.path.isfile(args.model):
+        raise UserError(f"no such model file: {args.model}")
+    if os.path.abspath(args.output) in (os.path.abspath(args.model), os.path.abspath(args.teacher or "")):
+        raise UserError("output path equals an input path; onnxprune never overwrites its input")
+    opts = Options(data=args.data, output=args.output, teacher=args.teacher, recipe=args.recipe, epochs=args.epochs, lr=args.lr,
+                   batch_size=args.batch_size, workers=args.workers, resume=args.resume, kd_alpha=args.kd_alpha,
+                   kd_temperature=args.kd_temperature, max_steps=args.max_steps, device=args.device, seed=args.seed,
+                   progress=not args.quiet)
+    r = finetune(args.model, opts)
+    if "top1_after" not in r:
+        return f"worker finished ({r['steps']} steps)"
+    teacher = f", teacher {r['top1_teacher']:.1f}%" if "top1_teacher" in r else ""
+    return (f"{r['steps']} steps in {r['train_seconds']:.0f}s, top-1 {r['top1_before']:.1f}% -> {r['top1_after']:.1f}%{teacher} "
+            f"-> {args.output}")
+
+
+def cmd_data(args) -> str:
+    from .finetune.data import make_synthetic
+
+    m = make_synthetic(args.output, args.classes, args.train, args.val, args.size, args.seed, progress=not args.quiet)
+    return f"{m['classes']} classes, {m['train']} train / {m['val']} val images of {m['size']}px ({m['fonts']} fonts) -> {args.output}"
+
+
 def _verdict(status: str, what: str, code: int = 0) -> int:
     print(f"{status} | Runtime: {time.perf_counter() - _T0:.1f}s | {what} | Command: onnxprune {' '.join(sys.argv[1:])}".rstrip())
     return code
@@ -261,7 +317,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in SUBCOMMANDS:
         sub = argv.pop(0)
         parser = _prune_parser() if sub == "prune" else _sub_parsers()[sub]
-        fn = {"analyze": cmd_analyze, "verify": cmd_verify, "export": cmd_export, "prune": cmd_prune, "bench": cmd_bench}[sub]
+        fn = {"analyze": cmd_analyze, "verify": cmd_verify, "export": cmd_export, "prune": cmd_prune, "bench": cmd_bench,
+              "finetune": cmd_finetune, "data": cmd_data}[sub]
     else:
         parser, fn = _prune_parser(), cmd_prune
     args = parser.parse_args(argv)

@@ -1,0 +1,316 @@
+"""``onnxprune finetune``: train a pruned ONNX model in PyTorch and write the
+trained tensors back into the same graph.
+
+Import (onnx2torch + our converters) -> optional teacher -> train with a
+recipe (seed 000 Table 3), knowledge distillation, AMP on GPU, EMA,
+checkpoint/resume, DistributedDataParallel under torchrun -> write back by
+initializer name -> top-1 of the written ONNX in ONNX Runtime.
+
+Distillation: ``loss = (1 - a) * task + a * T^2 * KL(softmax(t / T) || softmax(s / T))``
+with ``a = --kd-alpha`` (0.5) and ``T = --kd-temperature`` (4), Hinton et al.'s
+soft-target loss on the teacher's logits.
+
+Models exported with a static batch ``B`` train in micro-batches of ``B`` with
+gradient accumulation up to ``--batch-size``: the graph's shape constants stay
+untouched.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from ..errors import UserError
+from . import recipes as R
+from .data import IMAGENET_MEAN, IMAGENET_STD, dataset_meta, image_folder
+from .importer import import_onnx, write_back
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Options:
+    data: str
+    output: str
+    teacher: str | None = None
+    recipe: str = "quick"
+    epochs: int | None = None
+    lr: float | None = None
+    batch_size: int = 64
+    workers: int = 2
+    resume: str | None = None
+    kd_alpha: float = 0.5
+    kd_temperature: float = 4.0
+    max_steps: int | None = None  # stop early (tests, smoke runs)
+    device: str | None = None
+    seed: int = 0
+    mean: tuple = IMAGENET_MEAN
+    std: tuple = IMAGENET_STD
+    eval_batches: int | None = None
+    progress: bool = True
+    overrides: dict = field(default_factory=dict)  # recipe fields
+
+
+def _dist():
+    """(rank, world, local_rank) and whether torch.distributed was started here."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 or "RANK" in os.environ and "MASTER_ADDR" in os.environ:
+        if not dist.is_initialized():
+            import torch
+
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)), True
+    return 0, 1, 0, False
+
+
+def input_size(proto: onnx.ModelProto) -> tuple[int, int]:
+    inits = {i.name for i in proto.graph.initializer}
+    for i in proto.graph.input:
+        if i.name in inits:
+            continue
+        d = [x.dim_value if x.HasField("dim_value") else None for x in i.type.tensor_type.shape.dim]
+        if len(d) == 4 and d[2] and d[3]:
+            return d[2], d[3]
+    raise UserError("finetune needs an image input of shape [N, C, H, W] with static H and W")
+
+
+class _Progress:
+    def __init__(self, enabled: bool):
+        self.enabled, self.last = enabled, 0.0
+        self.tty = sys.stderr.isatty()
+
+    def show(self, text: str, force: bool = False):
+        now = time.perf_counter()
+        if not self.enabled or (not force and now - self.last < (1.0 if self.tty else 10.0)):
+            return
+        self.last = now
+        sys.stderr.write(("\r" if self.tty else "") + text + ("" if self.tty and not force else "\n"))
+        sys.stderr.flush()
+
+
+def _lr_at(step: int, total: int, steps_per_epoch: int, base: float, recipe: R.Recipe) -> float:
+    warm = recipe.warmup_epochs * steps_per_epoch
+    if step < warm:
+        return base * (step + 1) / warm
+    if recipe.schedule == "step":
+        epoch = step / max(steps_per_epoch, 1)
+        return base * 0.1 ** sum(epoch >= m for m in recipe.milestones)
+    t = (step - warm) / max(1, total - warm)
+    return base * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def evaluate_onnx(proto_or_path, root: str, size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, max_batches=None,
+                  batch: int = 32) -> float:
+    """Top-1 (%) of an ONNX model in ONNX Runtime on ``root/val``."""
+    from .. import io
+
+    proto = onnx.load(proto_or_path) if isinstance(proto_or_path, str) else proto_or_path
+    sess = io.session(proto, threads=os.cpu_count() or 1)
+    name = sess.get_inputs()[0].name
+    static = sess.get_inputs()[0].shape[0]
+    b = static if isinstance(static, int) else batch
+    ds = image_folder(root, "val", size, train=False, mean=mean, std=std)
+    correct = total = 0
+    idx = np.arange(len(ds))
+    for k, start in enumerate(range(0, len(ds), b)):
+        if max_batches is not None and k >= max_batches:
+            break
+        items = [ds[int(i)] for i in idx[start:start + b]]
+        x = np.stack([it[0].numpy() for it in items]).astype(np.float32)
+        y = np.array([it[1] for it in items])
+        n = len(x)
+        if n < b and isinstance(static, int):
+            x = np.concatenate([x, np.repeat(x[-1:], b - n, 0)])
+        logits = sess.run(None, {name: x})[0][:n]
+        correct += int((logits.argmax(1) == y).sum())
+        total += n
+    return 100.0 * correct / max(total, 1)
+
+
+def finetune(pruned: str, opts: Options) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    torch.manual_seed(opts.seed)
+    np.random.seed(opts.seed)
+    rank, world, local_rank, distributed = _dist()
+    main_proc = rank == 0
+    if opts.device:
+        device = torch.device(opts.device)
+    else:
+        device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    meta = dataset_meta(opts.data)
+    over = dict(opts.overrides)
+    if "hflip" in meta and not meta["hflip"]:
+        over.setdefault("hflip", 0.0)
+    if opts.epochs is not None:
+        over["epochs"] = opts.epochs
+    recipe = R.get(opts.recipe, **over)
+    proto = onnx.load(pruned)
+    size = input_size(proto)[0]
+    t0 = time.perf_counter()
+    imp = import_onnx(proto, seed=opts.seed)
+    student = imp.module.to(device)
+    info = imp.report()
+    if main_proc:
+        log.info("imported %s: %d trainable tensors (%d params), %d frozen", pruned, info["trainable_tensors"],
+                 info["trainable_params"], len(info["frozen"]))
+    teacher = None
+    if opts.teacher:
+        teacher = import_onnx(opts.teacher).module.to(device).eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+    micro = imp.static_batch or max(1, opts.batch_size // world)
+    accum = max(1, math.ceil(opts.batch_size / (micro * world)))
+    train_ds = image_folder(opts.data, "train", size, True, recipe, opts.mean, opts.std)
+    n_classes = len(train_ds.classes)
+    sampler = None
+    if distributed:
+        from torch.utils.data.distributed import DistributedSampler
+
+        sampler = DistributedSampler(train_ds, shuffle=True, seed=opts.seed)
+    loader = torch.utils.data.DataLoader(train_ds, batch_size=micro, shuffle=sampler is None, sampler=sampler,
+                                         num_workers=opts.workers, drop_last=True, persistent_workers=opts.workers > 0)
+    if len(loader) == 0:
+        raise UserError(f"training set has {len(train_ds)} images: fewer than one batch of {micro}")
+    steps_per_epoch = max(1, len(loader) // accum)
+    total = steps_per_epoch * recipe.epochs
+    if opts.max_steps:
+        total = min(total, opts.max_steps)
+    lr = opts.lr if opts.lr is not None else recipe.lr_for(opts.batch_size)
+    params = [p for p in student.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim > 1]
+    no_decay = [p for p in params if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if recipe.optimizer == "adamw":
+        opt = torch.optim.AdamW(groups, lr=lr, betas=recipe.betas)
+    else:
+        opt = torch.optim.SGD(groups, lr=lr, momentum=recipe.momentum, nesterov=False)
+    mixup = None
+    if recipe.mixup or recipe.cutmix:
+        from timm.data import Mixup
+
+        mixup = Mixup(mixup_alpha=recipe.mixup, cutmix_alpha=recipe.cutmix, label_smoothing=recipe.label_smoothing,
+                      num_classes=n_classes)
+    use_amp = device.type == "cuda"
+    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    model = student
+    if distributed:
+        model = torch.nn.parallel.DistributedDataParallel(student, device_ids=[local_rank] if device.type == "cuda" else None)
+    ema = None
+    if recipe.ema:
+        ema = {k: v.detach().clone() for k, v in student.state_dict().items() if torch.is_floating_point(v)}
+    ckpt_path = opts.output + ".ckpt"
+    step, start_epoch = 0, 0
+    if opts.resume:
+        path = ckpt_path if opts.resume in ("auto", "last") else opts.resume
+        if not os.path.exists(path):
+            raise UserError(f"no checkpoint to resume from at {path}")
+        ck = torch.load(path, map_location=device, weights_only=False)
+        student.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["opt"])
+        step, start_epoch = ck["step"], ck["epoch"]
+        ema = ck.get("ema", ema)
+        if main_proc:
+            log.info("resumed from %s at epoch %d, step %d", path, start_epoch, step)
+    bar = _Progress(opts.progress and main_proc)
+    history = []
+    seen, t_train = 0, time.perf_counter()
+    epoch = start_epoch
+    while step < total and epoch < recipe.epochs:
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        model.train()
+        losses = []
+        it = iter(loader)
+        for _ in range(steps_per_epoch):
+            if step >= total:
+                break
+            cur_lr = _lr_at(step, total, steps_per_epoch, lr, recipe)
+            for g in opt.param_groups:
+                g["lr"] = cur_lr
+            opt.zero_grad(set_to_none=True)
+            step_loss = 0.0
+            for _a in range(accum):
+                try:
+                    x, y = next(it)
+                except StopIteration:
+                    it = iter(loader)
+                    x, y = next(it)
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                if mixup is not None:
+                    x, y_soft = mixup(x, y)
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                    logits = model(x)
+                    if mixup is not None:
+                        task = torch.sum(-y_soft * F.log_softmax(logits.float(), -1), -1).mean()
+                    else:
+                        task = F.cross_entropy(logits.float(), y, label_smoothing=recipe.label_smoothing)
+                    loss = task
+                    if teacher is not None:
+                        with torch.no_grad():
+                            t_logits = teacher(x).float()
+                        T = opts.kd_temperature
+                        kd = F.kl_div(F.log_softmax(logits.float() / T, -1), F.log_softmax(t_logits / T, -1),
+                                      reduction="batchmean", log_target=True) * T * T
+                        loss = (1 - opts.kd_alpha) * task + opts.kd_alpha * kd
+                scaler.scale(loss / accum).backward()
+                step_loss += float(loss) / accum
+                seen += x.shape[0] * world
+            if recipe.clip_grad:
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(params, recipe.clip_grad)
+            scaler.step(opt)
+            scaler.update()
+            if ema is not None:
+                with torch.no_grad():
+                    for k, v in student.state_dict().items():
+                        if k in ema:
+                            ema[k].mul_(recipe.ema).add_(v.detach(), alpha=1 - recipe.ema)
+            step += 1
+            losses.append(step_loss)
+            el = time.perf_counter() - t_train
+            bar.show(f"epoch {epoch + 1}/{recipe.epochs} step {step}/{total} loss {np.mean(losses[-20:]):.4f} "
+                     f"lr {cur_lr:.2e} {seen / max(el, 1e-9):.1f} img/s")
+        epoch += 1
+        rec = {"epoch": epoch, "step": step, "loss": float(np.mean(losses)) if losses else None, "lr": cur_lr}
+        history.append(rec)
+        if main_proc:
+            bar.show(f"epoch {epoch}/{recipe.epochs} done: loss {rec['loss']:.4f}", force=True)
+            torch.save({"model": student.state_dict(), "opt": opt.state_dict(), "step": step, "epoch": epoch, "ema": ema,
+                        "recipe": recipe.as_dict()}, ckpt_path)
+    if ema is not None:
+        sd = student.state_dict()
+        sd.update({k: v for k, v in ema.items()})
+        student.load_state_dict(sd)
+    result = {"input": pruned, "output": opts.output, "recipe": recipe.as_dict(), "lr": lr, "batch_size": opts.batch_size,
+              "micro_batch": micro, "accumulation": accum, "world_size": world, "device": str(device), "amp": use_amp,
+              "steps": step, "history": history, "import": info, "kd": bool(teacher), "classes": n_classes,
+              "train_seconds": round(time.perf_counter() - t_train, 1)}
+    if main_proc:
+        student.cpu()
+        tuned = write_back(imp)
+        onnx.save(tuned, opts.output)
+        result["top1_before"] = evaluate_onnx(proto, opts.data, size, opts.mean, opts.std, opts.eval_batches)
+        result["top1_after"] = evaluate_onnx(tuned, opts.data, size, opts.mean, opts.std, opts.eval_batches)
+        if opts.teacher:
+            result["top1_teacher"] = evaluate_onnx(opts.teacher, opts.data, size, opts.mean, opts.std, opts.eval_batches)
+        result["seconds"] = round(time.perf_counter() - t0, 1)
+        with open(os.path.splitext(opts.output)[0] + ".finetune.json", "w") as f:
+            json.dump(result, f, indent=1)
+    if distributed:
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
+    return result
