@@ -33,6 +33,10 @@ class Analyzed:
     def group(self, gid: int) -> Group:
         return next(g for g in self.groups if g.id == gid)
 
+    def scores(self, ratios: Ratios, proto=None, calib=None):
+        """Channel importance of every prunable group (``ratios.importance``)."""
+        return compute_scores(self.ctx, self.groups, ratios, proto, calib)
+
 
 def analyze(model: str | onnx.ModelProto) -> Analyzed:
     """Load (or take) a model and find its groups and isomorphic sets."""
@@ -79,24 +83,31 @@ def prune(
     model: str | onnx.ModelProto,
     ratios: Ratios | dict | str | None = None,
     check: bool = True,
+    calib=None,
 ) -> PruneResult:
-    """Prune a model; the input is never modified. Returns the new proto and facts."""
+    """Prune a model; the input is never modified. Returns the new proto and facts.
+    ``calib`` (:class:`onnxprune.importance.calib.Calibration`, or a spec string
+    such as a directory, ``.npy`` or ``"synthetic"``) feeds data-driven criteria."""
     t0 = time.perf_counter()
     ratios = ratios if isinstance(ratios, Ratios) else Ratios.load(ratios)
     src = io.read_proto(model) if isinstance(model, str) else _copy(model)
     a = analyze(src)
     normalised = io.to_proto(a.model)  # run-time shape chains folded
+    if isinstance(calib, str):
+        from .importance.calib import load as load_calib
+
+        calib = load_calib(calib, normalised)
+    scores = compute_scores(a.ctx, a.groups, ratios, normalised, calib)
     if ratios.target is not None:
         est = Estimator(a.ctx, normalised)
         before = est.before
         metric, requested = ratios.target
         target = parse_target(requested, before[metric], metric)
-        scores = compute_scores(a.ctx, a.groups, ratios)
         _, plan, predicted, info = solve(a.ctx, a.groups, ratios, target, est, scores)
         plan.target = info
     else:
         before = metrics.count(normalised)
-        plan = make_plan(a.ctx, a.groups, ratios)
+        plan = make_plan(a.ctx, a.groups, ratios, scores=scores)
         predicted = None
     apply_plan(a.ctx, plan.keep)
     proto = io.infer(io.to_proto(a.model))

@@ -44,10 +44,26 @@ def _prune_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", help="pruned model path (default: MODEL stem + '.pruned.onnx' in the current directory)")
     p.add_argument("--report", help="write the JSON report here")
     p.add_argument("--verify", action="store_true", help="run the zero-contribution oracle on this plan")
+    _calib_opts(p)
     p.add_argument("--bench", action="store_true", help="measure ORT latency before and after (interleaved; see 'onnxprune bench')")
     _bench_opts(p, runs=30, warmup=5)
     _common(p)
     return p
+
+
+def _calib_opts(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--calib", help="calibration data for data-driven importance: DIR (ImageFolder), FILE.npy/.npz, or 'synthetic'")
+    p.add_argument("--calib-batches", type=int, default=4, help="calibration batches (default 4)")
+    p.add_argument("--calib-batch-size", type=int, default=32, help="samples per batch (default 32; a static-batch model uses its own)")
+
+
+def _calib(args, model_path):
+    if not getattr(args, "calib", None):
+        return None
+    from . import io
+    from .importance.calib import load
+
+    return load(args.calib, io.read_proto(model_path), args.calib_batches, args.calib_batch_size)
 
 
 def _bench_opts(p: argparse.ArgumentParser, runs: int = 100, warmup: int = 20) -> None:
@@ -63,6 +79,10 @@ def _sub_parsers() -> dict[str, argparse.ArgumentParser]:
     a.add_argument("model")
     a.add_argument("--json", help="write groups as JSON here")
     a.add_argument("--members", action="store_true", help="print every group with its members")
+    a.add_argument("--scores", action="store_true", help="score every group and summarise each isomorphic set")
+    a.add_argument("--importance", default="l2", help="criterion for --scores, or JSON {kind: criterion} (default l2)")
+    a.add_argument("--plot", help="with --scores: draw the score distribution of each isomorphic set (PNG)")
+    _calib_opts(a)
     _common(a)
     v = argparse.ArgumentParser(prog="onnxprune verify", description="Zero-contribution oracle on your model and plan.")
     v.add_argument("model")
@@ -143,7 +163,10 @@ def cmd_prune(args) -> str:
     if args.report and os.path.abspath(args.report) in (os.path.abspath(model), os.path.abspath(out)):
         raise UserError("--report must not be the model or output path")
     _say(args, f"analysing {model}")
-    res = api.prune(model, ratios)
+    calib = _calib(args, model)
+    if calib is not None:
+        _say(args, f"calibration: {calib.source}, {len(calib.batches)} batches of {len(calib.batches[0])}")
+    res = api.prune(model, ratios, calib=calib)
     groups = res.analyzed.groups
     _say(args, report.sets_table(groups, res.plan.keep))
     frozen = [g for g in groups if g.frozen]
@@ -218,6 +241,17 @@ def cmd_analyze(args) -> str:
 
     a = api.analyze(args.model)
     _say(args, report.sets_table(a.groups))
+    scores = None
+    if args.scores or args.plot:
+        from . import io
+        from .plan import Ratios
+
+        imp = json.loads(args.importance) if args.importance.lstrip().startswith("{") else args.importance
+        r = Ratios.from_dict({"importance": imp})
+        scores = a.scores(r, io.to_proto(a.model), _calib(args, args.model))
+        _say(args, "\nimportance per isomorphic set:\n" + report.scores_table(a.groups, scores))
+        if args.plot:
+            report.plot_scores(a.groups, scores, args.plot)
     _say(args, "\nfrozen groups:\n" + report.frozen_table(a.groups))
     if args.members:
         for g in a.groups:
@@ -226,7 +260,7 @@ def cmd_analyze(args) -> str:
                 _say(args, f"   {m.role:5s} {m.node.op_type:12s} {m.value.name} axis {m.axis}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(report.groups_json(a.groups), f, indent=1)
+            json.dump(report.groups_json(a.groups, scores=scores), f, indent=1)
     n = sum(1 for g in a.groups if not g.frozen)
     return f"{n} prunable groups in {len(a.sets)} isomorphic sets, {len(a.groups) - n} frozen"
 

@@ -16,9 +16,10 @@ import numpy as np
 from .core.analysis import Analysis
 from .core.groups import KINDS, Group
 from .errors import UserError
+from .importance.criteria import CRITERIA as IMPORTANCES
+from .importance.criteria import Scores, score_groups
 
 SCOPES = ("isomorphic", "global", "local")
-IMPORTANCES = ("l2", "l1", "random")
 FIELDS = {"default", "kinds", "sets", "layers", "ignore", "round_to", "scope", "importance", "seed",
           "target_macs", "target_params"}
 UNROUNDED_KINDS = {"heads"}  # heads are pruned whole: round_to applies to widths, not to head counts
@@ -41,7 +42,7 @@ class Ratios:
     ignore: list[str] = field(default_factory=list)
     round_to: int = 1
     scope: str = "isomorphic"
-    importance: str = "l2"
+    importance: str | dict = "l2"  # a criterion, or {kind | "default": criterion}
     seed: int = 0
     target_macs: float | str | None = None
     target_params: float | str | None = None
@@ -74,9 +75,16 @@ class Ratios:
         r.scope = d.get("scope", "isomorphic")
         if r.scope not in SCOPES:
             raise UserError(f"unknown scope {r.scope!r} (scopes: {', '.join(SCOPES)})")
-        r.importance = d.get("importance", "l2")
-        if r.importance not in IMPORTANCES:
-            raise UserError(f"unknown importance {r.importance!r} (criteria: {', '.join(IMPORTANCES)})")
+        imp = d.get("importance", "l2")
+        spec = imp if isinstance(imp, dict) else {"default": imp}
+        if not isinstance(imp, (str, dict)):
+            raise UserError("'importance' must be a criterion or an object {kind: criterion}")
+        for k, v in spec.items():
+            if k != "default" and k not in KINDS:
+                raise UserError(f"importance: unknown kind {k!r} (kinds: {', '.join(KINDS)}, or 'default')")
+            if v not in IMPORTANCES:
+                raise UserError(f"unknown importance {v!r} (criteria: {', '.join(IMPORTANCES)})")
+        r.importance = imp
         seed = d.get("seed", 0)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise UserError("'seed' must be an integer")
@@ -111,6 +119,10 @@ class Ratios:
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
+
+    @property
+    def importance_spec(self) -> dict:
+        return dict(self.importance) if isinstance(self.importance, dict) else {"default": self.importance}
 
     # -- budgets -----------------------------------------------------------------------
     @property
@@ -179,20 +191,12 @@ class Ratios:
 
 
 def channel_scores(ctx: Analysis, g: Group, criterion: str, rng: np.random.Generator) -> np.ndarray:
-    """Importance of each channel of ``g``: the norm of all its slices in every member."""
+    """Data-free importance of each channel of ``g`` (kept for API users)."""
     if criterion == "random":
         return rng.random(g.width)
-    scores = np.zeros(g.width)
-    for m in g.tensors:
-        arr = ctx.const(m.value)
-        if arr is None or not np.issubdtype(arr.dtype, np.floating):
-            continue
-        lm = ctx.table.leaf_map(m.space, g.space)
-        per = np.moveaxis(arr.astype(np.float64), m.axis, 0).reshape(arr.shape[m.axis], -1)
-        per = np.abs(per).sum(1) if criterion == "l1" else (per**2).sum(1)
-        sel = lm >= 0
-        np.add.at(scores, lm[sel], per[sel])
-    return np.sqrt(scores) if criterion == "l2" else scores
+    from .importance.criteria import magnitude
+
+    return magnitude(ctx, g, criterion)
 
 
 @dataclass
@@ -202,6 +206,7 @@ class Plan:
     scores: dict[int, np.ndarray]
     skipped: dict[int, str]  # group id -> why it was left whole
     target: dict | None = None  # what a target_macs / target_params search found
+    importance: Scores | None = None  # criterion used per group, fallbacks, GOHSP matrices
 
 
 def _n_keep(width: int, n_remove: int, round_to: int) -> int:
@@ -212,18 +217,18 @@ def _n_keep(width: int, n_remove: int, round_to: int) -> int:
     return int(min(width, max(1, keep)))
 
 
-def compute_scores(ctx: Analysis, groups: list[Group], ratios: Ratios) -> dict[int, np.ndarray]:
-    """Channel importance of every prunable group (criterion from ``ratios``)."""
-    rng = np.random.default_rng(ratios.seed)
-    return {g.id: channel_scores(ctx, g, ratios.importance, rng) for g in groups if not g.frozen}
+def compute_scores(ctx: Analysis, groups: list[Group], ratios: Ratios, proto=None, calib=None) -> Scores:
+    """Channel importance of every prunable group (criteria from ``ratios``;
+    data-driven ones need the model ``proto`` and calibration batches)."""
+    return score_groups(ctx, groups, ratios.importance_spec, ratios.seed, proto, calib)
 
 
-def make_plan(ctx: Analysis, groups: list[Group], ratios: Ratios, scores: dict[int, np.ndarray] | None = None) -> Plan:
+def make_plan(ctx: Analysis, groups: list[Group], ratios: Ratios, scores: Scores | None = None) -> Plan:
     """Which channels each group keeps. ``scores`` (from :func:`compute_scores`)
     can be passed in when many plans are made for one model."""
     if scores is None:
         scores = compute_scores(ctx, groups, ratios)
-    plan = Plan({}, {}, {}, {})
+    plan = Plan({}, {}, {}, {}, importance=scores)
     pools: dict[tuple, list[Group]] = {}
     for g in groups:
         if g.frozen:
@@ -238,7 +243,7 @@ def make_plan(ctx: Analysis, groups: list[Group], ratios: Ratios, scores: dict[i
         else:
             r, src = ratios.set_ratio(g.set_name, g.kind)
         plan.ratios[g.id] = (r, src)
-        plan.scores[g.id] = scores[g.id]
+        plan.scores[g.id] = scores.values[g.id]
         if r <= 0:
             continue
         if ratios.scope == "local" or src == "layers":

@@ -48,8 +48,10 @@ def frozen_table(groups: list[Group]) -> str:
     return table(rows, ["group", "kind", "width", "layers", "why frozen"]) if rows else "(none)"
 
 
-def groups_json(groups: list[Group], plan=None) -> list[dict]:
+def groups_json(groups: list[Group], plan=None, scores=None) -> list[dict]:
     out = []
+    if scores is None and plan is not None:
+        scores = plan.importance
     for g in groups:
         d = {
             "id": g.id,
@@ -74,5 +76,59 @@ def groups_json(groups: list[Group], plan=None) -> list[dict]:
                 d["ratio"], d["ratio_source"] = plan.ratios[g.id]
             if g.id in plan.skipped:
                 d["skipped"] = plan.skipped[g.id]
+        if scores is not None and g.id in scores.values:
+            d["criterion"] = scores.used.get(g.id)
+            d["scores"] = [float(x) for x in scores.values[g.id]]
+            if g.id in scores.notes:
+                d["criterion_note"] = scores.notes[g.id]
+            if g.id in scores.gohsp:
+                d["gohsp"] = scores.gohsp[g.id]
         out.append(d)
     return out
+
+
+def scores_table(groups: list[Group], scores) -> str:
+    rows = []
+    for name, gs in isomorphic_sets(groups).items():
+        vals = [scores.values[g.id] for g in gs if g.id in scores.values]
+        if not vals:
+            continue
+        allv = np.concatenate(vals)
+        used = sorted({scores.used.get(g.id, "?") for g in gs if g.id in scores.values})
+        rows.append([name, gs[0].kind, "+".join(used), len(allv), f"{allv.min():.3g}", f"{np.median(allv):.3g}", f"{allv.max():.3g}",
+                     sum(1 for g in gs if g.id in scores.notes)])
+    return table(rows, ["isomorphic set", "kind", "criterion", "channels", "min", "median", "max", "fallbacks"])
+
+
+def plot_scores(groups: list[Group], scores, path: str) -> None:
+    """One panel per isomorphic set: the sorted channel scores of each of its groups."""
+    from .errors import UserError
+
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UserError("--plot needs matplotlib: pip install 'onnxprune[plot]'") from None
+    sets = [(n, gs) for n, gs in isomorphic_sets(groups).items() if any(g.id in scores.values for g in gs)]
+    if not sets:
+        raise UserError("no prunable group to plot")
+    cols = min(3, len(sets))
+    rows = (len(sets) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.2 * rows), squeeze=False)
+    for ax, (name, gs) in zip(axes.ravel(), sets):
+        for g in gs:
+            if g.id in scores.values:
+                v = np.sort(scores.values[g.id])[::-1]
+                ax.plot(np.linspace(0, 1, len(v)), v, lw=0.8, alpha=0.7)
+        crit = "+".join(sorted({scores.used.get(g.id, "?") for g in gs if g.id in scores.values}))
+        ax.set_title(f"{name} ({crit}, {len(gs)} groups)", fontsize=8)
+        ax.set_xlabel("channel rank (fraction of width)", fontsize=7)
+        ax.set_ylabel("score", fontsize=7)
+        ax.tick_params(labelsize=6)
+    for ax in axes.ravel()[len(sets):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,107 @@
+"""Calibration input: ``--calib DIR | FILE.npy | FILE.npz | synthetic``.
+
+* ``DIR``: an ImageFolder root (``DIR/train`` if present, else ``DIR/val``,
+  else ``DIR`` itself), preprocessed exactly as fine-tuning evaluates
+  (resize + centre crop at the model's input size, ImageNet mean/std);
+  labels come with it.
+* ``FILE.npy``: an array ``[N, C, H, W]`` already preprocessed; ``FILE.npz``
+  with ``x`` (and optionally ``y`` labels).
+* ``synthetic``: glyph images rendered in memory (``onnxprune data synthetic``)
+  with the same preprocessing; no labels (criteria that need labels use the
+  model's own predictions).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from ..errors import UserError
+
+
+@dataclass
+class Calibration:
+    batches: list  # [np.ndarray [B, C, H, W]]
+    labels: list | None  # [np.ndarray [B]] or None
+    source: str
+
+    @property
+    def n(self) -> int:
+        return int(sum(len(b) for b in self.batches))
+
+
+def _input_shape(proto: onnx.ModelProto) -> tuple[int | None, list]:
+    inits = {i.name for i in proto.graph.initializer}
+    for i in proto.graph.input:
+        if i.name not in inits:
+            d = [x.dim_value if x.HasField("dim_value") else None for x in i.type.tensor_type.shape.dim]
+            return d[0], d
+    raise UserError("model has no input")
+
+
+def _chunks(x: np.ndarray, y, batch: int, n_batches: int):
+    xs, ys = [], []
+    for k in range(n_batches):
+        s = slice(k * batch, (k + 1) * batch)
+        if len(x[s]) < batch:
+            break
+        xs.append(np.ascontiguousarray(x[s], dtype=np.float32))
+        ys.append(None if y is None else np.asarray(y[s]))
+    if not xs:
+        raise UserError(f"calibration data has {len(x)} samples: fewer than one batch of {batch}")
+    return xs, (None if y is None else ys)
+
+
+def load(spec: str, proto: onnx.ModelProto, n_batches: int = 4, batch: int = 32, seed: int = 0) -> Calibration:
+    static, dims = _input_shape(proto)
+    if static is not None:
+        batch = static  # a static-batch model takes exactly its batch
+    if len(dims) != 4 or not dims[2] or not dims[3]:
+        if not (spec.endswith(".npy") or spec.endswith(".npz")):
+            raise UserError("image calibration needs an input [N, C, H, W] with static H, W; give a .npy/.npz")
+    need = n_batches * batch
+    if spec == "synthetic":
+        from ..finetune.data import GLYPHS, _fonts, render_glyph, transforms
+
+        rng = np.random.default_rng(seed)
+        fonts = _fonts()
+        tf = transforms(dims[2], train=False)
+        x = np.stack([tf(render_glyph(GLYPHS[int(rng.integers(10))], dims[2], rng, fonts)).numpy() for _ in range(need)])
+        xs, ys = _chunks(x, None, batch, n_batches)
+        return Calibration(xs, None, "synthetic glyphs")
+    if os.path.isdir(spec):
+        from ..finetune.data import image_folder
+
+        root, split = spec, None
+        for s in ("train", "val"):
+            if os.path.isdir(os.path.join(spec, s)):
+                split = s
+                break
+        if split is None:
+            root, split = os.path.dirname(os.path.abspath(spec)), os.path.basename(os.path.abspath(spec))
+        ds = image_folder(root, split, dims[2], train=False)
+        if len(ds) < batch:
+            raise UserError(f"{spec}: {len(ds)} images, fewer than one batch of {batch}")
+        idx = np.random.default_rng(seed).permutation(len(ds))[:need]
+        items = [ds[int(i)] for i in idx]
+        x = np.stack([it[0].numpy() for it in items])
+        y = np.array([it[1] for it in items])
+        xs, ys = _chunks(x, y, batch, n_batches)
+        return Calibration(xs, ys, f"{spec} ({split}, {len(xs) * batch} images)")
+    if spec.endswith(".npy") or spec.endswith(".npz"):
+        if not os.path.exists(spec):
+            raise UserError(f"calibration file not found: {spec}")
+        if spec.endswith(".npy"):
+            x, y = np.load(spec), None
+        else:
+            z = np.load(spec)
+            if "x" not in z:
+                raise UserError(f"{spec}: expected arrays 'x' (and optionally 'y')")
+            x, y = z["x"], z["y"] if "y" in z else None
+        if list(x.shape[1:]) != [d for d in dims[1:]] and all(d is not None for d in dims[1:]):
+            raise UserError(f"{spec}: samples have shape {list(x.shape[1:])}, the model takes {dims[1:]}")
+        xs, ys = _chunks(x, y, batch, n_batches)
+        return Calibration(xs, ys, f"{spec} ({len(xs) * batch} samples)")
+    raise UserError(f"--calib {spec!r}: not a directory, .npy/.npz file or 'synthetic'")

@@ -1,0 +1,351 @@
+"""Channel importance of every group, per criterion.
+
+Scores of a group are one number per channel (per head for ``heads``); a plan
+ranks them inside a pool (an isomorphic set, a kind, or one group) and keeps the
+highest. Scores of different kinds are never compared: pools never mix kinds.
+
+| criterion | score of channel c | needs data |
+|---|---|---|
+| ``l2`` / ``l1`` | norm of every slice of c in every member tensor | no |
+| ``random`` | uniform, seeded | no |
+| ``bn_scale`` | abs of the normalisation scale (BatchNorm/LayerNorm/GroupNorm/InstanceNorm gamma) of c; groups without one fall back to ``l2`` (noted) | no |
+| ``activation`` | mean abs activation of c, where the group's consumers read it (ORT, intermediate outputs exposed) | yes |
+| ``taylor`` | sum over members of abs(w * dL/dw) over c's slices (gradients through the onnx2torch import; L = cross-entropy with label smoothing 0.1 against the data's labels, else the model's own predictions) | yes |
+| ``hessian`` | sum over members and calibration batches of (w * dL/dw)^2: the diagonal empirical-Fisher approximation of the loss change (OBD-style) | yes |
+| ``gohsp`` | heads only: stationary probability of the Markov chain over head-output cosine similarity (seed 002, Alg. 2) | yes |
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from math import prod
+
+import numpy as np
+import onnx
+
+from ..core.analysis import Analysis
+from ..core.groups import Group
+from ..core.space import ATOM, CONCAT, FIXED
+from ..errors import UserError
+
+log = logging.getLogger(__name__)
+
+CRITERIA = ("l2", "l1", "random", "bn_scale", "activation", "taylor", "hessian", "gohsp")
+DATA_CRITERIA = {"activation", "taylor", "hessian", "gohsp"}
+NORMS = {"BatchNormalization", "LayerNormalization", "GroupNormalization", "InstanceNormalization"}
+GOHSP_EPS = 1e-12
+GOHSP_MAX_ITERS = 100000
+
+
+@dataclass
+class Scores:
+    values: dict = field(default_factory=dict)  # group id -> per-channel scores
+    used: dict = field(default_factory=dict)  # group id -> criterion actually used
+    notes: dict = field(default_factory=dict)  # group id -> why a fallback happened
+    gohsp: dict = field(default_factory=dict)  # group id -> {"P": ..., "stationary": ..., "iterations": ...}
+
+
+def criterion_for(spec: dict, kind: str) -> str:
+    return spec.get(kind, spec.get("default", "l2"))
+
+
+# -- helpers -------------------------------------------------------------------------------
+def axis_map(t, s, leaf, n: int) -> np.ndarray:
+    """For each of the ``n`` positions of an axis laid out as ``s``: the channel of
+    ``leaf`` it belongs to, or -1. Like ``SpaceTable.leaf_map`` but tolerates one
+    dynamic (None-sized) factor, e.g. batch x heads merged by dynamo."""
+    r = t.find(s)
+    if r is leaf:
+        return np.arange(n)
+    if r.kind in (ATOM, FIXED):
+        return np.full(n, -1)
+    sizes = [c.size for c in r.children]
+    if r.kind == CONCAT:
+        if any(x is None for x in sizes):
+            return np.full(n, -1)
+        return np.concatenate([axis_map(t, c, leaf, c.size) for c in r.children])
+    if sum(x is None for x in sizes) == 1:
+        known = prod(x for x in sizes if x is not None)
+        sizes = [n // known if x is None else x for x in sizes]
+    if None in sizes or prod(sizes) != n:
+        return np.full(n, -1)
+    maps = [axis_map(t, c, leaf, k) for c, k in zip(r.children, sizes)]
+    hit = [i for i, m in enumerate(maps) if (m >= 0).any()]
+    if not hit:
+        return np.full(n, -1)
+    i = hit[0]
+    idx = np.indices(sizes).reshape(len(sizes), -1)
+    return maps[i][idx[i]]
+
+
+def _per_channel(per_position: np.ndarray, lm: np.ndarray, width: int, how: str = "sum") -> np.ndarray:
+    out = np.zeros(width)
+    sel = lm >= 0
+    np.add.at(out, lm[sel], per_position[sel])
+    if how == "mean":
+        cnt = np.bincount(lm[sel], minlength=width).astype(float)
+        out = out / np.maximum(cnt, 1)
+    return out
+
+
+def magnitude(ctx: Analysis, g: Group, criterion: str, arrays: dict | None = None) -> np.ndarray:
+    """l1/l2 norm of every slice of each channel over every member tensor (or,
+    with ``arrays``, the l1 sum of those per-element arrays by tensor name)."""
+    scores = np.zeros(g.width)
+    for m in g.tensors:
+        if arrays is not None:
+            arr = arrays.get(m.value.name)
+        else:
+            arr = ctx.const(m.value)
+        if arr is None or not np.issubdtype(arr.dtype, np.floating) or arr.ndim <= m.axis:
+            continue
+        lm = ctx.table.leaf_map(m.space, g.space)
+        per = np.moveaxis(arr.astype(np.float64), m.axis, 0).reshape(arr.shape[m.axis], -1)
+        per = (per**2).sum(1) if criterion == "l2" else np.abs(per).sum(1)
+        scores += _per_channel(per, lm, g.width)
+    return np.sqrt(scores) if criterion == "l2" else scores
+
+
+def bn_scale(ctx: Analysis, g: Group) -> np.ndarray | None:
+    scores, found = np.zeros(g.width), False
+    for m in g.tensors:
+        if m.node.op_type in NORMS and m.slot == 1:
+            arr = ctx.const(m.value)
+            if arr is None:
+                continue
+            lm = ctx.table.leaf_map(m.space, g.space)
+            per = np.abs(np.moveaxis(arr.astype(np.float64), m.axis, 0).reshape(arr.shape[m.axis], -1)).mean(1)
+            scores += _per_channel(per, lm, g.width)
+            found = True
+    return scores if found else None
+
+
+def _activation_site(ctx: Analysis, g: Group):
+    """(value, axis) where the group's channels are read: a consumer's data
+    input, else a producer's output."""
+    t = ctx.table
+    leaf = g.space
+
+    def has(v, ax):
+        lay = ctx.layouts.get(v)
+        s = lay[ax] if lay and ax < len(lay) else None
+        return s is not None and any(x is leaf for x in t.leaves(s))
+
+    for role in ("in", "out"):
+        for m in g.tensors:
+            if m.role != role:
+                continue
+            vals = m.node.inputs if role == "in" else m.node.outputs
+            for v in vals:
+                if v is None or v.const_value is not None or v not in ctx.layouts:
+                    continue
+                for ax in range(len(ctx.layouts[v])):
+                    if has(v, ax):
+                        return v, ax
+    return None
+
+
+def _av_site(ctx: Analysis, g: Group):
+    """The attention output of a heads group: the AV MatMul (activation x
+    activation, last axis a head_dim) or an Attention op's output."""
+    t = ctx.table
+    for node in ctx.graph:
+        if node.op_type not in ("MatMul", "Attention"):
+            continue
+        if node.op_type == "MatMul" and any(v is None or v.const_value is not None for v in node.inputs[:2]):
+            continue
+        out = node.outputs[0]
+        lay = ctx.layouts.get(out)
+        if not lay:
+            continue
+        if node.op_type == "MatMul":
+            last = lay[-1]
+            if last is None or not any("head_dim" in t.find(x).tags for x in t.leaves(last)):
+                continue
+        for ax, s in enumerate(lay):
+            if s is not None and any(x is g.space for x in t.leaves(s)):
+                return out, ax
+    return None
+
+
+def _capture(proto: onnx.ModelProto, names: list[str], calib, threads: int | None = None):
+    """Yield ``(batch index, {name: array})`` with the named values exposed as outputs."""
+    from .. import io
+
+    p = onnx.ModelProto()
+    p.CopyFrom(proto)
+    inferred = io.infer(p)
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in list(inferred.graph.value_info) + list(inferred.graph.output)}
+    have = {o.name for o in p.graph.output}
+    for n in names:
+        if n not in have:
+            p.graph.output.append(onnx.helper.make_tensor_value_info(n, types.get(n, onnx.TensorProto.FLOAT), None))
+    sess = io.session(p, threads=threads or 0)
+    inp = sess.get_inputs()[0].name
+    for k, x in enumerate(calib.batches):
+        outs = sess.run(names, {inp: x})
+        yield k, dict(zip(names, outs))
+
+
+def _power_iteration(P: np.ndarray) -> tuple[np.ndarray, int]:
+    n = len(P)
+    s = np.full(n, 1.0 / n)
+    for it in range(1, GOHSP_MAX_ITERS + 1):
+        s2 = P @ s
+        if np.abs(s2 - s).sum() <= GOHSP_EPS:
+            return s2, it
+        s = s2
+    return s, GOHSP_MAX_ITERS
+
+
+def gohsp_matrix(head_vectors: np.ndarray) -> np.ndarray:
+    """P(i, j) = cosine similarity of the summed outputs of heads i and j
+    (seed 002, Eq. 3), negatives clamped to 0 (DESIGN.md §6: a Markov chain
+    needs non-negative weights; the paper is silent), columns normalised
+    (Alg. 2, line 5)."""
+    v = head_vectors.astype(np.float64)
+    norms = np.linalg.norm(v, axis=1)
+    norms[norms == 0] = 1.0
+    u = v / norms[:, None]
+    P = np.clip(u @ u.T, 0.0, None)
+    col = P.sum(0)
+    col[col == 0] = 1.0
+    return P / col[None, :]
+
+
+def gohsp_scores(head_vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    P = gohsp_matrix(head_vectors)
+    s, it = _power_iteration(P)
+    return s, P, it
+
+
+# -- driver --------------------------------------------------------------------------------
+def score_groups(ctx: Analysis, groups: list[Group], spec: dict, seed: int = 0, proto=None, calib=None) -> Scores:
+    """Scores of every prunable group under ``spec`` (``{kind | "default": criterion}``)."""
+    rng = np.random.default_rng(seed)
+    out = Scores()
+    live = [g for g in groups if not g.frozen]
+    want = {g.id: criterion_for(spec, g.kind) for g in live}
+    for g in live:
+        if want[g.id] == "gohsp" and g.kind != "heads":
+            out.notes[g.id] = f"gohsp ranks heads only; l2 used for this {g.kind} group"
+            want[g.id] = "l2"
+    needs = {c for c in want.values() if c in DATA_CRITERIA}
+    if needs and (calib is None or proto is None):
+        raise UserError(f"importance {', '.join(sorted(needs))} needs calibration data: --calib DIR | FILE.npy | synthetic")
+    # data-free criteria (random draws in group order, so plans are reproducible)
+    for g in live:
+        c = want[g.id]
+        if c == "random":
+            out.values[g.id] = rng.random(g.width)
+        elif c in ("l1", "l2"):
+            out.values[g.id] = magnitude(ctx, g, c)
+        elif c == "bn_scale":
+            s = bn_scale(ctx, g)
+            if s is None:
+                out.notes[g.id] = "no normalisation scale in this group; l2 used"
+                s = magnitude(ctx, g, "l2")
+                want[g.id] = "l2"
+            out.values[g.id] = s
+    if "taylor" in needs or "hessian" in needs:
+        arrays = _taylor_arrays(proto, calib, {c for c in needs if c in ("taylor", "hessian")})
+        for g in live:
+            c = want[g.id]
+            if c in ("taylor", "hessian"):
+                s = magnitude(ctx, g, "l1", arrays[c])
+                if not s.any():
+                    out.notes[g.id] = "no gradient reached this group's tensors; l2 used"
+                    s = magnitude(ctx, g, "l2")
+                    want[g.id] = "l2"
+                out.values[g.id] = s
+    if "activation" in needs or "gohsp" in needs:
+        _data_scores(ctx, live, want, proto, calib, out)
+    out.used = want
+    return out
+
+
+def _data_scores(ctx, live, want, proto, calib, out: Scores) -> None:
+    sites = {}
+    for g in live:
+        if want[g.id] == "activation":
+            sites[g.id] = _activation_site(ctx, g)
+        elif want[g.id] == "gohsp":
+            sites[g.id] = _av_site(ctx, g)
+        if sites.get(g.id) is None and g.id in sites:
+            del sites[g.id]
+            out.notes[g.id] = f"no {'activation' if want[g.id] == 'activation' else 'attention output'} to capture; l2 used"
+            want[g.id] = "l2"
+            out.values[g.id] = magnitude(ctx, g, "l2")
+    names = sorted({v.name for v, _ in sites.values()})
+    acc: dict[int, np.ndarray] = {}
+    for k, vals in _capture(proto, names, calib):
+        B = len(calib.batches[k])
+        for g in live:
+            if g.id not in sites:
+                continue
+            v, ax = sites[g.id]
+            arr = vals[v.name].astype(np.float64)
+            if want[g.id] == "activation":
+                lm = axis_map(ctx.table, ctx.layouts[v][ax], g.space, arr.shape[ax])
+                per = np.abs(np.moveaxis(arr, ax, 0)).reshape(arr.shape[ax], -1).mean(1)
+                acc[g.id] = acc.get(g.id, 0) + _per_channel(per, lm, g.width, "mean") / len(calib.batches)
+            else:  # gohsp: sum the head outputs over the samples of the batch
+                n0 = arr.shape[0]
+                if n0 % B:
+                    raise RuntimeError(f"cannot separate the batch from axis 0 of {v.name} ({n0} vs batch {B})")
+                summed = arr.reshape(B, n0 // B, *arr.shape[1:]).sum(0)
+                acc[g.id] = acc.get(g.id, 0) + summed
+    for g in live:
+        if g.id not in sites:
+            continue
+        if want[g.id] == "activation":
+            out.values[g.id] = acc[g.id]
+            continue
+        v, ax = sites[g.id]
+        summed = acc[g.id]
+        if ax == 0:
+            lm = axis_map(ctx.table, ctx.layouts[v][0], g.space, summed.shape[0] * len(calib.batches[0]))[: summed.shape[0]]
+        else:
+            lm = axis_map(ctx.table, ctx.layouts[v][ax], g.space, summed.shape[ax])
+        vecs = np.stack([np.take(summed, np.where(lm == h)[0], axis=ax).ravel() for h in range(g.width)])
+        s, P, it = gohsp_scores(vecs)
+        out.values[g.id] = s
+        out.gohsp[g.id] = {"P": P.round(8).tolist(), "stationary": s.tolist(), "iterations": it, "value": v.name,
+                           "samples": calib.n, "negatives_clamped": True}
+
+
+def _taylor_arrays(proto, calib, which: set) -> dict[str, dict[str, np.ndarray]]:
+    """Per-initializer |w * g| (taylor) and sum_b (w * g_b)^2 (hessian), in ONNX layout."""
+    try:
+        import torch
+        import torch.nn.functional as F
+
+        from ..finetune.importer import _get, import_onnx
+    except ImportError as e:
+        raise UserError(f"taylor/hessian importance needs torch and onnx2torch: pip install 'onnxprune[finetune]' ({e})") from None
+    imp = import_onnx(proto)
+    mod = imp.module.eval()
+    params = {name: _get(mod, imp.links[name][0].path) for name in imp.trainable}
+    grads = {n: torch.zeros_like(p) for n, p in params.items()}
+    fisher = {n: torch.zeros_like(p) for n, p in params.items()}
+    for k, x in enumerate(calib.batches):
+        mod.zero_grad(set_to_none=True)
+        logits = mod(torch.from_numpy(x))
+        logits = logits[0] if isinstance(logits, (tuple, list)) else logits
+        y = torch.from_numpy(calib.labels[k]).long() if calib.labels is not None else logits.argmax(-1).detach()
+        # label smoothing keeps gradients alive where the softmax saturates (own-prediction labels)
+        F.cross_entropy(logits.reshape(-1, logits.shape[-1]).double(), y.reshape(-1), label_smoothing=0.1).backward()
+        for n, p in params.items():
+            if p.grad is not None:
+                grads[n] += p.grad
+                fisher[n] += (p.detach() * p.grad) ** 2
+    out: dict[str, dict[str, np.ndarray]] = {"taylor": {}, "hessian": {}}
+    inits = {i.name: i for i in proto.graph.initializer}
+    for n, p in params.items():
+        link = imp.links[n][0]
+        for key, val in (("taylor", (p.detach() * grads[n]).abs()), ("hessian", fisher[n])):
+            a = val.numpy()
+            if link.transform == "T":
+                a = a.T
+            out[key][n] = a.reshape(tuple(inits[n].dims))
+    return out
