@@ -19,7 +19,7 @@ from importlib import resources
 
 from .errors import UserError
 
-SUBCOMMANDS = ("analyze", "verify", "export", "prune", "bench", "finetune", "data")
+SUBCOMMANDS = ("analyze", "verify", "export", "prune", "bench", "finetune", "data", "gohsp")
 log = logging.getLogger("onnxprune")
 
 
@@ -38,7 +38,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def _prune_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="onnxprune", description="Structural pruning of ONNX models.",
-                                epilog="subcommands: analyze, verify, export, bench, finetune, data (onnxprune SUBCOMMAND -h)")
+                                epilog="subcommands: analyze, verify, export, bench, finetune, gohsp, data (onnxprune SUBCOMMAND -h)")
     p.add_argument("model", nargs="?", help="input .onnx (default: the built-in demo ResNet)")
     p.add_argument("--ratios", help="ratios.json path or inline JSON (default: built-in demo ratios)")
     p.add_argument("-o", "--output", help="pruned model path (default: MODEL stem + '.pruned.onnx' in the current directory)")
@@ -134,7 +134,25 @@ def _sub_parsers() -> dict[str, argparse.ArgumentParser]:
     d.add_argument("--size", type=int, default=64)
     d.add_argument("--seed", type=int, default=0)
     _common(d)
-    return {"analyze": a, "verify": v, "export": e, "bench": b, "finetune": f, "data": d}
+    h = argparse.ArgumentParser(prog="onnxprune gohsp", description="GOHSP (seed 002): graph-based head ranking, ADMM soft pruning "
+                                "toward head/column sparsity, hard pruning by the rewriter, fine-tuning.")
+    h.add_argument("model")
+    h.add_argument("--data", required=True, help="ImageFolder root with train/ and val/ (also the calibration data)")
+    h.add_argument("--ratios", required=True, help="kind ratios: heads (mask), head_dim and mlp (columns)")
+    h.add_argument("-o", "--output", required=True)
+    h.add_argument("--rho", type=float, default=1e-3, help="ADMM penalty (paper: 0.001)")
+    h.add_argument("--lambda", dest="lam", type=float, default=1e-2, help="weight of the masked-heads quadratic term")
+    h.add_argument("--admm-epochs", type=int, default=2)
+    h.add_argument("--admm-interval", type=int, help="steps between Z/U updates (default: one epoch)")
+    h.add_argument("--finetune-epochs", type=int, default=1)
+    h.add_argument("--lr", type=float, default=0.01, help="SGD lr of the ADMM phase (paper: 0.01 on ImageNet)")
+    h.add_argument("--batch-size", type=int, default=64)
+    h.add_argument("--teacher", help="distil the fine-tuning from this ONNX model")
+    h.add_argument("--max-steps", type=int)
+    h.add_argument("--workers", type=int, default=2)
+    h.add_argument("--plot", help="plot loss, ||(1-M)W||, ||W-Z|| and accuracy per ADMM epoch (PNG)")
+    _common(h)
+    return {"analyze": a, "verify": v, "export": e, "bench": b, "finetune": f, "data": d, "gohsp": h}
 
 
 def _setup_logging(args) -> None:
@@ -329,6 +347,35 @@ def cmd_finetune(args) -> str:
             f"-> {args.output}")
 
 
+def cmd_gohsp(args) -> str:
+    try:
+        from .finetune.admm import GohspOptions, gohsp, plot_history
+    except ImportError as e:
+        raise UserError(f"gohsp needs torch, timm and onnx2torch: pip install 'onnxprune[finetune]' ({e})") from None
+    from .plan import Ratios
+
+    if not os.path.isfile(args.model):
+        raise UserError(f"no such model file: {args.model}")
+    if os.path.abspath(args.output) == os.path.abspath(args.model):
+        raise UserError("output path equals the input path; onnxprune never overwrites its input")
+    text = args.ratios
+    if not text.lstrip().startswith("{"):
+        with open(text) as fh:
+            text = fh.read()
+    rd = json.loads(text)
+    Ratios.from_dict(rd)  # validate
+    r = gohsp(args.model, GohspOptions(data=args.data, output=args.output, ratios=rd, rho=args.rho, lam=args.lam,
+                                       admm_epochs=args.admm_epochs, finetune_epochs=args.finetune_epochs,
+                                       admm_interval=args.admm_interval, lr=args.lr, batch_size=args.batch_size,
+                                       teacher=args.teacher, max_steps=args.max_steps, workers=args.workers, progress=not args.quiet))
+    if args.plot:
+        plot_history(r["history"], args.plot, f"GOHSP rho={args.rho} lambda={args.lam}")
+    h0, h1 = r["history"][0], r["history"][-1]
+    return (f"{r['admm_steps']} ADMM steps: ||(1-M)W|| {h0['masked_norm']:.3g} -> {h1['masked_norm']:.3g}, soft vs hard "
+            f"{r['soft_vs_hard_max_rel']:.2e}, top-1 soft {r['top1_soft']:.1f}% hard {r['top1_hard']:.1f}% final {r['top1_final']:.1f}%, "
+            f"MACs {r['macs']['after'] / r['macs']['before']:.3f}x -> {args.output}")
+
+
 def cmd_data(args) -> str:
     from .finetune.data import make_synthetic
 
@@ -352,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
         sub = argv.pop(0)
         parser = _prune_parser() if sub == "prune" else _sub_parsers()[sub]
         fn = {"analyze": cmd_analyze, "verify": cmd_verify, "export": cmd_export, "prune": cmd_prune, "bench": cmd_bench,
-              "finetune": cmd_finetune, "data": cmd_data}[sub]
+              "finetune": cmd_finetune, "data": cmd_data, "gohsp": cmd_gohsp}[sub]
     else:
         parser, fn = _prune_parser(), cmd_prune
     args = parser.parse_args(argv)

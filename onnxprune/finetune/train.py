@@ -265,7 +265,7 @@ def finetune(pruned: str, opts: Options) -> dict:
                                       reduction="batchmean", log_target=True) * T * T
                         loss = (1 - opts.kd_alpha) * task + opts.kd_alpha * kd
                 scaler.scale(loss / accum).backward()
-                step_loss += float(loss) / accum
+                step_loss += float(loss.detach()) / accum
                 seen += x.shape[0] * world
             if recipe.clip_grad:
                 scaler.unscale_(opt)

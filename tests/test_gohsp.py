@@ -1,0 +1,78 @@
+"""GOHSP soft pruning: the masked-entries norm falls toward zero under ADMM, the
+hard-pruned model matches the soft one, the projection keeps the kappa
+largest columns, and without the penalty nothing is imposed."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+torch = pytest.importorskip("torch")
+timm = pytest.importorskip("timm")
+pytest.importorskip("onnx2torch")
+
+from onnxprune import metrics  # noqa: E402
+from onnxprune.cli import main  # noqa: E402
+from onnxprune.export import export_timm  # noqa: E402
+from onnxprune.finetune.admm import ADMM, Piece, Structure  # noqa: E402
+from onnxprune.finetune.data import make_synthetic  # noqa: E402
+from timm_models import randomize  # noqa: E402
+
+RATIOS = {"kinds": {"heads": 0.34, "head_dim": 0.25, "mlp": 0.5}}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    d = tmp_path_factory.mktemp("gohsp")
+    data = str(d / "data")
+    make_synthetic(data, classes=4, train=32, val=8, size=64, seed=2, progress=False)
+    m = randomize(timm.create_model("deit_tiny_patch16_224", img_size=64, depth=3, num_classes=4), seed=3)
+    path = str(d / "vit.onnx")
+    export_timm("x", path, exporter="dynamo", dynamic_batch=True, model=m, img_size=64)
+    return d, data, path
+
+
+def _run(setup, tag, lam, rho):
+    d, data, path = setup
+    out = str(d / f"{tag}.onnx")
+    rc = main(["gohsp", path, "--data", data, "--ratios", json.dumps(RATIOS), "-o", out, "--admm-epochs", "4", "--batch-size", "16",
+               "--lambda", str(lam), "--rho", str(rho), "--admm-interval", "2", "--finetune-epochs", "0", "--workers", "0", "-q"])
+    assert rc == 0
+    return json.load(open(str(d / f"{tag}.gohsp.json"))), out
+
+
+def test_soft_pruning_drives_masked_entries_to_zero_and_hard_matches_soft(setup):
+    r, out = _run(setup, "soft", 0.2, 0.1)
+    norms = [h["masked_norm"] for h in r["history"]]
+    assert norms[-1] < 0.01 * norms[0]
+    assert all(b <= a * 1.01 for a, b in zip(norms, norms[1:]))  # falls every epoch
+    wz = [h["w_minus_z"] for h in r["history"]]
+    assert wz[-1] < wz[0] or wz[0] == 0
+    assert r["soft_vs_hard_max_rel"] < 0.05
+    hard = onnx.load(out)
+    onnx.checker.check_model(hard, full_check=True)
+    assert metrics.count(hard)["macs"] == r["macs"]["after"] < 0.7 * r["macs"]["before"]
+    assert all(v in (2, 48, 384) for v in r["kept"].values())  # heads 3->2, head_dim 64->48, mlp 768->384
+
+
+def test_without_penalties_nothing_is_imposed(setup):
+    r, _ = _run(setup, "plain", 0.0, 0.0)
+    norms = [h["masked_norm"] for h in r["history"]]
+    assert norms[-1] > 0.5 * norms[0]
+    assert r["soft_vs_hard_max_rel"] > 0.05  # so the first test's match is the penalties' doing
+
+
+def test_projection_keeps_the_kappa_largest_columns():
+    w = torch.nn.Parameter(torch.tensor([[3.0, 0.1, 2.0, 0.5], [1.0, 0.2, 2.0, 0.4]]))
+    st = Structure(gid=0, kind="mlp", width=4, keep_n=2, pieces=[Piece(w, 1, np.arange(4))])
+    admm = ADMM([st], rho=0.5, lam=0.0)
+    z = admm.Z[id(w)]
+    assert torch.equal(z[:, 1], torch.zeros(2)) and torch.equal(z[:, 3], torch.zeros(2))
+    assert torch.equal(z[:, [0, 2]], w.detach()[:, [0, 2]])
+    admm.penalty_step()  # W -= rho * (W - Z + U): dropped columns shrink by half, kept ones stay
+    assert torch.allclose(w.detach()[:, 1], torch.tensor([0.05, 0.1])) and torch.allclose(w.detach()[:, 0], torch.tensor([3.0, 1.0]))
+    admm.dual()
+    assert torch.allclose(admm.U[id(w)][:, 1], torch.tensor([0.05, 0.1]))
+    assert sorted(admm.final_keep()[0].tolist()) == [0, 2]
