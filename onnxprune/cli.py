@@ -326,15 +326,19 @@ def cmd_bench(args) -> str:
     return f"{len(rows)} models, {rows[0].provider} batch {rows[0].batch}, best speed-up {best.speedup:.2f}x ({best.name})"
 
 
+def _check_paths(model: str, output: str, *other_inputs) -> None:
+    if not os.path.isfile(model):
+        raise UserError(f"no such model file: {model}")
+    if os.path.abspath(output) in {os.path.abspath(p) for p in (model, *other_inputs) if p}:
+        raise UserError("output path equals an input path; onnxprune never overwrites its input")
+
+
 def cmd_finetune(args) -> str:
     try:
         from .finetune.train import Options, finetune
     except ImportError as e:
         raise UserError(f"finetune needs torch, timm and onnx2torch: pip install 'onnxprune[finetune]' ({e})") from None
-    if not os.path.isfile(args.model):
-        raise UserError(f"no such model file: {args.model}")
-    if os.path.abspath(args.output) in (os.path.abspath(args.model), os.path.abspath(args.teacher or "")):
-        raise UserError("output path equals an input path; onnxprune never overwrites its input")
+    _check_paths(args.model, args.output, args.teacher)
     opts = Options(data=args.data, output=args.output, teacher=args.teacher, recipe=args.recipe, epochs=args.epochs, lr=args.lr,
                    batch_size=args.batch_size, workers=args.workers, resume=args.resume, kd_alpha=args.kd_alpha,
                    kd_temperature=args.kd_temperature, max_steps=args.max_steps, device=args.device, seed=args.seed,
@@ -354,10 +358,7 @@ def cmd_gohsp(args) -> str:
         raise UserError(f"gohsp needs torch, timm and onnx2torch: pip install 'onnxprune[finetune]' ({e})") from None
     from .plan import Ratios
 
-    if not os.path.isfile(args.model):
-        raise UserError(f"no such model file: {args.model}")
-    if os.path.abspath(args.output) == os.path.abspath(args.model):
-        raise UserError("output path equals the input path; onnxprune never overwrites its input")
+    _check_paths(args.model, args.output, args.teacher)
     text = args.ratios
     if not text.lstrip().startswith("{"):
         with open(text) as fh:

@@ -7,7 +7,7 @@ native parity (deit_base pruned to deit_small's shape vs a native deit_small).
 Every model is a timm model with random weights, exported at a static batch of
 ``--batch`` (default 8, seed 000's CPU batch) with the dynamo exporter (and the
 legacy one for parity). Each family (original + its pruned variants) is timed
-with ``onnxprune.bench``: runs interleaved, order rotated every round, ORT's
+with ``onnxprune.bench``: runs interleaved, order rotated every round, ORT with
 as many intra-op threads as CPU cores. Speed-up is median latency of the
 original over median latency of the pruned model; "efficiency" is speed-up
 divided by MACs reduction (issue 4's goal: at least 0.8).
@@ -34,6 +34,7 @@ from onnxprune.bench import bench  # noqa: E402
 from onnxprune.export import export_timm  # noqa: E402
 from onnxprune.report import table  # noqa: E402
 from timm_models import randomize  # noqa: E402
+from common import md  # noqa: E402
 
 MODELS_DIR = os.path.join(HERE, "..", "models")
 CHANNELS = {"default": 0.5, "kinds": {"embed": 0}, "round_to": 8}
@@ -115,9 +116,9 @@ def main() -> None:
            f"({args.parity_runs} for parity) per model, interleaved; {time.perf_counter() - t0:.0f}s in all")
     text = ""
     if a_rows:
-        text += "MACs reduction vs measured speed-up\n\n" + _md(a_rows, HEAD_A) + "\n"
+        text += "MACs reduction vs measured speed-up\n\n" + md(HEAD_A, a_rows) + "\n"
     if b_rows:
-        text += "\nNative parity (deit_base pruned with embed/heads/mlp 0.5, head_dim 0 vs native deit_small)\n\n" + _md(b_rows, HEAD_B) + "\n"
+        text += "\nNative parity (deit_base pruned with embed/heads/mlp 0.5, head_dim 0 vs native deit_small)\n\n" + md(HEAD_B, b_rows) + "\n"
     text += "\n" + env + "\n"
     print("\n" + text)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
@@ -126,9 +127,6 @@ def main() -> None:
     with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
         json.dump(raw, f, indent=1)
 
-
-def _md(rows, head):
-    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(map(str, r)) + " |" for r in rows])
 
 
 if __name__ == "__main__":
