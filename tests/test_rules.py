@@ -491,7 +491,7 @@ def test_oracle_rel_err_flags_nan():
 # -- 20. ratio errors ----------------------------------------------------------------------------
 @pytest.mark.parametrize("bad", [
     {"default": 1.0}, {"default": -0.1}, {"default": "0.5"}, {"bogus": 0.1}, {"kinds": {"heads_x": 0.2}},
-    {"scope": "everything"}, {"importance": "taylor"}, {"round_to": 0}, {"layers": {"c1": 1.5}}, {"ignore": "c1"},
+    {"scope": "everything"}, {"importance": "fisher"}, {"importance": {"heads": "gohsp", "blocks": "l2"}}, {"round_to": 0}, {"layers": {"c1": 1.5}}, {"ignore": "c1"},
 ])
 def test_bad_ratios_raise_user_error(bad):
     with pytest.raises(UserError):
