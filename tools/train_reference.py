@@ -6,6 +6,8 @@ weights (nothing can be downloaded here).
 
 * ``ref_vit``: a DeiT-Tiny-like ViT (embed 192, 3 heads of 64, MLP 768, depth 4,
   patch 8 on 64x64 inputs: 64 tokens + cls), timm ``VisionTransformer``.
+  It learns slowly from 3,000 images: 31.8% top-1 after 30 epochs (lr 1e-3
+  did not learn at all; patch 16 for 60 epochs at lr 1e-4 reached 23%).
 * ``ref_cnn``: a small ResNet (BasicBlock x [1, 1, 1, 1], widths 32/64/128/256),
   timm ``ResNet``.
 
