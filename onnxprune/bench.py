@@ -114,22 +114,24 @@ class _Progress:
         self.total, self.label, self.enabled = total, label, enabled and total > 0
         self.t0 = self.last = time.perf_counter()
         self.shown = False
+        self.tty = sys.stderr.isatty()  # a log file gets a full line every 10 s instead
 
     def step(self, done: int) -> None:
         if not self.enabled:
             return
         now = time.perf_counter()
-        if now - self.last < 1.0 and done < self.total:
+        if now - self.last < (1.0 if self.tty else 10.0) and done < self.total:
             return
         if now - self.t0 < 2.0 and done < self.total and not self.shown:
             return  # short jobs stay quiet
         self.last, self.shown = now, True
         el = now - self.t0
         eta = el / max(done, 1) * (self.total - done)
-        sys.stderr.write(f"\r{self.label}: {done}/{self.total} ({100 * done // self.total}%)  {el:.0f}s elapsed, ~{eta:.0f}s left ")
-        sys.stderr.flush()
-        if done >= self.total:
+        line = f"{self.label}: {done}/{self.total} ({100 * done // self.total}%)  {el:.0f}s elapsed, ~{eta:.0f}s left"
+        sys.stderr.write(f"\r{line} " if self.tty else line + "\n")
+        if self.tty and done >= self.total:
             sys.stderr.write("\n")
+        sys.stderr.flush()
 
 
 def bench(
