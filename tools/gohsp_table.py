@@ -88,10 +88,10 @@ def main() -> None:
                          f"{r['top1_hard']:.1f}", f"{r['top1_final']:.1f}"])
         print(rho_rows[-1], f"({time.perf_counter() - t0:.0f}s)", flush=True)
     head = ["sparsity", "ratios", "MACs kept", "top-1 original", f"soft: hard-pruned -> after {args.ft_epochs} ft epoch(s)",
-            f"hard: pruned -> after {args.admm_epochs + args.ft_epochs} ft epochs", "||(1-M)W|| during ADMM", "soft vs hard (max rel)"]
+            f"hard: pruned -> after {args.admm_epochs + args.ft_epochs} ft epochs", "masked norm (1-M)*W during ADMM", "soft vs hard (max rel)"]
     text = md(head, rows)
     text += f"\n\nrho sensitivity (50% row, lambda {args.lam}, {args.admm_epochs} ADMM epochs)\n\n"
-    h2 = ["rho", "final ||W-Z||", "soft vs hard", "top-1 soft", "top-1 hard-pruned", "top-1 after ft"]
+    h2 = ["rho", "final norm W-Z", "soft vs hard", "top-1 soft", "top-1 hard-pruned", "top-1 after ft"]
     text += md(h2, rho_rows)
     text += f"\n\n{time.perf_counter() - t0:.0f}s on {os.cpu_count()} CPU cores\n"
     write_results(args.out, text, raw)
