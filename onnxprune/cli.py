@@ -97,7 +97,8 @@ def _sub_parsers() -> dict[str, argparse.ArgumentParser]:
     e.add_argument("--opset", type=int)
     e.add_argument("--dynamic-batch", action="store_true")
     e.add_argument("--checkpoint")
-    e.add_argument("--img-size", type=int)
+    e.add_argument("--img-size", type=int, help="input size (transformers are built for it: position embeddings, windows)")
+    e.add_argument("--num-classes", type=int, help="classifier width (default: the model's, 1000 for most timm models)")
     e.add_argument("--batch", type=int, help="static batch size of the export (default 1; ignored shape-wise with --dynamic-batch)")
     _common(e)
     b = argparse.ArgumentParser(prog="onnxprune bench", description="ORT latency, throughput, params, MACs and speed-up "
@@ -157,7 +158,10 @@ def _sub_parsers() -> dict[str, argparse.ArgumentParser]:
 
 def _setup_logging(args) -> None:
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
-    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
+    # root stays at WARNING so that other libraries' INFO chatter (the torch exporter's
+    # optimiser logs every initializer it deduplicates) does not drown our progress lines
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(message)s", stream=sys.stderr)
+    log.setLevel(level)
 
 
 def _say(args, text: str = "") -> None:
@@ -304,7 +308,7 @@ def cmd_verify(args) -> str:
 def cmd_export(args) -> str:
     from .export import export_timm
 
-    export_timm(args.name, args.output, args.exporter, args.opset, args.dynamic_batch, args.checkpoint, args.img_size, batch=args.batch)
+    export_timm(args.name, args.output, args.exporter, args.opset, args.dynamic_batch, args.checkpoint, args.img_size, batch=args.batch, num_classes=args.num_classes)
     return f"exported {args.name} -> {args.output}"
 
 

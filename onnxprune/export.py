@@ -20,6 +20,7 @@ def export_timm(
     img_size: int | None = None,
     model=None,
     batch: int | None = None,
+    num_classes: int | None = None,
     **create_kw,
 ) -> str:
     try:
@@ -30,8 +31,15 @@ def export_timm(
     if model is None:
         if name.startswith("timm:"):
             name = name[5:]
+        if num_classes:
+            create_kw.setdefault("num_classes", num_classes)
         try:
-            model = timm.create_model(name, pretrained=False, **create_kw)
+            try:
+                # transformers bake the input size into their position embeddings / windows
+                kw = dict(create_kw, img_size=img_size) if img_size and "img_size" not in create_kw else create_kw
+                model = timm.create_model(name, pretrained=False, **kw)
+            except TypeError:
+                model = timm.create_model(name, pretrained=False, **create_kw)
         except RuntimeError as e:
             raise UserError(f"timm cannot create '{name}': {e}") from None
         if checkpoint:

@@ -82,3 +82,18 @@ def test_bad_input_is_one_line_and_exit_1(tmp_path, args, msg):
     assert "Traceback" not in err
     assert set(os.listdir(tmp_path)) == before  # no output file written
     assert model.read_bytes() == open(default_model(), "rb").read()
+
+
+def test_export_img_size_and_num_classes_reach_the_model(tmp_path):
+    pytest.importorskip("timm")
+    import numpy as np
+    import onnxruntime as ort
+
+    for name, dims in (("timm:resnet18", 4), ("timm:deit_tiny_patch16_224", 4)):
+        out = tmp_path / (name[5:] + ".onnx")
+        rc, _, err = run(["export", name, "--img-size", "64", "--num-classes", str(dims), "--dynamic-batch", "-o", str(out)], tmp_path)
+        assert rc == 0, err
+        assert "Replaced initializer" not in err  # the exporter's INFO chatter stays hidden
+        s = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+        y = s.run(None, {s.get_inputs()[0].name: np.zeros((3, 3, 64, 64), np.float32)})[0]
+        assert y.shape == (3, dims)
