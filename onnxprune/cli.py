@@ -139,7 +139,9 @@ def _sub_parsers() -> dict[str, argparse.ArgumentParser]:
                                 "toward head/column sparsity, hard pruning by the rewriter, fine-tuning.")
     h.add_argument("model")
     h.add_argument("--data", required=True, help="ImageFolder root with train/ and val/ (also the calibration data)")
-    h.add_argument("--ratios", required=True, help="kind ratios: heads (mask), head_dim and mlp (columns)")
+    h.add_argument("--ratios", help="kind ratios: heads (mask), head_dim and mlp (columns)")
+    h.add_argument("--sparsity", type=float, help="one overall column sparsity for head_dim and mlp, distributed over "
+                   "the layers by Erdos-Renyi as seed 002 does (replaces their ratios; heads still from --ratios)")
     h.add_argument("-o", "--output", required=True)
     h.add_argument("--rho", type=float, default=1e-3, help="ADMM penalty (paper: 0.001)")
     h.add_argument("--lambda", dest="lam", type=float, default=1e-2, help="weight of the masked-heads quadratic term")
@@ -363,7 +365,9 @@ def cmd_gohsp(args) -> str:
     from .plan import Ratios
 
     _check_paths(args.model, args.output, args.teacher)
-    text = args.ratios
+    if args.ratios is None and args.sparsity is None:
+        raise UserError("gohsp needs --ratios (heads, head_dim, mlp) or --sparsity (or both)")
+    text = args.ratios or "{}"
     if not text.lstrip().startswith("{"):
         with open(text) as fh:
             text = fh.read()
@@ -372,7 +376,8 @@ def cmd_gohsp(args) -> str:
     r = gohsp(args.model, GohspOptions(data=args.data, output=args.output, ratios=rd, rho=args.rho, lam=args.lam,
                                        admm_epochs=args.admm_epochs, finetune_epochs=args.finetune_epochs,
                                        admm_interval=args.admm_interval, lr=args.lr, batch_size=args.batch_size,
-                                       teacher=args.teacher, max_steps=args.max_steps, workers=args.workers, progress=not args.quiet))
+                                       teacher=args.teacher, max_steps=args.max_steps, workers=args.workers, progress=not args.quiet,
+                                       sparsity=args.sparsity))
     if args.plot:
         plot_history(r["history"], args.plot, f"GOHSP rho={args.rho} lambda={args.lam}")
     h0, h1 = r["history"][0], r["history"][-1]

@@ -172,3 +172,28 @@ def test_torchrun_single_process_cpu(tmp_path, glyphs):
     rep = json.loads(open(str(tmp_path / "ddp.finetune.json")).read())
     assert rep["world_size"] == 1 and rep["steps"] == 2
     assert onnx.load(out).graph.node == onnx.load(src).graph.node
+
+
+@pytest.mark.parametrize("runtime", [False, True], ids=["const-bounds", "runtime-bounds"])
+@pytest.mark.parametrize("starts,ends,axes,steps", [([1, 0], [3, 100], [0, 2], [1, 2]), ([-1], [-1000], [1], [-2]),
+                                                    ([0, 2, -4], [2**63 - 1, -1, 5], [0, 1, 2], None)])
+def test_slice_converter_matches_ort(starts, ends, axes, steps, runtime):
+    """Our Slice: clamped bounds, negative steps, INT64_MAX ends, bounds known or computed at run time."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    x = np.random.default_rng(0).random((4, 6, 5)).astype(np.float32)
+    inits, names, nodes = [], [], []
+    for n, v in (("s", starts), ("e", ends), ("a", axes), ("t", steps)):
+        if v is not None:
+            inits.append(numpy_helper.from_array(np.array(v, np.int64), n))
+            names.append(n)
+    if runtime:
+        nodes = [helper.make_node("Identity", [n], [n + "_r"]) for n in names]
+        names = [n + "_r" for n in names]
+    nodes.append(helper.make_node("Slice", ["x", *names], ["y"]))
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x.shape)],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+    ref = _ort(m, x)
+    got = import_onnx(m).module(torch.from_numpy(x)).detach().numpy()
+    assert got.shape == ref.shape and np.array_equal(got, ref)

@@ -16,7 +16,7 @@ pytest.importorskip("onnx2torch")
 from onnxprune import metrics  # noqa: E402
 from onnxprune.cli import main  # noqa: E402
 from onnxprune.export import export_timm  # noqa: E402
-from onnxprune.finetune.admm import ADMM, Piece, Structure  # noqa: E402
+from onnxprune.finetune.admm import ADMM, Piece, Structure, erdos_renyi  # noqa: E402
 from onnxprune.finetune.data import make_synthetic  # noqa: E402
 from timm_models import randomize  # noqa: E402
 
@@ -76,3 +76,42 @@ def test_projection_keeps_the_kappa_largest_columns():
     admm.dual()
     assert torch.allclose(admm.U[id(w)][:, 1], torch.tensor([0.05, 0.1]))
     assert sorted(admm.final_keep()[0].tolist()) == [0, 2]
+
+
+def _st(gid, width, per_col, kind="mlp"):
+    w = torch.nn.Parameter(torch.zeros(width, per_col))
+    return Structure(gid=gid, kind=kind, width=width, keep_n=width, pieces=[Piece(w, 0, np.arange(width))])
+
+
+def test_erdos_renyi_allocation():
+    """Density proportional to (sum of dims) / (prod of dims), capped at 1, and
+    the kept parameters are (1 - sparsity) of the total up to column rounding."""
+    small, a, b, c = _st(0, 16, 4), _st(1, 64, 64), _st(2, 64, 64), _st(3, 128, 256, "head_dim")
+    structs = [small, a, b, c]
+    dens = erdos_renyi(structs, 0.5)
+    assert dens[0] == 1.0  # a narrow layer would need density > 1: kept dense
+    assert dens[1] == dens[2]  # same shape, same density
+    score = lambda r, k: (r + k) / (r * k)
+    assert abs(dens[1] / dens[3] - score(64, 64) / score(128, 256)) < 0.05  # proportional to the ER score
+    total = sum(st.width * st.pieces[0].param.shape[1] for st in structs)
+    kept = sum(st.keep_n * st.pieces[0].param.shape[1] for st in structs)
+    assert abs(kept / total - 0.5) < 256 / total  # within one column of the budget
+    erdos_renyi(structs, 0.9, round_to=8)
+    assert all(st.keep_n % 8 == 0 for st in structs[1:]) and small.keep_n in (8, 16)
+    with pytest.raises(Exception):
+        erdos_renyi(structs, 1.0)
+
+
+def test_gohsp_with_one_overall_sparsity(setup):
+    d, data, path = setup
+    out = str(d / "er.onnx")
+    rc = main(["gohsp", path, "--data", data, "--ratios", '{"kinds": {"heads": 0.34}}', "--sparsity", "0.5", "-o", out,
+               "--admm-epochs", "2", "--batch-size", "16", "--admm-interval", "2", "--finetune-epochs", "0", "--workers", "0", "-q"])
+    assert rc == 0
+    r = json.load(open(str(d / "er.gohsp.json")))
+    er = {int(k): v for k, v in r["erdos_renyi"].items()}
+    assert er and all(0 < v <= 1 for v in er.values())
+    assert any(v < 0.9 for v in er.values())  # columns were actually cut
+    hard = onnx.load(out)
+    onnx.checker.check_model(hard, full_check=True)
+    assert metrics.count(hard)["macs"] < 0.8 * r["macs"]["before"]

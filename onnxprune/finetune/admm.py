@@ -23,7 +23,8 @@ Interpretation (written down in the README too):
   zeroes the rest; entries outside M are not constrained by g (Eq. 6), so Z
   keeps them.
 * kappa per layer comes from ratios.json kinds (``head_dim``, ``mlp``; ``heads``
-  for the mask); the paper's Erdos-Renyi allocation is not implemented.
+  for the mask), or, with ``sparsity``, from one overall column sparsity
+  distributed by Erdos-Renyi as the paper does (:func:`erdos_renyi`).
 """
 from __future__ import annotations
 
@@ -95,6 +96,58 @@ def build_structures(a, plan, imp) -> list[Structure]:
             st.removed_heads = np.setdiff1d(np.arange(g.width), plan.keep[g.id])
         if st.pieces:
             out.append(st)
+    return out
+
+
+def _structure_params(st: Structure) -> tuple[float, float]:
+    """(params in the structure's slices, Erdos-Renyi score of the weights it cuts).
+
+    The score of a weight tensor is sum(shape) / prod(shape) (Mocanu et al.
+    2018; for a conv kernel the kernel dims count too, as in RigL's ERK); a
+    structure's score is the parameter-weighted mean over its >=2-D tensors."""
+    params, wsum, wnum, seen = 0.0, 0.0, 0.0, set()
+    for pc in st.pieces:
+        shape = tuple(pc.param.shape)
+        n = float(np.prod(shape))
+        params += n / shape[pc.axis] * float((pc.lm >= 0).sum())
+        if len(shape) >= 2 and id(pc.param) not in seen:
+            seen.add(id(pc.param))
+            wsum += sum(shape)  # n * (sum(shape) / n)
+            wnum += n
+    return params, (wsum / wnum if wnum else 1.0)
+
+
+def erdos_renyi(structs: list[Structure], sparsity: float, round_to: int = 1) -> dict[int, float]:
+    """Set ``keep_n`` of every column structure (``head_dim``, ``mlp``) from one
+    overall column sparsity, distributed as seed 002 does with Erdos-Renyi:
+    density_l = min(1, eps * score_l), eps chosen so that the kept parameters
+    are (1 - sparsity) of the structures' parameters (layers that would exceed
+    density 1 are kept dense and eps is solved again). Returns group id ->
+    density actually used (after rounding to whole columns)."""
+    if not 0.0 <= sparsity < 1.0:
+        raise UserError(f"sparsity must be in [0, 1), got {sparsity}")
+    cols = [st for st in structs if st.kind in ("head_dim", "mlp")]
+    info = {st.gid: _structure_params(st) for st in cols}
+    budget = (1.0 - sparsity) * sum(p for p, _ in info.values())
+    dense: set[int] = set()
+    while True:
+        rest = [st for st in cols if st.gid not in dense]
+        if not rest:
+            eps = 0.0
+            break
+        eps = (budget - sum(info[g][0] for g in dense)) / sum(info[st.gid][0] * info[st.gid][1] for st in rest)
+        over = [st.gid for st in rest if eps * info[st.gid][1] > 1.0]
+        if not over:
+            break
+        dense.update(over)
+    out = {}
+    for st in cols:
+        d = 1.0 if st.gid in dense else eps * info[st.gid][1]
+        keep = int(round(d * st.width))
+        if round_to > 1:
+            keep = int(round(keep / round_to)) * round_to
+        st.keep_n = int(min(st.width, max(1, keep, min(round_to, st.width))))
+        out[st.gid] = st.keep_n / st.width
     return out
 
 
@@ -212,6 +265,7 @@ class GohspOptions:
     workers: int = 2
     seed: int = 0
     progress: bool = True
+    sparsity: float | None = None  # overall column sparsity, distributed by Erdos-Renyi (replaces head_dim/mlp ratios)
 
 
 def _val_acc(module, loader, max_batches=None) -> float:
@@ -255,6 +309,13 @@ def gohsp(model: str, opts: GohspOptions) -> dict:
     spec.setdefault("default", "l1")  # the paper's column criterion for its hard-pruning ablation
     rdict["importance"] = spec
     rdict.setdefault("scope", "local")
+    if opts.sparsity is not None:
+        # columns come from Erdos-Renyi below; any ratio > 0 brings the groups into the plan
+        kinds = dict(rdict.get("kinds", {}))
+        if any(k in kinds for k in ("head_dim", "mlp")):
+            log.warning("--sparsity replaces the head_dim / mlp ratios given in ratios.json")
+        kinds.update({"head_dim": 0.5, "mlp": 0.5})
+        rdict["kinds"] = kinds
     ratios = Ratios.from_dict(rdict)
     if ratios.target is not None:
         raise UserError("gohsp takes kind ratios (heads, head_dim, mlp), not a target")
@@ -267,6 +328,13 @@ def gohsp(model: str, opts: GohspOptions) -> dict:
     structs = build_structures(a, plan, imp)
     if not structs:
         raise UserError("nothing to soft-prune: no heads/head_dim/mlp group gets a ratio > 0")
+    er = None
+    if opts.sparsity is not None:
+        er = erdos_renyi(structs, opts.sparsity, ratios.round_to)
+        if opts.progress:
+            names = {g.id: (g.kind, g.width) for g in a.groups}
+            log.info("Erdos-Renyi column densities for sparsity %.2f: %s", opts.sparsity,
+                     ", ".join(f"{names[k][0]}#{k} {v:.2f}" for k, v in er.items()))
     admm = ADMM(structs, opts.rho, opts.lam)
     module = imp.module
     meta = dataset_meta(opts.data)
@@ -331,7 +399,8 @@ def gohsp(model: str, opts: GohspOptions) -> dict:
     result = {"input": model, "output": opts.output, "ratios": rdict, "rho": opts.rho, "lambda": opts.lam, "lr": opts.lr,
               "admm_steps": step, "interval": interval, "history": history, "soft_vs_hard_max_rel": soft_vs_hard,
               "top1_soft": evaluate_onnx(soft, opts.data, size), "top1_hard": evaluate_onnx(hard, opts.data, size),
-              "kept": {str(k): len(v) for k, v in keep.items()}, "macs": {"before": None, "after": None}}
+              "kept": {str(k): len(v) for k, v in keep.items()}, "macs": {"before": None, "after": None},
+              "sparsity": opts.sparsity, "erdos_renyi": {str(k): v for k, v in er.items()} if er else None}
     from .. import metrics
 
     result["macs"] = {"before": metrics.count(normalised)["macs"], "after": metrics.count(hard)["macs"]}

@@ -1,8 +1,9 @@
 """onnx2torch converters for what our exports use and onnx2torch 1.5 lacks
 (../shared/DESIGN.md §4): opset 18+ versions of ops whose semantics did not
 change, ``Reshape`` with ``allowzero``, ``Gelu``-20, ``ReduceMean``-18 (axes as
-an input), ``Pad``-18+ (``axes`` input), ``Split``-18 (``num_outputs``) and the
-opset-23 ``Attention`` op.
+an input), ``Pad``-18+ (``axes`` input), ``Split``-18 (``num_outputs``), the
+opset-23 ``Attention`` op, and ``Slice`` (onnx2torch's indexes with a list,
+which torch deprecates).
 
 :func:`register` is idempotent; :mod:`onnxprune.finetune.importer` calls it.
 """
@@ -156,6 +157,34 @@ class Pad(nn.Module):
         return F.pad(x, torch_pads, mode=self.mode)
 
 
+class Slice(nn.Module):
+    """ONNX Slice-10+: starts/ends/axes/steps as constants (stored) or run-time
+    inputs; out-of-range bounds clamp as in ONNX; negative steps gather. Indexes
+    with a tuple (onnx2torch's list indexing is deprecated in torch)."""
+
+    def __init__(self, starts=None, ends=None, axes=None, steps=None):
+        super().__init__()
+        self.starts, self.ends, self.axes, self.steps = starts, ends, axes, steps
+
+    def forward(self, x, starts=None, ends=None, axes=None, steps=None):
+        val = lambda given, stored: stored if given is None else [int(v) for v in given.reshape(-1).tolist()]
+        starts, ends = val(starts, self.starts), val(ends, self.ends)
+        axes = val(axes, self.axes) or list(range(len(starts)))
+        steps = val(steps, self.steps) or [1] * len(starts)
+        index = [slice(None)] * x.dim()
+        gathers = []
+        for a, b, e, st in zip(axes, starts, ends, steps):
+            a = a % x.dim()
+            if st > 0:
+                index[a] = slice(b, e, st)  # python clamps exactly as ONNX does for positive steps
+            else:
+                gathers.append((a, range(*slice(b, e, st).indices(x.shape[a]))))
+        y = x[tuple(index)]
+        for a, r in gathers:
+            y = torch.index_select(y, a, torch.tensor(list(r), dtype=torch.long, device=y.device))
+        return y
+
+
 class Split(nn.Module):
     def __init__(self, axis: int, num_outputs: int | None, sizes=None):
         super().__init__()
@@ -281,6 +310,20 @@ def register() -> None:
         return _result(Split(_attr(node, "axis", 0), _attr(node, "num_outputs", len(node.output_values)), sizes), node, inputs)
 
     add("Split", [v for v in _versions("Split") if v >= 18], split)
+
+    def slice_(node, graph):
+        inputs = list(node.input_values)
+        stored = {}
+        for i, key in enumerate(("starts", "ends", "axes", "steps"), start=1):
+            if i < len(inputs) and inputs[i]:
+                c = _const(graph, inputs[i])
+                if c is None:  # bounds computed at run time: every input goes through
+                    return _result(Slice(), node)
+                stored[key] = [int(v) for v in c]
+        return _result(Slice(**stored), node, inputs[:1])
+
+    for v in [v for v in _versions("Slice") if v >= 10]:
+        _CONVERTER_REGISTRY[OperationDescription("", "Slice", v)] = slice_  # replaces onnx2torch's (list indexing)
 
     def attention(node, graph):
         if len(node.input_values) > 4 and any(node.input_values[4:]) or len(node.output_values) > 1 and any(node.output_values[1:]):
