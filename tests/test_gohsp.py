@@ -115,3 +115,17 @@ def test_gohsp_with_one_overall_sparsity(setup):
     hard = onnx.load(out)
     onnx.checker.check_model(hard, full_check=True)
     assert metrics.count(hard)["macs"] < 0.8 * r["macs"]["before"]
+
+
+def test_quick_admm_recipe_distils_and_still_imposes_the_structure(setup):
+    d, data, path = setup
+    out = str(d / "quick.onnx")
+    rc = main(["gohsp", path, "--data", data, "--ratios", json.dumps(RATIOS), "-o", out, "--admm-epochs", "4", "--batch-size", "16",
+               "--lambda", "0.5", "--rho", "0.3", "--admm-interval", "2", "--finetune-epochs", "0", "--workers", "0",
+               "--admm-recipe", "quick", "--teacher", path, "-q"])
+    assert rc == 0
+    r = json.load(open(str(d / "quick.gohsp.json")))
+    assert r["admm_recipe"] == "quick" and r["admm_kd"] and r["lr"] == 1e-3
+    norms = [h["masked_norm"] for h in r["history"]]
+    assert norms[-1] < 0.01 * norms[0]
+    assert r["soft_vs_hard_max_rel"] < 0.05

@@ -257,7 +257,7 @@ class GohspOptions:
     admm_epochs: int = 2
     finetune_epochs: int = 1
     admm_interval: int | None = None  # steps between Z/U updates (default: one epoch)
-    lr: float = 0.01
+    lr: float | None = None  # default: 0.01 (paper) or 1e-3 (quick)
     batch_size: int = 64
     teacher: str | None = None
     calib_batches: int = 4
@@ -266,6 +266,9 @@ class GohspOptions:
     seed: int = 0
     progress: bool = True
     sparsity: float | None = None  # overall column sparsity, distributed by Erdos-Renyi (replaces head_dim/mlp ratios)
+    admm_recipe: str = "paper"  # paper: SGD m0.9, no wd, CE | quick: AdamW wd 0.05, label smoothing 0.1, KD from teacher
+    kd_alpha: float = 0.5
+    kd_temperature: float = 4.0
 
 
 def _val_acc(module, loader, max_batches=None) -> float:
@@ -345,7 +348,21 @@ def gohsp(model: str, opts: GohspOptions) -> dict:
     loader = torch.utils.data.DataLoader(train_ds, batch_size=micro, shuffle=True, drop_last=True, num_workers=opts.workers)
     val_loader = torch.utils.data.DataLoader(val_ds, batch_size=micro, shuffle=False, drop_last=imp.static_batch is not None)
     params = [p for p in module.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=opts.lr, momentum=0.9, weight_decay=0.0)  # the paper: SGD, no weight decay
+    if opts.admm_recipe == "paper":
+        base_lr = opts.lr or 0.01
+        opt = torch.optim.SGD(params, lr=base_lr, momentum=0.9, weight_decay=0.0)  # the paper: SGD, no weight decay
+        smoothing, teacher = 0.0, None
+    elif opts.admm_recipe == "quick":
+        # the same optimiser, loss and teacher as `finetune --recipe quick`, so that soft and hard differ only in ADMM
+        base_lr = opts.lr or 1e-3
+        opt = torch.optim.AdamW(params, lr=base_lr, weight_decay=0.05)
+        smoothing = 0.1
+        teacher = import_onnx(opts.teacher).module.eval() if opts.teacher else None
+        if teacher is not None:
+            for p in teacher.parameters():
+                p.requires_grad_(False)
+    else:
+        raise UserError(f"unknown ADMM recipe '{opts.admm_recipe}' (paper or quick)")
     steps_per_epoch = len(loader)
     interval = opts.admm_interval or steps_per_epoch
     total = steps_per_epoch * opts.admm_epochs
@@ -360,10 +377,17 @@ def gohsp(model: str, opts: GohspOptions) -> dict:
         for x, y in loader:
             if step >= total:
                 break
-            lr = opts.lr * 0.5 * (1 + math.cos(math.pi * step / max(total, 1)))
+            lr = base_lr * 0.5 * (1 + math.cos(math.pi * step / max(total, 1)))
             for g in opt.param_groups:
                 g["lr"] = lr
-            loss = F.cross_entropy(module(x), y)
+            logits = module(x)
+            loss = F.cross_entropy(logits, y, label_smoothing=smoothing)
+            if teacher is not None:
+                with torch.no_grad():
+                    t_logits = teacher(x)
+                T = opts.kd_temperature
+                kd = F.kl_div(F.log_softmax(logits / T, -1), F.log_softmax(t_logits / T, -1), reduction="batchmean", log_target=True)
+                loss = (1 - opts.kd_alpha) * loss + opts.kd_alpha * kd * T * T
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -396,7 +420,8 @@ def gohsp(model: str, opts: GohspOptions) -> dict:
     base = os.path.splitext(opts.output)[0]
     hard_path = base + ".hard.onnx"
     io.save(hard, hard_path)
-    result = {"input": model, "output": opts.output, "ratios": rdict, "rho": opts.rho, "lambda": opts.lam, "lr": opts.lr,
+    result = {"input": model, "output": opts.output, "ratios": rdict, "rho": opts.rho, "lambda": opts.lam, "lr": base_lr,
+              "admm_recipe": opts.admm_recipe, "admm_kd": teacher is not None,
               "admm_steps": step, "interval": interval, "history": history, "soft_vs_hard_max_rel": soft_vs_hard,
               "top1_soft": evaluate_onnx(soft, opts.data, size), "top1_hard": evaluate_onnx(hard, opts.data, size),
               "kept": {str(k): len(v) for k, v in keep.items()}, "macs": {"before": None, "after": None},
