@@ -176,7 +176,9 @@ class Slice(nn.Module):
         for a, b, e, st in zip(axes, starts, ends, steps):
             a = a % x.dim()
             if st > 0:
-                index[a] = slice(b, e, st)  # python clamps exactly as ONNX does for positive steps
+                n = x.shape[a]
+                clamp = lambda v: max(-n, min(n, v))  # noqa: E731 (same slice; torch warns on INT64_MAX bounds)
+                index[a] = slice(clamp(b), clamp(e), st)
             else:
                 gathers.append((a, range(*slice(b, e, st).indices(x.shape[a]))))
         y = x[tuple(index)]
