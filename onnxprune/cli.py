@@ -370,6 +370,8 @@ def cmd_gohsp(args) -> str:
     _check_paths(args.model, args.output, args.teacher)
     if args.ratios is None and args.sparsity is None:
         raise UserError("gohsp needs --ratios (heads, head_dim, mlp) or --sparsity (or both)")
+    if args.sparsity is not None and not 0.0 <= args.sparsity < 1.0:
+        raise UserError(f"--sparsity must be in [0, 1), got {args.sparsity}")
     text = args.ratios or "{}"
     if not text.lstrip().startswith("{"):
         with open(text) as fh:
