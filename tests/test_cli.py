@@ -63,6 +63,8 @@ BAD = [
     (["MODEL", "--ratios", "{not json"], "not valid JSON"),
     (["MODEL", "--ratios", "missing.json"], "cannot read ratios"),
     (["MODEL", "--ratios", '{"default":0.5}', "-o", "MODEL"], "overwrite"),
+    (["gohsp", "MODEL", "--data", "nowhere"], "--ratios"),
+    (["gohsp", "MODEL", "--data", "nowhere", "--sparsity", "1.5"], "[0, 1)"),
 ]
 
 
