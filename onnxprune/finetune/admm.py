@@ -257,7 +257,7 @@ class GohspOptions:
     admm_epochs: int = 2
     finetune_epochs: int = 1
     admm_interval: int | None = None  # steps between Z/U updates (default: one epoch)
-    lr: float | None = None  # default: 0.01 (paper) or 1e-3 (quick)
+    lr: float | None = None  # default: 0.01 (paper) or the quick recipe's lr for batch_size
     batch_size: int = 64
     teacher: str | None = None
     calib_batches: int = 4
@@ -266,7 +266,7 @@ class GohspOptions:
     seed: int = 0
     progress: bool = True
     sparsity: float | None = None  # overall column sparsity, distributed by Erdos-Renyi (replaces head_dim/mlp ratios)
-    admm_recipe: str = "paper"  # paper: SGD m0.9, no wd, CE | quick: AdamW wd 0.05, label smoothing 0.1, KD from teacher
+    admm_recipe: str = "paper"  # paper: SGD m0.9, no wd, CE | quick: finetune's quick recipe, KD from teacher
     kd_alpha: float = 0.5
     kd_temperature: float = 4.0
 
@@ -299,8 +299,12 @@ def gohsp(model: str, opts: GohspOptions) -> dict:
     from .data import dataset_meta, image_folder
     from .importer import import_onnx, write_back
     from .recipes import get as get_recipe
-    from .train import Options, evaluate_onnx, finetune, input_size
+    from .train import Options, evaluate_onnx, finetune, input_size, kd_loss, load_teacher, make_optimizer
 
+    if opts.admm_recipe not in ("paper", "quick"):
+        raise UserError(f"unknown ADMM recipe '{opts.admm_recipe}' (paper or quick)")
+    if opts.sparsity is not None and not 0.0 <= opts.sparsity < 1.0:
+        raise UserError(f"sparsity must be in [0, 1), got {opts.sparsity}")
     torch.manual_seed(opts.seed)
     t0 = time.perf_counter()
     proto = onnx.load(model)
@@ -352,17 +356,12 @@ def gohsp(model: str, opts: GohspOptions) -> dict:
         base_lr = opts.lr or 0.01
         opt = torch.optim.SGD(params, lr=base_lr, momentum=0.9, weight_decay=0.0)  # the paper: SGD, no weight decay
         smoothing, teacher = 0.0, None
-    elif opts.admm_recipe == "quick":
-        # the same optimiser, loss and teacher as `finetune --recipe quick`, so that soft and hard differ only in ADMM
-        base_lr = opts.lr or 1e-3
-        opt = torch.optim.AdamW(params, lr=base_lr, weight_decay=0.05)
-        smoothing = 0.1
-        teacher = import_onnx(opts.teacher).module.eval() if opts.teacher else None
-        if teacher is not None:
-            for p in teacher.parameters():
-                p.requires_grad_(False)
     else:
-        raise UserError(f"unknown ADMM recipe '{opts.admm_recipe}' (paper or quick)")
+        # the optimiser, loss and teacher of `finetune --recipe quick`, so that soft and hard differ only by ADMM
+        base_lr = opts.lr or recipe.lr_for(opts.batch_size)
+        opt = make_optimizer(params, recipe, base_lr)
+        smoothing = recipe.label_smoothing
+        teacher = load_teacher(opts.teacher) if opts.teacher else None
     steps_per_epoch = len(loader)
     interval = opts.admm_interval or steps_per_epoch
     total = steps_per_epoch * opts.admm_epochs
@@ -385,9 +384,7 @@ def gohsp(model: str, opts: GohspOptions) -> dict:
             if teacher is not None:
                 with torch.no_grad():
                     t_logits = teacher(x)
-                T = opts.kd_temperature
-                kd = F.kl_div(F.log_softmax(logits / T, -1), F.log_softmax(t_logits / T, -1), reduction="batchmean", log_target=True)
-                loss = (1 - opts.kd_alpha) * loss + opts.kd_alpha * kd * T * T
+                loss = (1 - opts.kd_alpha) * loss + opts.kd_alpha * kd_loss(logits, t_logits, opts.kd_temperature)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -22,16 +22,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
-
-# exporters write INT64_MAX as "to the end" in Slice; onnx2torch warns on every
-# forward that it truncates it, which is exactly right and floods the progress
-warnings.filterwarnings("ignore", message="Truncating the start/stop/step of slice", category=UserWarning)
 
 from ..errors import UserError
 

@@ -108,6 +108,37 @@ def _lr_at(step: int, total: int, steps_per_epoch: int, base: float, recipe: R.R
     return base * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
 
+def make_optimizer(params: list, recipe: R.Recipe, lr: float):
+    """The recipe's optimiser; weight decay on >=2-D tensors only."""
+    import torch
+
+    decay = [p for p in params if p.ndim > 1]
+    no_decay = [p for p in params if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if recipe.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=recipe.betas)
+    return torch.optim.SGD(groups, lr=lr, momentum=recipe.momentum, nesterov=False)
+
+
+def load_teacher(path: str, device=None):
+    """The unpruned ONNX model as a frozen torch module in eval mode."""
+    teacher = import_onnx(path).module
+    if device is not None:
+        teacher = teacher.to(device)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher.eval()
+
+
+def kd_loss(logits, t_logits, temperature: float):
+    """KL(teacher || student) on temperature-softened logits, scaled by T^2."""
+    import torch.nn.functional as F
+
+    T = temperature
+    return F.kl_div(F.log_softmax(logits.float() / T, -1), F.log_softmax(t_logits.float() / T, -1),
+                    reduction="batchmean", log_target=True) * T * T
+
+
 def evaluate_onnx(proto_or_path, root: str, size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, max_batches=None,
                   batch: int = 32) -> float:
     """Top-1 (%) of an ONNX model in ONNX Runtime on ``root/val``."""
@@ -164,11 +195,7 @@ def finetune(pruned: str, opts: Options) -> dict:
     if main_proc:
         log.info("imported %s: %d trainable tensors (%d params), %d frozen", pruned, info["trainable_tensors"],
                  info["trainable_params"], len(info["frozen"]))
-    teacher = None
-    if opts.teacher:
-        teacher = import_onnx(opts.teacher).module.to(device).eval()
-        for p in teacher.parameters():
-            p.requires_grad_(False)
+    teacher = load_teacher(opts.teacher, device) if opts.teacher else None
     micro = imp.static_batch or max(1, opts.batch_size // world)
     accum = max(1, math.ceil(opts.batch_size / (micro * world)))
     train_ds = image_folder(opts.data, "train", size, True, recipe, opts.mean, opts.std)
@@ -188,13 +215,7 @@ def finetune(pruned: str, opts: Options) -> dict:
         total = min(total, opts.max_steps)
     lr = opts.lr if opts.lr is not None else recipe.lr_for(opts.batch_size)
     params = [p for p in student.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim > 1]
-    no_decay = [p for p in params if p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if recipe.optimizer == "adamw":
-        opt = torch.optim.AdamW(groups, lr=lr, betas=recipe.betas)
-    else:
-        opt = torch.optim.SGD(groups, lr=lr, momentum=recipe.momentum, nesterov=False)
+    opt = make_optimizer(params, recipe, lr)
     mixup = None
     if recipe.mixup or recipe.cutmix:
         from timm.data import Mixup
@@ -259,11 +280,8 @@ def finetune(pruned: str, opts: Options) -> dict:
                     loss = task
                     if teacher is not None:
                         with torch.no_grad():
-                            t_logits = teacher(x).float()
-                        T = opts.kd_temperature
-                        kd = F.kl_div(F.log_softmax(logits.float() / T, -1), F.log_softmax(t_logits / T, -1),
-                                      reduction="batchmean", log_target=True) * T * T
-                        loss = (1 - opts.kd_alpha) * task + opts.kd_alpha * kd
+                            t_logits = teacher(x)
+                        loss = (1 - opts.kd_alpha) * task + opts.kd_alpha * kd_loss(logits, t_logits, opts.kd_temperature)
                 scaler.scale(loss / accum).backward()
                 step_loss += float(loss.detach()) / accum
                 seen += x.shape[0] * world
