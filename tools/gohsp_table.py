@@ -4,6 +4,8 @@ on the trained reference ViT.
 
     python tools/gohsp_table.py [--admm-epochs 2] [--ft-epochs 1] [--rhos 0.0001,0.001,0.01]
 
+Also: the Erdos-Renyi allocation of one overall column sparsity (0.3, 0.5).
+
 * soft: ``onnxprune gohsp`` (GOHSP head ranking -> mask, ADMM for
   ``--admm-epochs`` with SGD lr 0.01, then hard prune and ``--ft-epochs`` of
   fine-tuning, recipe ``quick``, KD from the unpruned model);
@@ -28,7 +30,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 
 from onnxprune import io  # noqa: E402
-from onnxprune.api import prune  # noqa: E402
+from onnxprune.api import analyze, prune  # noqa: E402
 from onnxprune.finetune.admm import GohspOptions, gohsp, plot_history  # noqa: E402
 from onnxprune.finetune.train import Options, evaluate_onnx, finetune  # noqa: E402
 from onnxprune.importance.calib import load  # noqa: E402
@@ -58,10 +60,11 @@ def main() -> None:
     t0 = time.perf_counter()
     rows, raw = [], {}
 
-    def soft(tag, ratios, rho, recipe="paper"):
+    def soft(tag, ratios, rho, recipe="paper", sparsity=None):
         out = os.path.join(tmp, f"soft_{tag}.onnx")
         r = gohsp(src, GohspOptions(data=data, output=out, ratios=ratios, rho=rho, lam=args.lam, admm_epochs=args.admm_epochs,
-                                    finetune_epochs=args.ft_epochs, teacher=src, progress=False, admm_recipe=recipe))
+                                    finetune_epochs=args.ft_epochs, teacher=src, progress=False, admm_recipe=recipe,
+                                    sparsity=sparsity))
         return r
 
     for name, ratios in SPARSITIES.items():
@@ -93,6 +96,18 @@ def main() -> None:
         rho_rows.append([f"{rho:g}", f"{r['history'][-1]['w_minus_z']:.3g}", f"{r['soft_vs_hard_max_rel']:.2e}", f"{r['top1_soft']:.1f}",
                          f"{r['top1_hard']:.1f}", f"{r['top1_final']:.1f}"])
         print(rho_rows[-1], f"({time.perf_counter() - t0:.0f}s)", flush=True)
+    # one overall column sparsity distributed by Erdos-Renyi (the paper's allocation)
+    kind = {g.id: g.kind for g in analyze(src).groups}
+    er_rows = []
+    for sp in (0.3, 0.5):
+        r = soft(f"er{sp}", {"kinds": {"heads": 0.34}}, args.rho, sparsity=sp)
+        raw[f"er {sp}"] = r
+        dens = {}
+        for gid, d in r["erdos_renyi"].items():
+            dens.setdefault(kind[int(gid)], set()).add(round(d, 3))
+        er_rows.append([f"{sp:g}", ", ".join(f"{k} {'/'.join(f'{v:.2f}' for v in sorted(vs))}" for k, vs in sorted(dens.items())),
+                        f"{r['macs']['after'] / r['macs']['before']:.3f}", f"{r['top1_hard']:.1f} -> {r['top1_final']:.1f}"])
+        print(er_rows[-1], f"({time.perf_counter() - t0:.0f}s)", flush=True)
     head = ["sparsity", "ratios", "MACs kept", "top-1 original", f"soft: hard-pruned -> after {args.ft_epochs} ft epoch(s)",
             f"soft, matched recipe: hard-pruned -> after {args.ft_epochs} ft epoch(s)",
             f"hard: pruned -> after {args.admm_epochs + args.ft_epochs} ft epochs", "masked norm (1-M)*W during ADMM", "soft vs hard (max rel)"]
@@ -100,6 +115,8 @@ def main() -> None:
     text += f"\n\nrho sensitivity (50% row, lambda {args.lam}, {args.admm_epochs} ADMM epochs)\n\n"
     h2 = ["rho", "final norm W-Z", "soft vs hard", "top-1 soft", "top-1 hard-pruned", "top-1 after ft"]
     text += md(h2, rho_rows)
+    text += f"\n\nErdos-Renyi allocation (`--sparsity S`, heads 0.34, rho {args.rho}; kept fraction per kind and block)\n\n"
+    text += md(["S", "column density kept", "MACs kept", f"soft: hard-pruned -> after {args.ft_epochs} ft epoch(s)"], er_rows)
     text += f"\n\n{time.perf_counter() - t0:.0f}s on {os.cpu_count()} CPU cores\n"
     write_results(args.out, text, raw)
 
