@@ -1,7 +1,23 @@
 """onnxprune: structural pruning of ONNX vision models with coupled-axis analysis,
-isomorphic sets and exact physical rewriting."""
-from .api import analyze, prune, validate  # noqa: F401
-from .errors import UserError  # noqa: F401
-from .plan import Ratios  # noqa: F401
+isomorphic sets and exact physical rewriting.
+
+``analyze``, ``prune``, ``validate``, ``Ratios`` and ``UserError`` are loaded
+on first use, so ``import onnxprune`` (and the command line's start) stays cheap.
+"""
+from __future__ import annotations
 
 __version__ = "0.1.0"
+
+_LAZY = {"analyze": "api", "prune": "api", "validate": "api", "Job": "pipeline", "Ratios": "plan", "UserError": "errors"}
+
+
+def __getattr__(name: str):
+    mod = _LAZY.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'onnxprune' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f"onnxprune.{mod}"), name)
+
+
+__all__ = list(_LAZY)

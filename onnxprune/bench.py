@@ -26,6 +26,7 @@ import numpy as np
 import onnx
 
 from . import io, metrics
+from .protowire import read_skeleton
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -65,17 +66,20 @@ class BenchRow:
 
 def _proto(m) -> tuple[onnx.ModelProto, str, float | None, str | None]:
     """(proto, display name, file size MB, path) of a path or an in-memory model."""
-    if isinstance(m, tuple):  # (name, proto)
-        name, proto = m
-        return proto, name, proto.ByteSize() / 1e6, None
+    name = None
+    if isinstance(m, tuple):  # (name, proto | path)
+        name, m = m
+        if isinstance(m, onnx.ModelProto):
+            return m, name, m.ByteSize() / 1e6, None
     if isinstance(m, onnx.ModelProto):
         return m, m.graph.name or "model", m.ByteSize() / 1e6, None
-    proto = io.read_proto(m)
+    io.read_model(m)  # one-line errors for a missing or non-ONNX file
+    proto = read_skeleton(m)  # weights stay on disk: ORT reads the file itself
     size = os.path.getsize(m)
     data = os.path.join(os.path.dirname(m), os.path.basename(m) + ".data")
     if os.path.exists(data):
         size += os.path.getsize(data)
-    return proto, os.path.basename(m), size / 1e6, m
+    return proto, name or os.path.basename(m), size / 1e6, m
 
 
 def _session(proto: onnx.ModelProto, path: str | None, provider: str, threads: int | None):
@@ -90,7 +94,7 @@ def _session(proto: onnx.ModelProto, path: str | None, provider: str, threads: i
         so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
-    src = path if path and proto.ByteSize() > 2**30 else proto.SerializeToString()
+    src = path or proto.SerializeToString()
     sess = ort.InferenceSession(src, so, providers=[p for p in wanted if p in have])
     used = sess.get_providers()[0]
     if used != wanted[0]:

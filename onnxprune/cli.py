@@ -44,6 +44,8 @@ def _prune_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", help="pruned model path (default: MODEL stem + '.pruned.onnx' in the current directory)")
     p.add_argument("--report", help="write the JSON report here")
     p.add_argument("--verify", action="store_true", help="run the zero-contribution oracle on this plan")
+    p.add_argument("--plan", help="replay a plan file saved by --save-plan (instead of --ratios)")
+    p.add_argument("--save-plan", help="write the plan (groups by member names, kept indices) as JSON here")
     _calib_opts(p)
     p.add_argument("--bench", action="store_true", help="measure ORT latency before and after (interleaved; see 'onnxprune bench')")
     _bench_opts(p, runs=30, warmup=5)
@@ -57,13 +59,12 @@ def _calib_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-batch-size", type=int, default=32, help="samples per batch (default 32; a static-batch model uses its own)")
 
 
-def _calib(args, model_path):
+def _calib(args, job):
     if not getattr(args, "calib", None):
         return None
-    from . import io
     from .importance.calib import load
 
-    return load(args.calib, io.read_proto(model_path), args.calib_batches, args.calib_batch_size)
+    return load(args.calib, job.skeleton(), args.calib_batches, args.calib_batch_size)
 
 
 def _bench_opts(p: argparse.ArgumentParser, runs: int = 100, warmup: int = 20) -> None:
@@ -86,7 +87,9 @@ def _sub_parsers() -> dict[str, argparse.ArgumentParser]:
     _common(a)
     v = argparse.ArgumentParser(prog="onnxprune verify", description="Zero-contribution oracle on your model and plan.")
     v.add_argument("model")
-    v.add_argument("--ratios", required=True)
+    v.add_argument("--ratios", help="ratios.json or inline JSON: checks the plan a prune run would make")
+    v.add_argument("--plan", help="a plan file saved by --save-plan")
+    _calib_opts(v)
     v.add_argument("--no-per-set", action="store_true", help="one combined check only")
     v.add_argument("--json", help="write the rows as JSON here")
     _common(v)
@@ -140,6 +143,7 @@ def _sub_parsers() -> dict[str, argparse.ArgumentParser]:
     h.add_argument("model")
     h.add_argument("--data", required=True, help="ImageFolder root with train/ and val/ (also the calibration data)")
     h.add_argument("--ratios", help="kind ratios: heads (mask), head_dim and mlp (columns)")
+    h.add_argument("--plan", help="a plan file (--save-plan): its kept heads and columns are the ADMM targets")
     h.add_argument("--sparsity", type=float, help="one overall column sparsity for head_dim and mlp, distributed over "
                    "the layers by Erdos-Renyi as seed 002 does (replaces their ratios; heads still from --ratios)")
     h.add_argument("-o", "--output", required=True)
@@ -176,62 +180,76 @@ def _say(args, text: str = "") -> None:
 
 def cmd_prune(args) -> str:
     from . import api, report
+    from .pipeline import Job
     from .plan import Ratios
     from .verify import oracle
 
     model = args.model or default_model()
-    ratios_src = args.ratios or (default_ratios() if not args.model else None)
-    if ratios_src is None:
-        raise UserError("--ratios is required (a ratios.json file or inline JSON)")
-    ratios = Ratios.load(ratios_src)
+    if args.plan and args.ratios:
+        raise UserError("give --ratios or --plan, not both")
+    ratios_src = args.ratios or (default_ratios() if not args.model and not args.plan else None)
+    if ratios_src is None and not args.plan:
+        raise UserError("--ratios is required (a ratios.json file or inline JSON), or --plan to replay a saved plan")
+    ratios = Ratios.load(ratios_src) if ratios_src else None
     out = args.output or os.path.basename(os.path.splitext(model)[0]) + ".pruned.onnx"
-    if os.path.abspath(out) == os.path.abspath(model):
-        raise UserError("output path equals the input path; onnxprune never overwrites its input")
-    if args.report and os.path.abspath(args.report) in (os.path.abspath(model), os.path.abspath(out)):
-        raise UserError("--report must not be the model or output path")
+    _check_paths(model, out)
+    for extra in (args.report, args.save_plan):
+        if extra and os.path.abspath(extra) in (os.path.abspath(model), os.path.abspath(out)):
+            raise UserError("--report / --save-plan must not be the model or output path")
     _say(args, f"analysing {model}")
-    calib = _calib(args, model)
-    if calib is not None:
-        _say(args, f"calibration: {calib.source}, {len(calib.batches)} batches of {len(calib.batches[0])}")
-    res = api.prune(model, ratios, calib=calib)
-    groups = res.analyzed.groups
-    _say(args, report.sets_table(groups, res.plan.keep))
+    job = Job.open(model)
+    if args.plan:
+        plan = api.load_plan(args.plan, job)
+    else:
+        calib = _calib(args, job)
+        if calib is not None:
+            _say(args, f"calibration: {calib.source}, {len(calib.batches)} batches of {len(calib.batches[0])}")
+        plan = job.plan(ratios, calib)
+    if args.save_plan:
+        with open(args.save_plan, "w") as f:
+            json.dump(plan.to_json(job.groups, os.path.basename(model)), f, indent=1)
+    groups = job.groups
+    _say(args, report.sets_table(groups, plan.keep))
     frozen = [g for g in groups if g.frozen]
     if frozen:
         _say(args, f"\nfrozen groups ({len(frozen)}):\n" + report.frozen_table(groups))
-    if res.plan.target:
-        _say(args, "\n" + _target_text(res.plan.target))
-    b, a = res.before, res.after
+    if plan.target:
+        _say(args, "\n" + _target_text(plan.target))
+    b, a = job.counts(), job.counts(plan)
     _say(args, "\n" + report.table(
         [["params", report.human(b["params"]), report.human(a["params"]), f"{a['params'] / b['params']:.3f}x"],
          ["MACs (batch 1)", report.human(b["macs"]), report.human(a["macs"]), f"{a['macs'] / b['macs']:.3f}x"]],
         ["", "before", "after", "ratio"]))
     rows = []
     if args.verify:
-        rows = oracle(model, ratios, plan=res.plan)
+        rows = oracle(job, plan=plan)
         _say(args, "\n" + _oracle_table(rows))
+    t0 = time.perf_counter()
+    job.rewrite(plan)
+    checks = job.save(out)
+    res = api.PruneResult(job, plan, b, a, checks, time.perf_counter() - _T0)
     latency = []
     if args.bench:
         from .bench import bench, table
 
         _say(args, f"\nbenchmarking original vs pruned ({args.provider}, {args.runs} interleaved runs each) ...")
-        latency = bench([model, ("pruned", res.proto)],
-                        batch=args.batch, provider=args.provider, threads=args.threads,
+        latency = bench([model, ("pruned", out)], batch=args.batch, provider=args.provider, threads=args.threads,
                         warmup=args.warmup, runs=args.runs, progress=not args.quiet)
         _say(args, table(latency))
-    api.save_pruned(res, out, model)
+    log.debug("rewrite + write + validate: %.2fs", time.perf_counter() - t0)
     if args.report:
         rep = {
             "input": model,
             "output": out,
-            "ratios": ratios.to_dict(),
+            "ratios": ratios.to_dict() if ratios else plan.ratios_given,
+            "plan_file": args.plan,
             "before": b,
             "after": a,
             "checks": res.checks,
-            "groups": report.groups_json(groups, res.plan),
-            "sets": {k: [g.id for g in v] for k, v in res.analyzed.sets.items()},
+            "groups": report.groups_json(groups, plan),
+            "sets": {k: [g.id for g in v] for k, v in job.sets.items()},
             "oracle": [r.as_dict() for r in rows],
-            "target": res.plan.target,
+            "target": plan.target,
             "latency": [r.as_dict() for r in latency],
             "seconds": round(res.seconds, 3),
         }
@@ -239,9 +257,9 @@ def cmd_prune(args) -> str:
             json.dump(rep, f, indent=1)
     if any(r.status == "FAIL" for r in rows):
         raise SystemExit(_verdict("FAILED", f"oracle failed; model written to {out}", 2))
-    removed = sum(g.width - len(res.plan.keep[g.id]) for g in groups if g.id in res.plan.keep)
+    removed = sum(g.width - len(plan.keep[g.id]) for g in groups if g.id in plan.keep)
     speed = f", speed-up {latency[1].speedup:.2f}x" if latency else ""
-    return f"{removed} channels removed in {len(res.plan.keep)} groups, MACs {a['macs'] / b['macs']:.3f}x{speed} -> {out}"
+    return f"{removed} channels removed in {len(plan.keep)} groups, MACs {a['macs'] / b['macs']:.3f}x{speed} -> {out}"
 
 
 def _target_text(t: dict) -> str:
@@ -270,12 +288,11 @@ def cmd_analyze(args) -> str:
     _say(args, report.sets_table(a.groups))
     scores = None
     if args.scores or args.plot:
-        from . import io
         from .plan import Ratios
 
         imp = json.loads(args.importance) if args.importance.lstrip().startswith("{") else args.importance
         r = Ratios.from_dict({"importance": imp})
-        scores = a.scores(r, io.to_proto(a.model), _calib(args, args.model))
+        scores = a.scores(r, _calib(args, a))
         _say(args, "\nimportance per isomorphic set:\n" + report.scores_table(a.groups, scores))
         if args.plot:
             report.plot_scores(a.groups, scores, args.plot)
@@ -293,16 +310,26 @@ def cmd_analyze(args) -> str:
 
 
 def cmd_verify(args) -> str:
-    from . import io
+    from . import api
+    from .pipeline import Job
     from .plan import Ratios
-    from .verify import oracle
+    from .verify import oracle, require_checks
 
-    ratios = Ratios.load(args.ratios)
-    rows = oracle(io.read_proto(args.model), ratios, per_set=not args.no_per_set)
+    if bool(args.ratios) == bool(args.plan):
+        raise UserError("give --ratios (the plan a prune run would make) or --plan (a saved plan), one of them")
+    if not os.path.isfile(args.model):
+        raise UserError(f"no such model file: {args.model}")
+    job = Job.open(args.model)
+    if args.plan:
+        plan = api.load_plan(args.plan, job)
+    else:
+        plan = job.plan(Ratios.load(args.ratios), _calib(args, job))
+    rows = oracle(job, plan=plan, per_set=not args.no_per_set)
     _say(args, _oracle_table(rows))
     if args.json:
         with open(args.json, "w") as f:
             json.dump([r.as_dict() for r in rows], f, indent=1)
+    require_checks(rows, plan)
     tested = [r for r in rows if r.max_rel_err is not None]
     if any(r.status == "FAIL" for r in rows):
         raise SystemExit(_verdict("FAILED", "oracle mismatch", 2))
@@ -337,7 +364,7 @@ def cmd_bench(args) -> str:
 
 def _check_paths(model: str, output: str, *other_inputs) -> None:
     if not os.path.isfile(model):
-        raise UserError(f"no such model file: {model}")
+        raise UserError(f"model file not found: {model}")
     if os.path.abspath(output) in {os.path.abspath(p) for p in (model, *other_inputs) if p}:
         raise UserError("output path equals an input path; onnxprune never overwrites its input")
 
@@ -368,8 +395,8 @@ def cmd_gohsp(args) -> str:
     from .plan import Ratios
 
     _check_paths(args.model, args.output, args.teacher)
-    if args.ratios is None and args.sparsity is None:
-        raise UserError("gohsp needs --ratios (heads, head_dim, mlp) or --sparsity (or both)")
+    if args.ratios is None and args.sparsity is None and args.plan is None:
+        raise UserError("gohsp needs --ratios (heads, head_dim, mlp), --sparsity, or --plan")
     text = args.ratios or "{}"
     if not text.lstrip().startswith("{"):
         with open(text) as fh:
@@ -380,7 +407,7 @@ def cmd_gohsp(args) -> str:
                                        admm_epochs=args.admm_epochs, finetune_epochs=args.finetune_epochs,
                                        admm_interval=args.admm_interval, lr=args.lr, batch_size=args.batch_size,
                                        teacher=args.teacher, max_steps=args.max_steps, workers=args.workers, progress=not args.quiet,
-                                       sparsity=args.sparsity, admm_recipe=args.admm_recipe))
+                                       sparsity=args.sparsity, admm_recipe=args.admm_recipe, plan=args.plan))
     if args.plot:
         plot_history(r["history"], args.plot, f"GOHSP rho={args.rho} lambda={args.lam}")
     h0, h1 = r["history"][0], r["history"][-1]
@@ -404,9 +431,26 @@ def _verdict(status: str, what: str, code: int = 0) -> int:
 _T0 = time.perf_counter()
 
 
+def _defer_sympy() -> None:
+    """onnx-ir imports sympy (0.5 s) for symbolic-dim arithmetic that pruning
+    never uses: in the command-line process, load it only if something touches it."""
+    import importlib.util
+
+    if "sympy" in sys.modules:
+        return
+    spec = importlib.util.find_spec("sympy")
+    if spec is None or spec.loader is None:
+        return
+    spec.loader = importlib.util.LazyLoader(spec.loader)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["sympy"] = module
+    spec.loader.exec_module(module)
+
+
 def main(argv: list[str] | None = None) -> int:
     global _T0
     _T0 = time.perf_counter()
+    _defer_sympy()
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in SUBCOMMANDS:
         sub = argv.pop(0)

@@ -27,17 +27,13 @@ def read_proto(path: str) -> onnx.ModelProto:
     return proto
 
 
-def infer(proto: onnx.ModelProto, strict: bool = False) -> onnx.ModelProto:
-    del proto.graph.value_info[:]
-    return onnx.shape_inference.infer_shapes(proto, strict_mode=strict, data_prop=True)
-
-
 PROBES = (7, 11)
 
 
 def probe_batch_dims(proto: onnx.ModelProto) -> dict[str, list]:
     """For a model with one symbolic input dim (the batch), infer shapes with it
     set to 7 and to 11: a dim that comes out as 7k and 11k is ``k * batch``.
+    ``proto`` is a skeleton (weights external), so each probe is cheap.
     Returns ``{value name: [(k, ("batch",)) | (n, ()) | None, ...]}``."""
     syms = {d.dim_param for i in proto.graph.input for d in i.type.tensor_type.shape.dim if d.dim_param or not d.HasField("dim_value")}
     if len(syms) != 1:
@@ -76,19 +72,156 @@ def probe_batch_dims(proto: onnx.ModelProto) -> dict[str, list]:
     return out
 
 
+# -- reading, skeletons and shape inference ---------------------------------------------
+#
+# Weights never travel through shape inference: every inference runs on a
+# *skeleton* (large tensors as data-less external references), and its result
+# is copied onto the IR values by name. Counters record how often it ran.
+
+STATS = {"shape_inference": 0}
+
+
+def read_model(path: str) -> ir.Model:
+    """Read ``path`` into onnx-ir with every large tensor memory-mapped (embedded
+    weights are mapped in place, see :mod:`onnxprune.protowire`)."""
+    from onnx_ir import external_data
+
+    from .protowire import read_skeleton
+
+    if not os.path.exists(path):
+        raise UserError(f"model file not found: {path}")
+    if os.path.isdir(path):
+        raise UserError(f"model path is a directory: {path}")
+    try:
+        proto = read_skeleton(path)
+        model = ir.serde.deserialize_model(proto)
+    except Exception as e:  # protobuf and the wire walker raise many types
+        raise UserError(f"not an ONNX model: {path} ({type(e).__name__})") from None
+    if not len(model.graph):
+        raise UserError(f"not an ONNX model (no graph nodes): {path}")
+    base = os.path.dirname(os.path.abspath(path))
+    external_data.set_base_dir(model.graph, base)
+    _share_maps(model, os.path.basename(path))
+    return model
+
+
+def _share_maps(model: ir.Model, own_name: str) -> None:
+    """Back every memory-mapped tensor by one read-only map per file (onnx-ir
+    maps the whole file once per tensor, which makes touched pages count many
+    times). Records the maps (for :func:`release`) and whether the weights live
+    in a separate file (``external_input``)."""
+    import mmap
+
+    maps: dict[str, mmap.mmap] = {}
+    external = False
+    for v in model.graph.initializers.values():
+        t = v.const_value
+        if not isinstance(t, ir.ExternalTensor) or t.dtype.bitwidth < 8 or not t.size:
+            continue
+        external = external or os.path.basename(str(t.location)) != own_name
+        path = t.path
+        mm = maps.get(path)
+        if mm is None:
+            try:
+                with open(path, "rb") as f:
+                    mm = maps[path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            except OSError as e:
+                raise UserError(f"external data of {v.name} cannot be read: {path} ({e.strerror})") from None
+        if (t.offset or 0) + t.nbytes > len(mm):
+            raise UserError(f"external data of {v.name} lies beyond the end of {path}")
+        arr = np.frombuffer(mm, dtype=t.dtype.numpy(), count=t.size, offset=t.offset or 0).reshape(t.shape.numpy())
+        v.const_value = ir.Tensor(arr, name=v.name)
+    model.graph.meta["maps"] = list(maps.values())
+    model.graph.meta["external_input"] = external
+
+
+def _big(t) -> bool:
+    from .protowire import BIG
+
+    return t is not None and not isinstance(t, ir.StringTensor) and t.nbytes > BIG
+
+
+def skeleton(model: ir.Model) -> onnx.ModelProto:
+    """The model as a proto whose large tensors are data-less external
+    references (for shape inference, the checker, and cost counting)."""
+    from .protowire import PLACEHOLDER
+
+    g = model.graph
+    saved = {}
+    for v in g.initializers.values():
+        t = v.const_value
+        if _big(t) and not isinstance(t, ir.ExternalTensor):
+            saved[v] = t
+            v.const_value = ir.ExternalTensor(PLACEHOLDER, 0, t.nbytes, t.dtype, shape=t.shape, name=v.name)
+    try:
+        return ir.serde.serialize_model(model)
+    finally:
+        for v, t in saved.items():
+            v.const_value = t
+
+
+def full_proto(model: ir.Model) -> onnx.ModelProto:
+    """The model as a self-contained proto with every tensor's bytes (for an ORT
+    session in memory or the torch import): one copy of the weights."""
+    g = model.graph
+    saved = {}
+    for v in g.initializers.values():
+        t = v.const_value
+        if isinstance(t, ir.ExternalTensor):
+            saved[v] = t
+            v.const_value = ir.Tensor(t.numpy(), name=v.name)
+    try:
+        return ir.serde.serialize_model(model)
+    finally:
+        for v, t in saved.items():
+            v.const_value = t
+
+
+def infer_into(model: ir.Model) -> onnx.ModelProto:
+    """Shape inference (with data propagation) on a skeleton; the inferred types
+    and shapes replace those of every intermediate value. Returns the inferred
+    skeleton."""
+    inferred = infer(skeleton(model))
+    g = model.graph
+    found = {vi.name: vi for vi in list(inferred.graph.value_info) + list(inferred.graph.output)}
+    for node in g:
+        for o in node.outputs:
+            vi = found.get(o.name)
+            if vi is not None:
+                ir.serde.deserialize_value_info_proto(vi, o)
+            elif not o.is_graph_output():
+                o.shape = None
+    return inferred
+
+
+def infer(proto: onnx.ModelProto, strict: bool = False) -> onnx.ModelProto:
+    STATS["shape_inference"] += 1
+    del proto.graph.value_info[:]
+    return onnx.shape_inference.infer_shapes(proto, strict_mode=strict, data_prop=True)
+
+
 def to_ir(proto: onnx.ModelProto) -> ir.Model:
-    model = ir.serde.deserialize_model(infer(proto))
+    """An in-memory proto (copied) as a normalised IR model."""
+    p = onnx.ModelProto()
+    p.CopyFrom(proto)
+    return normalised(ir.serde.deserialize_model(p))
+
+
+def normalised(model: ir.Model) -> ir.Model:
+    """Normalise and fold until nothing changes, inferring shapes after each round;
+    then probe symbolic batch dims. Works in place; returns ``model``."""
+    inferred = infer_into(model)
     for _ in range(12):  # folding can make shapes static, which lets more fold
         if not normalize(model):
             break
-        model = ir.serde.deserialize_model(infer(ir.serde.serialize_model(model)))
-    model.graph.meta["dim_tokens"] = probe_batch_dims(ir.serde.serialize_model(model))
+        inferred = infer_into(model)
+    model.graph.meta["dim_tokens"] = probe_batch_dims(inferred)
     return model
 
 
 def load(path: str) -> ir.Model:
-    """Read a model, infer shapes and normalise it for analysis."""
-    return to_ir(read_proto(path))
+    """Read a model (weights memory-mapped), infer shapes and normalise it for analysis."""
+    return normalised(read_model(path))
 
 
 FOLDABLE = set(
@@ -241,15 +374,77 @@ def _constant_value(attr) -> np.ndarray | None:
 
 
 def to_proto(model: ir.Model) -> onnx.ModelProto:
-    return ir.serde.serialize_model(model)
+    """A self-contained proto (weights included); see :func:`full_proto`."""
+    return full_proto(model)
 
 
 def save(proto: onnx.ModelProto, path: str) -> None:
+    """Save an in-memory proto (external data above protobuf's 2 GB limit)."""
     size = proto.ByteSize() if proto.ByteSize() < 2**31 - 1 else 2**31
     if size >= 2**31 - 1:
         onnx.save(proto, path, save_as_external_data=True, location=os.path.basename(path) + ".data")
     else:
         onnx.save(proto, path)
+
+
+def release(model: ir.Model) -> None:
+    """Drop the pages of the memory-mapped weights from this process (they are
+    read again from the page cache when touched): weights that were read once
+    stop counting against memory."""
+    import mmap
+
+    for mm in model.graph.meta.get("maps") or []:
+        try:
+            mm.madvise(mmap.MADV_DONTNEED)
+        except (OSError, ValueError, AttributeError):
+            pass
+
+
+def save_model(model: ir.Model, path: str, external: bool | None = None, data_name: str | None = None) -> str | None:
+    """Stream ``model`` to ``path`` one tensor at a time (embedded, or external
+    data in ``data_name`` when ``external`` or above 2 GB). Returns the data
+    file's name when one was written."""
+    from .protowire import PLACEHOLDER, write_model
+
+    g = model.graph
+    maps = g.meta.get("maps") or []
+    saved, tensors, written = {}, {}, [0]
+    for v in g.initializers.values():
+        t = v.const_value
+        if _big(t):
+            saved[v] = t
+            v.const_value = ir.ExternalTensor(PLACEHOLDER, 0, t.nbytes, t.dtype, shape=t.shape, name=v.name)
+            tensors[v.name] = (t.nbytes, _producer(t, maps, written))
+    try:
+        proto = ir.serde.serialize_model(model)
+    finally:
+        for v, t in saved.items():
+            v.const_value = t
+    out = write_model(proto, tensors, path, external=external, data_name=data_name)
+    _drop(maps)
+    return out
+
+
+def _producer(t, maps, count: list):
+    def produce() -> bytes:
+        data = t.tobytes()
+        count[0] += len(data)
+        if count[0] > 64 << 20:  # every 64 MB written: drop the source pages read so far
+            count[0] = 0
+            _drop(maps)
+        return data
+
+    return produce
+
+
+def _drop(maps) -> None:
+    import mmap
+
+    for mm in maps:
+        try:
+            mm.madvise(mmap.MADV_DONTNEED)
+        except (OSError, ValueError, AttributeError):
+            pass
 
 
 def random_inputs(proto: onnx.ModelProto, batch: int = 1, seed: int = 0) -> dict[str, np.ndarray]:

@@ -190,15 +190,6 @@ class Ratios:
         return self.default, "default"
 
 
-def channel_scores(ctx: Analysis, g: Group, criterion: str, rng: np.random.Generator) -> np.ndarray:
-    """Data-free importance of each channel of ``g`` (kept for API users)."""
-    if criterion == "random":
-        return rng.random(g.width)
-    from .importance.criteria import magnitude
-
-    return magnitude(ctx, g, criterion)
-
-
 @dataclass
 class Plan:
     keep: dict[int, np.ndarray]  # group id -> kept indices (sorted)
@@ -207,6 +198,68 @@ class Plan:
     skipped: dict[int, str]  # group id -> why it was left whole
     target: dict | None = None  # what a target_macs / target_params search found
     importance: Scores | None = None  # criterion used per group, fallbacks, GOHSP matrices
+    criteria: dict | None = None  # kind -> criterion that ranked it
+    ratios_given: dict | None = None  # the ratios.json that made this plan
+
+    # -- the plan file ------------------------------------------------------------------
+    def to_json(self, groups: list[Group], model_file: str | None = None) -> dict:
+        """The plan in stable terms: each group by its members' node/tensor names,
+        with its kind, set, width and kept indices (null: kept whole)."""
+        rows = []
+        for g in groups:
+            row = {"kind": g.kind, "set": g.set_name, "width": g.width,
+                   "keep": None if g.id not in self.keep else [int(i) for i in self.keep[g.id]]}
+            if g.id in self.ratios:
+                row["ratio"], row["from"] = self.ratios[g.id]
+            if g.frozen:
+                row["frozen"] = g.frozen[0]
+            elif g.id in self.skipped:
+                row["skipped"] = self.skipped[g.id]
+            row["members"] = [member_key(m) for m in g.tensors]
+            rows.append(row)
+        return {"onnxprune_plan": PLAN_VERSION, "model": model_file, "groups_total": len(groups),
+                "ratios": self.ratios_given, "criteria": self.criteria, "target": self.target, "groups": rows}
+
+    @classmethod
+    def from_json(cls, data: dict, groups: list[Group], where: str = "plan") -> "Plan":
+        """Replay a plan file on the analysed model it was made for; refuses (one
+        line) when a group does not match or kept indices are out of range."""
+        if not isinstance(data, dict) or data.get("onnxprune_plan") != PLAN_VERSION or not isinstance(data.get("groups"), list):
+            raise UserError(f"{where} is not an onnxprune plan file (version {PLAN_VERSION})")
+        by_members = {frozenset(member_key(m) for m in g.tensors): g for g in groups}
+        plan = cls({}, {}, {}, {}, target=data.get("target"), criteria=data.get("criteria"), ratios_given=data.get("ratios"))
+        for i, row in enumerate(data["groups"]):
+            if not isinstance(row, dict) or not isinstance(row.get("members"), list):
+                raise UserError(f"{where}: group #{i} has no member list")
+            g = by_members.get(frozenset(row["members"]))
+            if g is None:
+                raise UserError(f"{where} does not fit this model: group #{i} ({row.get('kind')}, {row.get('set')}) "
+                                f"has no counterpart (was the plan made on another model?)")
+            if row.get("width") != g.width:
+                raise UserError(f"{where} does not fit this model: group #{i} has width {row.get('width')}, the model {g.width}")
+            keep = row.get("keep")
+            if keep is None:
+                continue
+            if g.frozen:
+                raise UserError(f"{where}: group #{i} ({g.kind}, {g.set_name}) is frozen in this model: {g.frozen[0]}")
+            if (not isinstance(keep, list) or not keep or not all(isinstance(k, int) and not isinstance(k, bool) for k in keep)
+                    or len(set(keep)) != len(keep) or min(keep) < 0 or max(keep) >= g.width):
+                raise UserError(f"{where}: group #{i} 'keep' must be a non-empty list of distinct indices in [0, {g.width})")
+            if len(keep) < g.width:
+                plan.keep[g.id] = np.array(sorted(keep), dtype=np.int64)
+            if "ratio" in row:
+                plan.ratios[g.id] = (row["ratio"], row.get("from", "plan file"))
+        if data.get("groups_total") not in (None, len(groups)):
+            raise UserError(f"{where} does not fit this model: it lists {data['groups_total']} groups, the model has {len(groups)}")
+        return plan
+
+
+PLAN_VERSION = 1
+
+
+def member_key(m) -> str:
+    """A member axis by names that survive a reload: ``node[input slot] tensor axis``."""
+    return f"{m.node.name}[{m.slot}] {m.value.name} axis {m.axis}"
 
 
 def _n_keep(width: int, n_remove: int, round_to: int) -> int:
@@ -217,10 +270,10 @@ def _n_keep(width: int, n_remove: int, round_to: int) -> int:
     return int(min(width, max(1, keep)))
 
 
-def compute_scores(ctx: Analysis, groups: list[Group], ratios: Ratios, proto=None, calib=None) -> Scores:
+def compute_scores(ctx: Analysis, groups: list[Group], ratios: Ratios, proto=None, calib=None, after_group=None) -> Scores:
     """Channel importance of every prunable group (criteria from ``ratios``;
     data-driven ones need the model ``proto`` and calibration batches)."""
-    return score_groups(ctx, groups, ratios.importance_spec, ratios.seed, proto, calib)
+    return score_groups(ctx, groups, ratios.importance_spec, ratios.seed, proto, calib, after_group)
 
 
 def make_plan(ctx: Analysis, groups: list[Group], ratios: Ratios, scores: Scores | None = None) -> Plan:

@@ -33,19 +33,71 @@ def _edits(ctx: Analysis, keep: dict[int, np.ndarray]):
     return slices, entries
 
 
-def apply_plan(ctx: Analysis, keep: dict[int, np.ndarray]) -> int:
-    """Rewrite ``ctx.model`` in place; returns the number of tensors changed."""
+class Journal:
+    """Undo log of in-place edits, so one analysed model can be zeroed and
+    rewritten many times (the oracle checks every isomorphic set on one
+    analysis). Edits are undone in reverse order."""
+
+    def __init__(self) -> None:
+        self._undo: list = []
+
+    def record(self, fn) -> None:
+        self._undo.append(fn)
+
+    def undo(self) -> None:
+        while self._undo:
+            self._undo.pop()()
+
+
+def _set_const(value: ir.Value, tensor, journal: Journal | None) -> None:
+    if journal is not None:
+        old_t, old_s = value.const_value, value.shape
+        journal.record(lambda: (setattr(value, "const_value", old_t), setattr(value, "shape", old_s)))
+    value.const_value = tensor
+    value.shape = ir.Shape(tensor.shape)
+
+
+def _sliced(src, sl: dict[int, np.ndarray], en: dict[int, int], name: str):
+    """The tensor ``src`` sliced along axes and with flat entries replaced; lazy
+    for large tensors (computed when written, so the weights are never held
+    twice), eager for shape constants the analysis may read."""
+    shape = list(src.shape)
+    for a, idx in sl.items():
+        shape[a] = len(idx)
+
+    def compute():
+        new = src.numpy()
+        for a, idx in sl.items():
+            new = np.take(new, idx, axis=a)
+        if en:
+            new = np.array(new).reshape(-1)
+            for i, val in en.items():
+                new[i] = val
+            new = new.reshape(shape)
+        return ir.Tensor(np.ascontiguousarray(new), name=name)
+
+    if en or src.nbytes <= 4096:
+        return compute()
+    return ir.LazyTensor(compute, dtype=src.dtype, shape=ir.Shape(shape), name=name)
+
+
+def apply_plan(ctx: Analysis, keep: dict[int, np.ndarray], journal: Journal | None = None) -> int:
+    """Rewrite ``ctx.model`` in place; returns the number of tensors changed.
+    With a ``journal``, every edit can be undone (``journal.undo()``)."""
     g = ctx.graph
     slices, entries = _edits(ctx, keep)
     nodes = {id(n): n for n in g}
+    order = {id(n): i for i, n in enumerate(g)}
     touched: dict[ir.Value, list] = defaultdict(list)
-    for key in set(slices) | set(entries):
+    # graph order, so that new initializers are named and written deterministically
+    for key in sorted(set(slices) | set(entries), key=lambda k: (order[k[0]], k[1])):
         node = nodes[key[0]]
         touched[node.inputs[key[1]]].append(key)
     changed = 0
     used_names = set(g.initializers) | {v.name for n in g for v in n.outputs}
     for value, keys in touched.items():
-        arr = value.const_value.numpy()
+        src = value.const_value
+        flat_src = None
         specs: dict[tuple, list] = defaultdict(list)
         for use in value.uses():
             key = (id(use.node), use.idx)
@@ -58,49 +110,55 @@ def apply_plan(ctx: Analysis, keep: dict[int, np.ndarray]) -> int:
             specs[spec].append((use.node, use.idx, sl, en))
         for k, (spec, uses) in enumerate(sorted(specs.items(), key=lambda kv: len(kv[1]), reverse=True)):
             _, _, sl, en = uses[0]
-            new = arr
-            for a, idx in sl.items():
-                new = np.take(new, idx, axis=a)
-            if en:
-                flat = np.array(new).reshape(-1).copy()
-                for i, val in en.items():
-                    flat[i] = val
-                new = flat.reshape(new.shape)
-            if not sl and not any(int(arr.reshape(-1)[i]) != v for i, v in en.items()):
-                continue  # this use keeps the original tensor
+            if not sl:
+                if flat_src is None:
+                    flat_src = src.numpy().reshape(-1)
+                if not any(int(flat_src[i]) != v for i, v in en.items()):
+                    continue  # this use keeps the original tensor
             changed += 1
             only_use = len(specs) == 1 and not value.is_graph_input() and not value.is_graph_output()
             if only_use:
-                value.const_value = ir.Tensor(np.ascontiguousarray(new), name=value.name)
-                value.shape = ir.Shape(new.shape)
+                _set_const(value, _sliced(src, sl, en, value.name), journal)
                 continue
             name = f"{value.name}__pruned{k}"
             while name in used_names:
                 name += "_"
             used_names.add(name)
-            tensor = ir.Tensor(np.ascontiguousarray(new), name=name)
-            nv = ir.Value(name=name, shape=ir.Shape(new.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
+            tensor = _sliced(src, sl, en, name)
+            nv = ir.Value(name=name, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
             g.register_initializer(nv)
             for node, slot, _, _ in uses:
                 node.replace_input_with(slot, nv)
+            if journal is not None:
+                journal.record(lambda nv=nv: g.initializers.pop(nv.name))
+                for node, slot, _, _ in uses:
+                    journal.record(lambda node=node, slot=slot, old=value: node.replace_input_with(slot, old))
     t = ctx.table
     for m in ctx.attrs:
         new = sum(t.size_after(s, keep) for s in m.spaces)
         a = m.node.attributes[m.attr]
         if m.index is None:
-            if a.value != new:
-                m.node.attributes[m.attr] = ir.AttrInt64(m.attr, int(new))
+            if a.value == new:
+                continue
+            na = ir.AttrInt64(m.attr, int(new))
         else:
             vals = list(a.value)
             vals[m.index] = int(new)
-            m.node.attributes[m.attr] = ir.AttrInt64s(m.attr, vals)
+            na = ir.AttrInt64s(m.attr, vals)
+        if journal is not None:
+            journal.record(lambda node=m.node, a=a: node.attributes.__setitem__(a.name, a))
+        m.node.attributes[m.attr] = na
     for name, v in list(g.initializers.items()):
         if not v.uses() and not v.is_graph_output() and not v.is_graph_input():
             del g.initializers[name]
+            if journal is not None:
+                journal.record(lambda name=name, v=v: g.initializers.__setitem__(name, v))
     # stale intermediate shapes would be serialised as value_info
     outs = set(g.outputs)
     for node in g:
         for o in node.outputs:
-            if o not in outs:
+            if o not in outs and o.shape is not None:
+                if journal is not None:
+                    journal.record(lambda o=o, s=o.shape: setattr(o, "shape", s))
                 o.shape = None
     return changed

@@ -10,14 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 
 from . import io
-from .api import analyze
+from .core.analysis import Analysis
 from .core.groups import Group
-from .plan import Plan, Ratios, make_plan
-from .rewrite import apply_plan
+from .errors import UserError
+from .plan import Plan, Ratios
 
 TOLERANCE = 1e-4
 
@@ -35,25 +34,28 @@ class OracleRow:
         return dict(self.__dict__)
 
 
-def zero_removed(a, groups: list[Group], keep: dict[int, np.ndarray]) -> None:
-    """Zero the removed channels of ``groups`` in every member tensor (in place)."""
-    t = a.ctx.table
+def zero_removed(ctx: Analysis, groups: list[Group], keep: dict[int, np.ndarray], journal=None) -> None:
+    """Zero the removed channels of ``groups`` in every member tensor (in place;
+    undoable through ``journal``)."""
+    t = ctx.table
     for g in groups:
         if g.id not in keep:
             continue
         removed = np.setdiff1d(np.arange(g.width), keep[g.id])
         for m in g.tensors:
             v = m.value
-            arr = v.const_value.numpy().copy()
             lm = t.leaf_map(m.space, g.space)
             pos = np.nonzero(np.isin(lm, removed))[0]
             if not len(pos):
                 continue
+            arr = v.const_value.numpy().copy()
             idx = [slice(None)] * arr.ndim
             idx[m.axis] = pos
             # a removed channel must output 0: a divisor or exponent becomes 1, not 0 (0/0)
             neutral = 1 if m.node.op_type in ("Div", "Pow") and m.slot == 1 else 0
             arr[tuple(idx)] = neutral
+            if journal is not None:
+                journal.record(lambda v=v, old=v.const_value: setattr(v, "const_value", old))
             v.const_value = ir.Tensor(arr, name=v.name)
 
 
@@ -68,29 +70,34 @@ def rel_err(a: list[np.ndarray], b: list[np.ndarray]) -> float:
     return err
 
 
-def check_subset(src: onnx.ModelProto, gids: set[int], keep: dict[int, np.ndarray], batch: int) -> float:
-    a = analyze(src)
-    groups = [g for g in a.groups if g.id in gids]
+def check_subset(job, gids: set[int], keep: dict[int, np.ndarray], batch: int) -> float:
+    """Zeroed original vs zeroed-and-pruned, both built from the job's one analysis."""
     sub = {gid: k for gid, k in keep.items() if gid in gids}
-    zero_removed(a, groups, sub)
-    zeroed = io.to_proto(a.model)
-    apply_plan(a.ctx, sub)
-    pruned = io.infer(io.to_proto(a.model))
-    feeds = io.random_inputs(zeroed, batch=batch, seed=1)
-    za = io.session(zeroed).run(None, feeds)
-    pb = io.session(pruned).run(None, feeds)
+    with job.edited(sub, zero=True) as zeroed:
+        feeds = io.random_inputs(zeroed, batch=batch, seed=1)
+        za = io.session(zeroed).run(None, feeds)
+    del zeroed
+    with job.edited(sub, zero=True, prune=True) as pruned:
+        pb = io.session(pruned).run(None, feeds)
     return rel_err(za, pb)
 
 
-def oracle(model: str | onnx.ModelProto, ratios: Ratios, per_set: bool = True, plan: Plan | None = None, batch: int = 2) -> list[OracleRow]:
-    src = io.read_proto(model) if isinstance(model, str) else model
-    a = analyze(src)
+def oracle(model, ratios: Ratios | None = None, per_set: bool = True, plan: Plan | None = None, batch: int = 2,
+           calib=None) -> list[OracleRow]:
+    """Zero-contribution oracle for ``plan`` (or the plan ``ratios`` make, exactly
+    as a prune run would: budgets and ``calib`` included). ``model`` is a path,
+    a proto or a :class:`onnxprune.pipeline.Job` that has not been rewritten."""
+    from .pipeline import Job
+
+    job = model if isinstance(model, Job) else Job.open(model)
+    if job.rewritten:
+        raise RuntimeError("the oracle needs the analysed original, not a rewritten job")
     if plan is None:
-        plan = make_plan(a.ctx, a.groups, ratios)
+        plan = job.plan(ratios or Ratios(), calib)
     rows: list[OracleRow] = []
-    exact = {g.id for g in a.groups if g.id in plan.keep and g.exact}
+    exact = {g.id for g in job.groups if g.id in plan.keep and g.exact}
     by_set: dict[str, list[Group]] = {}
-    for g in a.groups:
+    for g in job.groups:
         if g.id in plan.keep:
             by_set.setdefault(g.set_name or f"group {g.id}", []).append(g)
 
@@ -102,10 +109,20 @@ def oracle(model: str | onnx.ModelProto, ratios: Ratios, per_set: bool = True, p
             if not all(g.exact for g in gs):
                 rows.append(OracleRow(name, gs[0].kind, len(gs), removed(gs), None, "approximate (not tested)"))
                 continue
-            err = check_subset(src, {g.id for g in gs}, plan.keep, batch)
+            err = check_subset(job, {g.id for g in gs}, plan.keep, batch)
             rows.append(OracleRow(name, gs[0].kind, len(gs), removed(gs), err, "PASS" if err <= TOLERANCE else "FAIL"))
     if exact:
-        err = check_subset(src, exact, plan.keep, batch)
-        gs = [g for g in a.groups if g.id in exact]
+        err = check_subset(job, exact, plan.keep, batch)
+        gs = [g for g in job.groups if g.id in exact]
         rows.append(OracleRow("all exact groups", "*", len(gs), removed(gs), err, "PASS" if err <= TOLERANCE else "FAIL"))
     return rows
+
+
+def require_checks(rows: list[OracleRow], plan: Plan) -> None:
+    """An oracle that checked nothing is a failure, not a pass."""
+    if any(r.max_rel_err is not None for r in rows):
+        return
+    if not plan.keep:
+        raise UserError("nothing to check: the plan removes no channel (all ratios 0, or every group frozen or ignored)")
+    raise UserError("nothing to check: every pruned group is approximate (under a normalisation over the pruned axis); "
+                    "the oracle tests exact groups only")

@@ -63,7 +63,7 @@ def test_gohsp_equals_stationary_distribution_of_captured_heads(tmp_path, export
     xs = [rng.standard_normal((batch, 3, 64, 64)).astype(np.float32) for _ in range(2)]
     calib = Calibration(xs, None, "test")
     a = analyze(path)
-    scores = a.scores(Ratios.from_dict({"importance": {"heads": "gohsp"}}), io.to_proto(a.model), calib)
+    scores = a.scores(Ratios.from_dict({"importance": {"heads": "gohsp"}}), calib)
     heads = [g for g in a.groups if g.kind == "heads" and not g.frozen]
     assert len(heads) == 3 and all(g.id in scores.gohsp for g in heads)
     # independent capture: the input of each block's output projection is
@@ -119,7 +119,7 @@ def test_data_criteria_run_and_differ_from_magnitude(tmp_path, name, exporter, o
     base = a.scores(Ratios.from_dict({"importance": "l2"})).values
     live = [g.id for g in a.groups if not g.frozen]
     for crit in ("taylor", "activation", "hessian"):
-        sc = a.scores(Ratios.from_dict({"importance": crit}), proto, calib)
+        sc = a.scores(Ratios.from_dict({"importance": crit}), calib)
         assert not sc.notes, (crit, sc.notes)
         assert set(sc.values) == set(live) and all(sc.used[g] == crit for g in live)
         assert all(np.isfinite(v).all() and (v >= 0).all() and v.any() for v in sc.values.values())

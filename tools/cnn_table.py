@@ -20,7 +20,6 @@ sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 
 import timm  # noqa: E402
 
-from onnxprune import io  # noqa: E402
 from onnxprune.api import analyze, prune  # noqa: E402
 from onnxprune.export import export_timm  # noqa: E402
 from onnxprune.plan import Ratios  # noqa: E402
@@ -52,7 +51,7 @@ def main() -> None:
                     t = time.perf_counter()
                     res = prune(path, cfg)
                     t_pr = time.perf_counter() - t
-                    rep = oracle(io.read_proto(path), Ratios.from_dict(cfg), per_set=False, plan=res.plan)
+                    rep = oracle(a, per_set=False, plan=res.plan)
                     err = max((r.max_rel_err for r in rep if r.max_rel_err is not None), default=float("nan"))
                     b, f = res.before, res.after
                     rows.append([name, f"{exporter} op{opset}{' dyn' if dyn else ''}", len(a.groups) - n_frozen, len(a.sets), n_frozen, label,

@@ -51,12 +51,12 @@ def stability(data: str) -> list:
     """GOHSP rankings per block from calibration sets of 8, 32 and 128 images."""
     src = os.path.join(MODELS, "ref_vit.onnx")
     a = analyze(src)
-    proto = io.to_proto(a.model)
+    proto = a.skeleton()
     r = Ratios.from_dict({"importance": {"heads": "gohsp"}})
     got = {}
     for n in (8, 32, 128):
         calib = load(data, proto, n_batches=1, batch=n, seed=1)
-        sc = a.scores(r, proto, calib)
+        sc = a.scores(r, calib)
         got[n] = {gid: np.array(d["stationary"]) for gid, d in sc.gohsp.items()}
     rows = []
     for x, y in ((8, 32), (32, 128), (8, 128)):

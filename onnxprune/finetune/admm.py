@@ -269,6 +269,7 @@ class GohspOptions:
     admm_recipe: str = "paper"  # paper: SGD m0.9, no wd, CE | quick: finetune's quick recipe, KD from teacher
     kd_alpha: float = 0.5
     kd_temperature: float = 4.0
+    plan: str | dict | None = None  # a saved plan file: its kept heads/columns are the ADMM targets
 
 
 def _val_acc(module, loader, max_batches=None) -> float:
@@ -292,10 +293,10 @@ def gohsp(model: str, opts: GohspOptions) -> dict:
     import torch.nn.functional as F
 
     from .. import io
-    from ..api import analyze, validate
+    from ..api import load_plan, validate
     from ..importance.calib import load as load_calib
-    from ..plan import Ratios, compute_scores, make_plan
-    from ..rewrite import apply_plan
+    from ..pipeline import Job
+    from ..plan import Plan, Ratios
     from .data import dataset_meta, image_folder
     from .importer import import_onnx, write_back
     from .recipes import get as get_recipe
@@ -326,11 +327,12 @@ def gohsp(model: str, opts: GohspOptions) -> dict:
     ratios = Ratios.from_dict(rdict)
     if ratios.target is not None:
         raise UserError("gohsp takes kind ratios (heads, head_dim, mlp), not a target")
-    a = analyze(model)
-    normalised = io.to_proto(a.model)
-    calib = load_calib(opts.data, normalised, opts.calib_batches, 32)
-    scores = compute_scores(a.ctx, a.groups, ratios, normalised, calib)
-    plan = make_plan(a.ctx, a.groups, ratios, scores=scores)
+    a = Job.open(model)
+    normalised = a.data_proto()
+    if opts.plan is not None:
+        plan = load_plan(opts.plan, a)
+    else:
+        plan = a.plan(ratios, load_calib(opts.data, normalised, opts.calib_batches, 32))
     imp = import_onnx(normalised, seed=opts.seed)
     structs = build_structures(a, plan, imp)
     if not structs:
@@ -404,11 +406,11 @@ def gohsp(model: str, opts: GohspOptions) -> dict:
     # hard pruning on the soft model, by our rewriter
     soft = write_back(imp)
     keep = admm.final_keep()
-    a2 = analyze(soft)
+    a2 = Job.open(soft)
     if [g.id for g in a2.groups] != [g.id for g in a.groups]:
         raise RuntimeError("analysis of the trained model differs from the original's")
-    apply_plan(a2.ctx, keep)
-    hard = io.infer(io.to_proto(a2.model))
+    a2.rewrite(Plan(keep, {}, {}, {}))
+    hard = io.full_proto(a2.model)
     validate(hard)
     x = np.stack([val_ds[i][0].numpy() for i in range(min(len(val_ds), micro))]).astype(np.float32)
     ys = io.session(soft).run(None, {io.session(soft).get_inputs()[0].name: x})[0]

@@ -100,10 +100,20 @@ def magnitude(ctx: Analysis, g: Group, criterion: str, arrays: dict | None = Non
         if arr is None or not np.issubdtype(arr.dtype, np.floating) or arr.ndim <= m.axis:
             continue
         lm = ctx.table.leaf_map(m.space, g.space)
-        per = np.moveaxis(arr.astype(np.float64), m.axis, 0).reshape(arr.shape[m.axis], -1)
-        per = (per**2).sum(1) if criterion == "l2" else np.abs(per).sum(1)
-        scores += _per_channel(per, lm, g.width)
+        scores += _per_channel(_slice_norms(arr, m.axis, criterion == "l2"), lm, g.width)
     return np.sqrt(scores) if criterion == "l2" else scores
+
+
+def _slice_norms(arr: np.ndarray, axis: int, squared: bool, chunk: int = 1 << 20) -> np.ndarray:
+    """Sum of squares (or of absolute values) of every slice along ``axis``, in
+    float64, a few rows at a time (no full-size temporaries of a large weight)."""
+    per = np.moveaxis(arr, axis, 0).reshape(arr.shape[axis], -1)
+    out = np.empty(per.shape[0])
+    step = max(1, chunk // max(per.shape[1], 1))
+    for i in range(0, per.shape[0], step):
+        block = per[i:i + step].astype(np.float64)
+        out[i:i + step] = np.einsum("ij,ij->i", block, block) if squared else np.abs(block).sum(1)
+    return out
 
 
 def bn_scale(ctx: Analysis, g: Group) -> np.ndarray | None:
@@ -220,8 +230,10 @@ def gohsp_scores(head_vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]
 
 
 # -- driver --------------------------------------------------------------------------------
-def score_groups(ctx: Analysis, groups: list[Group], spec: dict, seed: int = 0, proto=None, calib=None) -> Scores:
-    """Scores of every prunable group under ``spec`` (``{kind | "default": criterion}``)."""
+def score_groups(ctx: Analysis, groups: list[Group], spec: dict, seed: int = 0, proto=None, calib=None,
+                 after_group=None) -> Scores:
+    """Scores of every prunable group under ``spec`` (``{kind | "default": criterion}``).
+    ``after_group(group)`` is called after each data-free score (memory upkeep, progress)."""
     rng = np.random.default_rng(seed)
     out = Scores()
     live = [g for g in groups if not g.frozen]
@@ -247,6 +259,8 @@ def score_groups(ctx: Analysis, groups: list[Group], spec: dict, seed: int = 0, 
                 s = magnitude(ctx, g, "l2")
                 want[g.id] = "l2"
             out.values[g.id] = s
+        if after_group is not None:
+            after_group(g)
     if "taylor" in needs or "hessian" in needs:
         arrays = _taylor_arrays(proto, calib, {c for c in needs if c in ("taylor", "hessian")})
         for g in live:

@@ -1,0 +1,187 @@
+"""One pipeline: load -> analyse -> plan -> rewrite -> validate.
+
+A :class:`Job` is one model, loaded and analysed **once** (weights
+memory-mapped, shapes inferred on a weight-less skeleton). Every stage reads
+from it: importance scores, the plan (the only place ratios become a plan,
+budgets included), params/MACs, the oracle (which zeroes and rewrites the same
+analysed model under an undo journal, once per isomorphic set), the rewrite,
+and writing the result. Nothing re-reads the input file.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from contextlib import contextmanager
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from . import io
+from .core.analysis import Analysis, run_analysis
+from .core.groups import Group, build_groups, isomorphic_sets
+from .errors import UserError
+from .plan import Plan, Ratios, compute_scores, make_plan
+
+log = logging.getLogger(__name__)
+
+
+class Job:
+    """A loaded, normalised and analysed model, and everything derived from it."""
+
+    def __init__(self, model: ir.Model, source: str | None = None) -> None:
+        self.model = model
+        self.source = source
+        self.ctx: Analysis = run_analysis(model)
+        self.groups: list[Group] = build_groups(self.ctx)
+        self._estimator = None
+        self.rewritten = False
+
+    @classmethod
+    def open(cls, model: str | onnx.ModelProto | ir.Model) -> "Job":
+        if isinstance(model, str):
+            return cls(io.load(model), model)
+        if isinstance(model, onnx.ModelProto):
+            return cls(io.to_ir(model))
+        return cls(io.normalised(model))
+
+    # -- facts --------------------------------------------------------------------------
+    @property
+    def sets(self) -> dict[str, list[Group]]:
+        return isomorphic_sets(self.groups)
+
+    @property
+    def estimator(self):
+        """Params/MACs of this model under any plan (one batch-1 shape inference, on a skeleton)."""
+        if self._estimator is None:
+            from .budget import Estimator
+
+            self._estimator = Estimator(self.ctx, io.skeleton(self.model))
+        return self._estimator
+
+    def counts(self, plan: Plan | None = None) -> dict[str, int]:
+        return self.estimator.estimate(plan.keep if plan is not None else {})
+
+    def skeleton(self) -> onnx.ModelProto:
+        return io.skeleton(self.model)
+
+    def data_proto(self) -> onnx.ModelProto:
+        """A full copy with weights (for ORT sessions in memory): only data-driven
+        criteria and the oracle ask for it."""
+        return io.full_proto(self.model)
+
+    # -- plan ---------------------------------------------------------------------------
+    def scores(self, ratios: Ratios, calib=None):
+        from .importance.criteria import DATA_CRITERIA, criterion_for
+
+        spec = ratios.importance_spec
+        needs_data = any(criterion_for(spec, g.kind) in DATA_CRITERIA for g in self.groups if not g.frozen)
+        proto = self.data_proto() if needs_data and calib is not None else None
+        read = [0]
+
+        def upkeep(g: Group) -> None:  # scoring reads every weight: drop the pages read every 64 MB
+            read[0] += sum(m.value.const_value.nbytes for m in g.tensors if m.value.const_value is not None)
+            if read[0] > 64 << 20:
+                read[0] = 0
+                io.release(self.model)
+
+        s = compute_scores(self.ctx, self.groups, ratios, proto, calib, upkeep)
+        io.release(self.model)
+        return s
+
+    def plan(self, ratios: Ratios, calib=None, scores=None) -> Plan:
+        """The plan ``ratios`` make on this model (a budget is solved here)."""
+        if isinstance(calib, str):
+            from .importance.calib import load as load_calib
+
+            calib = load_calib(calib, self.skeleton())
+        if scores is None:
+            scores = self.scores(ratios, calib)
+        if ratios.target is None:
+            plan = make_plan(self.ctx, self.groups, ratios, scores=scores)
+        else:
+            from .budget import parse_target, solve
+
+            est = self.estimator
+            metric, requested = ratios.target
+            target = parse_target(requested, est.before[metric], metric)
+            _, plan, _, info = solve(self.ctx, self.groups, ratios, target, est, scores)
+            plan.target = info
+        plan.criteria = {g.kind: c for g in self.groups if g.id in scores.used for c in [scores.used[g.id]]}
+        plan.ratios_given = ratios.to_dict()
+        return plan
+
+    # -- edits --------------------------------------------------------------------------
+    def rewrite(self, plan: Plan) -> ir.Model:
+        """Apply ``plan`` to this job's model, in place (once)."""
+        from .rewrite import apply_plan
+
+        if self.rewritten:
+            raise RuntimeError("this job's model was already rewritten")
+        apply_plan(self.ctx, plan.keep)
+        self.rewritten = True
+        return self.model
+
+    @contextmanager
+    def edited(self, keep: dict[int, np.ndarray], zero: bool = False, prune: bool = False):
+        """Temporarily zero the removed channels and/or rewrite by ``keep``;
+        yields a full proto of the edited model, then undoes every edit."""
+        from .rewrite import Journal, apply_plan
+        from .verify import zero_removed
+
+        j = Journal()
+        try:
+            if zero:
+                zero_removed(self.ctx, [g for g in self.groups if g.id in keep], keep, j)
+            if prune:
+                apply_plan(self.ctx, keep, j)
+            yield io.full_proto(self.model)
+        finally:
+            j.undo()
+
+    # -- output -------------------------------------------------------------------------
+    def save(self, path: str, check: bool = True) -> dict:
+        """Write the (rewritten) model to ``path`` by streaming its tensors, then
+        validate the written file; nothing is left at ``path`` if that fails.
+        Returns the validation facts."""
+        if self.source and os.path.abspath(path) == os.path.abspath(self.source):
+            raise UserError("output path equals the input path; onnxprune never overwrites its input")
+        d = os.path.dirname(os.path.abspath(path))
+        fd, tmp = tempfile.mkstemp(prefix=".onnxprune-", suffix=".onnx", dir=d)
+        os.close(fd)
+        data = None
+        try:
+            external = True if self._has_external_input() else None
+            data = io.save_model(self.model, tmp, external=external, data_name=os.path.basename(path) + ".data")
+            checks = validate(tmp) if check else {}
+            os.replace(tmp, path)
+        except Exception:
+            for f in (tmp, os.path.join(d, data) if data else None):
+                if f and os.path.exists(f):
+                    os.remove(f)
+            raise
+        return checks
+
+    def _has_external_input(self) -> bool:
+        """True when the input kept its weights in a separate file."""
+        return bool(self.model.graph.meta.get("external_input"))
+
+
+def validate(model: str | onnx.ModelProto, batches=(1, 2)) -> dict:
+    """onnx.checker with full_check (strict shape inference, type checks) and an
+    ORT run per batch size; a path is checked from the file (weights are not
+    loaded by the checker)."""
+    out: dict = {}
+    onnx.checker.check_model(model, full_check=True)
+    io.STATS["shape_inference"] += 1
+    out["checker"] = "ok"
+    out["shape_inference"] = "ok"
+    sess = io.session(model)
+    inputs = sess.get_inputs()
+    dynamic = any(not isinstance(d, int) or d < 0 for i in inputs for d in i.shape)
+    skel = onnx.load(model, load_external_data=False) if isinstance(model, str) else model
+    for b in batches if dynamic else batches[:1]:
+        sess.run(None, io.random_inputs(skel, batch=b))
+    out["ort_batches"] = list(batches if dynamic else batches[:1])
+    return out
