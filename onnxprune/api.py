@@ -5,7 +5,6 @@ once; plan, rewrite, count and check from that one analysis).
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -15,7 +14,7 @@ import onnx
 from . import io
 from .errors import UserError
 from .pipeline import Job, validate
-from .plan import Plan, Ratios
+from .plan import Plan, Ratios, read_json
 
 log = logging.getLogger(__name__)
 
@@ -49,23 +48,10 @@ class PruneResult:
         return self._proto
 
 
-def load_plan(path_or_dict, job: Job) -> Plan:
+def load_plan(src, job: Job) -> Plan:
     """A plan file (path, JSON text or dict) replayed on ``job``."""
-    data, where = path_or_dict, "plan"
-    if isinstance(path_or_dict, str):
-        where = path_or_dict
-        text = path_or_dict
-        if not text.lstrip().startswith("{"):
-            try:
-                with open(path_or_dict) as f:
-                    text = f.read()
-            except OSError as e:
-                raise UserError(f"cannot read plan file {path_or_dict}: {e.strerror}") from None
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise UserError(f"plan is not valid JSON ({e.msg} at line {e.lineno})") from None
-    return Plan.from_json(data, job.groups, where)
+    where = src if isinstance(src, str) and not src.lstrip().startswith("{") else "plan"
+    return Plan.from_json(read_json(src, "plan"), job.groups, where)
 
 
 def prune(

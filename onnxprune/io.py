@@ -141,40 +141,38 @@ def _big(t) -> bool:
     return t is not None and not isinstance(t, ir.StringTensor) and t.nbytes > BIG
 
 
-def skeleton(model: ir.Model) -> onnx.ModelProto:
-    """The model as a proto whose large tensors are data-less external
-    references (for shape inference, the checker, and cost counting)."""
-    from .protowire import PLACEHOLDER
-
-    g = model.graph
+def _serialized(model: ir.Model, swap) -> onnx.ModelProto:
+    """Serialise ``model`` with initializer tensors temporarily replaced by
+    ``swap(value, tensor)`` (None: keep the tensor); the model is left as it was."""
     saved = {}
-    for v in g.initializers.values():
-        t = v.const_value
-        if _big(t) and not isinstance(t, ir.ExternalTensor):
-            saved[v] = t
-            v.const_value = ir.ExternalTensor(PLACEHOLDER, 0, t.nbytes, t.dtype, shape=t.shape, name=v.name)
+    for v in model.graph.initializers.values():
+        new = swap(v, v.const_value)
+        if new is not None:
+            saved[v] = v.const_value
+            v.const_value = new
     try:
         return ir.serde.serialize_model(model)
     finally:
         for v, t in saved.items():
             v.const_value = t
+
+
+def _placeholder(v: ir.Value, t) -> ir.ExternalTensor:
+    from .protowire import PLACEHOLDER
+
+    return ir.ExternalTensor(PLACEHOLDER, 0, t.nbytes, t.dtype, shape=t.shape, name=v.name)
+
+
+def skeleton(model: ir.Model) -> onnx.ModelProto:
+    """The model as a proto whose large tensors are data-less external
+    references (for shape inference, the checker, and cost counting)."""
+    return _serialized(model, lambda v, t: _placeholder(v, t) if _big(t) and not isinstance(t, ir.ExternalTensor) else None)
 
 
 def full_proto(model: ir.Model) -> onnx.ModelProto:
     """The model as a self-contained proto with every tensor's bytes (for an ORT
     session in memory or the torch import): one copy of the weights."""
-    g = model.graph
-    saved = {}
-    for v in g.initializers.values():
-        t = v.const_value
-        if isinstance(t, ir.ExternalTensor):
-            saved[v] = t
-            v.const_value = ir.Tensor(t.numpy(), name=v.name)
-    try:
-        return ir.serde.serialize_model(model)
-    finally:
-        for v, t in saved.items():
-            v.const_value = t
+    return _serialized(model, lambda v, t: ir.Tensor(t.numpy(), name=v.name) if isinstance(t, ir.ExternalTensor) else None)
 
 
 def infer_into(model: ir.Model) -> onnx.ModelProto:
@@ -404,22 +402,18 @@ def save_model(model: ir.Model, path: str, external: bool | None = None, data_na
     """Stream ``model`` to ``path`` one tensor at a time (embedded, or external
     data in ``data_name`` when ``external`` or above 2 GB). Returns the data
     file's name when one was written."""
-    from .protowire import PLACEHOLDER, write_model
+    from .protowire import write_model
 
-    g = model.graph
-    maps = g.meta.get("maps") or []
-    saved, tensors, written = {}, {}, [0]
-    for v in g.initializers.values():
-        t = v.const_value
-        if _big(t):
-            saved[v] = t
-            v.const_value = ir.ExternalTensor(PLACEHOLDER, 0, t.nbytes, t.dtype, shape=t.shape, name=v.name)
-            tensors[v.name] = (t.nbytes, _producer(t, maps, written))
-    try:
-        proto = ir.serde.serialize_model(model)
-    finally:
-        for v, t in saved.items():
-            v.const_value = t
+    maps = model.graph.meta.get("maps") or []
+    tensors, written = {}, [0]
+
+    def swap(v, t):
+        if not _big(t):
+            return None
+        tensors[v.name] = (t.nbytes, _producer(t, maps, written))
+        return _placeholder(v, t)
+
+    proto = _serialized(model, swap)
     out = write_model(proto, tensors, path, external=external, data_name=data_name)
     _drop(maps)
     return out

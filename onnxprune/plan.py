@@ -20,6 +20,24 @@ from .importance.criteria import CRITERIA as IMPORTANCES
 from .importance.criteria import Scores, score_groups
 
 SCOPES = ("isomorphic", "global", "local")
+
+
+def read_json(src: str | dict, what: str) -> dict:
+    """A JSON object given inline (``{...}``), as a file path, or as a dict."""
+    if isinstance(src, dict):
+        return src
+    text = src
+    if not text.lstrip().startswith("{"):
+        try:
+            with open(src) as f:
+                text = f.read()
+        except OSError as e:
+            raise UserError(f"cannot read {what} file {src}: {e.strerror}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        verb = "are" if what.endswith("s") else "is"
+        raise UserError(f"{what} {verb} not valid JSON ({e.msg} at line {e.lineno})") from None
 FIELDS = {"default", "kinds", "sets", "layers", "ignore", "round_to", "scope", "importance", "seed",
           "target_macs", "target_params"}
 UNROUNDED_KINDS = {"heads"}  # heads are pruned whole: round_to applies to widths, not to head counts
@@ -102,20 +120,7 @@ class Ratios:
     def load(cls, path_or_json: str | dict | None) -> "Ratios":
         if path_or_json is None:
             return cls()
-        if isinstance(path_or_json, dict):
-            return cls.from_dict(path_or_json)
-        text = path_or_json
-        if not text.lstrip().startswith("{"):
-            try:
-                with open(path_or_json) as f:
-                    text = f.read()
-            except OSError as e:
-                raise UserError(f"cannot read ratios file {path_or_json}: {e.strerror}") from None
-        try:
-            d = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise UserError(f"ratios are not valid JSON ({e.msg} at line {e.lineno})") from None
-        return cls.from_dict(d)
+        return cls.from_dict(read_json(path_or_json, "ratios"))
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
