@@ -431,26 +431,9 @@ def _verdict(status: str, what: str, code: int = 0) -> int:
 _T0 = time.perf_counter()
 
 
-def _defer_sympy() -> None:
-    """onnx-ir imports sympy (0.5 s) for symbolic-dim arithmetic that pruning
-    never uses: in the command-line process, load it only if something touches it."""
-    import importlib.util
-
-    if "sympy" in sys.modules:
-        return
-    spec = importlib.util.find_spec("sympy")
-    if spec is None or spec.loader is None:
-        return
-    spec.loader = importlib.util.LazyLoader(spec.loader)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["sympy"] = module
-    spec.loader.exec_module(module)
-
-
 def main(argv: list[str] | None = None) -> int:
     global _T0
     _T0 = time.perf_counter()
-    _defer_sympy()
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in SUBCOMMANDS:
         sub = argv.pop(0)

@@ -71,8 +71,6 @@ torch.save(model, out)
 
 STAGES = """
 import sys, time
-from onnxprune.cli import _defer_sympy
-_defer_sympy()
 t = time.perf_counter()
 from onnxprune import io
 from onnxprune.pipeline import Job, validate
