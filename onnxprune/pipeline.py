@@ -124,16 +124,17 @@ class Job:
         return self.model
 
     @contextmanager
-    def edited(self, keep: dict[int, np.ndarray], zero: bool = False, prune: bool = False):
-        """Temporarily zero the removed channels and/or rewrite by ``keep``;
-        yields a full proto of the edited model, then undoes every edit."""
+    def edited(self, keep: dict[int, np.ndarray], zero: bool = False, prune: bool = False, consumer_only=frozenset()):
+        """Temporarily zero the removed channels (see :func:`verify.zero_removed`)
+        and/or rewrite by ``keep``; yields a full proto of the edited model, then
+        undoes every edit."""
         from .rewrite import Journal, apply_plan
         from .verify import zero_removed
 
         j = Journal()
         try:
             if zero:
-                zero_removed(self.ctx, [g for g in self.groups if g.id in keep], keep, j)
+                zero_removed(self.ctx, [g for g in self.groups if g.id in keep], keep, j, consumer_only)
             if prune:
                 apply_plan(self.ctx, keep, j)
             yield io.full_proto(self.model)

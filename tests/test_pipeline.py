@@ -174,8 +174,8 @@ def test_oracle_analyses_once_and_catches_a_wrong_rewrite(monkeypatch):
     shifted[gid] = np.setdiff1d(np.arange(next(g for g in job.groups if g.id == gid).width), plan.keep[gid])[: len(plan.keep[gid])]
     real_apply = pl.Job.edited
 
-    def lying(self, keep, zero=False, prune=False):
-        return real_apply(self, shifted if prune else keep, zero=zero, prune=prune)
+    def lying(self, keep, zero=False, prune=False, consumer_only=frozenset()):
+        return real_apply(self, shifted if prune else keep, zero=zero, prune=prune, consumer_only=consumer_only)
 
     monkeypatch.setattr(pl.Job, "edited", lying)
     err = verify.check_subset(job, {gid}, plan.keep, batch=1)

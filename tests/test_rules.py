@@ -525,3 +525,41 @@ def test_separate_qkv_attention():
     assert {r.kind for r in rows} >= {"heads", "head_dim"}
     res = pruned(m, {"kinds": {"heads": 0.34}})
     assert init(res.proto, "s4").tolist() == [1, 5, 2, 4] and init(res.proto, "s3").tolist() == [1, 5, 8]
+
+
+# -- the oracle when zeroing makes a run-time normaliser divide 0 by 0 ---------------------------
+def test_oracle_survives_run_time_normalisation_of_zeroed_channels():
+    """h / sum_spatial(h) per channel (ConViT normalises each head's attention this way): a
+    fully zeroed channel gives 0/0. The oracle then zeroes that set only where it is read,
+    and still fails a wrong rewrite."""
+    m = make("""[c1] h = Conv <pads=[1,1,1,1]> (x, w1, b1)
+  e = Abs(h)
+  s = ReduceSum <keepdims=1> (e, axes)
+  d = Div(e, s)
+  [c2] y = Conv (d, w2, b2)""", {"w1": W(8, 3, 3, 3), "b1": W(8), "axes": I64(2, 3), "w2": W(4, 8, 1, 1), "b2": W(4)})
+    from onnxprune.pipeline import Job
+    from onnxprune.verify import check_subset
+
+    job = Job.open(m)
+    plan = job.plan(Ratios.from_dict(HALF))
+    (gid,) = plan.keep
+    assert np.isnan(check_subset(job, {gid}, plan.keep, 1))  # zeroing producers too: |0| / 0
+    rows = assert_oracle(m)
+    assert all(r.max_rel_err < 1e-5 for r in rows)
+
+
+def test_group_norm_with_one_group_exported_as_instance_norm_is_approximate():
+    """timm's GroupNorm(1) (PoolFormer, MobileViT-v2) reaches ONNX as Reshape [N, 1, C*H*W] ->
+    InstanceNormalization: its statistics run over the channels, so they are not exact to prune."""
+    m = make("""[c1] h = Conv <pads=[1,1,1,1]> (x, w1, b1)
+  f = Reshape(h, s1)
+  n = InstanceNormalization <epsilon=1e-5> (f, sc, bi)
+  u = Reshape(n, s2)
+  g = Mul(u, gamma)
+  [c2] y = Conv (g, w2, b2)""", {"w1": W(8, 3, 3, 3), "b1": W(8), "s1": I64(1, 1, -1), "sc": W(1), "bi": W(1),
+                                 "s2": I64(1, 8, 8, 8), "gamma": W(8, 1, 1), "w2": W(4, 8, 1, 1), "b2": W(4)})
+    a = analyze(m)
+    (g,) = prunable(a)
+    assert g.width == 8 and not g.exact
+    rows = oracle(m, Ratios.from_dict(HALF))
+    assert [r.status for r in rows] == [APPROX]

@@ -19,6 +19,12 @@ def per_channel(ctx: Analysis, node: ir.Node) -> None:
             ctx.freeze_node(node, "normalisation parameters are not constants")
             return
         ctx.member(node, slot, 0, lay[1], PARAM)
+    if node.op_type == "InstanceNormalization":
+        # statistics over axes 2+: channels folded into them (GroupNorm(1) exported as
+        # Reshape [N, 1, C*H*W] -> InstanceNormalization) make pruning them approximate
+        for s in lay[2:]:
+            if s is not None:
+                ctx.table.tag(s, "norm")
     for o in node.outputs[:1]:
         ctx.set_layout(o, lay)
 
