@@ -82,6 +82,23 @@ def _proto(m) -> tuple[onnx.ModelProto, str, float | None, str | None]:
     return proto, name or os.path.basename(m), size / 1e6, m
 
 
+def _with_shapes(proto: onnx.ModelProto, shapes: dict) -> onnx.ModelProto:
+    """A copy whose inputs take the given dims (a non-integer dim stays symbolic)."""
+    p = onnx.ModelProto()
+    p.CopyFrom(proto)
+    for i in p.graph.input:
+        if i.name in shapes:
+            dims = i.type.tensor_type.shape.dim
+            if len(dims) != len(shapes[i.name]):
+                raise UserError(f"--input-shape {i.name}: {len(shapes[i.name])} dims given, the input has {len(dims)}")
+            for d, want in zip(dims, shapes[i.name]):
+                if isinstance(want, int):
+                    d.dim_value = want
+                else:
+                    d.dim_param = str(want)
+    return p
+
+
 def _session(proto: onnx.ModelProto, path: str | None, provider: str, threads: int | None):
     import onnxruntime as ort
 
@@ -93,7 +110,7 @@ def _session(proto: onnx.ModelProto, path: str | None, provider: str, threads: i
     if threads:
         so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
-    so.log_severity_level = 3
+    so.log_severity_level = 4  # errors come back as exceptions; ORT would also print them
     src = path or proto.SerializeToString()
     sess = ort.InferenceSession(src, so, providers=[p for p in wanted if p in have])
     used = sess.get_providers()[0]
@@ -147,8 +164,10 @@ def bench(
     runs: int = 100,
     progress: bool = True,
     seed: int = 0,
+    input_shapes: dict | None = None,
 ) -> list[BenchRow]:
-    """Latency of each model (a path, a ModelProto or ``(name, proto)``)."""
+    """Latency of each model (a path, a ModelProto or ``(name, proto)``);
+    ``input_shapes`` ``{name: [dims]}`` fixes dynamic input dims (the batch comes from ``batch``)."""
     if provider not in PROVIDERS:
         raise UserError(f"unknown provider '{provider}' (cpu, cuda, tensorrt)")
     if not models:
@@ -160,6 +179,8 @@ def bench(
     entries = []
     for m in models:
         proto, name, size, path = _proto(m)
+        if input_shapes:
+            proto = _with_shapes(proto, input_shapes)
         static = _static_batch(proto)
         b = static if static is not None else batch
         if static is not None and static != batch:

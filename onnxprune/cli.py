@@ -31,6 +31,18 @@ def default_ratios() -> str:
     return str(resources.files("onnxprune") / "data" / "default_ratios.json")
 
 
+def _shape_opt(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--input-shape", action="append", default=[], metavar="NAME:D1,D2,...",
+                   help="fix an input's dims (repeatable), e.g. images:1,3,640,640; a name keeps a dim symbolic "
+                   "(N,3,640,640); needed when a dim other than the batch is dynamic")
+
+
+def _shapes(args, ratios=None) -> dict:
+    from .io import parse_input_shapes
+
+    return {**(ratios.input_shapes if ratios is not None else {}), **parse_input_shapes(getattr(args, "input_shape", []))}
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument("-q", "--quiet", action="store_true", help="only the verdict line")
@@ -46,6 +58,7 @@ def _prune_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify", action="store_true", help="run the zero-contribution oracle on this plan")
     p.add_argument("--plan", help="replay a plan file saved by --save-plan (instead of --ratios)")
     p.add_argument("--save-plan", help="write the plan (groups by member names, kept indices) as JSON here")
+    _shape_opt(p)
     _calib_opts(p)
     p.add_argument("--bench", action="store_true", help="measure ORT latency before and after (interleaved; see 'onnxprune bench')")
     _bench_opts(p, runs=30, warmup=5)
@@ -79,6 +92,7 @@ def _sub_parsers() -> dict[str, argparse.ArgumentParser]:
     a = argparse.ArgumentParser(prog="onnxprune analyze", description="List groups, isomorphic sets and what is frozen.")
     a.add_argument("model")
     a.add_argument("--json", help="write groups as JSON here")
+    _shape_opt(a)
     a.add_argument("--members", action="store_true", help="print every group with its members")
     a.add_argument("--scores", action="store_true", help="score every group and summarise each isomorphic set")
     a.add_argument("--importance", default="l2", help="criterion for --scores, or JSON {kind: criterion} (default l2)")
@@ -89,6 +103,7 @@ def _sub_parsers() -> dict[str, argparse.ArgumentParser]:
     v.add_argument("model")
     v.add_argument("--ratios", help="ratios.json or inline JSON: checks the plan a prune run would make")
     v.add_argument("--plan", help="a plan file saved by --save-plan")
+    _shape_opt(v)
     _calib_opts(v)
     v.add_argument("--no-per-set", action="store_true", help="one combined check only")
     v.add_argument("--json", help="write the rows as JSON here")
@@ -110,6 +125,7 @@ def _sub_parsers() -> dict[str, argparse.ArgumentParser]:
     _bench_opts(b)
     b.add_argument("--json", help="write the rows (with every timing) as JSON here")
     b.add_argument("--plot", help="write a latency-vs-MACs plot (PNG) here")
+    _shape_opt(b)
     _common(b)
     f = argparse.ArgumentParser(prog="onnxprune finetune", description="Fine-tune a (pruned) ONNX model in PyTorch via onnx2torch "
                                 "and write the trained tensors back into the same graph.")
@@ -197,7 +213,7 @@ def cmd_prune(args) -> str:
         if extra and os.path.abspath(extra) in (os.path.abspath(model), os.path.abspath(out)):
             raise UserError("--report / --save-plan must not be the model or output path")
     _say(args, f"analysing {model}")
-    job = Job.open(model)
+    job = Job.open(model, _shapes(args, ratios))
     if args.plan:
         plan = api.load_plan(args.plan, job)
     else:
@@ -205,6 +221,8 @@ def cmd_prune(args) -> str:
         if calib is not None:
             _say(args, f"calibration: {calib.source}, {len(calib.batches)} batches of {len(calib.batches[0])}")
         plan = job.plan(ratios, calib)
+    if not plan.keep:
+        raise UserError(f"nothing to prune: {_why_nothing(job, plan)}")
     if args.save_plan:
         with open(args.save_plan, "w") as f:
             json.dump(plan.to_json(job.groups, os.path.basename(model)), f, indent=1)
@@ -217,8 +235,8 @@ def cmd_prune(args) -> str:
         _say(args, "\n" + _target_text(plan.target))
     b, a = job.counts(), job.counts(plan)
     _say(args, "\n" + report.table(
-        [["params", report.human(b["params"]), report.human(a["params"]), f"{a['params'] / b['params']:.3f}x"],
-         ["MACs (batch 1)", report.human(b["macs"]), report.human(a["macs"]), f"{a['macs'] / b['macs']:.3f}x"]],
+        [["params", report.human(b["params"]), report.human(a["params"]), _ratio(a["params"], b["params"])],
+         ["MACs (batch 1)", report.human(b["macs"]), report.human(a["macs"]), _ratio(a["macs"], b["macs"])]],
         ["", "before", "after", "ratio"]))
     rows = []
     if args.verify:
@@ -234,7 +252,7 @@ def cmd_prune(args) -> str:
 
         _say(args, f"\nbenchmarking original vs pruned ({args.provider}, {args.runs} interleaved runs each) ...")
         latency = bench([model, ("pruned", out)], batch=args.batch, provider=args.provider, threads=args.threads,
-                        warmup=args.warmup, runs=args.runs, progress=not args.quiet)
+                        warmup=args.warmup, runs=args.runs, progress=not args.quiet, input_shapes=_shapes(args, ratios))
         _say(args, table(latency))
     log.debug("rewrite + write + validate: %.2fs", time.perf_counter() - t0)
     if args.report:
@@ -259,7 +277,30 @@ def cmd_prune(args) -> str:
         raise SystemExit(_verdict("FAILED", f"oracle failed; model written to {out}", 2))
     removed = sum(g.width - len(plan.keep[g.id]) for g in groups if g.id in plan.keep)
     speed = f", speed-up {latency[1].speedup:.2f}x" if latency else ""
-    return f"{removed} channels removed in {len(plan.keep)} groups, MACs {a['macs'] / b['macs']:.3f}x{speed} -> {out}"
+    return f"{removed} channels removed in {len(plan.keep)} groups, MACs {_ratio(a['macs'], b['macs'])}{speed} -> {out}"
+
+
+def _why_nothing(job, plan) -> str:
+    """One line: why a plan removes nothing."""
+    live = [g for g in job.groups if not g.frozen]
+    parts = []
+    if not job.groups:
+        parts.append("no prunable channel group was found")
+    elif not live:
+        reasons = sorted({g.frozen[0].split(" at ")[0] for g in job.groups if g.frozen})
+        parts.append(f"all {len(job.groups)} groups are frozen ({'; '.join(reasons[:3])})")
+    elif all(plan.ratios.get(g.id, (0,))[0] <= 0 or g.id in plan.skipped for g in live):
+        parts.append(f"the ratios remove nothing from the {len(live)} prunable groups")
+    else:
+        parts.append(f"the ratios round to zero channels in the {len(live)} prunable groups")
+    if job.ctx.unhandled:
+        ops = sorted(job.ctx.unhandled.items(), key=lambda kv: -kv[1])
+        parts.append("ops without a rule: " + ", ".join(f"{op} x{n}" for op, n in ops[:6]))
+    return "; ".join(parts)
+
+
+def _ratio(after: int, before: int) -> str:
+    return f"{after / before:.3f}x" if before else "n/a (nothing counted)"
 
 
 def _target_text(t: dict) -> str:
@@ -282,9 +323,11 @@ def _oracle_table(rows) -> str:
 
 
 def cmd_analyze(args) -> str:
-    from . import api, report
+    from . import report
 
-    a = api.analyze(args.model)
+    from .pipeline import Job
+
+    a = Job.open(args.model, _shapes(args))
     _say(args, report.sets_table(a.groups))
     scores = None
     if args.scores or args.plot:
@@ -319,11 +362,12 @@ def cmd_verify(args) -> str:
         raise UserError("give --ratios (the plan a prune run would make) or --plan (a saved plan), one of them")
     if not os.path.isfile(args.model):
         raise UserError(f"no such model file: {args.model}")
-    job = Job.open(args.model)
+    ratios = Ratios.load(args.ratios) if args.ratios else None
+    job = Job.open(args.model, _shapes(args, ratios))
     if args.plan:
         plan = api.load_plan(args.plan, job)
     else:
-        plan = job.plan(Ratios.load(args.ratios), _calib(args, job))
+        plan = job.plan(ratios, _calib(args, job))
     rows = oracle(job, plan=plan, per_set=not args.no_per_set)
     _say(args, _oracle_table(rows))
     if args.json:
@@ -351,7 +395,7 @@ def cmd_bench(args) -> str:
         if not os.path.isfile(m):
             raise UserError(f"no such model file: {m}")
     rows = bench(args.models, batch=args.batch, provider=args.provider, threads=args.threads,
-                 warmup=args.warmup, runs=args.runs, progress=not args.quiet)
+                 warmup=args.warmup, runs=args.runs, progress=not args.quiet, input_shapes=_shapes(args))
     _say(args, table(rows))
     if args.json:
         with open(args.json, "w") as f:
@@ -452,6 +496,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("onnxprune: interrupted", file=sys.stderr)
         return 130
+    except SystemExit:
+        raise
+    except Exception as e:  # never a traceback for a file that loads: one line, exit 1 (-v shows it)
+        if args.verbose:
+            log.exception("internal error")
+        text = " ".join(str(e).split())[:400]
+        print(f"onnxprune: error: {type(e).__name__}: {text} (this is a bug in onnxprune; -v shows where)", file=sys.stderr)
+        return 1
     return _verdict("PASSED", msg)
 
 

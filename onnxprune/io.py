@@ -198,11 +198,13 @@ def infer(proto: onnx.ModelProto, strict: bool = False) -> onnx.ModelProto:
     return onnx.shape_inference.infer_shapes(proto, strict_mode=strict, data_prop=True)
 
 
-def to_ir(proto: onnx.ModelProto) -> ir.Model:
+def to_ir(proto: onnx.ModelProto, input_shapes: dict | None = None) -> ir.Model:
     """An in-memory proto (copied) as a normalised IR model."""
     p = onnx.ModelProto()
     p.CopyFrom(proto)
-    return normalised(ir.serde.deserialize_model(p))
+    m = ir.serde.deserialize_model(p)
+    set_input_shapes(m, input_shapes or {})
+    return normalised(m)
 
 
 def normalised(model: ir.Model) -> ir.Model:
@@ -217,9 +219,12 @@ def normalised(model: ir.Model) -> ir.Model:
     return model
 
 
-def load(path: str) -> ir.Model:
-    """Read a model (weights memory-mapped), infer shapes and normalise it for analysis."""
-    return normalised(read_model(path))
+def load(path: str, input_shapes: dict | None = None) -> ir.Model:
+    """Read a model (weights memory-mapped), fix its input shapes, infer shapes and
+    normalise it for analysis."""
+    m = read_model(path)
+    set_input_shapes(m, input_shapes or {})
+    return normalised(m)
 
 
 FOLDABLE = set(
@@ -442,23 +447,122 @@ def _drop(maps) -> None:
 
 
 def random_inputs(proto: onnx.ModelProto, batch: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random feeds for every graph input; symbolic dims become ``batch``."""
+    """Random feeds for every graph input; symbolic dims become ``batch``.
+    Integer inputs get values the graph can take: indices within the table a
+    ``Gather`` reads them from (token ids, token types, positions), else 0/1 (masks)."""
     rng = np.random.default_rng(seed)
-    inits = {i.name for i in proto.graph.initializer}
+    inits = {i.name: list(i.dims) for i in proto.graph.initializer}
     feeds = {}
     for inp in proto.graph.input:
         if inp.name in inits:
             continue
         tt = inp.type.tensor_type
-        shape = [d.dim_value if d.HasField("dim_value") else batch for d in tt.shape.dim]
+        shape = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else batch for d in tt.shape.dim]
         dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
         if np.issubdtype(dtype, np.floating):
             feeds[inp.name] = rng.standard_normal(shape).astype(dtype)
         elif dtype == np.bool_:
             feeds[inp.name] = rng.integers(0, 2, shape).astype(bool)
         else:
-            feeds[inp.name] = rng.integers(0, 2, shape).astype(dtype)
+            feeds[inp.name] = rng.integers(0, _int_bound(proto, inp.name, inits), shape).astype(dtype)
     return feeds
+
+
+def _int_bound(proto: onnx.ModelProto, name: str, inits: dict) -> int:
+    """Exclusive upper bound for an integer input: the smallest table a Gather
+    indexes with it (through Cast/Reshape/Unsqueeze/Squeeze/Flatten), else 2."""
+    bound, frontier, seen = None, {name}, set()
+    passthrough = {"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity", "Expand"}
+    while frontier:
+        v = frontier.pop()
+        seen.add(v)
+        for n in proto.graph.node:
+            if v not in n.input:
+                continue
+            if n.op_type == "Gather" and len(n.input) > 1 and n.input[1] == v and n.input[0] in inits:
+                axis = next((a.i for a in n.attribute if a.name == "axis"), 0)
+                dims = inits[n.input[0]]
+                if dims:
+                    size = dims[axis % len(dims)]
+                    bound = size if bound is None else min(bound, size)
+            elif n.op_type in passthrough and n.input[0] == v:
+                frontier.update(o for o in n.output if o not in seen)
+    return max(1, bound) if bound is not None else 2
+
+
+# -- input shapes -------------------------------------------------------------------------
+
+def parse_input_shapes(specs) -> dict[str, list]:
+    """``["x:1,3,640,640", "ids:N,128"]`` or ``{"x": [1, 3, 640, 640]}`` -> ``{name: dims}``;
+    a dim is a positive int or a name (kept symbolic, e.g. the batch)."""
+    if not specs:
+        return {}
+    items = specs.items() if isinstance(specs, dict) else []
+    if not isinstance(specs, dict):
+        parsed = []
+        for spec in specs:
+            name, sep, dims = str(spec).rpartition(":")
+            if not sep or not name or not dims:
+                raise UserError(f"--input-shape {spec!r}: expected NAME:d1,d2,... (e.g. images:1,3,640,640)")
+            parsed.append((name, dims.split(",")))
+        items = parsed
+    out = {}
+    for name, dims in items:
+        if not isinstance(dims, (list, tuple)) or not dims:
+            raise UserError(f"input shape of {name!r} must be a list of dims")
+        row = []
+        for d in dims:
+            d = d.strip() if isinstance(d, str) else d
+            if isinstance(d, str) and d.lstrip("-").isdigit():
+                d = int(d)
+            if isinstance(d, bool) or not (isinstance(d, int) and d > 0 or isinstance(d, str) and d.isidentifier() or d == -1):
+                raise UserError(f"input shape of {name!r}: dim {d!r} must be a positive integer or a name (symbolic)")
+            row.append("batch" if d == -1 else d)
+        out[str(name)] = row
+    return out
+
+
+def set_input_shapes(model: ir.Model, shapes: dict[str, list]) -> None:
+    """Fix the graph inputs' dims (given ``shapes``); unknown dims stored as -1 or 0
+    (Paddle2ONNX) become symbolic; a symbolic batch (axis 0) gets one name for all
+    inputs. Refuses, naming the flag, when a dim other than the batch stays unknown."""
+    g = model.graph
+    inputs = {v.name: v for v in g.inputs if v.const_value is None}
+    unknown = set(shapes) - set(inputs)
+    if unknown:
+        raise UserError(f"--input-shape names no input of this model: {', '.join(sorted(unknown))} "
+                        f"(inputs: {', '.join(inputs) or 'none'})")
+    for name, v in inputs.items():
+        dims = list(v.shape.dims) if v.shape is not None else None
+        if name in shapes:
+            want = shapes[name]
+            if dims is not None and len(dims) != len(want):
+                raise UserError(f"--input-shape {name}: {len(want)} dims given, the input has {len(dims)}")
+            for i, (old, new) in enumerate(zip(dims or want, want)):
+                if isinstance(old, int) and old > 0 and isinstance(new, int) and old != new:
+                    raise UserError(f"--input-shape {name}: dim {i} is {old} in the model, {new} given")
+            dims = want
+        if dims is None:
+            raise UserError(f"input '{name}' has no shape; give --input-shape {name}:d1,d2,...")
+        fixed = []
+        for i, d in enumerate(dims):
+            if isinstance(d, int) and d > 0:
+                fixed.append(d)
+            elif i == 0:
+                fixed.append(ir.SymbolicDim("batch"))  # the batch: one symbol for every input
+            elif isinstance(d, str) and name in shapes:
+                fixed.append(ir.SymbolicDim(d))
+            else:
+                shown = ",".join(str(x) if isinstance(x, int) and x > 0 else ("N" if k == 0 else "?") for k, x in enumerate(dims))
+                raise UserError(f"input '{name}' has a dynamic dim {i} ({_dim_text(d)}): give its shape with "
+                                f"--input-shape {name}:{shown.replace('?', '<size>')}")
+        v.shape = ir.Shape(fixed)
+
+
+def _dim_text(d) -> str:
+    if isinstance(d, int):
+        return str(d)
+    return getattr(d, "value", None) or str(d) or "unknown"
 
 
 def session(proto_or_path, threads: int = 1):
@@ -467,6 +571,6 @@ def session(proto_or_path, threads: int = 1):
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
-    so.log_severity_level = 3
+    so.log_severity_level = 4  # errors come back as exceptions; ORT would also print them
     data = proto_or_path if isinstance(proto_or_path, str) else proto_or_path.SerializeToString()
     return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])

@@ -18,6 +18,11 @@ from math import prod
 import onnx
 
 FLOATING = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
+# quantized weights count as params too (int8/uint8/int4 tensors are weights, never shape constants)
+WEIGHT_TYPES = FLOATING | {onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT4, onnx.TensorProto.UINT4}
+# quantized ops with the float op's cost: (float op, weight input slot, data input slot)
+QUANTIZED = {"ConvInteger": ("Conv", 1, 0), "QLinearConv": ("Conv", 3, 0),
+             "MatMulInteger": ("MatMul", 1, 0), "QLinearMatMul": ("MatMul", 3, 0)}
 
 
 @dataclass(frozen=True)
@@ -74,15 +79,16 @@ def terms(proto: onnx.ModelProto) -> list[Term]:
     for k, n in enumerate(p.graph.node):
         for slot, i in enumerate(n.input):
             t = inits.get(i)
-            if t is not None and t.data_type in FLOATING and prod(t.dims) > 1:
+            if t is not None and t.data_type in WEIGHT_TYPES and prod(t.dims) > 1:
                 out.append(Term(k, "params", tuple(_axes(list(t.dims), "in", slot))))
         f = None
-        if n.op_type in ("Conv", "ConvTranspose"):
-            w, y, x = (shapes.get(v) for v in (n.input[1], n.output[0], n.input[0]))
+        op, wslot, xslot = QUANTIZED.get(n.op_type, (n.op_type, 1, 0))
+        if op in ("Conv", "ConvTranspose") and len(n.input) > wslot:
+            w, y, x = (shapes.get(v) for v in (n.input[wslot], n.output[0], n.input[xslot]))
             if w and y and x:
                 # Conv: every output element x (C_in/groups x kernel); ConvTranspose: every input element
-                f = (_axes(y, "out", 0) if n.op_type == "Conv" else _axes(x, "in", 0))
-                f += [Factor(w[1], ("in", 1, 1))] + [Factor(d, None) for d in w[2:]]
+                f = (_axes(y, "out", 0) if op == "Conv" else _axes(x, "in", xslot))
+                f += [Factor(w[1], ("in", wslot, 1))] + [Factor(d, None) for d in w[2:]]
         elif n.op_type == "Gemm":
             a, y = shapes.get(n.input[0]), shapes.get(n.output[0])
             if a and y:
@@ -97,10 +103,10 @@ def terms(proto: onnx.ModelProto) -> list[Term]:
                 out.append(Term(k, "macs", tuple(qk + _axes(v, "in", 2, [3]))))
             elif q and k_ and v:  # 3-D form: heads folded into the width
                 out.append(Term(k, "macs", tuple([Factor(prod(q[:-1]), None), Factor(k_[-2], None), Factor(q[-1] + v[-1], None)])))
-        elif n.op_type == "MatMul":
-            a, y = shapes.get(n.input[0]), shapes.get(n.output[0])
+        elif op == "MatMul":
+            a, y = shapes.get(n.input[xslot]), shapes.get(n.output[0])
             if a and y:
-                f = _axes(y, "out", 0) + _axes(a, "in", 0, [len(a) - 1])
+                f = _axes(y, "out", 0) + _axes(a, "in", xslot, [len(a) - 1])
         if f is not None:
             out.append(Term(k, "macs", tuple(f)))
     return out

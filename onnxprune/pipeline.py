@@ -36,15 +36,23 @@ class Job:
         self.ctx: Analysis = run_analysis(model)
         self.groups: list[Group] = build_groups(self.ctx)
         self._estimator = None
+        self._original: onnx.ModelProto | None = None
         self.rewritten = False
 
     @classmethod
-    def open(cls, model: str | onnx.ModelProto | ir.Model) -> "Job":
+    def open(cls, model: str | onnx.ModelProto | ir.Model, input_shapes=None) -> "Job":
+        """Load and analyse. ``input_shapes`` (``{name: [dims]}`` or ``["name:1,3,640,640"]``)
+        fixes dynamic input dims; any dim but the batch must be known."""
+        shapes = io.parse_input_shapes(input_shapes)
         if isinstance(model, str):
-            return cls(io.load(model), model)
-        if isinstance(model, onnx.ModelProto):
-            return cls(io.to_ir(model))
-        return cls(io.normalised(model))
+            job = cls(io.load(model, shapes), model)
+        elif isinstance(model, onnx.ModelProto):
+            job = cls(io.to_ir(model, shapes))
+            job._original = model
+        else:
+            io.set_input_shapes(model, shapes)
+            job = cls(io.normalised(model))
+        return job
 
     # -- facts --------------------------------------------------------------------------
     @property
@@ -155,7 +163,7 @@ class Job:
         try:
             external = True if self._has_external_input() else None
             data = io.save_model(self.model, tmp, external=external, data_name=os.path.basename(path) + ".data")
-            checks = validate(tmp) if check else {}
+            checks = self.validate(tmp) if check else {}
             os.replace(tmp, path)
         except Exception:
             for f in (tmp, os.path.join(d, data) if data else None):
@@ -164,25 +172,57 @@ class Job:
             raise
         return checks
 
+    def validate(self, pruned: str | onnx.ModelProto) -> dict:
+        """:func:`validate` the pruned model; if ORT cannot run it, run the original on
+        the same feed first: a feed the original cannot run is the user's to fix."""
+        try:
+            return validate(pruned, feed_model=self._feed_model())
+        except Exception as e:
+            if isinstance(e, UserError):
+                raise
+            original = self.source or self._original
+            if original is not None and not _runs(original, self._feed_model()):
+                raise UserError("the original model cannot run on the validation input either "
+                                f"({_feed_text(self._feed_model())}): give its input shape with --input-shape NAME:d1,d2,...") from None
+            raise RuntimeError(f"pruned model failed validation: {e}") from e
+
+    def _feed_model(self) -> onnx.ModelProto:
+        """A weight-less proto with the inputs as analysed (and the tables integer inputs index)."""
+        return io.skeleton(self.model)
+
     def _has_external_input(self) -> bool:
         """True when the input kept its weights in a separate file."""
         return bool(self.model.graph.meta.get("external_input"))
 
 
-def validate(model: str | onnx.ModelProto, batches=(1, 2)) -> dict:
+def validate(model: str | onnx.ModelProto, batches=(1, 2), feed_model: onnx.ModelProto | None = None) -> dict:
     """onnx.checker with full_check (strict shape inference, type checks) and an
     ORT run per batch size; a path is checked from the file (weights are not
-    loaded by the checker)."""
+    loaded by the checker). Feeds follow ``feed_model``'s input shapes when given
+    (the shapes the analysis used), else the model's own."""
     out: dict = {}
     onnx.checker.check_model(model, full_check=True)
     io.STATS["shape_inference"] += 1
     out["checker"] = "ok"
     out["shape_inference"] = "ok"
     sess = io.session(model)
-    inputs = sess.get_inputs()
-    dynamic = any(not isinstance(d, int) or d < 0 for i in inputs for d in i.shape)
-    skel = onnx.load(model, load_external_data=False) if isinstance(model, str) else model
+    skel = feed_model if feed_model is not None else onnx.load(model, load_external_data=False) if isinstance(model, str) else model
+    dynamic = any(not d.HasField("dim_value") or d.dim_value <= 0 for i in skel.graph.input for d in i.type.tensor_type.shape.dim)
     for b in batches if dynamic else batches[:1]:
         sess.run(None, io.random_inputs(skel, batch=b))
     out["ort_batches"] = list(batches if dynamic else batches[:1])
     return out
+
+
+def _runs(model, feed_model: onnx.ModelProto) -> bool:
+    try:
+        io.session(model).run(None, io.random_inputs(feed_model, batch=1))
+        return True
+    except Exception:
+        return False
+
+
+def _feed_text(feed_model: onnx.ModelProto) -> str:
+    shapes = [f"{i.name}:" + ",".join(str(d.dim_value) if d.HasField("dim_value") and d.dim_value > 0 else "1"
+                                      for d in i.type.tensor_type.shape.dim) for i in feed_model.graph.input]
+    return " ".join(shapes)

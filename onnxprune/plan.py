@@ -39,7 +39,7 @@ def read_json(src: str | dict, what: str) -> dict:
         verb = "are" if what.endswith("s") else "is"
         raise UserError(f"{what} {verb} not valid JSON ({e.msg} at line {e.lineno})") from None
 FIELDS = {"default", "kinds", "sets", "layers", "ignore", "round_to", "scope", "importance", "seed",
-          "target_macs", "target_params"}
+          "target_macs", "target_params", "input_shapes"}
 UNROUNDED_KINDS = {"heads"}  # heads are pruned whole: round_to applies to widths, not to head counts
 
 
@@ -64,6 +64,7 @@ class Ratios:
     seed: int = 0
     target_macs: float | str | None = None
     target_params: float | str | None = None
+    input_shapes: dict = field(default_factory=dict)  # {input name: [dims]}: fixes dynamic input dims
 
     @classmethod
     def from_dict(cls, d: dict) -> "Ratios":
@@ -114,6 +115,12 @@ class Ratios:
             setattr(r, key, val)
         if r.target_macs is not None and r.target_params is not None:
             raise UserError("give target_macs or target_params, not both")
+        shapes = d.get("input_shapes", {})
+        if not isinstance(shapes, dict):
+            raise UserError("'input_shapes' must be an object {input name: [dims]}")
+        from .io import parse_input_shapes
+
+        r.input_shapes = parse_input_shapes(shapes)
         return r
 
     @classmethod

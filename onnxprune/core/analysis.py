@@ -42,6 +42,7 @@ class Analysis:
     notes: list[FrozenNote] = field(default_factory=list)
     sym_alias: dict = field(default_factory=dict)  # symbolic dim name -> token it stands for
     dim_tokens: dict = field(default_factory=dict)  # value name -> probed dims (see io.probe_batch_dims)
+    unhandled: dict = field(default_factory=dict)  # op type -> count of nodes no rule analysed
 
     @property
     def graph(self) -> ir.Graph:
@@ -179,10 +180,12 @@ def run_analysis(model: ir.Model) -> Analysis:
             ctx.layouts[v] = (None,) * r
     for node in g:
         if node.domain not in ("", "ai.onnx"):
+            ctx.unhandled[f"{node.domain}::{node.op_type}"] = ctx.unhandled.get(f"{node.domain}::{node.op_type}", 0) + 1
             ctx.freeze_node(node, f"operator domain '{node.domain}' is not analysed")
             continue
         rule = RULES.get(node.op_type)
         if rule is None:
+            ctx.unhandled[node.op_type] = ctx.unhandled.get(node.op_type, 0) + 1
             ctx.freeze_node(node, f"no rule for {node.op_type}")
             continue
         try:

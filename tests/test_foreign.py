@@ -1,0 +1,193 @@
+"""Files from other tools, as small look-alikes: dynamic H/W detectors, Paddle2ONNX's -1 dims and
+HardSigmoid SE blocks, quantized graphs, integer inputs, ops without rules. Each is pruned to a
+valid model or refused in one line, never a traceback."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from onnxprune import io
+from onnxprune.errors import UserError
+from onnxprune.pipeline import Job
+from onnxprune.plan import Ratios
+from onnxprune.verify import oracle
+
+_rng = np.random.default_rng(7)
+
+
+def W(*shape):
+    return (_rng.standard_normal(shape) * 0.5).astype(np.float32)
+
+
+def model(text: str, inits: dict, opset=17) -> onnx.ModelProto:
+    m = onnx.parser.parse_model(f'<ir_version: 8, opset_import: ["" : {opset}]>\n{text}')
+    for k, v in inits.items():
+        m.graph.initializer.append(numpy_helper.from_array(np.asarray(v), k))
+    return m
+
+
+def cli(args, cwd):
+    p = subprocess.run([sys.executable, "-m", "onnxprune", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+    return p.returncode, p.stdout, p.stderr
+
+
+def detector(hw="height, width") -> onnx.ModelProto:
+    """An ultralytics-like neck: stride-2 conv, upsample x2 and concat with the skip, dynamic H/W."""
+    return model(f"""g (float[batch, 3, {hw}] images) => (float[batch, 6, {hw}] out) {{
+  [c1] a = Conv <pads=[1,1,1,1]> (images, w1, b1)
+  r1 = Relu(a)
+  [c2] b = Conv <strides=[2,2], pads=[1,1,1,1]> (r1, w2, b2)
+  r2 = Relu(b)
+  up = Resize <mode="nearest"> (r2, , scales)
+  cat = Concat <axis=1> (up, r1)
+  [c3] c = Conv <pads=[1,1,1,1]> (cat, w3, b3)
+  r3 = Relu(c)
+  [c4] out = Conv (r3, w4, b4)
+}}""", {"w1": W(8, 3, 3, 3), "b1": W(8), "w2": W(16, 8, 3, 3), "b2": W(16), "scales": np.array([1, 1, 2, 2], np.float32),
+        "w3": W(12, 24, 3, 3), "b3": W(12), "w4": W(6, 12, 1, 1), "b4": W(6)})
+
+
+def test_dynamic_hw_needs_an_input_shape(tmp_path):
+    onnx.save(detector(), str(tmp_path / "det.onnx"))
+    rc, out, err = cli(["det.onnx", "--ratios", '{"default": 0.5}', "-o", "p.onnx"], tmp_path)
+    assert rc == 1 and len(err.strip().splitlines()) == 1 and "--input-shape images:N,3,<size>,<size>" in err, err
+    assert not (tmp_path / "p.onnx").exists()
+    rc, out, err = cli(["det.onnx", "--ratios", '{"default": 0.5}', "-o", "p.onnx", "--input-shape", "images:N,3,32,48", "--verify"],
+                       tmp_path)
+    assert rc == 0, err
+    assert "PASS" in out and "FAIL" not in out
+    sess = io.session(str(tmp_path / "p.onnx"))
+    y = sess.run(None, {"images": np.zeros((2, 3, 32, 48), np.float32)})[0]
+    assert y.shape == (2, 6, 32, 48)
+    # the same through ratios.json
+    rc, out, err = cli(["det.onnx", "--ratios", json.dumps({"default": 0.5, "input_shapes": {"images": ["N", 3, 32, 48]}}),
+                        "-o", "p2.onnx"], tmp_path)
+    assert rc == 0, err
+
+
+def test_input_shape_errors_are_one_line(tmp_path):
+    onnx.save(detector(), str(tmp_path / "det.onnx"))
+    for spec, msg in [("nosuch:1,3,32,32", "names no input"), ("images:1,3,32", "the input has 4"), ("images:1,3,0,32", "positive"),
+                      ("images", "NAME:d1,d2")]:
+        rc, out, err = cli(["det.onnx", "--ratios", '{"default": 0.5}', "-o", "p.onnx", "--input-shape", spec], tmp_path)
+        assert rc == 1 and len(err.strip().splitlines()) == 1 and msg in err, (spec, err)
+
+
+def test_a_feed_the_original_cannot_run_is_the_users_error(tmp_path):
+    """H, W that the upsample + concat cannot take (odd sizes): the original fails on that feed too."""
+    onnx.save(detector(), str(tmp_path / "det.onnx"))
+    rc, out, err = cli(["det.onnx", "--ratios", '{"default": 0.5}', "-o", "p.onnx", "--input-shape", "images:1,3,33,33"], tmp_path)
+    assert rc == 1 and "original model cannot run" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "p.onnx").exists()
+
+
+def paddle_like() -> onnx.ModelProto:
+    """Paddle2ONNX habits: batch stored as -1, HardSigmoid squeeze-excite, HardSwish, opset 11."""
+    m = model("""g (float[1, 3, 16, 16] x) => (float[1, 5, 16, 16] y) {
+  [c1] a = Conv <pads=[1,1,1,1]> (x, w1, b1)
+  h = HardSwish(a)
+  p = GlobalAveragePool(h)
+  [se1] s1 = Conv (p, ws1, bs1)
+  sr = Relu(s1)
+  [se2] s2 = Conv (sr, ws2, bs2)
+  gate = HardSigmoid <alpha=0.2, beta=0.5> (s2)
+  sc = Mul(h, gate)
+  [c2] y = Conv (sc, w2, b2)
+}""", {"w1": W(8, 3, 3, 3), "b1": W(8), "ws1": W(4, 8, 1, 1), "bs1": W(4), "ws2": W(8, 4, 1, 1), "bs2": W(8),
+       "w2": W(5, 8, 1, 1), "b2": W(5)}, opset=14)
+    for v in (m.graph.input[0], m.graph.output[0]):
+        v.type.tensor_type.shape.dim[0].dim_value = -1
+    return m
+
+
+def test_minus_one_batch_and_hard_sigmoid_se():
+    m = paddle_like()
+    job = Job.open(m)
+    kinds = sorted(g.kind for g in job.groups if not g.frozen)
+    assert len(kinds) >= 2  # the SE bottleneck and the block's channels
+    rows = oracle(m, Ratios.from_dict({"default": 0.5}))
+    assert rows and all(r.status == "PASS" for r in rows if r.max_rel_err is not None)
+    assert any(r.max_rel_err is not None for r in rows)
+    feeds = io.random_inputs(m, batch=3)
+    assert feeds["x"].shape == (3, 3, 16, 16)
+
+
+def test_quantized_dynamic_graph_is_counted_and_refused_in_one_line(tmp_path):
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from onnxprune import metrics
+
+    mm = model("""g (float[1, 3, 8, 8] x) => (float[1, 4] y) {
+  [c1] a = Conv <pads=[1,1,1,1]> (x, w1, b1)
+  r = Relu(a)
+  p = GlobalAveragePool(r)
+  f = Flatten(p)
+  [fc] y = Gemm <transB=1> (f, w2, b2)
+}""", {"w1": W(16, 3, 3, 3), "b1": W(16), "w2": W(4, 16), "b2": W(4)})
+    onnx.save(mm, str(tmp_path / "f.onnx"))
+    quantize_dynamic(str(tmp_path / "f.onnx"), str(tmp_path / "q.onnx"), weight_type=QuantType.QInt8)
+    q = onnx.load(str(tmp_path / "q.onnx"))
+    assert {"ConvInteger", "DynamicQuantizeLinear"} <= {n.op_type for n in q.graph.node}
+    fm, qm = metrics.count(mm), metrics.count(q)
+    conv_macs = 16 * 8 * 8 * 3 * 9
+    assert fm["macs"] >= conv_macs and qm["macs"] >= conv_macs  # ConvInteger counted like Conv
+    assert qm["params"] >= 16 * 27  # int8 weights are params
+    rc, out, err = cli(["q.onnx", "--ratios", '{"default": 0.5}', "-o", "p.onnx"], tmp_path)
+    assert rc == 1 and "nothing to prune" in err and "ConvInteger" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_integer_inputs_get_valid_ids_and_masks():
+    m = model("""g (int64[batch, 6] ids, int64[batch, 6] mask) => (float[batch, 6, 4] y) {
+  e = Gather(table, ids)
+  mf = Cast <to=1> (mask)
+  mu = Unsqueeze(mf, ax)
+  y = Mul(e, mu)
+}""", {"table": W(11, 4), "ax": np.array([2], np.int64)})
+    for seed in range(3):
+        f = io.random_inputs(m, batch=5, seed=seed)
+        assert f["ids"].shape == (5, 6) and f["ids"].min() >= 0 and f["ids"].max() <= 10
+        assert set(np.unique(f["mask"])) <= {0, 1}
+        io.session(m).run(None, f)
+
+
+ODD = {
+    "custom domain op": ("""g (float[1, 3, 8, 8] x) => (float[1, 4, 8, 8] y) {
+  [c1] a = Conv <pads=[1,1,1,1]> (x, w1)
+  b = com.example.Foo(a)
+  [c2] y = Conv (b, w2)
+}""", {"w1": W(6, 3, 3, 3), "w2": W(4, 6, 1, 1)}),
+    "LSTM": ("""g (float[5, 1, 4] x) => (float[5, 1, 1, 3] y) {
+  y, h, c = LSTM <hidden_size=3> (x, w, r)
+}""", {"w": W(1, 12, 4), "r": W(1, 12, 3)}),
+    "no floating weights": ("""g (float[1, 3, 8, 8] x) => (float[1, 3, 8, 8] y) {
+  y = Relu(x)
+}""", {}),
+}
+
+
+@pytest.mark.parametrize("name", list(ODD))
+def test_odd_graphs_never_crash(tmp_path, name):
+    text, inits = ODD[name]
+    m = onnx.parser.parse_model('<ir_version: 8, opset_import: ["" : 17, "com.example" : 1]>\n' + text)
+    for k, v in inits.items():
+        m.graph.initializer.append(numpy_helper.from_array(v, k))
+    onnx.save(m, str(tmp_path / "m.onnx"))
+    rc, out, err = cli(["m.onnx", "--ratios", '{"default": 0.5}', "-o", "p.onnx"], tmp_path)
+    assert "Traceback" not in err
+    if rc == 0:
+        onnx.checker.check_model(str(tmp_path / "p.onnx"))
+    else:
+        assert rc == 1 and len(err.strip().splitlines()) == 1 and err.startswith("onnxprune: error:"), err
+
+
+def test_input_shapes_api():
+    job = Job.open(detector(), input_shapes={"images": ["N", 3, 16, 16]})
+    assert any(not g.frozen for g in job.groups)
+    with pytest.raises(UserError, match="dynamic dim 2"):
+        Job.open(detector())
