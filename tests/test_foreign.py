@@ -191,3 +191,78 @@ def test_input_shapes_api():
     assert any(not g.frozen for g in job.groups)
     with pytest.raises(UserError, match="dynamic dim 2"):
         Job.open(detector())
+
+
+# -- a BERT-style encoder: embeddings gathered from tables, an additive mask over heads, a pooler --
+def _bert(tmp_path, exporter: str) -> str:
+    import torch
+    import torch.nn as nn
+
+    class Layer(nn.Module):
+        def __init__(s, C=32, H=4, F=64):
+            super().__init__()
+            s.H = H
+            s.q, s.k, s.v, s.o = (nn.Linear(C, C) for _ in range(4))
+            s.ln1, s.ln2 = nn.LayerNorm(C), nn.LayerNorm(C)
+            s.f1, s.f2 = nn.Linear(C, F), nn.Linear(F, C)
+
+        def forward(s, x, mask):
+            B, N, C = x.shape
+            heads = lambda t: t.view(B, N, s.H, C // s.H).permute(0, 2, 1, 3)  # noqa: E731
+            q, k, v = heads(s.q(x)), heads(s.k(x)), heads(s.v(x))
+            a = ((q @ k.transpose(-1, -2)) / (C // s.H) ** 0.5 + mask).softmax(-1) @ v
+            x = s.ln1(x + s.o(a.permute(0, 2, 1, 3).reshape(B, N, C)))
+            return s.ln2(x + s.f2(torch.nn.functional.gelu(s.f1(x))))
+
+    class Bert(nn.Module):
+        def __init__(s, V=50, C=32, N=16):
+            super().__init__()
+            s.w, s.p, s.t, s.ln = nn.Embedding(V, C), nn.Embedding(N, C), nn.Embedding(2, C), nn.LayerNorm(C)
+            s.layers = nn.ModuleList([Layer(C) for _ in range(2)])
+            s.pool = nn.Linear(C, C)
+
+        def forward(s, ids, mask, tt):
+            x = s.ln(s.w(ids) + s.p(torch.arange(ids.shape[1])) + s.t(tt))
+            m = (1.0 - mask[:, None, None, :].float()) * -10000.0
+            for layer in s.layers:
+                x = layer(x, m)
+            return x, torch.tanh(s.pool(x[:, 0]))
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 50, (2, 16))
+    args = (ids, torch.ones_like(ids), torch.zeros_like(ids))
+    names = ["input_ids", "attention_mask", "token_type_ids"]
+    path = str(tmp_path / f"bert_{exporter}.onnx")
+    if exporter == "legacy":  # dynamic batch and sequence, as encoders are usually exported
+        torch.onnx.export(Bert().eval(), args, path, dynamo=False, opset_version=17, input_names=names,
+                          dynamic_axes={n: {0: "batch", 1: "seq"} for n in names})
+    else:
+        torch.onnx.export(Bert().eval(), args, path, dynamo=True, opset_version=20, input_names=names, external_data=False)
+    return path
+
+
+@pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
+def test_bert_encoder_with_mask_gets_heads_pruned(tmp_path, exporter):
+    path = _bert(tmp_path, exporter)
+    shapes = ["input_ids:N,16", "attention_mask:N,16", "token_type_ids:N,16"] if exporter == "legacy" else []
+    job = Job.open(path, shapes)
+    kinds = {}
+    for g in job.groups:
+        if not g.frozen:
+            kinds[g.kind] = kinds.get(g.kind, 0) + 1
+    assert kinds.get("heads") == 2 and kinds.get("mlp") == 2 and kinds.get("head_dim", 0) >= 2, kinds
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "calib.npz", input_ids=rng.integers(0, 50, (32, 16)), attention_mask=rng.integers(0, 2, (32, 16)),
+             token_type_ids=rng.integers(0, 2, (32, 16)))
+    args = [path, "--ratios", '{"kinds": {"heads": 0.5, "mlp": 0.5}, "importance": {"heads": "gohsp"}}', "--calib",
+            str(tmp_path / "calib.npz"), "--calib-batch-size", "8", "-o", str(tmp_path / "p.onnx"), "--verify",
+            "--report", str(tmp_path / "r.json")] + [a for s in shapes for a in ("--input-shape", s)]
+    rc, out, err = cli(args, tmp_path)
+    assert rc == 0, err
+    rep = json.loads((tmp_path / "r.json").read_text())
+    heads = [g for g in rep["groups"] if g["kind"] == "heads"]
+    assert heads and all(g["width_after"] == 2 for g in heads)
+    assert rep["oracle"] and all(r["status"] == "PASS" for r in rep["oracle"] if r["max_rel_err"] is not None)
+    if exporter == "legacy":  # without the sequence length: one line naming the flag
+        rc, out, err = cli([path, "--ratios", '{"kinds": {"heads": 0.5}}', "-o", str(tmp_path / "q.onnx")], tmp_path)
+        assert rc == 1 and "--input-shape input_ids:N,<size>" in err, err

@@ -5,7 +5,8 @@
   (resize + centre crop at the model's input size, ImageNet mean/std);
   labels come with it.
 * ``FILE.npy``: an array ``[N, C, H, W]`` already preprocessed; ``FILE.npz``
-  with ``x`` (and optionally ``y`` labels).
+  with ``x`` (and optionally ``y`` labels), or one array per model input named
+  after it (multi-input models: token ids, masks, token types...).
 * ``synthetic``: glyph images rendered in memory (``onnxprune data synthetic``)
   with the same preprocessing; no labels (criteria that need labels use the
   model's own predictions).
@@ -23,9 +24,16 @@ from ..errors import UserError
 
 @dataclass
 class Calibration:
-    batches: list  # [np.ndarray [B, C, H, W]]
+    batches: list  # [np.ndarray [B, C, H, W]]: the first input
     labels: list | None  # [np.ndarray [B]] or None
     source: str
+    inputs: list | None = None  # [{input name: np.ndarray [B, ...]}] for multi-input models
+
+    def feed(self, k: int, names: list[str]) -> dict:
+        """ORT feed of batch ``k`` for a model whose inputs are ``names``."""
+        if self.inputs is not None:
+            return {n: self.inputs[k][n] for n in names}
+        return {names[0]: self.batches[k]}
 
     @property
     def n(self) -> int:
@@ -39,6 +47,22 @@ def _input_shape(proto: onnx.ModelProto) -> tuple[int | None, list]:
             d = [x.dim_value if x.HasField("dim_value") else None for x in i.type.tensor_type.shape.dim]
             return d[0], d
     raise UserError("model has no input")
+
+
+def _input_names(proto: onnx.ModelProto) -> list[str]:
+    inits = {i.name for i in proto.graph.initializer}
+    return [i.name for i in proto.graph.input if i.name not in inits]
+
+
+def _named(spec: str, z, names: list[str], batch: int, n_batches: int) -> "Calibration":
+    n = {len(z[k]) for k in names}
+    if len(n) != 1:
+        raise UserError(f"{spec}: the input arrays have different sample counts {sorted(n)}")
+    count = min(n_batches, n.pop() // batch)
+    if not count:
+        raise UserError(f"{spec}: fewer samples than one batch of {batch}")
+    inputs = [{k: np.ascontiguousarray(z[k][i * batch:(i + 1) * batch]) for k in names} for i in range(count)]
+    return Calibration([b[names[0]] for b in inputs], None, f"{spec} ({count * batch} samples, inputs {', '.join(names)})", inputs)
 
 
 def _chunks(x: np.ndarray, y, batch: int, n_batches: int):
@@ -97,8 +121,12 @@ def load(spec: str, proto: onnx.ModelProto, n_batches: int = 4, batch: int = 32,
             x, y = np.load(spec), None
         else:
             z = np.load(spec)
+            names = _input_names(proto)
+            if all(n in z for n in names) and (len(names) > 1 or "x" not in z):
+                return _named(spec, z, names, batch, n_batches)
             if "x" not in z:
-                raise UserError(f"{spec}: expected arrays 'x' (and optionally 'y')")
+                raise UserError(f"{spec}: expected arrays 'x' (and optionally 'y'), or one array per input "
+                                f"({', '.join(names)})")
             x, y = z["x"], z["y"] if "y" in z else None
         if list(x.shape[1:]) != [d for d in dims[1:]] and all(d is not None for d in dims[1:]):
             raise UserError(f"{spec}: samples have shape {list(x.shape[1:])}, the model takes {dims[1:]}")

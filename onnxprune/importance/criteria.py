@@ -191,9 +191,9 @@ def _capture(proto: onnx.ModelProto, names: list[str], calib, threads: int | Non
         if n not in have:
             p.graph.output.append(onnx.helper.make_tensor_value_info(n, types.get(n, onnx.TensorProto.FLOAT), None))
     sess = io.session(p, threads=threads or 0)
-    inp = sess.get_inputs()[0].name
-    for k, x in enumerate(calib.batches):
-        outs = sess.run(names, {inp: x})
+    inputs = [i.name for i in sess.get_inputs()]
+    for k in range(len(calib.batches)):
+        outs = sess.run(names, calib.feed(k, inputs))
         yield k, dict(zip(names, outs))
 
 
@@ -342,9 +342,12 @@ def _taylor_arrays(proto, calib, which: set) -> dict[str, dict[str, np.ndarray]]
     params = {name: _get(mod, imp.links[name][0].path) for name in imp.trainable}
     grads = {n: torch.zeros_like(p) for n, p in params.items()}
     fisher = {n: torch.zeros_like(p) for n, p in params.items()}
-    for k, x in enumerate(calib.batches):
+    inits = {i.name for i in proto.graph.initializer}
+    inputs = [i.name for i in proto.graph.input if i.name not in inits]
+    for k in range(len(calib.batches)):
         mod.zero_grad(set_to_none=True)
-        logits = mod(torch.from_numpy(x))
+        feed = calib.feed(k, inputs)
+        logits = mod(*[torch.from_numpy(feed[n]) for n in inputs])
         logits = logits[0] if isinstance(logits, (tuple, list)) else logits
         y = torch.from_numpy(calib.labels[k]).long() if calib.labels is not None else logits.argmax(-1).detach()
         # label smoothing keeps gradients alive where the softmax saturates (own-prediction labels)
