@@ -563,3 +563,15 @@ def test_group_norm_with_one_group_exported_as_instance_norm_is_approximate():
     assert g.width == 8 and not g.exact
     rows = oracle(m, Ratios.from_dict(HALF))
     assert [r.status for r in rows] == [APPROX]
+
+
+def test_oracle_compares_the_input_of_a_final_squashing_op():
+    m = make("""[c1] h = Conv <pads=[1,1,1,1]> (x, w1, b1)
+  r = Relu(h)
+  [c2] z = Conv (r, w2, b2)
+  s = Sigmoid(z)
+  y = Softmax <axis=1> (s)""", {"w1": W(8, 3, 3, 3), "b1": W(8), "w2": W(4, 8, 1, 1), "b2": W(4)})
+    from onnxprune.verify import compared_values
+
+    assert compared_values(m) == ["z"]
+    assert_oracle(m)
