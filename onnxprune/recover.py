@@ -570,9 +570,9 @@ def recover(
 
     ``original``: the unpruned model (any form; nodes are matched by name).
     ``pruned``: ``PruneResult.proto``; ``ctx``: ``PruneResult.analyzed.ctx``;
-    ``keep``: ``PruneResult.plan.keep``. ``batches``: an iterable of input
-    arrays ``[B, ...]`` (``Calibration.batches``) or of feed dicts; it is
-    iterated once per level, so pass a list. ``method``: ``bias``, ``stats``
+    ``keep``: ``PruneResult.plan.keep``. ``batches``: a
+    :class:`~onnxprune.importance.calib.Calibration` (labels are ignored), or a
+    list of input arrays ``[B, ...]`` or of feed dicts. ``method``: ``bias``, ``stats``
     or ``ridge`` (see the module doc). ``ridge``: regularisation relative to
     the mean diagonal of the Gram matrix. ``rows_per_batch``: regression rows
     sampled per batch and layer (output positions of a Conv, tokens of a
@@ -583,6 +583,7 @@ def recover(
     import os
 
     threads = threads or (os.cpu_count() or 1)
+    batches = list(getattr(batches, "batches", batches))
     work = onnx.ModelProto()
     work.CopyFrom(pruned)
     g, og = _Graph(work), _Graph(original)
@@ -604,7 +605,6 @@ def recover(
     for f in fits:
         f.row.level = levels[f.row.node]
         by_level[f.row.level].append(f)
-    batches = list(batches)
     in_names = og.inputs
 
     def feeds(b):
