@@ -165,13 +165,35 @@ class _Graph:
         self.refresh()
 
 
-def _with_outputs(proto: onnx.ModelProto, names) -> onnx.ModelProto:
+def _with_outputs(proto: onnx.ModelProto, names, truncate: bool = False) -> onnx.ModelProto:
+    """A copy whose graph outputs include ``names``. ``truncate``: the outputs are
+    exactly ``names`` and only the nodes they need are kept (ONNX Runtime runs
+    every node of a graph whatever outputs are requested)."""
     p = onnx.ModelProto()
     p.CopyFrom(proto)
-    have = {o.name for o in p.graph.output}
+    g = p.graph
+    if truncate and not any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in g.node for a in n.attribute):
+        need, keep = set(names), []
+        for n in reversed(g.node):
+            if any(o in need for o in n.output):
+                keep.append(n)
+                need.update(v for v in n.input if v)
+        keep = [onnx.NodeProto.FromString(n.SerializeToString()) for n in reversed(keep)]
+        del g.node[:]
+        g.node.extend(keep)
+        inits = [t for t in g.initializer if t.name in need]
+        dropped = {t.name for t in g.initializer} - {t.name for t in inits}
+        ins = [i for i in g.input if i.name not in dropped]  # old IR: initializers listed as inputs
+        del g.initializer[:]
+        g.initializer.extend(inits)
+        del g.input[:]
+        g.input.extend(ins)
+        del g.output[:]
+        del g.value_info[:]
+    have = {o.name for o in g.output}
     for n in names:
         if n not in have:
-            p.graph.output.append(helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None))
+            g.output.append(helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None))
             have.add(n)
     return p
 
@@ -610,17 +632,18 @@ def recover(
     def feeds(b):
         return b if isinstance(b, dict) else {in_names[0]: np.asarray(b, dtype=np.float32)}
 
-    sess_o = _session(_with_outputs(original, [f.y_name for f in fits]), threads)
     bar = _Progress(len(by_level) * len(batches), progress)
     rng = np.random.default_rng(seed)
     for lvl in sorted(by_level):
         todo = by_level[lvl]
         t0 = time.perf_counter()
         x_names = sorted({f.x_name for f in todo})
-        sess_p = _session(_with_outputs(work, [n for n in x_names if n not in g.inputs]), threads)
+        p_names = [n for n in x_names if n not in g.inputs]
+        sess_p = _session(_with_outputs(work, p_names, truncate=True), threads) if p_names else None
+        sess_o = _session(_with_outputs(original, [f.y_name for f in todo], truncate=True), threads)
         for bi, b in enumerate(batches):
             fd = feeds(b)
-            px = dict(zip([n for n in x_names if n not in g.inputs], sess_p.run([n for n in x_names if n not in g.inputs], fd)))
+            px = dict(zip(p_names, sess_p.run(p_names, fd))) if sess_p else {}
             px.update({n: fd[n] for n in x_names if n in g.inputs})
             oy = dict(zip([f.y_name for f in todo], sess_o.run([f.y_name for f in todo], fd)))
             for f in todo:

@@ -292,3 +292,17 @@ def test_unhandled_layers_are_skipped_with_a_reason():
     assert isinstance(rows[0], LayerRow)
     with pytest.raises(ValueError):
         recover(m, res.proto, res.analyzed.ctx, res.plan.keep, [], method="nope")
+
+
+def test_recover_result_takes_a_prune_result_and_a_calibration(tmp_path):
+    from onnxprune.importance.calib import Calibration
+    from onnxprune.recover import recover_result
+
+    m = small_cnn()
+    path = tmp_path / "m.onnx"
+    onnx.save(m, str(path))
+    res = prune(str(path), {"default": 0.5})
+    cal = Calibration(_batches((8, 3, 16, 16), 2, seed=1), None, "random")
+    out, rows = recover_result(res, str(path), cal, method="bias", progress=False)
+    _valid(out)
+    assert {r.node for r in rows} == {"conv2", "conv3", "fc"} and all(r.status == "refit" for r in rows)
