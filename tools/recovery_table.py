@@ -141,7 +141,7 @@ def main() -> None:
         text += "\n\nImportance criterion before and after ridge recovery (top-1 / agreement, %)\n\n"
         text += md(["model", "criterion", "MACs target", "pruned", "after ridge", "prune time"], rows2)
     text += (f"\n\nsynthetic glyphs, 10 classes, {len(y)} val images; calibration {args.calib_batches} x {args.batch} "
-             f"train-split images, labels unused; ridge {args.ridge}; CPU {os.cpu_count()} cores; "
+             f"train-split images, labels unused; {'' if args.ridge_sweep else f'ridge {args.ridge}; '}CPU {os.cpu_count()} cores; "
              f"{time.perf_counter() - t_all:.0f}s in all\n")
     write_results(args.out, text, raw)
 
