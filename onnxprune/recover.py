@@ -1,0 +1,717 @@
+"""Closed-form recovery after pruning, without labels (issue 14, part 1).
+
+Every *consumer of pruned channels* (a Conv, Gemm or MatMul with a constant
+weight whose input axis lost channels) is re-fitted, layer by layer in graph
+order, so that from its **kept** inputs it reproduces what the **original**
+layer produced on its surviving outputs:
+
+* ``bias``: keep the weights, move the bias to the least-squares optimum
+  ``b' = b + mean(Y_orig - Y_pruned)``. When the layer's inputs are unchanged
+  this is exactly the mean contribution of the removed channels (``W_R E[x_R]``)
+  folded into the bias; it also absorbs the mean drift of upstream layers.
+* ``stats``: per output channel, rescale weights and bias so the pruned
+  layer's output has the original's mean and standard deviation (what
+  re-estimating a BatchNorm does; exporters fold BatchNorm into the Conv).
+* ``ridge``: a full least-squares re-fit of weights and bias, the next-layer
+  reconstruction of He et al., *Channel Pruning for Accelerating Very Deep
+  Neural Networks* (ICCV 2017) and Luo et al., *ThiNet* (ICCV 2017), in closed
+  form: ``min ||[X 1] W - Y||^2 + lam ||W - W0||^2`` (the bias row unpenalised),
+  ``lam = ridge * trace(X^T X) / d``. Shrinking towards the pruned weights
+  ``W0`` (not towards zero) means the re-fit never does worse than ``W0`` on
+  the calibration data and stays close to it where the data say little.
+
+A Conv is a linear regression over sampled output positions: the rows are
+im2col patches of the kept input channels (per group for grouped convs), the
+columns the layer's output channels. Gemm (``transA``/``transB``, ``alpha``/
+``beta``) and MatMul are regressions on their input rows; a 3-D MatMul input
+(tokens) is flattened to rows. A MatMul's bias is the constant of the ``Add``
+that follows it; a MatMul without one gets a new ``Add`` when its bias moves.
+
+``X`` comes from the pruned model **as already re-fitted** (earlier layers'
+fixes are in place, so errors do not compound); ``Y`` from the original
+model, restricted to the surviving output channels. Consumers are processed in
+*levels*: a consumer's level is one more than the highest level of any
+consumer upstream of it, so the consumers of one level are independent and are
+fitted from one pass over the calibration batches. Each pass streams the
+batches through ONNX Runtime with the needed values exposed as graph outputs
+and accumulates ``[X 1]^T [X 1]`` and ``[X 1]^T Y`` in float64: memory is one
+batch of activations plus one Gram matrix per layer (group).
+
+Layers that cannot be handled are skipped with a reason in the rows; a fit
+that does not lower the layer's reconstruction error on the calibration data
+is not applied; the result is checked with ``onnx.checker`` (full check) and an
+ORT run, and if that fails the pruned model is returned unchanged.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+log = logging.getLogger(__name__)
+
+METHODS = ("bias", "stats", "ridge")
+
+
+@dataclass
+class LayerRow:
+    """One consumer of pruned channels. Errors are relative reconstruction errors
+    ``||Y_hat - Y||_F / ||Y||_F`` of this layer's output on the calibration
+    samples, with this layer's inputs taken from the (already re-fitted) pruned
+    model: ``err_before`` with the pruned weights, ``err_after`` with the new
+    ones. ``status``: ``refit`` (applied), ``kept`` (fitted, not better: pruned
+    weights kept), ``skipped`` (not handled; see ``reason``)."""
+
+    node: str
+    op: str
+    status: str
+    method: str = ""
+    reason: str = ""
+    level: int = -1
+    inputs_kept: str = ""  # e.g. "55/64"
+    outputs_kept: str = ""
+    features: int = 0
+    samples: int = 0
+    err_before: float | None = None
+    err_after: float | None = None
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+# --------------------------------------------------------------------------- graph helpers
+
+
+class _Graph:
+    """Name-indexed view of a ModelProto that is edited in place."""
+
+    def __init__(self, proto: onnx.ModelProto):
+        self.proto = proto
+        self.g = proto.graph
+        self.refresh()
+
+    def refresh(self) -> None:
+        g = self.g
+        self.nodes = {n.name: n for n in g.node if n.name}
+        self.inits = {t.name: t for t in g.initializer}
+        self.uses: dict[str, list] = defaultdict(list)
+        for n in g.node:
+            for i, v in enumerate(n.input):
+                if v:
+                    self.uses[v].append((n, i))
+        self.outputs = {o.name for o in g.output}
+        inits = set(self.inits)
+        self.inputs = [i.name for i in g.input if i.name not in inits]
+
+    def const(self, name: str) -> np.ndarray | None:
+        t = self.inits.get(name)
+        return None if t is None else numpy_helper.to_array(t)
+
+    def attr(self, node, name, default=None):
+        for a in node.attribute:
+            if a.name == name:
+                return helper.get_attribute_value(a)
+        return default
+
+    def set_const(self, node, slot: int, arr: np.ndarray, tag: str) -> None:
+        """Write ``arr`` into ``node``'s input ``slot``, un-sharing the initializer
+        if anything else reads it (or adding the input if the slot is empty)."""
+        arr = np.ascontiguousarray(arr.astype(np.float32))
+        name = node.input[slot] if slot < len(node.input) else ""
+        shared = name and (len(self.uses.get(name, [])) > 1 or name in self.outputs or name in self.inputs)
+        if name and not shared and name in self.inits:
+            self.inits[name].CopyFrom(numpy_helper.from_array(arr, name))
+            return
+        new = self._fresh(f"{node.name or name}__{tag}")
+        self.g.initializer.append(numpy_helper.from_array(arr, new))
+        while len(node.input) <= slot:
+            node.input.append("")
+        node.input[slot] = new
+        self.refresh()
+
+    def _fresh(self, base: str) -> str:
+        taken = set(self.inits) | {v for n in self.g.node for v in list(n.input) + list(n.output)}
+        name = base
+        while name in taken:
+            name += "_"
+        return name
+
+    def insert_bias_add(self, node, bias: np.ndarray) -> None:
+        """``node``'s output ``y`` becomes ``Add(y', bias)``: downstream names unchanged."""
+        out = node.output[0]
+        mid = self._fresh(f"{out}__pre_bias")
+        bname = self._fresh(f"{node.name}__recover_bias")
+        self.g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(bias.astype(np.float32)), bname))
+        node.output[0] = mid
+        add = helper.make_node("Add", [mid, bname], [out], name=self._fresh(f"{node.name}__recover_bias_add"))
+        # rebuild the node list (NodeProto references held elsewhere go stale:
+        # callers look nodes up by name)
+        nodes = []
+        for n in self.g.node:
+            c = onnx.NodeProto()
+            c.CopyFrom(n)
+            nodes.append(c)
+            if n.name == node.name:
+                nodes.append(add)
+        del self.g.node[:]
+        self.g.node.extend(nodes)
+        self.refresh()
+
+
+def _with_outputs(proto: onnx.ModelProto, names, truncate: bool = False) -> onnx.ModelProto:
+    """A copy whose graph outputs include ``names``. ``truncate``: the outputs are
+    exactly ``names`` and only the nodes they need are kept (ONNX Runtime runs
+    every node of a graph whatever outputs are requested)."""
+    p = onnx.ModelProto()
+    p.CopyFrom(proto)
+    g = p.graph
+    if truncate and not any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in g.node for a in n.attribute):
+        need, keep = set(names), []
+        for n in reversed(g.node):
+            if any(o in need for o in n.output):
+                keep.append(n)
+                need.update(v for v in n.input if v)
+        keep = [onnx.NodeProto.FromString(n.SerializeToString()) for n in reversed(keep)]
+        del g.node[:]
+        g.node.extend(keep)
+        inits = [t for t in g.initializer if t.name in need]
+        dropped = {t.name for t in g.initializer} - {t.name for t in inits}
+        ins = [i for i in g.input if i.name not in dropped]  # old IR: initializers listed as inputs
+        del g.initializer[:]
+        g.initializer.extend(inits)
+        del g.input[:]
+        g.input.extend(ins)
+        del g.output[:]
+        del g.value_info[:]
+    have = {o.name for o in g.output}
+    for n in names:
+        if n not in have:
+            g.output.append(helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None))
+            have.add(n)
+    return p
+
+
+def _session(proto: onnx.ModelProto, threads: int):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    return ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+# --------------------------------------------------------------------------- one consumer
+
+
+@dataclass
+class _Fit:
+    """A re-fittable consumer: how to turn activations into regression rows and
+    how to write the result back."""
+
+    row: LayerRow
+    node: onnx.NodeProto  # in the working (pruned) proto at planning time; look up by name after edits
+    x_name: str  # its data input in the pruned model
+    y_name: str  # the matching output in the original model
+    kept_out: np.ndarray  # surviving output channels, as indices of the original's
+    groups: list  # per group: (input channel slice, output channel slice) of the pruned layer
+    w0: list  # per group: [d+1, m] pruned weights with the bias as last row
+    kind: str  # "conv" | "dense"
+    conv: dict = field(default_factory=dict)
+    dense: dict = field(default_factory=dict)
+    bias_add: str | None = None  # MatMul: name of the Add holding its bias
+    G: list = field(default_factory=list)
+    C: list = field(default_factory=list)
+    yy: list = field(default_factory=list)  # per group, per output channel sum of Y^2
+    n: int = 0
+
+
+def _kept_maps(ctx, keep):
+    """node name -> list of (slot, axis, kept, width) for IN and OUT members."""
+    from .core.members import IN, OUT
+
+    ins, outs = defaultdict(list), defaultdict(list)
+    for m in ctx.tensors:
+        if m.role not in (IN, OUT) or m.space.size is None:
+            continue
+        k = ctx.table.kept(m.space, keep)
+        (ins if m.role == IN else outs)[m.node.name].append((m.slot, m.axis, k, m.space.size, m.node.op_type))
+    return ins, outs
+
+
+def _levels(g: _Graph, names: set[str]) -> dict[str, int]:
+    """Level of each consumer: 1 + the highest level of a consumer upstream of it."""
+    lv: dict[str, int] = {}
+    out: dict[str, int] = {}
+    for n in g.g.node:
+        up = max((lv.get(v, -1) for v in n.input if v), default=-1)
+        if n.name in names:
+            out[n.name] = up + 1
+            up = up + 1
+        for o in n.output:
+            lv[o] = up
+    return out
+
+
+def _conv_geometry(g: _Graph, node, w: np.ndarray) -> dict | str:
+    if w.ndim != 4:
+        return "only 2-D convolutions are re-fitted"
+    auto = g.attr(node, "auto_pad", b"NOTSET")
+    auto = auto.decode() if isinstance(auto, bytes) else auto
+    return dict(k=tuple(w.shape[2:]), s=list(g.attr(node, "strides", [1, 1])), d=list(g.attr(node, "dilations", [1, 1])),
+                pads=list(g.attr(node, "pads", [0, 0, 0, 0])), auto=auto)
+
+
+def _pads(geo: dict, hw) -> list[int]:
+    if geo["auto"] in ("SAME_UPPER", "SAME_LOWER"):
+        pads = [0, 0, 0, 0]
+        for i, (size, k, s, d) in enumerate(zip(hw, geo["k"], geo["s"], geo["d"])):
+            total = max((-(-size // s) - 1) * s + (k - 1) * d + 1 - size, 0)
+            lo = total // 2 if geo["auto"] == "SAME_UPPER" else total - total // 2
+            pads[i], pads[i + 2] = lo, total - lo
+        return pads
+    return [0, 0, 0, 0] if geo["auto"] == "VALID" else geo["pads"]
+
+
+def _plan_fit(g: _Graph, orig: _Graph, name: str, ins, outs, max_features: int, method: str) -> _Fit | LayerRow:
+    node = g.nodes.get(name)
+    op = node.op_type if node is not None else "?"
+    row = LayerRow(node=name, op=op, status="skipped", method=method)
+    if node is None:
+        row.reason = "node not found in the pruned model"
+        return row
+    if name not in orig.nodes:
+        row.reason = "node not found in the original model (unnamed or renamed)"
+        return row
+    io_in = ins[name]
+    row.inputs_kept = ", ".join(f"{len(k)}/{w}" for _, _, k, w, _ in io_in)
+    if op not in ("Conv", "Gemm", "MatMul"):
+        row.reason = f"{op} is not re-fitted (only Conv, Gemm, MatMul)"
+        return row
+    wslot = 1
+    if any(s != 1 for s, *_ in io_in):
+        row.reason = "the constant is the first operand"
+        return row
+    w = g.const(node.input[1]) if len(node.input) > 1 else None
+    if w is None or g.const(node.input[0]) is not None:
+        row.reason = "weight is not a constant initializer (or the data input is)"
+        return row
+    if w.dtype != np.float32:
+        row.reason = f"weight dtype {w.dtype} (only float32)"
+        return row
+    y_node = orig.nodes[name]
+    # surviving output channels (indices of the original's output axis)
+    out_axis = {"Conv": 0, "Gemm": 0 if g.attr(node, "transB", 0) else 1, "MatMul": w.ndim - 1}[op]
+    ko = [(k, wd) for s, a, k, wd, _ in outs.get(name, []) if s == wslot and a == out_axis]
+    width_now = w.shape[out_axis]
+    kept_out, width0 = ko[0] if ko else (np.arange(width_now), width_now)
+    if len(kept_out) != width_now:
+        row.reason = f"kept outputs ({len(kept_out)}) do not match the pruned weight ({width_now})"
+        return row
+    row.outputs_kept = f"{len(kept_out)}/{width0}"
+    fit_kw = dict(row=row, node=node, x_name=node.input[0], y_name=y_node.output[0], kept_out=np.asarray(kept_out))
+    if op == "Conv":
+        grp = int(g.attr(node, "group", 1))
+        m, cpg = w.shape[:2]
+        if m % grp:
+            row.reason = "group does not divide the output channels"
+            return row
+        if cpg == 1 and grp > 1:
+            row.reason = "depthwise: no channel mixing to re-fit"
+            return row
+        geo = _conv_geometry(g, node, w)
+        if isinstance(geo, str):
+            row.reason = geo
+            return row
+        b = g.const(node.input[2]) if len(node.input) > 2 and node.input[2] else np.zeros(m, np.float32)
+        if b is None:
+            row.reason = "Conv bias is not a constant"
+            return row
+        mpg = m // grp
+        groups, w0 = [], []
+        for gi in range(grp):
+            osl = slice(gi * mpg, (gi + 1) * mpg)
+            groups.append((slice(gi * cpg, (gi + 1) * cpg), osl))
+            w0.append(np.vstack([w[osl].reshape(mpg, -1).T, b[osl][None]]).astype(np.float64))
+        d = cpg * w.shape[2] * w.shape[3]
+        if d + 1 > max_features:
+            row.reason = f"{d} features per group exceed max_features={max_features}"
+            return row
+        row.features = d
+        return _Fit(groups=groups, w0=w0, kind="conv", conv=geo, **fit_kw)
+    if op == "Gemm":
+        ta, tb = int(g.attr(node, "transA", 0)), int(g.attr(node, "transB", 0))
+        alpha, beta = float(g.attr(node, "alpha", 1.0)), float(g.attr(node, "beta", 1.0))
+        W = (w.T if tb else w) * alpha  # [K, N]
+        n_out = W.shape[1]
+        if len(node.input) > 2 and node.input[2]:
+            c = g.const(node.input[2])
+            if c is None:
+                row.reason = "Gemm C is not a constant"
+                return row
+            if c.size not in (1, n_out) or (c.ndim == 2 and c.shape[0] != 1):
+                row.reason = f"Gemm C of shape {list(c.shape)} is not a per-output bias"
+                return row
+            bias = np.broadcast_to(c.reshape(-1), (n_out,)) * beta
+        else:
+            bias = np.zeros(n_out)
+        if beta == 0:
+            row.reason = "Gemm beta is 0: no bias to move"
+            return row
+        if W.shape[0] + 1 > max_features:
+            row.reason = f"{W.shape[0]} features exceed max_features={max_features}"
+            return row
+        row.features = W.shape[0]
+        w0 = [np.vstack([W, bias[None]]).astype(np.float64)]
+        return _Fit(groups=[(slice(None), slice(None))], w0=w0, kind="dense",
+                    dense=dict(transA=ta, transB=tb, alpha=alpha, beta=beta), **fit_kw)
+    # MatMul with a constant right operand
+    if w.ndim != 2:
+        row.reason = "MatMul weight with batch dimensions"
+        return row
+    bias_add, bias = None, np.zeros(w.shape[1])
+    users = g.uses.get(node.output[0], [])
+    if len(users) == 1 and node.output[0] not in g.outputs and users[0][0].op_type == "Add" and users[0][0].name:
+        add, slot = users[0]
+        other = add.input[1 - slot]
+        c = g.const(other)
+        if c is not None and c.dtype == np.float32 and c.size == w.shape[1] and c.shape[-1] == w.shape[1] \
+                and len(g.uses[other]) >= 1:
+            bias_add, bias = add, c.reshape(-1)
+    if w.shape[0] + 1 > max_features:
+        row.reason = f"{w.shape[0]} features exceed max_features={max_features}"
+        return row
+    row.features = w.shape[0]
+    # the target is the original MatMul's own output (before its bias Add): the
+    # fitted bias row is then added to the pruned bias
+    w0 = [np.vstack([w, np.zeros((1, w.shape[1]))]).astype(np.float64)]
+    fit = _Fit(groups=[(slice(None), slice(None))], w0=w0, kind="dense", dense=dict(matmul=True, bias=bias), **fit_kw)
+    fit.bias_add = bias_add.name if bias_add is not None else None
+    return fit
+
+
+# --------------------------------------------------------------------------- regression rows
+
+
+def _conv_rows(fit: _Fit, x: np.ndarray, y: np.ndarray, rng, budget: int):
+    """Sampled im2col rows of the kept input channels and the matching target rows."""
+    geo = fit.conv
+    kh, kw = geo["k"]
+    (sh, sw), (dh, dw) = geo["s"], geo["d"]
+    pt, pl, pb, pr = _pads(geo, x.shape[2:])
+    B, _, Ho, Wo = y.shape
+    total = B * Ho * Wo
+    take = np.arange(total) if total <= budget else np.sort(rng.choice(total, budget, replace=False))
+    b, rest = np.divmod(take, Ho * Wo)
+    oh, ow = np.divmod(rest, Wo)
+    xp = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
+    hh = oh[:, None] * sh + np.arange(kh)[None] * dh  # [S, kh]
+    ww = ow[:, None] * sw + np.arange(kw)[None] * dw  # [S, kw]
+    yk = y[:, fit.kept_out]
+    rows = []
+    for isl, osl in fit.groups:
+        xs = xp[:, isl]
+        patch = xs[b[:, None, None, None], np.arange(xs.shape[1])[None, :, None, None], hh[:, None, :, None], ww[:, None, None, :]]
+        X = patch.reshape(len(take), -1)
+        Y = yk[b, :, oh, ow][:, osl]
+        rows.append((X, Y))
+    return rows
+
+
+def _dense_rows(fit: _Fit, x: np.ndarray, y: np.ndarray, rng, budget: int):
+    if fit.dense.get("transA"):
+        x = x.T
+    X = x.reshape(-1, x.shape[-1])
+    Y = y.reshape(-1, y.shape[-1])[:, fit.kept_out]
+    if len(X) != len(Y):
+        return None
+    if len(X) > budget:
+        take = np.sort(rng.choice(len(X), budget, replace=False))
+        X, Y = X[take], Y[take]
+    return [(X, Y)]
+
+
+def _accumulate(fit: _Fit, rows) -> None:
+    for gi, (X, Y) in enumerate(rows):
+        Xa = np.empty((len(X), X.shape[1] + 1))
+        Xa[:, :-1] = X
+        Xa[:, -1] = 1.0
+        Y = Y.astype(np.float64)
+        if len(fit.G) <= gi:
+            fit.G.append(np.zeros((Xa.shape[1], Xa.shape[1])))
+            fit.C.append(np.zeros((Xa.shape[1], Y.shape[1])))
+            fit.yy.append(np.zeros(Y.shape[1]))
+        fit.G[gi] += Xa.T @ Xa
+        fit.C[gi] += Xa.T @ Y
+        fit.yy[gi] += (Y * Y).sum(0)
+    fit.n += len(rows[0][0])
+
+
+# --------------------------------------------------------------------------- solvers
+
+
+def _sq_err(G, C, yy, W) -> float:
+    """sum ||[X 1] W - Y||^2 from the accumulated statistics."""
+    return float(max(yy.sum() - 2 * np.sum(W * C) + np.sum(W * (G @ W)), 0.0))
+
+
+def _solve(fit: _Fit, method: str, ridge: float) -> list:
+    out = []
+    for G, C, yy, W0 in zip(fit.G, fit.C, fit.yy, fit.w0):
+        d = G.shape[0] - 1
+        n = G[-1, -1]
+        if method == "bias":
+            W = W0.copy()
+            W[-1] += (C[-1] - G[-1] @ W0) / n
+        elif method == "stats":
+            # per output channel: match the original's mean and std
+            s_p = G[-1] @ W0  # sum of pruned outputs
+            ss_p = np.einsum("ij,ij->j", W0, G @ W0)
+            s_y = C[-1]
+            mu_p, mu_y = s_p / n, s_y / n
+            sd_p = np.sqrt(np.maximum(ss_p / n - mu_p**2, 0))
+            sd_y = np.sqrt(np.maximum(yy / n - mu_y**2, 0))
+            a = np.where(sd_p > 1e-12, sd_y / np.maximum(sd_p, 1e-12), 1.0)
+            a = np.clip(a, 0.1, 10.0)
+            W = W0 * a[None]
+            W[-1] += mu_y - a * mu_p
+        else:
+            lam = ridge * np.trace(G[:d, :d]) / max(d, 1)
+            D = np.ones(d + 1)
+            D[-1] = 0.0
+            A = G + lam * np.diag(D)
+            rhs = C + lam * D[:, None] * W0
+            try:
+                W = np.linalg.solve(A, rhs)
+                if not np.all(np.isfinite(W)):
+                    raise np.linalg.LinAlgError
+            except np.linalg.LinAlgError:
+                W = np.linalg.lstsq(A, rhs, rcond=None)[0]
+        out.append(W)
+    return out
+
+
+def _write_back(g: _Graph, fit: _Fit, Ws: list) -> None:
+    node = g.nodes[fit.row.node]
+    if fit.kind == "conv":
+        w = g.const(node.input[1])
+        m = w.shape[0]
+        new_w = np.empty_like(w)
+        new_b = np.empty(m, np.float64)
+        for (isl, osl), W in zip(fit.groups, Ws):
+            mg = new_w[osl].shape[0]
+            new_w[osl] = W[:-1].T.reshape(mg, *w.shape[1:])
+            new_b[osl] = W[-1]
+        g.set_const(node, 1, new_w, "recovered_w")
+        g.set_const(node, 2, new_b, "recovered_b")
+        return
+    W = Ws[0]
+    if fit.dense.get("matmul"):
+        g.set_const(node, 1, W[:-1], "recovered_w")
+        bias = fit.dense["bias"] + W[-1]
+        if fit.bias_add is not None:
+            add = g.nodes[fit.bias_add]
+            slot = 1 if add.input[0] == node.output[0] else 0
+            c = g.const(add.input[slot])
+            g.set_const(add, slot, bias.reshape(c.shape), "recovered_b")
+        elif np.any(W[-1] != 0):
+            g.insert_bias_add(node, W[-1])
+        return
+    tb, alpha, beta = fit.dense["transB"], fit.dense["alpha"], fit.dense["beta"]
+    Wk = W[:-1] / alpha
+    g.set_const(node, 1, Wk.T if tb else Wk, "recovered_w")
+    bias = W[-1] / beta
+    if len(node.input) > 2 and node.input[2]:
+        c = g.const(node.input[2])
+        bias = bias.reshape(c.shape) if c.size == bias.size else bias.reshape(1, -1) if c.ndim == 2 else bias
+    g.set_const(node, 2, bias, "recovered_b")
+
+
+# --------------------------------------------------------------------------- driver
+
+
+class _Progress:
+    """One line redrawn in place on a terminal; one line per level otherwise."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.total, self.enabled, self.done, self.t0 = max(total, 1), enabled, 0, time.perf_counter()
+        self.tty = enabled and sys.stderr.isatty()
+
+    def step(self, what: str, end_of_level: bool = False) -> None:
+        self.done += 1
+        if not self.enabled:
+            return
+        el = time.perf_counter() - self.t0
+        if self.tty:
+            frac = self.done / self.total
+            bar = "#" * int(30 * frac) + "." * (30 - int(30 * frac))
+            sys.stderr.write(f"\rrecover [{bar}] {self.done}/{self.total} {el:5.1f}s {what[:40]:<40}")
+            if self.done >= self.total:
+                sys.stderr.write("\n")
+        elif end_of_level:
+            sys.stderr.write(f"recover {self.done}/{self.total} batches x levels, {el:.1f}s: {what}\n")
+        sys.stderr.flush()
+
+
+def consumers(ctx, keep) -> list[str]:
+    """Names of the nodes that read pruned channels (an IN member whose kept list
+    is shorter than its axis), in graph order."""
+    from .core.members import IN
+
+    seen: dict[str, None] = {}
+    for m in ctx.tensors:
+        if m.role == IN and m.space.size is not None and len(ctx.table.kept(m.space, keep)) < m.space.size:
+            seen.setdefault(m.node.name, None)
+    order = {n.name: i for i, n in enumerate(ctx.graph)}
+    return sorted(seen, key=lambda n: order.get(n, 1 << 30))
+
+
+def recover(
+    original: onnx.ModelProto,
+    pruned: onnx.ModelProto,
+    ctx,
+    keep: dict,
+    batches,
+    method: str = "ridge",
+    ridge: float = 1e-2,
+    rows_per_batch: int = 4096,
+    max_features: int = 8192,
+    threads: int = 0,
+    seed: int = 0,
+    progress: bool = True,
+    validate: bool = True,
+) -> tuple[onnx.ModelProto, list[LayerRow]]:
+    """Re-fit every consumer of pruned channels in closed form; no labels.
+
+    ``original``: the unpruned model (any form; nodes are matched by name).
+    ``pruned``: ``PruneResult.proto``; ``ctx``: ``PruneResult.analyzed.ctx``;
+    ``keep``: ``PruneResult.plan.keep``. ``batches``: a
+    :class:`~onnxprune.importance.calib.Calibration` (labels are ignored), or a
+    list of input arrays ``[B, ...]`` or of feed dicts. ``method``: ``bias``, ``stats``
+    or ``ridge`` (see the module doc). ``ridge``: regularisation relative to
+    the mean diagonal of the Gram matrix. ``rows_per_batch``: regression rows
+    sampled per batch and layer (output positions of a Conv, tokens of a
+    MatMul). Returns the new model (a copy; the inputs are not modified) and
+    one :class:`LayerRow` per consumer."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, not {method!r}")
+    import os
+
+    threads = threads or (os.cpu_count() or 1)
+    batches = list(getattr(batches, "batches", batches))
+    work = onnx.ModelProto()
+    work.CopyFrom(pruned)
+    g, og = _Graph(work), _Graph(original)
+    ins, outs = _kept_maps(ctx, keep)
+    names = consumers(ctx, keep)
+    rows: list[LayerRow] = []
+    fits: list[_Fit] = []
+    for name in names:
+        f = _plan_fit(g, og, name, ins, outs, max_features, method)
+        if isinstance(f, LayerRow):
+            rows.append(f)
+        else:
+            fits.append(f)
+            rows.append(f.row)
+    if not fits:
+        return work, rows
+    levels = _levels(g, {f.row.node for f in fits})
+    by_level: dict[int, list[_Fit]] = defaultdict(list)
+    for f in fits:
+        f.row.level = levels[f.row.node]
+        by_level[f.row.level].append(f)
+    in_names = og.inputs
+
+    def feeds(b):
+        return b if isinstance(b, dict) else {in_names[0]: np.asarray(b, dtype=np.float32)}
+
+    bar = _Progress(len(by_level) * len(batches), progress)
+    rng = np.random.default_rng(seed)
+    for lvl in sorted(by_level):
+        todo = by_level[lvl]
+        t0 = time.perf_counter()
+        x_names = sorted({f.x_name for f in todo})
+        p_names = [n for n in x_names if n not in g.inputs]
+        sess_p = _session(_with_outputs(work, p_names, truncate=True), threads) if p_names else None
+        sess_o = _session(_with_outputs(original, [f.y_name for f in todo], truncate=True), threads)
+        for bi, b in enumerate(batches):
+            fd = feeds(b)
+            px = dict(zip(p_names, sess_p.run(p_names, fd))) if sess_p else {}
+            px.update({n: fd[n] for n in x_names if n in g.inputs})
+            oy = dict(zip([f.y_name for f in todo], sess_o.run([f.y_name for f in todo], fd)))
+            for f in todo:
+                if f.row.status == "skipped" and f.row.reason:
+                    continue
+                x, y = px[f.x_name], oy[f.y_name]
+                try:
+                    rws = (_conv_rows if f.kind == "conv" else _dense_rows)(f, x, y, rng, rows_per_batch)
+                except Exception as e:  # shape surprises: skip the layer, never crash
+                    rws, f.row.reason = None, f"could not build regression rows: {type(e).__name__}: {e}"
+                if rws is None:
+                    f.row.reason = f.row.reason or "input/output shapes do not match a linear layer"
+                    continue
+                _accumulate(f, rws)
+            bar.step(f"level {lvl}: {', '.join(f.row.node for f in todo)}", end_of_level=bi == len(batches) - 1)
+        for f in todo:
+            if f.row.reason or not f.G:
+                f.row.status = "skipped"
+                continue
+            Ws = _solve(f, method, ridge)
+            tot_y = sum(float(yy.sum()) for yy in f.yy)
+            before = sum(_sq_err(G, C, yy, W) for G, C, yy, W in zip(f.G, f.C, f.yy, f.w0))
+            after = sum(_sq_err(G, C, yy, W) for G, C, yy, W in zip(f.G, f.C, f.yy, Ws))
+            f.row.samples = f.n
+            f.row.err_before = float(np.sqrt(before / max(tot_y, 1e-30)))
+            f.row.err_after = float(np.sqrt(after / max(tot_y, 1e-30)))
+            if not all(np.all(np.isfinite(W)) for W in Ws):
+                f.row.status, f.row.reason = "skipped", "non-finite solution"
+            elif after > before * (1 + 1e-9):
+                f.row.status, f.row.reason = "kept", "the fit did not lower the reconstruction error"
+                f.row.err_after = f.row.err_before
+            else:
+                _write_back(g, f, Ws)
+                f.row.status = "refit"
+            f.G, f.C = [], []  # free the Gram matrices
+            f.row.seconds = (time.perf_counter() - t0) / len(todo)
+    if validate:
+        try:
+            onnx.checker.check_model(work, full_check=True)
+            _session(work, threads).run(None, feeds(batches[0]))
+        except Exception as e:  # never hand out an invalid model
+            log.warning("recovered model failed validation (%s); returning the pruned model", e)
+            back = onnx.ModelProto()
+            back.CopyFrom(pruned)
+            for r in rows:
+                if r.status == "refit":
+                    r.status, r.reason = "reverted", f"recovered model failed validation: {e}"
+            return back, rows
+    return work, rows
+
+
+def recover_result(res, original, batches, **kw) -> tuple[onnx.ModelProto, list[LayerRow]]:
+    """``recover`` for an :class:`onnxprune.api.PruneResult` (what ``prune``
+    returned) and the original model (a path or proto)."""
+    if isinstance(original, str):
+        original = onnx.load(original)
+    return recover(original, res.proto, res.analyzed.ctx, res.plan.keep, batches, **kw)
+
+
+def format_rows(rows: list[LayerRow]) -> str:
+    """A plain-text table of the per-layer rows (for reports and the CLI)."""
+    head = f"{'node':<36} {'op':<7} {'lvl':>3} {'in kept':>10} {'status':<8} {'err before':>10} {'err after':>10}  reason"
+    lines = [head]
+    for r in rows:
+        eb = "" if r.err_before is None else f"{r.err_before:.4f}"
+        ea = "" if r.err_after is None else f"{r.err_after:.4f}"
+        lines.append(f"{r.node[:36]:<36} {r.op:<7} {r.level:>3} {r.inputs_kept[:10]:>10} {r.status:<8} {eb:>10} {ea:>10}  {r.reason}")
+    return "\n".join(lines)
+
+
+__all__ = ["recover", "recover_result", "consumers", "LayerRow", "format_rows", "METHODS"]

@@ -1,0 +1,308 @@
+"""Closed-form recovery (onnxprune/recover.py): small hand-built models, fast.
+
+(a) the recovered model is valid and closer to the original than the pruned one
+    on held-out inputs (CNN with a grouped strided conv, a token MLP with 3-D
+    MatMuls, and the trained reference ViT);
+(b) channels planted dead: pruning is exact and recovery changes nothing;
+(c) a linear model whose kept inputs span the removed ones is reconstructed
+    exactly by the closed form.
+"""
+from __future__ import annotations
+
+import pathlib
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxprune import io
+from onnxprune.api import prune
+from onnxprune.recover import LayerRow, format_rows, recover
+
+MODELS = pathlib.Path(__file__).resolve().parent.parent / "models"
+
+
+def _t(name, arr):
+    return numpy_helper.from_array(np.ascontiguousarray(arr, dtype=np.float32), name)
+
+
+def _model(nodes, inits, x_shape, y_name, y_shape, opset=20):
+    g = helper.make_graph(
+        nodes, "m",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+        [helper.make_tensor_value_info(y_name, TensorProto.FLOAT, y_shape)],
+        initializer=inits,
+    )
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+    m.ir_version = 10
+    onnx.checker.check_model(m, full_check=True)
+    return m
+
+
+def small_cnn(seed=0, dead=None):
+    """x[N,3,16,16] -> Conv 3->16 -> Relu -> Conv 16->16 (group 2, stride 2) -> Relu
+    -> Conv 16->12 1x1 -> Relu -> GAP -> Flatten -> Gemm 12->5 (transB).
+    ``dead``: plant that many channels dead in each hidden layer (producer rows,
+    biases and consumer columns zero; for the grouped conv, per group)."""
+    rng = np.random.default_rng(seed)
+
+    def w(*s):
+        return rng.standard_normal(s) / np.sqrt(np.prod(s[1:]))
+
+    w1, b1 = w(16, 3, 3, 3), 0.1 * rng.standard_normal(16)
+    w2, b2 = w(16, 8, 3, 3), 0.1 * rng.standard_normal(16)
+    w3, b3 = w(12, 16, 1, 1), 0.1 * rng.standard_normal(12)
+    w4, b4 = w(5, 12), 0.1 * rng.standard_normal(5)
+    if dead:
+        # conv1 -> conv2 (grouped: the same per-group channels in both groups)
+        d1 = rng.choice(8, dead[0], replace=False)
+        for gi in range(2):
+            idx = gi * 8 + d1
+            w1[idx], b1[idx] = 0, 0
+            w2[gi * 8:(gi + 1) * 8][:, d1] = 0
+        d2 = rng.choice(8, dead[1], replace=False)  # conv2's per-group outputs
+        for gi in range(2):
+            idx = gi * 8 + d2
+            w2[idx], b2[idx] = 0, 0
+            w3[:, idx] = 0
+        d3 = rng.choice(12, dead[2], replace=False)
+        w3[d3], b3[d3] = 0, 0
+        w4[:, d3] = 0
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="conv2", pads=[1, 1, 1, 1], strides=[2, 2], group=2),
+        helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+        helper.make_node("Conv", ["r2", "w3", "b3"], ["c3"], name="conv3"),
+        helper.make_node("Relu", ["c3"], ["r3"], name="relu3"),
+        helper.make_node("GlobalAveragePool", ["r3"], ["p"], name="gap"),
+        helper.make_node("Flatten", ["p"], ["f"], name="flat"),
+        helper.make_node("Gemm", ["f", "w4", "b4"], ["y"], name="fc", transB=1),
+    ]
+    inits = [_t("w1", w1), _t("b1", b1), _t("w2", w2), _t("b2", b2), _t("w3", w3), _t("b3", b3), _t("w4", w4), _t("b4", b4)]
+    return _model(nodes, inits, ["N", 3, 16, 16], "y", ["N", 5])
+
+
+def token_mlp(seed=0, linear=False, hidden=24):
+    """x[N,T,8] -> MatMul 8->hidden + Add -> Gelu -> MatMul hidden->16 (no bias) ->
+    LayerNorm-free residual-free head: ReduceMean over tokens -> Gemm 16->4.
+    ``linear``: no Gelu, and the second MatMul is the output (so the model is
+    linear and its hidden layer spans at most 8 + 1 dimensions)."""
+    rng = np.random.default_rng(seed)
+    w1 = rng.standard_normal((8, hidden)) / np.sqrt(8)
+    b1 = 0.5 * rng.standard_normal(hidden)
+    w2 = rng.standard_normal((hidden, 16)) / np.sqrt(hidden)
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["m1"], name="fc1"),
+        helper.make_node("Add", ["m1", "b1"], ["h"], name="fc1_bias"),
+    ]
+    inits = [_t("w1", w1), _t("b1", b1), _t("w2", w2)]
+    if linear:
+        nodes.append(helper.make_node("MatMul", ["h", "w2"], ["y"], name="fc2"))
+        return _model(nodes, inits, ["N", 6, 8], "y", ["N", 6, 16])
+    w3 = rng.standard_normal((4, 16)) / 4
+    nodes += [
+        helper.make_node("Gelu", ["h"], ["g"], name="gelu"),
+        helper.make_node("MatMul", ["g", "w2"], ["m2"], name="fc2"),
+        helper.make_node("ReduceMean", ["m2", "axes"], ["pooled"], name="pool", keepdims=0),
+        helper.make_node("Gemm", ["pooled", "w3"], ["y"], name="head", transB=1),
+    ]
+    inits += [numpy_helper.from_array(np.array([1], np.int64), "axes"), _t("w3", w3)]
+    return _model(nodes, inits, ["N", 6, 8], "y", ["N", 4])
+
+
+def _batches(shape, n, seed):
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(shape).astype(np.float32) for _ in range(n)]
+
+
+def _rel(a_proto, b_proto, batches):
+    sa, sb = io.session(a_proto), io.session(b_proto)
+    num = den = 0.0
+    for x in batches:
+        ya, yb = sa.run(None, {"x": x})[0], sb.run(None, {"x": x})[0]
+        num += float(((ya - yb) ** 2).sum())
+        den += float((ya ** 2).sum())
+    return float(np.sqrt(num / den))
+
+
+def _valid(proto):
+    onnx.checker.check_model(proto, full_check=True)
+    io.session(proto).run(None, io.random_inputs(proto, batch=3))
+
+
+def _run(model, ratios, calib, **kw):
+    res = prune(model, ratios)
+    out, rows = recover(model, res.proto, res.analyzed.ctx, res.plan.keep, calib, progress=False, **kw)
+    return res, out, rows
+
+
+# --------------------------------------------------------------------------- (a)
+
+
+@pytest.mark.parametrize("method", ["ridge", "bias", "stats"])
+def test_cnn_recovery_is_valid_and_closer(method):
+    m = small_cnn()
+    calib = _batches((16, 3, 16, 16), 4, seed=1)
+    held = _batches((16, 3, 16, 16), 2, seed=2)
+    res, out, rows = _run(m, {"default": 0.5}, calib, method=method)
+    _valid(out)
+    print(format_rows(rows))
+    by = {r.node: r for r in rows}
+    assert set(by) == {"conv2", "conv3", "fc"}  # exactly the consumers of pruned channels
+    assert all(r.status == "refit" for r in rows), format_rows(rows)
+    assert by["conv2"].features == 4 * 9  # kept channels per group x kernel: handled per group
+    e_pruned, e_rec = _rel(m, res.proto, held), _rel(m, out, held)
+    margin = {"ridge": 0.5, "bias": 0.9, "stats": 0.9}[method]
+    assert e_pruned > 0.2
+    assert e_rec < margin * e_pruned, (e_pruned, e_rec)
+    for r in rows:
+        assert r.err_after <= r.err_before + 1e-9
+    # the inputs are not modified
+    assert [t.name for t in res.proto.graph.initializer] == [t.name for t in prune(m, {"default": 0.5}).proto.graph.initializer]
+
+
+def test_token_mlp_matmul_3d_and_inserted_bias():
+    m = token_mlp()
+    calib = _batches((32, 6, 8), 4, seed=1)
+    held = _batches((32, 6, 8), 2, seed=2)
+    res, out, rows = _run(m, {"default": 0.5}, calib)
+    _valid(out)
+    by = {r.node: r for r in rows}
+    assert by["fc2"].status == "refit" and by["fc2"].op == "MatMul"
+    assert by["fc2"].samples == 4 * 32 * 6  # tokens flattened to rows
+    # fc2 had no bias: recovery added one after it, keeping the output names
+    assert any(n.op_type == "Add" and n.name.startswith("fc2__recover_bias") for n in out.graph.node)
+    assert [o.name for o in out.graph.output] == ["y"]
+    e_pruned, e_rec = _rel(m, res.proto, held), _rel(m, out, held)
+    assert e_rec < 0.6 * e_pruned, (e_pruned, e_rec)
+
+
+@pytest.mark.skipif(not (MODELS / "ref_vit.onnx").exists(), reason="models/ref_vit.onnx missing")
+def test_reference_vit_qkv_proj_fc2_head():
+    m = onnx.load(str(MODELS / "ref_vit.onnx"))
+    calib = _batches((8, 3, 64, 64), 2, seed=1)
+    held = _batches((8, 3, 64, 64), 1, seed=2)
+    ratios = {"kinds": {"mlp": 0.3, "head_dim": 0.3, "embed": 0.1}, "scope": "local"}
+    res, out, rows = _run(m, ratios, calib, rows_per_batch=256)
+    _valid(out)
+    print(format_rows(rows))
+    assert all(r.status == "refit" for r in rows), format_rows(rows)
+    assert {r.op for r in rows} == {"MatMul", "Gemm"}
+    assert len(rows) == 4 * 4 + 1  # qkv, proj, fc1, fc2 per block (embed feeds them all) and the head
+    e_pruned, e_rec = _rel(m, res.proto, held), _rel(m, out, held)
+    assert e_rec < 0.8 * e_pruned, (e_pruned, e_rec)
+
+
+# --------------------------------------------------------------------------- (b)
+
+
+@pytest.mark.parametrize("method", ["ridge", "bias", "stats"])
+def test_planted_dead_channels_change_nothing(method):
+    # ratio 0.4 per group: 3 of 8 channels per conv group, 4 of 12, and none of
+    # the 2 conv groups; exactly what is planted
+    m = small_cnn(dead=(3, 3, 4))
+    calib = _batches((16, 3, 16, 16), 3, seed=1)
+    held = _batches((16, 3, 16, 16), 2, seed=2)
+    res, out, rows = _run(m, {"default": 0.4, "scope": "local"}, calib, method=method)
+    assert {r.node for r in rows} == {"conv2", "conv3", "fc"}
+    _valid(out)
+    assert _rel(m, res.proto, held) < 1e-5  # the planted channels were the ones removed
+    assert _rel(m, out, held) < 1e-4
+    for r in rows:
+        assert r.err_before < 1e-5 and r.err_after < 1e-5, format_rows(rows)
+    a = {t.name: numpy_helper.to_array(t) for t in res.proto.graph.initializer}
+    for t in out.graph.initializer:
+        base = t.name.split("__")[0] if t.name not in a else t.name
+        if base in a and a[base].shape == tuple(t.dims):
+            w = numpy_helper.to_array(t)
+            assert np.abs(w - a[base]).max() <= 1e-4 * (np.abs(a[base]).max() + 1e-6), t.name
+
+
+# --------------------------------------------------------------------------- (c)
+
+
+def test_linear_model_is_reconstructed_exactly():
+    # hidden 24 from an 8-dim input: any 12 kept hidden units (plus a bias) span
+    # the removed ones, so the closed form must reproduce the output exactly
+    m = token_mlp(linear=True)
+    calib = _batches((32, 6, 8), 3, seed=1)
+    held = _batches((32, 6, 8), 2, seed=2)
+    res, out, rows = _run(m, {"default": 0.5}, calib, ridge=0.0)
+    _valid(out)
+    assert [r.node for r in rows] == ["fc2"] and rows[0].status == "refit"
+    assert _rel(m, res.proto, held) > 0.1
+    assert rows[0].err_after < 1e-5
+    assert _rel(m, out, held) < 1e-4
+    # a small ridge stays close to exact; the bias alone cannot do it
+    _, out_r, _ = _run(m, {"default": 0.5}, calib, ridge=1e-6)
+    assert _rel(m, out_r, held) < 1e-2
+    _, out_b, _ = _run(m, {"default": 0.5}, calib, method="bias")
+    assert _rel(m, out_b, held) > 0.05
+
+
+def linear_convs(group, strides, dilations, pads, seed=0):
+    """x[N,3,12,12] -> Conv 1x1 3->16 (+bias) -> Conv 3x3 16->8 (group, strides,
+    dilations, pads): linear, every hidden channel an affine function of x."""
+    rng = np.random.default_rng(seed)
+    w1, b1 = rng.standard_normal((16, 3, 1, 1)), rng.standard_normal(16)
+    w2, b2 = rng.standard_normal((8, 16 // group, 3, 3)) / 6, rng.standard_normal(8)
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["h"], name="conv1"),
+        helper.make_node("Conv", ["h", "w2", "b2"], ["y"], name="conv2", group=group, strides=strides,
+                         dilations=dilations, pads=pads),
+    ]
+    return _model(nodes, [_t("w1", w1), _t("b1", b1), _t("w2", w2), _t("b2", b2)], ["N", 3, 12, 12], "y", ["N", 8, "H", "W"])
+
+
+@pytest.mark.parametrize("group,strides,dilations,pads", [
+    (1, [1, 1], [1, 1], [1, 1, 1, 1]),
+    (2, [2, 2], [1, 1], [1, 0, 1, 2]),
+    (1, [1, 2], [2, 1], [2, 0, 2, 1]),
+])
+def test_linear_conv_is_reconstructed_exactly(group, strides, dilations, pads):
+    # im2col of the kept channels (kernel order, padding, stride, dilation, groups)
+    # must match ONNX's Conv exactly: 10 (or 5 per group) kept channels span 3 + 1 dims
+    m = linear_convs(group, strides, dilations, pads)
+    calib = _batches((8, 3, 12, 12), 3, seed=1)
+    held = _batches((8, 3, 12, 12), 2, seed=2)
+    res, out, rows = _run(m, {"default": 0.4, "scope": "local"}, calib, ridge=0.0)
+    _valid(out)
+    assert [r.node for r in rows] == ["conv2"] and rows[0].status == "refit", format_rows(rows)
+    assert _rel(m, res.proto, held) > 0.1
+    assert rows[0].err_after < 1e-5
+    assert _rel(m, out, held) < 1e-4
+
+
+# --------------------------------------------------------------------------- robustness
+
+
+def test_unhandled_layers_are_skipped_with_a_reason():
+    m = small_cnn()
+    res = prune(m, {"default": 0.5})
+    # an "original" whose nodes have other names: nothing can be matched
+    other = onnx.ModelProto()
+    other.CopyFrom(m)
+    for n in other.graph.node:
+        n.name = n.name + "_x"
+    out, rows = recover(other, res.proto, res.analyzed.ctx, res.plan.keep, _batches((4, 3, 16, 16), 1, 0), progress=False)
+    assert rows and all(r.status == "skipped" and "not found" in r.reason for r in rows)
+    _valid(out)
+    assert isinstance(rows[0], LayerRow)
+    with pytest.raises(ValueError):
+        recover(m, res.proto, res.analyzed.ctx, res.plan.keep, [], method="nope")
+
+
+def test_recover_result_takes_a_prune_result_and_a_calibration(tmp_path):
+    from onnxprune.importance.calib import Calibration
+    from onnxprune.recover import recover_result
+
+    m = small_cnn()
+    path = tmp_path / "m.onnx"
+    onnx.save(m, str(path))
+    res = prune(str(path), {"default": 0.5})
+    cal = Calibration(_batches((8, 3, 16, 16), 2, seed=1), None, "random")
+    out, rows = recover_result(res, str(path), cal, method="bias", progress=False)
+    _valid(out)
+    assert {r.node for r in rows} == {"conv2", "conv3", "fc"} and all(r.status == "refit" for r in rows)
