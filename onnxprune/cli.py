@@ -56,6 +56,10 @@ def _prune_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", help="pruned model path (default: MODEL stem + '.pruned.onnx' in the current directory)")
     p.add_argument("--report", help="write the JSON report here")
     p.add_argument("--verify", action="store_true", help="run the zero-contribution oracle on this plan")
+    p.add_argument("--recover", nargs="?", const="ridge", choices=["bias", "stats", "ridge"],
+                   help="closed-form recovery from --calib data, no labels: re-fit every layer that reads pruned channels "
+                   "(ridge, the default), match per-channel output statistics (stats), or fold the removed channels' mean "
+                   "into the bias (bias)")
     p.add_argument("--plan", help="replay a plan file saved by --save-plan (instead of --ratios)")
     p.add_argument("--save-plan", help="write the plan (groups by member names, kept indices) as JSON here")
     _shape_opt(p)
@@ -214,12 +218,14 @@ def cmd_prune(args) -> str:
             raise UserError("--report / --save-plan must not be the model or output path")
     _say(args, f"analysing {model}")
     job = Job.open(model, _shapes(args, ratios))
+    calib = _calib(args, job)
+    if calib is not None:
+        _say(args, f"calibration: {calib.source}, {len(calib.batches)} batches of {len(calib.batches[0])}")
+    if args.recover and calib is None:
+        raise UserError("--recover needs --calib (unlabelled inputs are enough: DIR, FILE.npy/.npz or 'synthetic')")
     if args.plan:
         plan = api.load_plan(args.plan, job)
     else:
-        calib = _calib(args, job)
-        if calib is not None:
-            _say(args, f"calibration: {calib.source}, {len(calib.batches)} batches of {len(calib.batches[0])}")
         plan = job.plan(ratios, calib)
     if not plan.keep:
         raise UserError(f"nothing to prune: {_why_nothing(job, plan)}")
@@ -243,7 +249,11 @@ def cmd_prune(args) -> str:
         rows = oracle(job, plan=plan)
         _say(args, "\n" + _oracle_table(rows))
     t0 = time.perf_counter()
+    original = job.data_proto() if args.recover else None
     job.rewrite(plan)
+    recovery = []
+    if args.recover:
+        recovery = _recover(args, job, plan, original, calib)
     checks = job.save(out)
     res = api.PruneResult(job, plan, b, a, checks, time.perf_counter() - _T0)
     latency = []
@@ -269,6 +279,7 @@ def cmd_prune(args) -> str:
             "oracle": [r.as_dict() for r in rows],
             "target": plan.target,
             "latency": [r.as_dict() for r in latency],
+            "recovery": [r.as_dict() for r in recovery],
             "seconds": round(res.seconds, 3),
         }
         with open(args.report, "w") as f:
@@ -278,6 +289,21 @@ def cmd_prune(args) -> str:
     removed = sum(g.width - len(plan.keep[g.id]) for g in groups if g.id in plan.keep)
     speed = f", speed-up {latency[1].speedup:.2f}x" if latency else ""
     return f"{removed} channels removed in {len(plan.keep)} groups, MACs {_ratio(a['macs'], b['macs'])}{speed} -> {out}"
+
+
+def _recover(args, job, plan, original, calib) -> list:
+    """Closed-form recovery of the rewritten model in ``job`` (see onnxprune.recover)."""
+    import onnx_ir as ir
+
+    from . import io
+    from .recover import format_rows, recover
+
+    _say(args, f"\nrecovery ({args.recover}) from {calib.source} ...")
+    rec, rows = recover(original, io.full_proto(job.model), job.ctx, plan.keep, calib, method=args.recover,
+                        progress=not args.quiet)
+    job.model = ir.serde.deserialize_model(rec)
+    _say(args, format_rows(rows))
+    return rows
 
 
 def _why_nothing(job, plan) -> str:
