@@ -129,7 +129,8 @@ def _ms_terms(k: int, n: onnx.NodeProto, shapes: dict, inits: dict) -> list[Term
     key, val = (ins[1], ins[2]) if len(ins) > 2 else (None, None)
     if not key or not val or len(key) != 3 or len(val) != 3:
         return []
-    past = ins[3 if n.op_type == "GroupQueryAttention" else 6] if len(ins) > 6 or (n.op_type == "GroupQueryAttention" and len(ins) > 3) else None
+    past_slot = 3 if n.op_type == "GroupQueryAttention" else 6  # past_key [B, kv heads, P, D]
+    past = ins[past_slot] if len(ins) > past_slot else None
     t = Factor(key[1] + (past[2] if past and len(past) == 4 else 0), None)
     if n.op_type == "MultiHeadAttention":
         return [Term(k, "macs", tuple(bs + [t, Factor(x[2], ("in", 0, 2))])),

@@ -260,22 +260,29 @@ def test_multi_head_attention(bias, padding_mask):
     assert macs == B * S * S * (H * D + H * 3)  # QK^T + AV
 
 
-def gqa_model(past=False):
+def gqa_model(past=False, attn_bias=False):
     nq, nkv, d = 4, 2, 8
     ins = ["q", "k", "v", "pk" if past else "", "pv" if past else "", "sl", "tl"]
     extra = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [B, nkv, 2, d]) for n in ("pk", "pv")] if past else []
     inits = {"wq": W(CIN, nq * d), "wk": W(CIN, nkv * d), "wv": W(CIN, nkv * d), "wo": W(nq * d, 4),
              "sl": np.array([S - 1], np.int32), "tl": np.array(S, np.int32)}
+    if attn_bias:
+        ins += ["", "", "", "ab"]
+        inits["ab"] = W(1, nq, S, S)
     nodes = [mm("q", "x", "wq", "q"), mm("k", "x", "wk", "k"), mm("v", "x", "wv", "v"),
              ms("GroupQueryAttention", ins, ["o", "present_k", "present_v"], num_heads=nq, kv_num_heads=nkv),
              mm("out", "o", "wo", "y")]
     return model(nodes, inits, extra)
 
 
-def test_group_query_attention_prunes_whole_kv_groups():
-    m = gqa_model()
+@pytest.mark.parametrize("attn_bias", [False, True], ids=["plain", "attention_bias"])
+def test_group_query_attention_prunes_whole_kv_groups(attn_bias):
+    m = gqa_model(attn_bias=attn_bias)
     job = analyze(m)
     assert live(job) == {"heads": [2]}  # two KV groups of two query heads each
+    if attn_bias:  # a per-query-head bias follows its KV group
+        (g,) = [g for g in job.groups if g.kind == "heads" and not g.frozen]
+        assert any(t.value.name == "ab" and t.axis == 1 for t in g.tensors)
     frozen = {r for g in job.groups if g.frozen for r in g.frozen}
     assert any("KV group" in r for r in frozen) and any("multiple of 8" in r for r in frozen)
     assert rows_by_kind(check_oracle(m, {"heads": 0.5})) == {"heads": "PASS"}
@@ -353,11 +360,17 @@ def exported(tmp_path_factory):
     torch.onnx.export(bert, (ids, torch.ones_like(ids), torch.zeros_like(ids)), out["bert"], dynamo=False, opset_version=17,
                       input_names=["input_ids", "attention_mask", "token_type_ids"], output_names=["out"],
                       dynamic_axes={n: {0: "batch"} for n in ("input_ids", "attention_mask", "token_type_ids", "out")})
-    for name, kind, heads, width in (("vit", "vit", 3, 192), ("bert", "bert", 4, 32)):
-        for level in (1, 2):
-            path = str(d / f"{name}_o{level}.onnx")
-            optimize_model(out[name], model_type=kind, num_heads=heads, hidden_size=width, opt_level=level).save_model_to_file(path)
-            out[f"{name}_o{level}"] = path
+    from onnxruntime.transformers.fusion_options import FusionOptions
+
+    mha = FusionOptions("bert")
+    mha.use_multi_head_attention = True
+    for name, kind, heads, width, level, opts in (("vit", "vit", 3, 192, 1, None), ("vit", "vit", 3, 192, 2, None),
+                                                  ("bert", "bert", 4, 32, 1, None), ("bert", "bert", 4, 32, 2, None),
+                                                  ("bert", "bert", 4, 32, 1, mha)):
+        tag = f"{name}_{'mha' if opts else f'o{level}'}"
+        out[tag] = str(d / f"{tag}.onnx")
+        optimize_model(out[name], model_type=kind, num_heads=heads, hidden_size=width, opt_level=level,
+                       optimization_options=opts).save_model_to_file(out[tag])
     return out
 
 
@@ -367,6 +380,8 @@ E2E = {  # optimised graph: the fused ops it must contain (what onnxruntime 1.32
     "bert_o1": {"com.microsoft::EmbedLayerNormalization", "com.microsoft::Attention", "com.microsoft::SkipLayerNormalization",
                 "com.microsoft::BiasGelu"},
     "bert_o2": {"com.microsoft::EmbedLayerNormalization", "com.microsoft::SkipLayerNormalization", "com.microsoft::BiasGelu"},
+    "bert_mha": {"com.microsoft::EmbedLayerNormalization", "com.microsoft::MultiHeadAttention",
+                 "com.microsoft::SkipLayerNormalization", "com.microsoft::BiasGelu"},
 }
 E2E_KINDS = {"heads": 0.5, "head_dim": 0.25, "mlp": 0.5, "embed": 0.25}
 

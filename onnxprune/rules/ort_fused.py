@@ -262,7 +262,12 @@ def group_query_attention(ctx: Analysis, node: ir.Node) -> None:
     t.tag(hd, "head_dim")
     # onnxruntime checks head_size % 8 == 0 (and rotary pairs dims): head dims stay whole
     ctx.freeze([hd], node, "GroupQueryAttention head size must stay a multiple of 8")
-    ctx.attr_entry(node, "num_heads", [t.product([kv_heads, q[1]])])
+    q_heads = t.product([kv_heads, q[1]], origin=node.name)
+    ctx.attr_entry(node, "num_heads", [q_heads])
     ctx.attr_entry(node, "kv_num_heads", [kv_heads])
+    _tie_bias_heads(ctx, node, 10, q_heads)
+    if _present(node, 11):  # head_sink: one value per query head
+        sink = ctx.layout(node, 11)
+        ctx.tie(q_heads, sink[0] if sink else None, node, " (head sink)")
     lq = ctx.layout(node, 0)
     ctx.set_layout(node.outputs[0], (lq[0], lq[1], t.product([kv_heads, q[1], hd], origin=node.name)))
