@@ -173,15 +173,34 @@ def validate(model: str | onnx.ModelProto, batches=(1, 2)) -> dict:
     ORT run per batch size; a path is checked from the file (weights are not
     loaded by the checker)."""
     out: dict = {}
-    onnx.checker.check_model(model, full_check=True)
+    skel = onnx.load(model, load_external_data=False) if isinstance(model, str) else model
+    onnx.checker.check_model(_checkable(skel) or model, full_check=True)
     io.STATS["shape_inference"] += 1
     out["checker"] = "ok"
     out["shape_inference"] = "ok"
     sess = io.session(model)
     inputs = sess.get_inputs()
     dynamic = any(not isinstance(d, int) or d < 0 for i in inputs for d in i.shape)
-    skel = onnx.load(model, load_external_data=False) if isinstance(model, str) else model
     for b in batches if dynamic else batches[:1]:
         sess.run(None, io.random_inputs(skel, batch=b))
     out["ort_batches"] = list(batches if dynamic else batches[:1])
     return out
+
+
+def _checkable(proto: onnx.ModelProto) -> onnx.ModelProto | None:
+    """onnxruntime registers a few contrib ops in the ONNX domain (its optimizer
+    emits ``SimplifiedLayerNormalization`` there), which the checker rejects: check
+    a copy with those nodes moved to com.microsoft (onnxruntime runs the real one).
+    None when the model has no such node."""
+    from .ort_shapes import DEFAULT_DOMAIN_CONTRIB, MS
+
+    if not any(n.op_type in DEFAULT_DOMAIN_CONTRIB and n.domain in ("", "ai.onnx") for n in proto.graph.node):
+        return None
+    p = onnx.ModelProto()
+    p.CopyFrom(proto)
+    for n in p.graph.node:
+        if n.op_type in DEFAULT_DOMAIN_CONTRIB and n.domain in ("", "ai.onnx"):
+            n.domain = MS
+    if not any(o.domain == MS for o in p.opset_import):
+        p.opset_import.append(onnx.helper.make_opsetid(MS, 1))
+    return p

@@ -126,7 +126,12 @@ def _tie_bias_heads(ctx: Analysis, node: ir.Node, slot: int, heads) -> None:
         return
     if d[1] != 1:
         ctx.tie(heads, lay[1], node, " (attention bias per head)")
-    ctx.freeze([s for s in (lay[2], lay[3]) if s is not None], node, "attention bias over sequence axes")
+    rest = [s for s in (lay[0], lay[2], lay[3]) if s is not None]
+    if ctx.const(node.inputs[slot]) is not None:
+        for s in rest:  # a table's batch/sequence axes: never channels
+            ctx.table.freeze(s, "constant axis is not a channel axis")
+    else:
+        ctx.freeze(rest, node, "channels on the sequence axes of an attention bias")
 
 
 @register("Attention", domain=MS)
