@@ -2,8 +2,8 @@
 inference does not know.
 
 :func:`infer_contrib` alternates ONNX shape inference with these functions
-until no output of a fused op is left to fill: ONNX keeps the value infos it
-is given, so each round carries shapes one fused op further. Only the outputs
+until the fused ops' outputs stop changing: ONNX keeps the value infos it is
+given, so each round carries shapes one fused op further. Only the outputs
 the rules in :mod:`onnxprune.rules.ort_fused` read are inferred; KV-cache
 outputs are left unknown (those nodes are frozen anyway).
 """
@@ -16,18 +16,11 @@ MS = "com.microsoft"
 # ORT registers these contrib ops in the ONNX domain as well
 DEFAULT_DOMAIN_CONTRIB = {"SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization"}
 
-Dim = object  # int, str (symbolic) or None
-
-
 def _attr(node: onnx.NodeProto, name: str, default=None):
     for a in node.attribute:
         if a.name == name:
             return helper.get_attribute_value(a)
     return default
-
-
-def _same(x):
-    return x
 
 
 def _reduced(dims, axis):
