@@ -60,7 +60,9 @@ class Estimator:
                 space = None
                 if f.ref is not None:
                     io_, slot, axis = f.ref
-                    if io_ == "in":
+                    if io_ == "x":  # a width the node's rule named (Analysis.extent)
+                        space, v = ctx.extents.get((id(node), slot)), None
+                    elif io_ == "in":
                         space = members.get((id(node), slot, axis))
                         v = node.inputs[slot] if slot < len(node.inputs) else None
                     else:

@@ -193,9 +193,13 @@ def infer_into(model: ir.Model) -> onnx.ModelProto:
 
 
 def infer(proto: onnx.ModelProto, strict: bool = False) -> onnx.ModelProto:
+    """ONNX shape inference with data propagation; graphs with onnxruntime's fused
+    ops get their outputs' shapes from :mod:`onnxprune.ort_shapes` (a few rounds)."""
+    from .ort_shapes import infer_contrib
+
     STATS["shape_inference"] += 1
     del proto.graph.value_info[:]
-    return onnx.shape_inference.infer_shapes(proto, strict_mode=strict, data_prop=True)
+    return infer_contrib(proto, lambda p: onnx.shape_inference.infer_shapes(p, strict_mode=strict, data_prop=True))
 
 
 def to_ir(proto: onnx.ModelProto, input_shapes: dict | None = None) -> ir.Model:
@@ -346,9 +350,16 @@ def normalize(model: ir.Model) -> int:
 
 
 def pin_attention_scale(model: ir.Model) -> None:
-    """Give every ``Attention`` without a ``scale`` its default 1/sqrt(head dim)
-    explicitly, so that removing head dims keeps the trained scale."""
+    """Give every attention op without a ``scale`` its default 1/sqrt(head dim)
+    explicitly, so that removing head dims keeps the trained scale: ONNX
+    ``Attention`` and onnxruntime's ``Attention`` / ``MultiHeadAttention`` /
+    ``GroupQueryAttention`` (where a scale of 0 also means the default).
+    onnxruntime's packed ``Attention`` also gets its ``qkv_hidden_sizes``
+    written out, so the v head dim can be pruned apart from q/k."""
     for node in model.graph:
+        if node.domain == "com.microsoft":
+            _pin_ms_attention(node)
+            continue
         if node.op_type != "Attention" or "scale" in node.attributes:
             continue
         q = node.inputs[0]
@@ -359,6 +370,40 @@ def pin_attention_scale(model: ir.Model) -> None:
             d = d // nh.value if nh is not None and nh.value else None
         if isinstance(d, int) and d > 0:
             node.attributes["scale"] = ir.AttrFloat32("scale", float(1.0 / np.sqrt(d)))
+
+
+def _pin_ms_attention(node: ir.Node) -> None:
+    op = node.op_type
+    if op not in ("Attention", "MultiHeadAttention", "GroupQueryAttention"):
+        return
+    nh = node.attributes.get("num_heads")
+    nh = nh.value if nh is not None else 0
+    hidden = None
+    if op == "Attention":
+        w = node.inputs[1] if len(node.inputs) > 1 else None
+        if w is None or w.const_value is None or len(w.const_value.shape) != 2:
+            return
+        sizes = node.attributes.get("qkv_hidden_sizes")
+        if sizes is None and w.const_value.shape[1] % 3 == 0:
+            sizes = ir.AttrInt64s("qkv_hidden_sizes", [w.const_value.shape[1] // 3] * 3)
+            node.attributes["qkv_hidden_sizes"] = sizes
+        hidden = list(sizes.value)[0] if sizes is not None else None
+    else:
+        q = node.inputs[0]
+        dims = list(q.shape.dims) if q is not None and q.shape is not None else []
+        if len(dims) == 3 and isinstance(dims[2], int):
+            hidden = dims[2]
+            has_kv = len(node.inputs) > 1 and node.inputs[1] is not None
+            if op == "GroupQueryAttention" and not has_kv:  # packed q, k, v
+                kv = node.attributes.get("kv_num_heads")
+                hidden = hidden * nh // (nh + 2 * kv.value) if kv is not None else None
+            if op == "MultiHeadAttention" and not has_kv:
+                hidden = None  # packed layouts: frozen by the rule
+    scale = node.attributes.get("scale")
+    if scale is not None and scale.value != 0.0:
+        return
+    if hidden and nh and hidden % nh == 0:
+        node.attributes["scale"] = ir.AttrFloat32("scale", float(1.0 / np.sqrt(hidden // nh)))
 
 
 def _constant_value(attr) -> np.ndarray | None:

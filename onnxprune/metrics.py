@@ -32,7 +32,7 @@ class Factor:
     ``ref`` is None for a constant factor (kernel size, ...)."""
 
     dim: int
-    ref: tuple | None  # ("in"|"out", slot, axis)
+    ref: tuple | None  # ("in"|"out", slot, axis), or ("x", name, 0): a width the node's rule named
 
 
 @dataclass(frozen=True)
@@ -94,6 +94,8 @@ def terms(proto: onnx.ModelProto) -> list[Term]:
             if a and y:
                 trans_a = next((at.i for at in n.attribute if at.name == "transA"), 0)
                 f = _axes(y, "out", 0) + _axes(a, "in", 0, [0 if trans_a else 1])
+        elif n.domain == "com.microsoft":
+            out.extend(_ms_terms(k, n, shapes, inits))
         elif n.op_type == "Attention":
             q, k_, v = (shapes.get(x) for x in n.input[:3])
             if q and k_ and v and len(q) == 4 and len(k_) == 4 and len(v) == 4:
@@ -110,6 +112,37 @@ def terms(proto: onnx.ModelProto) -> list[Term]:
         if f is not None:
             out.append(Term(k, "macs", tuple(f)))
     return out
+
+
+def _ms_terms(k: int, n: onnx.NodeProto, shapes: dict, inits: dict) -> list[Term]:
+    """onnxruntime's fused attention: the packed projection (``Attention``) and
+    QK^T + AV, B x S x T x (q width + v width) (as the unfused MatMuls count)."""
+    ins = [shapes.get(x) if x else None for x in n.input]
+    x = ins[0] if ins else None
+    if n.op_type not in ("Attention", "MultiHeadAttention", "GroupQueryAttention") or not x or len(x) != 3:
+        return []
+    bs = _axes(x, "in", 0, [0, 1])
+    if n.op_type == "Attention":
+        w = ins[1] if len(ins) > 1 else None
+        if not w or len(w) != 2:
+            return []
+        sizes = next((list(a.ints) for a in n.attribute if a.name == "qkv_hidden_sizes"), None) or [w[1] // 3] * 3
+        past = ins[4] if len(ins) > 4 and ins[4] and len(ins[4]) == 5 else None
+        t = Factor(x[1] + (past[3] if past else 0), None)
+        return [Term(k, "macs", tuple(bs + [Factor(w[0], ("in", 1, 0)), Factor(w[1], ("in", 1, 1))])),
+                Term(k, "macs", tuple(bs + [t, Factor(sizes[0], ("x", "q", 0))])),
+                Term(k, "macs", tuple(bs + [t, Factor(sizes[2], ("x", "v", 0))]))]
+    key, val = (ins[1], ins[2]) if len(ins) > 2 else (None, None)
+    if not key or not val or len(key) != 3 or len(val) != 3:
+        return []
+    past_slot = 3 if n.op_type == "GroupQueryAttention" else 6  # past_key [B, kv heads, P, D]
+    past = ins[past_slot] if len(ins) > past_slot else None
+    t = Factor(key[1] + (past[2] if past and len(past) == 4 else 0), None)
+    if n.op_type == "MultiHeadAttention":
+        return [Term(k, "macs", tuple(bs + [t, Factor(x[2], ("in", 0, 2))])),
+                Term(k, "macs", tuple(bs + [t, Factor(val[2], ("in", 2, 2))]))]
+    # GQA: every query head reads its group's keys and values (head dim D)
+    return [Term(k, "macs", tuple(bs + [t, Factor(x[2], ("in", 0, 2))])) for _ in range(2)]
 
 
 def count(proto: onnx.ModelProto) -> dict[str, int]:

@@ -41,6 +41,7 @@ class Analysis:
     attrs: list[AttrMember] = field(default_factory=list)
     notes: list[FrozenNote] = field(default_factory=list)
     sym_alias: dict = field(default_factory=dict)  # symbolic dim name -> token it stands for
+    extents: dict = field(default_factory=dict)  # (id(node), name) -> Space: widths no axis carries (metrics)
     dim_tokens: dict = field(default_factory=dict)  # value name -> probed dims (see io.probe_batch_dims)
     unhandled: dict = field(default_factory=dict)  # op type -> count of nodes no rule analysed
 
@@ -115,6 +116,12 @@ class Analysis:
     def attr_entry(self, node, name, spaces, index=None) -> None:
         self.attrs.append(AttrMember(node, name, list(spaces), index))
 
+    def extent(self, node, name: str, space: Space | None) -> None:
+        """Name a width that no tensor axis carries (a fused op's q hidden size),
+        for cost terms that refer to it as ``("x", name, 0)``."""
+        if space is not None:
+            self.extents[(id(node), name)] = space
+
     # -- constraints ------------------------------------------------------------------
     def where(self, node: ir.Node) -> str:
         return f"{node.op_type} '{node.name}'"
@@ -156,16 +163,24 @@ class Analysis:
 
 
 Rule = Callable[[Analysis, ir.Node], None]
-RULES: dict[str, Rule] = {}
+RULES: dict = {}  # op type (default domain) or (domain, op type) -> rule
+DEFAULT_DOMAINS = ("", "ai.onnx")
 
 
-def register(*op_types: str):
+def register(*op_types: str, domain: str = ""):
+    """Register a rule for op types of ``domain`` (the ONNX default domain unless given)."""
     def deco(fn: Rule) -> Rule:
         for op in op_types:
-            RULES[op] = fn
+            RULES[op if domain in DEFAULT_DOMAINS else (domain, op)] = fn
         return fn
 
     return deco
+
+
+def rule_for(node: ir.Node) -> Rule | None:
+    if node.domain in DEFAULT_DOMAINS:
+        return RULES.get(node.op_type)
+    return RULES.get((node.domain, node.op_type))
 
 
 def run_analysis(model: ir.Model) -> Analysis:
@@ -179,14 +194,11 @@ def run_analysis(model: ir.Model) -> Analysis:
         if r is not None:
             ctx.layouts[v] = (None,) * r
     for node in g:
-        if node.domain not in ("", "ai.onnx"):
-            ctx.unhandled[f"{node.domain}::{node.op_type}"] = ctx.unhandled.get(f"{node.domain}::{node.op_type}", 0) + 1
-            ctx.freeze_node(node, f"operator domain '{node.domain}' is not analysed")
-            continue
-        rule = RULES.get(node.op_type)
+        rule = rule_for(node)
         if rule is None:
-            ctx.unhandled[node.op_type] = ctx.unhandled.get(node.op_type, 0) + 1
-            ctx.freeze_node(node, f"no rule for {node.op_type}")
+            what = node.op_type if node.domain in DEFAULT_DOMAINS else f"{node.domain}::{node.op_type}"
+            ctx.unhandled[what] = ctx.unhandled.get(what, 0) + 1
+            ctx.freeze_node(node, f"no rule for {what}")
             continue
         try:
             rule(ctx, node)
@@ -202,4 +214,4 @@ def run_analysis(model: ir.Model) -> Analysis:
     return ctx
 
 
-__all__ = ["Analysis", "register", "run_analysis", "RULES", "IN", "OUT", "PARAM"]
+__all__ = ["Analysis", "register", "rule_for", "run_analysis", "RULES", "IN", "OUT", "PARAM"]

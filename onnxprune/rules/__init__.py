@@ -8,6 +8,7 @@
 | ``norm``        | BatchNormalization, InstanceNormalization, GroupNormalization, LayerNormalization |
 | ``pool``        | pools, Reduce*, Resize, Pad |
 | ``attention``   | Attention (opset 23) |
+| ``ort_fused``   | onnxruntime's fused ops (com.microsoft): SkipLayerNorm, EmbedLayerNorm, Gelu family, Attention, MultiHeadAttention, GroupQueryAttention |
 | ``shape_ops``   | Transpose, Reshape, Flatten, (Un)Squeeze, Concat, Split, Slice, Gather, Shape, Expand |
 """
-from . import attention, conv, elementwise, linear, norm, pool, shape_ops  # noqa: F401
+from . import attention, conv, elementwise, linear, norm, ort_fused, pool, shape_ops  # noqa: F401
