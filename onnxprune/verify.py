@@ -14,7 +14,7 @@ import onnx
 import onnx_ir as ir
 
 from . import io
-from .core.analysis import Analysis
+from .core.analysis import Analysis, dq_parts
 from .core.groups import Group
 from .errors import UserError
 from .plan import Plan, Ratios
@@ -57,9 +57,14 @@ def zero_removed(ctx: Analysis, groups: list[Group], keep: dict[int, np.ndarray]
             arr = v.const_value.numpy().copy()
             idx = [slice(None)] * arr.ndim
             idx[m.axis] = pos
-            # a removed channel must output 0: a divisor or exponent becomes 1, not 0 (0/0)
-            neutral = 1 if m.node.op_type in ("Div", "Pow") and m.slot == 1 else 0
-            arr[tuple(idx)] = neutral
+            if m.node.op_type == "DequantizeLinear" and m.slot == 0:
+                # a quantized weight is 0 where it equals its zero point
+                _, _, zp, _ = dq_parts(m.node)
+                arr[tuple(idx)] = np.broadcast_to(zp, arr.shape)[tuple(idx)].astype(arr.dtype)
+            else:
+                # a removed channel must output 0: a divisor or exponent becomes 1, not 0 (0/0)
+                neutral = 1 if m.node.op_type in ("Div", "Pow") and m.slot == 1 else 0
+                arr[tuple(idx)] = neutral
             if journal is not None:
                 journal.record(lambda v=v, old=v.const_value: setattr(v, "const_value", old))
             v.const_value = ir.Tensor(arr, name=v.name)
@@ -83,19 +88,40 @@ def _finite(outs) -> bool:
 SQUASHING = {"Sigmoid", "Tanh", "Softmax", "LogSoftmax", "HardSigmoid", "Softsign"}
 
 
-def compared_values(proto: onnx.ModelProto) -> list[str]:
+def compared_values(proto: onnx.ModelProto, alias: dict | None = None) -> list[str]:
     """What the oracle compares: each graph output, or for an output made by a
     squashing op (sigmoid of a detection map, softmax of logits) that op's input.
     A squashing op near saturation turns the runtime's own float noise on large
     logits into visible differences; its input carries the same information."""
     producer = {o: n for n in proto.graph.node for o in n.output}
     out = []
+    alias = alias or {}
     for o in proto.graph.output:
-        name = o.name
+        name = alias.get(o.name, o.name)
         while name in producer and producer[name].op_type in SQUASHING and producer[name].input:
-            name = producer[name].input[0]
+            name = alias.get(producer[name].input[0], producer[name].input[0])
         out.append(name)
     return out
+
+
+def _unquantize_activations(proto: onnx.ModelProto) -> dict[str, str]:
+    """Bypass every QuantizeLinear -> DequantizeLinear pair on activations (in place;
+    returns {dequantized name: float name}): their rounding turns float noise into
+    whole quantization steps. Quantized weights stay (they dequantize exactly), so
+    their pruning is still what is tested."""
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    alias = {}
+    for n in proto.graph.node:
+        if n.op_type == "DequantizeLinear" and n.input and n.input[0] in producer:
+            q = producer[n.input[0]]
+            if q.op_type == "QuantizeLinear":
+                alias[n.output[0]] = q.input[0]
+    for n in proto.graph.node:
+        for i, name in enumerate(n.input):
+            while name in alias:
+                name = alias[name]
+            n.input[i] = name
+    return alias
 
 
 def _run(proto: onnx.ModelProto, names: list[str], feeds: dict) -> list:
@@ -111,12 +137,13 @@ def check_subset(job, gids: set[int], keep: dict[int, np.ndarray], batch: int, c
     sub = {gid: k for gid, k in keep.items() if gid in gids}
     with job.edited(sub, zero=True, consumer_only=consumer_only) as zeroed:
         feeds = io.random_inputs(zeroed, batch=batch, seed=1)
-        names = compared_values(zeroed)
+        names = compared_values(zeroed, _unquantize_activations(zeroed))
         za = _run(zeroed, names, feeds)
     del zeroed
     if not _finite(za):
         return float("nan")
     with job.edited(sub, zero=True, prune=True, consumer_only=consumer_only) as pruned:
+        _unquantize_activations(pruned)
         pb = _run(pruned, names, feeds)
     return rel_err(za, pb)
 

@@ -52,9 +52,17 @@ class Analysis:
     # -- value facts ------------------------------------------------------------------
     @staticmethod
     def const(v: ir.Value | None) -> np.ndarray | None:
-        if v is None or v.const_value is None:
+        """The value of a constant; a quantized weight (``DequantizeLinear`` of a
+        constant, QDQ graphs) reads as its dequantized value."""
+        if v is None:
             return None
-        return v.const_value.numpy()
+        if v.const_value is not None:
+            return v.const_value.numpy()
+        dq = dequantized(v)
+        if dq is None:
+            return None
+        q, scale, zp, axis = dq_parts(dq)
+        return ((q.astype(np.float32) - zp) * scale).astype(np.float32)
 
     @staticmethod
     def dims(v: ir.Value) -> list[int | None] | None:
@@ -80,6 +88,8 @@ class Analysis:
         v = node.inputs[slot] if slot < len(node.inputs) else None
         if v is None:
             return None
+        if dequantized(v) is not None:
+            return self._quantized_layout(node, slot, v)
         if v in self.layouts:
             # a space that can no longer be pruned is a plain extent from here on
             return tuple(s if s is None or self.table.prunable(s) else None for s in self.layouts[v])
@@ -97,6 +107,19 @@ class Analysis:
         r = self.rank(v)
         return None if r is None else (None,) * r
 
+    def _quantized_layout(self, node: ir.Node, slot: int, v: ir.Value) -> Layout:
+        """A quantized constant used as data: fresh atoms as for a constant, the
+        members bound to the DequantizeLinear that makes it."""
+        lay = []
+        for ax, n in enumerate(self.dims(v) or ()):
+            if n is not None and n > 1:
+                s = self.table.atom(n, origin=f"const {v.name}")
+                self.member(node, slot, ax, s, PARAM)
+                lay.append(s)
+            else:
+                lay.append(None)
+        return tuple(lay)
+
     def set_layout(self, v: ir.Value | None, lay) -> None:
         if v is not None and lay is not None:
             self.layouts[v] = tuple(lay)
@@ -106,9 +129,24 @@ class Analysis:
 
     # -- members ----------------------------------------------------------------------
     def member(self, node: ir.Node, slot: int, axis: int, space: Space | None, role: str) -> None:
+        """Axis ``axis`` of input ``slot`` of ``node`` belongs to ``space``. For a quantized
+        weight the member is the integer tensor behind its DequantizeLinear, plus its
+        scale and zero point when they are per channel along that axis."""
         if space is None or slot >= len(node.inputs) or node.inputs[slot] is None:
             return
-        self.tensors.append(TensorMember(node, slot, axis, space, role))
+        dq = dequantized(node.inputs[slot])
+        if dq is None:
+            self.tensors.append(TensorMember(node, slot, axis, space, role))
+            return
+        self.tensors.append(TensorMember(dq, 0, axis, space, role))
+        q, _, _, qaxis = dq_parts(dq)
+        if self.const(dq.inputs[1]).ndim > 1:
+            self.freeze([space], dq, "blocked quantization scales")
+            return
+        for s in (1, 2):
+            p = self.const(dq.inputs[s]) if s < len(dq.inputs) and dq.inputs[s] is not None else None
+            if p is not None and p.ndim == 1 and p.size > 1 and qaxis == axis:
+                self.tensors.append(TensorMember(dq, s, 0, space, PARAM))
 
     def shape_entry(self, node, slot, index, spaces, sign=1) -> None:
         self.shapes.append(ShapeMember(node, slot, index, list(spaces), sign))
@@ -160,6 +198,36 @@ class Analysis:
         except LayoutError as e:
             self.freeze([a, b], node, f"{e}{what}")
             return self.table.find(a)
+
+
+def dequantized(v: ir.Value | None) -> ir.Node | None:
+    """The DequantizeLinear node that makes ``v`` from a constant (a QDQ weight), or None."""
+    if v is None or v.const_value is not None:
+        return None
+    n = v.producer()
+    if n is None or n.op_type != "DequantizeLinear" or n.domain not in ("", "ai.onnx", "com.microsoft"):
+        return None
+    if n.inputs[0] is None or n.inputs[0].const_value is None:
+        return None
+    if any(x is not None and x.const_value is None for x in n.inputs[1:]):
+        return None
+    return n
+
+
+def dq_parts(dq: ir.Node):
+    """(integer tensor, scale, zero point, axis) of a constant DequantizeLinear,
+    scale and zero point shaped to broadcast against the tensor."""
+    q = dq.inputs[0].const_value.numpy()
+    scale = dq.inputs[1].const_value.numpy().astype(np.float32)
+    zp = dq.inputs[2].const_value.numpy().astype(np.float32) if len(dq.inputs) > 2 and dq.inputs[2] is not None else np.zeros((), np.float32)
+    a = dq.attributes.get("axis")
+    axis = (a.value if a is not None else 1) % max(q.ndim, 1)
+    if scale.ndim == 1 and scale.size > 1:
+        shape = [1] * q.ndim
+        shape[axis] = scale.size
+        scale = scale.reshape(shape)
+        zp = zp.reshape(shape) if zp.size > 1 else zp
+    return q, scale, zp, axis
 
 
 Rule = Callable[[Analysis, ir.Node], None]

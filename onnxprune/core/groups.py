@@ -5,6 +5,8 @@ import hashlib
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
+import onnx_ir as ir
+
 from .analysis import Analysis
 from .members import IN, OUT, AttrMember, ShapeMember, TensorMember
 from .space import ATOM, Space
@@ -52,12 +54,23 @@ class Group:
         return f"{'+'.join(outs) or 'const'}>{'+'.join(ins) or 'none'}"
 
 
+def _user(m: TensorMember) -> tuple[ir.Node, int]:
+    """The node and input slot that use the member's tensor: for a quantized
+    weight (member on a DequantizeLinear) the op that reads the dequantized value."""
+    if m.node.op_type == "DequantizeLinear" and m.slot == 0:
+        uses = list(m.node.outputs[0].uses())
+        if uses:
+            return uses[0].node, uses[0].idx
+    return m.node, m.slot
+
+
 def _op_label(m: TensorMember) -> str:
-    op = m.node.op_type.lower()
-    if m.node.op_type in ("Conv", "ConvTranspose"):
-        w = m.node.inputs[1].const_value
+    node, _ = _user(m)
+    op = node.op_type.lower()
+    if node.op_type in ("Conv", "ConvTranspose"):
+        w = m.value.const_value if node is not m.node else node.inputs[1].const_value
         k = "x".join(str(d) for d in w.shape[2:]) if w is not None else ""
-        g = m.node.attributes.get("group")
+        g = node.attributes.get("group")
         dw = "dw" if g is not None and g.value > 1 and w is not None and w.shape[1] == 1 else ("g" if g is not None and g.value > 1 else "")
         return f"{dw}{op}{k}"
     return op
@@ -65,10 +78,10 @@ def _op_label(m: TensorMember) -> str:
 
 def _descriptor(ctx: Analysis, m: TensorMember) -> tuple:
     v = m.value
+    node, slot = _user(m)
     shape = tuple(v.const_value.shape) if v.const_value is not None else ()
-    kernel = shape[2:] if m.node.op_type in ("Conv", "ConvTranspose") else ()
-    layout = ctx.table.find(m.space).kind
-    return (_op_label(m), m.slot, m.role, m.axis - len(shape), kernel, layout)
+    kernel = shape[2:] if node.op_type in ("Conv", "ConvTranspose") else ()
+    return (_op_label(m), slot, m.role, m.axis - len(shape), kernel, ctx.table.find(m.space).kind)
 
 
 def build_groups(ctx: Analysis) -> list[Group]:

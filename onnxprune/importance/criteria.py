@@ -95,6 +95,8 @@ def magnitude(ctx: Analysis, g: Group, criterion: str, arrays: dict | None = Non
     for m in g.tensors:
         if arrays is not None:
             arr = arrays.get(m.value.name)
+        elif m.node.op_type == "DequantizeLinear" and m.slot == 0:
+            arr = ctx.const(m.node.outputs[0])  # a quantized weight: its dequantized values
         else:
             arr = ctx.const(m.value)
         if arr is None or not np.issubdtype(arr.dtype, np.floating) or arr.ndim <= m.axis:

@@ -9,6 +9,7 @@
 | ``pool``        | pools, Reduce*, Resize, Pad |
 | ``attention``   | Attention (opset 23) |
 | ``ort_fused``   | onnxruntime's fused ops (com.microsoft): SkipLayerNorm, EmbedLayerNorm, Gelu family, Attention, MultiHeadAttention, GroupQueryAttention |
+| ``quant``       | QuantizeLinear, DequantizeLinear (QDQ; quantized weights read as constants) |
 | ``shape_ops``   | Transpose, Reshape, Flatten, (Un)Squeeze, Concat, Split, Slice, Gather, Shape, Expand |
 """
-from . import attention, conv, elementwise, linear, norm, ort_fused, pool, shape_ops  # noqa: F401
+from . import attention, conv, elementwise, linear, norm, ort_fused, pool, quant, shape_ops  # noqa: F401
