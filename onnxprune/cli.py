@@ -158,14 +158,15 @@ def _sub_parsers() -> dict[str, argparse.ArgumentParser]:
     d.add_argument("--size", type=int, default=64)
     d.add_argument("--seed", type=int, default=0)
     _common(d)
-    h = argparse.ArgumentParser(prog="onnxprune gohsp", description="GOHSP (seed 002): graph-based head ranking, ADMM soft pruning "
+    h = argparse.ArgumentParser(prog="onnxprune gohsp", description="GOHSP (Yin et al., GOHSP: A Unified Framework of Graph and Optimization-Based Heterogeneous "
+                                "Structured Pruning for Vision Transformer): graph-based head ranking, ADMM soft pruning "
                                 "toward head/column sparsity, hard pruning by the rewriter, fine-tuning.")
     h.add_argument("model")
     h.add_argument("--data", required=True, help="ImageFolder root with train/ and val/ (also the calibration data)")
     h.add_argument("--ratios", help="kind ratios: heads (mask), head_dim and mlp (columns)")
     h.add_argument("--plan", help="a plan file (--save-plan): its kept heads and columns are the ADMM targets")
     h.add_argument("--sparsity", type=float, help="one overall column sparsity for head_dim and mlp, distributed over "
-                   "the layers by Erdos-Renyi as seed 002 does (replaces their ratios; heads still from --ratios)")
+                   "the layers by Erdos-Renyi as GOHSP does (replaces their ratios; heads still from --ratios)")
     h.add_argument("-o", "--output", required=True)
     h.add_argument("--rho", type=float, default=1e-3, help="ADMM penalty (paper: 0.001)")
     h.add_argument("--lambda", dest="lam", type=float, default=1e-2, help="weight of the masked-heads quadratic term")
@@ -174,7 +175,7 @@ def _sub_parsers() -> dict[str, argparse.ArgumentParser]:
     h.add_argument("--finetune-epochs", type=int, default=1)
     h.add_argument("--lr", type=float, help="lr of the ADMM phase (default: 0.01 for 'paper', as on ImageNet; for 'quick' finetune's: 1e-3 x batch/64)")
     h.add_argument("--admm-recipe", choices=["paper", "quick"], default="paper",
-                   help="ADMM-phase training: 'paper' = SGD momentum 0.9, no weight decay, cross-entropy (seed 002); "
+                   help="ADMM-phase training: 'paper' = SGD momentum 0.9, no weight decay, cross-entropy (as in the GOHSP paper); "
                    "'quick' = finetune's quick recipe (optimiser, lr, label smoothing) with KD from --teacher")
     h.add_argument("--batch-size", type=int, default=64)
     h.add_argument("--teacher", help="distil the fine-tuning from this ONNX model")

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import pytest
 
+pytestmark = pytest.mark.slow  # full-size timm exports: run by the full suite (.ci/run)
+
 torch = pytest.importorskip("torch")
 timm = pytest.importorskip("timm")
 

@@ -32,8 +32,11 @@ SMALL = {
     "mobilenetv2": lambda: timm.create_model("mobilenetv2_050", num_classes=10),
 }
 EXPORTS = [("legacy", 17, False), ("legacy", 17, True), ("dynamo", 20, False), ("dynamo", 20, True)]
-CASES = [(m, *e) for m in SMALL for e in EXPORTS]
-IDS = [f"{m}-{e}-{'dyn' if d else 'static'}" for m, e, _, d in CASES]
+_SLOW = pytest.mark.slow
+# one export per model in the fast suite (alternating exporters), all four in the full one
+CASES = [pytest.param(m, *e, marks=() if k == i % len(EXPORTS) else _SLOW, id=f"{m}-{e[0]}-{'dyn' if e[2] else 'static'}")
+         for i, m in enumerate(SMALL) for k, e in enumerate(EXPORTS)]
+IDS = None
 
 
 def _export(tmp_path, name, exporter, opset, dynamic, seed=3):

@@ -24,8 +24,11 @@ from onnxprune.importance.criteria import gohsp_scores  # noqa: E402
 from onnxprune.plan import Ratios  # noqa: E402
 from timm_models import randomize  # noqa: E402
 
-EXPORTS = [("legacy", 17, False), ("legacy", 17, True), ("dynamo", 20, False), ("dynamo", 20, True)]
-IDS = [f"{e}-{'dyn' if d else 'static'}" for e, _, d in EXPORTS]
+EXPORTS = [pytest.param("legacy", 17, False, id="legacy-static", marks=pytest.mark.slow),
+           pytest.param("legacy", 17, True, id="legacy-dyn", marks=pytest.mark.slow),
+           pytest.param("dynamo", 20, False, id="dynamo-static", marks=pytest.mark.slow),
+           pytest.param("dynamo", 20, True, id="dynamo-dyn")]
+IDS = None
 
 
 def _vit(seed=4):

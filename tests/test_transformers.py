@@ -9,6 +9,8 @@ import numpy as np
 import onnx
 import pytest
 
+pytestmark = pytest.mark.slow  # full-size timm exports: run by the full suite (.ci/run)
+
 torch = pytest.importorskip("torch")
 timm = pytest.importorskip("timm")
 
