@@ -51,13 +51,15 @@ def export_timm(
     size = img_size or (cfg.get("input_size") or (3, 224, 224))[-1]
     batch = batch or (2 if dynamic_batch else 1)  # the export batch (static unless dynamic_batch)
     x = torch.randn(batch, 3, size, size)
-    warnings.filterwarnings("ignore")
-    if exporter == "dynamo":
-        kw = {"dynamic_shapes": ({0: torch.export.Dim.DYNAMIC},)} if dynamic_batch else {}
-        torch.onnx.export(model, (x,), out, dynamo=True, opset_version=opset or 20, verbose=False, external_data=False, **kw)
-    elif exporter == "legacy":
-        kw = {"dynamic_axes": {"input": {0: "batch"}, "output": {0: "batch"}}} if dynamic_batch else {}
-        torch.onnx.export(model, (x,), out, dynamo=False, opset_version=opset or 17, input_names=["input"], output_names=["output"], **kw)
-    else:
-        raise UserError(f"unknown exporter '{exporter}' (dynamo or legacy)")
+    big = sum(p.numel() * p.element_size() for p in model.parameters()) > 1.8e9  # protobuf's 2 GB limit
+    with warnings.catch_warnings():  # the exporters' deprecation chatter, for this call only
+        warnings.simplefilter("ignore")
+        if exporter == "dynamo":
+            kw = {"dynamic_shapes": ({0: torch.export.Dim.DYNAMIC},)} if dynamic_batch else {}
+            torch.onnx.export(model, (x,), out, dynamo=True, opset_version=opset or 20, verbose=False, external_data=big, **kw)
+        elif exporter == "legacy":
+            kw = {"dynamic_axes": {"input": {0: "batch"}, "output": {0: "batch"}}} if dynamic_batch else {}
+            torch.onnx.export(model, (x,), out, dynamo=False, opset_version=opset or 17, input_names=["input"], output_names=["output"], **kw)
+        else:
+            raise UserError(f"unknown exporter '{exporter}' (dynamo or legacy)")
     return out

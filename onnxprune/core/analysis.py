@@ -239,7 +239,10 @@ def register(*op_types: str, domain: str = ""):
     """Register a rule for op types of ``domain`` (the ONNX default domain unless given)."""
     def deco(fn: Rule) -> Rule:
         for op in op_types:
-            RULES[op if domain in DEFAULT_DOMAINS else (domain, op)] = fn
+            key = op if domain in DEFAULT_DOMAINS else (domain, op)
+            if key in RULES and RULES[key] is not fn:
+                raise ValueError(f"two rules for {key}: {RULES[key].__module__}.{RULES[key].__name__} and {fn.__module__}.{fn.__name__}")
+            RULES[key] = fn
         return fn
 
     return deco
