@@ -247,8 +247,11 @@ def cmd_prune(args) -> str:
         ["", "before", "after", "ratio"]))
     rows = []
     if args.verify:
+        from .verify import require_checks
+
         rows = oracle(job, plan=plan)
         _say(args, "\n" + _oracle_table(rows))
+        require_checks(rows, plan)
     t0 = time.perf_counter()
     original = job.data_proto() if args.recover else None
     job.rewrite(plan)

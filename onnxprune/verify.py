@@ -88,19 +88,35 @@ def _finite(outs) -> bool:
 SQUASHING = {"Sigmoid", "Tanh", "Softmax", "LogSoftmax", "HardSigmoid", "Softsign"}
 
 
+LAYOUT = {"Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity"}
+
+
 def compared_values(proto: onnx.ModelProto, alias: dict | None = None) -> list[str]:
-    """What the oracle compares: each graph output, or for an output made by a
-    squashing op (sigmoid of a detection map, softmax of logits) that op's input.
-    A squashing op near saturation turns the runtime's own float noise on large
-    logits into visible differences; its input carries the same information."""
+    """What the oracle compares, each with its own scale: every graph output,
+    followed back through layout ops and squashing ops (the sigmoid of a detection
+    map: near saturation it turns the runtime's own float noise on large logits
+    into visible differences, its input carries the same information) and split
+    at a final Concat (a detector's boxes in pixels next to class scores: each
+    part is compared against its own magnitude)."""
     producer = {o: n for n in proto.graph.node for o in n.output}
-    out = []
     alias = alias or {}
+    out: list[str] = []
+
+    def walk(name: str, depth: int = 0) -> None:
+        name = alias.get(name, name)
+        n = producer.get(name)
+        if n is not None and depth < 64:
+            if (n.op_type in SQUASHING or n.op_type in LAYOUT) and n.input and n.input[0]:
+                return walk(n.input[0], depth + 1)
+            if n.op_type == "Concat" and len(n.input) > 1:
+                for i in n.input:
+                    walk(i, depth + 1)
+                return
+        if name not in out:
+            out.append(name)
+
     for o in proto.graph.output:
-        name = alias.get(o.name, o.name)
-        while name in producer and producer[name].op_type in SQUASHING and producer[name].input:
-            name = alias.get(producer[name].input[0], producer[name].input[0])
-        out.append(name)
+        walk(o.name)
     return out
 
 

@@ -575,3 +575,24 @@ def test_oracle_compares_the_input_of_a_final_squashing_op():
 
     assert compared_values(m) == ["z"]
     assert_oracle(m)
+    # a detector head: boxes and scores concatenated, transposed, scores squashed: each part on its own
+    d = make("""[c1] h = Conv <pads=[1,1,1,1]> (x, w1, b1)
+  r = Relu(h)
+  [box] b = Conv (r, wb, bb)
+  [cls] c = Conv (r, wc, bc)
+  s = Sigmoid(c)
+  k = Concat <axis=1> (b, s)
+  y = Transpose <perm=[0,2,3,1]> (k)""", {"w1": W(8, 3, 3, 3), "b1": W(8), "wb": W(4, 8, 1, 1), "bb": W(4), "wc": W(2, 8, 1, 1),
+                                          "bc": W(2)}, out="float[1,8,8,6] y")
+    assert compared_values(d) == ["b", "c"]
+
+
+def test_softmax_over_channels_is_frozen():
+    """YOLO's DFL: a softmax over 16 bins, then a fixed 1x1 conv with weights 0..15."""
+    m = make("""[c1] h = Conv <pads=[1,1,1,1]> (x, w1, b1)
+  p = Softmax <axis=1> (h)
+  [dfl] y = Conv (p, w2)""", {"w1": W(16, 3, 3, 3), "b1": W(16), "w2": np.arange(16, dtype=np.float32).reshape(1, 16, 1, 1)},
+             out="float[1,1,8,8] y")
+    a = analyze(m)
+    assert not prunable(a)
+    assert any("Softmax over channels" in r for g in a.groups for r in g.frozen)

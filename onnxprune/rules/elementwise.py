@@ -52,8 +52,9 @@ def softmax(ctx: Analysis, node: ir.Node) -> None:
     opset = ctx.model.opset_imports.get("", 13)
     axis = ctx.attr(node, "axis", -1 if opset >= 13 else 1) % len(lay)
     axes = [axis] if opset >= 13 else list(range(axis, len(lay)))
-    for a in axes:
-        ctx.table.tag(lay[a], "norm")  # normalised over: pruning is approximate
+    # a distribution over channels (YOLO's DFL bins, channel attention): removing entries
+    # changes what it means, not just its statistics
+    ctx.freeze([lay[a] for a in axes], node, "Softmax over channels (a distribution: entries are not removable)")
     ctx.set_layout(node.outputs[0], lay)
 
 
