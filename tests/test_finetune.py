@@ -128,6 +128,7 @@ def _ce_on_train(proto, root):
 
 
 @pytest.mark.parametrize("name,exporter,dynamic", [("vit", "dynamo", True), ("resnet", "legacy", False)])
+@pytest.mark.slow
 def test_training_lowers_loss_and_changes_only_values(tmp_path, glyphs, name, exporter, dynamic):
     src = _export(tmp_path, name, exporter, 20 if exporter == "dynamo" else 17, dynamic)
     pruned = str(tmp_path / "pruned.onnx")
@@ -153,6 +154,7 @@ def test_training_lowers_loss_and_changes_only_values(tmp_path, glyphs, name, ex
         assert rep["micro_batch"] == 1 and rep["accumulation"] == 16
 
 
+@pytest.mark.slow
 def test_resume_continues_from_the_checkpoint(tmp_path, glyphs):
     src = _export(tmp_path, "mobilenetv2", "dynamo", 20, True)
     out = str(tmp_path / "t.onnx")
@@ -165,6 +167,7 @@ def test_resume_continues_from_the_checkpoint(tmp_path, glyphs):
     assert second["steps"] == 2 * first["steps"]
 
 
+@pytest.mark.slow
 def test_torchrun_single_process_cpu(tmp_path, glyphs):
     src = _export(tmp_path, "resnet", "dynamo", 20, True)
     out = str(tmp_path / "ddp.onnx")

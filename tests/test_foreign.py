@@ -241,7 +241,7 @@ def _bert(tmp_path, exporter: str) -> str:
     return path
 
 
-@pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
+@pytest.mark.parametrize("exporter", ["legacy", pytest.param("dynamo", marks=pytest.mark.slow)])
 def test_bert_encoder_with_mask_gets_heads_pruned(tmp_path, exporter):
     path = _bert(tmp_path, exporter)
     shapes = ["input_ids:N,16", "attention_mask:N,16", "token_type_ids:N,16"] if exporter == "legacy" else []

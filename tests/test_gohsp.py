@@ -9,6 +9,8 @@ import numpy as np
 import onnx
 import pytest
 
+pytestmark = pytest.mark.slow  # ADMM training runs: the full suite
+
 torch = pytest.importorskip("torch")
 timm = pytest.importorskip("timm")
 pytest.importorskip("onnx2torch")

@@ -111,8 +111,8 @@ def _rankings_differ(a: dict, b: dict, groups) -> int:
     return sum(1 for g in groups if g in a and g in b and not np.array_equal(np.argsort(a[g]), np.argsort(b[g])))
 
 
-@pytest.mark.parametrize("name", ["vit", "cnn"])
-@pytest.mark.parametrize("exporter,opset", [("legacy", 17), ("dynamo", 20)])
+@pytest.mark.parametrize("name", ["vit", pytest.param("cnn", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("exporter,opset", [pytest.param("legacy", 17, marks=pytest.mark.slow), ("dynamo", 20)])
 def test_data_criteria_run_and_differ_from_magnitude(tmp_path, name, exporter, opset):
     model = _vit() if name == "vit" else randomize(timm.create_model("resnet18", num_classes=10), seed=5)
     path = _export(tmp_path, model, exporter, opset, True)
