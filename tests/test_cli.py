@@ -86,6 +86,7 @@ def test_bad_input_is_one_line_and_exit_1(tmp_path, args, msg):
     assert model.read_bytes() == open(default_model(), "rb").read()
 
 
+@pytest.mark.slow  # exports two timm models at full size
 def test_export_img_size_and_num_classes_reach_the_model(tmp_path):
     pytest.importorskip("timm")
     import numpy as np
