@@ -134,7 +134,8 @@ def _sub_parsers() -> dict[str, argparse.ArgumentParser]:
     f = argparse.ArgumentParser(prog="onnxprune finetune", description="Fine-tune a (pruned) ONNX model in PyTorch via onnx2torch "
                                 "and write the trained tensors back into the same graph.")
     f.add_argument("model", help="the ONNX model to train (e.g. the pruned one)")
-    f.add_argument("--data", required=True, help="ImageFolder root with train/ and val/")
+    f.add_argument("--data", required=True, help="ImageFolder root with train/<class>/ and val/<class>/ (labelled), or, with "
+                   "--teacher, unlabelled data: a folder of images (any layout) or FILE.npy / FILE.npz (one array per input name)")
     f.add_argument("-o", "--output", required=True)
     f.add_argument("--teacher", help="unpruned ONNX model: distil from its logits")
     f.add_argument("--recipe", default="quick", help="deit | convnext | resnet | mobilenet | swin (seed 000 Table 3) | quick")
@@ -148,6 +149,9 @@ def _sub_parsers() -> dict[str, argparse.ArgumentParser]:
     f.add_argument("--max-steps", type=int, help="stop after this many optimiser steps")
     f.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
     f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--bn-reinsert", choices=["auto", "on", "off"], default="auto",
+                   help="train with BatchNorm re-inserted after convolutions, folded back on write-back "
+                   "(auto: for CNNs whose BatchNorm was folded away)")
     _common(f)
     d = argparse.ArgumentParser(prog="onnxprune data", description="Generate datasets.")
     d.add_argument("kind", choices=["synthetic"])
@@ -452,8 +456,14 @@ def cmd_finetune(args) -> str:
     opts = Options(data=args.data, output=args.output, teacher=args.teacher, recipe=args.recipe, epochs=args.epochs, lr=args.lr,
                    batch_size=args.batch_size, workers=args.workers, resume=args.resume, kd_alpha=args.kd_alpha,
                    kd_temperature=args.kd_temperature, max_steps=args.max_steps, device=args.device, seed=args.seed,
-                   progress=not args.quiet)
+                   progress=not args.quiet, bn_reinsert=args.bn_reinsert)
     r = finetune(args.model, opts)
+    if "teacher_after" in r:
+        b, a = r["teacher_before"], r["teacher_after"]
+        what = (f"agreement with the teacher {b['agreement']:.1f}% -> {a['agreement']:.1f}%, KL {b['kl']:.4f} -> {a['kl']:.4f}"
+                if "agreement" in a else "output nMSE " + ", ".join(f"{k} {b['outputs'][k]['nmse']:.4f} -> {v['nmse']:.4f}"
+                                                                    for k, v in a["outputs"].items()))
+        return f"{r['steps']} steps in {r['train_seconds']:.0f}s (no labels), {what} -> {args.output}"
     if "top1_after" not in r:
         return f"worker finished ({r['steps']} steps)"
     teacher = f", teacher {r['top1_teacher']:.1f}%" if "top1_teacher" in r else ""

@@ -30,6 +30,8 @@ import onnx
 from ..errors import UserError
 from . import recipes as R
 from .data import IMAGENET_MEAN, IMAGENET_STD, dataset_meta, image_folder
+from . import bnfold
+from . import distill as D
 from .importer import import_onnx, write_back
 
 log = logging.getLogger(__name__)
@@ -56,6 +58,7 @@ class Options:
     eval_batches: int | None = None
     progress: bool = True
     overrides: dict = field(default_factory=dict)  # recipe fields
+    bn_reinsert: str = "auto"  # auto | on | off: BatchNorm after convs while training (bnfold.py)
 
 
 def _dist():
@@ -187,7 +190,13 @@ def finetune(pruned: str, opts: Options) -> dict:
         over["epochs"] = opts.epochs
     recipe = R.get(opts.recipe, **over)
     proto = onnx.load(pruned)
-    size = input_size(proto)[0]
+    labelled = D.is_labelled(opts.data)
+    try:
+        size = input_size(proto)[0]
+    except UserError:
+        if labelled or os.path.isdir(opts.data):
+            raise
+        size = None
     t0 = time.perf_counter()
     imp = import_onnx(proto, seed=opts.seed)
     student = imp.module.to(device)
@@ -198,8 +207,15 @@ def finetune(pruned: str, opts: Options) -> dict:
     teacher = load_teacher(opts.teacher, device) if opts.teacher else None
     micro = imp.static_batch or max(1, opts.batch_size // world)
     accum = max(1, math.ceil(opts.batch_size / (micro * world)))
-    train_ds = image_folder(opts.data, "train", size, True, recipe, opts.mean, opts.std)
-    n_classes = len(train_ds.classes)
+    names = D.input_names(proto)
+    if labelled:
+        train_ds = image_folder(opts.data, "train", size, True, recipe, opts.mean, opts.std)
+        n_classes, eval_ds, data_desc = len(train_ds.classes), None, f"{opts.data} (ImageFolder, labelled)"
+    else:
+        if teacher is None:
+            raise UserError(f"{opts.data} has no class folders (DIR/train/<class>/...): label-free training needs --teacher")
+        train_ds, eval_ds, data_desc = D.unlabelled(opts.data, proto, size, recipe, opts.mean, opts.std)
+        n_classes = None
     sampler = None
     if distributed:
         from torch.utils.data.distributed import DistributedSampler
@@ -208,7 +224,26 @@ def finetune(pruned: str, opts: Options) -> dict:
     loader = torch.utils.data.DataLoader(train_ds, batch_size=micro, shuffle=sampler is None, sampler=sampler,
                                          num_workers=opts.workers, drop_last=True, persistent_workers=opts.workers > 0)
     if len(loader) == 0:
-        raise UserError(f"training set has {len(train_ds)} images: fewer than one batch of {micro}")
+        raise UserError(f"training set has {len(train_ds)} samples: fewer than one batch of {micro}")
+
+    def split(batch):
+        if labelled:
+            return [batch[0].to(device, non_blocking=True)], batch[1].to(device, non_blocking=True)
+        return [b.to(device, non_blocking=True) for b in batch], None
+
+    def some_batches(n_samples):
+        out, got = [], 0
+        for b in loader:
+            out.append(split(b)[0])
+            got += out[-1][0].shape[0]
+            if got >= n_samples:
+                break
+        return out
+
+    reinsert = opts.bn_reinsert == "on" or (opts.bn_reinsert == "auto" and bnfold.should_insert(proto) and micro >= 8)
+    bns = bnfold.insert(imp, some_batches(128), device) if reinsert else bnfold.Reinserted()
+    if main_proc and reinsert:
+        log.info("BatchNorm re-inserted after %d convolutions for training (folded back before write-back)", len(bns))
     steps_per_epoch = max(1, len(loader) // accum)
     total = steps_per_epoch * recipe.epochs
     if opts.max_steps:
@@ -217,7 +252,7 @@ def finetune(pruned: str, opts: Options) -> dict:
     params = [p for p in student.parameters() if p.requires_grad]
     opt = make_optimizer(params, recipe, lr)
     mixup = None
-    if recipe.mixup or recipe.cutmix:
+    if labelled and (recipe.mixup or recipe.cutmix):
         from timm.data import Mixup
 
         mixup = Mixup(mixup_alpha=recipe.mixup, cutmix_alpha=recipe.cutmix, label_smoothing=recipe.label_smoothing,
@@ -264,27 +299,35 @@ def finetune(pruned: str, opts: Options) -> dict:
             step_loss = 0.0
             for _a in range(accum):
                 try:
-                    x, y = next(it)
+                    batch = next(it)
                 except StopIteration:
                     it = iter(loader)
-                    x, y = next(it)
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                    batch = next(it)
+                xs, y = split(batch)
                 if mixup is not None:
-                    x, y_soft = mixup(x, y)
+                    xs[0], y_soft = mixup(xs[0], y)
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                    logits = model(x)
-                    if mixup is not None:
-                        task = torch.sum(-y_soft * F.log_softmax(logits.float(), -1), -1).mean()
-                    else:
-                        task = F.cross_entropy(logits.float(), y, label_smoothing=recipe.label_smoothing)
-                    loss = task
+                    outs = D.as_list(model(*xs))
+                    logits = outs[0]
                     if teacher is not None:
                         with torch.no_grad():
-                            t_logits = teacher(x)
-                        loss = (1 - opts.kd_alpha) * task + opts.kd_alpha * kd_loss(logits, t_logits, opts.kd_temperature)
+                            t_outs = D.as_list(teacher(*xs))
+                    if y is None:
+                        loss = D.output_loss(outs, t_outs, opts.kd_temperature)
+                    else:
+                        if mixup is not None:
+                            task = torch.sum(-y_soft * F.log_softmax(logits.float(), -1), -1).mean()
+                        else:
+                            task = F.cross_entropy(logits.float(), y, label_smoothing=recipe.label_smoothing)
+                        loss = task
+                        if teacher is not None:
+                            kd = kd_loss(logits, t_outs[0], opts.kd_temperature)
+                            if len(outs) > 1:
+                                kd = kd + D.output_loss(outs[1:], t_outs[1:], opts.kd_temperature)
+                            loss = (1 - opts.kd_alpha) * task + opts.kd_alpha * kd
                 scaler.scale(loss / accum).backward()
                 step_loss += float(loss.detach()) / accum
-                seen += x.shape[0] * world
+                seen += xs[0].shape[0] * world
             if recipe.clip_grad:
                 scaler.unscale_(opt)
                 torch.nn.utils.clip_grad_norm_(params, recipe.clip_grad)
@@ -311,18 +354,29 @@ def finetune(pruned: str, opts: Options) -> dict:
         sd = student.state_dict()
         sd.update({k: v for k, v in ema.items()})
         student.load_state_dict(sd)
+    n_bn = len(bns)
+    if n_bn:
+        bnfold.recalibrate(imp, bns, some_batches(256), device)
+        bnfold.fold(bns)
     result = {"input": pruned, "output": opts.output, "recipe": recipe.as_dict(), "lr": lr, "batch_size": opts.batch_size,
               "micro_batch": micro, "accumulation": accum, "world_size": world, "device": str(device), "amp": use_amp,
               "steps": step, "history": history, "import": info, "kd": bool(teacher), "classes": n_classes,
+              "data": data_desc, "labels": labelled, "bn_reinserted": n_bn,
               "train_seconds": round(time.perf_counter() - t_train, 1)}
     if main_proc:
         student.cpu()
         tuned = write_back(imp)
         onnx.save(tuned, opts.output)
-        result["top1_before"] = evaluate_onnx(proto, opts.data, size, opts.mean, opts.std, opts.eval_batches)
-        result["top1_after"] = evaluate_onnx(tuned, opts.data, size, opts.mean, opts.std, opts.eval_batches)
-        if opts.teacher:
-            result["top1_teacher"] = evaluate_onnx(opts.teacher, opts.data, size, opts.mean, opts.std, opts.eval_batches)
+        if labelled:
+            result["top1_before"] = evaluate_onnx(proto, opts.data, size, opts.mean, opts.std, opts.eval_batches)
+            result["top1_after"] = evaluate_onnx(tuned, opts.data, size, opts.mean, opts.std, opts.eval_batches)
+            if opts.teacher:
+                result["top1_teacher"] = evaluate_onnx(opts.teacher, opts.data, size, opts.mean, opts.std, opts.eval_batches)
+        else:
+            feeds = D.eval_feeds(eval_ds, names, imp.static_batch, max_batches=opts.eval_batches)
+            tproto = onnx.load(opts.teacher)
+            result["teacher_before"] = D.compare_onnx(proto, tproto, feeds)
+            result["teacher_after"] = D.compare_onnx(tuned, tproto, feeds)
         result["seconds"] = round(time.perf_counter() - t0, 1)
         with open(os.path.splitext(opts.output)[0] + ".finetune.json", "w") as f:
             json.dump(result, f, indent=1)

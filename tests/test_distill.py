@@ -1,0 +1,176 @@
+"""Label-free distillation (folders of images, .npy/.npz, multi-output and
+multi-input models) and BatchNorm re-insertion for BN-folded CNNs."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+torch = pytest.importorskip("torch")
+timm = pytest.importorskip("timm")
+pytest.importorskip("onnx2torch")
+
+from onnxprune import io  # noqa: E402
+from onnxprune.api import prune  # noqa: E402
+from onnxprune.cli import main  # noqa: E402
+from onnxprune.export import export_timm  # noqa: E402
+from onnxprune.finetune import bnfold  # noqa: E402
+from onnxprune.finetune.importer import import_onnx, write_back  # noqa: E402
+from timm_models import randomize  # noqa: E402
+
+
+def _ort(proto, feeds):
+    return io.session(proto).run(None, feeds)
+
+
+@pytest.fixture(scope="module")
+def cnn(tmp_path_factory):
+    """A BN-folded resnet18 (dynamo export folds BatchNorm into Conv) at 32 px."""
+    path = str(tmp_path_factory.mktemp("cnn") / "r18.onnx")
+    model = randomize(timm.create_model("resnet18", num_classes=10), seed=3)
+    export_timm("resnet18", path, exporter="dynamo", opset=20, dynamic_batch=True, model=model, img_size=32)
+    return path
+
+
+@pytest.fixture(scope="module")
+def flat_images(tmp_path_factory):
+    """A folder of images with no class folders."""
+    from PIL import Image
+
+    d = tmp_path_factory.mktemp("flat")
+    rng = np.random.default_rng(0)
+    for i in range(80):
+        arr = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+        arr[8:24, 8:24] = rng.integers(0, 256, 3)  # a square of one colour
+        Image.fromarray(arr).save(str(d / f"img{i:03d}.{'png' if i % 2 else 'jpg'}"))
+    return str(d)
+
+
+def test_bn_reinsertion_is_exact_at_start_and_folds_back(cnn):
+    proto = onnx.load(cnn)
+    assert bnfold.should_insert(proto)
+    x = np.random.default_rng(0).standard_normal((16, 3, 32, 32)).astype(np.float32)
+    ref = _ort(proto, {"x": x} if proto.graph.input[0].name == "x" else {proto.graph.input[0].name: x})[0]
+    imp = import_onnx(proto)
+    rep = bnfold.insert(imp, [[torch.from_numpy(x)]])
+    n_conv = sum(n.op_type == "Conv" for n in proto.graph.node)
+    assert len(rep) == n_conv  # every conv of a BN-folded resnet has a bias and no norm after it
+    mod = imp.module.eval()
+    with torch.no_grad():
+        y0 = mod(torch.from_numpy(x)).numpy()
+    assert np.abs(y0 - ref).max() <= 1e-5 * np.abs(ref).max()  # forward unchanged at the start
+    mod.train()
+    params = [p for p in mod.parameters() if p.requires_grad]
+    assert sum(p.ndim == 1 and p.shape[0] > 1 for p in params) >= 2 * n_conv  # conv bias + BN gamma/beta... trainable
+    opt = torch.optim.SGD(params, lr=0.05)
+    for _ in range(3):
+        loss = mod(torch.from_numpy(x)).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    bnfold.recalibrate(imp, rep, [[torch.from_numpy(x)]])
+    mod.eval()
+    with torch.no_grad():
+        y1 = mod(torch.from_numpy(x)).numpy()
+    bnfold.fold(rep)
+    assert not any("reinserted_bn" in n for n, _ in mod.named_modules())
+    with torch.no_grad():
+        y2 = mod(torch.from_numpy(x)).numpy()
+    assert np.abs(y1 - ref).max() > 1e-2 * np.abs(ref).max()  # training changed the function
+    assert np.abs(y2 - y1).max() <= 1e-4 * np.abs(y1).max()  # folding is exact
+    out = write_back(imp)
+    assert [n.op_type for n in out.graph.node] == [n.op_type for n in proto.graph.node]
+    assert [n.SerializeToString() for n in out.graph.node] == [n.SerializeToString() for n in proto.graph.node]
+    assert [(i.name, list(i.dims)) for i in out.graph.initializer] == [(i.name, list(i.dims)) for i in proto.graph.initializer]
+    got = _ort(out, {proto.graph.input[0].name: x})[0]
+    assert np.abs(got - y1).max() <= 1e-4 * np.abs(y1).max()  # ORT equals torch
+
+
+def _kl(rep, key):
+    return rep[key]["kl"]
+
+
+def test_label_free_distillation_from_a_flat_folder(tmp_path, cnn, flat_images):
+    pruned = str(tmp_path / "pruned.onnx")
+    io.save(prune(cnn, {"kinds": {"channels": 0.5}}).proto, pruned)
+    out = str(tmp_path / "tuned.onnx")
+    rc = main(["finetune", pruned, "--data", flat_images, "-o", out, "--teacher", cnn, "--max-steps", "8", "--epochs", "10",
+               "--batch-size", "16", "--lr", "2e-3", "--workers", "0", "-q"])
+    assert rc == 0
+    rep = json.load(open(str(tmp_path / "tuned.finetune.json")))
+    assert not rep["labels"] and rep["steps"] == 8 and rep["bn_reinserted"] > 0
+    assert rep["teacher_after"]["samples"] == 8  # every 10th of 80 images held out
+    assert _kl(rep, "teacher_after") < 0.8 * _kl(rep, "teacher_before")  # closer to the teacher
+    a, b = onnx.load(pruned), onnx.load(out)
+    assert [n.SerializeToString() for n in a.graph.node] == [n.SerializeToString() for n in b.graph.node]
+
+
+def test_unlabelled_data_needs_a_teacher(tmp_path, cnn, flat_images, capsys):
+    assert main(["finetune", cnn, "--data", flat_images, "-o", str(tmp_path / "t.onnx"), "-q"]) == 1
+    assert "--teacher" in capsys.readouterr().err
+
+
+class TwoOut(torch.nn.Module):
+    """Logits and an embedding."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 16, 3, padding=1)
+        self.fc = torch.nn.Linear(16, 5)
+        self.emb = torch.nn.Linear(16, 8)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x)).mean((2, 3))
+        return self.fc(h), self.emb(h)
+
+
+class TwoIn(torch.nn.Module):
+    """An image and a vector in, logits out."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 16, 3, padding=1)
+        self.vec = torch.nn.Linear(6, 16)
+        self.fc = torch.nn.Linear(16, 5)
+
+    def forward(self, img, v):
+        return self.fc(torch.relu(self.conv(img)).mean((2, 3)) + self.vec(v))
+
+
+def _export(model, path, names, outs, args):
+    torch.onnx.export(model.eval(), args, path, input_names=names, output_names=outs, opset_version=17, dynamo=False,
+                      dynamic_axes={n: {0: "b"} for n in names + outs})
+
+
+@pytest.mark.parametrize("kind", ["two-outputs", "two-inputs"])
+def test_multi_output_and_multi_input_models_distil_from_npz(tmp_path, kind):
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    img = rng.standard_normal((120, 3, 12, 12)).astype(np.float32)
+    if kind == "two-outputs":
+        cls, names, outs, args = TwoOut, ["img"], ["logits", "embedding"], (torch.zeros(2, 3, 12, 12),)
+        arrays = {"img": img}
+    else:
+        cls, names, outs, args = TwoIn, ["img", "v"], ["logits"], (torch.zeros(2, 3, 12, 12), torch.zeros(2, 6))
+        arrays = {"img": img, "v": rng.standard_normal((120, 6)).astype(np.float32)}
+    teacher, student = str(tmp_path / "t.onnx"), str(tmp_path / "s.onnx")
+    t = cls()
+    with torch.no_grad():  # a confident teacher
+        t.fc.weight.mul_(8)
+    _export(t, teacher, names, outs, args)
+    _export(cls(), student, names, outs, args)
+    data = str(tmp_path / "data.npz")
+    np.savez(data, **arrays)
+    out = str(tmp_path / "tuned.onnx")
+    rc = main(["finetune", student, "--data", data, "-o", out, "--teacher", teacher, "--epochs", "30", "--batch-size", "36",
+               "--lr", "1e-2", "--workers", "0", "-q"])
+    assert rc == 0
+    rep = json.load(open(str(tmp_path / "tuned.finetune.json")))
+    before, after = rep["teacher_before"]["outputs"], rep["teacher_after"]["outputs"]
+    assert set(after) == set(outs)
+    assert after["logits"]["kl"] < 0.5 * before["logits"]["kl"]
+    if kind == "two-outputs":
+        assert after["embedding"]["nmse"] < 0.5 * before["embedding"]["nmse"]
+    assert rep["teacher_after"]["samples"] == 12 and rep["bn_reinserted"] == 0  # one conv: not a BN-folded CNN

@@ -1,0 +1,135 @@
+"""Issue 14's failing case, small: fine-tuning a BN-folded CNN pruned to chance.
+
+    python tools/bn_collapse.py [--train-epochs 8] [--ft-epochs 3] [--per-class 100] [--arms off,off-lr1e-4,auto]
+
+Synthetic glyphs (10 classes, 32 px; ``--per-class`` training images per class,
+50 val), a timm resnet18 trained in plain PyTorch, exported with ``onnxprune
+export --checkpoint`` (BatchNorm folded into the convolutions), pruned with
+``{"kinds": {"channels": 0.6, "embed": 0.4}}``, then ``onnxprune finetune
+--teacher`` (recipe quick, default lr) with and without BatchNorm re-insertion
+(``--bn-reinsert off|auto``). Writes tools/results/bn_collapse.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, ".."))
+
+from common import md, write_results  # noqa: E402
+
+RATIOS = '{"kinds": {"channels": 0.6, "embed": 0.4}}'
+
+
+def subset(src: str, dst: str, per_class: int) -> None:
+    """``dst``: the first ``per_class`` training images per class of ``src`` (symlinks), and all of val."""
+    for split in ("train", "val"):
+        for c in sorted(os.listdir(os.path.join(src, split))):
+            os.makedirs(os.path.join(dst, split, c), exist_ok=True)
+            files = sorted(os.listdir(os.path.join(src, split, c)))
+            for f in files[:per_class] if split == "train" else files:
+                os.symlink(os.path.join(src, split, c, f), os.path.join(dst, split, c, f))
+    with open(os.path.join(src, "onnxprune_dataset.json")) as f, open(os.path.join(dst, "onnxprune_dataset.json"), "w") as g:
+        g.write(f.read())
+
+
+def train_torch(data: str, epochs: int, out: str) -> float:
+    import timm
+    import torch
+    import torch.nn.functional as F
+
+    from onnxprune.finetune.data import image_folder
+    from onnxprune.finetune.recipes import get
+
+    torch.manual_seed(0)
+    m = timm.create_model("resnet18", num_classes=10)
+    ds = image_folder(data, "train", 32, True, get("quick", hflip=0.0))
+    dl = torch.utils.data.DataLoader(ds, batch_size=64, shuffle=True, num_workers=1, drop_last=True)
+    opt = torch.optim.AdamW(m.parameters(), lr=2e-3, weight_decay=0.05)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=epochs * len(dl))
+    t0 = time.perf_counter()
+    for ep in range(epochs):
+        m.train()
+        tot = 0.0
+        for x, y in dl:
+            loss = F.cross_entropy(m(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            tot += float(loss.detach())
+        print(f"train epoch {ep + 1}/{epochs}: loss {tot / len(dl):.3f} ({time.perf_counter() - t0:.0f}s)", flush=True)
+    torch.save(m.state_dict(), out)
+    return time.perf_counter() - t0
+
+
+def cli(*args) -> str:
+    p = subprocess.run([sys.executable, "-m", "onnxprune", *args], capture_output=True, text=True)
+    if p.returncode:
+        raise SystemExit(f"onnxprune {' '.join(args)} failed:\n{p.stdout}\n{p.stderr}")
+    return p.stdout.strip().splitlines()[-1]
+
+
+ARMS = {  # name -> extra finetune arguments
+    "off": ["--bn-reinsert", "off"],
+    "off-lr1e-4": ["--bn-reinsert", "off", "--lr", "1e-4"],
+    "off-nokd": ["--bn-reinsert", "off", "--kd-alpha", "0"],
+    "auto": ["--bn-reinsert", "auto"],
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--train-epochs", type=int, default=8)
+    ap.add_argument("--ft-epochs", type=int, default=3)
+    ap.add_argument("--per-class", type=int, default=100)
+    ap.add_argument("--arms", default="off,off-lr1e-4,auto")
+    ap.add_argument("--work", help="keep files here (reuses a trained checkpoint found there)")
+    ap.add_argument("--out", default=os.path.join(HERE, "results", "bn_collapse.md"))
+    args = ap.parse_args()
+    from onnxprune.finetune.train import evaluate_onnx
+
+    tmp = args.work or tempfile.mkdtemp()
+    os.makedirs(tmp, exist_ok=True)
+    full, data = os.path.join(tmp, "glyphs32"), os.path.join(tmp, "glyphs32_sub")
+    if not os.path.isdir(full):
+        cli("data", "synthetic", full, "--classes", "10", "--train", str(max(args.per_class, 1)), "--val", "50", "--size", "32", "-q")
+    if not os.path.isdir(data):
+        subset(full, data, args.per_class)
+    ckpt, orig, pruned = (os.path.join(tmp, f) for f in ("r18.pt", "r18.onnx", "r18_pruned.onnx"))
+    train_s = None
+    if not os.path.exists(ckpt):
+        train_s = train_torch(data, args.train_epochs, ckpt)
+    cli("export", "timm:resnet18", "--img-size", "32", "--num-classes", "10", "--dynamic-batch", "--checkpoint", ckpt, "-o", orig, "-q")
+    print(cli(orig, "--ratios", RATIOS, "-o", pruned, "-q"))
+    acc0, acc1 = evaluate_onnx(orig, data, 32), evaluate_onnx(pruned, data, 32)
+    rows, raw = [], {"trained": acc0, "pruned": acc1, "train_seconds": train_s, "arms": {}}
+    for arm in args.arms.split(","):
+        out = os.path.join(tmp, f"tuned_{arm}.onnx")
+        t0 = time.perf_counter()
+        line = cli("finetune", pruned, "--data", data, "--teacher", orig, "-o", out, "--recipe", "quick", "--epochs",
+                   str(args.ft_epochs), "--batch-size", "64", "--workers", "1", "-q", *ARMS[arm])
+        secs = time.perf_counter() - t0
+        rep = json.load(open(os.path.splitext(out)[0] + ".finetune.json"))
+        acc2 = rep["top1_after"]
+        losses = [round(h["loss"], 3) for h in rep["history"]]
+        rows.append([arm, " ".join(ARMS[arm]), f"{acc0:.1f}", f"{acc1:.1f}", f"{acc2:.1f}",
+                     f"{(acc2 - acc1) / max(acc0 - acc1, 1e-9):.0%}", " / ".join(map(str, losses)), f"{secs:.0f}s"])
+        raw["arms"][arm] = {"top1": acc2, "losses": losses, "seconds": secs, "lr": rep["lr"], "bn": rep["bn_reinserted"], "line": line}
+        print(rows[-1], flush=True)
+    head = ["arm", "finetune options", "top-1 trained", "top-1 pruned", "top-1 after", "drop recovered", "loss per epoch", "wall"]
+    text = md(head, rows)
+    text += (f"\n\ntimm resnet18, synthetic glyphs 10 classes at 32 px, {10 * args.per_class} train / 500 val images; "
+             f"trained {args.train_epochs} epochs in PyTorch; BN folded by export; pruned {RATIOS}; "
+             f"`onnxprune finetune --teacher --recipe quick --epochs {args.ft_epochs} --batch-size 64`; CPU {os.cpu_count()} cores\n")
+    write_results(args.out, text, raw)
+
+
+if __name__ == "__main__":
+    main()
