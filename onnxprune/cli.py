@@ -138,7 +138,7 @@ def _sub_parsers() -> dict[str, argparse.ArgumentParser]:
                    "--teacher, unlabelled data: a folder of images (any layout) or FILE.npy / FILE.npz (one array per input name)")
     f.add_argument("-o", "--output", required=True)
     f.add_argument("--teacher", help="unpruned ONNX model: distil from its logits")
-    f.add_argument("--recipe", default="quick", help="deit | convnext | resnet | mobilenet | swin (seed 000 Table 3) | quick")
+    f.add_argument("--recipe", default="quick", help="deit | convnext | resnet | mobilenet | swin (the Isomorphic Pruning paper's training recipes) | quick")
     f.add_argument("--epochs", type=int)
     f.add_argument("--lr", type=float, help="learning rate (default: the recipe's base lr scaled by batch size)")
     f.add_argument("--batch-size", type=int, default=64)
