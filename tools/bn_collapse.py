@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -22,7 +21,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 
-from common import md, write_results  # noqa: E402
+from common import cli, md, write_results  # noqa: E402
 
 RATIOS = '{"kinds": {"channels": 0.6, "embed": 0.4}}'
 
@@ -67,13 +66,6 @@ def train_torch(data: str, epochs: int, out: str) -> float:
         print(f"train epoch {ep + 1}/{epochs}: loss {tot / len(dl):.3f} ({time.perf_counter() - t0:.0f}s)", flush=True)
     torch.save(m.state_dict(), out)
     return time.perf_counter() - t0
-
-
-def cli(*args) -> str:
-    p = subprocess.run([sys.executable, "-m", "onnxprune", *args], capture_output=True, text=True)
-    if p.returncode:
-        raise SystemExit(f"onnxprune {' '.join(args)} failed:\n{p.stdout}\n{p.stderr}")
-    return p.stdout.strip().splitlines()[-1]
 
 
 ARMS = {  # name -> extra finetune arguments

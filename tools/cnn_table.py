@@ -22,7 +22,6 @@ import timm  # noqa: E402
 
 from onnxprune.api import analyze, prune  # noqa: E402
 from onnxprune.export import export_timm  # noqa: E402
-from onnxprune.plan import Ratios  # noqa: E402
 from onnxprune.report import table  # noqa: E402
 from onnxprune.verify import oracle  # noqa: E402
 from timm_models import randomize  # noqa: E402

@@ -32,7 +32,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
-from common import md, write_results  # noqa: E402
+from common import md, prune_verify_cmd, write_results  # noqa: E402
 
 CACHE = os.path.join(HERE, ".cache", "foreign")
 DL, FILES, SITE = (os.path.join(CACHE, d) for d in ("dl", "files", "site"))
@@ -158,12 +158,7 @@ def reason_key(r: str) -> str:
 
 def run_one(path: str, shapes: list, ratio: float, tmp: str) -> dict:
     out, rep = os.path.join(tmp, "out.onnx"), os.path.join(tmp, "rep.json")
-    for f in (out, rep):
-        if os.path.exists(f):
-            os.remove(f)
-    cmd = [PY, "-m", "onnxprune", path, "--ratios", json.dumps({"default": ratio}), "-o", out, "--verify", "--report", rep]
-    for s in shapes:
-        cmd += ["--input-shape", s]
+    cmd = prune_verify_cmd(PY, path, ratio, out, rep, shapes)
     env = dict(os.environ, PYTHONPATH=ROOT)
     t = time.perf_counter()
     try:

@@ -29,7 +29,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
-from common import md, write_results  # noqa: E402
+from common import md, prune_verify_cmd, write_results  # noqa: E402
 
 CACHE = os.path.join(HERE, ".cache", "peer")
 PY = sys.executable
@@ -206,12 +206,7 @@ def validate(path: str, shapes: list) -> dict:
 
 def run_onnxprune(path, shapes, s, tmp) -> dict:
     out, rep = os.path.join(tmp, "op.onnx"), os.path.join(tmp, "op.json")
-    for f in (out, rep):
-        if os.path.exists(f):
-            os.remove(f)
-    cmd = [PY, "-m", "onnxprune", path, "--ratios", json.dumps({"default": s}), "-o", out, "--verify", "--report", rep]
-    for x in shapes:
-        cmd += ["--input-shape", x]
+    cmd = prune_verify_cmd(PY, path, s, out, rep, shapes)
     rc, so, err, dt = sh(cmd)
     res = {"seconds": round(dt, 1), "rc": rc, "verdict_line": last_line(so).split(" | ")[0]}
     if not os.path.exists(out) or not os.path.exists(rep):  # refused in one line, or crashed

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import subprocess
 import sys
 import tempfile
 import time
@@ -24,7 +23,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 
-from common import md, write_results  # noqa: E402
+from common import cli, md, write_results  # noqa: E402
 
 CLASSES = ["circle", "square", "triangle", "cross"]
 
@@ -87,13 +86,6 @@ def train_torch(model_name: str, data: str, epochs: int, out: str) -> float:
             print(f"train epoch {ep + 1}/{epochs}: loss {tot / len(dl):.3f} ({time.perf_counter() - t0:.0f}s)", flush=True)
     torch.save(m.state_dict(), out)
     return time.perf_counter() - t0
-
-
-def cli(*args) -> str:
-    p = subprocess.run([sys.executable, "-m", "onnxprune", *args], capture_output=True, text=True)
-    if p.returncode:
-        raise SystemExit(f"onnxprune {' '.join(args)} failed:\n{p.stdout}\n{p.stderr}")
-    return p.stdout.strip().splitlines()[-1]
 
 
 def main() -> None:
