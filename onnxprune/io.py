@@ -573,6 +573,7 @@ def set_input_shapes(model: ir.Model, shapes: dict[str, list]) -> None:
     inputs. Refuses, naming the flag, when a dim other than the batch stays unknown."""
     g = model.graph
     inputs = {v.name: v for v in g.inputs if v.const_value is None}
+    batch = _batch_name(inputs.values())
     unknown = set(shapes) - set(inputs)
     if unknown:
         raise UserError(f"--input-shape names no input of this model: {', '.join(sorted(unknown))} "
@@ -594,7 +595,7 @@ def set_input_shapes(model: ir.Model, shapes: dict[str, list]) -> None:
             if isinstance(d, int) and d > 0:
                 fixed.append(d)
             elif i == 0:
-                fixed.append(ir.SymbolicDim("batch"))  # the batch: one symbol for every input
+                fixed.append(ir.SymbolicDim(batch))  # the batch: one symbol for every input
             elif isinstance(d, str) and name in shapes:
                 fixed.append(ir.SymbolicDim(d))
             else:
@@ -602,6 +603,17 @@ def set_input_shapes(model: ir.Model, shapes: dict[str, list]) -> None:
                 raise UserError(f"input '{name}' has a dynamic dim {i} ({_dim_text(d)}): give its shape with "
                                 f"--input-shape {name}:{shown.replace('?', '<size>')}")
         v.shape = ir.Shape(fixed)
+
+
+def _batch_name(inputs) -> str:
+    """The batch dim's name: the first input's own (kept, so the pruned file's
+    interface is unchanged), else ``batch``."""
+    for v in inputs:
+        dims = list(v.shape.dims) if v.shape is not None else []
+        name = getattr(dims[0], "value", None) if dims and not isinstance(dims[0], int) else None
+        if isinstance(name, str) and name and name != "?":
+            return name
+    return "batch"
 
 
 def _dim_text(d) -> str:
