@@ -439,13 +439,7 @@ def release(model: ir.Model) -> None:
     """Drop the pages of the memory-mapped weights from this process (they are
     read again from the page cache when touched): weights that were read once
     stop counting against memory."""
-    import mmap
-
-    for mm in model.graph.meta.get("maps") or []:
-        try:
-            mm.madvise(mmap.MADV_DONTNEED)
-        except (OSError, ValueError, AttributeError):
-            pass
+    _drop(model.graph.meta.get("maps") or [])
 
 
 def save_model(model: ir.Model, path: str, external: bool | None = None, data_name: str | None = None) -> str | None:
@@ -482,6 +476,7 @@ def _producer(t, maps, count: list):
 
 
 def _drop(maps) -> None:
+    """madvise(DONTNEED) on each read-only map: its touched pages leave this process."""
     import mmap
 
     for mm in maps:
