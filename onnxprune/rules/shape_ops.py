@@ -8,11 +8,10 @@ through run-time ``Shape -> Gather -> Concat`` chains where they are built.
 """
 from __future__ import annotations
 
-from collections import Counter
-
 import onnx_ir as ir
 
 from ..core.analysis import Analysis, register
+from ..core.dims import Token, axis_groups, divides, size, tdiv, tokens, tprod
 from ..core.space import LayoutError, Space
 
 INT_MAX = 2**62
@@ -39,51 +38,6 @@ def _merge(ctx: Analysis, node, spaces, dims) -> Space | None:
         elif d != 1:
             parts.append(ctx.table.fixed(d))
     return ctx.table.product(parts, origin=node.name)
-
-
-# Dims as tokens: (static factor, sorted symbolic names), so that a Reshape of
-# [batch, H, N, D] into [-1, N, D] can be matched as (batch*H) x N x D.
-Token = tuple
-
-
-def _tokens(v: ir.Value, ctx: Analysis | None = None) -> list[Token] | None:
-    """Dims of ``v`` as tokens; symbols a Reshape resolved earlier (``batch*3``
-    named ``unk__2`` by shape inference) are replaced by what they stand for."""
-    alias = ctx.sym_alias if ctx is not None else {}
-    probed = ctx.dim_tokens.get(v.name) if ctx is not None else None
-    if v.shape is None:
-        c = v.const_value
-        return None if c is None else [(int(d), ()) for d in c.shape]
-    out = []
-    for i, d in enumerate(v.shape.dims):
-        if isinstance(d, int):
-            out.append((d, ()))
-        elif probed is not None and i < len(probed) and probed[i] is not None:
-            out.append(probed[i])  # k * batch, measured by probing inference
-        else:
-            name = getattr(d, "value", None)
-            out.append(alias.get(name) or (1, (name if name else f"?{v.name}:{i}",)))
-    return out
-
-
-def _tprod(toks) -> Token:
-    n, syms = 1, []
-    for t in toks:
-        n *= t[0]
-        syms.extend(t[1])
-    return (n, tuple(sorted(syms)))
-
-
-def _divides(a: Token, b: Token) -> bool:
-    return b[0] % a[0] == 0 and not (Counter(a[1]) - Counter(b[1]))
-
-
-def _tdiv(a: Token, b: Token) -> Token:
-    return (a[0] // b[0], tuple(sorted((Counter(a[1]) - Counter(b[1])).elements())))
-
-
-def _size(t: Token) -> int | None:
-    return None if t[1] else t[0]
 
 
 def shape_vector(ctx: Analysis, node: ir.Node, slot: int):
@@ -170,36 +124,9 @@ def bind_shape(ctx: Analysis, node: ir.Node, slot: int, out_lay, what: str) -> N
             ctx.freeze([s], node, f"{what} size computed at run time")
 
 
-def _axis_groups(tin: list[Token], tout: list[Token]):
-    """Pair runs of input and output axes with equal products (size-1 axes ignored)."""
-    one = (1, ())
-    a = [(i, t) for i, t in enumerate(tin) if t != one]
-    b = [(j, t) for j, t in enumerate(tout) if t != one]
-    groups, i, j = [], 0, 0
-    while i < len(a) and j < len(b):
-        ia, ja = [a[i][0]], [b[j][0]]
-        pa, pb = a[i][1], b[j][1]
-        i, j = i + 1, j + 1
-        while pa != pb:
-            if _divides(pa, pb) and i < len(a):
-                pa = _tprod([pa, a[i][1]])
-                ia.append(a[i][0])
-                i += 1
-            elif _divides(pb, pa) and j < len(b):
-                pb = _tprod([pb, b[j][1]])
-                ja.append(b[j][0])
-                j += 1
-            else:
-                return None
-        groups.append((ia, ja))
-    if i < len(a) or j < len(b):
-        return None
-    return groups
-
-
 def _reshape_out_tokens(ctx: Analysis, node: ir.Node, tin: list[Token]):
     """Output dims of a Reshape, from its shape vector where inference gave up."""
-    tout = _tokens(node.outputs[0], ctx)
+    tout = tokens(node.outputs[0], ctx)
     vec = shape_vector(ctx, node, 1)
     if vec is None or tout is None or len(vec) != len(tout):
         return tout
@@ -212,16 +139,16 @@ def _reshape_out_tokens(ctx: Analysis, node: ir.Node, tin: list[Token]):
         elif e[0] == "const" and e[1] == 0 and not allowzero and j < len(tin):
             res.append(tin[j])
         elif e[0] == "dim":
-            src = tin if e[1] is node.inputs[0] else _tokens(e[1], ctx)
+            src = tin if e[1] is node.inputs[0] else tokens(e[1], ctx)
             res.append(src[e[2]] if src and e[2] < len(src) else known)
         else:
             res.append(known if e[0] != "const" else None)
     if sum(t is None for t in res) == 1:
         k = res.index(None)
-        total, rest = _tprod(tin), _tprod([t for t in res if t is not None])
-        if not _divides(rest, total):
+        total, rest = tprod(tin), tprod([t for t in res if t is not None])
+        if not divides(rest, total):
             return tout
-        res[k] = _tdiv(total, rest)
+        res[k] = tdiv(total, rest)
     if None in res:
         return tout
     for d, t in zip(node.outputs[0].shape.dims if node.outputs[0].shape is not None else (), res):
@@ -232,18 +159,18 @@ def _reshape_out_tokens(ctx: Analysis, node: ir.Node, tin: list[Token]):
 
 
 def reshape_layout(ctx: Analysis, node, lay, tin, tout):
-    groups = _axis_groups(tin, tout)
+    groups = axis_groups(tin, tout)
     if groups is None:
         raise LayoutError("reshape cannot be matched axis by axis")
     out: list = [None] * len(tout)
     for ia, ja in groups:
-        merged = _merge(ctx, node, [lay[i] for i in ia], [_size(tin[i]) for i in ia])
+        merged = _merge(ctx, node, [lay[i] for i in ia], [size(tin[i]) for i in ia])
         if merged is None:
             continue
         if len(ja) == 1:
             out[ja[0]] = merged
         else:
-            parts = ctx.table.factor(merged, [_size(tout[j]) for j in ja], origin=node.name)
+            parts = ctx.table.factor(merged, [size(tout[j]) for j in ja], origin=node.name)
             for j, p in zip(ja, parts):
                 out[j] = p
     return out
@@ -301,7 +228,7 @@ def flatten(ctx: Analysis, node: ir.Node) -> None:
 @register("Reshape")
 def reshape(ctx: Analysis, node: ir.Node) -> None:
     lay = ctx.layout(node, 0)
-    tin = _tokens(node.inputs[0], ctx)
+    tin = tokens(node.inputs[0], ctx)
     tout = _reshape_out_tokens(ctx, node, tin) if tin is not None else None
     if lay is None or tin is None or tout is None:
         ctx.freeze_node(node, "Reshape with unknown shapes")
