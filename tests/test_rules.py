@@ -596,3 +596,127 @@ def test_softmax_over_channels_is_frozen():
     a = analyze(m)
     assert not prunable(a)
     assert any("Softmax over channels" in r for g in a.groups for r in g.frozen)
+
+
+# -- 21. Expand -----------------------------------------------------------------------------------
+def se_expand(shp):
+    """A squeeze-excite gate: per-channel [1,8,1,1] expanded back over the spatial axes."""
+    return make("""[c1] a = Conv <pads=[1,1,1,1]> (x, w1, b1)
+  r = Relu(a)
+  p = GlobalAveragePool(r)
+  s = Sigmoid(p)
+  [ex] e = Expand(s, shp)
+  [mul] h = Mul(r, e)
+  [c2] y = Conv (h, w2)""", {"w1": W(8, 3, 3, 3), "b1": W(8), "shp": I64(*shp), "w2": W(4, 8, 1, 1)})
+
+@pytest.mark.parametrize("shp,entries", [((1, 8, 8, 8), [("ex", 1, 1)]), ((1, 1, 8, 8), [])], ids=["width", "broadcast"])
+def test_expand_shape_constant_follows_width(shp, entries):
+    m = se_expand(shp)
+    (g,) = prunable(analyze(m))
+    assert (g.width, g.exact) == (8, True)
+    assert [(s.node.name, s.slot, s.index) for s in g.shapes] == entries  # a 1 there broadcasts: left alone
+    assert_oracle(m)
+    res = pruned(m)
+    keep = res.plan.keep[g.id]
+    assert weight(res.proto, "ex").tolist() == [1, len(keep) if entries else 1, 8, 8]
+    np.testing.assert_array_equal(weight(res.proto, "c2"), init(m, "w2")[:, keep])
+
+def test_expand_of_per_channel_constant_is_a_member():
+    m = make("""[c1] a = Conv <pads=[1,1,1,1]> (x, w1, b1)
+  [ex] e = Expand(bias, shp)
+  [add] h = Add(a, e)
+  [c2] y = Conv (h, w2)""", {"w1": W(8, 3, 3, 3), "b1": W(8), "bias": W(8, 1, 1), "shp": I64(1, 8, 8, 8), "w2": W(4, 8, 1, 1)})
+    (g,) = prunable(analyze(m))
+    assert g.width == 8 and g.exact
+    assert ("ex", 0, 0, "param") in {(t.node.name, t.slot, t.axis, t.role) for t in g.tensors}
+    assert [(s.node.name, s.slot, s.index) for s in g.shapes] == [("ex", 1, 1)]
+    assert_oracle(m)
+    res = pruned(m)
+    keep = res.plan.keep[g.id]
+    np.testing.assert_array_equal(weight(res.proto, "ex", 0), init(m, "bias")[keep])
+    assert weight(res.proto, "ex").tolist() == [1, 4, 8, 8]
+
+def test_expand_onto_the_channel_axis_freezes():
+    """[1,1,8,8] expanded to 8 channels is untracked: the channels it meets are frozen."""
+    m = make("""[c1] a = Conv <pads=[1,1,1,1]> (x, w1, b1)
+  mm = ReduceMean <axes=[1], keepdims=1> (x)
+  [ex] e = Expand(mm, shp)
+  [add] h = Add(a, e)
+  [c2] y = Conv (h, w2)""", {"w1": W(8, 3, 3, 3), "b1": W(8), "shp": I64(1, 8, 8, 8), "w2": W(4, 8, 1, 1)})
+    a = analyze(m)
+    assert not prunable(a)
+    assert any("untracked axis" in r and "add" in r for r in group_of(a, "c1").frozen)
+    assert prune(m, HALF).plan.keep == {}
+
+# -- 22. Gather ------------------------------------------------------------------------------------
+def gather_model(axis, idx, w2_in, out=OUT4):
+    return make(f"""[c1] a = Conv <pads=[1,1,1,1]> (x, w1, b1)
+  r = Relu(a)
+  [ga] g = Gather <axis={axis}> (r, idx)
+  [c2] y = Conv (g, w2)""", {"w1": W(8, 3, 3, 3), "b1": W(8), "idx": I64(*idx), "w2": W(4, w2_in, 1, 1)}, out=out)
+
+def test_gather_off_the_channel_axis_keeps_the_group():
+    m = gather_model(2, (0, 2, 4), 8, out="float[1,4,3,8] y")
+    (g,) = prunable(analyze(m))
+    assert (g.width, g.exact) == (8, True)
+    assert {(t.node.name, t.role) for t in g.tensors} == {("c1", "out"), ("c1", "param"), ("c2", "in")}
+    assert_oracle(m)
+    res = pruned(m)
+    keep = res.plan.keep[g.id]
+    assert len(keep) == 4
+    np.testing.assert_array_equal(weight(res.proto, "c1"), init(m, "w1")[keep])
+    np.testing.assert_array_equal(weight(res.proto, "c2"), init(m, "w2")[:, keep])
+    assert weight(res.proto, "ga").tolist() == [0, 2, 4]  # spatial indices untouched
+
+def test_gather_on_the_channel_axis_freezes():
+    m = gather_model(1, (0, 3, 5), 3)
+    a = analyze(m)
+    assert not prunable(a)
+    assert any("Gather selects channels" in r for r in group_of(a, "c1").frozen)
+    res = prune(m, HALF)
+    assert res.plan.keep == {} and weight(res.proto, "c1").shape == (8, 3, 3, 3)
+
+# -- 23. Shape: run-time reshape targets -----------------------------------------------------------
+SHAPE_CHAIN = """[c1] a = Conv (x, w1, b1)
+  r = Relu(a)
+  s = Shape(r)
+  g = Gather(s, idx)
+  [cat] t = Concat <axis=0> (g, tail)
+  [rs] f = Reshape(r, t)
+  u = Transpose <perm=[0,2,1]> (f)
+  [fc] y = MatMul(u, w2)"""
+
+@pytest.mark.parametrize("idx,tail,entries", [((0, 1), (-1,), []), ((0,), (8, -1), [("cat", 1, 0)])],
+                         ids=["read-from-shape", "constant-in-concat"])
+def test_run_time_shape_chain_reshape_follows_width(idx, tail, entries):
+    """[N,8,4,4] -> Reshape(Concat(Gather(Shape), ...)) -> [N,8,16]: the channel entry of the
+    target is either read from the pruned tensor's shape at run time, or a constant rewritten."""
+    m = make(SHAPE_CHAIN, {"w1": W(8, 3, 1, 1), "b1": W(8), "idx": I64(*idx), "tail": I64(*tail), "w2": W(8, 5)},
+             inp="float[N,3,4,4] x", out="float[N,16,5] y")
+    (g,) = prunable(analyze(m))
+    assert (g.width, g.exact) == (8, True)
+    assert [(s.node.name, s.slot, s.index) for s in g.shapes] == entries
+    assert_oracle(m)
+    res = pruned(m)
+    assert res.checks["ort_batches"] == [1, 2]
+    keep = res.plan.keep[g.id]
+    assert len(keep) == 4 and any(n.op_type == "Shape" for n in res.proto.graph.node)  # not folded away
+    np.testing.assert_array_equal(weight(res.proto, "fc"), init(m, "w2")[keep])
+    if entries:
+        assert weight(res.proto, "cat").tolist() == [4, -1]
+    (out,) = io.session(res.proto).run(None, {"x": W(3, 3, 4, 4)})
+    assert out.shape == (3, 16, 5)
+
+def test_shape_read_in_arithmetic_freezes():
+    m = make("""[c1] a = Conv (x, w1, b1)
+  r = Relu(a)
+  s = Shape(r)
+  g = Gather(s, idx)
+  n = ReduceProd <keepdims=1> (g)
+  nf = Cast <to=1> (n)
+  d = Div(r, nf)
+  [c2] y = Conv (d, w2)""", {"w1": W(8, 3, 1, 1), "b1": W(8), "idx": I64(0, 1), "w2": W(4, 8, 1, 1)},
+             inp="float[N,3,4,4] x", out="float[N,4,4,4] y")
+    a = analyze(m)
+    assert not prunable(a)
+    assert any("read at run time and used in arithmetic" in r for r in group_of(a, "c1").frozen)
