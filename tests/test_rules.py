@@ -720,3 +720,67 @@ def test_shape_read_in_arithmetic_freezes():
     a = analyze(m)
     assert not prunable(a)
     assert any("read at run time and used in arithmetic" in r for r in group_of(a, "c1").frozen)
+
+# -- 24. the ONNX Attention op (opset 23) ------------------------------------------------------------
+ATT_RATIOS = {"kinds": {"heads": 0.34, "head_dim": 0.5}}
+def qkv():
+    return {"wq": W(8, 12), "wk": W(8, 12), "wv": W(8, 12), "wo": W(12, 8)}
+
+def attention_3d(q_heads=3, kv_heads=3, inits=None):
+    return make(f"""[q] q = MatMul(x, wq)
+  [k] k = MatMul(x, wk)
+  [v] v = MatMul(x, wv)
+  [att] o = Attention <q_num_heads={q_heads}, kv_num_heads={kv_heads}> (q, k, v)
+  [proj] y = MatMul(o, wo)""", inits or qkv(), out="float[1,5,8] y", inp="float[1,5,8] x", opset=23)
+
+def head_cols(heads, dims, d=4):
+    return (heads[:, None] * d + dims[None, :]).ravel()  # the width is heads x head_dim, heads outer
+
+def test_attention_op_3d_prunes_heads_and_head_dims():
+    m = attention_3d()
+    a = analyze(m)
+    assert sorted((g.kind, g.width) for g in prunable(a)) == [("head_dim", 4), ("head_dim", 4), ("heads", 3)]
+    (heads,) = [g for g in prunable(a) if g.kind == "heads"]
+    assert [(x.node.name, x.attr) for x in heads.attrs] == [("att", "q_num_heads"), ("att", "kv_num_heads")]
+    (qk,) = [g for g in prunable(a) if g.kind == "head_dim" and not members(g, role="in")]
+    assert {t.node.name for t in qk.tensors} == {"q", "k"}  # q and k head dims tied; v's its own
+    rows = assert_oracle(m, ATT_RATIOS)
+    assert {r.kind for r in rows} >= {"heads", "head_dim"}
+    res = pruned(m, ATT_RATIOS)
+    (vd,) = [g for g in prunable(a) if g.kind == "head_dim" and g is not qk]
+    kh, kqk, kv = (res.plan.keep[g.id] for g in (heads, qk, vd))
+    assert (len(kh), len(kqk), len(kv)) == (2, 2, 2)
+    assert attr(res.proto, "att", "q_num_heads") == attr(res.proto, "att", "kv_num_heads") == 2
+    assert attr(res.proto, "att", "scale") == pytest.approx(0.5)  # pinned 1/sqrt(4), not 1/sqrt(2)
+    for name, dims in (("q", kqk), ("k", kqk), ("v", kv)):
+        np.testing.assert_array_equal(weight(res.proto, name), init(m, "w" + name)[:, head_cols(kh, dims)])
+    np.testing.assert_array_equal(weight(res.proto, "proj"), init(m, "wo")[head_cols(kh, kv)])
+
+def test_attention_op_4d_reshape_targets_follow():
+    m = make("""[q] q0 = MatMul(x, wq)
+  [k] k0 = MatMul(x, wk)
+  [v] v0 = MatMul(x, wv)
+  [rq] q1 = Reshape(q0, s4)
+  [rk] k1 = Reshape(k0, s4)
+  [rv] v1 = Reshape(v0, s4)
+  q2 = Transpose <perm=[0,2,1,3]> (q1)
+  k2 = Transpose <perm=[0,2,1,3]> (k1)
+  v2 = Transpose <perm=[0,2,1,3]> (v1)
+  [att] o0 = Attention (q2, k2, v2)
+  o1 = Transpose <perm=[0,2,1,3]> (o0)
+  [ro] o2 = Reshape(o1, s3)
+  [proj] y = MatMul(o2, wo)""", qkv() | {"s4": I64(1, 5, 3, 4), "s3": I64(1, 5, 12)},
+             out="float[1,5,8] y", inp="float[1,5,8] x", opset=23)
+    a = analyze(m)
+    assert sorted((g.kind, g.width) for g in prunable(a)) == [("head_dim", 4), ("head_dim", 4), ("heads", 3)]
+    assert_oracle(m, ATT_RATIOS)
+    res = pruned(m, {"kinds": {"heads": 0.34}})  # heads only: 3 -> 2
+    assert [weight(res.proto, n).tolist() for n in ("rq", "rk", "rv", "ro")] == [[1, 5, 2, 4]] * 3 + [[1, 5, 8]]
+    assert attr(res.proto, "att", "scale") == pytest.approx(0.5)
+    assert weight(res.proto, "proj").shape == (8, 8)
+
+def test_grouped_query_attention_op_freezes():
+    m = attention_3d(4, 2, {"wq": W(8, 16), "wk": W(8, 8), "wv": W(8, 8), "wo": W(16, 8)})
+    a = analyze(m)
+    assert not prunable(a)
+    assert any("grouped" in r for r in group_of(a, "q").frozen)
