@@ -784,3 +784,23 @@ def test_grouped_query_attention_op_freezes():
     a = analyze(m)
     assert not prunable(a)
     assert any("grouped" in r for r in group_of(a, "q").frozen)
+
+# -- 25. the rule registry -------------------------------------------------------------------------
+def test_registry_rejects_a_second_rule_for_an_op():
+    import onnxprune.rules  # noqa: F401  (fills RULES)
+    from onnxprune.core.analysis import RULES, register
+
+    saved = dict(RULES)
+    relu, ln = RULES["Relu"], RULES[("com.microsoft", "LayerNormalization")]
+    try:
+        assert register("Relu")(relu) is relu  # the same function again: allowed (module reloads)
+        with pytest.raises(ValueError, match="two rules for Relu: onnxprune.rules.elementwise"):
+            register("Relu")(lambda ctx, node: None)
+        with pytest.raises(ValueError, match="two rules for \\('com.microsoft', 'LayerNormalization'\\)"):
+            register("LayerNormalization", domain="com.microsoft")(lambda ctx, node: None)
+        register("LayerNormalization", domain="my.ops")(ln)  # another domain is another key
+        assert RULES[("my.ops", "LayerNormalization")] is ln
+    finally:
+        RULES.clear()
+        RULES.update(saved)
+    assert RULES["Relu"] is relu and ("my.ops", "LayerNormalization") not in RULES
