@@ -98,6 +98,14 @@ class Job:
         io.release(self.model)
         return s
 
+    def unit_costs(self, metric: str = "macs") -> dict[int, float]:
+        """Per prunable group: the ``metric`` (MACs or params) removing one of
+        its channels saves (scope ``cost`` ranks channels by score per unit)."""
+        est = self.estimator
+        base = est.before[metric]
+        return {g.id: float(base - est.estimate({g.id: np.arange(g.width - 1)})[metric])
+                for g in self.groups if not g.frozen and g.width > 1}
+
     def plan(self, ratios: Ratios, calib=None, scores=None) -> Plan:
         """The plan ``ratios`` make on this model (a budget is solved here)."""
         if isinstance(calib, str):
@@ -106,6 +114,8 @@ class Job:
             calib = load_calib(calib, self.skeleton())
         if scores is None:
             scores = self.scores(ratios, calib)
+        if ratios.scope == "cost" and not scores.unit:
+            scores.unit = self.unit_costs(ratios.target[0] if ratios.target else "macs")
         if ratios.target is None:
             plan = make_plan(self.ctx, self.groups, ratios, scores=scores)
         else:

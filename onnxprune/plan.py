@@ -19,7 +19,7 @@ from .errors import UserError
 from .importance.criteria import CRITERIA as IMPORTANCES
 from .importance.criteria import Scores, score_groups
 
-SCOPES = ("isomorphic", "global", "local")
+SCOPES = ("isomorphic", "global", "local", "cost")
 
 
 def read_json(src: str | dict, what: str) -> dict:
@@ -315,6 +315,8 @@ def make_plan(ctx: Analysis, groups: list[Group], ratios: Ratios, scores: Scores
             key = ("group", g.id)
         elif ratios.scope == "isomorphic":
             key = ("set", g.set_name, r)
+        elif ratios.scope == "cost":
+            key = ("cost", r)  # every kind in one pool: score per MAC (or parameter) a channel saves
         else:
             key = ("global", g.kind, r)
         pools.setdefault(key, []).append(g)
@@ -329,6 +331,8 @@ def make_plan(ctx: Analysis, groups: list[Group], ratios: Ratios, scores: Scores
             cand = []
             for g in members:
                 s = plan.scores[g.id]
+                if key[0] == "cost":
+                    s = s / max(scores.unit.get(g.id, 0.0), 1e-12)
                 order = np.argsort(s, kind="stable")[: g.width - 1]
                 cand.extend((float(s[i]), g.id, int(i)) for i in order)
             cand.sort(key=lambda t: (t[0], t[1], t[2]))

@@ -80,6 +80,7 @@ class LayerRow:
     samples: int = 0
     err_before: float | None = None
     err_after: float | None = None
+    ridge: float | None = None  # the ridge strength used (chosen on held-out batches)
     seconds: float = 0.0
 
     def as_dict(self) -> dict:
@@ -231,6 +232,8 @@ class _Fit:
     C: list = field(default_factory=list)
     yy: list = field(default_factory=list)  # per group, per output channel sum of Y^2
     n: int = 0
+    held: dict = field(default_factory=lambda: {"G": [], "C": [], "yy": []})  # the held-out batches' statistics
+    lam: float | None = None  # the ridge strength the held-out batches chose
 
 
 def _kept_maps(ctx, keep):
@@ -438,20 +441,63 @@ def _dense_rows(fit: _Fit, x: np.ndarray, y: np.ndarray, rng, budget: int):
     return [(X, Y)]
 
 
-def _accumulate(fit: _Fit, rows) -> None:
+def _accumulate(fit: _Fit, rows, held_out: bool = False) -> None:
+    """Add the regression rows to the layer's statistics (and, for a held-out
+    batch, to the held-out statistics too: the fit half is their difference)."""
+    targets = [(fit.G, fit.C, fit.yy)] + ([(fit.held["G"], fit.held["C"], fit.held["yy"])] if held_out else [])
     for gi, (X, Y) in enumerate(rows):
         Xa = np.empty((len(X), X.shape[1] + 1))
         Xa[:, :-1] = X
         Xa[:, -1] = 1.0
         Y = Y.astype(np.float64)
-        if len(fit.G) <= gi:
-            fit.G.append(np.zeros((Xa.shape[1], Xa.shape[1])))
-            fit.C.append(np.zeros((Xa.shape[1], Y.shape[1])))
-            fit.yy.append(np.zeros(Y.shape[1]))
-        fit.G[gi] += Xa.T @ Xa
-        fit.C[gi] += Xa.T @ Y
-        fit.yy[gi] += (Y * Y).sum(0)
+        for G, C, yy in targets:
+            if len(G) <= gi:
+                G.append(np.zeros((Xa.shape[1], Xa.shape[1])))
+                C.append(np.zeros((Xa.shape[1], Y.shape[1])))
+                yy.append(np.zeros(Y.shape[1]))
+        gx, cx, yx = Xa.T @ Xa, Xa.T @ Y, (Y * Y).sum(0)
+        for G, C, yy in targets:
+            G[gi] += gx
+            C[gi] += cx
+            yy[gi] += yx
     fit.n += len(rows[0][0])
+
+
+LAMBDAS = (1e-3, 1e-2, 1e-1, 1.0, 10.0)  # ridge strengths tried on the held-out batches (relative)
+
+
+def _ridge(G, C, W0, lam_rel: float):
+    d = G.shape[0] - 1
+    lam = lam_rel * np.trace(G[:d, :d]) / max(d, 1)
+    D = np.ones(d + 1)
+    D[-1] = 0.0
+    A = G + lam * np.diag(D)
+    rhs = C + lam * D[:, None] * W0
+    try:
+        W = np.linalg.solve(A, rhs)
+        if not np.all(np.isfinite(W)):
+            raise np.linalg.LinAlgError
+    except np.linalg.LinAlgError:
+        W = np.linalg.lstsq(A, rhs, rcond=None)[0]
+    return W
+
+
+def _select(fit: _Fit, ridge: float) -> tuple[float | None, bool]:
+    """Choose the ridge strength on the held-out batches: fit on the others,
+    measure on these. Returns ``(strength, worth_it)``; ``worth_it`` is False
+    when no strength beats the pruned weights on the held-out data."""
+    h = fit.held
+    if not h["G"]:
+        return None, True
+    errs = {}
+    base = sum(_sq_err(Gv, Cv, yv, W0) for Gv, Cv, yv, W0 in zip(h["G"], h["C"], h["yy"], fit.w0))
+    for lam in sorted(set(LAMBDAS) | {ridge * 10.0**k for k in range(-4, 3)}):
+        errs[lam] = sum(_sq_err(Gv, Cv, yv, _ridge(G - Gv, C - Cv, W0, lam))
+                        for G, C, W0, Gv, Cv, yv in zip(fit.G, fit.C, fit.w0, h["G"], h["C"], h["yy"]))
+    lam = min(errs, key=errs.get)
+    if errs[ridge] <= errs[lam] * 1.01 + 1e-30:
+        lam = ridge  # the given strength unless another is clearly better
+    return lam, errs[lam] < base * (1 - 1e-6)
 
 
 # --------------------------------------------------------------------------- solvers
@@ -483,17 +529,7 @@ def _solve(fit: _Fit, method: str, ridge: float) -> list:
             W = W0 * a[None]
             W[-1] += mu_y - a * mu_p
         else:
-            lam = ridge * np.trace(G[:d, :d]) / max(d, 1)
-            D = np.ones(d + 1)
-            D[-1] = 0.0
-            A = G + lam * np.diag(D)
-            rhs = C + lam * D[:, None] * W0
-            try:
-                W = np.linalg.solve(A, rhs)
-                if not np.all(np.isfinite(W)):
-                    raise np.linalg.LinAlgError
-            except np.linalg.LinAlgError:
-                W = np.linalg.lstsq(A, rhs, rcond=None)[0]
+            W = _ridge(G, C, W0, ridge)
         out.append(W)
     return out
 
@@ -573,6 +609,34 @@ def consumers(ctx, keep) -> list[str]:
     return sorted(seen, key=lambda n: order.get(n, 1 << 30))
 
 
+def downstream(ctx, keep) -> list[str]:
+    """Names of every linear layer (Conv, Gemm, MatMul with a constant weight)
+    whose input the pruning changed: the consumers of pruned channels and every
+    linear layer after them in data flow (their inputs drift with the pruned
+    model's activations), in graph order."""
+    from .core.members import IN, OUT
+
+    touched, reads = set(), set()
+    for m in ctx.tensors:
+        if m.role in (IN, OUT) and m.space.size is not None and len(ctx.table.kept(m.space, keep)) < m.space.size:
+            touched.add(m.node.name)
+            if m.role == IN:
+                reads.add(m.node.name)
+    changed: set = set()  # values whose contents differ from the original's
+    out = []
+    for n in ctx.graph:
+        hit = n.name in touched or any(v is not None and v.name in changed for v in n.inputs)
+        if not hit:
+            continue
+        changed.update(v.name for v in n.outputs)
+        if n.op_type in ("Conv", "Gemm", "MatMul") and len(n.inputs) > 1 and n.inputs[1] is not None \
+                and (n.inputs[1].const_value is not None or n.inputs[1].producer() is not None
+                     and n.inputs[1].producer().op_type == "DequantizeLinear"):
+            if n.name in reads or (n.inputs[0] is not None and n.inputs[0].name in changed):
+                out.append(n.name)
+    return out
+
+
 def recover(
     original: onnx.ModelProto,
     pruned: onnx.ModelProto,
@@ -587,6 +651,8 @@ def recover(
     seed: int = 0,
     progress: bool = True,
     validate: bool = True,
+    layers: str = "all",
+    ridge_select: bool = True,
 ) -> tuple[onnx.ModelProto, list[LayerRow]]:
     """Re-fit every consumer of pruned channels in closed form; no labels.
 
@@ -610,7 +676,9 @@ def recover(
     work.CopyFrom(pruned)
     g, og = _Graph(work), _Graph(original)
     ins, outs = _kept_maps(ctx, keep)
-    names = consumers(ctx, keep)
+    if layers not in ("pruned", "all"):
+        raise ValueError(f"layers must be 'pruned' or 'all', not {layers!r}")
+    names = consumers(ctx, keep) if layers == "pruned" or method != "ridge" else downstream(ctx, keep)
     rows: list[LayerRow] = []
     fits: list[_Fit] = []
     for name in names:
@@ -632,6 +700,9 @@ def recover(
     def feeds(b):
         return b if isinstance(b, dict) else {in_names[0]: np.asarray(b, dtype=np.float32)}
 
+    # ridge: every other batch is held out to choose the ridge strength per layer
+    # (and to refuse a fit that only helps on the data it was fitted on)
+    hold = method == "ridge" and ridge_select and len(batches) >= 2
     bar = _Progress(len(by_level) * len(batches), progress)
     rng = np.random.default_rng(seed)
     for lvl in sorted(by_level):
@@ -657,13 +728,16 @@ def recover(
                 if rws is None:
                     f.row.reason = f.row.reason or "input/output shapes do not match a linear layer"
                     continue
-                _accumulate(f, rws)
+                _accumulate(f, rws, held_out=hold and bi % 2 == 1)
             bar.step(f"level {lvl}: {', '.join(f.row.node for f in todo)}", end_of_level=bi == len(batches) - 1)
         for f in todo:
             if f.row.reason or not f.G:
                 f.row.status = "skipped"
                 continue
-            Ws = _solve(f, method, ridge)
+            lam, worth = _select(f, ridge) if hold else (None, True)
+            f.held = {"G": [], "C": [], "yy": []}
+            f.row.ridge = lam if lam is not None else (ridge if method == "ridge" else None)
+            Ws = _solve(f, method, ridge if lam is None else lam)
             tot_y = sum(float(yy.sum()) for yy in f.yy)
             before = sum(_sq_err(G, C, yy, W) for G, C, yy, W in zip(f.G, f.C, f.yy, f.w0))
             after = sum(_sq_err(G, C, yy, W) for G, C, yy, W in zip(f.G, f.C, f.yy, Ws))
@@ -672,6 +746,9 @@ def recover(
             f.row.err_after = float(np.sqrt(after / max(tot_y, 1e-30)))
             if not all(np.all(np.isfinite(W)) for W in Ws):
                 f.row.status, f.row.reason = "skipped", "non-finite solution"
+            elif not worth:
+                f.row.status, f.row.reason = "kept", "no ridge strength beat the pruned weights on held-out batches"
+                f.row.err_after = f.row.err_before
             elif after > before * (1 + 1e-9):
                 f.row.status, f.row.reason = "kept", "the fit did not lower the reconstruction error"
                 f.row.err_after = f.row.err_before

@@ -12,6 +12,7 @@ highest. Scores of different kinds are never compared: pools never mix kinds.
 | ``activation`` | mean abs activation of c, where the group's consumers read it (ORT, intermediate outputs exposed) | yes |
 | ``taylor`` | sum over members of abs(w * dL/dw) over c's slices (gradients through the onnx2torch import; L = cross-entropy with label smoothing 0.1 against the data's labels, else the model's own predictions) | yes |
 | ``hessian`` | sum over members and calibration batches of (w * dL/dw)^2: the diagonal empirical-Fisher approximation of the loss change (OBD-style) | yes |
+| ``recon`` | relative output error the channel's removal leaves at the linear layers where it ends, after the least-squares re-fit that ``--recover ridge`` does (Optimal-Brain-Surgeon formula on the consumers' input covariance; see ``recon.py``) | yes |
 | ``gohsp`` | heads only: stationary probability of the Markov chain over head-output cosine similarity (seed 002, Alg. 2) | yes |
 """
 from __future__ import annotations
@@ -30,8 +31,8 @@ from ..errors import UserError
 
 log = logging.getLogger(__name__)
 
-CRITERIA = ("l2", "l1", "random", "bn_scale", "activation", "taylor", "hessian", "gohsp")
-DATA_CRITERIA = {"activation", "taylor", "hessian", "gohsp"}
+CRITERIA = ("l2", "l1", "random", "bn_scale", "activation", "taylor", "hessian", "recon", "gohsp")
+DATA_CRITERIA = {"activation", "taylor", "hessian", "recon", "gohsp"}
 NORMS = {"BatchNormalization", "LayerNormalization", "GroupNormalization", "InstanceNormalization"}
 GOHSP_EPS = 1e-12
 GOHSP_MAX_ITERS = 100000
@@ -43,6 +44,7 @@ class Scores:
     used: dict = field(default_factory=dict)  # group id -> criterion actually used
     notes: dict = field(default_factory=dict)  # group id -> why a fallback happened
     gohsp: dict = field(default_factory=dict)  # group id -> {"P": ..., "stationary": ..., "iterations": ...}
+    unit: dict = field(default_factory=dict)  # group id -> MACs (or params) one channel saves (scope "cost")
 
 
 def criterion_for(spec: dict, kind: str) -> str:
@@ -274,7 +276,16 @@ def score_groups(ctx: Analysis, groups: list[Group], spec: dict, seed: int = 0, 
                     s = magnitude(ctx, g, "l2")
                     want[g.id] = "l2"
                 out.values[g.id] = s
-    if "activation" in needs or "gohsp" in needs:
+    if "recon" in needs:
+        from .recon import recon_scores
+
+        todo = [g for g in live if want[g.id] == "recon"]
+        vals, notes = recon_scores(ctx, todo, proto, calib, _capture, axis_map, seed)
+        out.values.update(vals)
+        for gid, why in notes.items():
+            out.notes[gid] = f"{why}; activation used"
+            want[gid] = "activation"
+    if any(c in ("activation", "gohsp") for c in want.values()):
         _data_scores(ctx, live, want, proto, calib, out)
     out.used = want
     return out

@@ -1,0 +1,201 @@
+"""The ``recon`` criterion, scope ``cost`` and the recovery's held-out ridge choice.
+
+``recon`` scores a channel by the error its removal leaves at the linear layers
+where it ends once they are re-fitted by least squares; checked here against a
+brute-force re-fit in numpy on a small MLP whose hidden layer has a planted
+redundant pair (large, but predictable from each other) and a small unique
+channel: magnitude removes the small unique one, ``recon`` one of the pair.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxprune import io
+from onnxprune.api import analyze, prune
+from onnxprune.importance.calib import Calibration
+from onnxprune.importance.criteria import Scores, axis_map, score_groups, _capture
+from onnxprune.importance.recon import recon_scores
+from onnxprune.plan import Ratios, make_plan
+from onnxprune.recover import _accumulate, _Fit, _select, LayerRow, downstream, recover
+
+D_IN, HID, D_OUT = 6, 8, 5
+PAIR, SMALL = (3, 5), 0
+
+
+def _mlp(seed=0):
+    """x[N,6] -> Gemm 6->8 (+b) -> Relu -> MatMul 8->5 -> y. Hidden 5 = 2 * hidden 3
+    (+ a tiny independent direction; Relu keeps the factor 2), hidden 0 is 50x
+    smaller than the rest but not predictable from them."""
+    rng = np.random.default_rng(seed)
+    w1 = rng.standard_normal((HID, D_IN))
+    b1 = rng.standard_normal(HID)
+    w1[PAIR[1]] = 2 * w1[PAIR[0]] + 0.01 * rng.standard_normal(D_IN)
+    b1[PAIR[1]] = 2 * b1[PAIR[0]]
+    w1[SMALL] *= 0.02
+    b1[SMALL] *= 0.02
+    w2 = rng.standard_normal((HID, D_OUT))
+    g = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "w1", "b1"], ["p"], name="fc1", transB=1),
+         helper.make_node("Relu", ["p"], ["h"], name="relu"),
+         helper.make_node("MatMul", ["h", "w2"], ["y"], name="fc2")],
+        "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", D_IN])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", D_OUT])],
+        initializer=[numpy_helper.from_array(a.astype(np.float32), n) for n, a in (("w1", w1), ("b1", b1), ("w2", w2))],
+    )
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    onnx.checker.check_model(m, full_check=True)
+    return m, w1, b1, w2
+
+
+def _calib(n_batches=4, batch=64, seed=1):
+    rng = np.random.default_rng(seed)
+    return Calibration([rng.standard_normal((batch, D_IN)).astype(np.float32) for _ in range(n_batches)], None, "test")
+
+
+def _brute(w1, b1, w2, xs):
+    """Relative error (vs the output's energy) after removing each hidden channel
+    and re-fitting fc2's weights and a bias by least squares."""
+    x = np.concatenate(xs).astype(np.float64)
+    h = np.maximum(x @ w1.T + b1, 0)
+    y = h @ w2
+    out = []
+    for c in range(HID):
+        keep = [i for i in range(HID) if i != c]
+        a = np.hstack([h[:, keep], np.ones((len(h), 1))])
+        sol = np.linalg.lstsq(a, y, rcond=None)[0]
+        out.append(((a @ sol - y) ** 2).sum() / (y ** 2).sum())
+    return np.array(out)
+
+
+def _hidden_group(job):
+    (g,) = [g for g in job.groups if not g.frozen and g.width == HID]
+    return g
+
+
+def test_recon_costs_equal_a_brute_force_refit(monkeypatch):
+    import onnxprune.importance.recon as recon
+
+    monkeypatch.setattr(recon, "RIDGE", 0.0)  # the formula itself; the default adds a 1e-4 relative ridge
+    m, w1, b1, w2 = _mlp()
+    cal = _calib()
+    job = analyze(m)
+    g = _hidden_group(job)
+    vals, notes = recon_scores(job.ctx, [g], m, cal, _capture, axis_map, sequential_ok=False)
+    assert not notes
+    want = _brute(w1, b1, w2, cal.batches)
+    got = vals[g.id]
+    np.testing.assert_allclose(got, want, rtol=1e-4)  # float32 activations vs float64 here
+    assert int(np.argmin(got)) in PAIR
+
+
+def test_recon_removes_a_redundant_channel_where_magnitude_removes_the_small_one():
+    m, *_ = _mlp()
+    cal = _calib()
+    job = analyze(m)
+    g = _hidden_group(job)
+    l2 = score_groups(job.ctx, [g], {"default": "l2"})
+    rc = score_groups(job.ctx, [g], {"default": "recon"}, proto=m, calib=cal)
+    assert rc.used[g.id] == "recon"
+    assert int(np.argmin(l2.values[g.id])) == SMALL
+    first = int(np.argmin(rc.values[g.id]))
+    assert first in PAIR
+    # sequential: once one of the pair is gone the other is no longer redundant
+    other = PAIR[1] if first == PAIR[0] else PAIR[0]
+    assert rc.values[g.id][other] > rc.values[g.id][first] * 100
+    # and on held-out data, pruning that channel plus ridge recovery beats the l2 choice
+    held = _calib(2, 64, seed=7)
+    errs = {}
+    for crit in ("l2", "recon"):
+        res = prune(m, {"layers": {"fc1": 1 / HID}, "scope": "local", "importance": crit}, calib=cal)
+        out, rows = recover(m, res.proto, res.analyzed.ctx, res.plan.keep, cal, progress=False, ridge=1e-8)
+        sa, sb = io.session(m), io.session(out)
+        num = den = 0.0
+        for x in held.batches:
+            ya, yb = sa.run(None, {"x": x})[0], sb.run(None, {"x": x})[0]
+            num += float(((ya - yb) ** 2).sum())
+            den += float((ya ** 2).sum())
+        errs[crit] = np.sqrt(num / den)
+    assert errs["recon"] < errs["l2"] / 3, errs
+
+
+def test_cost_scope_ranks_by_score_per_mac():
+    """Two groups with equal scores: scope 'cost' takes channels from the one
+    whose channels save more MACs; 'global' ranks by score only."""
+    text = """<ir_version: 8, opset_import: ["" : 17]>
+    g (float[1,3,16,16] x) => (float[1,4,8,8] y) {
+        a = Conv <pads = [1,1,1,1]> (x, w1)
+        ra = Relu (a)
+        b = Conv <pads = [1,1,1,1], strides = [2,2]> (ra, w2)
+        rb = Relu (b)
+        y = Conv (rb, w3)
+    }"""
+    m = onnx.parser.parse_model(text)
+    rng = np.random.default_rng(0)
+    for n, s in (("w1", (8, 3, 3, 3)), ("w2", (8, 8, 3, 3)), ("w3", (4, 8, 1, 1))):
+        m.graph.initializer.append(numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n))
+    job = analyze(m)
+    live = [g for g in job.groups if not g.frozen]
+    assert len(live) == 2
+    unit = job.unit_costs("macs")
+    big, small = sorted(live, key=lambda g: -unit[g.id])
+    assert unit[big.id] > unit[small.id] > 0  # conv1's channels live at 16x16, conv2's at 8x8
+    sc = Scores(values={g.id: np.linspace(1, 2, g.width) for g in live}, unit=unit)
+    plan = make_plan(job.ctx, job.groups, Ratios.from_dict({"default": 0.25, "scope": "cost"}), scores=sc)
+    assert len(plan.keep[big.id]) == 4 and small.id not in plan.keep
+    plan = make_plan(job.ctx, job.groups, Ratios.from_dict({"default": 0.25, "scope": "global"}), scores=sc)
+    assert len(plan.keep[big.id]) == 6 and len(plan.keep[small.id]) == 6
+
+
+def test_held_out_choice_refuses_a_fit_to_noise():
+    """Targets that are noise independent of the inputs: a ridge re-fit only
+    fits the calibration rows; the held-out half says no strength helps."""
+    rng = np.random.default_rng(0)
+    d, m_out = 40, 6
+    fit = _Fit(row=LayerRow("n", "MatMul", "skipped"), node=None, x_name="", y_name="", kept_out=np.arange(m_out),
+               groups=[], w0=[np.zeros((d + 1, m_out))], kind="dense")
+    for b in range(4):
+        _accumulate(fit, [(rng.standard_normal((30, d)), rng.standard_normal((30, m_out)))], held_out=b % 2 == 1)
+    lam, worth = _select(fit, 1e-2)
+    assert not worth
+    # the same layer with a real linear target: a strength is chosen and it is worth it
+    w = rng.standard_normal((d, m_out))
+    fit2 = _Fit(row=LayerRow("n", "MatMul", "skipped"), node=None, x_name="", y_name="", kept_out=np.arange(m_out),
+                groups=[], w0=[np.zeros((d + 1, m_out))], kind="dense")
+    for b in range(4):
+        x = rng.standard_normal((30, d))
+        _accumulate(fit2, [(x, x @ w + 0.1 * rng.standard_normal((30, m_out)))], held_out=b % 2 == 1)
+    lam2, worth2 = _select(fit2, 1e-2)
+    assert worth2 and lam2 is not None
+
+
+def test_recovery_refits_the_layers_after_the_pruned_one():
+    """conv1 -> conv2 -> conv3 with only conv1's outputs pruned: conv2 reads
+    pruned channels, conv3's input drifts; both are re-fitted, conv1 is not."""
+    from test_recover import small_cnn
+
+    m = small_cnn(seed=3)
+    job = analyze(m)
+
+    def halve(node):  # keep half of the channels ``node`` produces (conv1's: one group per conv2 group)
+        gs = [g for g in job.groups if any(t.role == "out" and t.node.name == node for t in g.tensors)]
+        assert gs
+        return {g.id: np.arange(g.width // 2) for g in gs}
+
+    assert downstream(job.ctx, halve("conv3")) == ["fc"]
+    assert downstream(job.ctx, halve("conv1")) == ["conv2", "conv3", "fc"]
+    res = prune(m, {"layers": {"conv1": 0.25}, "scope": "local"})
+    assert set(res.plan.keep) <= set(halve("conv1"))
+    names = downstream(res.analyzed.ctx, res.plan.keep)
+    rng = np.random.default_rng(0)
+    cal = [rng.standard_normal((16, 3, 16, 16)).astype(np.float32) for _ in range(4)]
+    out, rows = recover(m, res.proto, res.analyzed.ctx, res.plan.keep, cal, progress=False)
+    assert {r.node for r in rows} == set(names)
+    out2, rows2 = recover(m, res.proto, res.analyzed.ctx, res.plan.keep, cal, progress=False, layers="pruned")
+    assert {r.node for r in rows2} == {"conv2"}
+    with pytest.raises(ValueError):
+        recover(m, res.proto, res.analyzed.ctx, res.plan.keep, cal, progress=False, layers="some")
