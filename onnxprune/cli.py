@@ -138,7 +138,8 @@ def _sub_parsers() -> dict[str, argparse.ArgumentParser]:
                    "--teacher, unlabelled data: a folder of images (any layout) or FILE.npy / FILE.npz (one array per input name)")
     f.add_argument("-o", "--output", required=True)
     f.add_argument("--teacher", help="unpruned ONNX model: distil from its logits")
-    f.add_argument("--recipe", default="quick", help="deit | convnext | resnet | mobilenet | swin (the Isomorphic Pruning paper's training recipes) | quick")
+    f.add_argument("--recipe", help="deit | convnext | resnet | mobilenet | swin (the Isomorphic Pruning paper's training recipes) | "
+                   "quick | distill (default: quick with labels, distill without: lr 1e-4, no weight decay)")
     f.add_argument("--epochs", type=int)
     f.add_argument("--lr", type=float, help="learning rate (default: the recipe's base lr scaled by batch size)")
     f.add_argument("--batch-size", type=int, default=64)
@@ -147,6 +148,7 @@ def _sub_parsers() -> dict[str, argparse.ArgumentParser]:
     f.add_argument("--kd-alpha", type=float, default=0.5)
     f.add_argument("--kd-temperature", type=float, default=4.0)
     f.add_argument("--max-steps", type=int, help="stop after this many optimiser steps")
+    f.add_argument("--minutes", type=float, help="train for this long (the lr schedule is fitted to it; --epochs then unset)")
     f.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--bn-reinsert", choices=["auto", "on", "off"], default="auto",
@@ -455,7 +457,7 @@ def cmd_finetune(args) -> str:
     _check_paths(args.model, args.output, args.teacher)
     opts = Options(data=args.data, output=args.output, teacher=args.teacher, recipe=args.recipe, epochs=args.epochs, lr=args.lr,
                    batch_size=args.batch_size, workers=args.workers, resume=args.resume, kd_alpha=args.kd_alpha,
-                   kd_temperature=args.kd_temperature, max_steps=args.max_steps, device=args.device, seed=args.seed,
+                   kd_temperature=args.kd_temperature, max_steps=args.max_steps, minutes=args.minutes, device=args.device, seed=args.seed,
                    progress=not args.quiet, bn_reinsert=args.bn_reinsert)
     r = finetune(args.model, opts)
     if "teacher_after" in r:

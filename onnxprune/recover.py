@@ -326,9 +326,6 @@ def _plan_fit(g: _Graph, orig: _Graph, name: str, ins, outs, max_features: int, 
         if m % grp:
             row.reason = "group does not divide the output channels"
             return row
-        if cpg == 1 and grp > 1:
-            row.reason = "depthwise: no channel mixing to re-fit"
-            return row
         geo = _conv_geometry(g, node, w)
         if isinstance(geo, str):
             row.reason = geo

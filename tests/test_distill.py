@@ -107,6 +107,24 @@ def test_label_free_distillation_from_a_flat_folder(tmp_path, cnn, flat_images):
     assert [n.SerializeToString() for n in a.graph.node] == [n.SerializeToString() for n in b.graph.node]
 
 
+def test_time_budget_and_the_distill_recipe_by_default(tmp_path, cnn, flat_images):
+    """Without labels the default recipe is 'distill' (lr 1e-4 x batch/64, no
+    weight decay, 5% warm-up); --minutes fits the schedule to the budget and stops there."""
+    pruned = str(tmp_path / "pruned.onnx")
+    io.save(prune(cnn, {"kinds": {"channels": 0.5}}).proto, pruned)
+    out = str(tmp_path / "tuned.onnx")
+    rc = main(["finetune", pruned, "--data", flat_images, "-o", out, "--teacher", cnn, "--minutes", "0.15",
+               "--batch-size", "16", "--workers", "0", "-q"])
+    assert rc == 0
+    rep = json.load(open(str(tmp_path / "tuned.finetune.json")))
+    assert rep["recipe"]["name"] == "distill" and rep["recipe"]["weight_decay"] == 0.0
+    assert rep["lr"] == pytest.approx(1e-4 * 16 / 64)
+    assert rep["steps"] > 5
+    assert 0.15 * 60 * 0.8 < rep["train_seconds"] < 0.15 * 60 * 1.6
+    lrs = [h["lr"] for h in rep["history"]]
+    assert lrs[-1] < 0.2 * rep["lr"]  # the cosine ran to (near) its end inside the budget
+
+
 def test_unlabelled_data_needs_a_teacher(tmp_path, cnn, flat_images, capsys):
     assert main(["finetune", cnn, "--data", flat_images, "-o", str(tmp_path / "t.onnx"), "-q"]) == 1
     assert "--teacher" in capsys.readouterr().err

@@ -57,7 +57,12 @@ RECIPES = {
                    random_erasing=0.25, randaugment=RA, clip_grad=5.0, drop_path=0.1),
     # not in the table: short CPU runs (no heavy augmentation, lr not scaled down)
     "quick": Recipe("quick", "adamw", 1e-3, 64, 0.05, epochs=3, label_smoothing=0.1),
+    # not in the table: label-free distillation of a model that already works
+    # (after --recover): a small lr and no weight decay, so training refines
+    # the re-fitted weights instead of undoing them; warm-up over the first 5%
+    "distill": Recipe("distill", "adamw", 1e-4, 64, 0.0, epochs=3, warmup_epochs=0),
 }
+WARMUP_FRACTION = {"distill": 0.05}  # warm-up as a fraction of all steps (time-budgeted runs have no fixed epochs)
 
 
 def get(name: str, **overrides) -> Recipe:

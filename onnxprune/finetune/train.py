@@ -42,7 +42,7 @@ class Options:
     data: str
     output: str
     teacher: str | None = None
-    recipe: str = "quick"
+    recipe: str | None = None  # None: "quick" with labels, "distill" without
     epochs: int | None = None
     lr: float | None = None
     batch_size: int = 64
@@ -51,6 +51,7 @@ class Options:
     kd_alpha: float = 0.5
     kd_temperature: float = 4.0
     max_steps: int | None = None  # stop early (tests, smoke runs)
+    minutes: float | None = None  # training time budget: the schedule is fitted to it
     device: str | None = None
     seed: int = 0
     mean: tuple = IMAGENET_MEAN
@@ -102,6 +103,8 @@ class _Progress:
 
 def _lr_at(step: int, total: int, steps_per_epoch: int, base: float, recipe: R.Recipe) -> float:
     warm = recipe.warmup_epochs * steps_per_epoch
+    if recipe.name in R.WARMUP_FRACTION:
+        warm = int(R.WARMUP_FRACTION[recipe.name] * total)
     if step < warm:
         return base * (step + 1) / warm
     if recipe.schedule == "step":
@@ -186,11 +189,13 @@ def finetune(pruned: str, opts: Options) -> dict:
     over = dict(opts.overrides)
     if "hflip" in meta and not meta["hflip"]:
         over.setdefault("hflip", 0.0)
+    labelled = D.is_labelled(opts.data)
     if opts.epochs is not None:
         over["epochs"] = opts.epochs
-    recipe = R.get(opts.recipe, **over)
+    elif opts.minutes:
+        over["epochs"] = 10**6  # the time budget ends the run
+    recipe = R.get(opts.recipe or ("quick" if labelled else "distill"), **over)
     proto = onnx.load(pruned)
-    labelled = D.is_labelled(opts.data)
     try:
         size = input_size(proto)[0]
     except UserError:
@@ -283,6 +288,7 @@ def finetune(pruned: str, opts: Options) -> dict:
     history = []
     seen, t_train = 0, time.perf_counter()
     epoch = start_epoch
+    budget_s = opts.minutes * 60 if opts.minutes else None
     while step < total and epoch < recipe.epochs:
         if sampler is not None:
             sampler.set_epoch(epoch)
@@ -341,13 +347,17 @@ def finetune(pruned: str, opts: Options) -> dict:
             step += 1
             losses.append(step_loss)
             el = time.perf_counter() - t_train
-            bar.show(f"epoch {epoch + 1}/{recipe.epochs} step {step}/{total} loss {np.mean(losses[-20:]):.4f} "
+            if budget_s and (el >= budget_s or step == 5 or (step > 5 and step % 20 == 0)):
+                # fit the schedule to the time left (measured speed); stop at the budget
+                fit = step if el >= budget_s else max(step + 1, int(budget_s * step / max(el, 1e-9)))
+                total = min(fit, opts.max_steps) if opts.max_steps else fit
+            bar.show(f"epoch {epoch + 1}{'' if budget_s else f'/{recipe.epochs}'} step {step}/{total} loss {np.mean(losses[-20:]):.4f} "
                      f"lr {cur_lr:.2e} {seen / max(el, 1e-9):.1f} img/s")
         epoch += 1
         rec = {"epoch": epoch, "step": step, "loss": float(np.mean(losses)) if losses else None, "lr": cur_lr}
         history.append(rec)
         if main_proc:
-            bar.show(f"epoch {epoch}/{recipe.epochs} done: loss {rec['loss']:.4f}", force=True)
+            bar.show(f"epoch {epoch}{'' if budget_s else f'/{recipe.epochs}'} done: loss {rec['loss']:.4f}", force=True)
             torch.save({"model": student.state_dict(), "opt": opt.state_dict(), "step": step, "epoch": epoch, "ema": ema,
                         "recipe": recipe.as_dict()}, ckpt_path)
     if ema is not None:
