@@ -334,6 +334,9 @@ def _plan_fit(g: _Graph, orig: _Graph, name: str, ins, outs, max_features: int, 
         if b is None:
             row.reason = "Conv bias is not a constant"
             return row
+        if cpg == 1 and grp > 1:
+            row.reason = "depthwise: one input per output channel (re-fitting it did not generalise on held-out data in our runs)"
+            return row
         mpg = m // grp
         groups, w0 = [], []
         for gi in range(grp):

