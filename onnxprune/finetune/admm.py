@@ -71,7 +71,7 @@ def _torch_axis(link, axis: int, ndim: int) -> int | None:
 
 
 def build_structures(a, plan, imp) -> list[Structure]:
-    from .importer import _get
+    from .importer import tensor_at
 
     out = []
     t = a.ctx.table
@@ -84,7 +84,7 @@ def build_structures(a, plan, imp) -> list[Structure]:
             if name not in imp.trainable:
                 continue
             link = imp.links[name][0]
-            p = _get(imp.module, link.path)
+            p = tensor_at(imp.module, link.path)
             ax = _torch_axis(link, m.axis, p.dim())
             if ax is None:
                 continue

@@ -26,7 +26,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 GLYPHS = string.digits + string.ascii_uppercase
 
 
-def _fonts() -> list:
+def fonts_available() -> list:
     from PIL import ImageFont
 
     paths = sorted(glob.glob("/usr/share/fonts/**/*.ttf", recursive=True))
@@ -83,7 +83,7 @@ def make_synthetic(out_dir: str, classes: int = 10, train: int = 300, val: int =
     if os.path.exists(out_dir) and os.listdir(out_dir):
         raise UserError(f"{out_dir} exists and is not empty")
     rng = np.random.default_rng(seed)
-    fonts = _fonts()
+    fonts = fonts_available()
     chars = GLYPHS[:classes]
     total = classes * (train + val)
     done = 0

@@ -223,12 +223,14 @@ def _make_trainable(imp: Imported) -> None:
             if leaf in owner._buffers:
                 del owner._buffers[leaf]
             owner._parameters[leaf] = param
-    untied = [n for n in imp.trainable if len({id(_get(mod, ln.path)) for ln in imp.links[n]}) > 1]
+    untied = [n for n in imp.trainable if len({id(tensor_at(mod, ln.path)) for ln in imp.links[n]}) > 1]
     for n in untied:
         log.warning("initializer %s has %d differently laid out copies in torch; the first is written back", n, len(imp.links[n]))
 
 
-def _get(mod, path):
+def tensor_at(mod, path):
+    """The torch tensor (parameter or buffer) at ``path`` in ``mod``: where an
+    ONNX initializer lives after the import (``Imported.links[name][i].path``)."""
     owner, leaf = _locate(mod, path)
     return getattr(owner, leaf)
 
@@ -242,7 +244,7 @@ def write_back(imp: Imported, proto: onnx.ModelProto | None = None) -> onnx.Mode
     inits = {i.name: i for i in out.graph.initializer}
     for name in imp.trainable + imp.stats:
         link = imp.links[name][0]
-        t = _get(imp.module, link.path).detach().cpu().numpy()
+        t = tensor_at(imp.module, link.path).detach().cpu().numpy()
         init = inits[name]
         dtype = onnx.helper.tensor_dtype_to_np_dtype(init.data_type)
         if link.transform == "T":

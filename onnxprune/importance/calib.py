@@ -87,10 +87,10 @@ def load(spec: str, proto: onnx.ModelProto, n_batches: int = 4, batch: int = 32,
             raise UserError("image calibration needs an input [N, C, H, W] with static H, W; give a .npy/.npz")
     need = n_batches * batch
     if spec == "synthetic":
-        from ..finetune.data import GLYPHS, _fonts, render_glyph, transforms
+        from ..finetune.data import GLYPHS, fonts_available, render_glyph, transforms
 
         rng = np.random.default_rng(seed)
-        fonts = _fonts()
+        fonts = fonts_available()
         tf = transforms(dims[2], train=False)
         x = np.stack([tf(render_glyph(GLYPHS[int(rng.integers(10))], dims[2], rng, fonts)).numpy() for _ in range(need)])
         xs, ys = _chunks(x, None, batch, n_batches)

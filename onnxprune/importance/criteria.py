@@ -347,12 +347,12 @@ def _taylor_arrays(proto, calib, which: set) -> dict[str, dict[str, np.ndarray]]
         import torch
         import torch.nn.functional as F
 
-        from ..finetune.importer import _get, import_onnx
+        from ..finetune.importer import tensor_at, import_onnx
     except ImportError as e:
         raise UserError(f"taylor/hessian importance needs torch and onnx2torch: pip install 'onnxprune[finetune]' ({e})") from None
     imp = import_onnx(proto)
     mod = imp.module.eval()
-    params = {name: _get(mod, imp.links[name][0].path) for name in imp.trainable}
+    params = {name: tensor_at(mod, imp.links[name][0].path) for name in imp.trainable}
     grads = {n: torch.zeros_like(p) for n, p in params.items()}
     fisher = {n: torch.zeros_like(p) for n, p in params.items()}
     inits = {i.name for i in proto.graph.initializer}
