@@ -276,24 +276,8 @@ def cmd_prune(args) -> str:
         _say(args, table(latency))
     log.debug("rewrite + write + validate: %.2fs", time.perf_counter() - t0)
     if args.report:
-        rep = {
-            "input": model,
-            "output": out,
-            "ratios": ratios.to_dict() if ratios else plan.ratios_given,
-            "plan_file": args.plan,
-            "before": b,
-            "after": a,
-            "checks": res.checks,
-            "groups": report.groups_json(groups, plan),
-            "sets": {k: [g.id for g in v] for k, v in job.sets.items()},
-            "oracle": [r.as_dict() for r in rows],
-            "target": plan.target,
-            "latency": [r.as_dict() for r in latency],
-            "recovery": [r.as_dict() for r in recovery],
-            "seconds": round(res.seconds, 3),
-        }
-        with open(args.report, "w") as f:
-            json.dump(rep, f, indent=1)
+        report.write_prune_report(args.report, job, res, model, out, ratios.to_dict() if ratios else plan.ratios_given,
+                                  args.plan, oracle=rows, latency=latency, recovery=recovery)
     if any(r.status == "FAIL" for r in rows):
         raise SystemExit(_verdict("FAILED", f"oracle failed; model written to {out}", 2))
     removed = sum(g.width - len(plan.keep[g.id]) for g in groups if g.id in plan.keep)

@@ -132,3 +132,31 @@ def plot_scores(groups: list[Group], scores, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def write_prune_report(path: str, job, res, model: str, out: str, ratios: dict, plan_file: str | None,
+                       oracle=(), latency=(), recovery=()) -> dict:
+    """The JSON report of one prune run (``--report``): what went in, the plan
+    per group, params/MACs, checks, oracle rows, budget, latency and recovery."""
+    import json
+
+    plan = res.plan
+    rep = {
+        "input": model,
+        "output": out,
+        "ratios": ratios,
+        "plan_file": plan_file,
+        "before": res.before,
+        "after": res.after,
+        "checks": res.checks,
+        "groups": groups_json(job.groups, plan),
+        "sets": {k: [g.id for g in v] for k, v in job.sets.items()},
+        "oracle": [r.as_dict() for r in oracle],
+        "target": plan.target,
+        "latency": [r.as_dict() for r in latency],
+        "recovery": [r.as_dict() for r in recovery],
+        "seconds": round(res.seconds, 3),
+    }
+    with open(path, "w") as f:
+        json.dump(rep, f, indent=1)
+    return rep
