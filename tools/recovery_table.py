@@ -2,7 +2,7 @@
 no labels, no training.
 
     python tools/recovery_table.py [--data DIR] [--targets 0.9,0.7,0.5] [--only cnn|vit]
-                                   [--calib-batches 4] [--batch 32] [--criteria l2,activation,taylor]
+                                   [--calib-batches 4] [--batch 32] [--criteria l2,activation,taylor,recon,recon-cost]
     python tools/recovery_table.py --ridge-sweep 1e-4,1e-3,1e-2,1e-1,1 --sweep-target 0.5 --out tools/results/recovery_ridge.md
 
 For ``models/ref_{cnn,vit}.onnx`` at each MACs target (``{"target_macs": t}``,
@@ -10,9 +10,9 @@ l2 importance, isomorphic scope): top-1 on the synthetic glyph val split and
 top-1 agreement with the unpruned model, for the pruned model, after ``bias``,
 after ``stats`` and after ``ridge`` recovery, with recovery times. Calibration
 images are the *train* split (``--calib DIR``'s choice), their labels unused.
-A second table compares importance criteria (l2 vs activation vs taylor) before
-and after ridge recovery; taylor gets no labels (it uses the model's own
-predictions). ``--ridge-sweep`` instead measures ridge recovery at one target
+A second table compares importance criteria (l2, activation, taylor, recon,
+and recon with scope ``cost``) before and after ridge recovery; taylor gets no
+labels (it uses the model's own predictions). ``--ridge-sweep`` instead measures ridge recovery at one target
 for several ridge strengths (how sensitive the default is; the default was
 fixed before this was measured).
 """
@@ -60,7 +60,8 @@ def main() -> None:
     ap.add_argument("--calib-batches", type=int, default=4)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--ridge", type=float, default=1e-2)
-    ap.add_argument("--criteria", default="l2,activation,taylor")
+    ap.add_argument("--criteria", default="l2,activation,taylor,recon,recon-cost",
+                    help="criteria compared after ridge recovery; NAME-cost: with scope 'cost'")
     ap.add_argument("--ridge-sweep", default="")
     ap.add_argument("--sweep-target", type=float, default=0.5)
     ap.add_argument("--out", default=os.path.join(HERE, "results", "recovery_table.md"))
@@ -119,7 +120,9 @@ def main() -> None:
             raw[f"ref_{kind}@{t}"] = entry
         for crit in [c for c in args.criteria.split(",") if c]:
             for t in targets:
-                ratios = {"target_macs": t, "importance": crit}
+                ratios = {"target_macs": t, "importance": crit.split("-")[0]}
+                if crit.endswith("-cost"):
+                    ratios["scope"] = "cost"  # score per MAC saved, every kind in one pool
                 t0 = time.perf_counter()
                 res = prune(path, ratios, calib=nolabels if crit != "l2" else None)
                 tp = time.perf_counter() - t0
