@@ -148,6 +148,8 @@ def _sub_parsers() -> dict[str, argparse.ArgumentParser]:
     f.add_argument("--kd-alpha", type=float, default=0.5)
     f.add_argument("--kd-temperature", type=float, default=4.0)
     f.add_argument("--max-steps", type=int, help="stop after this many optimiser steps")
+    f.add_argument("--keep-worse", action="store_true", help="without labels: write the trained weights even when they are "
+                   "further from the teacher on the held-out samples than the input's (default: keep the input's)")
     f.add_argument("--minutes", type=float, help="train for this long (the lr schedule is fitted to it; --epochs then unset)")
     f.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
     f.add_argument("--seed", type=int, default=0)
@@ -445,7 +447,7 @@ def cmd_finetune(args) -> str:
     _check_paths(args.model, args.output, args.teacher)
     opts = Options(data=args.data, output=args.output, teacher=args.teacher, recipe=args.recipe, epochs=args.epochs, lr=args.lr,
                    batch_size=args.batch_size, workers=args.workers, resume=args.resume, kd_alpha=args.kd_alpha,
-                   kd_temperature=args.kd_temperature, max_steps=args.max_steps, minutes=args.minutes, device=args.device, seed=args.seed,
+                   kd_temperature=args.kd_temperature, max_steps=args.max_steps, minutes=args.minutes, keep_worse=args.keep_worse, device=args.device, seed=args.seed,
                    progress=not args.quiet, bn_reinsert=args.bn_reinsert)
     r = finetune(args.model, opts)
     if "teacher_after" in r:
@@ -453,7 +455,8 @@ def cmd_finetune(args) -> str:
         what = (f"agreement with the teacher {b['agreement']:.1f}% -> {a['agreement']:.1f}%, KL {b['kl']:.4f} -> {a['kl']:.4f}"
                 if "agreement" in a else "output nMSE " + ", ".join(f"{k} {b['outputs'][k]['nmse']:.4f} -> {v['nmse']:.4f}"
                                                                     for k, v in a["outputs"].items()))
-        return f"{r['steps']} steps in {r['train_seconds']:.0f}s (no labels), {what} -> {args.output}"
+        kept = f"; {r['kept_input']}" if r.get("kept_input") else ""
+        return f"{r['steps']} steps in {r['train_seconds']:.0f}s (no labels), {what}{kept} -> {args.output}"
     if "top1_after" not in r:
         return f"worker finished ({r['steps']} steps)"
     teacher = f", teacher {r['top1_teacher']:.1f}%" if "top1_teacher" in r else ""

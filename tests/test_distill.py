@@ -125,6 +125,28 @@ def test_time_budget_and_the_distill_recipe_by_default(tmp_path, cnn, flat_image
     assert lrs[-1] < 0.2 * rep["lr"]  # the cosine ran to (near) its end inside the budget
 
 
+def test_distillation_that_moves_away_from_the_teacher_keeps_the_input(tmp_path, cnn, flat_images):
+    """Do no harm: a run that ends further from the teacher on the held-out
+    samples (here: lr 1.0 blows it up) writes the input's weights; --keep-worse
+    writes the trained ones."""
+    pruned = str(tmp_path / "pruned.onnx")
+    io.save(prune(cnn, {"kinds": {"channels": 0.5}}).proto, pruned)
+    args = ["--data", flat_images, "--teacher", cnn, "--max-steps", "4", "--epochs", "10", "--batch-size", "16",
+            "--lr", "1.0", "--workers", "0", "--bn-reinsert", "off", "-q"]
+    out, out2 = str(tmp_path / "kept.onnx"), str(tmp_path / "worse.onnx")
+    assert main(["finetune", pruned, "-o", out, *args]) == 0
+    rep = json.load(open(str(tmp_path / "kept.finetune.json")))
+    assert rep["kept_input"] and rep["teacher_after"] == rep["teacher_before"]
+    w = lambda p: {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(p).graph.initializer}  # noqa: E731
+    a, b = w(pruned), w(out)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert main(["finetune", pruned, "-o", out2, "--keep-worse", *args]) == 0
+    rep2 = json.load(open(str(tmp_path / "worse.finetune.json")))
+    assert "kept_input" not in rep2 and not _kl(rep2, "teacher_after") <= _kl(rep2, "teacher_before")  # worse or NaN
+    c = w(out2)
+    assert any(not np.array_equal(a[k], c[k]) for k in a)
+
+
 def test_unlabelled_data_needs_a_teacher(tmp_path, cnn, flat_images, capsys):
     assert main(["finetune", cnn, "--data", flat_images, "-o", str(tmp_path / "t.onnx"), "-q"]) == 1
     assert "--teacher" in capsys.readouterr().err

@@ -52,6 +52,7 @@ class Options:
     kd_temperature: float = 4.0
     max_steps: int | None = None  # stop early (tests, smoke runs)
     minutes: float | None = None  # training time budget: the schedule is fitted to it
+    keep_worse: bool = False  # label-free: write the trained weights even when they are further from the teacher
     device: str | None = None
     seed: int = 0
     mean: tuple = IMAGENET_MEAN
@@ -171,6 +172,14 @@ def evaluate_onnx(proto_or_path, root: str, size: int, mean=IMAGENET_MEAN, std=I
         correct += int((logits.argmax(1) == y).sum())
         total += n
     return 100.0 * correct / max(total, 1)
+
+
+def _teacher_gap(cmp: dict) -> float:
+    """One number for "how far from the teacher": KL on logits, else the sum of
+    the outputs' normalised MSE."""
+    if "kl" in cmp:
+        return float(cmp["kl"])
+    return float(sum(v["nmse"] for v in cmp.get("outputs", {}).values()))
 
 
 def finetune(pruned: str, opts: Options) -> dict:
@@ -387,6 +396,14 @@ def finetune(pruned: str, opts: Options) -> dict:
             tproto = onnx.load(opts.teacher)
             result["teacher_before"] = D.compare_onnx(proto, tproto, feeds)
             result["teacher_after"] = D.compare_onnx(tuned, tproto, feeds)
+            gap0, gap1 = _teacher_gap(result["teacher_before"]), _teacher_gap(result["teacher_after"])
+            if not (gap1 <= gap0) and not opts.keep_worse:  # a NaN is worse too
+                # do no harm: training moved away from the teacher on the held-out samples
+                onnx.save(proto, opts.output)
+                result["kept_input"] = (f"distillation did not bring the model closer to the teacher on held-out samples "
+                                        f"({gap0:.4g} -> {gap1:.4g}); the input's weights were written (--keep-worse writes "
+                                        f"the trained ones)")
+                result["teacher_after"] = result["teacher_before"]
         result["seconds"] = round(time.perf_counter() - t0, 1)
         with open(os.path.splitext(opts.output)[0] + ".finetune.json", "w") as f:
             json.dump(result, f, indent=1)
