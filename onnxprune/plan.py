@@ -334,7 +334,13 @@ def make_plan(ctx: Analysis, groups: list[Group], ratios: Ratios, scores: Scores
         elif ratios.scope == "isomorphic":
             key = ("set", g.set_name, r)
         elif ratios.scope == "cost":
-            key = ("cost", r)  # every kind in one pool: score per MAC (or parameter) a channel saves
+            # one pool, by score per MAC (or parameter) a channel saves. Only recon's scores
+            # (relative errors) compare across layers, and only where the channel's effect is
+            # linear up to its consumers: a group that fell back to another criterion, and
+            # attention dims (heads, head_dim: their error passes through a softmax the score
+            # does not see), are ranked within their isomorphic set instead
+            pooled = scores.used.get(g.id) == "recon" and g.kind not in ("heads", "head_dim")
+            key = ("cost", r) if pooled else ("set", g.set_name, r)
         else:
             key = ("global", g.kind, r)
         pools.setdefault(key, []).append(g)

@@ -145,9 +145,13 @@ def test_cost_scope_ranks_by_score_per_mac():
     unit = job.unit_costs("macs")
     big, small = sorted(live, key=lambda g: -unit[g.id])
     assert unit[big.id] > unit[small.id] > 0  # conv1's channels live at 16x16, conv2's at 8x8
-    sc = Scores(values={g.id: np.linspace(1, 2, g.width) for g in live}, unit=unit)
+    sc = Scores(values={g.id: np.linspace(1, 2, g.width) for g in live}, unit=unit, used={g.id: "recon" for g in live})
     plan = make_plan(job.ctx, job.groups, Ratios.from_dict({"default": 0.25, "scope": "cost"}), scores=sc)
     assert len(plan.keep[big.id]) == 4 and small.id not in plan.keep
+    # scores of another criterion do not compare across layers: each group stays in its own set
+    sc.used = {g.id: "l2" for g in live}
+    plan = make_plan(job.ctx, job.groups, Ratios.from_dict({"default": 0.25, "scope": "cost"}), scores=sc)
+    assert len(plan.keep[big.id]) == 6 and len(plan.keep[small.id]) == 6
     plan = make_plan(job.ctx, job.groups, Ratios.from_dict({"default": 0.25, "scope": "global"}), scores=sc)
     assert len(plan.keep[big.id]) == 6 and len(plan.keep[small.id]) == 6
 
