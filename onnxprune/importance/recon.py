@@ -26,15 +26,11 @@ chunks of at most ``MAX_GRAM_BYTES`` of covariances per pass over the data.
 """
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 
 from ..core.analysis import Analysis
 from ..core.groups import Group
 from ..core.members import IN
-
-log = logging.getLogger(__name__)
 
 MAX_GRAM_BYTES = 1 << 30
 MAX_ROWS = 8192  # sampled rows (positions x samples) per consumer per batch
@@ -85,13 +81,17 @@ class _Consumer:
         self.gram += x.T @ x
         self.n += len(x)
 
+    def moments(self) -> tuple[np.ndarray, np.ndarray]:
+        """Second moment and covariance of the input, per sample."""
+        mu = self.s / self.n
+        second = self.gram / self.n
+        return second, second - np.outer(mu, mu)
+
     def costs(self, lm: np.ndarray, width: int) -> np.ndarray | None:
         """Relative output error of removing each of the group's ``width`` channels."""
         if self.n == 0:
             return None
-        mu = self.s / self.n
-        second = self.gram / self.n
-        cov = second - np.outer(mu, mu)
+        second, cov = self.moments()
         out, energy = np.zeros(width), 0.0
         for blk, W in self.block_rows():
             s2 = second[np.ix_(blk, blk)]
@@ -110,7 +110,6 @@ class _Consumer:
             return None
         return out / energy
 
-
     def state(self, lm: np.ndarray, width: int):
         """For the sequential path: (inverse covariance, weight rows, channel ->
         position, output energy), or None when a channel spans several positions
@@ -120,9 +119,7 @@ class _Consumer:
         sel = lm >= 0
         if np.bincount(lm[sel], minlength=width).max(initial=0) > 1:
             return None
-        mu = self.s / self.n
-        second = self.gram / self.n
-        cov = second - np.outer(mu, mu)
+        second, cov = self.moments()
         (_, W), = list(self.block_rows())
         energy = float(((second @ W) * W).sum())
         if not energy > 0:
@@ -227,8 +224,8 @@ def recon_scores(ctx: Analysis, groups: list[Group], proto, calib, capture, axis
         if not cons:
             notes[g.id] = "no linear consumer where the channels end"
             continue
-        plans[g.id] = cons
-    everyone = [c for cons in plans.values() for c in cons]
+        plans[g.id] = (g, cons)
+    everyone = [c for _, cons in plans.values() for c in cons]
     # chunks of consumers whose covariances fit in memory, one pass over the data each
     chunks, cur, size = [], [], 0
     for c in everyone:
@@ -246,8 +243,7 @@ def recon_scores(ctx: Analysis, groups: list[Group], proto, calib, capture, axis
             for c in chunk:
                 c.add(vals[c.x.name], rng)
     scores = {}
-    for gid, cons in plans.items():
-        g = next(x for x in groups if x.id == gid)
+    for gid, (g, cons) in plans.items():
         tot, used = np.zeros(g.width), 0
         lms = [axis_map(ctx.table, ctx.layouts[c.x][c.axis], g.space, c.k) for c in cons]
         seq = sequential([c.state(lm, g.width) for c, lm in zip(cons, lms)], g.width) if sequential_ok else None
