@@ -21,9 +21,10 @@ log = logging.getLogger(__name__)
 Analyzed = Job  # the analysis result type, by its older name
 
 
-def analyze(model) -> Job:
-    """Load (or take) a model and find its groups and isomorphic sets."""
-    return Job.open(model)
+def analyze(model, rules=None) -> Job:
+    """Load (or take) a model and find its groups and isomorphic sets (with the
+    given :class:`~onnxprune.core.registry.Registry` of rules, or the default one)."""
+    return Job.open(model, rules=rules)
 
 
 @dataclass

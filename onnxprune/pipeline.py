@@ -20,6 +20,7 @@ import onnx_ir as ir
 
 from . import io
 from .core.analysis import Analysis, run_analysis
+from .core.registry import Registry
 from .core.groups import Group, build_groups, isomorphic_sets
 from .errors import UserError
 from .plan import Plan, Ratios, compute_scores, make_plan
@@ -30,28 +31,29 @@ log = logging.getLogger(__name__)
 class Job:
     """A loaded, normalised and analysed model, and everything derived from it."""
 
-    def __init__(self, model: ir.Model, source: str | None = None) -> None:
+    def __init__(self, model: ir.Model, source: str | None = None, rules: Registry | None = None) -> None:
         self.model = model
         self.source = source
-        self.ctx: Analysis = run_analysis(model)
+        self.ctx: Analysis = run_analysis(model, rules)
         self.groups: list[Group] = build_groups(self.ctx)
         self._estimator = None
         self._original: onnx.ModelProto | None = None
         self.rewritten = False
 
     @classmethod
-    def open(cls, model: str | onnx.ModelProto | ir.Model, input_shapes=None) -> "Job":
+    def open(cls, model: str | onnx.ModelProto | ir.Model, input_shapes=None, rules: Registry | None = None) -> "Job":
         """Load and analyse. ``input_shapes`` (``{name: [dims]}`` or ``["name:1,3,640,640"]``)
-        fixes dynamic input dims; any dim but the batch must be known."""
+        fixes dynamic input dims; any dim but the batch must be known. ``rules``: the
+        coupling rules (default: :func:`onnxprune.rules.default_registry`)."""
         shapes = io.parse_input_shapes(input_shapes)
         if isinstance(model, str):
-            job = cls(io.load(model, shapes), model)
+            job = cls(io.load(model, shapes), model, rules)
         elif isinstance(model, onnx.ModelProto):
-            job = cls(io.to_ir(model, shapes))
+            job = cls(io.to_ir(model, shapes), rules=rules)
             job._original = model
         else:
             io.set_input_shapes(model, shapes)
-            job = cls(io.normalised(model))
+            job = cls(io.normalised(model), rules=rules)
         return job
 
     # -- facts --------------------------------------------------------------------------

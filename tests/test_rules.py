@@ -785,22 +785,162 @@ def test_grouped_query_attention_op_freezes():
     assert not prunable(a)
     assert any("grouped" in r for r in group_of(a, "q").frozen)
 
-# -- 25. the rule registry -------------------------------------------------------------------------
-def test_registry_rejects_a_second_rule_for_an_op():
-    import onnxprune.rules  # noqa: F401  (fills RULES)
-    from onnxprune.core.analysis import RULES, register
+# -- 25. the rule registry and the rule contract -----------------------------------------------
+def _noop(ctx, node):
+    ctx.set_layout(node.outputs[0], ctx.layout(node, 0))
 
-    saved = dict(RULES)
-    relu, ln = RULES["Relu"], RULES[("com.microsoft", "LayerNormalization")]
-    try:
-        assert register("Relu")(relu) is relu  # the same function again: allowed (module reloads)
-        with pytest.raises(ValueError, match="two rules for Relu: onnxprune.rules.elementwise"):
-            register("Relu")(lambda ctx, node: None)
-        with pytest.raises(ValueError, match="two rules for \\('com.microsoft', 'LayerNormalization'\\)"):
-            register("LayerNormalization", domain="com.microsoft")(lambda ctx, node: None)
-        register("LayerNormalization", domain="my.ops")(ln)  # another domain is another key
-        assert RULES[("my.ops", "LayerNormalization")] is ln
-    finally:
-        RULES.clear()
-        RULES.update(saved)
-    assert RULES["Relu"] is relu and ("my.ops", "LayerNormalization") not in RULES
+
+def test_registry_rejects_overlapping_opsets_and_dispatches_by_opset():
+    from onnxprune.core.registry import Registry
+    from onnxprune.rules import default_registry
+
+    reg = default_registry()
+    relu = reg.lookup("", "Relu", 17)
+    with pytest.raises(ValueError, match=r"two rules for Relu at overlapping opsets.*onnxprune.rules.elementwise.unary"):
+        reg.add(_noop, "Relu", since=14)
+    with pytest.raises(ValueError, match="two rules for com.microsoft::LayerNormalization"):
+        reg.add(_noop, "LayerNormalization", domain="com.microsoft")
+    reg.add(_noop, "LayerNormalization", domain="my.ops")  # another domain is another op
+    assert reg.lookup("my.ops", "LayerNormalization", 1) is _noop and reg.lookup("", "Relu", 17) is relu
+    r = Registry()
+    r.add(_noop, "Foo", until=12)
+    r.add(relu, "Foo", since=13)  # adjacent ranges are fine
+    assert (r.lookup("", "Foo", 11), r.lookup("ai.onnx", "Foo", 13), r.lookup("", "Bar", 13)) == (_noop, relu, None)
+    with pytest.raises(ValueError, match="empty opset range"):
+        r.add(_noop, "Baz", since=5, until=4)
+    assert ("Foo" in r, ("my.ops", "Foo") in r) == (True, False)
+    assert default_registry().lookup("my.ops", "LayerNormalization", 1) is None  # each call is a fresh registry
+
+
+def softmax_model(opset):
+    # channels (16) on the last axis; Softmax over axis 1 (the 4 tokens)
+    return make("""[fc1] h = MatMul (x, w1)
+  s = Softmax <axis=1> (h)
+  [fc2] y = MatMul (s, w2)""", {"w1": W(8, 16), "w2": W(16, 8)}, out="float[1,4,8] y", inp="float[1,4,8] x", opset=opset)
+
+
+def test_softmax_rule_follows_the_opset():
+    # opset 13+: the distribution is over axis 1 only; opsets < 13 flatten from axis 1 on,
+    # so the channel axis is inside the distribution and must stay
+    assert [g.width for g in prunable(analyze(softmax_model(13)))] == [16]
+    a = analyze(softmax_model(11))
+    assert not prunable(a)
+    assert any("Softmax over channels" in r and "Softmax" in r for r in group_of(a, "fc1").frozen)
+
+
+def test_a_registry_passed_to_the_analysis_decides():
+    import onnx_ir as ir
+
+    from onnxprune.core.analysis import run_analysis
+    from onnxprune.rules import default_registry
+
+    m = make("""[c1] h = Conv (x, w1)
+  r = my.ops.Scale (h)
+  [c2] y = Conv (r, w2)""", {"w1": W(8, 3, 1, 1), "w2": W(4, 8, 1, 1)}, extra_opsets=', "my.ops" : 1')
+
+    def c1_frozen(ctx):
+        return [r for t in ctx.tensors if t.node.name == "c1" and t.role == "out" for r in ctx.table.find(t.space).frozen]
+
+    assert c1_frozen(run_analysis(ir.serde.deserialize_model(m))) == ["no rule for my.ops::Scale (opset 1) at Scale ''"]
+    reg = default_registry()
+    reg.add(_noop, "Scale", domain="my.ops")
+    assert c1_frozen(run_analysis(ir.serde.deserialize_model(m), rules=reg)) == []
+
+
+def test_a_rule_sees_only_the_contract_and_its_refusal_reaches_the_report():
+    from onnxprune.core.analysis import Refusal, RuleContext
+    from onnxprune.report import groups_json
+    from onnxprune.rules import default_registry
+
+    seen = {}
+
+    def refusing(ctx, node):
+        seen["ctx"] = ctx
+        raise Refusal("my reason")
+
+    reg = default_registry()
+    reg.add(refusing, "Scale", domain="my.ops")
+    m = make("""[c1] h = Conv (x, w1)
+  [sc] r = my.ops.Scale (h)
+  [c2] y = Conv (r, w2)""", {"w1": W(8, 3, 1, 1), "w2": W(4, 8, 1, 1)}, extra_opsets=', "my.ops" : 1')
+    job = analyze(m, rules=reg)
+    view = seen["ctx"]
+    assert isinstance(view, RuleContext)
+    for private in ("table", "layouts", "tensors", "model", "sym_alias"):
+        assert not hasattr(view, private), private
+    assert not hasattr(view.spaces, "freeze") and not hasattr(view.spaces, "unify")
+    assert group_of(job, "c1").frozen == ["my reason at Scale 'sc'"]
+    rows = [d for d in groups_json(job.groups) if any(m["node"] == "c1" and m["role"] == "out" for m in d["members"])]
+    assert rows and rows[0]["frozen"] == ["my reason at Scale 'sc'"]
+
+
+@pytest.mark.parametrize("opset", [11, 13])
+def test_squeeze_and_unsqueeze_carry_channels(opset):
+    axes_in = opset >= 13
+    sq = "Squeeze (p, ax)" if axes_in else "Squeeze <axes=[2,3]> (p)"
+    usq = "Unsqueeze (g, ax)" if axes_in else "Unsqueeze <axes=[2,3]> (g)"
+    inits = {"w1": W(8, 3, 3, 3), "wg": W(8, 6), "w2": W(4, 6, 1, 1)}
+    if axes_in:
+        inits["ax"] = I64(2, 3)
+    m = make(f"""[c1] h = Conv <pads=[1,1,1,1]> (x, w1)
+  p = GlobalAveragePool (h)
+  s = {sq}
+  [fc] g = MatMul (s, wg)
+  u = {usq}
+  [c2] y = Conv (u, w2)""", inits, out="float[1,4,1,1] y", opset=opset)
+    a = analyze(m)
+    assert sorted(g.width for g in prunable(a)) == [6, 8]
+    assert members(group_of(a, "c1"), "MatMul", "in") and members(group_of(a, "fc"), "Conv", "in")
+    assert_oracle(m)
+    res = pruned(m)
+    assert weight(res.proto, "fc").shape == (4, 3)
+
+
+def test_dropout_passes_channels_and_lrn_freezes_them():
+    m = make("""[c1] h = Conv <pads=[1,1,1,1]> (x, w1)
+  d = Dropout (h)
+  [c2] y = Conv (d, w2)""", {"w1": W(8, 3, 3, 3), "w2": W(4, 8, 1, 1)})
+    assert [g.width for g in prunable(analyze(m))] == [8]
+    assert_oracle(m)
+    m = make("""[c1] h = Conv <pads=[1,1,1,1]> (x, w1)
+  [n] d = LRN <size=3> (h)
+  [c2] y = Conv (d, w2)""", {"w1": W(8, 3, 3, 3), "w2": W(4, 8, 1, 1)})
+    a = analyze(m)
+    assert not prunable(a) and group_of(a, "c1").frozen == ["LRN mixes neighbouring channels at LRN 'n'"]
+
+
+def test_qdq_weights_and_activations_prune_with_their_scales():
+    # a QDQ graph: per-channel int8 weights behind DequantizeLinear, per-tensor QDQ on the activation
+    q1 = _rng.integers(-100, 100, (8, 3, 3, 3)).astype(np.int8)
+    m = make("""w1 = DequantizeLinear <axis=0> (q1, s1, z1)
+  [c1] h = Conv <pads=[1,1,1,1]> (x, w1, b1)
+  r = Relu (h)
+  qa = QuantizeLinear (r, sa, za)
+  a = DequantizeLinear (qa, sa, za)
+  [c2] y = Conv (a, w2, b2)""", {"q1": q1, "s1": np.abs(W(8)) + 0.01, "z1": np.zeros(8, np.int8), "b1": W(8),
+                                    "sa": np.float32(0.05), "za": np.uint8(128), "w2": W(4, 8, 1, 1), "b2": W(4)})
+    a = analyze(m)
+    (g,) = prunable(a)
+    assert g.width == 8
+    assert {(t.node.op_type, t.slot) for t in g.tensors if t.node.op_type == "DequantizeLinear"} == {
+        ("DequantizeLinear", 0), ("DequantizeLinear", 1), ("DequantizeLinear", 2)}
+    res = pruned(m)
+    assert init(res.proto, "q1").shape == (4, 3, 3, 3) and init(res.proto, "s1").shape == (4,)
+    assert init(res.proto, "z1").shape == (4,) and weight(res.proto, "c2").shape == (4, 4, 1, 1)
+
+
+def test_every_rule_has_a_small_graph_test():
+    """Each rule function is exercised by name in this file or test_ort_fused.py."""
+    import pathlib
+    import re
+
+    from onnxprune.rules import default_registry
+
+    here = pathlib.Path(__file__).parent
+    text = (here / "test_rules.py").read_text() + (here / "test_ort_fused.py").read_text()
+    ops: dict = {}
+    for e in default_registry().entries():
+        ops.setdefault(f"{e.fn.__module__}.{e.fn.__name__}", set()).add(e.op_type)
+    untested = sorted(k for k, names in ops.items()
+                      if not any(re.search(rf'(?<![\w])(?:[\w.]+\.)?{op}\s*[(<]|"{op}"', text) for op in names))
+    assert len(ops) > 30 and untested == []

@@ -1,10 +1,26 @@
 """Propagate channel spaces through a graph and collect the members of each space.
 
-The driver walks nodes in topological order and calls the rule registered for
-each op type (``onnxprune/rules``). A rule reads the layouts of its inputs
-(one :class:`Space` or ``None`` per axis), registers the constant axes it owns
-as members, and sets the layouts of its outputs. Anything a rule cannot prove
-safe is frozen with a reason; unknown ops freeze everything they touch.
+The driver (:func:`run_analysis`) walks nodes in topological order and calls the
+rule a :class:`~onnxprune.core.registry.Registry` gives for each node's domain,
+op type and opset. Unknown ops freeze everything they touch.
+
+**The rule contract.** A rule is ``rule(ctx: RuleContext, node) -> None``. Through
+``ctx`` (and nothing else) it may
+
+- *read*: ``layout`` (its inputs' axes: one :class:`Space` or ``None`` each),
+  ``known``, ``const``, ``dims``, ``rank``, ``tokens``, ``attr``, ``opset``,
+  ``quantized_weight``;
+- *build spaces*: ``ctx.spaces`` (atom, fixed, product, concat, split, factor,
+  tag, find, same, leaves): the space algebra without its freeze;
+- *declare*: ``set_layout`` of its outputs, ``tie`` two axes, and the members it
+  owns: ``member`` (an initializer axis), ``shape_entry`` (an entry of a shape
+  constant), ``attr_entry`` (an attribute), ``extent`` (a width no tensor carries),
+  ``alias`` (what a symbolic dim stands for);
+- *refuse*, one channel: ``ctx.freeze(spaces, node, reason)``; ``freeze_node``
+  and ``raise Refusal(reason)`` (also any ``LayoutError`` from the algebra) end
+  there too. A refusal freezes the spaces with ``"reason at Op 'node'"``; the
+  reason travels with every group that holds the space, into the plan and the
+  report's "why frozen".
 """
 from __future__ import annotations
 
@@ -15,7 +31,9 @@ from typing import Callable
 import numpy as np
 import onnx_ir as ir
 
+from . import dims as D
 from .members import IN, OUT, PARAM, AttrMember, ShapeMember, TensorMember
+from .registry import Registry
 from .space import LayoutError, Space, SpaceTable
 
 log = logging.getLogger(__name__)
@@ -23,10 +41,9 @@ log = logging.getLogger(__name__)
 Layout = tuple  # tuple[Space | None, ...]
 
 
-@dataclass
-class FrozenNote:
-    where: str
-    reason: str
+class Refusal(Exception):
+    """Raised by a rule that cannot analyse its node: every space on the node's
+    inputs and outputs is frozen with this reason."""
 
 
 @dataclass
@@ -39,7 +56,6 @@ class Analysis:
     tensors: list[TensorMember] = field(default_factory=list)
     shapes: list[ShapeMember] = field(default_factory=list)
     attrs: list[AttrMember] = field(default_factory=list)
-    notes: list[FrozenNote] = field(default_factory=list)
     sym_alias: dict = field(default_factory=dict)  # symbolic dim name -> token it stands for
     extents: dict = field(default_factory=dict)  # (id(node), name) -> Space: widths no axis carries (metrics)
     dim_tokens: dict = field(default_factory=dict)  # value name -> probed dims (see io.probe_batch_dims)
@@ -79,6 +95,13 @@ class Analysis:
     def attr(self, node: ir.Node, name: str, default=None):
         a = node.attributes.get(name)
         return default if a is None else a.value
+
+    def opset(self, domain: str = "") -> int:
+        """The model's opset for ``domain`` (the default domain's is 1 if absent; others 1)."""
+        imports = self.model.opset_imports
+        if domain in ("", "ai.onnx"):
+            return imports.get("", imports.get("ai.onnx", 1))
+        return imports.get(domain, 1)
 
     # -- layouts ----------------------------------------------------------------------
     def layout(self, node: ir.Node, slot: int) -> Layout | None:
@@ -168,8 +191,6 @@ class Analysis:
         spaces = [s for s in spaces if s is not None]
         if not spaces:
             return
-        if any(self.table.prunable(s) for s in spaces):
-            self.notes.append(FrozenNote(self.where(node) if node else "graph", reason))
         full = f"{reason} at {self.where(node)}" if node else reason
         for s in spaces:
             self.table.freeze(s, full)
@@ -230,34 +251,134 @@ def dq_parts(dq: ir.Node):
     return q, scale, zp, axis
 
 
-Rule = Callable[[Analysis, ir.Node], None]
-RULES: dict = {}  # op type (default domain) or (domain, op type) -> rule
-DEFAULT_DOMAINS = ("", "ai.onnx")
+Rule = Callable[["RuleContext", ir.Node], None]
 
 
-def register(*op_types: str, domain: str = ""):
-    """Register a rule for op types of ``domain`` (the ONNX default domain unless given)."""
-    def deco(fn: Rule) -> Rule:
-        for op in op_types:
-            key = op if domain in DEFAULT_DOMAINS else (domain, op)
-            if key in RULES and RULES[key] is not fn:
-                raise ValueError(f"two rules for {key}: {RULES[key].__module__}.{RULES[key].__name__} and {fn.__module__}.{fn.__name__}")
-            RULES[key] = fn
-        return fn
+class SpaceAlgebra:
+    """What a rule may do with spaces: build and relate them, never freeze one
+    (that goes through :meth:`RuleContext.freeze`, with a reason and a place)."""
 
-    return deco
+    __slots__ = ("_t",)
+
+    def __init__(self, table: SpaceTable):
+        self._t = table
+
+    def atom(self, size: int, origin: str = "") -> Space:
+        return self._t.atom(size, origin)
+
+    def fixed(self, size: int | None, origin: str = "") -> Space:
+        return self._t.fixed(size, origin)
+
+    def product(self, parts: list[Space], origin: str = "") -> Space:
+        return self._t.product(parts, origin)
+
+    def concat(self, parts: list[Space], origin: str = "") -> Space:
+        return self._t.concat(parts, origin)
+
+    def split(self, s: Space, sizes: list[int], origin: str = "") -> list[Space]:
+        return self._t.split(s, sizes, origin)
+
+    def factor(self, s: Space, sizes: list[int], origin: str = "") -> list[Space]:
+        return self._t.factor(s, sizes, origin)
+
+    def tag(self, s: Space | None, tag: str) -> None:
+        self._t.tag(s, tag)
+
+    def find(self, s: Space) -> Space:
+        """The representative of ``s`` (axes tied together share one)."""
+        return self._t.find(s)
+
+    def same(self, a: Space | None, b: Space | None) -> bool:
+        return a is not None and b is not None and self._t.find(a) is self._t.find(b)
+
+    def leaves(self, s: Space) -> list[Space]:
+        return self._t.leaves(s)
 
 
-def rule_for(node: ir.Node) -> Rule | None:
-    if node.domain in DEFAULT_DOMAINS:
-        return RULES.get(node.op_type)
-    return RULES.get((node.domain, node.op_type))
+class RuleContext:
+    """Everything a rule may read and declare (see the module docstring)."""
+
+    __slots__ = ("_a", "spaces")
+
+    def __init__(self, analysis: Analysis):
+        self._a = analysis
+        self.spaces = SpaceAlgebra(analysis.table)
+
+    # read
+    def layout(self, node: ir.Node, slot: int) -> Layout | None:
+        return self._a.layout(node, slot)
+
+    def known(self, v: ir.Value | None) -> Layout:
+        """The layout already set for ``v`` (``()`` if none), without making
+        members of a constant as :meth:`layout` does."""
+        return self._a.layouts.get(v, ()) if v is not None else ()
+
+    def spaces_of(self, v: ir.Value) -> list[Space]:
+        return self._a.spaces_of(v)
+
+    def const(self, v: ir.Value | None):
+        return self._a.const(v)
+
+    def dims(self, v: ir.Value):
+        return self._a.dims(v)
+
+    def rank(self, v: ir.Value) -> int | None:
+        return self._a.rank(v)
+
+    def tokens(self, v: ir.Value):
+        """Dims of ``v`` as :mod:`~onnxprune.core.dims` tokens, aliases and probed dims applied."""
+        return D.tokens(v, self._a)
+
+    def attr(self, node: ir.Node, name: str, default=None):
+        return self._a.attr(node, name, default)
+
+    def opset(self, domain: str = "") -> int:
+        return self._a.opset(domain)
+
+    @staticmethod
+    def quantized_weight(v: ir.Value | None) -> ir.Node | None:
+        """The DequantizeLinear making ``v`` from constants (a QDQ weight), or None."""
+        return dequantized(v)
+
+    # declare
+    def set_layout(self, v: ir.Value | None, lay) -> None:
+        self._a.set_layout(v, lay)
+
+    def tie(self, a: Space | None, b: Space | None, node: ir.Node, what: str = "") -> Space | None:
+        return self._a.tie(a, b, node, what)
+
+    def member(self, node: ir.Node, slot: int, axis: int, space: Space | None, role: str) -> None:
+        self._a.member(node, slot, axis, space, role)
+
+    def shape_entry(self, node, slot, index, spaces, sign=1) -> None:
+        self._a.shape_entry(node, slot, index, spaces, sign)
+
+    def attr_entry(self, node, name, spaces, index=None) -> None:
+        self._a.attr_entry(node, name, spaces, index)
+
+    def extent(self, node, name: str, space: Space | None) -> None:
+        self._a.extent(node, name, space)
+
+    def alias(self, name: str, token) -> None:
+        """Symbolic dim ``name`` (invented by shape inference) stands for ``token``."""
+        self._a.sym_alias[name] = token
+
+    # refuse
+    def freeze(self, spaces, node: ir.Node | None, reason: str) -> None:
+        self._a.freeze(spaces, node, reason)
+
+    def freeze_node(self, node: ir.Node, reason: str) -> None:
+        self._a.freeze_node(node, reason)
 
 
-def run_analysis(model: ir.Model) -> Analysis:
-    from .. import rules  # noqa: F401  (fills RULES)
+def run_analysis(model: ir.Model, rules: Registry | None = None) -> Analysis:
+    """Analyse ``model`` with ``rules`` (default: :func:`onnxprune.rules.default_registry`)."""
+    if rules is None:
+        from ..rules import default_registry
 
+        rules = default_registry()
     ctx = Analysis(model)
+    view = RuleContext(ctx)
     g = model.graph
     ctx.dim_tokens = g.meta.get("dim_tokens") or {}
     for v in g.inputs:
@@ -265,15 +386,15 @@ def run_analysis(model: ir.Model) -> Analysis:
         if r is not None:
             ctx.layouts[v] = (None,) * r
     for node in g:
-        rule = rule_for(node)
+        rule = rules.lookup(node.domain, node.op_type, ctx.opset(node.domain))
         if rule is None:
-            what = node.op_type if node.domain in DEFAULT_DOMAINS else f"{node.domain}::{node.op_type}"
+            what = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}"
             ctx.unhandled[what] = ctx.unhandled.get(what, 0) + 1
-            ctx.freeze_node(node, f"no rule for {what}")
+            ctx.freeze_node(node, f"no rule for {what} (opset {ctx.opset(node.domain)})")
             continue
         try:
-            rule(ctx, node)
-        except LayoutError as e:
+            rule(view, node)
+        except (Refusal, LayoutError) as e:
             ctx.freeze_node(node, str(e))
         for o in node.outputs:
             if o not in ctx.layouts:
@@ -285,4 +406,4 @@ def run_analysis(model: ir.Model) -> Analysis:
     return ctx
 
 
-__all__ = ["Analysis", "register", "rule_for", "run_analysis", "RULES", "IN", "OUT", "PARAM"]
+__all__ = ["Analysis", "RuleContext", "Refusal", "run_analysis", "IN", "OUT", "PARAM"]

@@ -10,17 +10,20 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from ..core.analysis import Analysis, register
+from ..core.analysis import RuleContext
+from ..core.registry import Registry
+
+RULES = Registry()
 
 
-@register("Attention")
-def attention(ctx: Analysis, node: ir.Node) -> None:
+@RULES.rule("Attention")
+def attention(ctx: RuleContext, node: ir.Node) -> None:
     lays = [ctx.layout(node, k) for k in range(3)]
     if any(lay is None for lay in lays) or len(node.inputs) > 4 or any(o.uses() for o in node.outputs[1:]):
         ctx.freeze_node(node, "Attention with KV cache or unknown ranks")
         return
     q, k, v = lays
-    t = ctx.table
+    t = ctx.spaces
     if len(q) == 4:
         qh, qd, kh, kd, vh, vd = q[1], q[3], k[1], k[3], v[1], v[3]
     elif len(q) == 3:

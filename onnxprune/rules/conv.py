@@ -6,15 +6,18 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from ..core.analysis import IN, OUT, PARAM, Analysis, register
+from ..core.analysis import IN, OUT, PARAM, RuleContext
+from ..core.registry import Registry
+
+RULES = Registry()
 
 
-def _spatial_untracked(ctx: Analysis, node: ir.Node, lay) -> None:
+def _spatial_untracked(ctx: RuleContext, node: ir.Node, lay) -> None:
     ctx.freeze(lay[2:], node, "channels on a spatial axis")
 
 
-@register("Conv")
-def conv(ctx: Analysis, node: ir.Node) -> None:
+@RULES.rule("Conv")
+def conv(ctx: RuleContext, node: ir.Node) -> None:
     w = ctx.const(node.inputs[1])
     lay = ctx.layout(node, 0)
     if w is None or lay is None:
@@ -25,7 +28,7 @@ def conv(ctx: Analysis, node: ir.Node) -> None:
     m, cpg = w.shape[0], w.shape[1]
     cin = cpg * g
     x = lay[1]
-    t = ctx.table
+    t = ctx.spaces
     if g == 1:
         ctx.member(node, 1, 1, x, IN)
         out = t.atom(m, origin=node.name)
@@ -47,8 +50,8 @@ def conv(ctx: Analysis, node: ir.Node) -> None:
     ctx.set_layout(node.outputs[0], (lay[0], out) + (None,) * (len(lay) - 2))
 
 
-@register("ConvTranspose")
-def conv_transpose(ctx: Analysis, node: ir.Node) -> None:
+@RULES.rule("ConvTranspose")
+def conv_transpose(ctx: RuleContext, node: ir.Node) -> None:
     w = ctx.const(node.inputs[1])
     lay = ctx.layout(node, 0)
     if w is None or lay is None:
@@ -58,7 +61,7 @@ def conv_transpose(ctx: Analysis, node: ir.Node) -> None:
     g = int(ctx.attr(node, "group", 1))
     cin, opg = w.shape[0], w.shape[1]
     x = lay[1]
-    t = ctx.table
+    t = ctx.spaces
     if g == 1:
         ctx.member(node, 1, 0, x, IN)
         out = t.atom(opg, origin=node.name)

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from ..core.analysis import Analysis, register
+from ..core.analysis import Refusal, RuleContext
+from ..core.registry import Registry
+
+RULES = Registry()
 
 UNARY = (
     "Relu LeakyRelu Elu Selu Celu Sigmoid HardSigmoid HardSwish Tanh Softplus Softsign Erf Gelu "
@@ -20,21 +23,21 @@ JOINS = {"Add", "Sub", "Sum", "Mean", "Max", "Min"}
 BINARY = "Add Sub Mul Div Pow Max Min Mean Sum PRelu Where Equal Less Greater LessOrEqual GreaterOrEqual And Or Xor Mod BitShift".split()
 
 
-@register(*UNARY)
-def unary(ctx: Analysis, node: ir.Node) -> None:
+@RULES.rule(*UNARY)
+def unary(ctx: RuleContext, node: ir.Node) -> None:
     lay = ctx.layout(node, 0)
     ctx.set_layout(node.outputs[0], lay)
 
 
-@register("Dropout")
-def dropout(ctx: Analysis, node: ir.Node) -> None:
+@RULES.rule("Dropout")
+def dropout(ctx: RuleContext, node: ir.Node) -> None:
     lay = ctx.layout(node, 0)
     for o in node.outputs:
         ctx.set_layout(o, lay)
 
 
-@register("Clip")
-def clip(ctx: Analysis, node: ir.Node) -> None:
+@RULES.rule("Clip")
+def clip(ctx: RuleContext, node: ir.Node) -> None:
     for slot in (1, 2):
         v = node.inputs[slot] if slot < len(node.inputs) else None
         if v is not None and ctx.const(v) is None and (ctx.rank(v) or 0) > 0:
@@ -43,23 +46,35 @@ def clip(ctx: Analysis, node: ir.Node) -> None:
     ctx.set_layout(node.outputs[0], ctx.layout(node, 0))
 
 
-@register("Softmax", "LogSoftmax", "Hardmax")
-def softmax(ctx: Analysis, node: ir.Node) -> None:
-    lay = ctx.layout(node, 0)
-    if lay is None:
-        ctx.freeze_node(node, "unknown rank")
-        return
-    opset = ctx.model.opset_imports.get("", 13)
-    axis = ctx.attr(node, "axis", -1 if opset >= 13 else 1) % len(lay)
-    axes = [axis] if opset >= 13 else list(range(axis, len(lay)))
+def _distribution(ctx: RuleContext, node: ir.Node, lay, axes) -> None:
     # a distribution over channels (YOLO's DFL bins, channel attention): removing entries
     # changes what it means, not just its statistics
     ctx.freeze([lay[a] for a in axes], node, "Softmax over channels (a distribution: entries are not removable)")
     ctx.set_layout(node.outputs[0], lay)
 
 
-@register(*BINARY)
-def broadcast(ctx: Analysis, node: ir.Node) -> None:
+@RULES.rule("Softmax", "LogSoftmax", "Hardmax", since=13)
+def softmax(ctx: RuleContext, node: ir.Node) -> None:
+    """One axis (``axis``, default -1) holds the distribution."""
+    lay = ctx.layout(node, 0)
+    if lay is None:
+        raise Refusal("unknown rank")
+    _distribution(ctx, node, lay, [ctx.attr(node, "axis", -1) % len(lay)])
+
+
+@RULES.rule("Softmax", "LogSoftmax", "Hardmax", until=12)
+def softmax_flat(ctx: RuleContext, node: ir.Node) -> None:
+    """Opsets 1-12: the input is flattened to 2-D at ``axis`` (default 1); the
+    distribution runs over every axis from ``axis`` on."""
+    lay = ctx.layout(node, 0)
+    if lay is None:
+        raise Refusal("unknown rank")
+    axis = ctx.attr(node, "axis", 1) % len(lay)
+    _distribution(ctx, node, lay, range(axis, len(lay)))
+
+
+@RULES.rule(*BINARY)
+def broadcast(ctx: RuleContext, node: ir.Node) -> None:
     slots = [i for i, v in enumerate(node.inputs) if v is not None]
     items = []
     for slot in slots:
@@ -91,12 +106,12 @@ def broadcast(ctx: Analysis, node: ir.Node) -> None:
             if acts:
                 ctx.freeze(acts, node, "channels meet an untracked axis")
             for s in consts:  # a constant's axis that is not a channel axis: nothing to note
-                ctx.table.freeze(s, "constant axis is not a channel axis")
-        roots = {id(ctx.table.find(s)) for s in acts}
+                ctx.freeze([s], node, "constant axis is not a channel axis")
+        roots = {id(ctx.spaces.find(s)) for s in acts}
         res = None
         for s in acts + consts:
             res = s if res is None else ctx.tie(res, s, node)
         if node.op_type in JOINS and len(roots) >= 2:
-            ctx.table.tag(res, "residual")
+            ctx.spaces.tag(res, "residual")
         out.append(None if untracked and not acts else res)
     ctx.set_layout(node.outputs[0], out)

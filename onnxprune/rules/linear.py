@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from ..core.analysis import IN, OUT, PARAM, Analysis, register
+from ..core.analysis import IN, OUT, PARAM, RuleContext
+from ..core.registry import Registry
+
+RULES = Registry()
 
 
-@register("Gemm")
-def gemm(ctx: Analysis, node: ir.Node) -> None:
+@RULES.rule("Gemm")
+def gemm(ctx: RuleContext, node: ir.Node) -> None:
     a_c, b_c = ctx.const(node.inputs[0]), ctx.const(node.inputs[1])
     ta, tb = int(ctx.attr(node, "transA", 0)), int(ctx.attr(node, "transB", 0))
-    t = ctx.table
+    t = ctx.spaces
     if b_c is not None and a_c is None:
         la = ctx.layout(node, 0)
         if la is None:
@@ -50,12 +53,12 @@ def gemm(ctx: Analysis, node: ir.Node) -> None:
     ctx.set_layout(node.outputs[0], lay)
 
 
-@register("MatMul")
-def matmul(ctx: Analysis, node: ir.Node) -> None:
+@RULES.rule("MatMul")
+def matmul(ctx: RuleContext, node: ir.Node) -> None:
     a, b = node.inputs[0], node.inputs[1]
     a_c, b_c = ctx.const(a), ctx.const(b)
     la, lb = ctx.layout(node, 0) if a_c is None else None, ctx.layout(node, 1) if b_c is None else None
-    t = ctx.table
+    t = ctx.spaces
     ra = a_c.ndim if a_c is not None else ctx.rank(a)
     rb = b_c.ndim if b_c is not None else ctx.rank(b)
     if ra is None or rb is None or ra < 2 or rb < 2:
@@ -82,16 +85,16 @@ def matmul(ctx: Analysis, node: ir.Node) -> None:
         lay = batch + (la[-2], lb[-1])
         # attention: the batch axes of QK^T / AV are heads, the feature axes head dims
         for s in batch:
-            ctx.table.tag(s, "heads")
+            ctx.spaces.tag(s, "heads")
         for s in (la[-1], lb[-1]):
-            ctx.table.tag(s, "head_dim")
+            ctx.spaces.tag(s, "head_dim")
     else:
         ctx.freeze_node(node, "MatMul of two constants")
         return
     ctx.set_layout(node.outputs[0], lay)
 
 
-def _batch(ctx: Analysis, node, la, lb, const_batch, const_slot):
+def _batch(ctx: RuleContext, node, la, lb, const_batch, const_slot):
     """Broadcast the leading (batch) axes of a MatMul."""
     if lb is None:
         n = max(len(la), len(const_batch))

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from ..core.analysis import PARAM, Analysis, register
+from ..core.analysis import PARAM, RuleContext
+from ..core.registry import Registry
+
+RULES = Registry()
 
 
-@register("BatchNormalization", "InstanceNormalization")
-def per_channel(ctx: Analysis, node: ir.Node) -> None:
+@RULES.rule("BatchNormalization", "InstanceNormalization")
+def per_channel(ctx: RuleContext, node: ir.Node) -> None:
     lay = ctx.layout(node, 0)
     if lay is None or len(lay) < 2:
         ctx.freeze_node(node, "unknown rank")
@@ -24,20 +27,20 @@ def per_channel(ctx: Analysis, node: ir.Node) -> None:
         # Reshape [N, 1, C*H*W] -> InstanceNormalization) make pruning them approximate
         for s in lay[2:]:
             if s is not None:
-                ctx.table.tag(s, "norm")
+                ctx.spaces.tag(s, "norm")
     for o in node.outputs[:1]:
         ctx.set_layout(o, lay)
 
 
-@register("LayerNormalization")
-def layer_norm(ctx: Analysis, node: ir.Node) -> None:
+@RULES.rule("LayerNormalization")
+def layer_norm(ctx: RuleContext, node: ir.Node) -> None:
     lay = ctx.layout(node, 0)
     if lay is None:
         ctx.freeze_node(node, "unknown rank")
         return
     axis = int(ctx.attr(node, "axis", -1)) % len(lay)
     for s in lay[axis:]:
-        ctx.table.tag(s, "norm")
+        ctx.spaces.tag(s, "norm")
     for slot in (1, 2):
         if slot >= len(node.inputs) or node.inputs[slot] is None:
             continue
@@ -55,8 +58,8 @@ def layer_norm(ctx: Analysis, node: ir.Node) -> None:
         ctx.set_layout(o, lay[:axis] + (None,) * (len(lay) - axis))
 
 
-@register("GroupNormalization")
-def group_norm(ctx: Analysis, node: ir.Node) -> None:
+@RULES.rule("GroupNormalization")
+def group_norm(ctx: RuleContext, node: ir.Node) -> None:
     lay = ctx.layout(node, 0)
     scale = ctx.const(node.inputs[1])
     if lay is None or scale is None or lay[1] is None:
@@ -64,8 +67,8 @@ def group_norm(ctx: Analysis, node: ir.Node) -> None:
         return
     ng = int(ctx.attr(node, "num_groups"))
     c = lay[1].size
-    groups, per = ctx.table.factor(lay[1], [ng, c // ng], origin=node.name)
-    ctx.table.tag(per, "norm")  # removing channels inside a group changes its statistics
+    groups, per = ctx.spaces.factor(lay[1], [ng, c // ng], origin=node.name)
+    ctx.spaces.tag(per, "norm")  # removing channels inside a group changes its statistics
     ch = groups if scale.shape[0] == ng else lay[1]  # opset 18 scales per group, 21 per channel
     ctx.member(node, 1, 0, ch, PARAM)
     ctx.member(node, 2, 0, ch, PARAM)
@@ -73,8 +76,8 @@ def group_norm(ctx: Analysis, node: ir.Node) -> None:
     ctx.set_layout(node.outputs[0], lay)
 
 
-@register("LRN")
-def lrn(ctx: Analysis, node: ir.Node) -> None:
+@RULES.rule("LRN")
+def lrn(ctx: RuleContext, node: ir.Node) -> None:
     lay = ctx.layout(node, 0)
     if lay is None:
         ctx.freeze_node(node, "unknown rank")

@@ -20,8 +20,11 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from ..core.analysis import IN, OUT, PARAM, Analysis, register
+from ..core.analysis import IN, OUT, PARAM, RuleContext
+from ..core.registry import Registry
 from . import elementwise, norm
+
+RULES = Registry()
 
 MS = "com.microsoft"
 
@@ -35,18 +38,18 @@ def _cache_used(node: ir.Node, in_slots, out_slots) -> bool:
         s < len(node.outputs) and (node.outputs[s].uses() or node.outputs[s].is_graph_output()) for s in out_slots)
 
 
-def _scale_pinned(ctx: Analysis, node: ir.Node) -> bool:
+def _scale_pinned(ctx: RuleContext, node: ir.Node) -> bool:
     return float(ctx.attr(node, "scale", 0.0) or 0.0) != 0.0
 
 
 # -- normalisations ------------------------------------------------------------------------
-register("LayerNormalization", "SimplifiedLayerNormalization", domain=MS)(norm.layer_norm)
-register("SimplifiedLayerNormalization")(norm.layer_norm)  # ORT also registers it in the ONNX domain
+RULES.add(norm.layer_norm, "LayerNormalization", "SimplifiedLayerNormalization", domain=MS)
+RULES.add(norm.layer_norm, "SimplifiedLayerNormalization")  # ORT also registers it in the ONNX domain
 
 
-@register("SkipLayerNormalization", "SkipSimplifiedLayerNormalization", domain=MS)
-@register("SkipSimplifiedLayerNormalization")
-def skip_layer_norm(ctx: Analysis, node: ir.Node) -> None:
+@RULES.rule("SkipLayerNormalization", "SkipSimplifiedLayerNormalization", domain=MS)
+@RULES.rule("SkipSimplifiedLayerNormalization")
+def skip_layer_norm(ctx: RuleContext, node: ir.Node) -> None:
     x, skip = ctx.layout(node, 0), ctx.layout(node, 1)
     dskip = ctx.dims(node.inputs[1]) if _present(node, 1) else None
     if x is None or skip is None or dskip is None or len(skip) > len(x):
@@ -63,13 +66,13 @@ def skip_layer_norm(ctx: Analysis, node: ir.Node) -> None:
         if dskip[j] == 1 or (out[i] is None and skip[j] is None):
             continue
         if out[i] is None and skip_const:  # e.g. a position table's token axis
-            ctx.table.freeze(skip[j], "constant axis is not a channel axis")
+            ctx.freeze([skip[j]], node, "constant axis is not a channel axis")
             continue
         out[i] = ctx.tie(out[i], skip[j], node, " (skip connection)")
     c = out[-1]
     if not skip_const:
-        ctx.table.tag(c, "residual")  # input + skip joins two activation paths
-    ctx.table.tag(c, "norm")
+        ctx.spaces.tag(c, "residual")  # input + skip joins two activation paths
+    ctx.spaces.tag(c, "norm")
     for s in params:
         if _present(node, s):
             ctx.member(node, s, 0, c, PARAM)
@@ -81,8 +84,8 @@ def skip_layer_norm(ctx: Analysis, node: ir.Node) -> None:
         ctx.set_layout(node.outputs[3], out)
 
 
-@register("EmbedLayerNormalization", domain=MS)
-def embed_layer_norm(ctx: Analysis, node: ir.Node) -> None:
+@RULES.rule("EmbedLayerNormalization", domain=MS)
+def embed_layer_norm(ctx: RuleContext, node: ir.Node) -> None:
     ids = ctx.layout(node, 0)
     tables = [s for s in (2, 3, 4) if _present(node, s)]
     params = tables + [s for s in (5, 6) if _present(node, s)]
@@ -90,9 +93,9 @@ def embed_layer_norm(ctx: Analysis, node: ir.Node) -> None:
         ctx.freeze_node(node, "EmbedLayerNormalization with computed tables or unknown ids")
         return
     width = ctx.const(node.inputs[2]).shape[1]
-    c = ctx.table.atom(width, origin=node.name)
-    ctx.table.tag(c, "residual")  # word + position (+ segment) embeddings: the stream
-    ctx.table.tag(c, "norm")
+    c = ctx.spaces.atom(width, origin=node.name)
+    ctx.spaces.tag(c, "residual")  # word + position (+ segment) embeddings: the stream
+    ctx.spaces.tag(c, "norm")
     for s in params:
         ctx.member(node, s, 1 if s in tables else 0, c, PARAM)
     out = tuple(ids) + (c,)
@@ -102,21 +105,21 @@ def embed_layer_norm(ctx: Analysis, node: ir.Node) -> None:
 
 
 # -- element-wise ----------------------------------------------------------------------------
-register("Gelu", "QuickGelu", domain=MS)(elementwise.unary)
-register("BiasGelu", "FastGelu", domain=MS)(elementwise.broadcast)
+RULES.add(elementwise.unary, "Gelu", "QuickGelu", domain=MS)
+RULES.add(elementwise.broadcast, "BiasGelu", "FastGelu", domain=MS)
 
 
-@register("BiasAdd", domain=MS)
-def bias_add(ctx: Analysis, node: ir.Node) -> None:
+@RULES.rule("BiasAdd", domain=MS)
+def bias_add(ctx: RuleContext, node: ir.Node) -> None:
     """X + bias + skip: a residual join on the channel axis."""
     elementwise.broadcast(ctx, node)
-    out = ctx.layouts.get(node.outputs[0])
+    out = ctx.known(node.outputs[0])
     if out and out[-1] is not None and all(ctx.const(node.inputs[s]) is None for s in (0, 2) if _present(node, s)):
-        ctx.table.tag(out[-1], "residual")
+        ctx.spaces.tag(out[-1], "residual")
 
 
 # -- attention ----------------------------------------------------------------------------
-def _tie_bias_heads(ctx: Analysis, node: ir.Node, slot: int, heads) -> None:
+def _tie_bias_heads(ctx: RuleContext, node: ir.Node, slot: int, heads) -> None:
     """An additive attention bias ``[B|1, H|1, S, T]``: its head axis follows the heads."""
     if not _present(node, slot):
         return
@@ -129,13 +132,13 @@ def _tie_bias_heads(ctx: Analysis, node: ir.Node, slot: int, heads) -> None:
     rest = [s for s in (lay[0], lay[2], lay[3]) if s is not None]
     if ctx.const(node.inputs[slot]) is not None:
         for s in rest:  # a table's batch/sequence axes: never channels
-            ctx.table.freeze(s, "constant axis is not a channel axis")
+            ctx.freeze([s], node, "constant axis is not a channel axis")
     else:
         ctx.freeze(rest, node, "channels on the sequence axes of an attention bias")
 
 
-@register("Attention", domain=MS)
-def ms_attention(ctx: Analysis, node: ir.Node) -> None:
+@RULES.rule("Attention", domain=MS)
+def ms_attention(ctx: RuleContext, node: ir.Node) -> None:
     """Packed-weight attention: x [B,S,C] @ W [C, q+k+v] (+ bias), heads split inside."""
     x, w = ctx.layout(node, 0), ctx.const(node.inputs[1]) if _present(node, 1) else None
     if x is None or len(x) != 3 or w is None or w.ndim != 2 or (_present(node, 2) and ctx.const(node.inputs[2]) is None):
@@ -153,7 +156,7 @@ def ms_attention(ctx: Analysis, node: ir.Node) -> None:
     if not nh or sum(sizes) != w.shape[1] or sizes[0] != sizes[1] or sizes[0] % nh or sizes[2] % nh:
         ctx.freeze_node(node, "Attention with inconsistent num_heads / qkv_hidden_sizes")
         return
-    t = ctx.table
+    t = ctx.spaces
     heads = t.atom(nh, origin=node.name)
     qd = t.atom(sizes[0] // nh, origin=node.name)
     explicit = ctx.attr(node, "qkv_hidden_sizes") is not None
@@ -180,15 +183,15 @@ def ms_attention(ctx: Analysis, node: ir.Node) -> None:
     ctx.set_layout(node.outputs[0], (x[0], x[1], t.product([heads, vd], origin=node.name)))
 
 
-def _factor_width(ctx: Analysis, node: ir.Node, slot: int, sizes):
+def _factor_width(ctx: RuleContext, node: ir.Node, slot: int, sizes):
     lay, d = ctx.layout(node, slot), ctx.dims(node.inputs[slot])
     if lay is None or d is None or len(lay) != 3 or d[2] is None or lay[2] is None:
         return None
-    return ctx.table.factor(lay[2], sizes, origin=node.name)
+    return ctx.spaces.factor(lay[2], sizes, origin=node.name)
 
 
-@register("MultiHeadAttention", domain=MS)
-def multi_head_attention(ctx: Analysis, node: ir.Node) -> None:
+@RULES.rule("MultiHeadAttention", domain=MS)
+def multi_head_attention(ctx: RuleContext, node: ir.Node) -> None:
     """Separate q [B,S,H*D], k [B,T,H*D], v [B,T,H*Dv] (+ packed bias [q+k+v])."""
     if not (_present(node, 1) and _present(node, 2)) or any(ctx.rank(node.inputs[s]) != 3 for s in range(3)):
         ctx.freeze_node(node, "MultiHeadAttention with packed or 4-D q/k/v")
@@ -206,7 +209,7 @@ def multi_head_attention(ctx: Analysis, node: ir.Node) -> None:
         ctx.freeze_node(node, "MultiHeadAttention q/k/v widths are not tracked")
         return
     (qh, qd), (kh, kd), (vh, vd) = parts
-    t = ctx.table
+    t = ctx.spaces
     heads = ctx.tie(ctx.tie(qh, kh, node, " (heads)"), vh, node, " (heads)")
     qd = ctx.tie(qd, kd, node, " (q/k head dim)")
     lk, lv = ctx.layout(node, 1), ctx.layout(node, 2)
@@ -230,8 +233,8 @@ def multi_head_attention(ctx: Analysis, node: ir.Node) -> None:
     ctx.set_layout(node.outputs[0], (q[0], q[1], t.product([heads, vd], origin=node.name)))
 
 
-@register("GroupQueryAttention", domain=MS)
-def group_query_attention(ctx: Analysis, node: ir.Node) -> None:
+@RULES.rule("GroupQueryAttention", domain=MS)
+def group_query_attention(ctx: RuleContext, node: ir.Node) -> None:
     """q [B,S,Hq*D], k/v [B,T,Hkv*D]: each KV head serves Hq/Hkv query heads, so heads
     go only as whole KV groups; q, k and v share D."""
     if not (_present(node, 1) and _present(node, 2)):
@@ -256,7 +259,7 @@ def group_query_attention(ctx: Analysis, node: ir.Node) -> None:
     if q is None or k is None or v is None:
         ctx.freeze_node(node, "GroupQueryAttention q/k/v widths are not tracked")
         return
-    t = ctx.table
+    t = ctx.spaces
     kv_heads = ctx.tie(ctx.tie(q[0], k[0], node, " (KV groups)"), v[0], node, " (KV groups)")
     hd = ctx.tie(ctx.tie(q[2], k[1], node, " (head dim)"), v[1], node, " (head dim)")
     ctx.freeze([q[1]], node, "query heads of one KV group go only with the group")

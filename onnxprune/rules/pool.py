@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from ..core.analysis import Analysis, register
+from ..core.analysis import RuleContext
+from ..core.registry import Registry
+
+RULES = Registry()
 
 
-@register("MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool", "MaxRoiPool")
-def pool(ctx: Analysis, node: ir.Node) -> None:
+@RULES.rule("MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool", "MaxRoiPool")
+def pool(ctx: RuleContext, node: ir.Node) -> None:
     lay = ctx.layout(node, 0)
     if lay is None:
         ctx.freeze_node(node, "unknown rank")
@@ -22,8 +25,8 @@ def pool(ctx: Analysis, node: ir.Node) -> None:
 REDUCE = "ReduceMean ReduceSum ReduceMax ReduceMin ReduceProd ReduceL1 ReduceL2 ReduceLogSum ReduceLogSumExp ReduceSumSquare ArgMax ArgMin".split()
 
 
-@register(*REDUCE)
-def reduce(ctx: Analysis, node: ir.Node) -> None:
+@RULES.rule(*REDUCE)
+def reduce(ctx: RuleContext, node: ir.Node) -> None:
     lay = ctx.layout(node, 0)
     if lay is None:
         ctx.freeze_node(node, "unknown rank")
@@ -47,14 +50,14 @@ def reduce(ctx: Analysis, node: ir.Node) -> None:
         axes = list(range(r))
     axes = sorted({a % r for a in axes})
     for a in axes:
-        ctx.table.tag(lay[a], "reduced")
+        ctx.spaces.tag(lay[a], "reduced")
     keep = int(ctx.attr(node, "keepdims", 1))
     out = [None if i in axes else s for i, s in enumerate(lay)] if keep else [s for i, s in enumerate(lay) if i not in axes]
     ctx.set_layout(node.outputs[0], out)
 
 
-@register("Resize", "Upsample")
-def resize(ctx: Analysis, node: ir.Node) -> None:
+@RULES.rule("Resize", "Upsample")
+def resize(ctx: RuleContext, node: ir.Node) -> None:
     lay = ctx.layout(node, 0)
     if lay is None:
         ctx.freeze_node(node, "unknown rank")
@@ -81,8 +84,8 @@ def resize(ctx: Analysis, node: ir.Node) -> None:
     ctx.set_layout(node.outputs[0], lay)
 
 
-@register("Pad")
-def pad(ctx: Analysis, node: ir.Node) -> None:
+@RULES.rule("Pad")
+def pad(ctx: RuleContext, node: ir.Node) -> None:
     lay = ctx.layout(node, 0)
     if lay is None:
         ctx.freeze_node(node, "unknown rank")

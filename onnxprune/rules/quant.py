@@ -1,7 +1,7 @@
 """QDQ quantization: QuantizeLinear / DequantizeLinear.
 
 A quantized *weight* (DequantizeLinear of a constant) is seen by the other rules
-as a constant: :meth:`Analysis.const` dequantizes it and :meth:`Analysis.member`
+as a constant: :meth:`RuleContext.const` dequantizes it and :meth:`RuleContext.member`
 binds its members to the integer tensor (and to per-channel scale and zero
 point), so Conv/Gemm/MatMul need nothing special. On activations both ops pass
 channels through; a per-channel scale or zero point along the channel axis is
@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from ..core.analysis import PARAM, Analysis, dequantized, register
+from ..core.analysis import PARAM, RuleContext
+from ..core.registry import Registry
+
+RULES = Registry()
 
 
-@register("QuantizeLinear", "DequantizeLinear")
-@register("QuantizeLinear", "DequantizeLinear", domain="com.microsoft")
-def qdq(ctx: Analysis, node: ir.Node) -> None:
-    if node.op_type == "DequantizeLinear" and dequantized(node.outputs[0]) is node:
+@RULES.rule("QuantizeLinear", "DequantizeLinear")
+@RULES.rule("QuantizeLinear", "DequantizeLinear", domain="com.microsoft")
+def qdq(ctx: RuleContext, node: ir.Node) -> None:
+    if node.op_type == "DequantizeLinear" and ctx.quantized_weight(node.outputs[0]) is node:
         return  # a quantized weight: its consumers own its members
     lay = ctx.layout(node, 0)
     if lay is None:

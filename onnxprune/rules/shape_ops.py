@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from ..core.analysis import Analysis, register
-from ..core.dims import Token, axis_groups, divides, size, tdiv, tokens, tprod
+from ..core.analysis import Refusal, RuleContext
+from ..core.registry import Registry
+from ..core.dims import Token, axis_groups, divides, size, tdiv, tprod
 from ..core.space import LayoutError, Space
+
+RULES = Registry()
 
 INT_MAX = 2**62
 
 
 # -- helpers ---------------------------------------------------------------------------
-def _axes_input(ctx: Analysis, node: ir.Node, slot: int = 1, attr: str = "axes"):
+def _axes_input(ctx: RuleContext, node: ir.Node, slot: int = 1, attr: str = "axes"):
     if slot < len(node.inputs) and node.inputs[slot] is not None:
         a = ctx.const(node.inputs[slot])
         return None if a is None else [int(x) for x in a.reshape(-1)]
@@ -26,7 +29,7 @@ def _axes_input(ctx: Analysis, node: ir.Node, slot: int = 1, attr: str = "axes")
     return [] if a is None else [int(x) for x in a]
 
 
-def _merge(ctx: Analysis, node, spaces, dims) -> Space | None:
+def _merge(ctx: RuleContext, node, spaces, dims) -> Space | None:
     """Layout of one axis made by merging consecutive axes (row-major); a
     dynamic dimension (``None``) joins as a dynamic fixed extent."""
     if all(s is None for s in spaces):
@@ -36,11 +39,11 @@ def _merge(ctx: Analysis, node, spaces, dims) -> Space | None:
         if s is not None:
             parts.append(s)
         elif d != 1:
-            parts.append(ctx.table.fixed(d))
-    return ctx.table.product(parts, origin=node.name)
+            parts.append(ctx.spaces.fixed(d))
+    return ctx.spaces.product(parts, origin=node.name)
 
 
-def shape_vector(ctx: Analysis, node: ir.Node, slot: int):
+def shape_vector(ctx: RuleContext, node: ir.Node, slot: int):
     """Resolve an int64 shape-like input into elements:
     ``("const", value, node, slot, index)``, ``("dim", value, axis)`` or ``("unknown",)``."""
     v = node.inputs[slot]
@@ -99,7 +102,7 @@ def shape_vector(ctx: Analysis, node: ir.Node, slot: int):
     return None
 
 
-def bind_shape(ctx: Analysis, node: ir.Node, slot: int, out_lay, what: str) -> None:
+def bind_shape(ctx: RuleContext, node: ir.Node, slot: int, out_lay, what: str) -> None:
     """Make the shape vector at ``slot`` follow the output layout ``out_lay``."""
     tracked = [(j, s) for j, s in enumerate(out_lay) if s is not None]
     if not tracked:
@@ -116,17 +119,17 @@ def bind_shape(ctx: Analysis, node: ir.Node, slot: int, out_lay, what: str) -> N
             elif e[1] > 1:
                 ctx.shape_entry(e[2], e[3], e[4], [s])
         elif e[0] == "dim":
-            src = ctx.layouts.get(e[1], ())
+            src = ctx.known(e[1])
             ss = src[e[2]] if e[2] < len(src) else None
-            if ss is None or ctx.table.find(ss) is not ctx.table.find(s):
+            if ss is None or not ctx.spaces.same(ss, s):
                 ctx.freeze([s], node, f"{what} size read from another tensor")
         else:
             ctx.freeze([s], node, f"{what} size computed at run time")
 
 
-def _reshape_out_tokens(ctx: Analysis, node: ir.Node, tin: list[Token]):
+def _reshape_out_tokens(ctx: RuleContext, node: ir.Node, tin: list[Token]):
     """Output dims of a Reshape, from its shape vector where inference gave up."""
-    tout = tokens(node.outputs[0], ctx)
+    tout = ctx.tokens(node.outputs[0])
     vec = shape_vector(ctx, node, 1)
     if vec is None or tout is None or len(vec) != len(tout):
         return tout
@@ -139,7 +142,7 @@ def _reshape_out_tokens(ctx: Analysis, node: ir.Node, tin: list[Token]):
         elif e[0] == "const" and e[1] == 0 and not allowzero and j < len(tin):
             res.append(tin[j])
         elif e[0] == "dim":
-            src = tin if e[1] is node.inputs[0] else tokens(e[1], ctx)
+            src = tin if e[1] is node.inputs[0] else ctx.tokens(e[1])
             res.append(src[e[2]] if src and e[2] < len(src) else known)
         else:
             res.append(known if e[0] != "const" else None)
@@ -154,14 +157,14 @@ def _reshape_out_tokens(ctx: Analysis, node: ir.Node, tin: list[Token]):
     for d, t in zip(node.outputs[0].shape.dims if node.outputs[0].shape is not None else (), res):
         name = getattr(d, "value", None)
         if name and not isinstance(d, int) and t != (1, (name,)):
-            ctx.sym_alias[name] = t
+            ctx.alias(name, t)
     return res
 
 
-def reshape_layout(ctx: Analysis, node, lay, tin, tout):
+def reshape_layout(ctx: RuleContext, node, lay, tin, tout):
     groups = axis_groups(tin, tout)
     if groups is None:
-        raise LayoutError("reshape cannot be matched axis by axis")
+        raise Refusal("reshape cannot be matched axis by axis")
     out: list = [None] * len(tout)
     for ia, ja in groups:
         merged = _merge(ctx, node, [lay[i] for i in ia], [size(tin[i]) for i in ia])
@@ -170,15 +173,15 @@ def reshape_layout(ctx: Analysis, node, lay, tin, tout):
         if len(ja) == 1:
             out[ja[0]] = merged
         else:
-            parts = ctx.table.factor(merged, [size(tout[j]) for j in ja], origin=node.name)
+            parts = ctx.spaces.factor(merged, [size(tout[j]) for j in ja], origin=node.name)
             for j, p in zip(ja, parts):
                 out[j] = p
     return out
 
 
 # -- rules -------------------------------------------------------------------------------
-@register("Transpose")
-def transpose(ctx: Analysis, node: ir.Node) -> None:
+@RULES.rule("Transpose")
+def transpose(ctx: RuleContext, node: ir.Node) -> None:
     lay = ctx.layout(node, 0)
     if lay is None:
         ctx.freeze_node(node, "unknown rank")
@@ -188,8 +191,8 @@ def transpose(ctx: Analysis, node: ir.Node) -> None:
     ctx.set_layout(node.outputs[0], [lay[p] for p in perm])
 
 
-@register("Squeeze")
-def squeeze(ctx: Analysis, node: ir.Node) -> None:
+@RULES.rule("Squeeze")
+def squeeze(ctx: RuleContext, node: ir.Node) -> None:
     lay, dims = ctx.layout(node, 0), ctx.dims(node.inputs[0])
     axes = _axes_input(ctx, node)
     if lay is None or axes is None or dims is None:
@@ -199,8 +202,8 @@ def squeeze(ctx: Analysis, node: ir.Node) -> None:
     ctx.set_layout(node.outputs[0], [s for i, s in enumerate(lay) if i not in axes])
 
 
-@register("Unsqueeze")
-def unsqueeze(ctx: Analysis, node: ir.Node) -> None:
+@RULES.rule("Unsqueeze")
+def unsqueeze(ctx: RuleContext, node: ir.Node) -> None:
     lay = ctx.layout(node, 0)
     axes = _axes_input(ctx, node)
     if lay is None or axes is None:
@@ -212,8 +215,8 @@ def unsqueeze(ctx: Analysis, node: ir.Node) -> None:
     ctx.set_layout(node.outputs[0], [None if i in axes else next(it) for i in range(r)])
 
 
-@register("Flatten")
-def flatten(ctx: Analysis, node: ir.Node) -> None:
+@RULES.rule("Flatten")
+def flatten(ctx: RuleContext, node: ir.Node) -> None:
     lay, dims = ctx.layout(node, 0), ctx.dims(node.inputs[0])
     if lay is None or dims is None:
         ctx.freeze_node(node, "unknown rank")
@@ -225,10 +228,10 @@ def flatten(ctx: Analysis, node: ir.Node) -> None:
     )
 
 
-@register("Reshape")
-def reshape(ctx: Analysis, node: ir.Node) -> None:
+@RULES.rule("Reshape")
+def reshape(ctx: RuleContext, node: ir.Node) -> None:
     lay = ctx.layout(node, 0)
-    tin = tokens(node.inputs[0], ctx)
+    tin = ctx.tokens(node.inputs[0])
     tout = _reshape_out_tokens(ctx, node, tin) if tin is not None else None
     if lay is None or tin is None or tout is None:
         ctx.freeze_node(node, "Reshape with unknown shapes")
@@ -241,8 +244,8 @@ def reshape(ctx: Analysis, node: ir.Node) -> None:
     ctx.set_layout(node.outputs[0], out)
 
 
-@register("Expand")
-def expand(ctx: Analysis, node: ir.Node) -> None:
+@RULES.rule("Expand")
+def expand(ctx: RuleContext, node: ir.Node) -> None:
     lay, din, dout = ctx.layout(node, 0), ctx.dims(node.inputs[0]), ctx.dims(node.outputs[0])
     if lay is None or din is None or dout is None:
         ctx.freeze_node(node, "Expand with unknown shapes")
@@ -256,8 +259,8 @@ def expand(ctx: Analysis, node: ir.Node) -> None:
     ctx.set_layout(node.outputs[0], out)
 
 
-@register("Concat")
-def concat(ctx: Analysis, node: ir.Node) -> None:
+@RULES.rule("Concat")
+def concat(ctx: RuleContext, node: ir.Node) -> None:
     lays, dims = [], []
     for k, v in enumerate(node.inputs):
         lay, d = ctx.layout(node, k), ctx.dims(v)
@@ -279,10 +282,10 @@ def concat(ctx: Analysis, node: ir.Node) -> None:
                 if lay[i] is not None:
                     parts.append(lay[i])
                 elif d[i] is None:
-                    raise LayoutError("Concat of channels with a dynamic extent")
+                    raise Refusal("Concat of channels with a dynamic extent")
                 elif d[i] > 0:
-                    parts.append(ctx.table.fixed(d[i]))
-            out.append(ctx.table.concat(parts, origin=node.name))
+                    parts.append(ctx.spaces.fixed(d[i]))
+            out.append(ctx.spaces.concat(parts, origin=node.name))
             continue
         res, untracked = None, False
         for lay, d, v in zip(lays, dims, node.inputs):
@@ -297,8 +300,8 @@ def concat(ctx: Analysis, node: ir.Node) -> None:
     ctx.set_layout(node.outputs[0], out)
 
 
-@register("Split")
-def split(ctx: Analysis, node: ir.Node) -> None:
+@RULES.rule("Split")
+def split(ctx: RuleContext, node: ir.Node) -> None:
     lay, din = ctx.layout(node, 0), ctx.dims(node.inputs[0])
     if lay is None or din is None:
         ctx.freeze_node(node, "unknown rank")
@@ -325,9 +328,9 @@ def split(ctx: Analysis, node: ir.Node) -> None:
         for o in node.outputs:
             ctx.set_layout(o, lay)
         return
-    pieces = ctx.table.split(s, sizes, origin=node.name)
+    pieces = ctx.spaces.split(s, sizes, origin=node.name)
     if explicit is None:
-        shapes = {tuple(sorted(p.id for p in ctx.table.leaves(x))) for x in pieces}
+        shapes = {tuple(sorted(p.id for p in ctx.spaces.leaves(x))) for x in pieces}
         if len(shapes) > 1:
             ctx.freeze(pieces, node, "equal Split without explicit sizes")
     elif explicit[0] == "input":
@@ -340,8 +343,8 @@ def split(ctx: Analysis, node: ir.Node) -> None:
         ctx.set_layout(o, lay[:axis] + (p,) + lay[axis + 1 :])
 
 
-@register("Slice")
-def slice_(ctx: Analysis, node: ir.Node) -> None:
+@RULES.rule("Slice")
+def slice_(ctx: RuleContext, node: ir.Node) -> None:
     lay, din = ctx.layout(node, 0), ctx.dims(node.inputs[0])
     if lay is None or din is None:
         ctx.freeze_node(node, "unknown rank")
@@ -377,7 +380,7 @@ def slice_(ctx: Analysis, node: ir.Node) -> None:
             continue
         sizes = [x for x in (b, e - b, n - e)]
         try:
-            pieces = ctx.table.split(s, [x for x in sizes if x > 0], origin=node.name)
+            pieces = ctx.spaces.split(s, [x for x in sizes if x > 0], origin=node.name)
         except LayoutError as err:
             ctx.freeze([s], node, str(err))
             out[ax] = None
@@ -395,8 +398,8 @@ def slice_(ctx: Analysis, node: ir.Node) -> None:
     ctx.set_layout(node.outputs[0], out)
 
 
-@register("Gather")
-def gather(ctx: Analysis, node: ir.Node) -> None:
+@RULES.rule("Gather")
+def gather(ctx: RuleContext, node: ir.Node) -> None:
     lay, ir_ = ctx.layout(node, 0), ctx.rank(node.inputs[1])
     if lay is None or ir_ is None:
         ctx.freeze_node(node, "unknown rank")
@@ -410,10 +413,10 @@ SHAPE_PASS = {"Gather", "Slice", "Concat", "Unsqueeze", "Squeeze", "Cast", "Iden
 SHAPE_SINKS = {("Reshape", 1), ("Expand", 1), ("ConstantOfShape", 0), ("Resize", 3)}
 
 
-@register("Shape")
-def shape(ctx: Analysis, node: ir.Node) -> None:
+@RULES.rule("Shape")
+def shape(ctx: RuleContext, node: ir.Node) -> None:
     src = node.inputs[0]
-    lay = ctx.layouts.get(src, ())
+    lay = ctx.known(src)
     start = int(ctx.attr(node, "start", 0))
     end = ctx.attr(node, "end")
     read = [s for s in list(lay)[slice(start, None if end is None else int(end))] if s is not None]
