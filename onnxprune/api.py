@@ -11,10 +11,11 @@ from dataclasses import dataclass, field
 
 import onnx
 
-from . import io
-from .errors import UserError
-from .pipeline import Job, validate
-from .plan import Plan, Ratios, read_json
+from onnxprune import io
+from onnxprune.errors import UserError
+from onnxprune.pipeline import Job
+from onnxprune.validate.checks import validate
+from onnxprune.plan import Plan, Ratios, read_json
 
 log = logging.getLogger(__name__)
 

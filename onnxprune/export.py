@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import warnings
 
-from .errors import UserError
+from onnxprune.errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -18,12 +18,13 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from . import io
-from .core.analysis import Analysis, run_analysis
-from .core.registry import Registry
-from .core.groups import Group, build_groups, isomorphic_sets
-from .errors import UserError
-from .plan import Plan, Ratios, compute_scores, make_plan
+from onnxprune import io
+from onnxprune.core.analysis import Analysis, run_analysis
+from onnxprune.core.registry import Registry
+from onnxprune.core.groups import Group, build_groups, isomorphic_sets
+from onnxprune.validate.checks import feed_text, runs, validate
+from onnxprune.errors import UserError
+from onnxprune.plan import Plan, Ratios, compute_scores, make_plan
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ class Job:
     def estimator(self):
         """Params/MACs of this model under any plan (one batch-1 shape inference, on a skeleton)."""
         if self._estimator is None:
-            from .budget import Estimator
+            from onnxprune.plan.budget import Estimator
 
             self._estimator = Estimator(self.ctx, io.skeleton(self.model))
         return self._estimator
@@ -83,7 +84,7 @@ class Job:
 
     # -- plan ---------------------------------------------------------------------------
     def scores(self, ratios: Ratios, calib=None):
-        from .importance.criteria import DATA_CRITERIA, criterion_for
+        from onnxprune.plan.importance.criteria import DATA_CRITERIA, criterion_for
 
         spec = ratios.importance_spec
         needs_data = any(criterion_for(spec, g.kind) in DATA_CRITERIA for g in self.groups if not g.frozen)
@@ -111,7 +112,7 @@ class Job:
     def plan(self, ratios: Ratios, calib=None, scores=None) -> Plan:
         """The plan ``ratios`` make on this model (a budget is solved here)."""
         if isinstance(calib, str):
-            from .importance.calib import load as load_calib
+            from onnxprune.plan.importance.calib import load as load_calib
 
             calib = load_calib(calib, self.skeleton())
         if scores is None:
@@ -121,7 +122,7 @@ class Job:
         if ratios.target is None:
             plan = make_plan(self.ctx, self.groups, ratios, scores=scores)
         else:
-            from .budget import parse_target, solve
+            from onnxprune.plan.budget import parse_target, solve
 
             est = self.estimator
             metric, requested = ratios.target
@@ -135,7 +136,7 @@ class Job:
     # -- edits --------------------------------------------------------------------------
     def rewrite(self, plan: Plan) -> ir.Model:
         """Apply ``plan`` to this job's model, in place (once)."""
-        from .rewrite import apply_plan
+        from onnxprune.rewrite import apply_plan
 
         if self.rewritten:
             raise RuntimeError("this job's model was already rewritten")
@@ -148,8 +149,8 @@ class Job:
         """Temporarily zero the removed channels (see :func:`verify.zero_removed`)
         and/or rewrite by ``keep``; yields a full proto of the edited model, then
         undoes every edit."""
-        from .rewrite import Journal, apply_plan
-        from .verify import zero_removed
+        from onnxprune.rewrite import Journal, apply_plan
+        from onnxprune.validate.oracle import zero_removed
 
         j = Journal()
         try:
@@ -193,9 +194,9 @@ class Job:
             if isinstance(e, UserError):
                 raise
             original = self.source or self._original
-            if original is not None and not _runs(original, self._feed_model()):
+            if original is not None and not runs(original, self._feed_model()):
                 raise UserError("the original model cannot run on the validation input either "
-                                f"({_feed_text(self._feed_model())}): give its input shape with --input-shape NAME:d1,d2,...") from None
+                                f"({feed_text(self._feed_model())}): give its input shape with --input-shape NAME:d1,d2,...") from None
             raise RuntimeError(f"pruned model failed validation: {e}") from e
 
     def _feed_model(self) -> onnx.ModelProto:
@@ -205,61 +206,3 @@ class Job:
     def _has_external_input(self) -> bool:
         """True when the input kept its weights in a separate file."""
         return bool(self.model.graph.meta.get("external_input"))
-
-
-def validate(model: str | onnx.ModelProto, batches=(1, 2), feed_model: onnx.ModelProto | None = None) -> dict:
-    """onnx.checker with full_check (strict shape inference, type checks) and an
-    ORT run per batch size; a path is checked from the file (weights are not
-    loaded by the checker). Feeds follow ``feed_model``'s input shapes when given
-    (the shapes the analysis used), else the model's own."""
-    from .protowire import read_skeleton
-
-    out: dict = {}
-    skel = read_skeleton(model) if isinstance(model, str) else model
-    fixed = _checkable(skel)
-    if fixed is not None and isinstance(model, str):
-        fixed = _checkable(onnx.load(model))
-    onnx.checker.check_model(fixed if fixed is not None else model, full_check=True)
-    io.STATS["shape_inference"] += 1
-    out["checker"] = "ok"
-    out["shape_inference"] = "ok"
-    sess = io.session(model)
-    feed = feed_model if feed_model is not None else skel
-    dynamic = any(not d.HasField("dim_value") or d.dim_value <= 0 for i in feed.graph.input for d in i.type.tensor_type.shape.dim)
-    for b in batches if dynamic else batches[:1]:
-        sess.run(None, io.random_inputs(feed, batch=b))
-    out["ort_batches"] = list(batches if dynamic else batches[:1])
-    return out
-
-
-def _runs(model, feed_model: onnx.ModelProto) -> bool:
-    try:
-        io.session(model).run(None, io.random_inputs(feed_model, batch=1))
-        return True
-    except Exception:
-        return False
-
-
-def _feed_text(feed_model: onnx.ModelProto) -> str:
-    shapes = [f"{i.name}:" + ",".join(str(d.dim_value) if d.HasField("dim_value") and d.dim_value > 0 else "1"
-                                      for d in i.type.tensor_type.shape.dim) for i in feed_model.graph.input]
-    return " ".join(shapes)
-
-
-def _checkable(proto: onnx.ModelProto) -> onnx.ModelProto | None:
-    """onnxruntime registers a few contrib ops in the ONNX domain (its optimizer
-    emits ``SimplifiedLayerNormalization`` there), which the checker rejects: check
-    a copy with those nodes moved to com.microsoft (onnxruntime runs the real one).
-    None when the model has no such node."""
-    from .ort_shapes import DEFAULT_DOMAIN_CONTRIB, MS
-
-    if not any(n.op_type in DEFAULT_DOMAIN_CONTRIB and n.domain in ("", "ai.onnx") for n in proto.graph.node):
-        return None
-    p = onnx.ModelProto()
-    p.CopyFrom(proto)
-    for n in p.graph.node:
-        if n.op_type in DEFAULT_DOMAIN_CONTRIB and n.domain in ("", "ai.onnx"):
-            n.domain = MS
-    if not any(o.domain == MS for o in p.opset_import):
-        p.opset_import.append(onnx.helper.make_opsetid(MS, 1))
-    return p

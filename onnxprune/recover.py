@@ -54,6 +54,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from onnxprune.runtime import session
+
 log = logging.getLogger(__name__)
 
 METHODS = ("bias", "stats", "ridge")
@@ -199,16 +201,6 @@ def _with_outputs(proto: onnx.ModelProto, names, truncate: bool = False) -> onnx
     return p
 
 
-def _session(proto: onnx.ModelProto, threads: int):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    return ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
-
-
 # --------------------------------------------------------------------------- one consumer
 
 
@@ -238,7 +230,7 @@ class _Fit:
 
 def _kept_maps(ctx, keep):
     """node name -> list of (slot, axis, kept, width) for IN and OUT members."""
-    from .core.members import IN, OUT
+    from onnxprune.core.members import IN, OUT
 
     ins, outs = defaultdict(list), defaultdict(list)
     for m in ctx.tensors:
@@ -511,7 +503,6 @@ def _sq_err(G, C, yy, W) -> float:
 def _solve(fit: _Fit, method: str, ridge: float) -> list:
     out = []
     for G, C, yy, W0 in zip(fit.G, fit.C, fit.yy, fit.w0):
-        d = G.shape[0] - 1
         n = G[-1, -1]
         if method == "bias":
             W = W0.copy()
@@ -599,7 +590,7 @@ class _Progress:
 def consumers(ctx, keep) -> list[str]:
     """Names of the nodes that read pruned channels (an IN member whose kept list
     is shorter than its axis), in graph order."""
-    from .core.members import IN
+    from onnxprune.core.members import IN
 
     seen: dict[str, None] = {}
     for m in ctx.tensors:
@@ -614,7 +605,7 @@ def downstream(ctx, keep) -> list[str]:
     whose input the pruning changed: the consumers of pruned channels and every
     linear layer after them in data flow (their inputs drift with the pruned
     model's activations), in graph order."""
-    from .core.members import IN, OUT
+    from onnxprune.core.members import IN, OUT
 
     touched, reads = set(), set()
     for m in ctx.tensors:
@@ -710,8 +701,8 @@ def recover(
         t0 = time.perf_counter()
         x_names = sorted({f.x_name for f in todo})
         p_names = [n for n in x_names if n not in g.inputs]
-        sess_p = _session(_with_outputs(work, p_names, truncate=True), threads) if p_names else None
-        sess_o = _session(_with_outputs(original, [f.y_name for f in todo], truncate=True), threads)
+        sess_p = session(_with_outputs(work, p_names, truncate=True), threads) if p_names else None
+        sess_o = session(_with_outputs(original, [f.y_name for f in todo], truncate=True), threads)
         for bi, b in enumerate(batches):
             fd = feeds(b)
             px = dict(zip(p_names, sess_p.run(p_names, fd))) if sess_p else {}
@@ -760,7 +751,7 @@ def recover(
     if validate:
         try:
             onnx.checker.check_model(work, full_check=True)
-            _session(work, threads).run(None, feeds(batches[0]))
+            session(work, threads).run(None, feeds(batches[0]))
         except Exception as e:  # never hand out an invalid model
             log.warning("recovered model failed validation (%s); returning the pruned model", e)
             back = onnx.ModelProto()

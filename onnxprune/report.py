@@ -5,7 +5,7 @@ from collections import Counter
 
 import numpy as np
 
-from .core.groups import Group, isomorphic_sets
+from onnxprune.core.groups import Group, isomorphic_sets
 
 
 def table(rows: list[list], header: list[str]) -> str:
@@ -102,7 +102,7 @@ def scores_table(groups: list[Group], scores) -> str:
 
 def plot_scores(groups: list[Group], scores, path: str) -> None:
     """One panel per isomorphic set: the sorted channel scores of each of its groups."""
-    from .errors import UserError
+    from onnxprune.errors import UserError
 
     try:
         import matplotlib

@@ -8,7 +8,7 @@ from collections import defaultdict
 import numpy as np
 import onnx_ir as ir
 
-from .core.analysis import Analysis
+from onnxprune.core.analysis import Analysis
 
 log = logging.getLogger(__name__)
 

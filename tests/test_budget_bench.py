@@ -8,9 +8,12 @@ import json
 import onnx
 import pytest
 
-from onnxprune import api, bench as bench_mod, metrics
-from onnxprune.budget import Estimator, parse_target
-from onnxprune.cli import default_model, main
+from onnxprune import api
+from onnxprune.runtime import bench as bench_mod
+from onnxprune.plan import metrics
+from onnxprune.plan.budget import Estimator, parse_target
+from onnxprune.cli import main
+from onnxprune.cli.common import default_model
 from onnxprune.errors import UserError
 from onnxprune.plan import Ratios, make_plan
 
@@ -100,7 +103,7 @@ def test_bench_interleaves_and_reports_per_image_speedup(monkeypatch, tmp_path):
     clock, log = _FakeClock(), []
     costs = {"a.onnx": 0.04, "b.onnx": 0.01, "c.onnx": 0.02}
     monkeypatch.setattr(bench_mod.time, "perf_counter", clock)
-    monkeypatch.setattr(bench_mod, "_session", lambda proto, path, *a: _FakeSession(path.split("/")[-1], costs[path.split("/")[-1]], clock, log))
+    monkeypatch.setattr(bench_mod, "session", lambda path, *a: _FakeSession(path.split("/")[-1], costs[path.split("/")[-1]], clock, log))
     paths = []
     for name in costs:
         p = tmp_path / name

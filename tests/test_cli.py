@@ -9,7 +9,8 @@ import sys
 import onnx
 import pytest
 
-from onnxprune.cli import default_model, main
+from onnxprune.cli import main
+from onnxprune.cli.common import default_model
 
 
 def run(args, cwd):

@@ -17,7 +17,7 @@ timm = pytest.importorskip("timm")
 from onnxprune import io  # noqa: E402
 from onnxprune.export import export_timm  # noqa: E402
 from onnxprune.plan import Ratios  # noqa: E402
-from onnxprune.verify import oracle  # noqa: E402
+from onnxprune.validate.oracle import oracle  # noqa: E402
 from timm_models import randomize  # noqa: E402
 
 MODELS = ["resnet26", "mobilenetv2_100", "convnext_tiny"]

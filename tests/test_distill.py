@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch")
 timm = pytest.importorskip("timm")
 pytest.importorskip("onnx2torch")
 
-from onnxprune import io  # noqa: E402
+from onnxprune import io, runtime  # noqa: E402
 from onnxprune.api import prune  # noqa: E402
 from onnxprune.cli import main  # noqa: E402
 from onnxprune.export import export_timm  # noqa: E402
@@ -22,7 +22,7 @@ from timm_models import randomize  # noqa: E402
 
 
 def _ort(proto, feeds):
-    return io.session(proto).run(None, feeds)
+    return runtime.session(proto).run(None, feeds)
 
 
 @pytest.fixture(scope="module")

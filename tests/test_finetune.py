@@ -15,7 +15,7 @@ torch = pytest.importorskip("torch")
 timm = pytest.importorskip("timm")
 pytest.importorskip("onnx2torch")
 
-from onnxprune import io  # noqa: E402
+from onnxprune import io, runtime  # noqa: E402
 from onnxprune.api import prune  # noqa: E402
 from onnxprune.cli import main  # noqa: E402
 from onnxprune.export import export_timm  # noqa: E402
@@ -47,7 +47,7 @@ def _export(tmp_path, name, exporter, opset, dynamic, seed=3):
 
 
 def _ort(proto, x):
-    sess = io.session(proto)
+    sess = runtime.session(proto)
     return sess.run(None, {sess.get_inputs()[0].name: x})[0]
 
 
@@ -118,7 +118,7 @@ def _ce_on_train(proto, root):
     ds = image_folder(root, "train", 64, train=False)
     x = np.stack([ds[i][0].numpy() for i in range(len(ds))]).astype(np.float32)
     y = np.array([ds[i][1] for i in range(len(ds))])
-    sess = io.session(proto)
+    sess = runtime.session(proto)
     b = sess.get_inputs()[0].shape[0]
     b = b if isinstance(b, int) else len(x)
     outs = [sess.run(None, {sess.get_inputs()[0].name: x[i:i + b]})[0] for i in range(0, len(x), b)]

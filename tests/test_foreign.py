@@ -12,11 +12,11 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from onnxprune import io
+from onnxprune import runtime
 from onnxprune.errors import UserError
 from onnxprune.pipeline import Job
 from onnxprune.plan import Ratios
-from onnxprune.verify import oracle
+from onnxprune.validate.oracle import oracle
 
 _rng = np.random.default_rng(7)
 
@@ -62,7 +62,7 @@ def test_dynamic_hw_needs_an_input_shape(tmp_path):
                        tmp_path)
     assert rc == 0, err
     assert "PASS" in out and "FAIL" not in out
-    sess = io.session(str(tmp_path / "p.onnx"))
+    sess = runtime.session(str(tmp_path / "p.onnx"))
     y = sess.run(None, {"images": np.zeros((2, 3, 32, 48), np.float32)})[0]
     assert y.shape == (2, 6, 32, 48)
     # the same through ratios.json
@@ -114,14 +114,14 @@ def test_minus_one_batch_and_hard_sigmoid_se():
     rows = oracle(m, Ratios.from_dict({"default": 0.5}))
     assert rows and all(r.status == "PASS" for r in rows if r.max_rel_err is not None)
     assert any(r.max_rel_err is not None for r in rows)
-    feeds = io.random_inputs(m, batch=3)
+    feeds = runtime.random_inputs(m, batch=3)
     assert feeds["x"].shape == (3, 3, 16, 16)
 
 
 def test_quantized_dynamic_graph_is_counted_and_refused_in_one_line(tmp_path):
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    from onnxprune import metrics
+    from onnxprune.plan import metrics
 
     mm = model("""g (float[1, 3, 8, 8] x) => (float[1, 4] y) {
   [c1] a = Conv <pads=[1,1,1,1]> (x, w1, b1)
@@ -150,10 +150,10 @@ def test_integer_inputs_get_valid_ids_and_masks():
   y = Mul(e, mu)
 }""", {"table": W(11, 4), "ax": np.array([2], np.int64)})
     for seed in range(3):
-        f = io.random_inputs(m, batch=5, seed=seed)
+        f = runtime.random_inputs(m, batch=5, seed=seed)
         assert f["ids"].shape == (5, 6) and f["ids"].min() >= 0 and f["ids"].max() <= 10
         assert set(np.unique(f["mask"])) <= {0, 1}
-        io.session(m).run(None, f)
+        runtime.session(m).run(None, f)
 
 
 ODD = {
@@ -313,7 +313,7 @@ def test_qdq_model_prunes_like_its_float_original(tmp_path):
     dq_w = [t for t in res.proto.graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 4]
     assert dq_w and all(t.dims[0] < 16 for t in dq_w)  # the int8 weights were sliced
     # the oracle can fail on QDQ: zero one channel's weights without pruning it
-    from onnxprune import verify
+    from onnxprune.validate.oracle import check_subset
 
     job = Job.open(q)
     plan = job.plan(Ratios.from_dict({"default": 0.5}))
@@ -326,6 +326,6 @@ def test_qdq_model_prunes_like_its_float_original(tmp_path):
 
     Job.edited = lying
     try:
-        assert verify.check_subset(job, {gid}, plan.keep, 1) > 1e-3
+        assert check_subset(job, {gid}, plan.keep, 1) > 1e-3
     finally:
         Job.edited = real

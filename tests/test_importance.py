@@ -19,8 +19,8 @@ from onnxprune.api import analyze, prune  # noqa: E402
 from onnxprune.cli import main  # noqa: E402
 from onnxprune.errors import UserError  # noqa: E402
 from onnxprune.export import export_timm  # noqa: E402
-from onnxprune.importance.calib import Calibration, load  # noqa: E402
-from onnxprune.importance.criteria import gohsp_scores  # noqa: E402
+from onnxprune.plan.importance.calib import Calibration, load  # noqa: E402
+from onnxprune.plan.importance.criteria import gohsp_scores  # noqa: E402
 from onnxprune.plan import Ratios  # noqa: E402
 from timm_models import randomize  # noqa: E402
 

@@ -11,11 +11,12 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxprune import io, metrics
+from onnxprune import io
+from onnxprune.plan import metrics
 from onnxprune.api import analyze, prune
 from onnxprune.plan import Ratios
 from onnxprune.rules import ort_fused
-from onnxprune.verify import oracle
+from onnxprune.validate.oracle import oracle
 
 APPROX = "approximate (not tested)"
 MS = "com.microsoft"

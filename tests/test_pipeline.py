@@ -13,12 +13,13 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
-from onnxprune import io
-from onnxprune.cli import default_model, main
+from onnxprune import io, runtime
+from onnxprune.cli import main
+from onnxprune.cli.common import default_model
 from onnxprune.pipeline import Job
 from onnxprune.plan import Ratios
-from onnxprune.protowire import read_skeleton
-from onnxprune.verify import oracle
+from onnxprune.io.protowire import read_skeleton
+from onnxprune.validate.oracle import oracle
 
 
 def run(args, cwd):
@@ -61,8 +62,8 @@ def test_streamed_write_round_trips(tmp_path, external):
     assert set(got) == set(want)
     for name in want:
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
-    feeds = io.random_inputs(onnx.load(path), batch=1)
-    np.testing.assert_array_equal(io.session(path).run(None, feeds)[0], io.session(str(out)).run(None, feeds)[0])
+    feeds = runtime.random_inputs(onnx.load(path), batch=1)
+    np.testing.assert_array_equal(runtime.session(path).run(None, feeds)[0], runtime.session(str(out)).run(None, feeds)[0])
 
 
 # -- plan files -----------------------------------------------------------------------------
@@ -158,7 +159,7 @@ def test_oracle_analyses_once_and_catches_a_wrong_rewrite(monkeypatch):
 
     calls = []
     real = pl.run_analysis
-    monkeypatch.setattr(pl, "run_analysis", lambda m: calls.append(1) or real(m))
+    monkeypatch.setattr(pl, "run_analysis", lambda m, rules=None: calls.append(1) or real(m, rules))
     job = Job.open(default_model())
     plan = job.plan(Ratios.from_dict({"default": 0.5}))
     rows = oracle(job, plan=plan)
@@ -167,7 +168,7 @@ def test_oracle_analyses_once_and_catches_a_wrong_rewrite(monkeypatch):
     # the journal restored the model: a second run gives the same numbers
     assert [r.max_rel_err for r in oracle(job, plan=plan)] == [r.max_rel_err for r in rows]
     # an oracle that can fail: keep different channels in the pruned copy than the zeroed ones
-    from onnxprune import verify
+    from onnxprune.validate.oracle import check_subset
 
     gid = next(iter(plan.keep))
     shifted = dict(plan.keep)
@@ -178,7 +179,7 @@ def test_oracle_analyses_once_and_catches_a_wrong_rewrite(monkeypatch):
         return real_apply(self, shifted if prune else keep, zero=zero, prune=prune, consumer_only=consumer_only)
 
     monkeypatch.setattr(pl.Job, "edited", lying)
-    err = verify.check_subset(job, {gid}, plan.keep, batch=1)
+    err = check_subset(job, {gid}, plan.keep, batch=1)
     assert err > 1e-2
 
 

@@ -11,7 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxprune.pipeline import Job
 from onnxprune.plan import Ratios
-from onnxprune.verify import TOLERANCE, oracle
+from onnxprune.validate.oracle import TOLERANCE, oracle
 
 
 class Builder:

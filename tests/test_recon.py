@@ -13,11 +13,11 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxprune import io
+from onnxprune import runtime
 from onnxprune.api import analyze, prune
-from onnxprune.importance.calib import Calibration
-from onnxprune.importance.criteria import Scores, axis_map, score_groups, _capture
-from onnxprune.importance.recon import recon_scores
+from onnxprune.plan.importance.calib import Calibration
+from onnxprune.plan.importance.criteria import Scores, axis_map, score_groups, _capture
+from onnxprune.plan.importance.recon import recon_scores
 from onnxprune.plan import Ratios, make_plan
 from onnxprune.recover import _accumulate, _Fit, _select, LayerRow, downstream, recover
 
@@ -78,7 +78,7 @@ def _hidden_group(job):
 
 
 def test_recon_costs_equal_a_brute_force_refit(monkeypatch):
-    import onnxprune.importance.recon as recon
+    import onnxprune.plan.importance.recon as recon
 
     monkeypatch.setattr(recon, "RIDGE", 0.0)  # the formula itself; the default adds a 1e-4 relative ridge
     monkeypatch.setattr(recon, "SHRINK", 0.0)  # and shrinks the covariance by (k / samples)^2
@@ -114,7 +114,7 @@ def test_recon_removes_a_redundant_channel_where_magnitude_removes_the_small_one
     for crit in ("l2", "recon"):
         res = prune(m, {"layers": {"fc1": 1 / HID}, "scope": "local", "importance": crit}, calib=cal)
         out, rows = recover(m, res.proto, res.analyzed.ctx, res.plan.keep, cal, progress=False, ridge=1e-8)
-        sa, sb = io.session(m), io.session(out)
+        sa, sb = runtime.session(m), runtime.session(out)
         num = den = 0.0
         for x in held.batches:
             ya, yb = sa.run(None, {"x": x})[0], sb.run(None, {"x": x})[0]

@@ -16,7 +16,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxprune import io
+from onnxprune import runtime
 from onnxprune.api import prune
 from onnxprune.recover import LayerRow, format_rows, recover
 
@@ -118,7 +118,7 @@ def _batches(shape, n, seed):
 
 
 def _rel(a_proto, b_proto, batches):
-    sa, sb = io.session(a_proto), io.session(b_proto)
+    sa, sb = runtime.session(a_proto), runtime.session(b_proto)
     num = den = 0.0
     for x in batches:
         ya, yb = sa.run(None, {"x": x})[0], sb.run(None, {"x": x})[0]
@@ -129,7 +129,7 @@ def _rel(a_proto, b_proto, batches):
 
 def _valid(proto):
     onnx.checker.check_model(proto, full_check=True)
-    io.session(proto).run(None, io.random_inputs(proto, batch=3))
+    runtime.session(proto).run(None, runtime.random_inputs(proto, batch=3))
 
 
 def _run(model, ratios, calib, **kw):
@@ -295,7 +295,7 @@ def test_unhandled_layers_are_skipped_with_a_reason():
 
 
 def test_recover_result_takes_a_prune_result_and_a_calibration(tmp_path):
-    from onnxprune.importance.calib import Calibration
+    from onnxprune.plan.importance.calib import Calibration
     from onnxprune.recover import recover_result
 
     m = small_cnn()

@@ -6,11 +6,11 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from onnxprune import io
+from onnxprune import runtime
 from onnxprune.api import analyze, prune
 from onnxprune.errors import UserError
 from onnxprune.plan import Ratios
-from onnxprune.verify import TOLERANCE, oracle, rel_err
+from onnxprune.validate.oracle import TOLERANCE, oracle, rel_err
 
 HALF = {"default": 0.5}
 APPROX = "approximate (not tested)"
@@ -69,7 +69,7 @@ def pruned(m, ratios=HALF, check=True):
     """prune() and check the pruned model runs with the same output shapes as before."""
     res = prune(m, ratios, check=check)
     assert res.plan.keep, "nothing was pruned"
-    run = [io.session(p).run(None, io.random_inputs(m, seed=3)) for p in (m, res.proto)]
+    run = [runtime.session(p).run(None, runtime.random_inputs(m, seed=3)) for p in (m, res.proto)]
     assert [o.shape for o in run[0]] == [o.shape for o in run[1]]
     return res
 
@@ -538,7 +538,7 @@ def test_oracle_survives_run_time_normalisation_of_zeroed_channels():
   d = Div(e, s)
   [c2] y = Conv (d, w2, b2)""", {"w1": W(8, 3, 3, 3), "b1": W(8), "axes": I64(2, 3), "w2": W(4, 8, 1, 1), "b2": W(4)})
     from onnxprune.pipeline import Job
-    from onnxprune.verify import check_subset
+    from onnxprune.validate.oracle import check_subset
 
     job = Job.open(m)
     plan = job.plan(Ratios.from_dict(HALF))
@@ -571,7 +571,7 @@ def test_oracle_compares_the_input_of_a_final_squashing_op():
   [c2] z = Conv (r, w2, b2)
   s = Sigmoid(z)
   y = Softmax <axis=1> (s)""", {"w1": W(8, 3, 3, 3), "b1": W(8), "w2": W(4, 8, 1, 1), "b2": W(4)})
-    from onnxprune.verify import compared_values
+    from onnxprune.validate.oracle import compared_values
 
     assert compared_values(m) == ["z"]
     assert_oracle(m)
@@ -704,7 +704,7 @@ def test_run_time_shape_chain_reshape_follows_width(idx, tail, entries):
     np.testing.assert_array_equal(weight(res.proto, "fc"), init(m, "w2")[keep])
     if entries:
         assert weight(res.proto, "cat").tolist() == [4, -1]
-    (out,) = io.session(res.proto).run(None, {"x": W(3, 3, 4, 4)})
+    (out,) = runtime.session(res.proto).run(None, {"x": W(3, 3, 4, 4)})
     assert out.shape == (3, 16, 5)
 
 def test_shape_read_in_arithmetic_freezes():

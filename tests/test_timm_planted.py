@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow  # full-size timm exports: run by the full suite (
 torch = pytest.importorskip("torch")
 timm = pytest.importorskip("timm")
 
-from onnxprune import io  # noqa: E402
+from onnxprune import runtime  # noqa: E402
 from onnxprune.cli import main  # noqa: E402
 from onnxprune.export import export_timm  # noqa: E402
 from timm_models import PLANT, independent_macs, randomize  # noqa: E402
@@ -62,9 +62,9 @@ def test_planted_channels_are_removed_exactly(tmp_path, planted_models, name, ex
     # same function: the removed channels were the dead ones
     batch = 3 if dynamic else 1
     a, b = onnx.load(src), onnx.load(out)
-    feeds = io.random_inputs(a, batch=batch, seed=7)
-    ya = io.session(a).run(None, feeds)[0]
-    yb = io.session(b).run(None, feeds)[0]
+    feeds = runtime.random_inputs(a, batch=batch, seed=7)
+    ya = runtime.session(a).run(None, feeds)[0]
+    yb = runtime.session(b).run(None, feeds)[0]
     assert ya.shape == yb.shape == (batch, 1000)
     err = np.abs(ya - yb).max() / np.abs(ya).max()
     assert err < 1e-4, err

@@ -14,12 +14,12 @@ pytestmark = pytest.mark.slow  # full-size timm exports: run by the full suite (
 torch = pytest.importorskip("torch")
 timm = pytest.importorskip("timm")
 
-from onnxprune import io  # noqa: E402
+from onnxprune import io, runtime  # noqa: E402
 from onnxprune.api import analyze, prune  # noqa: E402
 from onnxprune.cli import main  # noqa: E402
 from onnxprune.export import export_timm  # noqa: E402
 from onnxprune.plan import Ratios  # noqa: E402
-from onnxprune.verify import oracle  # noqa: E402
+from onnxprune.validate.oracle import oracle  # noqa: E402
 from timm_models import independent_macs, randomize  # noqa: E402
 
 EXPORTS = [("legacy", 17, False), ("legacy", 17, True), ("dynamo", 20, False), ("dynamo", 20, True)]
@@ -130,8 +130,8 @@ def test_planted_dead_heads_dims_units_are_removed_exactly(tmp_path, name, expor
     assert len({g["width"] - g["width_after"] for g in groups if g["kind"] == "heads"}) == 3  # 0, 1 and 2 heads removed
     batch = 3 if dynamic else 1
     a, b = onnx.load(path), onnx.load(out)
-    feeds = io.random_inputs(a, batch=batch, seed=5)
-    ya, yb = io.session(a).run(None, feeds)[0], io.session(b).run(None, feeds)[0]
+    feeds = runtime.random_inputs(a, batch=batch, seed=5)
+    ya, yb = runtime.session(a).run(None, feeds)[0], runtime.session(b).run(None, feeds)[0]
     assert ya.shape == yb.shape == (batch, 1000)
     assert np.abs(ya - yb).max() / np.abs(ya).max() < 1e-4
 
@@ -151,7 +151,7 @@ def test_deit_4_2g_target(deit_base, tmp_path):
     assert abs(independent_macs(out) / 4.16e9 - 1) < 0.01
     assert res.after["macs"] == independent_macs(out)
     for batch in (1, 8):
-        y = io.session(res.proto).run(None, io.random_inputs(res.proto, batch=batch))[0]
+        y = runtime.session(res.proto).run(None, runtime.random_inputs(res.proto, batch=batch))[0]
         assert y.shape == (batch, 1000)
 
 
@@ -162,7 +162,7 @@ def test_half_deit_base_has_deit_small_shapes(deit_base, tmp_path):
     ref = onnx.load(_export(tmp_path, small, "dynamo", 20, True, "small.onnx"))
     floats = lambda m: sorted(tuple(i.dims) for i in m.graph.initializer if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) > 0 and np.prod(i.dims) > 1)
     assert floats(res.proto) == floats(ref)
-    from onnxprune import metrics
+    from onnxprune.plan import metrics
 
     assert res.after == metrics.count(ref)  # params and MACs of the native architecture
 

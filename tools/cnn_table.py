@@ -23,7 +23,7 @@ import timm  # noqa: E402
 from onnxprune.api import analyze, prune  # noqa: E402
 from onnxprune.export import export_timm  # noqa: E402
 from onnxprune.report import table  # noqa: E402
-from onnxprune.verify import oracle  # noqa: E402
+from onnxprune.validate.oracle import oracle  # noqa: E402
 from timm_models import randomize  # noqa: E402
 
 MODELS = ["resnet50", "mobilenetv2_100", "convnext_tiny"]

@@ -36,10 +36,10 @@ import onnx
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 
-from onnxprune import io  # noqa: E402
+from onnxprune import io, runtime  # noqa: E402
 from onnxprune.api import prune  # noqa: E402
 from onnxprune.finetune.train import Options, finetune  # noqa: E402
-from onnxprune.importance.calib import load  # noqa: E402
+from onnxprune.plan.importance.calib import load  # noqa: E402
 from onnxprune.recover import recover_result  # noqa: E402
 from common import md, write_results  # noqa: E402
 from recovery_table import val_set  # noqa: E402
@@ -47,7 +47,7 @@ from train_reference import MODELS, glyph_data  # noqa: E402
 
 
 def logits(proto, x, batch=100):
-    s = io.session(proto, threads=os.cpu_count() or 1)
+    s = runtime.session(proto, threads=os.cpu_count() or 1)
     name = s.get_inputs()[0].name
     return np.concatenate([s.run(None, {name: x[i:i + batch]})[0] for i in range(0, len(x), batch)]).astype(np.float64)
 

@@ -30,7 +30,7 @@ import onnx  # noqa: E402
 import timm  # noqa: E402
 
 from onnxprune.api import prune  # noqa: E402
-from onnxprune.bench import bench  # noqa: E402
+from onnxprune.runtime.bench import bench  # noqa: E402
 from onnxprune.export import export_timm  # noqa: E402
 from onnxprune.report import table  # noqa: E402
 from timm_models import randomize  # noqa: E402

@@ -74,7 +74,8 @@ def worker_validate(path: str, shapes: list) -> dict:
     import numpy as np
     import onnx
 
-    from onnxprune import io, metrics
+    from onnxprune import runtime
+    from onnxprune.plan import metrics
 
     out = {}
     proto = onnx.load(path)
@@ -85,8 +86,8 @@ def worker_validate(path: str, shapes: list) -> dict:
         out["checker"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160]}"
     fixed = _fixed(proto, shapes)
     try:
-        feeds = io.random_inputs(fixed, batch=1)
-        ys = io.session(path).run(None, feeds)
+        feeds = runtime.random_inputs(fixed, batch=1)
+        ys = runtime.session(path).run(None, feeds)
         out["ort"] = "ok" if all(np.isfinite(np.asarray(y, dtype=np.float64)).all() for y in ys if np.asarray(y).dtype.kind == "f") else "ok (non-finite)"
     except Exception as e:  # noqa: BLE001
         out["ort"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160]}"

@@ -73,7 +73,8 @@ STAGES = """
 import sys, time
 t = time.perf_counter()
 from onnxprune import io
-from onnxprune.pipeline import Job, validate
+from onnxprune.pipeline import Job
+from onnxprune.validate.checks import validate
 from onnxprune.plan import Ratios
 import json
 stages = {}

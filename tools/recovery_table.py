@@ -19,7 +19,6 @@ fixed before this was measured).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -31,10 +30,10 @@ import onnx
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 
-from onnxprune import io  # noqa: E402
+from onnxprune import runtime  # noqa: E402
 from onnxprune.api import prune  # noqa: E402
 from onnxprune.finetune.data import image_folder  # noqa: E402
-from onnxprune.importance.calib import Calibration, load  # noqa: E402
+from onnxprune.plan.importance.calib import Calibration, load  # noqa: E402
 from onnxprune.recover import recover  # noqa: E402
 from common import md, write_results  # noqa: E402
 from train_reference import MODELS, glyph_data  # noqa: E402
@@ -47,7 +46,7 @@ def val_set(root: str, size: int = 64):
 
 
 def predict(proto, x, batch=100):
-    s = io.session(proto, threads=os.cpu_count() or 1)
+    s = runtime.session(proto, threads=os.cpu_count() or 1)
     name = s.get_inputs()[0].name
     return np.concatenate([s.run(None, {name: x[i:i + batch]})[0].argmax(1) for i in range(0, len(x), batch)])
 

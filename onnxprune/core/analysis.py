@@ -31,10 +31,10 @@ from typing import Callable
 import numpy as np
 import onnx_ir as ir
 
-from . import dims as D
-from .members import IN, OUT, PARAM, AttrMember, ShapeMember, TensorMember
-from .registry import Registry
-from .space import LayoutError, Space, SpaceTable
+from onnxprune.core import dims as D
+from onnxprune.core.members import IN, OUT, PARAM, AttrMember, ShapeMember, TensorMember
+from onnxprune.core.registry import Registry
+from onnxprune.core.space import LayoutError, Space, SpaceTable
 
 log = logging.getLogger(__name__)
 
@@ -374,7 +374,7 @@ class RuleContext:
 def run_analysis(model: ir.Model, rules: Registry | None = None) -> Analysis:
     """Analyse ``model`` with ``rules`` (default: :func:`onnxprune.rules.default_registry`)."""
     if rules is None:
-        from ..rules import default_registry
+        from onnxprune.rules import default_registry
 
         rules = default_registry()
     ctx = Analysis(model)

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 import onnx_ir as ir
 
 if TYPE_CHECKING:
-    from .analysis import Analysis
+    from onnxprune.core.analysis import Analysis
 
 Token = tuple  # (int, tuple[str, ...]): static factor, sorted symbolic names
 

@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 
 import onnx_ir as ir
 
-from .analysis import Analysis
-from .members import IN, OUT, AttrMember, ShapeMember, TensorMember
-from .space import ATOM, Space
+from onnxprune.core.analysis import Analysis
+from onnxprune.core.members import IN, OUT, AttrMember, ShapeMember, TensorMember
+from onnxprune.core.space import ATOM, Space
 
 APPROX_TAGS = {"norm", "reduced"}
 KINDS = ("embed", "channels", "heads", "head_dim", "mlp")

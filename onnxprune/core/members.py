@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import onnx_ir as ir
 
-from .space import Space
+from onnxprune.core.space import Space
 
 OUT, IN, PARAM = "out", "in", "param"  # producer rows, consumer columns, per-channel tensors
 

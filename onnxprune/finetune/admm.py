@@ -292,9 +292,9 @@ def gohsp(model: str, opts: GohspOptions) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from .. import io
+    from .. import io, runtime
     from ..api import load_plan, validate
-    from ..importance.calib import load as load_calib
+    from ..plan.importance.calib import load as load_calib
     from ..pipeline import Job
     from ..plan import Plan, Ratios
     from .data import dataset_meta, image_folder
@@ -413,8 +413,8 @@ def gohsp(model: str, opts: GohspOptions) -> dict:
     hard = io.full_proto(a2.model)
     validate(hard)
     x = np.stack([val_ds[i][0].numpy() for i in range(min(len(val_ds), micro))]).astype(np.float32)
-    ys = io.session(soft).run(None, {io.session(soft).get_inputs()[0].name: x})[0]
-    yh = io.session(hard).run(None, {io.session(hard).get_inputs()[0].name: x})[0]
+    ys = runtime.session(soft).run(None, {runtime.session(soft).get_inputs()[0].name: x})[0]
+    yh = runtime.session(hard).run(None, {runtime.session(hard).get_inputs()[0].name: x})[0]
     soft_vs_hard = float(np.abs(ys - yh).max() / (np.abs(ys).max() + 1e-12))
     base = os.path.splitext(opts.output)[0]
     hard_path = base + ".hard.onnx"
@@ -425,7 +425,7 @@ def gohsp(model: str, opts: GohspOptions) -> dict:
               "top1_soft": evaluate_onnx(soft, opts.data, size), "top1_hard": evaluate_onnx(hard, opts.data, size),
               "kept": {str(k): len(v) for k, v in keep.items()}, "macs": {"before": None, "after": None},
               "sparsity": opts.sparsity, "erdos_renyi": {str(k): v for k, v in er.items()} if er else None}
-    from .. import metrics
+    from ..plan import metrics
 
     result["macs"] = {"before": metrics.count(normalised)["macs"], "after": metrics.count(hard)["macs"]}
     if opts.finetune_epochs > 0:

@@ -173,9 +173,9 @@ def compare_onnx(student, teacher, feeds: list[dict]) -> dict:
     """Student vs teacher in ONNX Runtime on ``feeds``: top-1 agreement on the
     first logit output, and per output KL(teacher || student) (logits) or
     MSE / var(teacher) and cosine (other outputs)."""
-    from .. import io
+    from .. import runtime
 
-    ss, ts = io.session(student, threads=os.cpu_count() or 1), io.session(teacher, threads=os.cpu_count() or 1)
+    ss, ts = runtime.session(student, threads=os.cpu_count() or 1), runtime.session(teacher, threads=os.cpu_count() or 1)
     acc: dict = {}
     for fd in feeds:
         n = fd.get("__n__")

@@ -149,10 +149,10 @@ def kd_loss(logits, t_logits, temperature: float):
 def evaluate_onnx(proto_or_path, root: str, size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, max_batches=None,
                   batch: int = 32) -> float:
     """Top-1 (%) of an ONNX model in ONNX Runtime on ``root/val``."""
-    from .. import io
+    from .. import runtime
 
     proto = onnx.load(proto_or_path) if isinstance(proto_or_path, str) else proto_or_path
-    sess = io.session(proto, threads=os.cpu_count() or 1)
+    sess = runtime.session(proto, threads=os.cpu_count() or 1)
     name = sess.get_inputs()[0].name
     static = sess.get_inputs()[0].shape[0]
     b = static if isinstance(static, int) else batch

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from ..core.registry import Registry
-from . import attention, conv, elementwise, linear, norm, ort_fused, pool, quant, shape_ops
+from onnxprune.core.registry import Registry
+from onnxprune.rules import attention, conv, elementwise, linear, norm, ort_fused, pool, quant, shape_ops
 
 FAMILIES = (elementwise, conv, linear, norm, pool, attention, ort_fused, quant, shape_ops)
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from ..core.analysis import Refusal, RuleContext
-from ..core.registry import Registry
+from onnxprune.core.analysis import Refusal, RuleContext
+from onnxprune.core.registry import Registry
 
 RULES = Registry()
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from ..core.analysis import PARAM, RuleContext
-from ..core.registry import Registry
+from onnxprune.core.analysis import PARAM, RuleContext
+from onnxprune.core.registry import Registry
 
 RULES = Registry()
 

@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from ..core.analysis import IN, OUT, PARAM, RuleContext
-from ..core.registry import Registry
-from . import elementwise, norm
+from onnxprune.core.analysis import IN, OUT, PARAM, RuleContext
+from onnxprune.core.registry import Registry
+from onnxprune.rules import elementwise, norm
 
 RULES = Registry()
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from ..core.analysis import RuleContext
-from ..core.registry import Registry
+from onnxprune.core.analysis import RuleContext
+from onnxprune.core.registry import Registry
 
 RULES = Registry()
 

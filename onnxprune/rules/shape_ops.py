@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from ..core.analysis import Refusal, RuleContext
-from ..core.registry import Registry
-from ..core.dims import Token, axis_groups, divides, size, tdiv, tprod
-from ..core.space import LayoutError, Space
+from onnxprune.core.analysis import Refusal, RuleContext
+from onnxprune.core.registry import Registry
+from onnxprune.core.dims import Token, axis_groups, divides, size, tdiv, tprod
+from onnxprune.core.space import LayoutError, Space
 
 RULES = Registry()
 

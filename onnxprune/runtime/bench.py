@@ -25,17 +25,14 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import onnx
 
-from . import io, metrics
-from .protowire import read_skeleton
-from .errors import UserError
+from onnxprune import io
+from onnxprune.plan import metrics
+from onnxprune.io.protowire import read_skeleton
+from onnxprune.errors import UserError
+from onnxprune.runtime import PROVIDERS, random_inputs, session
 
 log = logging.getLogger(__name__)
 
-PROVIDERS = {
-    "cpu": ["CPUExecutionProvider"],
-    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
-    "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
-}
 DEFAULT_BATCH = {"cpu": 8, "cuda": 256, "tensorrt": 256}
 
 
@@ -97,26 +94,6 @@ def _with_shapes(proto: onnx.ModelProto, shapes: dict) -> onnx.ModelProto:
                 else:
                     d.dim_param = str(want)
     return p
-
-
-def _session(proto: onnx.ModelProto, path: str | None, provider: str, threads: int | None):
-    import onnxruntime as ort
-
-    wanted = PROVIDERS[provider]
-    have = ort.get_available_providers()
-    if wanted[0] not in have:
-        raise UserError(f"provider '{provider}' ({wanted[0]}) is not available in this onnxruntime; available: {', '.join(have)}")
-    so = ort.SessionOptions()
-    if threads:
-        so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 4  # errors come back as exceptions; ORT would also print them
-    src = path or proto.SerializeToString()
-    sess = ort.InferenceSession(src, so, providers=[p for p in wanted if p in have])
-    used = sess.get_providers()[0]
-    if used != wanted[0]:
-        raise UserError(f"onnxruntime fell back from {wanted[0]} to {used}")
-    return sess
 
 
 def _static_batch(proto: onnx.ModelProto) -> int | None:
@@ -185,8 +162,8 @@ def bench(
         b = static if static is not None else batch
         if static is not None and static != batch:
             log.warning("%s has a static batch of %d: timed at batch %d (speed-up is per image)", name, static, static)
-        feeds = io.random_inputs(proto, batch=b, seed=seed)
-        sess = _session(proto, path, provider, threads)
+        feeds = random_inputs(proto, batch=b, seed=seed)
+        sess = session(path or proto, threads, provider)
         counts = metrics.count(proto)
         if static and static > 1:  # counted at the static batch: report per image
             counts = {"params": counts["params"], "macs": counts["macs"] // static}
@@ -224,7 +201,7 @@ def bench(
 
 
 def table(rows: list[BenchRow]) -> str:
-    from .report import human, table as tab
+    from onnxprune.report import human, table as tab
 
     first = rows[0]
     body = []

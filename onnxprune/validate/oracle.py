@@ -13,11 +13,11 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from . import io
-from .core.analysis import Analysis, dq_parts
-from .core.groups import Group
-from .errors import UserError
-from .plan import Plan, Ratios
+from onnxprune import runtime
+from onnxprune.core.analysis import Analysis, dq_parts
+from onnxprune.core.groups import Group
+from onnxprune.errors import UserError
+from onnxprune.plan import Plan, Ratios
 
 TOLERANCE = 1e-4
 
@@ -145,14 +145,14 @@ def _run(proto: onnx.ModelProto, names: list[str], feeds: dict) -> list:
     for n in names:
         if n not in have:
             proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(n))
-    return io.session(proto).run(names, feeds)
+    return runtime.session(proto).run(names, feeds)
 
 
 def check_subset(job, gids: set[int], keep: dict[int, np.ndarray], batch: int, consumer_only=frozenset()) -> float:
     """Zeroed original vs zeroed-and-pruned, both built from the job's one analysis."""
     sub = {gid: k for gid, k in keep.items() if gid in gids}
     with job.edited(sub, zero=True, consumer_only=consumer_only) as zeroed:
-        feeds = io.random_inputs(zeroed, batch=batch, seed=1)
+        feeds = runtime.random_inputs(zeroed, batch=batch, seed=1)
         names = compared_values(zeroed, _unquantize_activations(zeroed))
         za = _run(zeroed, names, feeds)
     del zeroed
@@ -182,7 +182,7 @@ def oracle(model, ratios: Ratios | None = None, per_set: bool = True, plan: Plan
     """Zero-contribution oracle for ``plan`` (or the plan ``ratios`` make, exactly
     as a prune run would: budgets and ``calib`` included). ``model`` is a path,
     a proto or a :class:`onnxprune.pipeline.Job` that has not been rewritten."""
-    from .pipeline import Job
+    from onnxprune.pipeline import Job
 
     job = model if isinstance(model, Job) else Job.open(model)
     if job.rewritten:

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import metrics
-from .core.analysis import Analysis
-from .core.space import ATOM, CONCAT, FIXED, Space
+from onnxprune.plan import metrics
+from onnxprune.core.analysis import Analysis
+from onnxprune.core.space import ATOM, CONCAT, FIXED, Space
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class Estimator:
     """Params and MACs of ``ctx.model`` under any plan, from one set of terms."""
 
     def __init__(self, ctx: Analysis, proto=None) -> None:
-        from . import io
+        from onnxprune import io
 
         self.ctx = ctx
         proto = proto if proto is not None else io.to_proto(ctx.model)
@@ -108,7 +108,7 @@ class Target:
 def parse_target(x, before: int, metric: str) -> Target:
     """``0 < x <= 1`` or ``"50%"``: a fraction of the original; larger numbers or
     ``"4.2G"`` / ``"20M"`` / ``"800K"``: absolute."""
-    from .errors import UserError
+    from onnxprune.errors import UserError
 
     v = x
     if isinstance(x, str):
@@ -132,7 +132,7 @@ def solve(ctx: Analysis, groups, ratios, target: Target, estimator: Estimator, s
     """Find the common scale ``s`` of the given ratios whose plan meets ``target``
     (the largest value not above it, or the closest one). Returns
     ``(scaled Ratios, plan, estimate, info)``."""
-    from .plan import make_plan
+    from onnxprune.plan import make_plan
 
     base = ratios.base_for_target()
     evals: dict[float, tuple] = {}

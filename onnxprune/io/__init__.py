@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from .errors import UserError
+from onnxprune.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def read_model(path: str) -> ir.Model:
     weights are mapped in place, see :mod:`onnxprune.protowire`)."""
     from onnx_ir import external_data
 
-    from .protowire import read_skeleton
+    from onnxprune.io.protowire import read_skeleton
 
     if not os.path.exists(path):
         raise UserError(f"model file not found: {path}")
@@ -136,7 +136,7 @@ def _share_maps(model: ir.Model, own_name: str) -> None:
 
 
 def _big(t) -> bool:
-    from .protowire import BIG
+    from onnxprune.io.protowire import BIG
 
     return t is not None and not isinstance(t, ir.StringTensor) and t.nbytes > BIG
 
@@ -158,7 +158,7 @@ def _serialized(model: ir.Model, swap) -> onnx.ModelProto:
 
 
 def _placeholder(v: ir.Value, t) -> ir.ExternalTensor:
-    from .protowire import PLACEHOLDER
+    from onnxprune.io.protowire import PLACEHOLDER
 
     return ir.ExternalTensor(PLACEHOLDER, 0, t.nbytes, t.dtype, shape=t.shape, name=v.name)
 
@@ -195,7 +195,7 @@ def infer_into(model: ir.Model) -> onnx.ModelProto:
 def infer(proto: onnx.ModelProto, strict: bool = False) -> onnx.ModelProto:
     """ONNX shape inference with data propagation; graphs with onnxruntime's fused
     ops get their outputs' shapes from :mod:`onnxprune.ort_shapes` (a few rounds)."""
-    from .ort_shapes import infer_contrib
+    from onnxprune.io.ort_shapes import infer_contrib
 
     STATS["shape_inference"] += 1
     del proto.graph.value_info[:]
@@ -446,7 +446,7 @@ def save_model(model: ir.Model, path: str, external: bool | None = None, data_na
     """Stream ``model`` to ``path`` one tensor at a time (embedded, or external
     data in ``data_name`` when ``external`` or above 2 GB). Returns the data
     file's name when one was written."""
-    from .protowire import write_model
+    from onnxprune.io.protowire import write_model
 
     maps = model.graph.meta.get("maps") or []
     tensors, written = {}, [0]
@@ -484,50 +484,6 @@ def _drop(maps) -> None:
             mm.madvise(mmap.MADV_DONTNEED)
         except (OSError, ValueError, AttributeError):
             pass
-
-
-def random_inputs(proto: onnx.ModelProto, batch: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random feeds for every graph input; symbolic dims become ``batch``.
-    Integer inputs get values the graph can take: indices within the table a
-    ``Gather`` reads them from (token ids, token types, positions), else 0/1 (masks)."""
-    rng = np.random.default_rng(seed)
-    inits = {i.name: list(i.dims) for i in proto.graph.initializer}
-    feeds = {}
-    for inp in proto.graph.input:
-        if inp.name in inits:
-            continue
-        tt = inp.type.tensor_type
-        shape = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else batch for d in tt.shape.dim]
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
-        if np.issubdtype(dtype, np.floating):
-            feeds[inp.name] = rng.standard_normal(shape).astype(dtype)
-        elif dtype == np.bool_:
-            feeds[inp.name] = rng.integers(0, 2, shape).astype(bool)
-        else:
-            feeds[inp.name] = rng.integers(0, _int_bound(proto, inp.name, inits), shape).astype(dtype)
-    return feeds
-
-
-def _int_bound(proto: onnx.ModelProto, name: str, inits: dict) -> int:
-    """Exclusive upper bound for an integer input: the smallest table a Gather
-    indexes with it (through Cast/Reshape/Unsqueeze/Squeeze/Flatten), else 2."""
-    bound, frontier, seen = None, {name}, set()
-    passthrough = {"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity", "Expand"}
-    while frontier:
-        v = frontier.pop()
-        seen.add(v)
-        for n in proto.graph.node:
-            if v not in n.input:
-                continue
-            if n.op_type == "Gather" and len(n.input) > 1 and n.input[1] == v and n.input[0] in inits:
-                axis = next((a.i for a in n.attribute if a.name == "axis"), 0)
-                dims = inits[n.input[0]]
-                if dims:
-                    size = dims[axis % len(dims)]
-                    bound = size if bound is None else min(bound, size)
-            elif n.op_type in passthrough and n.input[0] == v:
-                frontier.update(o for o in n.output if o not in seen)
-    return max(1, bound) if bound is not None else 2
 
 
 # -- input shapes -------------------------------------------------------------------------
@@ -615,14 +571,3 @@ def _dim_text(d) -> str:
     if isinstance(d, int):
         return str(d)
     return getattr(d, "value", None) or str(d) or "unknown"
-
-
-def session(proto_or_path, threads: int = 1):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 4  # errors come back as exceptions; ORT would also print them
-    data = proto_or_path if isinstance(proto_or_path, str) else proto_or_path.SerializeToString()
-    return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])

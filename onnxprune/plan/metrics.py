@@ -64,7 +64,7 @@ def _axes(shape: list[int], io: str, slot: int, axes=None) -> list[Factor]:
 
 def terms(proto: onnx.ModelProto) -> list[Term]:
     """Every params and MACs term of a model (shapes inferred on a copy at batch 1)."""
-    from .io import infer
+    from onnxprune.io import infer
 
     p = onnx.ModelProto()
     p.CopyFrom(proto)

@@ -28,9 +28,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..core.analysis import Analysis
-from ..core.groups import Group
-from ..core.members import IN
+from onnxprune.core.analysis import Analysis
+from onnxprune.core.groups import Group
+from onnxprune.core.members import IN
 
 MAX_GRAM_BYTES = 1 << 30
 MAX_ROWS = 8192  # sampled rows (positions x samples) per consumer per batch

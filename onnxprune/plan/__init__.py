@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .core.analysis import Analysis
-from .core.groups import KINDS, Group
-from .errors import UserError
-from .importance.criteria import CRITERIA as IMPORTANCES
-from .importance.criteria import Scores, score_groups
+from onnxprune.core.analysis import Analysis
+from onnxprune.core.groups import KINDS, Group
+from onnxprune.errors import UserError
+from onnxprune.plan.importance.criteria import CRITERIA as IMPORTANCES
+from onnxprune.plan.importance.criteria import Scores, score_groups
 
 SCOPES = ("isomorphic", "global", "local", "cost")
 
@@ -136,7 +136,7 @@ class Ratios:
         shapes = d.get("input_shapes", {})
         if not isinstance(shapes, dict):
             raise UserError("'input_shapes' must be an object {input name: [dims]}")
-        from .io import parse_input_shapes
+        from onnxprune.io import parse_input_shapes
 
         r.input_shapes = parse_input_shapes(shapes)
         return r

@@ -24,10 +24,10 @@ from math import prod
 import numpy as np
 import onnx
 
-from ..core.analysis import Analysis
-from ..core.groups import Group
-from ..core.space import ATOM, CONCAT, FIXED
-from ..errors import UserError
+from onnxprune.core.analysis import Analysis
+from onnxprune.core.groups import Group
+from onnxprune.core.space import ATOM, CONCAT, FIXED
+from onnxprune.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +184,7 @@ def _av_site(ctx: Analysis, g: Group):
 
 def _capture(proto: onnx.ModelProto, names: list[str], calib, threads: int | None = None):
     """Yield ``(batch index, {name: array})`` with the named values exposed as outputs."""
-    from .. import io
+    from onnxprune import io, runtime
 
     p = onnx.ModelProto()
     p.CopyFrom(proto)
@@ -194,7 +194,7 @@ def _capture(proto: onnx.ModelProto, names: list[str], calib, threads: int | Non
     for n in names:
         if n not in have:
             p.graph.output.append(onnx.helper.make_tensor_value_info(n, types.get(n, onnx.TensorProto.FLOAT), None))
-    sess = io.session(p, threads=threads or 0)
+    sess = runtime.session(p, threads=threads or 0)
     inputs = [i.name for i in sess.get_inputs()]
     for k in range(len(calib.batches)):
         outs = sess.run(names, calib.feed(k, inputs))
@@ -277,7 +277,7 @@ def score_groups(ctx: Analysis, groups: list[Group], spec: dict, seed: int = 0, 
                     want[g.id] = "l2"
                 out.values[g.id] = s
     if "recon" in needs:
-        from .recon import recon_scores
+        from onnxprune.plan.importance.recon import recon_scores
 
         todo = [g for g in live if want[g.id] == "recon"]
         vals, notes = recon_scores(ctx, todo, proto, calib, _capture, axis_map, seed)
@@ -347,7 +347,7 @@ def _taylor_arrays(proto, calib, which: set) -> dict[str, dict[str, np.ndarray]]
         import torch
         import torch.nn.functional as F
 
-        from ..finetune.importer import tensor_at, import_onnx
+        from onnxprune.finetune.importer import tensor_at, import_onnx
     except ImportError as e:
         raise UserError(f"taylor/hessian importance needs torch and onnx2torch: pip install 'onnxprune[finetune]' ({e})") from None
     imp = import_onnx(proto)

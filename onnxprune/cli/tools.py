@@ -1,0 +1,33 @@
+"""``export`` (timm -> ONNX) and ``bench`` (ORT latency)."""
+from __future__ import annotations
+
+import json
+import os
+
+from onnxprune.cli.common import say, shapes
+from onnxprune.errors import UserError
+
+
+def cmd_export(args) -> str:
+    from onnxprune.export import export_timm
+
+    export_timm(args.name, args.output, args.exporter, args.opset, args.dynamic_batch, args.checkpoint, args.img_size, batch=args.batch, num_classes=args.num_classes)
+    return f"exported {args.name} -> {args.output}"
+
+
+def cmd_bench(args) -> str:
+    from onnxprune.runtime.bench import bench, plot, table
+
+    for m in args.models:
+        if not os.path.isfile(m):
+            raise UserError(f"no such model file: {m}")
+    rows = bench(args.models, batch=args.batch, provider=args.provider, threads=args.threads,
+                 warmup=args.warmup, runs=args.runs, progress=not args.quiet, input_shapes=shapes(args))
+    say(args, table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([r.as_dict(with_times=True) for r in rows], f, indent=1)
+    if args.plot:
+        plot(rows, args.plot)
+    best = max(rows, key=lambda r: r.speedup)
+    return f"{len(rows)} models, {rows[0].provider} batch {rows[0].batch}, best speed-up {best.speedup:.2f}x ({best.name})"
