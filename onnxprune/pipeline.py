@@ -21,6 +21,7 @@ import onnx_ir as ir
 from onnxprune import io
 from onnxprune.core.analysis import Analysis, run_analysis
 from onnxprune.core.registry import Registry
+from onnxprune.rules import default_registry
 from onnxprune.core.groups import Group, build_groups, isomorphic_sets
 from onnxprune.validate.checks import feed_text, runs, validate
 from onnxprune.errors import UserError
@@ -35,7 +36,7 @@ class Job:
     def __init__(self, model: ir.Model, source: str | None = None, rules: Registry | None = None) -> None:
         self.model = model
         self.source = source
-        self.ctx: Analysis = run_analysis(model, rules)
+        self.ctx: Analysis = run_analysis(model, rules if rules is not None else default_registry())
         self.groups: list[Group] = build_groups(self.ctx)
         self._estimator = None
         self._original: onnx.ModelProto | None = None

@@ -10,7 +10,7 @@ import pytest
 
 from onnxprune import api
 from onnxprune.runtime import bench as bench_mod
-from onnxprune.plan import metrics
+from onnxprune.core import metrics
 from onnxprune.plan.budget import Estimator, parse_target
 from onnxprune.cli import main
 from onnxprune.cli.common import default_model

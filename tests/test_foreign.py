@@ -121,7 +121,7 @@ def test_minus_one_batch_and_hard_sigmoid_se():
 def test_quantized_dynamic_graph_is_counted_and_refused_in_one_line(tmp_path):
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    from onnxprune.plan import metrics
+    from onnxprune.core import metrics
 
     mm = model("""g (float[1, 3, 8, 8] x) => (float[1, 4] y) {
   [c1] a = Conv <pads=[1,1,1,1]> (x, w1, b1)

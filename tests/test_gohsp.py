@@ -15,7 +15,7 @@ torch = pytest.importorskip("torch")
 timm = pytest.importorskip("timm")
 pytest.importorskip("onnx2torch")
 
-from onnxprune.plan import metrics  # noqa: E402
+from onnxprune.core import metrics  # noqa: E402
 from onnxprune.cli import main  # noqa: E402
 from onnxprune.export import export_timm  # noqa: E402
 from onnxprune.finetune.admm import ADMM, Piece, Structure, erdos_renyi  # noqa: E402

@@ -12,7 +12,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxprune import io
-from onnxprune.plan import metrics
+from onnxprune.core import metrics
 from onnxprune.api import analyze, prune
 from onnxprune.plan import Ratios
 from onnxprune.rules import ort_fused

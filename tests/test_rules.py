@@ -841,7 +841,7 @@ def test_a_registry_passed_to_the_analysis_decides():
     def c1_frozen(ctx):
         return [r for t in ctx.tensors if t.node.name == "c1" and t.role == "out" for r in ctx.table.find(t.space).frozen]
 
-    assert c1_frozen(run_analysis(ir.serde.deserialize_model(m))) == ["no rule for my.ops::Scale (opset 1) at Scale ''"]
+    assert c1_frozen(run_analysis(ir.serde.deserialize_model(m), default_registry())) == ["no rule for my.ops::Scale (opset 1) at Scale ''"]
     reg = default_registry()
     reg.add(_noop, "Scale", domain="my.ops")
     assert c1_frozen(run_analysis(ir.serde.deserialize_model(m), rules=reg)) == []

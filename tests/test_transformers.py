@@ -162,7 +162,7 @@ def test_half_deit_base_has_deit_small_shapes(deit_base, tmp_path):
     ref = onnx.load(_export(tmp_path, small, "dynamo", 20, True, "small.onnx"))
     floats = lambda m: sorted(tuple(i.dims) for i in m.graph.initializer if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) > 0 and np.prod(i.dims) > 1)
     assert floats(res.proto) == floats(ref)
-    from onnxprune.plan import metrics
+    from onnxprune.core import metrics
 
     assert res.after == metrics.count(ref)  # params and MACs of the native architecture
 

@@ -75,7 +75,7 @@ def worker_validate(path: str, shapes: list) -> dict:
     import onnx
 
     from onnxprune import runtime
-    from onnxprune.plan import metrics
+    from onnxprune.core import metrics
 
     out = {}
     proto = onnx.load(path)

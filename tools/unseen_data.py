@@ -111,7 +111,7 @@ def main() -> None:
     ft_s = time.perf_counter() - t0
     acc = [evaluate_onnx(f, data, 64) for f in (orig, pruned, tuned)]
     from onnxprune import io
-    from onnxprune.plan import metrics
+    from onnxprune.core import metrics
 
     macs = [metrics.count(io.read_proto(f))["macs"] for f in (orig, pruned)]
     row = [args.model, f"{macs[1] / macs[0]:.3f}", f"{acc[0]:.1f}", f"{acc[1]:.1f}", f"{acc[2]:.1f}",

@@ -371,12 +371,8 @@ class RuleContext:
         self._a.freeze_node(node, reason)
 
 
-def run_analysis(model: ir.Model, rules: Registry | None = None) -> Analysis:
-    """Analyse ``model`` with ``rules`` (default: :func:`onnxprune.rules.default_registry`)."""
-    if rules is None:
-        from onnxprune.rules import default_registry
-
-        rules = default_registry()
+def run_analysis(model: ir.Model, rules: Registry) -> Analysis:
+    """Analyse ``model`` with ``rules`` (:func:`onnxprune.rules.default_registry` has them all)."""
     ctx = Analysis(model)
     view = RuleContext(ctx)
     g = model.graph

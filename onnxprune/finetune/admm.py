@@ -425,7 +425,7 @@ def gohsp(model: str, opts: GohspOptions) -> dict:
               "top1_soft": evaluate_onnx(soft, opts.data, size), "top1_hard": evaluate_onnx(hard, opts.data, size),
               "kept": {str(k): len(v) for k, v in keep.items()}, "macs": {"before": None, "after": None},
               "sparsity": opts.sparsity, "erdos_renyi": {str(k): v for k, v in er.items()} if er else None}
-    from ..plan import metrics
+    from ..core import metrics
 
     result["macs"] = {"before": metrics.count(normalised)["macs"], "after": metrics.count(hard)["macs"]}
     if opts.finetune_epochs > 0:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from onnxprune.plan import metrics
+from onnxprune.core import metrics
 from onnxprune.core.analysis import Analysis
 from onnxprune.core.space import ATOM, CONCAT, FIXED, Space
 

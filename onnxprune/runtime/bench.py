@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 
 from onnxprune import io
-from onnxprune.plan import metrics
+from onnxprune.core import metrics
 from onnxprune.io.protowire import read_skeleton
 from onnxprune.errors import UserError
 from onnxprune.runtime import PROVIDERS, random_inputs, session
