@@ -17,7 +17,8 @@ Interpretation (written down in the README too):
   ``W -= lambda * (1 - M) * W + rho * (W - Z + U)`` on the constrained tensors.
   Every ``admm_interval`` steps (default: once per epoch), Eq. 12-15:
   ``Z = P(W + U)``, ``U = U + W - Z``. Eq. 11 uses W_attn^t (sequential); here
-  both blocks update from the same step (simultaneous).
+  both blocks update from the same step (simultaneous). These updates are a
+  hook (:class:`AdmmHook`) of the training loop :func:`.loop.fit`.
 * **P** keeps the kappa columns of largest l2 norm (over all member slices of
   the group; for head_dim, over ``M * (W + U)``, i.e. inside kept heads) and
   zeroes the rest; entries outside M are not constrained by g (Eq. 6), so Z
@@ -247,6 +248,32 @@ class ADMM:
         return keep
 
 
+class AdmmHook:
+    """ADMM as a hook of :func:`.loop.fit`: the penalty step (Eq. 10-11) after
+    every optimiser step, Z and U (Eq. 12-15) every ``interval`` steps, and per
+    epoch the record GOHSP reports (``task_loss``, ``masked_norm``,
+    ``w_minus_z``, ``val_top1`` from the ``val_top1()`` callable)."""
+
+    def __init__(self, admm: ADMM, interval: int, val_top1, progress: bool = False):
+        self.admm, self.interval, self.val_top1, self.progress = admm, interval, val_top1, progress
+
+    def after_step(self, step: int) -> None:
+        self.admm.penalty_step()
+        if step % self.interval == 0:
+            self.admm.project()
+            self.admm.dual()
+
+    def measure(self) -> dict:
+        return {"masked_norm": self.admm.masked_norm(), "w_minus_z": self.admm.w_minus_z(), "val_top1": self.val_top1()}
+
+    def end_epoch(self, epoch: int, record: dict) -> dict:
+        rec = {"task_loss": record["loss"], **self.measure()}
+        if self.progress:
+            log.info("admm epoch %d: loss %.4f, ||(1-M)W|| %.4g, ||W-Z|| %.4g, val top-1 %.1f%%", epoch, rec["task_loss"] or 0,
+                     rec["masked_norm"], rec["w_minus_z"], rec["val_top1"])
+        return rec
+
+
 @dataclass
 class GohspOptions:
     data: str
@@ -299,6 +326,7 @@ def gohsp(model: str, opts: GohspOptions) -> dict:
     from ..plan import Plan, Ratios
     from .data import dataset_meta, image_folder
     from .importer import import_onnx, write_back
+    from .loop import fit
     from .recipes import get as get_recipe
     from .train import Options, evaluate_onnx, finetune, input_size, kd_loss, load_teacher, make_optimizer
 
@@ -366,43 +394,24 @@ def gohsp(model: str, opts: GohspOptions) -> dict:
         teacher = load_teacher(opts.teacher) if opts.teacher else None
     steps_per_epoch = len(loader)
     interval = opts.admm_interval or steps_per_epoch
-    total = steps_per_epoch * opts.admm_epochs
-    if opts.max_steps:
-        total = min(total, opts.max_steps)
-    history = [{"epoch": 0, "step": 0, "task_loss": None, "masked_norm": admm.masked_norm(), "w_minus_z": admm.w_minus_z(),
-                "val_top1": _val_acc(module, val_loader)}]
-    step, epoch = 0, 0
-    module.train()
-    while step < total:
-        losses = []
-        for x, y in loader:
-            if step >= total:
-                break
-            lr = base_lr * 0.5 * (1 + math.cos(math.pi * step / max(total, 1)))
-            for g in opt.param_groups:
-                g["lr"] = lr
-            logits = module(x)
-            loss = F.cross_entropy(logits, y, label_smoothing=smoothing)
-            if teacher is not None:
-                with torch.no_grad():
-                    t_logits = teacher(x)
-                loss = (1 - opts.kd_alpha) * loss + opts.kd_alpha * kd_loss(logits, t_logits, opts.kd_temperature)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            admm.penalty_step()
-            step += 1
-            losses.append(float(loss.detach()))
-            if step % interval == 0:
-                admm.project()
-                admm.dual()
-        epoch += 1
-        rec = {"epoch": epoch, "step": step, "task_loss": float(np.mean(losses)) if losses else None,
-               "masked_norm": admm.masked_norm(), "w_minus_z": admm.w_minus_z(), "val_top1": _val_acc(module, val_loader)}
-        history.append(rec)
-        if opts.progress:
-            log.info("admm epoch %d: loss %.4f, ||(1-M)W|| %.4g, ||W-Z|| %.4g, val top-1 %.1f%%", epoch, rec["task_loss"] or 0,
-                     rec["masked_norm"], rec["w_minus_z"], rec["val_top1"])
+    hook = AdmmHook(admm, interval, lambda: _val_acc(module, val_loader), opts.progress)
+    history = [{"epoch": 0, "step": 0, "task_loss": None, **hook.measure()}]
+
+    def loss_fn(batch):
+        x, y = batch
+        logits = module(x)
+        loss = F.cross_entropy(logits, y, label_smoothing=smoothing)
+        if teacher is not None:
+            with torch.no_grad():
+                t_logits = teacher(x)
+            loss = (1 - opts.kd_alpha) * loss + opts.kd_alpha * kd_loss(logits, t_logits, opts.kd_temperature)
+        return loss
+
+    run = fit(module, loader, opt, loss_fn, epochs=opts.admm_epochs, steps_per_epoch=steps_per_epoch, max_steps=opts.max_steps,
+              lr_at=lambda s, t: base_lr * 0.5 * (1 + math.cos(math.pi * s / max(t, 1))), hooks=[hook])
+    # GOHSP's records: the loop's loss is the task loss; no lr
+    history += [{k: r[k] for k in ("epoch", "step", "task_loss", "masked_norm", "w_minus_z", "val_top1")} for r in run.history]
+    step = run.step
     # hard pruning on the soft model, by our rewriter
     soft = write_back(imp)
     keep = admm.final_keep()

@@ -3,8 +3,9 @@ trained tensors back into the same graph.
 
 Import (onnx2torch + our converters) -> optional teacher -> train with a
 recipe (seed 000 Table 3), knowledge distillation, AMP on GPU, EMA,
-checkpoint/resume, DistributedDataParallel under torchrun -> write back by
-initializer name -> top-1 of the written ONNX in ONNX Runtime.
+checkpoint/resume, DistributedDataParallel under torchrun (the loop itself is
+:func:`.loop.fit`) -> write back by initializer name -> top-1 of the written
+ONNX in ONNX Runtime.
 
 Distillation: ``loss = (1 - a) * task + a * T^2 * KL(softmax(t / T) || softmax(s / T))``
 with ``a = --kd-alpha`` (0.5) and ``T = --kd-temperature`` (4), Hinton et al.'s
@@ -20,7 +21,6 @@ import json
 import logging
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 
@@ -86,20 +86,6 @@ def input_size(proto: onnx.ModelProto) -> tuple[int, int]:
         if len(d) == 4 and d[2] and d[3]:
             return d[2], d[3]
     raise UserError("finetune needs an image input of shape [N, C, H, W] with static H and W")
-
-
-class _Progress:
-    def __init__(self, enabled: bool):
-        self.enabled, self.last = enabled, 0.0
-        self.tty = sys.stderr.isatty()
-
-    def show(self, text: str, force: bool = False):
-        now = time.perf_counter()
-        if not self.enabled or (not force and now - self.last < (1.0 if self.tty else 10.0)):
-            return
-        self.last = now
-        sys.stderr.write(("\r" if self.tty else "") + text + ("" if self.tty and not force else "\n"))
-        sys.stderr.flush()
 
 
 def _lr_at(step: int, total: int, steps_per_epoch: int, base: float, recipe: R.Recipe) -> float:
@@ -186,6 +172,8 @@ def finetune(pruned: str, opts: Options) -> dict:
     import torch
     import torch.nn.functional as F
 
+    from . import loop as L
+
     torch.manual_seed(opts.seed)
     np.random.seed(opts.seed)
     rank, world, local_rank, distributed = _dist()
@@ -259,9 +247,6 @@ def finetune(pruned: str, opts: Options) -> dict:
     if main_proc and reinsert:
         log.info("BatchNorm re-inserted after %d convolutions for training (folded back before write-back)", len(bns))
     steps_per_epoch = max(1, len(loader) // accum)
-    total = steps_per_epoch * recipe.epochs
-    if opts.max_steps:
-        total = min(total, opts.max_steps)
     lr = opts.lr if opts.lr is not None else recipe.lr_for(opts.batch_size)
     params = [p for p in student.parameters() if p.requires_grad]
     opt = make_optimizer(params, recipe, lr)
@@ -273,106 +258,51 @@ def finetune(pruned: str, opts: Options) -> dict:
                       num_classes=n_classes)
     use_amp = device.type == "cuda"
     amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
     model = student
     if distributed:
         model = torch.nn.parallel.DistributedDataParallel(student, device_ids=[local_rank] if device.type == "cuda" else None)
-    ema = None
-    if recipe.ema:
-        ema = {k: v.detach().clone() for k, v in student.state_dict().items() if torch.is_floating_point(v)}
-    ckpt_path = opts.output + ".ckpt"
+    ema = L.EMA(student, recipe.ema) if recipe.ema else None
+    ckpt = L.Checkpoint(opts.output + ".ckpt", student, opt, ema, extra={"recipe": recipe.as_dict()})
     step, start_epoch = 0, 0
     if opts.resume:
-        path = ckpt_path if opts.resume in ("auto", "last") else opts.resume
+        path = ckpt.path if opts.resume in ("auto", "last") else opts.resume
         if not os.path.exists(path):
             raise UserError(f"no checkpoint to resume from at {path}")
-        ck = torch.load(path, map_location=device, weights_only=False)
-        student.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["opt"])
-        step, start_epoch = ck["step"], ck["epoch"]
-        ema = ck.get("ema", ema)
+        step, start_epoch = ckpt.load(path, map_location=device)
         if main_proc:
             log.info("resumed from %s at epoch %d, step %d", path, start_epoch, step)
-    bar = _Progress(opts.progress and main_proc)
-    history = []
-    seen, t_train = 0, time.perf_counter()
-    epoch = start_epoch
-    budget_s = opts.minutes * 60 if opts.minutes else None
-    while step < total and epoch < recipe.epochs:
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        model.train()
-        losses = []
-        it = iter(loader)
-        for _ in range(steps_per_epoch):
-            if step >= total:
-                break
-            cur_lr = _lr_at(step, total, steps_per_epoch, lr, recipe)
-            for g in opt.param_groups:
-                g["lr"] = cur_lr
-            opt.zero_grad(set_to_none=True)
-            step_loss = 0.0
-            for _a in range(accum):
-                try:
-                    batch = next(it)
-                except StopIteration:
-                    it = iter(loader)
-                    batch = next(it)
-                xs, y = split(batch)
-                if mixup is not None:
-                    xs[0], y_soft = mixup(xs[0], y)
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                    outs = D.as_list(model(*xs))
-                    logits = outs[0]
-                    if teacher is not None:
-                        with torch.no_grad():
-                            t_outs = D.as_list(teacher(*xs))
-                    if y is None:
-                        loss = D.output_loss(outs, t_outs, opts.kd_temperature)
-                    else:
-                        if mixup is not None:
-                            task = torch.sum(-y_soft * F.log_softmax(logits.float(), -1), -1).mean()
-                        else:
-                            task = F.cross_entropy(logits.float(), y, label_smoothing=recipe.label_smoothing)
-                        loss = task
-                        if teacher is not None:
-                            kd = kd_loss(logits, t_outs[0], opts.kd_temperature)
-                            if len(outs) > 1:
-                                kd = kd + D.output_loss(outs[1:], t_outs[1:], opts.kd_temperature)
-                            loss = (1 - opts.kd_alpha) * task + opts.kd_alpha * kd
-                scaler.scale(loss / accum).backward()
-                step_loss += float(loss.detach()) / accum
-                seen += xs[0].shape[0] * world
-            if recipe.clip_grad:
-                scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(params, recipe.clip_grad)
-            scaler.step(opt)
-            scaler.update()
-            if ema is not None:
-                with torch.no_grad():
-                    for k, v in student.state_dict().items():
-                        if k in ema:
-                            ema[k].mul_(recipe.ema).add_(v.detach(), alpha=1 - recipe.ema)
-            step += 1
-            losses.append(step_loss)
-            el = time.perf_counter() - t_train
-            if budget_s and (el >= budget_s or step == 5 or (step > 5 and step % 20 == 0)):
-                # fit the schedule to the time left (measured speed); stop at the budget
-                fit = step if el >= budget_s else max(step + 1, int(budget_s * step / max(el, 1e-9)))
-                total = min(fit, opts.max_steps) if opts.max_steps else fit
-            bar.show(f"epoch {epoch + 1}{'' if budget_s else f'/{recipe.epochs}'} step {step}/{total} loss {np.mean(losses[-20:]):.4f} "
-                     f"lr {cur_lr:.2e} {seen / max(el, 1e-9):.1f} img/s")
-        epoch += 1
-        rec = {"epoch": epoch, "step": step, "loss": float(np.mean(losses)) if losses else None, "lr": cur_lr}
-        history.append(rec)
-        if main_proc:
-            bar.show(f"epoch {epoch}{'' if budget_s else f'/{recipe.epochs}'} done: loss {rec['loss']:.4f}", force=True)
-            torch.save({"model": student.state_dict(), "opt": opt.state_dict(), "step": step, "epoch": epoch, "ema": ema,
-                        "recipe": recipe.as_dict()}, ckpt_path)
+
+    def loss_fn(batch):
+        xs, y = split(batch)
+        if mixup is not None:
+            xs[0], y_soft = mixup(xs[0], y)
+        outs = D.as_list(model(*xs))
+        logits = outs[0]
+        if teacher is not None:
+            with torch.no_grad():
+                t_outs = D.as_list(teacher(*xs))
+        if y is None:
+            return D.output_loss(outs, t_outs, opts.kd_temperature)
+        if mixup is not None:
+            task = torch.sum(-y_soft * F.log_softmax(logits.float(), -1), -1).mean()
+        else:
+            task = F.cross_entropy(logits.float(), y, label_smoothing=recipe.label_smoothing)
+        if teacher is None:
+            return task
+        kd = kd_loss(logits, t_outs[0], opts.kd_temperature)
+        if len(outs) > 1:
+            kd = kd + D.output_loss(outs[1:], t_outs[1:], opts.kd_temperature)
+        return (1 - opts.kd_alpha) * task + opts.kd_alpha * kd
+
+    hooks = [h for h in (ema, ckpt if main_proc else None) if h is not None]
+    t_train = time.perf_counter()
+    run = L.fit(model, loader, opt, loss_fn, epochs=recipe.epochs, steps_per_epoch=steps_per_epoch, accum=accum,
+                max_steps=opts.max_steps, lr_at=lambda s, t: _lr_at(s, t, steps_per_epoch, lr, recipe),
+                clip_grad=recipe.clip_grad, amp=amp_dtype if use_amp else None, hooks=hooks, start_step=step,
+                start_epoch=start_epoch, budget_s=opts.minutes * 60 if opts.minutes else None, progress=opts.progress and main_proc)
+    step, history = run.step, run.history
     if ema is not None:
-        sd = student.state_dict()
-        sd.update({k: v for k, v in ema.items()})
-        student.load_state_dict(sd)
+        ema.copy_to_module()
     n_bn = len(bns)
     if n_bn:
         bnfold.recalibrate(imp, bns, some_batches(256), device)
