@@ -147,11 +147,10 @@ class Job:
 
     @contextmanager
     def edited(self, keep: dict[int, np.ndarray], zero: bool = False, prune: bool = False, consumer_only=frozenset()):
-        """Temporarily zero the removed channels (see :func:`verify.zero_removed`)
+        """Temporarily zero the removed channels (see :func:`rewrite.zero_removed`)
         and/or rewrite by ``keep``; yields a full proto of the edited model, then
         undoes every edit."""
-        from onnxprune.rewrite import Journal, apply_plan
-        from onnxprune.validate.oracle import zero_removed
+        from onnxprune.rewrite import Journal, apply_plan, zero_removed
 
         j = Journal()
         try:

@@ -1,5 +1,7 @@
 """Apply a plan: slice every member tensor, rewrite shape constants and
-attributes, un-share constants whose consumers now need different data."""
+attributes, un-share constants whose consumers now need different data.
+:func:`zero_removed` is the oracle's edit: zero the removed channels instead.
+Both can record into a :class:`Journal` and be undone."""
 from __future__ import annotations
 
 import logging
@@ -8,7 +10,8 @@ from collections import defaultdict
 import numpy as np
 import onnx_ir as ir
 
-from onnxprune.core.analysis import Analysis
+from onnxprune.core.analysis import Analysis, dq_parts
+from onnxprune.core.groups import Group
 
 log = logging.getLogger(__name__)
 
@@ -162,3 +165,38 @@ def apply_plan(ctx: Analysis, keep: dict[int, np.ndarray], journal: Journal | No
                     journal.record(lambda o=o, s=o.shape: setattr(o, "shape", s))
                 o.shape = None
     return changed
+
+
+def zero_removed(ctx: Analysis, groups: list[Group], keep: dict[int, np.ndarray], journal=None,
+                 consumer_only=frozenset()) -> None:
+    """Zero the removed channels of ``groups`` in every member tensor, in place,
+    undoable through ``journal``. Groups in ``consumer_only`` (that have consumer
+    members) are zeroed only where they are read."""
+    t = ctx.table
+    for g in groups:
+        if g.id not in keep:
+            continue
+        removed = np.setdiff1d(np.arange(g.width), keep[g.id])
+        only_in = g.id in consumer_only and any(m.role == "in" for m in g.tensors)
+        for m in g.tensors:
+            if only_in and m.role != "in":
+                continue
+            v = m.value
+            lm = t.leaf_map(m.space, g.space)
+            pos = np.nonzero(np.isin(lm, removed))[0]
+            if not len(pos):
+                continue
+            arr = v.const_value.numpy().copy()
+            idx = [slice(None)] * arr.ndim
+            idx[m.axis] = pos
+            if m.node.op_type == "DequantizeLinear" and m.slot == 0:
+                # a quantized weight is 0 where it equals its zero point
+                _, _, zp, _ = dq_parts(m.node)
+                arr[tuple(idx)] = np.broadcast_to(zp, arr.shape)[tuple(idx)].astype(arr.dtype)
+            else:
+                # a removed channel must output 0: a divisor or exponent becomes 1, not 0 (0/0)
+                neutral = 1 if m.node.op_type in ("Div", "Pow") and m.slot == 1 else 0
+                arr[tuple(idx)] = neutral
+            if journal is not None:
+                journal.record(lambda v=v, old=v.const_value: setattr(v, "const_value", old))
+            v.const_value = ir.Tensor(arr, name=v.name)

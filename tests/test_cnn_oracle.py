@@ -15,7 +15,7 @@ torch = pytest.importorskip("torch")
 timm = pytest.importorskip("timm")
 
 from onnxprune import io  # noqa: E402
-from onnxprune.export import export_timm  # noqa: E402
+from onnxprune.torchbridge.export import export_timm  # noqa: E402
 from onnxprune.plan import Ratios  # noqa: E402
 from onnxprune.validate.oracle import oracle  # noqa: E402
 from timm_models import randomize  # noqa: E402

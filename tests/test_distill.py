@@ -15,9 +15,9 @@ pytest.importorskip("onnx2torch")
 from onnxprune import io, runtime  # noqa: E402
 from onnxprune.api import prune  # noqa: E402
 from onnxprune.cli import main  # noqa: E402
-from onnxprune.export import export_timm  # noqa: E402
-from onnxprune.finetune import bnfold  # noqa: E402
-from onnxprune.finetune.importer import import_onnx, write_back  # noqa: E402
+from onnxprune.torchbridge.export import export_timm  # noqa: E402
+from onnxprune.torchbridge import bnfold  # noqa: E402
+from onnxprune.torchbridge.importer import import_onnx, write_back  # noqa: E402
 from timm_models import randomize  # noqa: E402
 
 

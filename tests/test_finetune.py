@@ -18,9 +18,9 @@ pytest.importorskip("onnx2torch")
 from onnxprune import io, runtime  # noqa: E402
 from onnxprune.api import prune  # noqa: E402
 from onnxprune.cli import main  # noqa: E402
-from onnxprune.export import export_timm  # noqa: E402
-from onnxprune.finetune.data import make_synthetic  # noqa: E402
-from onnxprune.finetune.importer import classify, import_onnx, write_back  # noqa: E402
+from onnxprune.torchbridge.export import export_timm  # noqa: E402
+from onnxprune.torchbridge.data import make_synthetic  # noqa: E402
+from onnxprune.torchbridge.importer import classify, import_onnx, write_back  # noqa: E402
 from timm_models import randomize  # noqa: E402
 
 SMALL = {
@@ -113,7 +113,7 @@ def test_synthetic_data_is_an_image_folder_and_deterministic(glyphs, tmp_path):
 
 
 def _ce_on_train(proto, root):
-    from onnxprune.finetune.data import image_folder
+    from onnxprune.torchbridge.data import image_folder
 
     ds = image_folder(root, "train", 64, train=False)
     x = np.stack([ds[i][0].numpy() for i in range(len(ds))]).astype(np.float32)

@@ -17,9 +17,9 @@ pytest.importorskip("onnx2torch")
 
 from onnxprune.core import metrics  # noqa: E402
 from onnxprune.cli import main  # noqa: E402
-from onnxprune.export import export_timm  # noqa: E402
-from onnxprune.finetune.admm import ADMM, Piece, Structure, erdos_renyi  # noqa: E402
-from onnxprune.finetune.data import make_synthetic  # noqa: E402
+from onnxprune.torchbridge.export import export_timm  # noqa: E402
+from onnxprune.methods.gohsp import ADMM, Piece, Structure, erdos_renyi  # noqa: E402
+from onnxprune.torchbridge.data import make_synthetic  # noqa: E402
 from timm_models import randomize  # noqa: E402
 
 RATIOS = {"kinds": {"heads": 0.34, "head_dim": 0.25, "mlp": 0.5}}
@@ -127,7 +127,7 @@ def test_quick_admm_recipe_distils_and_still_imposes_the_structure(setup):
                "--admm-recipe", "quick", "--teacher", path, "-q"])
     assert rc == 0
     r = json.load(open(str(d / "quick.gohsp.json")))
-    from onnxprune.finetune.recipes import get
+    from onnxprune.torchbridge.recipes import get
 
     assert r["admm_recipe"] == "quick" and r["admm_kd"] and r["lr"] == get("quick").lr_for(16)  # finetune's lr at this batch
     norms = [h["masked_norm"] for h in r["history"]]

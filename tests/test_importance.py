@@ -18,7 +18,7 @@ from onnxprune import io  # noqa: E402
 from onnxprune.api import analyze, prune  # noqa: E402
 from onnxprune.cli import main  # noqa: E402
 from onnxprune.errors import UserError  # noqa: E402
-from onnxprune.export import export_timm  # noqa: E402
+from onnxprune.torchbridge.export import export_timm  # noqa: E402
 from onnxprune.plan.importance.calib import Calibration, load  # noqa: E402
 from onnxprune.plan.importance.criteria import gohsp_scores  # noqa: E402
 from onnxprune.plan import Ratios  # noqa: E402
@@ -158,7 +158,7 @@ def test_data_criterion_without_calibration_is_a_user_error(tmp_path):
 
 
 def test_calibration_loaders(tmp_path):
-    from onnxprune.finetune.data import make_synthetic
+    from onnxprune.torchbridge.data import make_synthetic
 
     path = _export(tmp_path, _vit(), "dynamo", 20, True)
     proto = onnx.load(path)

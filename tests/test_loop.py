@@ -10,7 +10,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from onnxprune.finetune.loop import EMA, Checkpoint, fit  # noqa: E402
+from onnxprune.torchbridge.loop import EMA, Checkpoint, fit  # noqa: E402
 
 
 def _data(n=32, seed=0):

@@ -20,7 +20,7 @@ timm = pytest.importorskip("timm")
 
 from onnxprune import runtime  # noqa: E402
 from onnxprune.cli import main  # noqa: E402
-from onnxprune.export import export_timm  # noqa: E402
+from onnxprune.torchbridge.export import export_timm  # noqa: E402
 from timm_models import PLANT, independent_macs, randomize  # noqa: E402
 
 # (exporter, opset, dynamic batch)

@@ -17,7 +17,7 @@ timm = pytest.importorskip("timm")
 from onnxprune import io, runtime  # noqa: E402
 from onnxprune.api import analyze, prune  # noqa: E402
 from onnxprune.cli import main  # noqa: E402
-from onnxprune.export import export_timm  # noqa: E402
+from onnxprune.torchbridge.export import export_timm  # noqa: E402
 from onnxprune.plan import Ratios  # noqa: E402
 from onnxprune.validate.oracle import oracle  # noqa: E402
 from timm_models import independent_macs, randomize  # noqa: E402

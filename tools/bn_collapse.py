@@ -43,8 +43,8 @@ def train_torch(data: str, epochs: int, out: str) -> float:
     import torch
     import torch.nn.functional as F
 
-    from onnxprune.finetune.data import image_folder
-    from onnxprune.finetune.recipes import get
+    from onnxprune.torchbridge.data import image_folder
+    from onnxprune.torchbridge.recipes import get
 
     torch.manual_seed(0)
     m = timm.create_model("resnet18", num_classes=10)
@@ -85,7 +85,7 @@ def main() -> None:
     ap.add_argument("--work", help="keep files here (reuses a trained checkpoint found there)")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "bn_collapse.md"))
     args = ap.parse_args()
-    from onnxprune.finetune.train import evaluate_onnx
+    from onnxprune.torchbridge.train import evaluate_onnx
 
     tmp = args.work or tempfile.mkdtemp()
     os.makedirs(tmp, exist_ok=True)

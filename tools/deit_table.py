@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 import timm  # noqa: E402
 
 from onnxprune.api import prune  # noqa: E402
-from onnxprune.export import export_timm  # noqa: E402
+from onnxprune.torchbridge.export import export_timm  # noqa: E402
 from onnxprune.report import table  # noqa: E402
 from timm_models import randomize  # noqa: E402
 

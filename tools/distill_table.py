@@ -38,7 +38,7 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 
 from onnxprune import io, runtime  # noqa: E402
 from onnxprune.api import prune  # noqa: E402
-from onnxprune.finetune.train import Options, finetune  # noqa: E402
+from onnxprune.torchbridge.train import Options, finetune  # noqa: E402
 from onnxprune.plan.importance.calib import load  # noqa: E402
 from onnxprune.recover import recover_result  # noqa: E402
 from common import md, write_results  # noqa: E402

@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 
 from onnxprune import io  # noqa: E402
 from onnxprune.api import prune  # noqa: E402
-from onnxprune.finetune.train import Options, evaluate_onnx, finetune  # noqa: E402
+from onnxprune.torchbridge.train import Options, evaluate_onnx, finetune  # noqa: E402
 from common import md, write_results  # noqa: E402
 from train_reference import MODELS, glyph_data  # noqa: E402
 

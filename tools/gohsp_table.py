@@ -31,8 +31,8 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 
 from onnxprune import io  # noqa: E402
 from onnxprune.api import analyze, prune  # noqa: E402
-from onnxprune.finetune.admm import GohspOptions, gohsp, plot_history  # noqa: E402
-from onnxprune.finetune.train import Options, evaluate_onnx, finetune  # noqa: E402
+from onnxprune.methods.gohsp import GohspOptions, gohsp, plot_history  # noqa: E402
+from onnxprune.torchbridge.train import Options, evaluate_onnx, finetune  # noqa: E402
 from onnxprune.plan.importance.calib import load  # noqa: E402
 from common import md, write_results  # noqa: E402
 from train_reference import MODELS, glyph_data  # noqa: E402

@@ -31,7 +31,7 @@ import timm  # noqa: E402
 
 from onnxprune.api import prune  # noqa: E402
 from onnxprune.runtime.bench import bench  # noqa: E402
-from onnxprune.export import export_timm  # noqa: E402
+from onnxprune.torchbridge.export import export_timm  # noqa: E402
 from onnxprune.report import table  # noqa: E402
 from timm_models import randomize  # noqa: E402
 from common import md  # noqa: E402

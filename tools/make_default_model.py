@@ -10,7 +10,7 @@ import torch
 from timm.models.resnet import Bottleneck, ResNet
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from onnxprune.export import export_timm  # noqa: E402
+from onnxprune.torchbridge.export import export_timm  # noqa: E402
 
 torch.manual_seed(0)
 model = ResNet(block=Bottleneck, layers=[2, 2, 2, 2], channels=(16, 32, 64, 128), stem_width=16, num_classes=100)

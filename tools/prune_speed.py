@@ -107,7 +107,7 @@ def prepare(name: str, workdir: str) -> tuple[str, str]:
     import torch
     import timm
 
-    from onnxprune.export import export_timm
+    from onnxprune.torchbridge.export import export_timm
 
     onnx_path, ckpt = os.path.join(workdir, f"{name}.onnx"), os.path.join(workdir, f"{name}.pt")
     if not (os.path.exists(onnx_path) and os.path.exists(ckpt)):

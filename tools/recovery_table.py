@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 
 from onnxprune import runtime  # noqa: E402
 from onnxprune.api import prune  # noqa: E402
-from onnxprune.finetune.data import image_folder  # noqa: E402
+from onnxprune.torchbridge.data import image_folder  # noqa: E402
 from onnxprune.plan.importance.calib import Calibration, load  # noqa: E402
 from onnxprune.recover import recover  # noqa: E402
 from common import md, write_results  # noqa: E402

@@ -34,10 +34,10 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from onnxprune.export import export_timm  # noqa: E402
-from onnxprune.finetune.data import image_folder, make_synthetic  # noqa: E402
-from onnxprune.finetune.recipes import get  # noqa: E402
-from onnxprune.finetune.train import evaluate_onnx  # noqa: E402
+from onnxprune.torchbridge.export import export_timm  # noqa: E402
+from onnxprune.torchbridge.data import image_folder, make_synthetic  # noqa: E402
+from onnxprune.torchbridge.recipes import get  # noqa: E402
+from onnxprune.torchbridge.train import evaluate_onnx  # noqa: E402
 
 MODELS = os.path.join(HERE, "..", "models")
 DATA_ARGS = dict(classes=10, train=300, val=60, size=64, seed=0)

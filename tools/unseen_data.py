@@ -64,8 +64,8 @@ def train_torch(model_name: str, data: str, epochs: int, out: str) -> float:
     import torch
     import torch.nn.functional as F
 
-    from onnxprune.finetune.data import image_folder
-    from onnxprune.finetune.recipes import get
+    from onnxprune.torchbridge.data import image_folder
+    from onnxprune.torchbridge.recipes import get
 
     torch.manual_seed(0)
     m = timm.create_model(model_name, num_classes=len(CLASSES))
@@ -95,7 +95,7 @@ def main() -> None:
     ap.add_argument("--ft-epochs", type=int, default=3)
     ap.add_argument("--out", default=os.path.join(HERE, "results", "unseen_data.md"))
     args = ap.parse_args()
-    from onnxprune.finetune.train import evaluate_onnx
+    from onnxprune.torchbridge.train import evaluate_onnx
 
     tmp = tempfile.mkdtemp()
     data = os.path.join(tmp, "shapes")

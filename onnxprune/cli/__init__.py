@@ -6,7 +6,7 @@
     onnxprune verify MODEL --ratios R
     onnxprune export timm:NAME -o OUT [--exporter dynamo|legacy] [--opset N] [--dynamic-batch] [--checkpoint F]
     onnxprune bench MODEL [MORE ...] [--batch N] [--provider cpu|cuda|tensorrt] [--threads N] [--warmup N] [--runs N] [--json F] [--plot F.png]
-    onnxprune finetune | gohsp | data ...       training (the ``train`` extra)
+    onnxprune finetune | gohsp | data ...       training (the ``finetune`` extra)
 
 ``common`` holds the parsers; ``prune``, ``tools`` and ``train`` the commands; this
 module only dispatches and prints the verdict line.

@@ -9,7 +9,7 @@ from onnxprune.errors import UserError
 
 
 def cmd_export(args) -> str:
-    from onnxprune.export import export_timm
+    from onnxprune.torchbridge.export import export_timm
 
     export_timm(args.name, args.output, args.exporter, args.opset, args.dynamic_batch, args.checkpoint, args.img_size, batch=args.batch, num_classes=args.num_classes)
     return f"exported {args.name} -> {args.output}"

@@ -1,4 +1,4 @@
-"""``finetune``, ``gohsp`` and ``data``: training in PyTorch (needs the ``train`` extra)."""
+"""``finetune``, ``gohsp`` and ``data``: training in PyTorch (needs the ``finetune`` extra)."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,7 @@ from onnxprune.errors import UserError
 
 def cmd_finetune(args) -> str:
     try:
-        from onnxprune.finetune.train import Options, finetune
+        from onnxprune.torchbridge.train import Options, finetune
     except ImportError as e:
         raise UserError(f"finetune needs torch, timm and onnx2torch: pip install 'onnxprune[finetune]' ({e})") from None
     check_paths(args.model, args.output, args.teacher)
@@ -34,7 +34,7 @@ def cmd_finetune(args) -> str:
 
 def cmd_gohsp(args) -> str:
     try:
-        from onnxprune.finetune.admm import GohspOptions, gohsp, plot_history
+        from onnxprune.methods.gohsp import GohspOptions, gohsp, plot_history
     except ImportError as e:
         raise UserError(f"gohsp needs torch, timm and onnx2torch: pip install 'onnxprune[finetune]' ({e})") from None
     from onnxprune.plan import Ratios
@@ -62,7 +62,7 @@ def cmd_gohsp(args) -> str:
 
 
 def cmd_data(args) -> str:
-    from onnxprune.finetune.data import make_synthetic
+    from onnxprune.torchbridge.data import make_synthetic
 
     m = make_synthetic(args.output, args.classes, args.train, args.val, args.size, args.seed, progress=not args.quiet)
     return f"{m['classes']} classes, {m['train']} train / {m['val']} val images of {m['size']}px ({m['fonts']} fonts) -> {args.output}"

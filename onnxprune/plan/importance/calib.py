@@ -87,7 +87,7 @@ def load(spec: str, proto: onnx.ModelProto, n_batches: int = 4, batch: int = 32,
             raise UserError("image calibration needs an input [N, C, H, W] with static H, W; give a .npy/.npz")
     need = n_batches * batch
     if spec == "synthetic":
-        from onnxprune.finetune.data import GLYPHS, fonts_available, render_glyph, transforms
+        from onnxprune.torchbridge.data import GLYPHS, fonts_available, render_glyph, transforms
 
         rng = np.random.default_rng(seed)
         fonts = fonts_available()
@@ -96,7 +96,7 @@ def load(spec: str, proto: onnx.ModelProto, n_batches: int = 4, batch: int = 32,
         xs, ys = _chunks(x, None, batch, n_batches)
         return Calibration(xs, None, "synthetic glyphs")
     if os.path.isdir(spec):
-        from onnxprune.finetune.data import image_folder
+        from onnxprune.torchbridge.data import image_folder
 
         root, split = spec, None
         for s in ("train", "val"):

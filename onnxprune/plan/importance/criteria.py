@@ -347,7 +347,7 @@ def _taylor_arrays(proto, calib, which: set) -> dict[str, dict[str, np.ndarray]]
         import torch
         import torch.nn.functional as F
 
-        from onnxprune.finetune.importer import tensor_at, import_onnx
+        from onnxprune.torchbridge.importer import tensor_at, import_onnx
     except ImportError as e:
         raise UserError(f"taylor/hessian importance needs torch and onnx2torch: pip install 'onnxprune[finetune]' ({e})") from None
     imp = import_onnx(proto)

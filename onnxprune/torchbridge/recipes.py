@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 
-from ..errors import UserError
+from onnxprune.errors import UserError
 
 
 @dataclass(frozen=True)

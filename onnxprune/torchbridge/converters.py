@@ -5,7 +5,7 @@ an input), ``Pad``-18+ (``axes`` input), ``Split``-18 (``num_outputs``), the
 opset-23 ``Attention`` op, and ``Slice`` (onnx2torch's indexes with a list,
 which torch deprecates).
 
-:func:`register` is idempotent; :mod:`onnxprune.finetune.importer` calls it.
+:func:`register` is idempotent; :mod:`onnxprune.torchbridge.importer` calls it.
 """
 from __future__ import annotations
 

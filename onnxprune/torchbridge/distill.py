@@ -26,7 +26,7 @@ import os
 import numpy as np
 import onnx
 
-from ..errors import UserError
+from onnxprune.errors import UserError
 
 IMAGE_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm", ".tif", ".tiff", ".gif")
 
@@ -118,7 +118,7 @@ def unlabelled(spec: str, proto: onnx.ModelProto, size: int | None, recipe, mean
         raise UserError(f"--data: {spec} is neither a directory nor a .npy/.npz file")
     if len(names) != 1 or size is None:
         raise UserError("an image folder needs a single image input [N, C, H, W]; give a .npz with one array per input")
-    from .data import transforms
+    from onnxprune.torchbridge.data import transforms
 
     if os.path.isdir(os.path.join(spec, "train")):
         tr, ev = _images(os.path.join(spec, "train")), _images(os.path.join(spec, "val"))
@@ -146,7 +146,7 @@ def output_loss(outs: list, t_outs: list, temperature: float):
     import torch
     import torch.nn.functional as F
 
-    from .train import kd_loss
+    from onnxprune.torchbridge.train import kd_loss
 
     total = None
     for s, t in zip(outs, t_outs):
@@ -173,7 +173,7 @@ def compare_onnx(student, teacher, feeds: list[dict]) -> dict:
     """Student vs teacher in ONNX Runtime on ``feeds``: top-1 agreement on the
     first logit output, and per output KL(teacher || student) (logits) or
     MSE / var(teacher) and cosine (other outputs)."""
-    from .. import runtime
+    from onnxprune import runtime
 
     ss, ts = runtime.session(student, threads=os.cpu_count() or 1), runtime.session(teacher, threads=os.cpu_count() or 1)
     acc: dict = {}

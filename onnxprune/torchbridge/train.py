@@ -27,12 +27,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from ..errors import UserError
-from . import recipes as R
-from .data import IMAGENET_MEAN, IMAGENET_STD, dataset_meta, image_folder
-from . import bnfold
-from . import distill as D
-from .importer import import_onnx, write_back
+from onnxprune.errors import UserError
+from onnxprune.torchbridge import recipes as R
+from onnxprune.torchbridge.data import IMAGENET_MEAN, IMAGENET_STD, dataset_meta, image_folder
+from onnxprune.torchbridge import bnfold
+from onnxprune.torchbridge import distill as D
+from onnxprune.torchbridge.importer import import_onnx, write_back
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ def kd_loss(logits, t_logits, temperature: float):
 def evaluate_onnx(proto_or_path, root: str, size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, max_batches=None,
                   batch: int = 32) -> float:
     """Top-1 (%) of an ONNX model in ONNX Runtime on ``root/val``."""
-    from .. import runtime
+    from onnxprune import runtime
 
     proto = onnx.load(proto_or_path) if isinstance(proto_or_path, str) else proto_or_path
     sess = runtime.session(proto, threads=os.cpu_count() or 1)
@@ -172,7 +172,7 @@ def finetune(pruned: str, opts: Options) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from . import loop as L
+    from onnxprune.torchbridge import loop as L
 
     torch.manual_seed(opts.seed)
     np.random.seed(opts.seed)

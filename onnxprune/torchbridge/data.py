@@ -17,7 +17,7 @@ import string
 
 import numpy as np
 
-from ..errors import UserError
+from onnxprune.errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from ..errors import UserError
+from onnxprune.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ def _static_batch(proto: onnx.ModelProto) -> int | None:
 def _convert(proto: onnx.ModelProto):
     from onnx2torch import convert
 
-    from .converters import register
+    from onnxprune.torchbridge.converters import register
 
     register()
     try:

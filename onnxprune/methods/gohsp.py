@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from ..errors import UserError
+from onnxprune.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def _torch_axis(link, axis: int, ndim: int) -> int | None:
 
 
 def build_structures(a, plan, imp) -> list[Structure]:
-    from .importer import tensor_at
+    from onnxprune.torchbridge.importer import tensor_at
 
     out = []
     t = a.ctx.table
@@ -319,16 +319,16 @@ def gohsp(model: str, opts: GohspOptions) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from .. import io, runtime
-    from ..api import load_plan, validate
-    from ..plan.importance.calib import load as load_calib
-    from ..pipeline import Job
-    from ..plan import Plan, Ratios
-    from .data import dataset_meta, image_folder
-    from .importer import import_onnx, write_back
-    from .loop import fit
-    from .recipes import get as get_recipe
-    from .train import Options, evaluate_onnx, finetune, input_size, kd_loss, load_teacher, make_optimizer
+    from onnxprune import io, runtime
+    from onnxprune.api import load_plan, validate
+    from onnxprune.plan.importance.calib import load as load_calib
+    from onnxprune.pipeline import Job
+    from onnxprune.plan import Plan, Ratios
+    from onnxprune.torchbridge.data import dataset_meta, image_folder
+    from onnxprune.torchbridge.importer import import_onnx, write_back
+    from onnxprune.torchbridge.loop import fit
+    from onnxprune.torchbridge.recipes import get as get_recipe
+    from onnxprune.torchbridge.train import Options, evaluate_onnx, finetune, input_size, kd_loss, load_teacher, make_optimizer
 
     if opts.admm_recipe not in ("paper", "quick"):
         raise UserError(f"unknown ADMM recipe '{opts.admm_recipe}' (paper or quick)")
@@ -434,7 +434,7 @@ def gohsp(model: str, opts: GohspOptions) -> dict:
               "top1_soft": evaluate_onnx(soft, opts.data, size), "top1_hard": evaluate_onnx(hard, opts.data, size),
               "kept": {str(k): len(v) for k, v in keep.items()}, "macs": {"before": None, "after": None},
               "sparsity": opts.sparsity, "erdos_renyi": {str(k): v for k, v in er.items()} if er else None}
-    from ..core import metrics
+    from onnxprune.core import metrics
 
     result["macs"] = {"before": metrics.count(normalised)["macs"], "after": metrics.count(hard)["macs"]}
     if opts.finetune_epochs > 0:

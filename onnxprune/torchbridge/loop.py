@@ -11,7 +11,7 @@ Anything else plugs in as a hook: an object with an optional
 ``after_step(step)``, called after every optimizer step (``step`` counts the
 steps done), and an optional ``end_epoch(epoch, record) -> dict | None``, whose
 dict is merged into that epoch's record. :class:`EMA` and :class:`Checkpoint`
-are hooks; so is GOHSP's ADMM (:class:`onnxprune.finetune.admm.AdmmHook`).
+are hooks; so is GOHSP's ADMM (:class:`onnxprune.methods.gohsp.AdmmHook`).
 """
 from __future__ import annotations
 

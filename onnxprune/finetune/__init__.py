@@ -1,2 +1,0 @@
-"""Fine-tuning pruned ONNX models in PyTorch (onnx2torch import, weight
-write-back, recipes, distillation, data). Needs the ``finetune`` extra."""

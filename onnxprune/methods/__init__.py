@@ -1,0 +1,1 @@
+"""Pruning methods that train: GOHSP (graph-based head ranking + ADMM soft pruning, :mod:`.gohsp`)."""

@@ -1,0 +1,106 @@
+"""The package layout: imports point one way (down the layers below), nothing
+imports another package's private names, and importing any module has no
+process-wide side effect (warning filters, logging, files)."""
+from __future__ import annotations
+
+import ast
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1] / "onnxprune"
+
+# lower layers never import higher ones; a unit is a top-level module or package
+# (validate's two modules sit on either side of the pipeline: checks below, the oracle above)
+LAYERS = [
+    {"errors"},
+    {"io"},
+    {"core"},
+    {"rules", "report"},
+    {"runtime"},
+    {"torchbridge"},
+    {"plan", "rewrite", "recover"},
+    {"validate.checks", "validate"},
+    {"pipeline"},
+    {"validate.oracle", "api"},
+    {"methods"},
+    {"cli"},
+    {"__main__", "__init__"},
+]
+LAYER = {u: i for i, units in enumerate(LAYERS) for u in units}
+
+
+def _module(path: pathlib.Path) -> list[str]:
+    parts = list(path.relative_to(ROOT.parent).with_suffix("").parts)
+    return parts[:-1] if parts[-1] == "__init__" else parts
+
+
+def _unit(parts: list[str]) -> str:
+    if len(parts) == 1:
+        return "__init__"
+    if parts[1] == "validate" and len(parts) > 2:
+        return f"validate.{parts[2]}"
+    return parts[1]
+
+
+def _imports():
+    """(importing unit, imported unit, imported name, file, line) for every onnxprune import, lazy ones included."""
+    for path in sorted(ROOT.rglob("*.py")):
+        me = _module(path)
+        pkg = me if path.name == "__init__.py" else me[:-1]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = pkg[: len(pkg) - node.level + 1] if node.level else []
+                mod = base + (node.module.split(".") if node.module else [])
+                if not mod or mod[0] != "onnxprune":
+                    continue
+                for a in node.names:
+                    sub = mod + [a.name]
+                    is_module = (ROOT.parent / pathlib.Path(*sub)).is_dir() or (ROOT.parent / pathlib.Path(*sub)).with_suffix(".py").exists()
+                    yield _unit(me), _unit(sub if is_module else mod), a.name, path.name, node.lineno
+            elif isinstance(node, ast.Import):
+                for a in node.names:
+                    if a.name.startswith("onnxprune."):
+                        yield _unit(me), _unit(a.name.split(".")), "", path.name, node.lineno
+
+
+def test_every_unit_has_a_layer():
+    units = {u for u, *_ in _imports()} | {_unit(_module(p)) for p in ROOT.rglob("*.py")}
+    assert units - set(LAYER) == set()
+
+
+def test_imports_point_down_the_layers():
+    up = sorted({f"{a} -> {b} ({f}:{line})" for a, b, _, f, line in _imports() if a != b and LAYER[a] <= LAYER[b]})
+    assert up == []
+
+
+def test_no_private_name_crosses_a_unit():
+    leaks = sorted({f"{a} imports {name} from {b} ({f}:{line})" for a, b, name, f, line in _imports()
+                    if a != b and name.startswith("_")})
+    assert leaks == []
+
+
+def test_importing_everything_has_no_process_wide_side_effect(tmp_path):
+    mods = sorted(".".join(_module(p)) for p in ROOT.rglob("*.py") if p.name != "__main__.py")
+    code = f"""
+import logging, warnings, os, importlib
+for dep in ("numpy", "onnx", "onnx_ir", "onnxruntime", "torch", "torchvision", "timm", "onnx2torch", "onnxscript", "PIL"):
+    try:  # third-party imports set their own filters: not ours to judge
+        importlib.import_module(dep)
+    except ImportError:
+        pass
+filters, handlers, level = list(warnings.filters), list(logging.getLogger().handlers), logging.getLogger().level
+for m in {mods!r}:
+    try:
+        importlib.import_module(m)
+    except ImportError as e:  # an optional extra that is not installed
+        print("skipped", m, e)
+assert list(warnings.filters) == filters, "warning filters changed on import"
+assert logging.getLogger().handlers == handlers and logging.getLogger().level == level, "root logging changed on import"
+assert os.listdir(".") == [], os.listdir(".")
+print("imported", len({mods!r}))
+"""
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                       env={"PYTHONPATH": str(ROOT.parent), "PATH": "/usr/bin:/bin"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"imported {len(mods)}" in r.stdout
