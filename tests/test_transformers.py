@@ -42,7 +42,7 @@ def test_deit_tiny_groups_and_oracle(tmp_path, exporter, opset, dynamic):
     kinds = {}
     for g in live:
         kinds.setdefault(g.kind, []).append(g.width)
-    # seed 000's groups: E (192), H (3 per block), QKV dim (64 per block), M (768 per block)
+    # Isomorphic Pruning's groups: E (192), H (3 per block), QKV dim (64 per block), M (768 per block)
     assert kinds == {"heads": [3] * 12, "head_dim": [64] * 12, "mlp": [768] * 12, "embed": [192]}
     assert len(a.sets) == 4
     cfg = {"kinds": {"heads": 0.34, "head_dim": 0.25, "mlp": 0.5, "embed": 0.25}}
@@ -146,7 +146,7 @@ def test_deit_4_2g_target(deit_base, tmp_path):
     res = prune(deit_base, str(MODELS / "deit_4.2g.json"))
     out = str(tmp_path / "deit42.onnx")
     onnx.save(res.proto, out)
-    # seed 000 / DESIGN.md: deit_base at 0.5/0.5/0.25 -> 20.28M params, 4.16G MACs
+    # Isomorphic Pruning: deit_base at 0.5/0.5/0.25 -> 20.28M params, 4.16G MACs
     assert abs(res.after["params"] / 20.28e6 - 1) < 0.005
     assert abs(independent_macs(out) / 4.16e9 - 1) < 0.01
     assert res.after["macs"] == independent_macs(out)

@@ -21,7 +21,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 
-from common import cli, md, write_results  # noqa: E402
+from common import cli, md, one_cycle, train_classifier, write_results  # noqa: E402
 
 RATIOS = '{"kinds": {"channels": 0.6, "embed": 0.4}}'
 
@@ -41,7 +41,6 @@ def subset(src: str, dst: str, per_class: int) -> None:
 def train_torch(data: str, epochs: int, out: str) -> float:
     import timm
     import torch
-    import torch.nn.functional as F
 
     from onnxprune.torchbridge.data import image_folder
     from onnxprune.torchbridge.recipes import get
@@ -49,23 +48,9 @@ def train_torch(data: str, epochs: int, out: str) -> float:
     torch.manual_seed(0)
     m = timm.create_model("resnet18", num_classes=10)
     ds = image_folder(data, "train", 32, True, get("quick", hflip=0.0))
-    dl = torch.utils.data.DataLoader(ds, batch_size=64, shuffle=True, num_workers=1, drop_last=True)
-    opt = torch.optim.AdamW(m.parameters(), lr=2e-3, weight_decay=0.05)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=epochs * len(dl))
-    t0 = time.perf_counter()
-    for ep in range(epochs):
-        m.train()
-        tot = 0.0
-        for x, y in dl:
-            loss = F.cross_entropy(m(x), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            tot += float(loss.detach())
-        print(f"train epoch {ep + 1}/{epochs}: loss {tot / len(dl):.3f} ({time.perf_counter() - t0:.0f}s)", flush=True)
+    secs = train_classifier(m, ds, epochs=epochs, lr=2e-3, batch=64, lr_at=one_cycle(2e-3))
     torch.save(m.state_dict(), out)
-    return time.perf_counter() - t0
+    return secs
 
 
 ARMS = {  # name -> extra finetune arguments

@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 
 def md(head: list, rows: list) -> str:
@@ -59,3 +60,56 @@ def pip_fetch(spec: str, dl: str) -> str:
         if norm(os.path.basename(f)).startswith(stem):
             return f
     raise SystemExit(f"pip download {spec}: no file in {dl}")
+
+
+def train_classifier(model, ds, *, epochs: int, lr: float, batch: int, workers: int = 1, lr_at=None,
+                     label_smoothing: float = 0.0, every: int = 1, tag: str = "train") -> float:
+    """Train a torch classifier from scratch (AdamW, weight decay 0.05) with the
+    package's training loop; ``lr_at(step, total)`` sets the lr (None: constant).
+    Prints every ``every`` epochs; returns the seconds spent."""
+    import torch
+    import torch.nn.functional as F
+
+    from onnxprune.torchbridge.loop import fit
+
+    dl = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True,
+                                     persistent_workers=workers > 0)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
+
+    class Report:
+        def end_epoch(self, epoch, rec):
+            if epoch % every == 0 or epoch == epochs:
+                print(f"{tag} epoch {epoch}/{epochs}: loss {rec['loss']:.3f} ({time.perf_counter() - t0:.0f}s)", flush=True)
+
+    t0 = time.perf_counter()
+    fit(model, dl, opt, lambda b: F.cross_entropy(model(b[0]), b[1], label_smoothing=label_smoothing), epochs=epochs,
+        steps_per_epoch=len(dl), lr_at=lr_at, hooks=[Report()])
+    return time.perf_counter() - t0
+
+
+def one_cycle(peak: float):
+    """``lr_at`` of torch's OneCycleLR defaults: cosine from peak/25 up to peak over 30%
+    of the steps, then cosine down to peak/25/1e4."""
+    import math
+
+    start, end = peak / 25, peak / 25 / 1e4
+
+    def lr_at(step: int, total: int) -> float:
+        up = 0.3 * total
+        if step < up:
+            return start + (peak - start) * (1 - math.cos(math.pi * step / up)) / 2
+        return end + (peak - end) * (1 + math.cos(math.pi * (step - up) / max(total - up, 1))) / 2
+
+    return lr_at
+
+
+def warmup_cosine(peak: float, warm_steps: int):
+    """``lr_at``: linear warm-up over ``warm_steps``, then cosine to 0."""
+    import math
+
+    def lr_at(step: int, total: int) -> float:
+        if step < warm_steps:
+            return peak * (step + 1) / warm_steps
+        return peak * 0.5 * (1 + math.cos(math.pi * (step - warm_steps) / max(total - warm_steps, 1)))
+
+    return lr_at

@@ -1,4 +1,4 @@
-"""README table: seed 000's DeiT targets (models/deit_*.json) applied to timm
+"""README table: Isomorphic Pruning's DeiT targets (models/deit_*.json) applied to timm
 DeiTs with random weights; params and MACs here vs. the paper's.
 
     python tools/deit_table.py [--exporter dynamo|legacy] [--out tools/results/deit_table.md]
@@ -22,9 +22,9 @@ from onnxprune.torchbridge.export import export_timm  # noqa: E402
 from onnxprune.report import table  # noqa: E402
 from timm_models import randomize  # noqa: E402
 
-# target, base model, ratios file, paper params (M), paper MACs (G) (seed 000 / DESIGN.md section 5)
+# target, base model, ratios file, paper params (M), paper MACs (G) (Isomorphic Pruning, supplementary)
 TARGETS = [
-    ("DeiT-4.2G", "deit_base_patch16_224", "deit_4.2g.json", 20.28, 4.16),  # non-distilled DeiT-B figures from DESIGN.md
+    ("DeiT-4.2G", "deit_base_patch16_224", "deit_4.2g.json", 20.28, 4.16),  # non-distilled DeiT-B figures from the paper
     ("DeiT-2.6G", "deit_base_patch16_224", "deit_2.6g.json", 13.07, 2.61),
     ("DeiT-1.2G", "deit_small_patch16_224", "deit_1.2g.json", 5.74, 1.21),
     ("DeiT-0.6G", "deit_tiny_patch16_224", "deit_0.6g.json", 3.08, 0.62),

@@ -1,5 +1,5 @@
 """README table: GOHSP soft pruning (ADMM) vs hard pruning with the same total
-epochs, at two sparsities, and rho sensitivity (seed 002, Fig. 3 and Fig. 5),
+epochs, at two sparsities, and rho sensitivity (GOHSP, Fig. 3 and Fig. 5),
 on the trained reference ViT.
 
     python tools/gohsp_table.py [--admm-epochs 2] [--ft-epochs 1] [--rhos 0.0001,0.001,0.01]

@@ -1,6 +1,6 @@
 """README table: importance criterion x scope on the trained reference models,
 at two MACs targets, accuracy right after pruning and after the same short
-fine-tune; and GOHSP's batch-size stability (seed 002).
+fine-tune; and GOHSP's batch-size stability (GOHSP).
 
     python tools/importance_table.py [--ft-steps 30] [--targets 0.7,0.5] [--only cnn|vit]
 

@@ -5,7 +5,7 @@ native parity (deit_base pruned to deit_small's shape vs a native deit_small).
                                   [--out tools/results/latency_table.md]
 
 Every model is a timm model with random weights, exported at a static batch of
-``--batch`` (default 8, seed 000's CPU batch) with the dynamo exporter (and the
+``--batch`` (default 8, Isomorphic Pruning's CPU batch) with the dynamo exporter (and the
 legacy one for parity). Each family (original + its pruned variants) is timed
 with ``onnxprune.bench``: runs interleaved, order rotated every round, ORT with
 as many intra-op threads as CPU cores. Speed-up is median latency of the

@@ -22,22 +22,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import tempfile
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 from onnxprune.torchbridge.export import export_timm  # noqa: E402
 from onnxprune.torchbridge.data import image_folder, make_synthetic  # noqa: E402
 from onnxprune.torchbridge.recipes import get  # noqa: E402
 from onnxprune.torchbridge.train import evaluate_onnx  # noqa: E402
+from common import train_classifier, warmup_cosine  # noqa: E402
 
 MODELS = os.path.join(HERE, "..", "models")
 DATA_ARGS = dict(classes=10, train=300, val=60, size=64, seed=0)
@@ -64,28 +62,11 @@ def build(kind: str):
 def train(kind: str, data: str, epochs: int, lr: float, batch: int = 64, seed: int = 0) -> tuple:
     torch.manual_seed(seed)
     model = build(kind)
-    recipe = get("quick", hflip=0.0)
-    ds = image_folder(data, "train", 64, True, recipe)
-    dl = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, num_workers=2, drop_last=True, persistent_workers=True)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
-    total = epochs * len(dl)
-    step, t0 = 0, time.perf_counter()
-    for ep in range(epochs):
-        model.train()
-        run = 0.0
-        for x, y in dl:
-            warm = len(dl)  # one epoch of linear warm-up, then cosine
-            f = (step + 1) / warm if step < warm else 0.5 * (1 + math.cos(math.pi * (step - warm) / (total - warm)))
-            for g in opt.param_groups:
-                g["lr"] = lr * f
-            loss = F.cross_entropy(model(x), y, label_smoothing=0.1)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            run += float(loss.detach())
-            step += 1
-        print(f"{kind} epoch {ep + 1}/{epochs} loss {run / len(dl):.3f} ({time.perf_counter() - t0:.0f}s)", flush=True)
-    return model.eval(), time.perf_counter() - t0
+    ds = image_folder(data, "train", 64, True, get("quick", hflip=0.0))
+    steps = len(ds) // batch  # one epoch of linear warm-up, then cosine
+    secs = train_classifier(model, ds, epochs=epochs, lr=lr, batch=batch, workers=2, lr_at=warmup_cosine(lr, steps),
+                            label_smoothing=0.1, tag=kind)
+    return model.eval(), secs
 
 
 def main() -> None:

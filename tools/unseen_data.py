@@ -23,7 +23,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 
-from common import cli, md, write_results  # noqa: E402
+from common import cli, md, train_classifier, write_results  # noqa: E402
 
 CLASSES = ["circle", "square", "triangle", "cross"]
 
@@ -59,10 +59,9 @@ def make_shapes(root: str, train: int = 150, val: int = 40, seed: int = 3) -> No
 
 
 def train_torch(model_name: str, data: str, epochs: int, out: str) -> float:
-    """Plain PyTorch training, as a user would do before exporting."""
+    """Plain PyTorch training (constant lr), as a user would do before exporting."""
     import timm
     import torch
-    import torch.nn.functional as F
 
     from onnxprune.torchbridge.data import image_folder
     from onnxprune.torchbridge.recipes import get
@@ -70,22 +69,9 @@ def train_torch(model_name: str, data: str, epochs: int, out: str) -> float:
     torch.manual_seed(0)
     m = timm.create_model(model_name, num_classes=len(CLASSES))
     ds = image_folder(data, "train", 64, True, get("quick"))
-    dl = torch.utils.data.DataLoader(ds, batch_size=32, shuffle=True, num_workers=2, drop_last=True)
-    opt = torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=0.05)
-    t0 = time.perf_counter()
-    for ep in range(epochs):
-        m.train()
-        tot = 0.0
-        for x, y in dl:
-            loss = F.cross_entropy(m(x), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            tot += float(loss)
-        if (ep + 1) % 10 == 0 or ep + 1 == epochs:
-            print(f"train epoch {ep + 1}/{epochs}: loss {tot / len(dl):.3f} ({time.perf_counter() - t0:.0f}s)", flush=True)
+    secs = train_classifier(m, ds, epochs=epochs, lr=1e-3, batch=32, workers=2, every=10)
     torch.save(m.state_dict(), out)
-    return time.perf_counter() - t0
+    return secs
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""GOHSP soft pruning (seed 002, Eq. 5-15): ADMM / Douglas-Rachford splitting
+"""GOHSP soft pruning (Yin et al., AAAI 2023, Eq. 5-15): ADMM / Douglas-Rachford splitting
 toward heterogeneous head and column sparsity, then hard pruning with our
 rewriter and fine-tuning.
 
@@ -120,7 +120,7 @@ def _structure_params(st: Structure) -> tuple[float, float]:
 
 def erdos_renyi(structs: list[Structure], sparsity: float, round_to: int = 1) -> dict[int, float]:
     """Set ``keep_n`` of every column structure (``head_dim``, ``mlp``) from one
-    overall column sparsity, distributed as seed 002 does with Erdos-Renyi:
+    overall column sparsity, distributed as GOHSP does with Erdos-Renyi:
     density_l = min(1, eps * score_l), eps chosen so that the kept parameters
     are (1 - sparsity) of the structures' parameters (layers that would exceed
     density 1 are kept dense and eps is solved again). Returns group id ->

@@ -1,6 +1,6 @@
 """``onnxprune bench``: latency of ONNX models in ONNX Runtime, measured fairly.
 
-Protocol (seed 000's latency protocol: fixed batch, warm-up, then timed runs;
+Protocol (the latency protocol of Isomorphic Pruning's supplementary material: fixed batch, warm-up, then timed runs;
 defaults CPU batch 8, GPU batch 256, 20 warm-up and 100 timed runs):
 
 * one session per model, created up front with the same provider and threads;

@@ -1,5 +1,5 @@
-"""onnx2torch converters for what our exports use and onnx2torch 1.5 lacks
-(../shared/DESIGN.md §4): opset 18+ versions of ops whose semantics did not
+"""onnx2torch converters for what our exports use and onnx2torch 1.5 lacks:
+opset 18+ versions of ops whose semantics did not
 change, ``Reshape`` with ``allowzero``, ``Gelu``-20, ``ReduceMean``-18 (axes as
 an input), ``Pad``-18+ (``axes`` input), ``Split``-18 (``num_outputs``), the
 opset-23 ``Attention`` op, and ``Slice`` (onnx2torch's indexes with a list,

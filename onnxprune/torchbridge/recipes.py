@@ -1,4 +1,4 @@
-"""Training recipes from seed 000's Table 3 (Isomorphic Pruning, supplementary),
+"""Training recipes from Table 3 of Isomorphic Pruning's supplementary material,
 plus ``quick`` for CPU-minute demos.
 
 The learning rate is the table's base lr scaled linearly with the batch size

@@ -2,7 +2,7 @@
 trained tensors back into the same graph.
 
 Import (onnx2torch + our converters) -> optional teacher -> train with a
-recipe (seed 000 Table 3), knowledge distillation, AMP on GPU, EMA,
+recipe (Isomorphic Pruning, supplementary Table 3), knowledge distillation, AMP on GPU, EMA,
 checkpoint/resume, DistributedDataParallel under torchrun (the loop itself is
 :func:`.loop.fit`) -> write back by initializer name -> top-1 of the written
 ONNX in ONNX Runtime.

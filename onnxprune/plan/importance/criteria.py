@@ -13,7 +13,7 @@ highest. Scores of different kinds are never compared: pools never mix kinds.
 | ``taylor`` | sum over members of abs(w * dL/dw) over c's slices (gradients through the onnx2torch import; L = cross-entropy with label smoothing 0.1 against the data's labels, else the model's own predictions) | yes |
 | ``hessian`` | sum over members and calibration batches of (w * dL/dw)^2: the diagonal empirical-Fisher approximation of the loss change (OBD-style) | yes |
 | ``recon`` | relative output error the channel's removal leaves at the linear layers where it ends, after the least-squares re-fit that ``--recover ridge`` does (Optimal-Brain-Surgeon formula on the consumers' input covariance; see ``recon.py``) | yes |
-| ``gohsp`` | heads only: stationary probability of the Markov chain over head-output cosine similarity (seed 002, Alg. 2) | yes |
+| ``gohsp`` | heads only: stationary probability of the Markov chain over head-output cosine similarity (GOHSP, Alg. 2) | yes |
 """
 from __future__ import annotations
 
@@ -214,7 +214,7 @@ def _power_iteration(P: np.ndarray) -> tuple[np.ndarray, int]:
 
 def gohsp_matrix(head_vectors: np.ndarray) -> np.ndarray:
     """P(i, j) = cosine similarity of the summed outputs of heads i and j
-    (seed 002, Eq. 3), negatives clamped to 0 (DESIGN.md §6: a Markov chain
+    (GOHSP, Eq. 3), negatives clamped to 0 (a Markov chain
     needs non-negative weights; the paper is silent), columns normalised
     (Alg. 2, line 5)."""
     v = head_vectors.astype(np.float64)
