@@ -12,14 +12,12 @@ from dataclasses import dataclass, field
 import onnx
 
 from onnxprune import io
-from onnxprune.errors import UserError
 from onnxprune.pipeline import Job
 from onnxprune.validate.checks import validate
 from onnxprune.plan import Plan, Ratios, read_json
 
 log = logging.getLogger(__name__)
 
-Analyzed = Job  # the analysis result type, by its older name
 
 
 def analyze(model, rules=None) -> Job:
@@ -90,14 +88,11 @@ def prune(
 
 def save_pruned(res: PruneResult, out_path: str, in_path: str | None = None, check: bool = True) -> dict:
     """Stream the pruned model to ``out_path`` and validate the written file."""
-    import os
-
-    if in_path and os.path.abspath(out_path) == os.path.abspath(in_path):
-        raise UserError("output path equals the input path; onnxprune never overwrites its input")
+    io.refuse_overwrite(out_path, in_path)
     checks = res.job.save(out_path, check=check)
     if checks:
         res.checks = checks
     return res.checks
 
 
-__all__ = ["analyze", "prune", "validate", "save_pruned", "load_plan", "PruneResult", "Analyzed", "Job"]
+__all__ = ["analyze", "prune", "validate", "save_pruned", "load_plan", "PruneResult", "Job"]

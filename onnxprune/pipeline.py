@@ -167,8 +167,7 @@ class Job:
         """Write the (rewritten) model to ``path`` by streaming its tensors, then
         validate the written file; nothing is left at ``path`` if that fails.
         Returns the validation facts."""
-        if self.source and os.path.abspath(path) == os.path.abspath(self.source):
-            raise UserError("output path equals the input path; onnxprune never overwrites its input")
+        io.refuse_overwrite(path, self.source)
         d = os.path.dirname(os.path.abspath(path))
         fd, tmp = tempfile.mkstemp(prefix=".onnxprune-", suffix=".onnx", dir=d)
         os.close(fd)

@@ -45,7 +45,6 @@ ORT run, and if that fails the pruned model is returned unchanged.
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -54,6 +53,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from onnxprune.report import Progress
 from onnxprune.runtime import session
 
 log = logging.getLogger(__name__)
@@ -564,29 +564,6 @@ def _write_back(g: _Graph, fit: _Fit, Ws: list) -> None:
 # --------------------------------------------------------------------------- driver
 
 
-class _Progress:
-    """One line redrawn in place on a terminal; one line per level otherwise."""
-
-    def __init__(self, total: int, enabled: bool):
-        self.total, self.enabled, self.done, self.t0 = max(total, 1), enabled, 0, time.perf_counter()
-        self.tty = enabled and sys.stderr.isatty()
-
-    def step(self, what: str, end_of_level: bool = False) -> None:
-        self.done += 1
-        if not self.enabled:
-            return
-        el = time.perf_counter() - self.t0
-        if self.tty:
-            frac = self.done / self.total
-            bar = "#" * int(30 * frac) + "." * (30 - int(30 * frac))
-            sys.stderr.write(f"\rrecover [{bar}] {self.done}/{self.total} {el:5.1f}s {what[:40]:<40}")
-            if self.done >= self.total:
-                sys.stderr.write("\n")
-        elif end_of_level:
-            sys.stderr.write(f"recover {self.done}/{self.total} batches x levels, {el:.1f}s: {what}\n")
-        sys.stderr.flush()
-
-
 def consumers(ctx, keep) -> list[str]:
     """Names of the nodes that read pruned channels (an IN member whose kept list
     is shorter than its axis), in graph order."""
@@ -694,7 +671,8 @@ def recover(
     # ridge: every other batch is held out to choose the ridge strength per layer
     # (and to refuse a fit that only helps on the data it was fitted on)
     hold = method == "ridge" and ridge_select and len(batches) >= 2
-    bar = _Progress(len(by_level) * len(batches), progress)
+    bar = Progress("recover", len(by_level) * len(batches), progress)
+    done = 0
     rng = np.random.default_rng(seed)
     for lvl in sorted(by_level):
         todo = by_level[lvl]
@@ -720,7 +698,8 @@ def recover(
                     f.row.reason = f.row.reason or "input/output shapes do not match a linear layer"
                     continue
                 _accumulate(f, rws, held_out=hold and bi % 2 == 1)
-            bar.step(f"level {lvl}: {', '.join(f.row.node for f in todo)}", end_of_level=bi == len(batches) - 1)
+            done += 1
+            bar.step(done, f"level {lvl}: {', '.join(f.row.node for f in todo)}"[:60], force=bi == len(batches) - 1 and not bar.tty)
         for f in todo:
             if f.row.reason or not f.G:
                 f.row.status = "skipped"

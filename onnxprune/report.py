@@ -1,11 +1,52 @@
-"""Readable tables and the JSON report."""
+"""What the user reads: tables, the JSON report, and the progress line of long work."""
 from __future__ import annotations
 
+import sys
+import time
 from collections import Counter
 
 import numpy as np
 
 from onnxprune.core.groups import Group, isomorphic_sets
+
+
+class Progress:
+    """One status line on stderr for long work (benchmark runs, recovery levels,
+    training steps): redrawn in place on a terminal at most once a second; a full
+    line at most every 10 s in a log file. ``force`` writes now (and ends the line
+    on a terminal). Runs shorter than ``quiet_s`` seconds print nothing."""
+
+    def __init__(self, label: str = "", total: int = 0, enabled: bool = True, quiet_s: float = 0.0):
+        self.label, self.total, self.enabled, self.quiet_s = label, total, enabled, quiet_s
+        self.t0, self.last, self.open = time.perf_counter(), None, False
+        self.tty = sys.stderr.isatty()
+
+    def show(self, text: str, force: bool = False) -> None:
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        if not force:
+            if self.last is not None and now - self.last < (1.0 if self.tty else 10.0):
+                return
+            if now - self.t0 < self.quiet_s:
+                return
+        self.last = now
+        if self.tty:
+            sys.stderr.write("\r" + text + (" \n" if force else " "))
+            self.open = not force
+        else:
+            sys.stderr.write(text + "\n")
+        sys.stderr.flush()
+
+    def step(self, done: int, what: str = "", force: bool = False) -> None:
+        """``done`` of ``total`` units: percent, time elapsed, time left; the last
+        unit always shows if anything was shown before."""
+        el = time.perf_counter() - self.t0
+        finished = done >= self.total > 0
+        left = el / max(done, 1) * max(self.total - done, 0)
+        text = (f"{self.label}: {done}/{self.total} ({100 * done // max(self.total, 1)}%)  {el:.0f}s elapsed, ~{left:.0f}s left"
+                + (f"  {what}" if what else ""))
+        self.show(text, force=force or (finished and self.last is not None))
 
 
 def table(rows: list[list], header: list[str]) -> str:

@@ -16,7 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxprune import runtime
 from onnxprune.api import analyze, prune
 from onnxprune.plan.importance.calib import Calibration
-from onnxprune.plan.importance.criteria import Scores, axis_map, score_groups, _capture
+from onnxprune.plan.importance.criteria import Scores, score_groups, _capture
 from onnxprune.plan.importance.recon import recon_scores
 from onnxprune.plan import Ratios, make_plan
 from onnxprune.recover import _accumulate, _Fit, _select, LayerRow, downstream, recover
@@ -86,7 +86,7 @@ def test_recon_costs_equal_a_brute_force_refit(monkeypatch):
     cal = _calib()
     job = analyze(m)
     g = _hidden_group(job)
-    vals, notes = recon_scores(job.ctx, [g], m, cal, _capture, axis_map, sequential_ok=False)
+    vals, notes = recon_scores(job.ctx, [g], m, cal, _capture, sequential_ok=False)
     assert not notes
     want = _brute(w1, b1, w2, cal.batches)
     got = vals[g.id]

@@ -7,6 +7,7 @@ import os
 from importlib import resources
 
 from onnxprune.errors import UserError
+from onnxprune.io import refuse_overwrite
 
 SUBCOMMANDS = ("analyze", "verify", "export", "prune", "bench", "finetune", "data", "gohsp")
 
@@ -190,5 +191,4 @@ def say(args, text: str = "") -> None:
 def check_paths(model: str, output: str, *other_inputs) -> None:
     if not os.path.isfile(model):
         raise UserError(f"model file not found: {model}")
-    if os.path.abspath(output) in {os.path.abspath(p) for p in (model, *other_inputs) if p}:
-        raise UserError("output path equals an input path; onnxprune never overwrites its input")
+    refuse_overwrite(output, model, *other_inputs)

@@ -36,10 +36,6 @@ class Group:
         """True when zeroed channels contribute nothing (the oracle applies)."""
         return not (self.space.tags & APPROX_TAGS)
 
-    @property
-    def prunable(self) -> bool:
-        return not self.frozen
-
     def names(self) -> set[str]:
         out = set()
         for m in self.tensors:

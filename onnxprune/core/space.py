@@ -301,21 +301,31 @@ class SpaceTable:
         vals = [self.size_after(c, plan) for c in r.children]
         return sum(vals) if r.kind == CONCAT else prod(vals)
 
-    def leaf_map(self, s: Space, leaf: Space) -> np.ndarray:
-        """For each position of an axis laid out as ``s``: the channel of ``leaf`` it
-        belongs to, or -1. Used to score channels from any member tensor."""
+    def leaf_map(self, s: Space, leaf: Space, n: int | None = None) -> np.ndarray:
+        """For each of the ``n`` positions (default: its width) of an axis laid out as
+        ``s``: the channel of ``leaf`` it belongs to, or -1. Used to score channels
+        from any member tensor or captured activation; ``n`` resolves one dynamic
+        (None-sized) factor of a product (batch x heads merged by dynamo)."""
         r = self.find(s)
+        n = r.size if n is None else n
         if r is leaf:
-            return np.arange(r.size)
+            return np.arange(n)
         if r.kind in (ATOM, FIXED):
-            return np.full(r.size, -1)
-        if r.kind == CONCAT:
-            return np.concatenate([self.leaf_map(c, leaf) for c in r.children])
+            return np.full(n, -1)
         sizes = [c.size for c in r.children]
-        maps = [self.leaf_map(c, leaf) for c in r.children]
+        if r.kind == CONCAT:
+            if None in sizes:
+                return np.full(n, -1)
+            return np.concatenate([self.leaf_map(c, leaf) for c in r.children])
+        if sum(x is None for x in sizes) == 1:
+            known = prod(x for x in sizes if x is not None)
+            sizes = [n // known if x is None else x for x in sizes]
+        if None in sizes or prod(sizes) != n:
+            return np.full(n, -1)
+        maps = [self.leaf_map(c, leaf, k) for c, k in zip(r.children, sizes)]
         hit = [i for i, m in enumerate(maps) if (m >= 0).any()]
         if not hit:
-            return np.full(r.size, -1)
+            return np.full(n, -1)
         i = hit[0]
         idx = np.indices(sizes).reshape(len(sizes), -1)
         return maps[i][idx[i]]

@@ -571,3 +571,33 @@ def _dim_text(d) -> str:
     if isinstance(d, int):
         return str(d)
     return getattr(d, "value", None) or str(d) or "unknown"
+
+
+def refuse_overwrite(output: str, *inputs: str | None) -> None:
+    """onnxprune never overwrites its input: refuse an output path that is one of ``inputs``."""
+    if os.path.abspath(output) in {os.path.abspath(p) for p in inputs if p}:
+        raise UserError("output path equals an input path; onnxprune never overwrites its input")
+
+
+# -- graph inputs ----------------------------------------------------------------------------
+
+def data_inputs(proto: onnx.ModelProto) -> list:
+    """The graph inputs a caller feeds (old exporters also list initializers as inputs)."""
+    inits = {i.name for i in proto.graph.initializer}
+    return [i for i in proto.graph.input if i.name not in inits]
+
+
+def input_names(proto: onnx.ModelProto) -> list[str]:
+    return [i.name for i in data_inputs(proto)]
+
+
+def input_dims(vi) -> list[int | None]:
+    """Dims of a graph input; None where symbolic or unknown."""
+    return [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in vi.type.tensor_type.shape.dim]
+
+
+def static_batch(proto: onnx.ModelProto) -> int | None:
+    """The first data input's batch dim when it is fixed, else None."""
+    ins = data_inputs(proto)
+    dims = input_dims(ins[0]) if ins else []
+    return dims[0] if dims else None

@@ -100,10 +100,6 @@ class Target:
     value: float  # absolute
     requested: object  # as written in ratios.json
 
-    def describe(self, before: int) -> str:
-        return f"target_{self.metric} {self.requested} = {self.value / 1e9:.4g}G ({100 * self.value / before:.1f}% of {before / 1e9:.4g}G)" if self.metric == "macs" else \
-            f"target_{self.metric} {self.requested} = {self.value / 1e6:.4g}M ({100 * self.value / before:.1f}% of {before / 1e6:.4g}M)"
-
 
 def parse_target(x, before: int, metric: str) -> Target:
     """``0 < x <= 1`` or ``"50%"``: a fraction of the original; larger numbers or

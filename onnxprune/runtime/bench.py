@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -29,6 +28,7 @@ from onnxprune import io
 from onnxprune.core import metrics
 from onnxprune.io.protowire import read_skeleton
 from onnxprune.errors import UserError
+from onnxprune.report import Progress
 from onnxprune.runtime import PROVIDERS, random_inputs, session
 
 log = logging.getLogger(__name__)
@@ -96,42 +96,6 @@ def _with_shapes(proto: onnx.ModelProto, shapes: dict) -> onnx.ModelProto:
     return p
 
 
-def _static_batch(proto: onnx.ModelProto) -> int | None:
-    inits = {i.name for i in proto.graph.initializer}
-    for i in proto.graph.input:
-        if i.name in inits:
-            continue
-        dims = i.type.tensor_type.shape.dim
-        if dims and dims[0].HasField("dim_value"):
-            return dims[0].dim_value
-    return None
-
-
-class _Progress:
-    def __init__(self, total: int, label: str, enabled: bool) -> None:
-        self.total, self.label, self.enabled = total, label, enabled and total > 0
-        self.t0 = self.last = time.perf_counter()
-        self.shown = False
-        self.tty = sys.stderr.isatty()  # a log file gets a full line every 10 s instead
-
-    def step(self, done: int) -> None:
-        if not self.enabled:
-            return
-        now = time.perf_counter()
-        if now - self.last < (1.0 if self.tty else 10.0) and done < self.total:
-            return
-        if now - self.t0 < 2.0 and done < self.total and not self.shown:
-            return  # short jobs stay quiet
-        self.last, self.shown = now, True
-        el = now - self.t0
-        eta = el / max(done, 1) * (self.total - done)
-        line = f"{self.label}: {done}/{self.total} ({100 * done // self.total}%)  {el:.0f}s elapsed, ~{eta:.0f}s left"
-        sys.stderr.write(f"\r{line} " if self.tty else line + "\n")
-        if self.tty and done >= self.total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
-
-
 def bench(
     models: list,
     batch: int | None = None,
@@ -158,7 +122,7 @@ def bench(
         proto, name, size, path = _proto(m)
         if input_shapes:
             proto = _with_shapes(proto, input_shapes)
-        static = _static_batch(proto)
+        static = io.static_batch(proto)
         b = static if static is not None else batch
         if static is not None and static != batch:
             log.warning("%s has a static batch of %d: timed at batch %d (speed-up is per image)", name, static, static)
@@ -168,7 +132,7 @@ def bench(
         if static and static > 1:  # counted at the static batch: report per image
             counts = {"params": counts["params"], "macs": counts["macs"] // static}
         entries.append((name, b, sess, feeds, counts, size))
-    bar = _Progress(len(entries) * (warmup + runs), "bench", progress)
+    bar = Progress("bench", len(entries) * (warmup + runs), progress, quiet_s=2.0)
     done = 0
     for name, b, sess, feeds, *_ in entries:
         for _ in range(warmup):

@@ -26,14 +26,10 @@ import os
 import numpy as np
 import onnx
 
+from onnxprune import io
 from onnxprune.errors import UserError
 
 IMAGE_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm", ".tif", ".tiff", ".gif")
-
-
-def input_names(proto: onnx.ModelProto) -> list[str]:
-    inits = {i.name for i in proto.graph.initializer}
-    return [i.name for i in proto.graph.input if i.name not in inits]
 
 
 def is_labelled(spec: str) -> bool:
@@ -109,7 +105,7 @@ def load_arrays(spec: str, names: list[str]) -> list[np.ndarray]:
 
 def unlabelled(spec: str, proto: onnx.ModelProto, size: int | None, recipe, mean, std):
     """(train dataset, eval dataset, description) for data without labels."""
-    names = input_names(proto)
+    names = io.input_names(proto)
     if spec.endswith(".npy") or spec.endswith(".npz"):
         arrs = load_arrays(spec, names)
         tr, ev = _split(len(arrs[0]))

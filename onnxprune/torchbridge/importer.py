@@ -28,6 +28,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from onnxprune import io
 from onnxprune.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -116,15 +117,6 @@ def _digest(a: np.ndarray) -> str:
     return hashlib.sha1(np.ascontiguousarray(a, dtype=np.float32).tobytes()).hexdigest()
 
 
-def _static_batch(proto: onnx.ModelProto) -> int | None:
-    inits = {i.name for i in proto.graph.initializer}
-    for i in proto.graph.input:
-        if i.name not in inits:
-            d = i.type.tensor_type.shape.dim
-            return d[0].dim_value if d and d[0].HasField("dim_value") else None
-    return None
-
-
 def _convert(proto: onnx.ModelProto):
     from onnx2torch import convert
 
@@ -180,7 +172,7 @@ def import_onnx(model: str | onnx.ModelProto, seed: int = 0) -> Imported:
         if how == "same" and tuple(t.shape) != shape:
             how = "reshape"
         links.setdefault(name, []).append(Link(path, how))
-    imp = Imported(real, proto, static_batch=_static_batch(proto))
+    imp = Imported(real, proto, static_batch=io.static_batch(proto))
     for name in train + stats:
         if name not in links:
             frozen[name] = "onnx2torch does not hold this tensor verbatim (folded or transformed by its converter)"

@@ -15,28 +15,12 @@ are hooks; so is GOHSP's ADMM (:class:`onnxprune.methods.gohsp.AdmmHook`).
 """
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass
 
 import torch
 
-
-class Progress:
-    """One status line on stderr: redrawn in place on a terminal (at most once a
-    second), otherwise a new line at most every 10 s; ``force`` always writes."""
-
-    def __init__(self, enabled: bool):
-        self.enabled, self.last = enabled, 0.0
-        self.tty = sys.stderr.isatty()
-
-    def show(self, text: str, force: bool = False):
-        now = time.perf_counter()
-        if not self.enabled or (not force and now - self.last < (1.0 if self.tty else 10.0)):
-            return
-        self.last = now
-        sys.stderr.write(("\r" if self.tty else "") + text + ("" if self.tty and not force else "\n"))
-        sys.stderr.flush()
+from onnxprune.report import Progress
 
 
 @dataclass
@@ -135,7 +119,7 @@ def fit(model, loader, optimizer, loss_fn, *, epochs: int, steps_per_epoch: int,
     params = [p for p in model.parameters() if p.requires_grad]  # clipped together
     after_step, end_epoch = _hooks(hooks, "after_step"), _hooks(hooks, "end_epoch")
     world = _world()
-    bar = Progress(progress)
+    bar = Progress(enabled=progress)
     of = "" if budget_s else f"/{epochs}"
     history, step, epoch, lr, seen = [], start_step, start_epoch, None, 0
     t0 = time.perf_counter()

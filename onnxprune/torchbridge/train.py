@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
+from onnxprune import io
 from onnxprune.errors import UserError
 from onnxprune.torchbridge import recipes as R
 from onnxprune.torchbridge.data import IMAGENET_MEAN, IMAGENET_STD, dataset_meta, image_folder
@@ -78,11 +79,8 @@ def _dist():
 
 
 def input_size(proto: onnx.ModelProto) -> tuple[int, int]:
-    inits = {i.name for i in proto.graph.initializer}
-    for i in proto.graph.input:
-        if i.name in inits:
-            continue
-        d = [x.dim_value if x.HasField("dim_value") else None for x in i.type.tensor_type.shape.dim]
+    for i in io.data_inputs(proto):
+        d = io.input_dims(i)
         if len(d) == 4 and d[2] and d[3]:
             return d[2], d[3]
     raise UserError("finetune needs an image input of shape [N, C, H, W] with static H and W")
@@ -209,7 +207,7 @@ def finetune(pruned: str, opts: Options) -> dict:
     teacher = load_teacher(opts.teacher, device) if opts.teacher else None
     micro = imp.static_batch or max(1, opts.batch_size // world)
     accum = max(1, math.ceil(opts.batch_size / (micro * world)))
-    names = D.input_names(proto)
+    names = io.input_names(proto)
     if labelled:
         train_ds = image_folder(opts.data, "train", size, True, recipe, opts.mean, opts.std)
         n_classes, eval_ds, data_desc = len(train_ds.classes), None, f"{opts.data} (ImageFolder, labelled)"

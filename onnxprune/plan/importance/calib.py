@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
+from onnxprune import io
 from onnxprune.errors import UserError
 
 
@@ -41,17 +42,11 @@ class Calibration:
 
 
 def _input_shape(proto: onnx.ModelProto) -> tuple[int | None, list]:
-    inits = {i.name for i in proto.graph.initializer}
-    for i in proto.graph.input:
-        if i.name not in inits:
-            d = [x.dim_value if x.HasField("dim_value") else None for x in i.type.tensor_type.shape.dim]
-            return d[0], d
-    raise UserError("model has no input")
-
-
-def _input_names(proto: onnx.ModelProto) -> list[str]:
-    inits = {i.name for i in proto.graph.initializer}
-    return [i.name for i in proto.graph.input if i.name not in inits]
+    ins = io.data_inputs(proto)
+    if not ins:
+        raise UserError("model has no input")
+    d = io.input_dims(ins[0])
+    return d[0], d
 
 
 def _named(spec: str, z, names: list[str], batch: int, n_batches: int) -> "Calibration":
@@ -121,7 +116,7 @@ def load(spec: str, proto: onnx.ModelProto, n_batches: int = 4, batch: int = 32,
             x, y = np.load(spec), None
         else:
             z = np.load(spec)
-            names = _input_names(proto)
+            names = io.input_names(proto)
             if all(n in z for n in names) and (len(names) > 1 or "x" not in z):
                 return _named(spec, z, names, batch, n_batches)
             if "x" not in z:

@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from math import prod
 
 import numpy as np
 import onnx
 
+from onnxprune import io
 from onnxprune.core.analysis import Analysis
 from onnxprune.core.groups import Group
-from onnxprune.core.space import ATOM, CONCAT, FIXED
 from onnxprune.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -52,34 +51,6 @@ def criterion_for(spec: dict, kind: str) -> str:
 
 
 # -- helpers -------------------------------------------------------------------------------
-def axis_map(t, s, leaf, n: int) -> np.ndarray:
-    """For each of the ``n`` positions of an axis laid out as ``s``: the channel of
-    ``leaf`` it belongs to, or -1. Like ``SpaceTable.leaf_map`` but tolerates one
-    dynamic (None-sized) factor, e.g. batch x heads merged by dynamo."""
-    r = t.find(s)
-    if r is leaf:
-        return np.arange(n)
-    if r.kind in (ATOM, FIXED):
-        return np.full(n, -1)
-    sizes = [c.size for c in r.children]
-    if r.kind == CONCAT:
-        if any(x is None for x in sizes):
-            return np.full(n, -1)
-        return np.concatenate([axis_map(t, c, leaf, c.size) for c in r.children])
-    if sum(x is None for x in sizes) == 1:
-        known = prod(x for x in sizes if x is not None)
-        sizes = [n // known if x is None else x for x in sizes]
-    if None in sizes or prod(sizes) != n:
-        return np.full(n, -1)
-    maps = [axis_map(t, c, leaf, k) for c, k in zip(r.children, sizes)]
-    hit = [i for i, m in enumerate(maps) if (m >= 0).any()]
-    if not hit:
-        return np.full(n, -1)
-    i = hit[0]
-    idx = np.indices(sizes).reshape(len(sizes), -1)
-    return maps[i][idx[i]]
-
-
 def _per_channel(per_position: np.ndarray, lm: np.ndarray, width: int, how: str = "sum") -> np.ndarray:
     out = np.zeros(width)
     sel = lm >= 0
@@ -184,7 +155,7 @@ def _av_site(ctx: Analysis, g: Group):
 
 def _capture(proto: onnx.ModelProto, names: list[str], calib, threads: int | None = None):
     """Yield ``(batch index, {name: array})`` with the named values exposed as outputs."""
-    from onnxprune import io, runtime
+    from onnxprune import runtime
 
     p = onnx.ModelProto()
     p.CopyFrom(proto)
@@ -280,7 +251,7 @@ def score_groups(ctx: Analysis, groups: list[Group], spec: dict, seed: int = 0, 
         from onnxprune.plan.importance.recon import recon_scores
 
         todo = [g for g in live if want[g.id] == "recon"]
-        vals, notes = recon_scores(ctx, todo, proto, calib, _capture, axis_map, seed)
+        vals, notes = recon_scores(ctx, todo, proto, calib, _capture, seed)
         out.values.update(vals)
         for gid, why in notes.items():
             out.notes[gid] = f"{why}; activation used"
@@ -313,7 +284,7 @@ def _data_scores(ctx, live, want, proto, calib, out: Scores) -> None:
             v, ax = sites[g.id]
             arr = vals[v.name].astype(np.float64)
             if want[g.id] == "activation":
-                lm = axis_map(ctx.table, ctx.layouts[v][ax], g.space, arr.shape[ax])
+                lm = ctx.table.leaf_map(ctx.layouts[v][ax], g.space, arr.shape[ax])
                 per = np.abs(np.moveaxis(arr, ax, 0)).reshape(arr.shape[ax], -1).mean(1)
                 acc[g.id] = acc.get(g.id, 0) + _per_channel(per, lm, g.width, "mean") / len(calib.batches)
             else:  # gohsp: sum the head outputs over the samples of the batch
@@ -331,9 +302,9 @@ def _data_scores(ctx, live, want, proto, calib, out: Scores) -> None:
         v, ax = sites[g.id]
         summed = acc[g.id]
         if ax == 0:
-            lm = axis_map(ctx.table, ctx.layouts[v][0], g.space, summed.shape[0] * len(calib.batches[0]))[: summed.shape[0]]
+            lm = ctx.table.leaf_map(ctx.layouts[v][0], g.space, summed.shape[0] * len(calib.batches[0]))[: summed.shape[0]]
         else:
-            lm = axis_map(ctx.table, ctx.layouts[v][ax], g.space, summed.shape[ax])
+            lm = ctx.table.leaf_map(ctx.layouts[v][ax], g.space, summed.shape[ax])
         vecs = np.stack([np.take(summed, np.where(lm == h)[0], axis=ax).ravel() for h in range(g.width)])
         s, P, it = gohsp_scores(vecs)
         out.values[g.id] = s
@@ -355,8 +326,7 @@ def _taylor_arrays(proto, calib, which: set) -> dict[str, dict[str, np.ndarray]]
     params = {name: tensor_at(mod, imp.links[name][0].path) for name in imp.trainable}
     grads = {n: torch.zeros_like(p) for n, p in params.items()}
     fisher = {n: torch.zeros_like(p) for n, p in params.items()}
-    inits = {i.name for i in proto.graph.initializer}
-    inputs = [i.name for i in proto.graph.input if i.name not in inits]
+    inputs = io.input_names(proto)
     for k in range(len(calib.batches)):
         mod.zero_grad(set_to_none=True)
         feed = calib.feed(k, inputs)

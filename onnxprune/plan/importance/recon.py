@@ -214,7 +214,7 @@ def consumers(ctx: Analysis, g: Group) -> list[_Consumer]:
     return out
 
 
-def recon_scores(ctx: Analysis, groups: list[Group], proto, calib, capture, axis_map, seed: int = 0,
+def recon_scores(ctx: Analysis, groups: list[Group], proto, calib, capture, seed: int = 0,
                  sequential_ok: bool = True) -> tuple[dict, dict]:
     """Scores per group id, and notes for groups left to the caller's fallback."""
     rng = np.random.default_rng(seed)
@@ -245,7 +245,7 @@ def recon_scores(ctx: Analysis, groups: list[Group], proto, calib, capture, axis
     scores = {}
     for gid, (g, cons) in plans.items():
         tot, used = np.zeros(g.width), 0
-        lms = [axis_map(ctx.table, ctx.layouts[c.x][c.axis], g.space, c.k) for c in cons]
+        lms = [ctx.table.leaf_map(ctx.layouts[c.x][c.axis], g.space, c.k) for c in cons]
         seq = sequential([c.state(lm, g.width) for c, lm in zip(cons, lms)], g.width) if sequential_ok else None
         if seq is not None:
             scores[gid] = seq
