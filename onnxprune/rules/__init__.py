@@ -5,7 +5,7 @@ refuses, is the contract in :mod:`onnxprune.core.analysis`.
 
 A new op: write ``@RULES.rule("MyOp", since=..)`` in the family's module (or a new
 module listed below and in ``FAMILIES``), and a small ONNX-text test in
-``tests/test_rules.py`` (a test fails when a registered op has none).
+``tests/test_rules.py`` (a test fails when a rule has none).
 
 | module          | ops |
 |-----------------|-----|
