@@ -101,3 +101,17 @@ def test_export_img_size_and_num_classes_reach_the_model(tmp_path):
         s = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
         y = s.run(None, {s.get_inputs()[0].name: np.zeros((3, 3, 64, 64), np.float32)})[0]
         assert y.shape == (3, dims)
+
+
+def test_running_the_cli_in_process_leaves_root_logging_alone(capsys):
+    import logging
+
+    root = logging.getLogger()
+    before = (list(root.handlers), root.level)
+    for _ in range(2):
+        assert main(["analyze", default_model(), "-q"]) == 0
+    assert (list(root.handlers), root.level) == before
+    ours = logging.getLogger("onnxprune")
+    assert len(ours.handlers) == 1 and not ours.propagate  # one handler however often main() runs
+    logging.getLogger("onnxprune.pipeline").info("a message of ours")
+    assert "a message of ours" not in capsys.readouterr().err  # -q: warnings only

@@ -23,12 +23,26 @@ from onnxprune.errors import UserError
 log = logging.getLogger("onnxprune")
 
 
+class _Stderr(logging.Handler):
+    """Plain messages to whatever ``sys.stderr`` is when a record is emitted."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            sys.stderr.write(self.format(record) + "\n")
+        except Exception:
+            self.handleError(record)
+
+
 def _setup_logging(args) -> None:
-    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
-    # root stays at WARNING so that other libraries' INFO chatter (the torch exporter's
-    # optimiser logs every initializer it deduplicates) does not drown our progress lines
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(message)s", stream=sys.stderr)
-    log.setLevel(level)
+    """Our own messages (the ``onnxprune`` logger) at the level the flags ask for. The
+    root logger is left alone: other libraries' INFO chatter (the torch exporter logs
+    every initializer it deduplicates) stays out, their warnings show as usual."""
+    if not any(isinstance(h, _Stderr) for h in log.handlers):
+        h = _Stderr()
+        h.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(h)
+    log.propagate = False
+    log.setLevel(logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO)
 
 
 def _verdict(status: str, what: str, code: int = 0) -> int:
