@@ -33,7 +33,7 @@ import onnx_ir as ir
 
 from onnxprune.core import dims as D
 from onnxprune.core.members import IN, OUT, PARAM, AttrMember, ShapeMember, TensorMember
-from onnxprune.core.registry import Registry
+from onnxprune.core.registry import DEFAULT_DOMAINS, Registry
 from onnxprune.core.space import LayoutError, Space, SpaceTable
 
 log = logging.getLogger(__name__)
@@ -99,7 +99,7 @@ class Analysis:
     def opset(self, domain: str = "") -> int:
         """The model's opset for ``domain`` (the default domain's is 1 if absent; others 1)."""
         imports = self.model.opset_imports
-        if domain in ("", "ai.onnx"):
+        if domain in DEFAULT_DOMAINS:
             return imports.get("", imports.get("ai.onnx", 1))
         return imports.get(domain, 1)
 
@@ -384,7 +384,7 @@ def run_analysis(model: ir.Model, rules: Registry) -> Analysis:
     for node in g:
         rule = rules.lookup(node.domain, node.op_type, ctx.opset(node.domain))
         if rule is None:
-            what = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}"
+            what = node.op_type if node.domain in DEFAULT_DOMAINS else f"{node.domain}::{node.op_type}"
             ctx.unhandled[what] = ctx.unhandled.get(what, 0) + 1
             ctx.freeze_node(node, f"no rule for {what} (opset {ctx.opset(node.domain)})")
             continue

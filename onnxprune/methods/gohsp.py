@@ -18,7 +18,7 @@ Interpretation (written down in the README too):
   Every ``admm_interval`` steps (default: once per epoch), Eq. 12-15:
   ``Z = P(W + U)``, ``U = U + W - Z``. Eq. 11 uses W_attn^t (sequential); here
   both blocks update from the same step (simultaneous). These updates are a
-  hook (:class:`AdmmHook`) of the training loop :func:`.loop.fit`.
+  hook (:class:`AdmmHook`) of the training loop :func:`onnxprune.torchbridge.loop.fit`.
 * **P** keeps the kappa columns of largest l2 norm (over all member slices of
   the group; for head_dim, over ``M * (W + U)``, i.e. inside kept heads) and
   zeroes the rest; entries outside M are not constrained by g (Eq. 6), so Z
@@ -249,7 +249,7 @@ class ADMM:
 
 
 class AdmmHook:
-    """ADMM as a hook of :func:`.loop.fit`: the penalty step (Eq. 10-11) after
+    """ADMM as a hook of :func:`onnxprune.torchbridge.loop.fit`: the penalty step (Eq. 10-11) after
     every optimiser step, Z and U (Eq. 12-15) every ``interval`` steps, and per
     epoch the record GOHSP reports (``task_loss``, ``masked_norm``,
     ``w_minus_z``, ``val_top1`` from the ``val_top1()`` callable)."""
