@@ -8,6 +8,12 @@ export --checkpoint`` (BatchNorm folded into the convolutions), pruned with
 ``{"kinds": {"channels": 0.6, "embed": 0.4}}``, then ``onnxprune finetune
 --teacher`` (recipe quick, default lr) with and without BatchNorm re-insertion
 (``--bn-reinsert off|auto``). Writes tools/results/bn_collapse.md.
+
+    python tools/bn_collapse.py --reference [--arms off,auto]
+
+runs the same arms on the glyph reference CNN (``models/ref_cnn.onnx``, BN-folded,
+on its own regenerated 64 px glyph set, 300 train / 60 val images per class):
+the numbers the README quotes.
 """
 from __future__ import annotations
 
@@ -67,6 +73,7 @@ def main() -> None:
     ap.add_argument("--ft-epochs", type=int, default=3)
     ap.add_argument("--per-class", type=int, default=100)
     ap.add_argument("--arms", default="off,off-lr1e-4,auto")
+    ap.add_argument("--reference", action="store_true", help="the glyph reference CNN instead of a resnet18 trained here")
     ap.add_argument("--work", help="keep files here (reuses a trained checkpoint found there)")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "bn_collapse.md"))
     args = ap.parse_args()
@@ -74,18 +81,24 @@ def main() -> None:
 
     tmp = args.work or tempfile.mkdtemp()
     os.makedirs(tmp, exist_ok=True)
-    full, data = os.path.join(tmp, "glyphs32"), os.path.join(tmp, "glyphs32_sub")
-    if not os.path.isdir(full):
-        cli("data", "synthetic", full, "--classes", "10", "--train", str(max(args.per_class, 1)), "--val", "50", "--size", "32", "-q")
-    if not os.path.isdir(data):
-        subset(full, data, args.per_class)
-    ckpt, orig, pruned = (os.path.join(tmp, f) for f in ("r18.pt", "r18.onnx", "r18_pruned.onnx"))
     train_s = None
-    if not os.path.exists(ckpt):
-        train_s = train_torch(data, args.train_epochs, ckpt)
-    cli("export", "timm:resnet18", "--img-size", "32", "--num-classes", "10", "--dynamic-batch", "--checkpoint", ckpt, "-o", orig, "-q")
+    if args.reference:
+        from train_reference import glyph_data
+
+        size, data, orig = 64, glyph_data(None, tmp), os.path.join(HERE, "..", "models", "ref_cnn.onnx")
+    else:
+        size, full, data = 32, os.path.join(tmp, "glyphs32"), os.path.join(tmp, "glyphs32_sub")
+        if not os.path.isdir(full):
+            cli("data", "synthetic", full, "--classes", "10", "--train", str(max(args.per_class, 1)), "--val", "50", "--size", "32", "-q")
+        if not os.path.isdir(data):
+            subset(full, data, args.per_class)
+        ckpt, orig = os.path.join(tmp, "r18.pt"), os.path.join(tmp, "r18.onnx")
+        if not os.path.exists(ckpt):
+            train_s = train_torch(data, args.train_epochs, ckpt)
+        cli("export", "timm:resnet18", "--img-size", "32", "--num-classes", "10", "--dynamic-batch", "--checkpoint", ckpt, "-o", orig, "-q")
+    pruned = os.path.join(tmp, "pruned.onnx")
     print(cli(orig, "--ratios", RATIOS, "-o", pruned, "-q"))
-    acc0, acc1 = evaluate_onnx(orig, data, 32), evaluate_onnx(pruned, data, 32)
+    acc0, acc1 = evaluate_onnx(orig, data, size), evaluate_onnx(pruned, data, size)
     rows, raw = [], {"trained": acc0, "pruned": acc1, "train_seconds": train_s, "arms": {}}
     for arm in args.arms.split(","):
         out = os.path.join(tmp, f"tuned_{arm}.onnx")
@@ -102,8 +115,10 @@ def main() -> None:
         print(rows[-1], flush=True)
     head = ["arm", "finetune options", "top-1 trained", "top-1 pruned", "top-1 after", "drop recovered", "loss per epoch", "wall"]
     text = md(head, rows)
-    text += (f"\n\ntimm resnet18, synthetic glyphs 10 classes at 32 px, {10 * args.per_class} train / 500 val images; "
-             f"trained {args.train_epochs} epochs in PyTorch; BN folded by export; pruned {RATIOS}; "
+    what = ("the glyph reference CNN (models/ref_cnn.onnx), synthetic glyphs 10 classes at 64 px, 3000 train / 600 val images"
+            if args.reference else f"timm resnet18, synthetic glyphs 10 classes at 32 px, {10 * args.per_class} train / 500 val "
+            f"images; trained {args.train_epochs} epochs in PyTorch")
+    text += (f"\n\n{what}; BN folded by export; pruned {RATIOS}; "
              f"`onnxprune finetune --teacher --recipe quick --epochs {args.ft_epochs} --batch-size 64`; CPU {os.cpu_count()} cores\n")
     write_results(args.out, text, raw)
 
