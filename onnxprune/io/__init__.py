@@ -14,16 +14,24 @@ log = logging.getLogger(__name__)
 
 
 def read_proto(path: str) -> onnx.ModelProto:
+    """The whole model in memory (weights included), checked as :func:`read_model` checks it."""
+    from onnx.external_data_helper import load_external_data_for_model
+
+    from onnxprune.io.protowire import check_external
+
     if not os.path.exists(path):
         raise UserError(f"model file not found: {path}")
     if os.path.isdir(path):
         raise UserError(f"model path is a directory: {path}")
     try:
-        proto = onnx.load(path)
+        proto = onnx.load(path, load_external_data=False)
     except Exception as e:  # protobuf raises many types
         raise UserError(f"not an ONNX model: {path} ({type(e).__name__})") from None
     if not proto.graph.node:
         raise UserError(f"not an ONNX model (no graph nodes): {path}")
+    check_external(proto, path)
+    check_graph(proto)
+    load_external_data_for_model(proto, os.path.dirname(os.path.abspath(path)))
     return proto
 
 
@@ -94,15 +102,122 @@ def read_model(path: str) -> ir.Model:
         raise UserError(f"model path is a directory: {path}")
     try:
         proto = read_skeleton(path)
-        model = ir.serde.deserialize_model(proto)
+    except UserError:
+        raise
     except Exception as e:  # protobuf and the wire walker raise many types
         raise UserError(f"not an ONNX model: {path} ({type(e).__name__})") from None
-    if not len(model.graph):
+    if not proto.graph.node:
         raise UserError(f"not an ONNX model (no graph nodes): {path}")
+    check_graph(proto)
+    try:
+        model = ir.serde.deserialize_model(proto)
+    except Exception as e:
+        raise UserError(f"not an ONNX model: {path} ({type(e).__name__}: {_one_line(e)})") from None
     base = os.path.dirname(os.path.abspath(path))
     external_data.set_base_dir(model.graph, base)
     _share_maps(model, os.path.basename(path))
     return model
+
+
+# -- what a file must be before anything else reads it -------------------------------------
+
+# elements per entry of the typed data fields, by field; the dtypes each field holds
+_TYPED = {
+    "float_data": {1: 1, 14: 2}, "double_data": {11: 1, 15: 2}, "int64_data": {7: 1}, "uint64_data": {12: 1, 13: 1},
+    "string_data": {8: 1}, "int32_data": {t: 1 for t in (2, 3, 4, 5, 6, 9, 10, 16, 17, 18, 19, 20)} | {21: 2, 22: 2, 23: 2},
+}
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split())[:200]
+
+
+def check_graph(proto: onnx.ModelProto) -> None:
+    """Refuse, in one line, a model whose tensors or names cannot be right: data
+    lengths that disagree with dims and dtype, a name defined twice, a declared
+    type that contradicts an initializer, a cycle."""
+    from onnxprune.io.protowire import all_tensors
+
+    for t in all_tensors(proto):
+        _check_tensor(t)
+    g = proto.graph
+    seen: dict[str, str] = {}
+    for what, names in (("graph input", [i.name for i in g.input]), ("initializer", [t.name for t in g.initializer]),
+                        ("node output", [o for n in g.node for o in n.output if o])):
+        for name in names:
+            if name in seen and not (what == "initializer" and seen[name] == "graph input"):
+                raise UserError(f"the name {name!r} is defined twice (as {seen[name]} and as {what})")
+            seen[name] = what
+    inits = {t.name: t for t in g.initializer}
+    for vi in list(g.input) + list(g.value_info) + list(g.output):
+        t = inits.get(vi.name)
+        tt = vi.type.tensor_type
+        if t is None or not vi.type.HasField("tensor_type"):
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
+        if (tt.elem_type and tt.elem_type != t.data_type) or (tt.HasField("shape") and (
+                len(dims) != len(t.dims) or any(d is not None and d != e for d, e in zip(dims, t.dims)))):
+            raise UserError(f"initializer {t.name!r} is {_type_text(t.data_type, list(t.dims))} but declared "
+                            f"{_type_text(tt.elem_type, ['?' if d is None else d for d in dims])}")
+    _check_acyclic(g)
+
+
+def _type_text(dtype: int, dims: list) -> str:
+    name = onnx.TensorProto.DataType.Name(dtype) if dtype in onnx.TensorProto.DataType.values() else str(dtype)
+    return f"{name}[{','.join(map(str, dims))}]"
+
+
+def _check_tensor(t: onnx.TensorProto) -> None:
+    what = f"tensor {t.name!r}"
+    if any(d < 0 for d in t.dims):
+        raise UserError(f"{what} has a negative dim: {list(t.dims)}")
+    try:
+        bits = ir.DataType(t.data_type).bitwidth if t.data_type != onnx.TensorProto.STRING else None
+    except Exception:
+        bits = None
+    if t.data_type == onnx.TensorProto.UNDEFINED or (bits is None and t.data_type != onnx.TensorProto.STRING):
+        raise UserError(f"{what} has an unknown data type ({t.data_type})")
+    n = int(np.prod(t.dims, dtype=object)) if t.dims else 1
+    text = _type_text(t.data_type, list(t.dims))
+    if t.data_location == onnx.TensorProto.EXTERNAL or t.HasField("raw_data"):
+        info = {e.key: e.value for e in t.external_data}
+        have = len(t.raw_data) if t.HasField("raw_data") else int(info["length"]) if "length" in info else None
+        need = (n * bits + 7) // 8 if bits else None
+        if need is not None and have is not None and have != need:
+            raise UserError(f"{what}: {text} needs {need} bytes, its data has {have}")
+        return
+    for field, per in _TYPED.items():
+        count = len(getattr(t, field))
+        k = per.get(t.data_type)
+        if count and k is None:
+            raise UserError(f"{what}: {text} cannot keep its data in {field}")
+        if k is not None:
+            need = 2 * n if k == 2 and t.data_type in (14, 15) else -(-n // 2) if k == 2 else n
+            if count != need:
+                raise UserError(f"{what}: {text} has {need} elements, its data has {count}")
+
+
+def _check_acyclic(g: onnx.GraphProto) -> None:
+    """Kahn's algorithm over the top-level nodes; any node left is on a cycle."""
+    producer = {o: i for i, n in enumerate(g.node) for o in n.output if o}
+    deps = [{producer[x] for x in n.input if x in producer} for n in g.node]
+    users: dict[int, list[int]] = {}
+    for i, ds in enumerate(deps):
+        for d in ds:
+            users.setdefault(d, []).append(i)
+    left = [len(ds) for ds in deps]
+    ready = [i for i, k in enumerate(left) if k == 0]
+    done = 0
+    while ready:
+        i = ready.pop()
+        done += 1
+        for u in users.get(i, ()):
+            left[u] -= 1
+            if left[u] == 0:
+                ready.append(u)
+    if done < len(g.node):
+        n = g.node[next(i for i, k in enumerate(left) if k)]
+        raise UserError(f"the graph has a cycle (through node {n.name or n.op_type!r}); an ONNX graph must be acyclic")
 
 
 def _share_maps(model: ir.Model, own_name: str) -> None:
@@ -179,17 +294,38 @@ def infer_into(model: ir.Model) -> onnx.ModelProto:
     """Shape inference (with data propagation) on a skeleton; the inferred types
     and shapes replace those of every intermediate value. Returns the inferred
     skeleton."""
-    inferred = infer(skeleton(model))
+    skel = skeleton(model)
+    for o in skel.graph.output:  # inferred afresh; the declared shape is merged back below
+        o.type.tensor_type.ClearField("shape")
+    inferred = infer(skel)
     g = model.graph
     found = {vi.name: vi for vi in list(inferred.graph.value_info) + list(inferred.graph.output)}
     for node in g:
         for o in node.outputs:
             vi = found.get(o.name)
             if vi is not None:
+                declared = o.shape if o.is_graph_output() else None
                 ir.serde.deserialize_value_info_proto(vi, o)
+                if declared is not None:
+                    o.shape = _kept_output_shape(declared, o.shape)
             elif not o.is_graph_output():
                 o.shape = None
     return inferred
+
+
+def _kept_output_shape(declared: ir.Shape, inferred: ir.Shape | None) -> ir.Shape | None:
+    """A graph output's shape after inference: its declared names and sizes where
+    they agree with the inferred ones (the file's interface), the inferred dim
+    where the declared one is stale (-1, 0, unknown, or another size)."""
+    if inferred is None:
+        return ir.Shape([d if not isinstance(d, int) or d > 0 else ir.SymbolicDim(None) for d in declared.dims])
+    if len(inferred) != len(declared):
+        return inferred
+    out = []
+    for d, i in zip(declared.dims, inferred.dims):
+        named = not isinstance(d, int) and getattr(d, "value", None)
+        out.append(d if (isinstance(d, int) and d > 0 and d == i) or (named and not isinstance(i, int)) else i)
+    return ir.Shape(out)
 
 
 def infer(proto: onnx.ModelProto, strict: bool = False) -> onnx.ModelProto:

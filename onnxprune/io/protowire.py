@@ -23,6 +23,8 @@ from typing import Callable, Iterator
 
 import onnx
 
+from onnxprune.errors import UserError
+
 BIG = 4096  # bytes: tensors above this are mapped / streamed; smaller ones (shape constants) stay inline
 PROTOBUF_LIMIT = 2**31 - 1
 PLACEHOLDER = "__onnxprune_stream__"
@@ -132,7 +134,63 @@ def read_skeleton(path: str) -> onnx.ModelProto:
                 out += _with_len(_MODEL_GRAPH, bytes(graph))
     proto = onnx.ModelProto()
     proto.ParseFromString(bytes(out))
+    check_external(proto, path)
     return proto
+
+
+# -- the file boundary ------------------------------------------------------------------
+
+def all_tensors(proto: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    """Every TensorProto of a model: initializers, sparse initializers and node
+    attributes, subgraphs included."""
+    def graph(g: onnx.GraphProto):
+        yield from g.initializer
+        for s in g.sparse_initializer:
+            yield from (s.values, s.indices)
+        for n in g.node:
+            for a in n.attribute:
+                if a.HasField("t"):
+                    yield a.t
+                yield from a.tensors
+                for s in ([a.sparse_tensor] if a.HasField("sparse_tensor") else []) + list(a.sparse_tensors):
+                    yield from (s.values, s.indices)
+                for sub in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                    yield from graph(sub)
+
+    yield from graph(proto.graph)
+
+
+def check_external(proto: onnx.ModelProto, path: str) -> None:
+    """Refuse external data that lies outside the model's folder, before any of it
+    is read: a location that is absolute, has a ``..`` part, or resolves (symlinks
+    followed) outside ``dirname(path)``; also a negative offset or a range past the
+    end of its file. onnx's own loader refuses the same locations."""
+    base = os.path.realpath(os.path.dirname(os.path.abspath(path)))
+    for t in all_tensors(proto):
+        if t.data_location != _EXTERNAL:
+            continue
+        info = {e.key: e.value for e in t.external_data}
+        loc = info.get("location", "")
+        what = f"external data of tensor {t.name!r} ({loc!r})"
+        parts = loc.replace("\\", "/").split("/")
+        if not loc or "\0" in loc:
+            raise UserError(f"{what}: no usable location")
+        if os.path.isabs(loc) or loc[:1] in "/\\" or (len(loc) > 1 and loc[1] == ":"):
+            raise UserError(f"{what}: an absolute path; external data must lie in the model's folder")
+        if ".." in parts:
+            raise UserError(f"{what}: contains '..'; external data must lie in the model's folder")
+        real = os.path.realpath(os.path.join(base, loc))
+        if os.path.commonpath([base, real]) != base or real == base:
+            raise UserError(f"{what}: resolves outside the model's folder ({real})")
+        if not os.path.isfile(real):
+            raise UserError(f"{what}: no such file in the model's folder")
+        try:
+            offset, length = int(info.get("offset", 0)), int(info["length"]) if "length" in info else None
+        except ValueError:
+            raise UserError(f"{what}: offset and length must be integers") from None
+        size = os.path.getsize(real)
+        if offset < 0 or (length is not None and length < 0) or offset + (length or 0) > size:
+            raise UserError(f"{what}: offset {offset} and length {length} lie outside its {size}-byte file")
 
 
 # -- writing ----------------------------------------------------------------------------
@@ -146,35 +204,57 @@ def write_model(proto: onnx.ModelProto, tensors: dict[str, tuple[int, Callable[[
     :data:`PLACEHOLDER` get their bytes from ``tensors[name] = (nbytes, produce)``,
     produced one at a time. Embedded unless ``external`` is True or the file
     would pass protobuf's 2 GB limit; then the bytes go to ``path + '.data'``,
-    (or ``data_name`` beside it), whose name is returned."""
+    (or ``data_name`` beside it), whose name is returned (none is written when no
+    tensor is streamed). Files get the mode the process umask gives."""
     total = sum(n for n, _ in tensors.values())
     if external is None:
         external = proto.ByteSize() + total + 1024 * len(tensors) >= PROTOBUF_LIMIT
     inits = {t.name: t for t in proto.graph.initializer if t.name in tensors}
-    if external:
+    if external and inits:
         data_name = data_name or os.path.basename(path) + ".data"
-        offset = 0
-        with open(os.path.join(os.path.dirname(path) or ".", data_name), "wb") as f:
-            for name, t in inits.items():
-                nbytes, produce = tensors[name]
-                pad = (-offset) % 64
-                f.write(b"\0" * pad)
-                offset += pad
-                data = produce()
-                if len(data) != nbytes:
-                    raise RuntimeError(f"tensor {name}: {len(data)} bytes, expected {nbytes}")
-                f.write(data)
-                _set_external(t, data_name, offset, nbytes)
-                offset += nbytes
-                del data
-        with open(path, "wb") as f:
-            f.write(proto.SerializeToString())
+        data_path = os.path.join(os.path.dirname(path) or ".", data_name)
+        try:
+            _write_data(inits, tensors, data_path, data_name)
+            with open(path, "wb") as f:
+                f.write(proto.SerializeToString())
+        except BaseException:
+            if os.path.exists(data_path):
+                os.remove(data_path)
+            raise
+        _umask_mode(path, data_path)
         return data_name
     chunks = _embedded_chunks(proto, tensors)
     with open(path, "wb") as f:
         for c in chunks:
             f.write(c if isinstance(c, bytes) else c())
+    _umask_mode(path)
     return None
+
+
+def _write_data(inits: dict, tensors: dict, data_path: str, data_name: str) -> None:
+    offset = 0
+    with open(data_path, "wb") as f:
+        for name, t in inits.items():
+            nbytes, produce = tensors[name]
+            pad = (-offset) % 64
+            f.write(b"\0" * pad)
+            offset += pad
+            data = produce()
+            if len(data) != nbytes:
+                raise RuntimeError(f"tensor {name}: {len(data)} bytes, expected {nbytes}")
+            f.write(data)
+            _set_external(t, data_name, offset, nbytes)
+            offset += nbytes
+            del data
+
+
+def _umask_mode(*paths: str) -> None:
+    """Give written files the mode a new file gets under the process umask (the
+    caller may have created ``path`` with ``tempfile.mkstemp``, which makes it 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for p in paths:
+        os.chmod(p, 0o666 & ~mask)
 
 
 def _set_external(t: onnx.TensorProto, location: str, offset: int, length: int) -> None:
