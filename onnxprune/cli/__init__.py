@@ -17,7 +17,7 @@ import logging
 import sys
 import time
 
-from onnxprune.cli.common import SUBCOMMANDS, Failed, prune_parser, sub_parsers
+from onnxprune.cli.common import SUBCOMMANDS, Failed, check_output_folders, prune_parser, sub_parsers
 from onnxprune.errors import UserError
 
 log = logging.getLogger("onnxprune")
@@ -45,8 +45,8 @@ def _setup_logging(args) -> None:
     log.setLevel(logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO)
 
 
-def _verdict(status: str, what: str, code: int = 0) -> int:
-    print(f"{status} | Runtime: {time.perf_counter() - _T0:.1f}s | {what} | Command: onnxprune {' '.join(sys.argv[1:])}".rstrip())
+def _verdict(status: str, what: str, argv: list[str], code: int = 0) -> int:
+    print(f"{status} | Runtime: {time.perf_counter() - _T0:.1f}s | {what} | Command: onnxprune {' '.join(argv)}".rstrip())
     return code
 
 
@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     global _T0
     _T0 = time.perf_counter()
     argv = list(sys.argv[1:] if argv is None else argv)
+    command = list(argv)  # as given, for the verdict line
     from onnxprune.cli import prune, tools, train
 
     commands = {"analyze": prune.cmd_analyze, "verify": prune.cmd_verify, "prune": prune.cmd_prune, "export": tools.cmd_export,
@@ -71,9 +72,11 @@ def main(argv: list[str] | None = None) -> int:
     args.t0 = _T0
     _setup_logging(args)
     try:
+        if fn is not train.cmd_data:  # data's output is a folder it creates
+            check_output_folders(args)
         msg = fn(args)
     except Failed as e:
-        return _verdict("FAILED", str(e), e.code)
+        return _verdict("FAILED", str(e), command, e.code)
     except UserError as e:
         print(f"onnxprune: error: {e}", file=sys.stderr)
         return 1
@@ -88,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         text = " ".join(str(e).split())[:400]
         print(f"onnxprune: error: {type(e).__name__}: {text} (this is a bug in onnxprune; -v shows where)", file=sys.stderr)
         return 1
-    return _verdict("PASSED", msg)
+    return _verdict("PASSED", msg, command)
 
 
 if __name__ == "__main__":

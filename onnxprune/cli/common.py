@@ -192,3 +192,16 @@ def check_paths(model: str, output: str, *other_inputs) -> None:
     if not os.path.isfile(model):
         raise UserError(f"model file not found: {model}")
     refuse_overwrite(output, model, *other_inputs)
+
+
+OUTPUTS = ("output", "report", "save_plan", "json", "plot")
+
+
+def check_output_folders(args) -> None:
+    """Every file a command will write goes into a folder that exists: onnxprune
+    creates no folder the user did not ask for."""
+    for key in OUTPUTS:
+        path = getattr(args, key, None)
+        folder = os.path.dirname(os.path.abspath(path)) if path else None
+        if folder and not os.path.isdir(folder):
+            raise UserError(f"output folder does not exist: {os.path.dirname(path)} (for --{key.replace('_', '-')} {path})")

@@ -183,7 +183,23 @@ def oracle(model, ratios: Ratios | None = None, per_set: bool = True, plan: Plan
             err = check_subset(job, exact, plan.keep, batch, consumer_only)
         gs = [g for g in job.groups if g.id in exact]
         rows.append(OracleRow("all exact groups", "*", len(gs), removed(gs), err, "PASS" if err <= TOLERANCE else "FAIL"))
+    if any(r.max_rel_err is not None and np.isnan(r.max_rel_err) for r in rows):
+        require_finite_original(job, batch)
     return rows
+
+
+def require_finite_original(job, batch: int) -> None:
+    """A check that came out NaN means nothing when the untouched original already
+    outputs NaN or inf on the oracle's input: say so instead of failing every set."""
+    with job.edited({}) as original:
+        feeds = runtime.random_inputs(original, batch=batch, seed=1)
+        names = compared_values(original, _unquantize_activations(original))
+        outs = _run(original, names, feeds)
+    bad = [n for n, y in zip(names, outs) if not _finite([y])]
+    if bad:
+        shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in feeds.items())
+        raise UserError(f"the original model's outputs are not finite on the oracle's random input ({shapes}, "
+                        f"standard normal): {', '.join(bad)} has NaN or inf; the oracle needs finite outputs to compare")
 
 
 def require_checks(rows: list[OracleRow], plan: Plan) -> None:
