@@ -55,6 +55,7 @@ from onnx import helper, numpy_helper
 
 from onnxprune.report import Progress
 from onnxprune.runtime import session
+from onnxprune.runtime.capture import Frontier
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,9 @@ class LayerRow:
     samples: int = 0
     err_before: float | None = None
     err_after: float | None = None
-    ridge: float | None = None  # the ridge strength used (chosen on held-out batches)
+    ridge: float | None = None  # the ridge strength used (chosen on held-out sources)
+    held_before: float | None = None  # the same errors on held-out sources (cross-validated)
+    held_after: float | None = None
     seconds: float = 0.0
 
     def as_dict(self) -> dict:
@@ -224,8 +227,7 @@ class _Fit:
     C: list = field(default_factory=list)
     yy: list = field(default_factory=list)  # per group, per output channel sum of Y^2
     n: int = 0
-    held: dict = field(default_factory=lambda: {"G": [], "C": [], "yy": []})  # the held-out batches' statistics
-    lam: float | None = None  # the ridge strength the held-out batches chose
+    folds: dict = field(default_factory=dict)  # fold -> (G, C, yy) lists: the same statistics per fold of sources
 
 
 def _kept_maps(ctx, keep):
@@ -400,24 +402,27 @@ def _conv_rows(fit: _Fit, x: np.ndarray, y: np.ndarray, rng, budget: int):
     geo = fit.conv
     kh, kw = geo["k"]
     (sh, sw), (dh, dw) = geo["s"], geo["d"]
-    pt, pl, pb, pr = _pads(geo, x.shape[2:])
+    pt, pl, _, _ = _pads(geo, x.shape[2:])
     B, _, Ho, Wo = y.shape
     total = B * Ho * Wo
     take = np.arange(total) if total <= budget else np.sort(rng.choice(total, budget, replace=False))
     b, rest = np.divmod(take, Ho * Wo)
     oh, ow = np.divmod(rest, Wo)
-    xp = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
-    hh = oh[:, None] * sh + np.arange(kh)[None] * dh  # [S, kh]
-    ww = ow[:, None] * sw + np.arange(kw)[None] * dw  # [S, kw]
-    yk = y[:, fit.kept_out]
+    H, W = x.shape[2:]
+    hh = oh[:, None] * sh + np.arange(kh)[None] * dh - pt  # [S, kh] rows in the unpadded input
+    ww = ow[:, None] * sw + np.arange(kw)[None] * dw - pl  # [S, kw]
+    inside = ((hh >= 0) & (hh < H))[:, None, :, None] & ((ww >= 0) & (ww < W))[:, None, None, :]
+    hh, ww = np.clip(hh, 0, H - 1), np.clip(ww, 0, W - 1)
+    yk = y[b, :, oh, ow][:, fit.kept_out]  # [S, kept outputs]
     rows = []
     for isl, osl in fit.groups:
-        xs = xp[:, isl]
+        xs = x[:, isl]
         patch = xs[b[:, None, None, None], np.arange(xs.shape[1])[None, :, None, None], hh[:, None, :, None], ww[:, None, None, :]]
+        patch = np.where(inside, patch, 0)  # zero padding, without a padded copy of the input
         X = patch.reshape(len(take), -1)
-        Y = yk[b, :, oh, ow][:, osl]
+        Y = yk[:, osl]
         rows.append((X, Y))
-    return rows
+    return rows, b
 
 
 def _dense_rows(fit: _Fit, x: np.ndarray, y: np.ndarray, rng, budget: int):
@@ -427,32 +432,42 @@ def _dense_rows(fit: _Fit, x: np.ndarray, y: np.ndarray, rng, budget: int):
     Y = y.reshape(-1, y.shape[-1])[:, fit.kept_out]
     if len(X) != len(Y):
         return None
+    # the sample each row comes from: rows are [B, ...] flattened (tokens of a sample are consecutive)
+    per = len(X) // x.shape[0] if not fit.dense.get("transA") and x.ndim > 1 and len(X) % x.shape[0] == 0 else len(X)
+    sample = np.arange(len(X)) // max(per, 1)
     if len(X) > budget:
         take = np.sort(rng.choice(len(X), budget, replace=False))
-        X, Y = X[take], Y[take]
-    return [(X, Y)]
+        X, Y, sample = X[take], Y[take], sample[take]
+    return [(X, Y)], sample
 
 
-def _accumulate(fit: _Fit, rows, held_out: bool = False) -> None:
-    """Add the regression rows to the layer's statistics (and, for a held-out
-    batch, to the held-out statistics too: the fit half is their difference)."""
-    targets = [(fit.G, fit.C, fit.yy)] + ([(fit.held["G"], fit.held["C"], fit.held["yy"])] if held_out else [])
-    for gi, (X, Y) in enumerate(rows):
-        Xa = np.empty((len(X), X.shape[1] + 1))
-        Xa[:, :-1] = X
-        Xa[:, -1] = 1.0
-        Y = Y.astype(np.float64)
-        for G, C, yy in targets:
+def _accumulate(fit: _Fit, rows, fold: np.ndarray) -> None:
+    """Add the regression rows to the layer's statistics, per fold of sources
+    (``fold``: the fold of each row); the totals are the sums over folds."""
+    for k in np.unique(fold):
+        sel = fold == k
+        G, C, yy = fit.folds.setdefault(int(k), ([], [], []))
+        for gi, (X, Y) in enumerate(rows):
+            Xa = np.empty((int(sel.sum()), X.shape[1] + 1))
+            Xa[:, :-1] = X[sel]
+            Xa[:, -1] = 1.0
+            Yk = Y[sel].astype(np.float64)
             if len(G) <= gi:
                 G.append(np.zeros((Xa.shape[1], Xa.shape[1])))
-                C.append(np.zeros((Xa.shape[1], Y.shape[1])))
-                yy.append(np.zeros(Y.shape[1]))
-        gx, cx, yx = Xa.T @ Xa, Xa.T @ Y, (Y * Y).sum(0)
-        for G, C, yy in targets:
-            G[gi] += gx
-            C[gi] += cx
-            yy[gi] += yx
-    fit.n += len(rows[0][0])
+                C.append(np.zeros((Xa.shape[1], Yk.shape[1])))
+                yy.append(np.zeros(Yk.shape[1]))
+            G[gi] += Xa.T @ Xa
+            C[gi] += Xa.T @ Yk
+            yy[gi] += (Yk * Yk).sum(0)
+    fit.n += len(fold)
+
+
+def _totals(fit: _Fit) -> None:
+    """``fit.G, fit.C, fit.yy``: the statistics of all folds together."""
+    parts = list(fit.folds.values())
+    fit.G = [sum(p[0][gi] for p in parts) for gi in range(len(parts[0][0]))]
+    fit.C = [sum(p[1][gi] for p in parts) for gi in range(len(parts[0][1]))]
+    fit.yy = [sum(p[2][gi] for p in parts) for gi in range(len(parts[0][2]))]
 
 
 LAMBDAS = (1e-3, 1e-2, 1e-1, 1.0, 10.0)  # ridge strengths tried on the held-out batches (relative)
@@ -474,22 +489,36 @@ def _ridge(G, C, W0, lam_rel: float):
     return W
 
 
-def _select(fit: _Fit, ridge: float) -> tuple[float | None, bool]:
-    """Choose the ridge strength on the held-out batches: fit on the others,
-    measure on these. Returns ``(strength, worth_it)``; ``worth_it`` is False
-    when no strength beats the pruned weights on the held-out data."""
-    h = fit.held
-    if not h["G"]:
-        return None, True
+def _select(fit: _Fit, ridge: float) -> tuple[float | None, float, float]:
+    """Choose the ridge strength by cross-validation over folds of *sources*:
+    fit on the other folds, measure on each in turn. Returns ``(strength,
+    held-out error of the pruned weights, held-out error of the fit)`` (sums of
+    squares); ``strength`` is None with fewer than two folds."""
+    folds = list(fit.folds.values())
+    base = sum(_sq_err(Gv, Cv, yv, W0) for Gk, Ck, yk in folds for Gv, Cv, yv, W0 in zip(Gk, Ck, yk, fit.w0))
+    if len(folds) < 2:
+        return None, base, base
     errs = {}
-    base = sum(_sq_err(Gv, Cv, yv, W0) for Gv, Cv, yv, W0 in zip(h["G"], h["C"], h["yy"], fit.w0))
     for lam in sorted(set(LAMBDAS) | {ridge * 10.0**k for k in range(-4, 3)}):
         errs[lam] = sum(_sq_err(Gv, Cv, yv, _ridge(G - Gv, C - Cv, W0, lam))
-                        for G, C, W0, Gv, Cv, yv in zip(fit.G, fit.C, fit.w0, h["G"], h["C"], h["yy"]))
+                        for Gk, Ck, yk in folds
+                        for G, C, W0, Gv, Cv, yv in zip(fit.G, fit.C, fit.w0, Gk, Ck, yk))
     lam = min(errs, key=errs.get)
     if errs[ridge] <= errs[lam] * 1.01 + 1e-30:
         lam = ridge  # the given strength unless another is clearly better
-    return lam, errs[lam] < base * (1 - 1e-6)
+    return lam, base, errs[lam]
+
+
+def _folds(feeds: list[dict], sources, seed: int, k: int = 2) -> list[np.ndarray]:
+    """Per batch, the cross-validation fold of each sample. Samples of one
+    source (``sources``: per batch, an id per sample) share a fold; without
+    sources every sample is its own."""
+    sizes = [len(next(iter(fd.values()))) for fd in feeds]
+    if sources is None:
+        sources = [np.arange(sum(sizes[:i]), sum(sizes[:i + 1])) for i in range(len(sizes))]
+    ids = np.unique(np.concatenate([np.asarray(s).reshape(-1) for s in sources]))
+    rank = {v: i for i, v in enumerate(np.random.default_rng(seed).permutation(ids).tolist())}
+    return [np.array([rank[v] % k for v in np.asarray(s).reshape(-1).tolist()], int) for s in sources]
 
 
 # --------------------------------------------------------------------------- solvers
@@ -621,6 +650,8 @@ def recover(
     validate: bool = True,
     layers: str = "all",
     ridge_select: bool = True,
+    frontier_bytes: int = 2 << 30,
+    stats: dict | None = None,
 ) -> tuple[onnx.ModelProto, list[LayerRow]]:
     """Re-fit every consumer of pruned channels in closed form; no labels.
 
@@ -632,13 +663,17 @@ def recover(
     or ``ridge`` (see the module doc). ``ridge``: regularisation relative to
     the mean diagonal of the Gram matrix. ``rows_per_batch``: regression rows
     sampled per batch and layer (output positions of a Conv, tokens of a
-    MatMul). Returns the new model (a copy; the inputs are not modified) and
+    MatMul). ``frontier_bytes``: activations held in memory between levels
+    (the rest spill to memory-mapped files). ``stats``: a dict filled with the
+    time split (``run_s``: ORT passes, ``fit_s``: statistics and solves) and
+    the number of ORT passes. Returns the new model (a copy; the inputs are not modified) and
     one :class:`LayerRow` per consumer."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, not {method!r}")
     import os
 
     threads = threads or (os.cpu_count() or 1)
+    sources = getattr(batches, "sources", None)
     batches = list(getattr(batches, "batches", batches))
     work = onnx.ModelProto()
     work.CopyFrom(pruned)
@@ -668,65 +703,80 @@ def recover(
     def feeds(b):
         return b if isinstance(b, dict) else {in_names[0]: np.asarray(b, dtype=np.float32)}
 
-    # ridge: every other batch is held out to choose the ridge strength per layer
-    # (and to refuse a fit that only helps on the data it was fitted on)
-    hold = method == "ridge" and ridge_select and len(batches) >= 2
-    bar = Progress("recover", len(by_level) * len(batches), progress)
-    done = 0
+    # ridge: the strength of each layer is chosen by cross-validation over
+    # folds of calibration *sources* (crops of one photo are one source), and a
+    # fit that does not beat the pruned weights on held-out sources is refused
+    fd_list = [feeds(b) for b in batches]
+    fold_of = _folds(fd_list, sources, seed)
+    hold = method == "ridge" and ridge_select and len({int(k) for f in fold_of for k in np.unique(f)}) >= 2
+    timing = {"run": 0.0, "fit": 0.0}
+    bar = Progress("recover", len(by_level), progress)
     rng = np.random.default_rng(seed)
-    for lvl in sorted(by_level):
+    # sequential calibration: each model runs once in all, level by level, from
+    # the values the previous levels left (with the re-fitted weights in place)
+    front_p = Frontier(work, fd_list, threads, frontier_bytes)
+    front_o = Frontier(original, fd_list, threads, frontier_bytes)
+    for done, lvl in enumerate(sorted(by_level), 1):
         todo = by_level[lvl]
         t0 = time.perf_counter()
         x_names = sorted({f.x_name for f in todo})
-        p_names = [n for n in x_names if n not in g.inputs]
-        sess_p = session(_with_outputs(work, p_names, truncate=True), threads) if p_names else None
-        sess_o = session(_with_outputs(original, [f.y_name for f in todo], truncate=True), threads)
-        for bi, b in enumerate(batches):
-            fd = feeds(b)
-            px = dict(zip(p_names, sess_p.run(p_names, fd))) if sess_p else {}
-            px.update({n: fd[n] for n in x_names if n in g.inputs})
-            oy = dict(zip([f.y_name for f in todo], sess_o.run([f.y_name for f in todo], fd)))
+        y_names = sorted({f.y_name for f in todo})
+        px, oy = front_p.get(x_names), front_o.get(y_names)
+        t1 = time.perf_counter()
+        timing["run"] += t1 - t0
+        for bi in range(len(batches)):
             for f in todo:
                 if f.row.status == "skipped" and f.row.reason:
                     continue
-                x, y = px[f.x_name], oy[f.y_name]
+                x, y = px[f.x_name][bi], oy[f.y_name][bi]
                 try:
-                    rws = (_conv_rows if f.kind == "conv" else _dense_rows)(f, x, y, rng, rows_per_batch)
+                    got = (_conv_rows if f.kind == "conv" else _dense_rows)(f, x, y, rng, rows_per_batch)
                 except Exception as e:  # shape surprises: skip the layer, never crash
-                    rws, f.row.reason = None, f"could not build regression rows: {type(e).__name__}: {e}"
-                if rws is None:
+                    got, f.row.reason = None, f"could not build regression rows: {type(e).__name__}: {e}"
+                if got is None:
                     f.row.reason = f.row.reason or "input/output shapes do not match a linear layer"
                     continue
-                _accumulate(f, rws, held_out=hold and bi % 2 == 1)
-            done += 1
-            bar.step(done, f"level {lvl}: {', '.join(f.row.node for f in todo)}"[:60], force=bi == len(batches) - 1 and not bar.tty)
+                rws, sample = got
+                fb = fold_of[bi]
+                _accumulate(f, rws, fb[np.minimum(sample, len(fb) - 1)] if hold else np.zeros(len(sample), int))
+        del px, oy
+        bar.step(done, f"level {lvl}: {', '.join(f.row.node for f in todo)}"[:60], force=done == len(by_level) and not bar.tty)
         for f in todo:
-            if f.row.reason or not f.G:
+            if f.row.reason or not f.folds:
                 f.row.status = "skipped"
                 continue
-            lam, worth = _select(f, ridge) if hold else (None, True)
-            f.held = {"G": [], "C": [], "yy": []}
+            _totals(f)
+            lam, held_before, held_after = _select(f, ridge) if hold else (None, 0.0, 0.0)
             f.row.ridge = lam if lam is not None else (ridge if method == "ridge" else None)
             Ws = _solve(f, method, ridge if lam is None else lam)
             tot_y = sum(float(yy.sum()) for yy in f.yy)
             before = sum(_sq_err(G, C, yy, W) for G, C, yy, W in zip(f.G, f.C, f.yy, f.w0))
             after = sum(_sq_err(G, C, yy, W) for G, C, yy, W in zip(f.G, f.C, f.yy, Ws))
             f.row.samples = f.n
-            f.row.err_before = float(np.sqrt(before / max(tot_y, 1e-30)))
-            f.row.err_after = float(np.sqrt(after / max(tot_y, 1e-30)))
+            rel = lambda e: float(np.sqrt(e / max(tot_y, 1e-30)))  # noqa: E731
+            f.row.err_before, f.row.err_after = rel(before), rel(after)
+            if lam is not None:
+                f.row.held_before, f.row.held_after = rel(held_before), rel(held_after)
             if not all(np.all(np.isfinite(W)) for W in Ws):
                 f.row.status, f.row.reason = "skipped", "non-finite solution"
-            elif not worth:
-                f.row.status, f.row.reason = "kept", "no ridge strength beat the pruned weights on held-out batches"
-                f.row.err_after = f.row.err_before
+            elif lam is not None and not held_after < held_before * (1 - 1e-6):
+                f.row.status, f.row.reason = "kept", "no ridge strength beat the pruned weights on held-out sources"
+                f.row.err_after, f.row.held_after = f.row.err_before, f.row.held_before
             elif after > before * (1 + 1e-9):
                 f.row.status, f.row.reason = "kept", "the fit did not lower the reconstruction error"
-                f.row.err_after = f.row.err_before
+                f.row.err_after, f.row.held_after = f.row.err_before, f.row.held_before
             else:
                 _write_back(g, f, Ws)
                 f.row.status = "refit"
-            f.G, f.C = [], []  # free the Gram matrices
+            f.G, f.C, f.folds = [], [], {}  # free the Gram matrices
             f.row.seconds = (time.perf_counter() - t0) / len(todo)
+        timing["fit"] += time.perf_counter() - t1
+    front_p.close()
+    front_o.close()
+    timing["passes"] = front_p.passes + front_o.passes
+    timing["levels"] = len(by_level)
+    if stats is not None:
+        stats.update(run_s=timing["run"], fit_s=timing["fit"], passes=timing["passes"], levels=timing["levels"])
     if validate:
         try:
             onnx.checker.check_model(work, full_check=True)

@@ -6,7 +6,9 @@
   labels come with it.
 * ``FILE.npy``: an array ``[N, C, H, W]`` already preprocessed; ``FILE.npz``
   with ``x`` (and optionally ``y`` labels), or one array per model input named
-  after it (multi-input models: token ids, masks, token types...).
+  after it (multi-input models: token ids, masks, token types...). An array
+  ``source`` in the ``.npz`` names the source of each sample (e.g. the photo a
+  crop was cut from): ``--recover`` then holds out whole sources.
 * ``synthetic``: glyph images rendered in memory (``onnxprune data synthetic``)
   with the same preprocessing; no labels (criteria that need labels use the
   model's own predictions).
@@ -29,6 +31,7 @@ class Calibration:
     labels: list | None  # [np.ndarray [B]] or None
     source: str
     inputs: list | None = None  # [{input name: np.ndarray [B, ...]}] for multi-input models
+    sources: list | None = None  # [np.ndarray [B]]: the source of each sample (a file, a photo), if known
 
     def feed(self, k: int, names: list[str]) -> dict:
         """ORT feed of batch ``k`` for a model whose inputs are ``names``."""
@@ -49,7 +52,7 @@ def _input_shape(proto: onnx.ModelProto) -> tuple[int | None, list]:
     return d[0], d
 
 
-def _named(spec: str, z, names: list[str], batch: int, n_batches: int) -> "Calibration":
+def _named(spec: str, z, names: list[str], batch: int, n_batches: int, src=None) -> "Calibration":
     n = {len(z[k]) for k in names}
     if len(n) != 1:
         raise UserError(f"{spec}: the input arrays have different sample counts {sorted(n)}")
@@ -57,7 +60,24 @@ def _named(spec: str, z, names: list[str], batch: int, n_batches: int) -> "Calib
     if not count:
         raise UserError(f"{spec}: fewer samples than one batch of {batch}")
     inputs = [{k: np.ascontiguousarray(z[k][i * batch:(i + 1) * batch]) for k in names} for i in range(count)]
-    return Calibration([b[names[0]] for b in inputs], None, f"{spec} ({count * batch} samples, inputs {', '.join(names)})", inputs)
+    return Calibration([b[names[0]] for b in inputs], None, f"{spec} ({count * batch} samples, inputs {', '.join(names)})", inputs,
+                       _split(src, batch, count))
+
+
+def _split(src, batch: int, count: int) -> list | None:
+    """Per batch, the source ids of its samples (None: unknown)."""
+    if src is None:
+        return None
+    return [np.asarray(src[i * batch:(i + 1) * batch]) for i in range(count)]
+
+
+def _sources(spec: str, z) -> np.ndarray | None:
+    if "source" not in z:
+        return None
+    src = np.asarray(z["source"]).reshape(-1)
+    if src.dtype.kind not in "iuUSO":
+        raise UserError(f"{spec}: 'source' must hold integer or string ids, one per sample")
+    return src
 
 
 def _chunks(x: np.ndarray, y, batch: int, n_batches: int):
@@ -108,7 +128,7 @@ def load(spec: str, proto: onnx.ModelProto, n_batches: int = 4, batch: int = 32,
         x = np.stack([it[0].numpy() for it in items])
         y = np.array([it[1] for it in items])
         xs, ys = _chunks(x, y, batch, n_batches)
-        return Calibration(xs, ys, f"{spec} ({split}, {len(xs) * batch} images)")
+        return Calibration(xs, ys, f"{spec} ({split}, {len(xs) * batch} images)", sources=_split(idx, batch, len(xs)))
     if spec.endswith(".npy") or spec.endswith(".npz"):
         if not os.path.exists(spec):
             raise UserError(f"calibration file not found: {spec}")
@@ -117,8 +137,9 @@ def load(spec: str, proto: onnx.ModelProto, n_batches: int = 4, batch: int = 32,
         else:
             z = np.load(spec)
             names = io.input_names(proto)
+            src = _sources(spec, z)
             if all(n in z for n in names) and (len(names) > 1 or "x" not in z):
-                return _named(spec, z, names, batch, n_batches)
+                return _named(spec, z, names, batch, n_batches, src)
             if "x" not in z:
                 raise UserError(f"{spec}: expected arrays 'x' (and optionally 'y'), or one array per input "
                                 f"({', '.join(names)})")
@@ -126,5 +147,8 @@ def load(spec: str, proto: onnx.ModelProto, n_batches: int = 4, batch: int = 32,
         if list(x.shape[1:]) != [d for d in dims[1:]] and all(d is not None for d in dims[1:]):
             raise UserError(f"{spec}: samples have shape {list(x.shape[1:])}, the model takes {dims[1:]}")
         xs, ys = _chunks(x, y, batch, n_batches)
-        return Calibration(xs, ys, f"{spec} ({len(xs) * batch} samples)")
+        src = _sources(spec, z) if spec.endswith(".npz") else None
+        if src is not None and len(src) != len(x):
+            raise UserError(f"{spec}: 'source' has {len(src)} entries for {len(x)} samples")
+        return Calibration(xs, ys, f"{spec} ({len(xs) * batch} samples)", sources=_split(src, batch, len(xs)))
     raise UserError(f"--calib {spec!r}: not a directory, .npy/.npz file or 'synthetic'")

@@ -1,0 +1,195 @@
+"""Intermediate values of a model, computed in ONNX Runtime.
+
+:func:`capture` runs a model once and returns the values asked for (the
+nodes nothing asked for are not run). :class:`Frontier` does the same for a
+sequence of requests over a fixed set of input batches, running every node
+of the model **once** in all: each request runs only the part of the graph
+between the values already held (the frontier) and the values asked for, and
+the frontier keeps exactly the values that nodes not yet run will read.
+Between requests the model may be edited (new weights for nodes not yet run,
+a new node after one): each request reads the model as it is then. That is
+what sequential, layer-by-layer calibration needs (re-fit a layer, then
+compute what comes after it with the new weights) at the cost of one forward
+pass instead of one per layer. Held values that exceed a memory budget spill
+to memory-mapped files in a temporary folder that :meth:`Frontier.close`
+removes.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from onnxprune.runtime import session
+
+
+def _subgraph_reads(g: onnx.GraphProto) -> set[str]:
+    """Names a subgraph (If/Loop/Scan body) reads from the enclosing scope."""
+    local = {i.name for i in g.input} | {t.name for t in g.initializer}
+    reads: set[str] = set()
+    for n in g.node:
+        for v in _node_reads(n):
+            if v not in local:
+                reads.add(v)
+        local.update(n.output)
+    return reads
+
+
+def _node_reads(n: onnx.NodeProto) -> list[str]:
+    out = [v for v in n.input if v]
+    for a in n.attribute:
+        if a.type == onnx.AttributeProto.GRAPH:
+            out += sorted(_subgraph_reads(a.g))
+        elif a.type == onnx.AttributeProto.GRAPHS:
+            for sg in a.graphs:
+                out += sorted(_subgraph_reads(sg))
+    return out
+
+
+def _piece(proto: onnx.ModelProto, nodes: list, inputs: dict[str, np.ndarray], outputs: list[str]) -> onnx.ModelProto:
+    """A model of ``nodes`` (in order) reading ``inputs`` (name -> an example
+    array, for the type) and the initializers they use, writing ``outputs``."""
+    g = proto.graph
+    reads = {v for n in nodes for v in _node_reads(n)}
+    graph = helper.make_graph(
+        [onnx.NodeProto.FromString(n.SerializeToString()) for n in nodes], "piece",
+        [helper.make_tensor_value_info(k, helper.np_dtype_to_tensor_dtype(a.dtype), [None] * a.ndim)
+         for k, a in inputs.items()],
+        [onnx.ValueInfoProto(name=o) for o in outputs],
+        [t for t in g.initializer if t.name in reads and t.name not in inputs])
+    m = helper.make_model(graph, opset_imports=list(proto.opset_import), ir_version=proto.ir_version)
+    m.functions.extend(proto.functions)
+    return m
+
+
+class Frontier:
+    """Values of ``proto`` over ``feeds`` (one feed dict per batch), asked for
+    in any order; every node runs once (see the module doc). ``proto`` is read
+    anew at each request: edit it in place between requests, but only nodes
+    that have not run yet. ``budget`` bytes of held values live in memory, the
+    rest in memory-mapped files."""
+
+    def __init__(self, proto: onnx.ModelProto, feeds: list[dict], threads: int = 0, budget: int = 2 << 30):
+        self.proto, self.threads, self.budget = proto, threads or (os.cpu_count() or 1), budget
+        self.n = len(feeds)
+        self.held: dict[str, list[np.ndarray]] = {}
+        for fd in feeds:
+            for k, v in fd.items():
+                self.held.setdefault(k, []).append(np.asarray(v))
+        self.inputs = set(self.held)
+        self.ran: set[str] = set()  # output names of the nodes that have run
+        self.bytes = sum(a.nbytes for v in self.held.values() for a in v)
+        self.spill: str | None = None
+        self.passes = 0  # ORT sessions built (one per request that had to run something)
+        self.nodes_run = 0
+
+    def _keep(self, name: str, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        size = sum(a.nbytes for a in arrays)
+        if self.bytes + size <= self.budget:
+            self.bytes += size
+            return arrays
+        if self.spill is None:
+            self.spill = tempfile.mkdtemp(prefix="onnxprune-frontier-")
+        out = []
+        for i, a in enumerate(arrays):
+            path = os.path.join(self.spill, f"{len(os.listdir(self.spill))}_{i}.npy")
+            m = np.lib.format.open_memmap(path, mode="w+", dtype=a.dtype, shape=a.shape)
+            m[...] = a
+            out.append(m)
+        return out
+
+    def get(self, names: list[str]) -> dict[str, list[np.ndarray]]:
+        """``{name: [array per batch]}`` for ``names``: values of the model as it is now."""
+        g = self.proto.graph
+        inits = {t.name for t in g.initializer}
+        producer = {o: n for n in g.node for o in n.output if o}
+        chosen: dict[int, onnx.NodeProto] = {}
+        stack = [v for v in names if v not in self.held and v not in inits]
+        seen: set[str] = set()
+        while stack:
+            v = stack.pop()
+            if not v or v in seen or v in self.held or v in inits:
+                continue
+            seen.add(v)
+            n = producer.get(v)
+            if n is None:
+                raise KeyError(f"no node produces '{v}'")
+            if id(n) not in chosen:
+                chosen[id(n)] = n
+                stack.extend(_node_reads(n))
+        if chosen:
+            self._run([n for n in g.node if id(n) in chosen], set(names), inits)
+        missing = [v for v in names if v not in self.held and v not in inits]
+        if missing:
+            raise KeyError(f"values not computed: {missing[:3]}")
+        out = {}
+        for v in names:
+            if v in self.held:
+                out[v] = self.held[v]
+            else:
+                arr = onnx.numpy_helper.to_array(next(t for t in g.initializer if t.name == v))
+                out[v] = [arr] * self.n
+        self._evict(set(names))
+        return out
+
+    def _run(self, nodes: list, wanted: set[str], inits: set[str]) -> None:
+        g = self.proto.graph
+        mine = {id(n) for n in nodes}
+        later_reads: set[str] = set()  # values read by nodes that have not run and are not run now
+        for n in g.node:
+            if id(n) not in mine and not (n.output and all(o in self.ran for o in n.output if o)):
+                later_reads.update(_node_reads(n))
+        produced = [o for n in nodes for o in n.output if o]
+        outputs = [o for o in produced if o in wanted or o in later_reads]
+        reads = {v for n in nodes for v in _node_reads(n)}
+        ins = {k: self.held[k][0] for k in sorted(reads) if k in self.held and k not in inits}
+        piece = _piece(self.proto, nodes, ins, outputs)
+        sess = session(piece, self.threads)
+        self.passes += 1
+        self.nodes_run += len(nodes)
+        got: dict[str, list] = {o: [] for o in outputs}
+        for b in range(self.n):
+            res = sess.run(outputs, {k: self.held[k][b] for k in ins}) if outputs else []
+            for o, a in zip(outputs, res):
+                got[o].append(a)
+        for o in outputs:
+            self.held[o] = self._keep(o, got[o])
+        self.ran.update(produced)
+
+    def _evict(self, just_asked: set[str]) -> None:
+        """Drop held values that no node still to run reads."""
+        g = self.proto.graph
+        live: set[str] = set()
+        for n in g.node:
+            if not (n.output and all(o in self.ran for o in n.output if o)):
+                live.update(_node_reads(n))
+        for k in list(self.held):
+            if k not in live:
+                arrays = self.held.pop(k)
+                if not isinstance(arrays[0], np.memmap):
+                    self.bytes -= sum(a.nbytes for a in arrays)
+
+    def close(self) -> None:
+        self.held.clear()
+        if self.spill:
+            shutil.rmtree(self.spill, ignore_errors=True)
+            self.spill = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def capture(proto: onnx.ModelProto, names: list[str], feeds: list[dict], threads: int = 0) -> dict[str, list[np.ndarray]]:
+    """``{name: [array per batch]}``: the values ``names`` of ``proto`` on each feed."""
+    with Frontier(proto, feeds, threads, budget=1 << 62) as f:
+        return {k: list(v) for k, v in f.get(list(names)).items()}
+
+
+__all__ = ["Frontier", "capture"]
