@@ -244,7 +244,9 @@ def test_prune_with_bench_adds_latency_to_report(tmp_path):
     assert abs(r["target"]["achieved"] / (0.5 * r["before"]["macs"]) - 1) < 0.01
 
 
-def test_bench_errors(tmp_path):
+def test_bench_errors(tmp_path, capsys):
     assert main(["bench", str(tmp_path / "missing.onnx")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("onnxprune: error: ") and "missing.onnx" in err and "this is a bug" not in err, err
     with pytest.raises(UserError, match="not available"):
         bench_mod.bench([default_model()], provider="tensorrt", runs=1, warmup=0)

@@ -20,7 +20,7 @@ from onnxprune.api import prune  # noqa: E402
 from onnxprune.cli import main  # noqa: E402
 from onnxprune.torchbridge.export import export_timm  # noqa: E402
 from onnxprune.torchbridge.data import make_synthetic  # noqa: E402
-from onnxprune.torchbridge.importer import classify, import_onnx, write_back  # noqa: E402
+from onnxprune.torchbridge.importer import import_onnx, tensor_at, write_back  # noqa: E402
 from timm_models import randomize  # noqa: E402
 
 SMALL = {
@@ -64,10 +64,22 @@ def test_import_and_write_back_round_trip(tmp_path, name, exporter, opset, dynam
         y = mod(torch.from_numpy(x)).numpy()
     scale = np.abs(ref).max()
     assert np.abs(y - ref).max() <= 1e-4 * scale  # the converters compute what ORT computes
-    # every learnable-looking tensor is accounted for; only masks are frozen
-    train, stats, frozen = classify(proto)
-    assert set(imp.trainable) == set(train) and set(imp.stats) == set(stats)
+    # every floating-point tensor a node reads (more than a scalar) is trainable, a
+    # BatchNorm running statistic, or frozen (masks only), each exactly once; expectations
+    # from the graph itself, not from the importer's own classification
+    readers: dict = {}
+    for n in proto.graph.node:
+        for k, i in enumerate(n.input):
+            readers.setdefault(i, []).append((n.op_type, k))
+    weights = {i.name for i in proto.graph.initializer if i.data_type == onnx.TensorProto.FLOAT and np.prod(i.dims) > 1
+               and i.name in readers}
+    bn_stats = {n for n in weights if all(op == "BatchNormalization" and k in (3, 4) for op, k in readers[n])}
+    assert set(imp.stats) == bn_stats
+    assert set(imp.trainable) | set(imp.stats) | set(imp.frozen) == weights
+    assert len(imp.trainable) + len(imp.stats) + len(imp.frozen) == len(weights)
     assert all("mask" in why for why in imp.frozen.values()), imp.frozen
+    # and each trainable one is a parameter the module trains
+    assert all(tensor_at(mod, imp.links[n][0].path).requires_grad for n in imp.trainable)
     assert imp.report()["trainable_params"] > 0.9 * sum(
         int(np.prod(i.dims)) for i in proto.graph.initializer if i.data_type == onnx.TensorProto.FLOAT and np.prod(i.dims) > 1
         and i.name not in imp.frozen)
