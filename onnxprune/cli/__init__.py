@@ -14,6 +14,7 @@ module only dispatches and prints the verdict line.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 
@@ -53,6 +54,24 @@ def _verdict(status: str, what: str, argv: list[str], code: int = 0) -> int:
 _T0 = time.perf_counter()
 
 
+def _model_error(args) -> str | None:
+    """After an internal error: when onnxruntime cannot run the input model either,
+    the file is at fault, and that is the one line to show."""
+    from onnxprune.cli.common import shapes
+    from onnxprune.validate.checks import run_error
+
+    model = getattr(args, "model", None)
+    if not isinstance(model, str) or not os.path.isfile(model):
+        return None
+    try:
+        why = run_error(model, shapes(args))
+    except UserError as e:
+        return str(e)
+    except Exception:
+        return None
+    return f"the model does not run in onnxruntime either: {why}" if why else None
+
+
 def main(argv: list[str] | None = None) -> int:
     global _T0
     _T0 = time.perf_counter()
@@ -88,6 +107,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # never a traceback for a file that loads: one line, exit 1 (-v shows it)
         if args.verbose:
             log.exception("internal error")
+        why = _model_error(args)
+        if why:
+            print(f"onnxprune: error: {why}", file=sys.stderr)
+            return 1
         text = " ".join(str(e).split())[:400]
         print(f"onnxprune: error: {type(e).__name__}: {text} (this is a bug in onnxprune; -v shows where)", file=sys.stderr)
         return 1

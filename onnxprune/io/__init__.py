@@ -160,6 +160,48 @@ def check_graph(proto: onnx.ModelProto) -> None:
             raise UserError(f"initializer {t.name!r} is {_type_text(t.data_type, list(t.dims))} but declared "
                             f"{_type_text(tt.elem_type, ['?' if d is None else d for d in dims])}")
     _check_acyclic(g)
+    _check_nodes(proto, set(seen))
+
+
+def _check_nodes(proto: onnx.ModelProto, defined: set[str]) -> None:
+    """Every input of a top-level node is defined in the graph, and every standard
+    node (without subgraphs) passes onnx's own node check (attributes, arity)."""
+    ctx = onnx.checker.C.CheckerContext()
+    ctx.ir_version = proto.ir_version
+    ctx.opset_imports = {o.domain: o.version for o in proto.opset_import}
+    g = proto.graph
+    types = {i.name: i.type.tensor_type.elem_type for i in g.input if i.type.HasField("tensor_type")}
+    types.update({t.name: t.data_type for t in g.initializer})
+    for n in g.node:
+        what = f"node {n.name or n.op_type!r} ({n.op_type})"
+        missing = [x for x in n.input if x and x not in defined]
+        if missing:
+            raise UserError(f"{what} reads {missing[0]!r}, which the graph does not define")
+        if n.domain not in ("", "ai.onnx") or not onnx.defs.has(n.op_type) or any(a.g.node or a.graphs for a in n.attribute):
+            continue
+        try:
+            onnx.checker.check_node(n, ctx)
+        except onnx.checker.ValidationError as e:
+            raise UserError(f"{what}: {str(e).splitlines()[0].split('==>')[0].strip()}") from None
+        _check_input_types(n, what, types, ctx.opset_imports.get("", ctx.opset_imports.get("ai.onnx", 1)))
+
+
+def _check_input_types(node: onnx.NodeProto, what: str, types: dict, opset: int) -> None:
+    """The dtypes of a node's inputs whose type the file states (graph inputs,
+    initializers) against the op's type constraints."""
+    try:
+        schema = onnx.defs.get_schema(node.op_type, opset)
+    except Exception:
+        return
+    allowed = {c.type_param_str: set(c.allowed_type_strs) for c in schema.type_constraints}
+    bound: dict[str, str] = {}
+    for i, x in enumerate(node.input):
+        if not x or not types.get(x) or not schema.inputs:
+            continue
+        param = schema.inputs[min(i, len(schema.inputs) - 1)].type_str
+        got = f"tensor({onnx.helper.tensor_dtype_to_string(types[x]).split('.')[-1].lower()})"
+        if got not in allowed.get(param, {param}) or bound.setdefault(param, got) != got:
+            raise UserError(f"{what}: input {x!r} is {got}, which the op does not take there")
 
 
 def _type_text(dtype: int, dims: list) -> str:

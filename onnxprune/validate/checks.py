@@ -40,6 +40,30 @@ def runs(model, feed_model: onnx.ModelProto) -> bool:
         return False
 
 
+def run_error(path: str, input_shapes: dict | None = None) -> str | None:
+    """Why onnxruntime cannot run the file at ``path`` on a random input (one line),
+    or None when it runs or when its inputs' dims are not all known (``input_shapes``
+    as :func:`io.parse_input_shapes` returns; a symbolic batch becomes 1)."""
+    from onnxprune.io.protowire import read_skeleton
+
+    feed = read_skeleton(path)  # refuses external data outside the model's folder first
+    for i in io.data_inputs(feed):
+        given = (input_shapes or {}).get(i.name)
+        dims = i.type.tensor_type.shape.dim
+        for k, d in enumerate(dims):
+            v = given[k] if given and k < len(given) else d.dim_value if d.HasField("dim_value") else 0
+            if not isinstance(v, int) or v <= 0:
+                if k:
+                    return None
+                v = 1
+            d.dim_value = v
+    try:
+        runtime.session(path).run(None, runtime.random_inputs(feed, batch=1))
+    except Exception as e:
+        return " ".join(str(e).split())[:300] or type(e).__name__
+    return None
+
+
 def feed_text(feed_model: onnx.ModelProto) -> str:
     shapes = [f"{i.name}:" + ",".join(str(d.dim_value) if d.HasField("dim_value") and d.dim_value > 0 else "1"
                                       for d in i.type.tensor_type.shape.dim) for i in feed_model.graph.input]
