@@ -111,7 +111,17 @@ def test_running_the_cli_in_process_leaves_root_logging_alone(capsys):
     for _ in range(2):
         assert main(["analyze", default_model(), "-q"]) == 0
     assert (list(root.handlers), root.level) == before
+    from onnxprune.cli import _Stderr
+
     ours = logging.getLogger("onnxprune")
-    assert len(ours.handlers) == 1 and not ours.propagate  # one handler however often main() runs
+    # one handler of ours however often main() runs (pytest's logging plugin adds its own to non-propagating loggers)
+    assert sum(isinstance(h, _Stderr) for h in ours.handlers) == 1 and not ours.propagate
     logging.getLogger("onnxprune.pipeline").info("a message of ours")
     assert "a message of ours" not in capsys.readouterr().err  # -q: warnings only
+
+
+def test_verdict_line_shows_the_argv_given_to_main(capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["host-program", "--host-flag"])
+    assert main(["analyze", default_model(), "-q"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("PASSED |") and last.endswith(f"| Command: onnxprune analyze {default_model()} -q"), last
