@@ -4,6 +4,7 @@ process-wide side effect (warning filters, logging, files)."""
 from __future__ import annotations
 
 import ast
+import importlib.util
 import pathlib
 import subprocess
 import sys
@@ -80,27 +81,39 @@ def test_no_private_name_crosses_a_unit():
     assert leaks == []
 
 
+# third-party packages of the optional extras (export, finetune, plot): the only imports allowed to be missing
+OPTIONAL = ("torch", "torchvision", "timm", "onnx2torch", "onnxscript", "matplotlib", "PIL")
+
+
 def test_importing_everything_has_no_process_wide_side_effect(tmp_path):
     mods = sorted(".".join(_module(p)) for p in ROOT.rglob("*.py") if p.name != "__main__.py")
     code = f"""
-import logging, warnings, os, importlib
+import logging, warnings, os, importlib, importlib.util
 for dep in ("numpy", "onnx", "onnx_ir", "onnxruntime", "torch", "torchvision", "timm", "onnx2torch", "onnxscript", "PIL"):
     try:  # third-party imports set their own filters: not ours to judge
         importlib.import_module(dep)
     except ImportError:
         pass
 filters, handlers, level = list(warnings.filters), list(logging.getLogger().handlers), logging.getLogger().level
+imported, skipped = [], []
 for m in {mods!r}:
     try:
         importlib.import_module(m)
-    except ImportError as e:  # an optional extra that is not installed
-        print("skipped", m, e)
+    except ModuleNotFoundError as e:  # only an optional extra that is really not installed may be missing
+        top = (e.name or "").split(".")[0]
+        if top not in {OPTIONAL!r} or importlib.util.find_spec(top) is not None:
+            raise
+        skipped.append(m)
+        continue
+    imported.append(m)
 assert list(warnings.filters) == filters, "warning filters changed on import"
 assert logging.getLogger().handlers == handlers and logging.getLogger().level == level, "root logging changed on import"
 assert os.listdir(".") == [], os.listdir(".")
-print("imported", len({mods!r}))
+print("imported", len(imported), "skipped", skipped)
 """
     r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
                        env={"PYTHONPATH": str(ROOT.parent), "PATH": "/usr/bin:/bin"})
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert f"imported {len(mods)}" in r.stdout
+    assert r.returncode == 0, r.stderr[-2000:]  # any other import failure fails here
+    installed = all(importlib.util.find_spec(d) is not None for d in OPTIONAL)
+    # with every extra installed ([all]), every module imports; else only the ones a missing extra explains are skipped
+    assert f"imported {len(mods)} skipped []" in r.stdout if installed else "imported" in r.stdout, r.stdout

@@ -164,6 +164,21 @@ def test_bias_add_and_ms_layer_norm_analysis_only():
     assert {t.node.op_type for t in e.tensors} == {"MatMul", "BiasAdd", "LayerNormalization"}
 
 
+def test_ms_simplified_layer_norm_and_onnx_domain_skip_simplified_analysis_only():
+    """com.microsoft SimplifiedLayerNormalization and SkipSimplifiedLayerNormalization in the
+    ONNX domain (as ORT registers it too): a norm over the stream, and the residual join."""
+    nodes = [mm("embed", "x", "we", "s0"), ms("SimplifiedLayerNormalization", ["s0", "g"], ["n0"], axis=-1, epsilon=1e-5),
+             mm("fc", "n0", "w1", "h"), helper.make_node("SkipSimplifiedLayerNormalization", ["h", "s0", "g2"], ["n"], epsilon=1e-5),
+             mm("head", "n", "wo", "y")]
+    m = model(nodes, {"we": W(CIN, 16), "g": 1 + W(16), "w1": W(16, 16), "g2": 1 + W(16), "wo": W(16, 4)})
+    job = analyze(m)
+    assert live(job) == {"embed": [16]}
+    (e,) = [g for g in job.groups if not g.frozen]
+    assert {"residual", "norm"} <= e.space.tags
+    assert {(t.node.domain, t.node.op_type) for t in e.tensors} >= {
+        (MS, "SimplifiedLayerNormalization"), ("", "SkipSimplifiedLayerNormalization")}
+
+
 # -- com.microsoft::Attention (packed q/k/v weight) ------------------------------------------
 H, D = 2, 4
 
