@@ -4,7 +4,6 @@ and max_steps are followed, the time budget stops the run, EMA and checkpoints."
 from __future__ import annotations
 
 import math
-import time
 
 import pytest
 
@@ -86,24 +85,48 @@ def test_accumulating_micro_batches_equals_one_big_batch(momentum):
     assert not torch.allclose(big, small, rtol=1e-3, atol=1e-4)  # the batches differ: the test can tell
 
 
-def test_time_budget_refits_the_schedule_and_stops_the_run():
+class _FakeClock:
+    """Stands in for the loop's ``time`` module: ``perf_counter`` reads ``t``,
+    which only the test moves (no wall-clock reading in the check)."""
+
+    def __init__(self):
+        self.t = 0.0
+
+    def perf_counter(self):
+        return self.t
+
+
+def test_time_budget_refits_the_schedule_and_stops_the_run(monkeypatch):
+    from onnxprune.torchbridge import loop
+
+    clock = _FakeClock()
+    monkeypatch.setattr(loop, "time", clock)
     model = _model()
     loader = torch.utils.data.DataLoader(_data(), batch_size=4, shuffle=True)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     mse = _mse(model)
+    cost = 2.0 ** -6  # seconds per micro-batch (exact in binary): a 1 s budget fits 64 steps
 
-    def slow(batch):
-        time.sleep(0.01)
+    def timed(batch):
+        clock.t += cost
         return mse(batch)
 
     cosine = lambda s, t: 0.01 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / t)))  # noqa: E731
-    t0 = time.perf_counter()
-    run = fit(model, loader, opt, slow, epochs=10**6, steps_per_epoch=8, lr_at=cosine, budget_s=1.0,
-              max_steps=400)  # a loop that ignored the budget would stop here and fail below
-    took = time.perf_counter() - t0
-    assert 0.8 < run.seconds < 2.5 and took < 3.0  # ends at the budget (the refitted step count, or the budget itself)
-    assert 10 < run.step < 200 and run.epoch == len(run.history) < 10**6
-    assert run.history[-1]["lr"] < 0.2 * 0.01  # the cosine was fitted to the budget and ran to (near) its end
+    seen = []
+    run = fit(model, loader, opt, timed, epochs=10**6, steps_per_epoch=8, lr_at=lambda s, t: seen.append((s, t)) or cosine(s, t),
+              budget_s=1.0, max_steps=400)  # a loop that ignored the budget would run 400 steps
+    # at step 5 the measured speed (5 steps in 5/64 s) refits the schedule to 64 steps; it ends there, at the budget
+    assert run.step == 64 and run.seconds == 1.0
+    assert run.epoch == len(run.history) == 8
+    assert [t for _, t in seen[:5]] == [400] * 5 and all(t == 64 for _, t in seen[5:])
+    assert run.history[-1]["lr"] == pytest.approx(cosine(63, 64))  # the cosine ran to its end inside the budget
+    # twice the cost per step: half the steps
+    clock.t, seen = 0.0, []
+    cost = 2.0 ** -5
+    m2 = _model()
+    run = fit(m2, loader, torch.optim.SGD(m2.parameters(), lr=0.01), timed, epochs=10**6, steps_per_epoch=8,
+              lr_at=cosine, budget_s=1.0, max_steps=400)
+    assert run.step == 32 and run.seconds == 1.0
 
 
 class Snapshots:
