@@ -509,16 +509,54 @@ def _select(fit: _Fit, ridge: float) -> tuple[float | None, float, float]:
     return lam, base, errs[lam]
 
 
-def _folds(feeds: list[dict], sources, seed: int, k: int = 2) -> list[np.ndarray]:
-    """Per batch, the cross-validation fold of each sample. Samples of one
-    source (``sources``: per batch, an id per sample) share a fold; without
-    sources every sample is its own."""
+def _folds(feeds: list[dict], sources, seed: int, k: int = 2, reserve: float = 0.0) -> list[np.ndarray]:
+    """Per batch, the cross-validation fold of each sample, or -1 for the
+    samples kept out of every fit to check the whole model (``reserve``: that
+    fraction of the sources, when there are at least 8). Samples of one source
+    (``sources``: per batch, an id per sample) share a fold; without sources
+    every sample is its own."""
     sizes = [len(next(iter(fd.values()))) for fd in feeds]
     if sources is None:
         sources = [np.arange(sum(sizes[:i]), sum(sizes[:i + 1])) for i in range(len(sizes))]
-    ids = np.unique(np.concatenate([np.asarray(s).reshape(-1) for s in sources]))
-    rank = {v: i for i, v in enumerate(np.random.default_rng(seed).permutation(ids).tolist())}
-    return [np.array([rank[v] % k for v in np.asarray(s).reshape(-1).tolist()], int) for s in sources]
+    ids = np.random.default_rng(seed).permutation(np.unique(np.concatenate([np.asarray(s).reshape(-1) for s in sources])))
+    n_out = int(round(len(ids) * reserve)) if len(ids) >= 8 else 0
+    fold = {v: (-1 if i < n_out else (i - n_out) % k) for i, v in enumerate(ids.tolist())}
+    return [np.array([fold[v] for v in np.asarray(s).reshape(-1).tolist()], int) for s in sources]
+
+
+def _outputs(proto: onnx.ModelProto, feeds: list[dict], threads: int) -> list[list[np.ndarray]]:
+    sess = session(proto, threads)
+    return [sess.run(None, fd) for fd in feeds]
+
+
+def held_out_check(original, pruned, recovered, feeds: list[dict], fold_of: list[np.ndarray], threads: int) -> dict | None:
+    """The whole model on the samples no fit saw (fold -1): relative error of
+    the outputs against the original's (all outputs, per sample on axis 0) and,
+    for a ``[N, classes]`` first output, top-1 agreement, for the pruned and the
+    recovered model. None when no sample was kept out."""
+    if not any(np.any(f < 0) for f in fold_of):
+        return None
+    ref, outs = _outputs(original, feeds, threads), {"pruned": _outputs(pruned, feeds, threads),
+                                                    "recovered": _outputs(recovered, feeds, threads)}
+    res = {"samples": int(sum(int(np.sum(f < 0)) for f in fold_of))}
+    for name, got in outs.items():
+        num = den = 0.0
+        agree, total = 0, 0
+        for r_b, g_b, f in zip(ref, got, fold_of):
+            sel = f < 0
+            for k, (r, g) in enumerate(zip(r_b, g_b)):
+                if r.ndim == 0 or r.shape[0] != len(f) or r.shape != g.shape:
+                    continue
+                r, g = r[sel].astype(np.float64), g[sel].astype(np.float64)
+                num += float(((g - r) ** 2).sum())
+                den += float((r**2).sum())
+                if k == 0 and r.ndim == 2 and r.shape[1] > 1:
+                    agree += int((r.argmax(1) == g.argmax(1)).sum())
+                    total += len(r)
+        res[f"err_{name}"] = float(np.sqrt(num / max(den, 1e-30)))
+        if total:
+            res[f"agree_{name}"] = 100.0 * agree / total
+    return res
 
 
 # --------------------------------------------------------------------------- solvers
@@ -651,6 +689,7 @@ def recover(
     layers: str = "all",
     ridge_select: bool = True,
     frontier_bytes: int = 2 << 30,
+    check_fraction: float = 0.25,
     stats: dict | None = None,
 ) -> tuple[onnx.ModelProto, list[LayerRow]]:
     """Re-fit every consumer of pruned channels in closed form; no labels.
@@ -707,8 +746,8 @@ def recover(
     # folds of calibration *sources* (crops of one photo are one source), and a
     # fit that does not beat the pruned weights on held-out sources is refused
     fd_list = [feeds(b) for b in batches]
-    fold_of = _folds(fd_list, sources, seed)
-    hold = method == "ridge" and ridge_select and len({int(k) for f in fold_of for k in np.unique(f)}) >= 2
+    fold_of = _folds(fd_list, sources, seed, reserve=check_fraction)
+    hold = method == "ridge" and ridge_select and len({int(k) for f in fold_of for k in np.unique(f) if k >= 0}) >= 2
     timing = {"run": 0.0, "fit": 0.0}
     bar = Progress("recover", len(by_level), progress)
     rng = np.random.default_rng(seed)
@@ -737,8 +776,10 @@ def recover(
                     f.row.reason = f.row.reason or "input/output shapes do not match a linear layer"
                     continue
                 rws, sample = got
-                fb = fold_of[bi]
-                _accumulate(f, rws, fb[np.minimum(sample, len(fb) - 1)] if hold else np.zeros(len(sample), int))
+                fb = fold_of[bi][np.minimum(sample, len(fold_of[bi]) - 1)]
+                if not np.all(fb >= 0):  # samples kept out for the whole-model check
+                    rws, fb = [(X[fb >= 0], Y[fb >= 0]) for X, Y in rws], fb[fb >= 0]
+                _accumulate(f, rws, fb if hold else np.zeros(len(fb), int))
         del px, oy
         bar.step(done, f"level {lvl}: {', '.join(f.row.node for f in todo)}"[:60], force=done == len(by_level) and not bar.tty)
         for f in todo:
@@ -781,6 +822,7 @@ def recover(
         try:
             onnx.checker.check_model(work, full_check=True)
             session(work, threads).run(None, feeds(batches[0]))
+            check = held_out_check(original, pruned, work, fd_list, fold_of, threads)
         except Exception as e:  # never hand out an invalid model
             log.warning("recovered model failed validation (%s); returning the pruned model", e)
             back = onnx.ModelProto()
@@ -788,6 +830,16 @@ def recover(
             for r in rows:
                 if r.status == "refit":
                     r.status, r.reason = "reverted", f"recovered model failed validation: {e}"
+            return back, rows
+        if stats is not None:
+            stats["held_out"] = check
+        if check is not None and check["err_recovered"] > check["err_pruned"]:
+            log.warning("the recovered model is further from the original on held-out sources; returning the pruned model")
+            back = onnx.ModelProto()
+            back.CopyFrom(pruned)
+            for r in rows:
+                if r.status == "refit":
+                    r.status, r.reason = "reverted", "the whole recovered model was further from the original on held-out sources"
             return back, rows
     return work, rows
 
@@ -801,13 +853,16 @@ def recover_result(res, original, batches, **kw) -> tuple[onnx.ModelProto, list[
 
 
 def format_rows(rows: list[LayerRow]) -> str:
-    """A plain-text table of the per-layer rows (for reports and the CLI)."""
-    head = f"{'node':<36} {'op':<7} {'lvl':>3} {'in kept':>10} {'status':<8} {'err before':>10} {'err after':>10}  reason"
+    """A plain-text table of the per-layer rows (for reports and the CLI): the
+    relative error of each layer's output on the calibration data, and on
+    held-out sources (cross-validated) where the ridge strength was chosen."""
+    head = (f"{'node':<36} {'op':<7} {'lvl':>3} {'in kept':>10} {'status':<8} {'err before':>10} {'err after':>10} "
+            f"{'held-out before':>15} {'held-out after':>14}  reason")
     lines = [head]
     for r in rows:
-        eb = "" if r.err_before is None else f"{r.err_before:.4f}"
-        ea = "" if r.err_after is None else f"{r.err_after:.4f}"
-        lines.append(f"{r.node[:36]:<36} {r.op:<7} {r.level:>3} {r.inputs_kept[:10]:>10} {r.status:<8} {eb:>10} {ea:>10}  {r.reason}")
+        cell = lambda v: "" if v is None else f"{v:.4f}"  # noqa: E731
+        lines.append(f"{r.node[:36]:<36} {r.op:<7} {r.level:>3} {r.inputs_kept[:10]:>10} {r.status:<8} "
+                     f"{cell(r.err_before):>10} {cell(r.err_after):>10} {cell(r.held_before):>15} {cell(r.held_after):>14}  {r.reason}")
     return "\n".join(lines)
 
 

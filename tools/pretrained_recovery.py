@@ -90,8 +90,9 @@ def photo_files() -> list[str]:
     return files
 
 
-def crops(files: list[str], n: int, rng) -> np.ndarray:
-    """``n`` random resized crops (224 px, TF-style EfficientNet-Lite scaling to [-1, 1])."""
+def crops(files: list[str], n: int, rng, sources: bool = False):
+    """``n`` random resized crops (224 px, TF-style EfficientNet-Lite scaling to [-1, 1]);
+    with ``sources``, also the index of the photo each crop comes from."""
     from PIL import Image
 
     ims = [Image.open(f).convert("RGB") for f in files]
@@ -106,7 +107,7 @@ def crops(files: list[str], n: int, rng) -> np.ndarray:
         if rng.random() < 0.5:
             c = c.transpose(Image.FLIP_LEFT_RIGHT)
         out[i] = ((np.asarray(c, np.float32) / 255 - 0.498) / 0.502).transpose(2, 0, 1)
-    return out
+    return (out, np.arange(n) % len(ims)) if sources else out
 
 
 def logits(path: str, x: np.ndarray) -> np.ndarray:
@@ -146,6 +147,8 @@ def main() -> None:
     ap.add_argument("--eval", type=int, default=400, help="evaluation crops")
     ap.add_argument("--distill-minutes", type=float, default=5, help="label-free distillation after the best recovery (0: none)")
     ap.add_argument("--split", choices=["crops", "photos"], default="crops")
+    ap.add_argument("--sources", action=argparse.BooleanOptionalAction, default=True,
+                    help="calibrate from an .npz naming the photo of each crop (default), or a bare .npy")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "pretrained_recovery.md"))
     args = ap.parse_args()
     os.makedirs(CACHE, exist_ok=True)
@@ -157,9 +160,13 @@ def main() -> None:
     cal_files, ev_files = (files, files) if args.split == "crops" else (files[0::2], files[1::2])
     work = os.path.join(CACHE, args.split)
     os.makedirs(work, exist_ok=True)
-    calib, evalx = os.path.join(work, "calib.npy"), os.path.join(work, "eval.npy")
+    calib, evalx = os.path.join(work, "calib.npz" if args.sources else "calib.npy"), os.path.join(work, "eval.npy")
     train = os.path.join(work, "train.npy")
-    np.save(calib, crops(cal_files, 32 * args.calib_batches, rng))
+    cx, src = crops(cal_files, 32 * args.calib_batches, rng, sources=True)
+    if args.sources:  # the photo of each crop: --recover holds out whole photos
+        np.savez(calib, x=cx, source=src)
+    else:
+        np.save(calib, cx)
     x_eval = crops(ev_files, args.eval, rng)
     np.save(evalx, x_eval)
     ref = logits(model, x_eval)

@@ -112,11 +112,27 @@ def run_recovery(args, job, plan, original, calib) -> list:
     from onnxprune.recover import format_rows, recover
 
     say(args, f"\nrecovery ({args.recover}) from {calib.source} ...")
+    stats: dict = {}
     rec, rows = recover(original, io.full_proto(job.model), job.ctx, plan.keep, calib, method=args.recover,
-                        progress=not args.quiet)
+                        progress=not args.quiet, stats=stats)
     job.model = ir.serde.deserialize_model(rec)
     say(args, format_rows(rows))
+    if "run_s" in stats:
+        say(args, f"recovery time: {stats['run_s']:.1f}s in ONNX Runtime ({stats['levels']} levels, "
+                  f"{stats['passes']} partial passes), {stats['fit_s']:.1f}s statistics and solves")
+    say(args, held_out_text(stats.get("held_out")))
     return rows
+
+
+def held_out_text(h) -> str:
+    """One line on the whole model against the original on calibration sources no fit saw."""
+    if not h:
+        return "held-out check: fewer than 8 calibration sources, none kept out (the per-layer held-out errors still apply)"
+    agree = (f"; top-1 agreement {h['agree_pruned']:.1f}% -> {h['agree_recovered']:.1f}%"
+             if "agree_pruned" in h else "")
+    kept = " (kept the pruned weights)" if h["err_recovered"] > h["err_pruned"] else ""
+    return (f"held-out check ({h['samples']} samples from sources no fit saw): output error vs the original "
+            f"{h['err_pruned']:.4f} pruned -> {h['err_recovered']:.4f} recovered{agree}{kept}")
 
 
 def why_nothing(job, plan) -> str:

@@ -93,6 +93,60 @@ def _chunks(x: np.ndarray, y, batch: int, n_batches: int):
     return xs, (None if y is None else ys)
 
 
+def look_alike_sources(x: np.ndarray, threshold: float = 0.8, limit: int = 4096) -> np.ndarray | None:
+    """Source ids for images ``[N, C, H, W]`` whose sources are not given:
+    images whose colour histograms are close (crops of one photo, frames of
+    one scene) share an id, so that recovery holds out whole scenes rather
+    than other crops of the photos it fitted. Single linkage at ``threshold``
+    (square-root histograms, 8 bins per channel), lowered until no group holds
+    more than half the images. None for other inputs or more than ``limit``
+    images."""
+    if x.ndim != 4 or not np.issubdtype(x.dtype, np.floating) or len(x) > limit or len(x) < 2:
+        return None
+    n, c = x.shape[:2]
+    feats = []
+    for ch in range(min(c, 4)):
+        v = x[:, ch].reshape(n, -1)
+        lo, hi = float(v.min()), float(v.max())
+        idx = np.clip(((v - lo) / (hi - lo + 1e-12) * 8).astype(np.int64), 0, 7)
+        hist = np.stack([np.bincount(r, minlength=8) for r in idx]) / v.shape[1]
+        feats.append(np.sqrt(hist))
+    f = np.concatenate(feats, 1)
+    sq = (f * f).sum(1)
+    dist = np.sqrt(np.maximum(sq[:, None] + sq[None] - 2 * f @ f.T, 0))
+    t = threshold
+    while True:
+        parent = np.arange(n)
+
+        def root(i):
+            while parent[i] != i:
+                parent[i] = parent[parent[i]]
+                i = parent[i]
+            return i
+
+        for i, j in zip(*np.nonzero(np.triu(dist < t, 1))):
+            ri, rj = root(i), root(j)
+            if ri != rj:
+                parent[max(ri, rj)] = min(ri, rj)
+        ids = np.array([root(i) for i in range(n)])
+        if np.bincount(ids).max() <= n // 2 or t < 1e-3:
+            return ids
+        t *= 0.85
+
+
+def _with_sources(cal: Calibration) -> Calibration:
+    """Fill ``cal.sources`` from look-alike images when the data did not name them."""
+    if cal.sources is not None or cal.inputs is not None:
+        return cal
+    sizes = [len(b) for b in cal.batches]
+    ids = look_alike_sources(np.concatenate(cal.batches))
+    if ids is None:
+        return cal
+    cal.sources = [ids[sum(sizes[:i]):sum(sizes[:i + 1])] for i in range(len(sizes))]
+    cal.source += f"; {len(np.unique(ids))} groups of look-alike images"
+    return cal
+
+
 def load(spec: str, proto: onnx.ModelProto, n_batches: int = 4, batch: int = 32, seed: int = 0) -> Calibration:
     static, dims = _input_shape(proto)
     if static is not None:
@@ -109,7 +163,7 @@ def load(spec: str, proto: onnx.ModelProto, n_batches: int = 4, batch: int = 32,
         tf = transforms(dims[2], train=False)
         x = np.stack([tf(render_glyph(GLYPHS[int(rng.integers(10))], dims[2], rng, fonts)).numpy() for _ in range(need)])
         xs, ys = _chunks(x, None, batch, n_batches)
-        return Calibration(xs, None, "synthetic glyphs")
+        return _with_sources(Calibration(xs, None, "synthetic glyphs"))
     if os.path.isdir(spec):
         from onnxprune.torchbridge.data import image_folder
 
@@ -128,7 +182,7 @@ def load(spec: str, proto: onnx.ModelProto, n_batches: int = 4, batch: int = 32,
         x = np.stack([it[0].numpy() for it in items])
         y = np.array([it[1] for it in items])
         xs, ys = _chunks(x, y, batch, n_batches)
-        return Calibration(xs, ys, f"{spec} ({split}, {len(xs) * batch} images)", sources=_split(idx, batch, len(xs)))
+        return _with_sources(Calibration(xs, ys, f"{spec} ({split}, {len(xs) * batch} images)"))
     if spec.endswith(".npy") or spec.endswith(".npz"):
         if not os.path.exists(spec):
             raise UserError(f"calibration file not found: {spec}")
@@ -150,5 +204,5 @@ def load(spec: str, proto: onnx.ModelProto, n_batches: int = 4, batch: int = 32,
         src = _sources(spec, z) if spec.endswith(".npz") else None
         if src is not None and len(src) != len(x):
             raise UserError(f"{spec}: 'source' has {len(src)} entries for {len(x)} samples")
-        return Calibration(xs, ys, f"{spec} ({len(xs) * batch} samples)", sources=_split(src, batch, len(xs)))
+        return _with_sources(Calibration(xs, ys, f"{spec} ({len(xs) * batch} samples)", sources=_split(src, batch, len(xs))))
     raise UserError(f"--calib {spec!r}: not a directory, .npy/.npz file or 'synthetic'")
