@@ -19,7 +19,7 @@ from onnxprune.plan.importance.calib import Calibration
 from onnxprune.plan.importance.criteria import Scores, score_groups, _capture
 from onnxprune.plan.importance.recon import recon_scores
 from onnxprune.plan import Ratios, make_plan
-from onnxprune.recover import _accumulate, _Fit, _select, LayerRow, downstream, recover
+from onnxprune.recover import _accumulate, _Fit, _folds, _select, _totals, LayerRow, downstream, recover
 
 D_IN, HID, D_OUT = 6, 8, 5
 PAIR, SMALL = (3, 5), 0
@@ -156,26 +156,68 @@ def test_cost_scope_ranks_by_score_per_mac():
     assert len(plan.keep[big.id]) == 6 and len(plan.keep[small.id]) == 6
 
 
+def _dense_fit(d, m_out):
+    return _Fit(row=LayerRow("n", "MatMul", "skipped"), node=None, x_name="", y_name="", kept_out=np.arange(m_out),
+                groups=[], w0=[np.zeros((d + 1, m_out))], kind="dense")
+
+
+def _cv(fit):
+    _totals(fit)
+    lam, base, cv = _select(fit, 1e-2)
+    return lam, cv < base * (1 - 1e-6)
+
+
 def test_held_out_choice_refuses_a_fit_to_noise():
     """Targets that are noise independent of the inputs: a ridge re-fit only
-    fits the calibration rows; the held-out half says no strength helps."""
+    fits the calibration rows; the held-out folds say no strength helps."""
     rng = np.random.default_rng(0)
     d, m_out = 40, 6
-    fit = _Fit(row=LayerRow("n", "MatMul", "skipped"), node=None, x_name="", y_name="", kept_out=np.arange(m_out),
-               groups=[], w0=[np.zeros((d + 1, m_out))], kind="dense")
+    fit = _dense_fit(d, m_out)
     for b in range(4):
-        _accumulate(fit, [(rng.standard_normal((30, d)), rng.standard_normal((30, m_out)))], held_out=b % 2 == 1)
-    lam, worth = _select(fit, 1e-2)
+        _accumulate(fit, [(rng.standard_normal((30, d)), rng.standard_normal((30, m_out)))], np.full(30, b % 2))
+    lam, worth = _cv(fit)
     assert not worth
     # the same layer with a real linear target: a strength is chosen and it is worth it
     w = rng.standard_normal((d, m_out))
-    fit2 = _Fit(row=LayerRow("n", "MatMul", "skipped"), node=None, x_name="", y_name="", kept_out=np.arange(m_out),
-                groups=[], w0=[np.zeros((d + 1, m_out))], kind="dense")
+    fit2 = _dense_fit(d, m_out)
     for b in range(4):
         x = rng.standard_normal((30, d))
-        _accumulate(fit2, [(x, x @ w + 0.1 * rng.standard_normal((30, m_out)))], held_out=b % 2 == 1)
-    lam2, worth2 = _select(fit2, 1e-2)
+        _accumulate(fit2, [(x, x @ w + 0.1 * rng.standard_normal((30, m_out)))], np.full(30, b % 2))
+    lam2, worth2 = _cv(fit2)
     assert worth2 and lam2 is not None
+
+
+def test_folds_hold_out_whole_sources():
+    """Samples of one source (crops of one photo) look alike and share a target
+    that has nothing to do with the task: folds of samples let a fit memorise
+    the sources and call it a gain; folds of sources see it does not carry to
+    new ones."""
+    rng = np.random.default_rng(1)
+    d, m_out, n_src, per = 12, 4, 16, 8
+    centre, target = rng.standard_normal((n_src, d)), rng.standard_normal((n_src, m_out))
+    src = np.repeat(np.arange(n_src), per)
+    x = centre[src] + 0.05 * rng.standard_normal((len(src), d))
+    y = target[src] + 0.05 * rng.standard_normal((len(src), m_out))
+    feeds = [{"x": x}]
+    verdict = {}
+    for name, sources in (("samples", None), ("sources", [src])):
+        (fold,) = _folds(feeds, sources, seed=0)
+        assert set(np.unique(fold)) == {0, 1}
+        if sources is not None:  # every source lies in one fold
+            assert all(len(np.unique(fold[src == s])) == 1 for s in range(n_src))
+        fit = _dense_fit(d, m_out)
+        _accumulate(fit, [(x, y)], fold)
+        verdict[name] = _cv(fit)[1]
+    assert verdict == {"samples": True, "sources": False}
+
+
+def test_a_share_of_sources_is_kept_out_for_the_whole_model_check():
+    src = np.repeat(np.arange(12), 4)
+    (fold,) = _folds([{"x": np.zeros((48, 1))}], [src], seed=0, reserve=0.25)
+    out = np.unique(src[fold < 0])
+    assert len(out) == 3 and all(np.all(fold[src == s] < 0) for s in out)
+    (few,) = _folds([{"x": np.zeros((7, 1))}], None, seed=0, reserve=0.25)
+    assert np.all(few >= 0)  # fewer than 8 sources: none kept out
 
 
 def test_recovery_refits_the_layers_after_the_pruned_one():
@@ -229,3 +271,29 @@ def test_recover_defaults_to_recon_and_cost_under_a_budget(tmp_path, capsys):
     r = json.load(open(rep))
     assert r["ratios"]["importance"] == "recon" and r["ratios"]["scope"] == "cost"
     assert r["after"]["macs"] <= 0.8 * r["before"]["macs"] and r["recovery"]  # a tiny model: coarse steps
+
+
+def test_look_alike_images_share_a_source():
+    """Crops of a few synthetic 'photos' (each its own colour cast) are grouped
+    by photo: no group mixes two photos, and no group holds more than half."""
+    from onnxprune.plan.importance.calib import look_alike_sources
+
+    rng = np.random.default_rng(0)
+    photos = []
+    for p in range(6):
+        cast = np.array([-0.7 + 0.28 * p, 0.7 - 0.28 * p, 0.5 * (-1) ** p])[:, None, None]
+        base = cast + 0.2 * rng.standard_normal((3, 96, 96))
+        photos.append(np.clip(base, -1, 1))
+    src = np.repeat(np.arange(6), 6)
+    x = np.empty((len(src), 3, 32, 32), np.float32)
+    for i, p in enumerate(src):
+        r, c = rng.integers(0, 64, 2)
+        x[i] = photos[p][:, r:r + 32, c:c + 32]
+    ids = look_alike_sources(x)
+    assert all(len(np.unique(src[ids == g])) == 1 for g in np.unique(ids))
+    assert len(np.unique(ids)) < len(src)  # crops of one photo were joined
+    assert np.bincount(ids).max() <= len(src) // 2
+    casts = np.linspace(-0.9, 0.9, 10)[:, None, None, None] * np.ones((10, 3, 16, 16), np.float32)
+    casts += 0.02 * rng.standard_normal(casts.shape).astype(np.float32)
+    assert len(np.unique(look_alike_sources(casts))) == 10  # nothing alike: every image its own source
+    assert look_alike_sources(np.zeros((4, 10), np.float32)) is None  # not images
