@@ -30,8 +30,9 @@ def _hand_count(proto: onnx.ModelProto) -> dict[str, int]:
     """Params and MACs of a model at batch 1, counted here without the package's
     metrics: params are the elements of every floating-point initializer (more
     than one element) per node input that reads it; MACs are, per Conv, output
-    elements x (C_in / groups) x kernel, and per Gemm / MatMul, output elements x
-    the contracted width, with shapes from onnx.shape_inference."""
+    elements x (C_in / groups) x kernel, per ConvTranspose, input elements x
+    (C_out / groups) x kernel, and per Gemm / MatMul, output elements x the
+    contracted width, with shapes from onnx.shape_inference."""
     p = onnx.ModelProto()
     p.CopyFrom(proto)
     for vi in p.graph.input:
@@ -52,6 +53,9 @@ def _hand_count(proto: onnx.ModelProto) -> dict[str, int]:
         if n.op_type == "Conv":
             w = shape[n.input[1]]
             macs += int(np.prod(out)) * int(np.prod(w[1:]))
+        elif n.op_type == "ConvTranspose":  # every input element x (C_out / groups) x kernel
+            w = shape[n.input[1]]
+            macs += int(np.prod(shape[n.input[0]])) * int(np.prod(w[1:]))
         elif n.op_type == "Gemm":
             a = shape[n.input[0]]
             trans_a = any(at.name == "transA" and at.i for at in n.attribute)
@@ -77,7 +81,7 @@ def test_estimate_equals_count_of_rewritten_model(ratios):
     assert {g: k.tolist() for g, k in res.plan.keep.items()} == {g: k.tolist() for g, k in plan.keep.items()}
     counted = _hand_count(res.proto)  # the rewritten model, counted independently
     assert predicted == counted
-    assert res.after == counted and res.before == est.before
+    assert res.after == counted == metrics.count(res.proto) and res.before == est.before
     assert counted["macs"] < est.before["macs"]
 
 
@@ -126,8 +130,44 @@ def test_estimate_equals_count_of_rewritten_attention(ratios):
     assert est.before == _hand_count(m)
     res = api.prune(m, ratios)
     counted = _hand_count(res.proto)
-    assert est.estimate(res.plan.keep) == counted == res.after
+    assert est.estimate(res.plan.keep) == counted == res.after == metrics.count(res.proto)
     assert counted["macs"] < est.before["macs"]
+
+
+def _gemm_deconv() -> onnx.ModelProto:
+    """A transposed Gemm input (transA=1, transB=0), a ConvTranspose and a scalar and a
+    two-element constant (a scalar is a constant, not a weight)."""
+    rng = np.random.default_rng(4)
+    m = onnx.parser.parse_model("""<ir_version: 8, opset_import: ["" : 17]>
+g (float[6, 2] x) => (float[1, 3, 4, 8] y) {
+  [fc] h = Gemm <transA=1> (x, w1, b1)
+  r = Relu(h)
+  s = Mul(r, scale)
+  t = Reshape(s, shape)
+  [up] u = ConvTranspose <strides=[2,2], pads=[1,1,1,1], output_padding=[1,1]> (t, wt, bt)
+  v = Relu(u)
+  [c] y = Conv <pads=[1,1,1,1]> (v, wc, bc)
+}""")
+    inits = {"w1": rng.standard_normal((6, 40)), "b1": rng.standard_normal(40), "scale": np.array(0.5),
+             "wt": rng.standard_normal((10, 8, 3, 3)), "bt": rng.standard_normal(8),
+             "wc": rng.standard_normal((3, 8, 3, 3)), "bc": rng.standard_normal(3)}
+    for k, v in inits.items():
+        m.graph.initializer.append(onnx.numpy_helper.from_array(v.astype(np.float32), k))
+    m.graph.initializer.append(onnx.numpy_helper.from_array(np.array([1, 10, 2, 4], np.int64), "shape"))
+    return m
+
+
+def test_counts_of_transposed_gemm_and_conv_transpose():
+    m = _gemm_deconv()
+    # by hand: Gemm 2x40 outputs x 6; ConvTranspose 10x2x4 inputs x 8x3x3; Conv 3x4x8 outputs x 8x3x3
+    want = {"params": 240 + 40 + 720 + 8 + 216 + 3, "macs": 80 * 6 + 80 * 72 + 96 * 72}
+    assert _hand_count(m) == want and metrics.count(m) == want
+    a = api.analyze(m)
+    assert Estimator(a.ctx).before == want
+    res = api.prune(m, {"default": 0.5})
+    counted = _hand_count(res.proto)
+    assert res.plan.keep and counted["macs"] < want["macs"]
+    assert res.after == counted == metrics.count(res.proto)
 
 
 @pytest.mark.parametrize("target", [0.5, "40%", 0.7])
