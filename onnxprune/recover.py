@@ -1,4 +1,4 @@
-"""Closed-form recovery after pruning, without labels (issue 14, part 1).
+"""Closed-form recovery after pruning, without labels.
 
 Every *consumer of pruned channels* (a Conv, Gemm or MatMul with a constant
 weight whose input axis lost channels) is re-fitted, layer by layer in graph
@@ -31,11 +31,22 @@ that follows it; a MatMul without one gets a new ``Add`` when its bias moves.
 fixes are in place, so errors do not compound); ``Y`` from the original
 model, restricted to the surviving output channels. Consumers are processed in
 *levels*: a consumer's level is one more than the highest level of any
-consumer upstream of it, so the consumers of one level are independent and are
-fitted from one pass over the calibration batches. Each pass streams the
-batches through ONNX Runtime with the needed values exposed as graph outputs
-and accumulates ``[X 1]^T [X 1]`` and ``[X 1]^T Y`` in float64: memory is one
-batch of activations plus one Gram matrix per layer (group).
+consumer upstream of it, so the consumers of one level are independent.
+Calibration is sequential (:class:`onnxprune.runtime.capture.Frontier`): each
+model runs once in all, level by level, from the activations the previous
+level left (spilled to memory-mapped files past a memory budget), so the cost
+grows with the depth, not with its square. ``[X 1]^T [X 1]``, ``[X 1]^T Y``
+are accumulated in float64 per fold of calibration *sources*.
+
+What generalises is decided on data the fit did not see. Samples of one
+source (a ``source`` array in the calibration ``.npz``, else groups of
+look-alike images: crops of one photo) always fall in the same fold. The
+ridge strength of each layer is chosen by 2-fold cross-validation over
+sources, and a fit that does not beat the pruned weights on held-out sources
+is not applied (shrinking towards ``W0`` *is* the ridge). A quarter of the
+sources (when there are at least 8) is kept out of every fit: on it the whole
+recovered model is compared with the pruned one, and if it is further from
+the original there, the pruned model is returned.
 
 Layers that cannot be handled are skipped with a reason in the rows; a fit
 that does not lower the layer's reconstruction error on the calibration data
@@ -470,7 +481,7 @@ def _totals(fit: _Fit) -> None:
     fit.yy = [sum(p[2][gi] for p in parts) for gi in range(len(parts[0][2]))]
 
 
-LAMBDAS = (1e-3, 1e-2, 1e-1, 1.0, 10.0)  # ridge strengths tried on the held-out batches (relative)
+LAMBDAS = (1e-3, 1e-2, 1e-1, 1.0, 10.0)  # ridge strengths tried on held-out sources (relative)
 
 
 def _ridge(G, C, W0, lam_rel: float):
