@@ -481,9 +481,6 @@ def _totals(fit: _Fit) -> None:
     fit.yy = [sum(p[2][gi] for p in parts) for gi in range(len(parts[0][2]))]
 
 
-LAMBDAS = (1e-3, 1e-2, 1e-1, 1.0, 10.0)  # ridge strengths tried on held-out sources (relative)
-
-
 def _ridge(G, C, W0, lam_rel: float):
     d = G.shape[0] - 1
     lam = lam_rel * np.trace(G[:d, :d]) / max(d, 1)
@@ -509,11 +506,29 @@ def _select(fit: _Fit, ridge: float) -> tuple[float | None, float, float]:
     base = sum(_sq_err(Gv, Cv, yv, W0) for Gk, Ck, yk in folds for Gv, Cv, yv, W0 in zip(Gk, Ck, yk, fit.w0))
     if len(folds) < 2:
         return None, base, base
-    errs = {}
-    for lam in sorted(set(LAMBDAS) | {ridge * 10.0**k for k in range(-4, 3)}):
-        errs[lam] = sum(_sq_err(Gv, Cv, yv, _ridge(G - Gv, C - Cv, W0, lam))
-                        for Gk, Ck, yk in folds
-                        for G, C, W0, Gv, Cv, yv in zip(fit.G, fit.C, fit.w0, Gk, Ck, yk))
+    errs: dict[float, float] = {}
+
+    def cv(lam: float) -> float:
+        if lam not in errs:
+            errs[lam] = sum(_sq_err(Gv, Cv, yv, _ridge(G - Gv, C - Cv, W0, lam))
+                            for Gk, Ck, yk in folds
+                            for G, C, W0, Gv, Cv, yv in zip(fit.G, fit.C, fit.w0, Gk, Ck, yk))
+        return errs[lam]
+
+    # coarse to fine over powers of ten around the given strength (each
+    # evaluation is a solve per fold: the cost of recovery on wide layers)
+    lo, hi = ridge * 1e-4, max(ridge * 1e3, 10.0)
+    for lam in (ridge * 1e-2, ridge, ridge * 1e2):
+        cv(lam)
+    while True:
+        best = min(errs, key=errs.get)
+        step = [v for v in (best / 10, best * 10) if lo * 0.999 <= v <= hi * 1.001 and v not in errs]
+        if not step:
+            break
+        for v in step:
+            cv(v)
+        if min(errs, key=errs.get) == best:
+            break
     lam = min(errs, key=errs.get)
     if errs[ridge] <= errs[lam] * 1.01 + 1e-30:
         lam = ridge  # the given strength unless another is clearly better
@@ -544,15 +559,21 @@ def held_out_check(original, pruned, recovered, feeds: list[dict], fold_of: list
     """The whole model on the samples no fit saw (fold -1): relative error of
     the outputs against the original's (all outputs, per sample on axis 0) and,
     for a ``[N, classes]`` first output, top-1 agreement, for the pruned and the
-    recovered model. None when no sample was kept out."""
+    recovered model, and ``worse``: whether recovery moved the model away from
+    the original there (by KL for logits, else by the output error). None when
+    no sample was kept out."""
     if not any(np.any(f < 0) for f in fold_of):
         return None
+    first = [d for i in original.graph.input[:1] for d in i.type.tensor_type.shape.dim[:1]]
+    if not (first and first[0].dim_value > 0):  # a dynamic batch: run the kept-out samples only
+        feeds = [{k: v[f < 0] for k, v in fd.items()} for fd, f in zip(feeds, fold_of) if np.any(f < 0)]
+        fold_of = [np.full(int(np.sum(f < 0)), -1) for f in fold_of if np.any(f < 0)]
     ref, outs = _outputs(original, feeds, threads), {"pruned": _outputs(pruned, feeds, threads),
                                                     "recovered": _outputs(recovered, feeds, threads)}
     res = {"samples": int(sum(int(np.sum(f < 0)) for f in fold_of))}
     for name, got in outs.items():
         num = den = 0.0
-        agree, total = 0, 0
+        agree, total, kl = 0, 0, 0.0
         for r_b, g_b, f in zip(ref, got, fold_of):
             sel = f < 0
             for k, (r, g) in enumerate(zip(r_b, g_b)):
@@ -561,13 +582,24 @@ def held_out_check(original, pruned, recovered, feeds: list[dict], fold_of: list
                 r, g = r[sel].astype(np.float64), g[sel].astype(np.float64)
                 num += float(((g - r) ** 2).sum())
                 den += float((r**2).sum())
-                if k == 0 and r.ndim == 2 and r.shape[1] > 1:
+                if k == 0 and r.ndim == 2 and r.shape[1] > 1:  # logits: agreement and KL(original || model)
                     agree += int((r.argmax(1) == g.argmax(1)).sum())
                     total += len(r)
+                    lr, lg = _log_softmax(r), _log_softmax(g)
+                    kl += float((np.exp(lr) * (lr - lg)).sum())
         res[f"err_{name}"] = float(np.sqrt(num / max(den, 1e-30)))
         if total:
             res[f"agree_{name}"] = 100.0 * agree / total
+            res[f"kl_{name}"] = kl / total
+    # the verdict: KL for a classifier's logits, else the relative output error
+    key = "kl" if "kl_pruned" in res else "err"
+    res["worse"] = bool(res[f"{key}_recovered"] > res[f"{key}_pruned"])
     return res
+
+
+def _log_softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(1, keepdims=True)
+    return z - np.log(np.exp(z).sum(1, keepdims=True))
 
 
 # --------------------------------------------------------------------------- solvers
@@ -844,7 +876,7 @@ def recover(
             return back, rows
         if stats is not None:
             stats["held_out"] = check
-        if check is not None and check["err_recovered"] > check["err_pruned"]:
+        if check is not None and check["worse"]:
             log.warning("the recovered model is further from the original on held-out sources; returning the pruned model")
             back = onnx.ModelProto()
             back.CopyFrom(pruned)

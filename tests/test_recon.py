@@ -297,3 +297,35 @@ def test_look_alike_images_share_a_source():
     casts += 0.02 * rng.standard_normal(casts.shape).astype(np.float32)
     assert len(np.unique(look_alike_sources(casts))) == 10  # nothing alike: every image its own source
     assert look_alike_sources(np.zeros((4, 10), np.float32)) is None  # not images
+
+
+def _scaled_gemm(w, scale):
+    from onnx import TensorProto, helper, numpy_helper
+
+    g = helper.make_graph([helper.make_node("Gemm", ["x", "w"], ["y"], alpha=float(scale))], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", w.shape[0]])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", w.shape[1]])],
+                          [numpy_helper.from_array(w, "w")])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_whole_model_check_uses_only_kept_out_samples_and_says_which_is_closer():
+    from onnxprune.recover import held_out_check
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((6, 5)).astype(np.float32)
+    x = rng.standard_normal((16, 6)).astype(np.float32)
+    fold = np.array([0, 1] * 6 + [-1] * 4)
+    orig, pruned = _scaled_gemm(w, 1.0), _scaled_gemm(w, 0.5)
+    better = held_out_check(orig, pruned, _scaled_gemm(w, 0.9), [{"x": x}], [fold], 1)
+    assert better["samples"] == 4 and not better["worse"]
+    assert better["err_pruned"] == pytest.approx(0.5, rel=1e-4) and better["err_recovered"] == pytest.approx(0.1, rel=1e-3)
+    assert better["kl_recovered"] < better["kl_pruned"]
+    worse = held_out_check(orig, pruned, _scaled_gemm(-w, 1.0), [{"x": x}], [fold], 1)
+    assert worse["worse"] and worse["agree_recovered"] < worse["agree_pruned"]
+    # the fitted samples do not count: a model wrong on them only is not "worse"
+    x2 = x.copy()
+    x2[:12] *= 100
+    assert held_out_check(orig, pruned, _scaled_gemm(w, 0.9), [{"x": x2}], [fold], 1)["err_recovered"] == \
+        pytest.approx(better["err_recovered"], rel=1e-4)
+    assert held_out_check(orig, pruned, pruned, [{"x": x}], [np.zeros(16, int)], 1) is None  # nothing kept out
