@@ -127,6 +127,18 @@ def test_time_budget_refits_the_schedule_and_stops_the_run(monkeypatch):
     run = fit(m2, loader, torch.optim.SGD(m2.parameters(), lr=0.01), timed, epochs=10**6, steps_per_epoch=8,
               lr_at=cosine, budget_s=1.0, max_steps=400)
     assert run.step == 32 and run.seconds == 1.0
+    # the machine slows down after 10 steps (1/64 s -> 1/32 s a step): the refit at step 20 sees it
+    # (30/64 s for 20 steps: 42 steps fit) and the run stops when the budget is spent, at step 37
+    clock.t, seen, step_costs = 0.0, [], iter([2.0 ** -6] * 10 + [2.0 ** -5] * 1000)
+
+    def slowing(batch):
+        clock.t += next(step_costs)
+        return mse(batch)
+
+    run = fit(model, loader, opt, slowing, epochs=10**6, steps_per_epoch=8, lr_at=lambda s, t: seen.append(t) or cosine(s, t),
+              budget_s=1.0, max_steps=400)
+    assert run.step == 37 and run.seconds == 1.0
+    assert seen[:5] == [400] * 5 and seen[5:20] == [64] * 15 and seen[20:] == [42] * 17
 
 
 class Snapshots:
