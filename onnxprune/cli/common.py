@@ -56,7 +56,8 @@ def prune_parser() -> argparse.ArgumentParser:
     p.add_argument("--recover", nargs="?", const="ridge", choices=["bias", "stats", "ridge"],
                    help="closed-form recovery from --calib data, no labels: re-fit every layer that reads pruned channels "
                    "(ridge, the default), match per-channel output statistics (stats), or fold the removed channels' mean "
-                   "into the bias (bias)")
+                   "into the bias (bias). Fits are judged on calibration sources they did not see (a 'source' array "
+                   "in an .npz, else groups of look-alike images); a quarter of the sources checks the whole model")
     p.add_argument("--plan", help="replay a plan file saved by --save-plan (instead of --ratios)")
     p.add_argument("--save-plan", help="write the plan (groups by member names, kept indices) as JSON here")
     shape_opt(p)
@@ -68,7 +69,8 @@ def prune_parser() -> argparse.ArgumentParser:
 
 
 def calib_opts(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--calib", help="calibration data for data-driven importance: DIR (ImageFolder), FILE.npy/.npz, or 'synthetic'")
+    p.add_argument("--calib", help="calibration data for data-driven importance: DIR (ImageFolder), FILE.npy/.npz "
+                   "(x, optional y labels, optional 'source': the photo or text each sample comes from), or 'synthetic'")
     p.add_argument("--calib-batches", type=int, default=4, help="calibration batches (default 4)")
     p.add_argument("--calib-batch-size", type=int, default=32, help="samples per batch (default 32; a static-batch model uses its own)")
 
