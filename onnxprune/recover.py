@@ -182,39 +182,6 @@ class _Graph:
         self.refresh()
 
 
-def _with_outputs(proto: onnx.ModelProto, names, truncate: bool = False) -> onnx.ModelProto:
-    """A copy whose graph outputs include ``names``. ``truncate``: the outputs are
-    exactly ``names`` and only the nodes they need are kept (ONNX Runtime runs
-    every node of a graph whatever outputs are requested)."""
-    p = onnx.ModelProto()
-    p.CopyFrom(proto)
-    g = p.graph
-    if truncate and not any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in g.node for a in n.attribute):
-        need, keep = set(names), []
-        for n in reversed(g.node):
-            if any(o in need for o in n.output):
-                keep.append(n)
-                need.update(v for v in n.input if v)
-        keep = [onnx.NodeProto.FromString(n.SerializeToString()) for n in reversed(keep)]
-        del g.node[:]
-        g.node.extend(keep)
-        inits = [t for t in g.initializer if t.name in need]
-        dropped = {t.name for t in g.initializer} - {t.name for t in inits}
-        ins = [i for i in g.input if i.name not in dropped]  # old IR: initializers listed as inputs
-        del g.initializer[:]
-        g.initializer.extend(inits)
-        del g.input[:]
-        g.input.extend(ins)
-        del g.output[:]
-        del g.value_info[:]
-    have = {o.name for o in g.output}
-    for n in names:
-        if n not in have:
-            g.output.append(helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None))
-            have.add(n)
-    return p
-
-
 # --------------------------------------------------------------------------- one consumer
 
 
