@@ -129,7 +129,7 @@ def held_out_text(h) -> str:
     if not h:
         return "held-out check: fewer than 8 calibration sources, none kept out (the per-layer held-out errors still apply)"
     agree = (f"; top-1 agreement {h['agree_pruned']:.1f}% -> {h['agree_recovered']:.1f}%, "
-             f"KL {h['kl_pruned']:.3f} -> {h['kl_recovered']:.3f}" if "agree_pruned" in h else "")
+             f"KL {h['kl_pruned']:.3g} -> {h['kl_recovered']:.3g}" if "agree_pruned" in h else "")
     kept = " (worse: kept the pruned weights)" if h["worse"] else ""
     return (f"held-out check ({h['samples']} samples from sources no fit saw): output error vs the original "
             f"{h['err_pruned']:.4f} pruned -> {h['err_recovered']:.4f} recovered{agree}{kept}")
