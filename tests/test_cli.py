@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import onnx
 import pytest
 
@@ -125,3 +126,19 @@ def test_verdict_line_shows_the_argv_given_to_main(capsys, monkeypatch):
     assert main(["analyze", default_model(), "-q"]) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.startswith("PASSED |") and last.endswith(f"| Command: onnxprune analyze {default_model()} -q"), last
+
+
+def test_analyze_says_why_nothing_is_prunable(tmp_path, capsys):
+    """A model whose only weight is computed (ConstantOfShape): analyze names the reason."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [helper.make_node("ConstantOfShape", ["shp"], ["w"], value=numpy_helper.from_array(np.array([0.1], np.float32))),
+             helper.make_node("Conv", ["x", "w"], ["h"]), helper.make_node("Relu", ["h"], ["y"])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                          [numpy_helper.from_array(np.array([4, 3, 3, 3], np.int64), "shp")])
+    path = tmp_path / "cos.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    assert main(["analyze", str(path)]) == 0
+    verdict = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "nothing is prunable: no prunable channel group was found; ops without a rule: ConstantOfShape x1" in verdict

@@ -135,8 +135,8 @@ def held_out_text(h) -> str:
             f"{h['err_pruned']:.4f} pruned -> {h['err_recovered']:.4f} recovered{agree}{kept}")
 
 
-def why_nothing(job, plan) -> str:
-    """One line: why a plan removes nothing."""
+def why_nothing(job, plan=None) -> str:
+    """One line: why a plan removes nothing (without a plan: why the model has nothing to prune)."""
     live = [g for g in job.groups if not g.frozen]
     parts = []
     if not job.groups:
@@ -144,6 +144,8 @@ def why_nothing(job, plan) -> str:
     elif not live:
         reasons = sorted({g.frozen[0].split(" at ")[0] for g in job.groups if g.frozen})
         parts.append(f"all {len(job.groups)} groups are frozen ({'; '.join(reasons[:3])})")
+    elif plan is None:
+        parts.append(f"{len(live)} prunable groups")
     elif all(plan.ratios.get(g.id, (0,))[0] <= 0 or g.id in plan.skipped for g in live):
         parts.append(f"the ratios remove nothing from the {len(live)} prunable groups")
     else:
@@ -204,6 +206,8 @@ def cmd_analyze(args) -> str:
         with open(args.json, "w") as f:
             json.dump(report.groups_json(a.groups, scores=scores), f, indent=1)
     n = sum(1 for g in a.groups if not g.frozen)
+    if not n:  # say why, as a prune run would
+        return f"nothing is prunable: {why_nothing(a)}"
     return f"{n} prunable groups in {len(a.sets)} isomorphic sets, {len(a.groups) - n} frozen"
 
 
