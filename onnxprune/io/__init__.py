@@ -397,8 +397,60 @@ def normalised(model: ir.Model) -> ir.Model:
         if not normalize(model):
             break
         inferred = infer_into(model)
+    fill_unknown_dims(model)
     model.graph.meta["dim_tokens"] = probe_batch_dims(inferred)
     return model
+
+
+BUILT_SHAPES = {"Expand", "Where", "Tile", "ConstantOfShape", "Range"}
+
+
+def _unknown(d) -> bool:
+    return not isinstance(d, int) and (d.value is None or str(d.value).startswith("unk__"))
+
+
+def fill_unknown_dims(model: ir.Model) -> int:
+    """Dims that ONNX shape inference left unknown, taken from onnxruntime's
+    symbolic shape inference where it proves them: it propagates the *values*
+    of shape tensors through Where/Equal/Expand/Range (the attention masks of
+    today's ``transformers`` exports), which ONNX's data propagation does not.
+    Only sizes and the inputs' own dim names are taken. Returns how many dims
+    were filled (0 when nothing was unknown or the inference failed)."""
+    todo = [v for node in model.graph for v in node.outputs
+            if v.shape is not None and any(_unknown(d) for d in v.shape.dims)]
+    # only where shapes are built from run-time values (masks, tiled or expanded
+    # tensors); elsewhere ONNX's inference is as good and the import costs seconds
+    if not any(v.producer().op_type in BUILT_SHAPES for v in todo):
+        return 0
+    names = {str(d.value) for i in model.graph.inputs if i.shape is not None
+             for d in i.shape.dims if not isinstance(d, int) and d.value}
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        out = SymbolicShapeInference.infer_shapes(skeleton(model), auto_merge=True)
+    except Exception:  # an op it does not know, a skeleton it cannot read: keep ONNX's shapes
+        return 0
+    if out is None:
+        return 0
+    found = {vi.name: vi.type.tensor_type.shape for vi in list(out.graph.value_info) + list(out.graph.output)}
+    filled = 0
+    for v in todo:
+        sh = found.get(v.name)
+        if sh is None or len(sh.dim) != len(v.shape):
+            continue
+        dims = list(v.shape.dims)
+        for k, (ours, theirs) in enumerate(zip(dims, sh.dim)):
+            if not _unknown(ours):
+                continue
+            if theirs.HasField("dim_value") and theirs.dim_value > 0:
+                dims[k] = theirs.dim_value
+            elif theirs.dim_param in names:
+                dims[k] = ir.SymbolicDim(theirs.dim_param)
+            else:
+                continue
+            filled += 1
+        v.shape = ir.Shape(dims)
+    return filled
 
 
 def load(path: str, input_shapes: dict | None = None) -> ir.Model:

@@ -419,20 +419,33 @@ def shape(ctx: RuleContext, node: ir.Node) -> None:
     lay = ctx.known(src)
     start = int(ctx.attr(node, "start", 0))
     end = ctx.attr(node, "end")
-    read = [s for s in list(lay)[slice(start, None if end is None else int(end))] if s is not None]
+    entries = list(lay)[slice(start, None if end is None else int(end))]
+    read = [s for s in entries if s is not None]
     ctx.set_layout(node.outputs[0], [None])
     if not read:
         return
-    todo, seen = [node.outputs[0]], set()
+    # follow the shape vector; while its entries are known, a Gather that picks
+    # only untracked dims (the batch, the sequence) carries no channel count
+    todo, seen = [(node.outputs[0], [s is not None for s in entries])], set()
     while todo:
-        v = todo.pop()
+        v, flags = todo.pop()
         for use in v.uses():
             user, slot = use.node, use.idx
             if (user.op_type, slot) in SHAPE_SINKS:
                 continue
+            if user.op_type == "Gather" and slot == 0 and flags is not None:
+                idx = ctx.const(user.inputs[1]) if len(user.inputs) > 1 else None
+                if idx is not None and idx.dtype.kind in "iu" and all(-len(flags) <= i < len(flags) for i in idx.flat):
+                    picked = [flags[int(i)] for i in idx.flat]
+                    if not any(picked):
+                        continue
+                    if id(user) not in seen:
+                        seen.add(id(user))
+                        todo.extend((o, picked if idx.ndim == 1 else None) for o in user.outputs)
+                    continue
             if user.op_type in SHAPE_PASS and id(user) not in seen:
                 seen.add(id(user))
-                todo.extend(user.outputs)
+                todo.extend((o, None) for o in user.outputs)
                 continue
             if user.op_type not in SHAPE_PASS:
                 ctx.freeze(read, user, "channel count read at run time and used in arithmetic")
