@@ -43,7 +43,7 @@ def cli(capsys, *args) -> tuple[int, str, str]:
     return rc, cap.out, cap.err
 
 
-def refused(capsys, folder, args, words: str) -> str:
+def assert_refused(capsys, folder, args, words: str) -> str:
     """Runs the CLI in ``folder``; asserts one error line containing ``words``, exit 1,
     and no file added to ``folder``. Returns the line."""
     before = sorted(os.listdir(folder))
@@ -109,7 +109,7 @@ def test_external_data_outside_the_folder_is_refused_before_it_is_read(planted, 
                 "analyze": ["analyze", path, "--json", folder / "g.json"],
                 "verify": ["verify", path, "--ratios", RATIOS],
                 "bench": ["bench", path, "--runs", "1", "--warmup", "0"]}[command]
-        line = refused(capsys, folder, args, WORDS[attack])
+        line = assert_refused(capsys, folder, args, WORDS[attack])
     finally:
         hook_on[0] = False
     assert "external data of tensor 'w1'" in line
@@ -185,14 +185,14 @@ MALFORMED = {
 def test_malformed_file_is_one_user_error(tmp_path, capsys, case):
     mutate, words = MALFORMED[case]
     onnx.save(_with(mutate), str(tmp_path / "m.onnx"))
-    refused(capsys, tmp_path, [tmp_path / "m.onnx", "--ratios", RATIOS, "-o", tmp_path / "out.onnx"], words)
+    assert_refused(capsys, tmp_path, [tmp_path / "m.onnx", "--ratios", RATIOS, "-o", tmp_path / "out.onnx"], words)
 
 
 def test_a_file_onnxruntime_cannot_run_is_the_files_fault(tmp_path, capsys):
     """Consistent to onnx's checks but not runnable (weight channels swapped): one line
     naming onnxruntime's complaint, not an internal error."""
     onnx.save(_with(lambda m: _set_dims(_init(m, "w1"), [3, 8, 3, 3])), str(tmp_path / "m.onnx"))
-    refused(capsys, tmp_path, [tmp_path / "m.onnx", "--ratios", RATIOS, "-o", tmp_path / "out.onnx"],
+    assert_refused(capsys, tmp_path, [tmp_path / "m.onnx", "--ratios", RATIOS, "-o", tmp_path / "out.onnx"],
             "the model does not run in onnxruntime either")
 
 
@@ -227,7 +227,7 @@ def test_output_into_a_missing_folder_is_refused(tmp_path, capsys, flag):
     args += [flag, tmp_path / "nowhere" / "x.json"] if flag != "-o" else []
     if flag == "-o":
         args[-1] = tmp_path / "nowhere" / "out.onnx"
-    refused(capsys, tmp_path, args, f"output folder does not exist: {tmp_path / 'nowhere'}")
+    assert_refused(capsys, tmp_path, args, f"output folder does not exist: {tmp_path / 'nowhere'}")
     assert not (tmp_path / "nowhere").exists()
 
 
