@@ -765,65 +765,67 @@ def recover(
     # the values the previous levels left (with the re-fitted weights in place)
     front_p = Frontier(work, fd_list, threads, frontier_bytes)
     front_o = Frontier(original, fd_list, threads, frontier_bytes)
-    for done, lvl in enumerate(sorted(by_level), 1):
-        todo = by_level[lvl]
-        t0 = time.perf_counter()
-        x_names = sorted({f.x_name for f in todo})
-        y_names = sorted({f.y_name for f in todo})
-        px, oy = front_p.get(x_names), front_o.get(y_names)
-        t1 = time.perf_counter()
-        timing["run"] += t1 - t0
-        for bi in range(len(batches)):
+    try:
+        for done, lvl in enumerate(sorted(by_level), 1):
+            todo = by_level[lvl]
+            t0 = time.perf_counter()
+            x_names = sorted({f.x_name for f in todo})
+            y_names = sorted({f.y_name for f in todo})
+            px, oy = front_p.get(x_names), front_o.get(y_names)
+            t1 = time.perf_counter()
+            timing["run"] += t1 - t0
+            for bi in range(len(batches)):
+                for f in todo:
+                    if f.row.status == "skipped" and f.row.reason:
+                        continue
+                    x, y = px[f.x_name][bi], oy[f.y_name][bi]
+                    try:
+                        got = (_conv_rows if f.kind == "conv" else _dense_rows)(f, x, y, rng, rows_per_batch)
+                    except Exception as e:  # shape surprises: skip the layer, never crash
+                        got, f.row.reason = None, f"could not build regression rows: {type(e).__name__}: {e}"
+                    if got is None:
+                        f.row.reason = f.row.reason or "input/output shapes do not match a linear layer"
+                        continue
+                    rws, sample = got
+                    fb = fold_of[bi][np.minimum(sample, len(fold_of[bi]) - 1)]
+                    if not np.all(fb >= 0):  # samples kept out for the whole-model check
+                        rws, fb = [(X[fb >= 0], Y[fb >= 0]) for X, Y in rws], fb[fb >= 0]
+                    _accumulate(f, rws, fb if hold else np.zeros(len(fb), int))
+            del px, oy
+            bar.step(done, f"level {lvl}: {', '.join(f.row.node for f in todo)}"[:60], force=done == len(by_level) and not bar.tty)
             for f in todo:
-                if f.row.status == "skipped" and f.row.reason:
+                if f.row.reason or not f.folds:
+                    f.row.status = "skipped"
                     continue
-                x, y = px[f.x_name][bi], oy[f.y_name][bi]
-                try:
-                    got = (_conv_rows if f.kind == "conv" else _dense_rows)(f, x, y, rng, rows_per_batch)
-                except Exception as e:  # shape surprises: skip the layer, never crash
-                    got, f.row.reason = None, f"could not build regression rows: {type(e).__name__}: {e}"
-                if got is None:
-                    f.row.reason = f.row.reason or "input/output shapes do not match a linear layer"
-                    continue
-                rws, sample = got
-                fb = fold_of[bi][np.minimum(sample, len(fold_of[bi]) - 1)]
-                if not np.all(fb >= 0):  # samples kept out for the whole-model check
-                    rws, fb = [(X[fb >= 0], Y[fb >= 0]) for X, Y in rws], fb[fb >= 0]
-                _accumulate(f, rws, fb if hold else np.zeros(len(fb), int))
-        del px, oy
-        bar.step(done, f"level {lvl}: {', '.join(f.row.node for f in todo)}"[:60], force=done == len(by_level) and not bar.tty)
-        for f in todo:
-            if f.row.reason or not f.folds:
-                f.row.status = "skipped"
-                continue
-            _totals(f)
-            lam, held_before, held_after = _select(f, ridge) if hold else (None, 0.0, 0.0)
-            f.row.ridge = lam if lam is not None else (ridge if method == "ridge" else None)
-            Ws = _solve(f, method, ridge if lam is None else lam)
-            tot_y = sum(float(yy.sum()) for yy in f.yy)
-            before = sum(_sq_err(G, C, yy, W) for G, C, yy, W in zip(f.G, f.C, f.yy, f.w0))
-            after = sum(_sq_err(G, C, yy, W) for G, C, yy, W in zip(f.G, f.C, f.yy, Ws))
-            f.row.samples = f.n
-            rel = lambda e: float(np.sqrt(e / max(tot_y, 1e-30)))  # noqa: E731
-            f.row.err_before, f.row.err_after = rel(before), rel(after)
-            if lam is not None:
-                f.row.held_before, f.row.held_after = rel(held_before), rel(held_after)
-            if not all(np.all(np.isfinite(W)) for W in Ws):
-                f.row.status, f.row.reason = "skipped", "non-finite solution"
-            elif lam is not None and not held_after < held_before * (1 - 1e-6):
-                f.row.status, f.row.reason = "kept", "no ridge strength beat the pruned weights on held-out sources"
-                f.row.err_after, f.row.held_after = f.row.err_before, f.row.held_before
-            elif after > before * (1 + 1e-9):
-                f.row.status, f.row.reason = "kept", "the fit did not lower the reconstruction error"
-                f.row.err_after, f.row.held_after = f.row.err_before, f.row.held_before
-            else:
-                _write_back(g, f, Ws)
-                f.row.status = "refit"
-            f.G, f.C, f.folds = [], [], {}  # free the Gram matrices
-            f.row.seconds = (time.perf_counter() - t0) / len(todo)
-        timing["fit"] += time.perf_counter() - t1
-    front_p.close()
-    front_o.close()
+                _totals(f)
+                lam, held_before, held_after = _select(f, ridge) if hold else (None, 0.0, 0.0)
+                f.row.ridge = lam if lam is not None else (ridge if method == "ridge" else None)
+                Ws = _solve(f, method, ridge if lam is None else lam)
+                tot_y = sum(float(yy.sum()) for yy in f.yy)
+                before = sum(_sq_err(G, C, yy, W) for G, C, yy, W in zip(f.G, f.C, f.yy, f.w0))
+                after = sum(_sq_err(G, C, yy, W) for G, C, yy, W in zip(f.G, f.C, f.yy, Ws))
+                f.row.samples = f.n
+                rel = lambda e: float(np.sqrt(e / max(tot_y, 1e-30)))  # noqa: E731
+                f.row.err_before, f.row.err_after = rel(before), rel(after)
+                if lam is not None:
+                    f.row.held_before, f.row.held_after = rel(held_before), rel(held_after)
+                if not all(np.all(np.isfinite(W)) for W in Ws):
+                    f.row.status, f.row.reason = "skipped", "non-finite solution"
+                elif lam is not None and not held_after < held_before * (1 - 1e-6):
+                    f.row.status, f.row.reason = "kept", "no ridge strength beat the pruned weights on held-out sources"
+                    f.row.err_after, f.row.held_after = f.row.err_before, f.row.held_before
+                elif after > before * (1 + 1e-9):
+                    f.row.status, f.row.reason = "kept", "the fit did not lower the reconstruction error"
+                    f.row.err_after, f.row.held_after = f.row.err_before, f.row.held_before
+                else:
+                    _write_back(g, f, Ws)
+                    f.row.status = "refit"
+                f.G, f.C, f.folds = [], [], {}  # free the Gram matrices
+                f.row.seconds = (time.perf_counter() - t0) / len(todo)
+            timing["fit"] += time.perf_counter() - t1
+    finally:  # the spill folders go whatever happens
+        front_p.close()
+        front_o.close()
     timing["passes"] = front_p.passes + front_o.passes
     timing["levels"] = len(by_level)
     if stats is not None:
@@ -834,24 +836,23 @@ def recover(
             session(work, threads).run(None, feeds(batches[0]))
             check = held_out_check(original, pruned, work, fd_list, fold_of, threads)
         except Exception as e:  # never hand out an invalid model
-            log.warning("recovered model failed validation (%s); returning the pruned model", e)
-            back = onnx.ModelProto()
-            back.CopyFrom(pruned)
-            for r in rows:
-                if r.status == "refit":
-                    r.status, r.reason = "reverted", f"recovered model failed validation: {e}"
-            return back, rows
+            return _reverted(pruned, rows, f"recovered model failed validation: {e}")
         if stats is not None:
             stats["held_out"] = check
         if check is not None and check["worse"]:
-            log.warning("the recovered model is further from the original on held-out sources; returning the pruned model")
-            back = onnx.ModelProto()
-            back.CopyFrom(pruned)
-            for r in rows:
-                if r.status == "refit":
-                    r.status, r.reason = "reverted", "the whole recovered model was further from the original on held-out sources"
-            return back, rows
+            return _reverted(pruned, rows, "the whole recovered model was further from the original on held-out sources")
     return work, rows
+
+
+def _reverted(pruned: onnx.ModelProto, rows: list[LayerRow], reason: str) -> tuple[onnx.ModelProto, list[LayerRow]]:
+    """The pruned model as it was (a copy), every applied fit marked reverted with ``reason``."""
+    log.warning("%s; returning the pruned model", reason)
+    back = onnx.ModelProto()
+    back.CopyFrom(pruned)
+    for r in rows:
+        if r.status == "refit":
+            r.status, r.reason = "reverted", reason
+    return back, rows
 
 
 def recover_result(res, original, batches, **kw) -> tuple[onnx.ModelProto, list[LayerRow]]:
