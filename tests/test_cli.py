@@ -129,7 +129,8 @@ def test_verdict_line_shows_the_argv_given_to_main(capsys, monkeypatch):
 
 
 def test_analyze_says_why_nothing_is_prunable(tmp_path, capsys):
-    """A model whose only weight is computed (ConstantOfShape): analyze names the reason."""
+    """A model whose one layer feeds the graph output: analyze names the reason
+    (its weight is computed by ConstantOfShape, folded at load)."""
     from onnx import TensorProto, helper, numpy_helper
 
     nodes = [helper.make_node("ConstantOfShape", ["shp"], ["w"], value=numpy_helper.from_array(np.array([0.1], np.float32))),
@@ -141,4 +142,4 @@ def test_analyze_says_why_nothing_is_prunable(tmp_path, capsys):
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(path))
     assert main(["analyze", str(path)]) == 0
     verdict = capsys.readouterr().out.strip().splitlines()[-1]
-    assert "nothing is prunable: no prunable channel group was found; ops without a rule: ConstantOfShape x1" in verdict
+    assert "nothing is prunable: all 1 groups are frozen (reaches graph output 'y')" in verdict

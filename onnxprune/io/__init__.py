@@ -468,6 +468,18 @@ FOLDABLE = set(
 FOLD_MAX = 64  # elements: only shape-sized values are folded, never weights
 
 
+# weights stored computed (older converters): a layout op or ConstantOfShape on
+# constants, read only as a layer's weight or bias, is folded whatever its size
+# (never a Cast: that would change the file's stored precision)
+WEIGHT_FOLDABLE = {"ConstantOfShape", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten"}
+WEIGHT_READERS = {"Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization", "Add"}
+
+
+def _feeds_weights(node: ir.Node) -> bool:
+    uses = list(node.outputs[0].uses()) if len(node.outputs) == 1 else []
+    return node.op_type in WEIGHT_FOLDABLE and bool(uses) and all(u.node.op_type in WEIGHT_READERS for u in uses)
+
+
 def _const_value(out: ir.Value, arr: np.ndarray) -> ir.Value:
     tensor = ir.Tensor(np.asarray(arr), name=out.name)
     return ir.Value(name=out.name, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
@@ -501,7 +513,8 @@ def fold_static_shapes(model: ir.Model) -> int:
                 continue
         elif node.op_type in FOLDABLE and all(v is None or v.const_value is not None for v in node.inputs):
             ins = [v.const_value.numpy() if v is not None else None for v in node.inputs]
-            if not ins or any(a is not None and a.size > FOLD_MAX for a in ins):
+            weight = _feeds_weights(node)
+            if not ins or (not weight and any(a is not None and a.size > FOLD_MAX for a in ins)):
                 continue
             try:
                 proto = ir.serde.serialize_node(node)
@@ -509,7 +522,7 @@ def fold_static_shapes(model: ir.Model) -> int:
                 val = ReferenceEvaluator(proto).run(None, {n: a for n, a in zip(names, ins) if n})
             except Exception:  # leave anything the reference evaluator cannot do
                 continue
-            if any(np.asarray(v).size > FOLD_MAX for v in val):
+            if not weight and any(np.asarray(v).size > FOLD_MAX for v in val):
                 continue
         if val is None:
             continue
