@@ -137,12 +137,8 @@ class Frontier:
         return out
 
     def _run(self, nodes: list, wanted: set[str], inits: set[str]) -> None:
-        g = self.proto.graph
         mine = {id(n) for n in nodes}
-        later_reads: set[str] = set()  # values read by nodes that have not run and are not run now
-        for n in g.node:
-            if id(n) not in mine and not (n.output and all(o in self.ran for o in n.output if o)):
-                later_reads.update(_node_reads(n))
+        later_reads = self._pending_reads(skip=mine)  # read by nodes that have not run and are not run now
         produced = [o for n in nodes for o in n.output if o]
         outputs = [o for o in produced if o in wanted or o in later_reads]
         reads = {v for n in nodes for v in _node_reads(n)}
@@ -160,13 +156,17 @@ class Frontier:
             self.held[o] = self._keep(o, got[o])
         self.ran.update(produced)
 
+    def _pending_reads(self, skip: set[int] = frozenset()) -> set[str]:
+        """Values read by the nodes that have not run (except those in ``skip``, by id)."""
+        reads: set[str] = set()
+        for n in self.proto.graph.node:
+            if id(n) not in skip and not (n.output and all(o in self.ran for o in n.output if o)):
+                reads.update(_node_reads(n))
+        return reads
+
     def _evict(self, just_asked: set[str]) -> None:
         """Drop held values that no node still to run reads."""
-        g = self.proto.graph
-        live: set[str] = set()
-        for n in g.node:
-            if not (n.output and all(o in self.ran for o in n.output if o)):
-                live.update(_node_reads(n))
+        live = self._pending_reads()
         for k in list(self.held):
             if k not in live:
                 arrays = self.held.pop(k)
