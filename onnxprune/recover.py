@@ -64,6 +64,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from onnxprune import io
 from onnxprune.report import Progress
 from onnxprune.runtime import session
 from onnxprune.runtime.capture import Frontier
@@ -859,7 +860,7 @@ def recover_result(res, original, batches, **kw) -> tuple[onnx.ModelProto, list[
     """``recover`` for an :class:`onnxprune.api.PruneResult` (what ``prune``
     returned) and the original model (a path or proto)."""
     if isinstance(original, str):
-        original = onnx.load(original)
+        original = io.read_proto(original)
     return recover(original, res.proto, res.analyzed.ctx, res.plan.keep, batches, **kw)
 
 

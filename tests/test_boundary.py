@@ -116,6 +116,31 @@ def test_external_data_outside_the_folder_is_refused_before_it_is_read(planted, 
     assert str(secret.resolve()) not in opened  # refused before a byte of it was read
 
 
+@pytest.mark.parametrize("command", ["finetune", "finetune-teacher", "gohsp", "gohsp-teacher", "recover-original"])
+def test_training_and_recovery_commands_keep_to_the_folder_too(planted, capsys, command):
+    """The commands that hand a model to PyTorch or re-read the original load it
+    through the same boundary as prune."""
+    pytest.importorskip("torch")
+    pytest.importorskip("onnx2torch")
+    folder, secret = planted
+    path = folder / "m.onnx"
+    good = folder / "good.onnx"
+    onnx.save(model(), str(good))
+    np.save(folder / "x.npy", np.random.default_rng(0).standard_normal((8, 3, 8, 8)).astype(np.float32))
+    _pointing(path, "../secret.bin")
+    out = folder / "out.onnx"
+    args = {"finetune": ["finetune", path, "--data", folder / "x.npy", "--teacher", good, "-o", out, "--max-steps", "1"],
+            "finetune-teacher": ["finetune", good, "--data", folder / "x.npy", "--teacher", path, "-o", out,
+                                 "--max-steps", "1"],
+            "gohsp": ["gohsp", path, "--data", folder / "x.npy", "--sparsity", "0.5", "-o", out, "--max-steps", "1"],
+            "gohsp-teacher": ["gohsp", good, "--data", folder / "x.npy", "--sparsity", "0.5", "--teacher", path, "-o", out,
+                              "--max-steps", "1"],
+            "recover-original": [path, "--ratios", RATIOS, "-o", out, "--recover", "--calib", folder / "x.npy"],
+            }[command]
+    line = assert_refused(capsys, folder, args, WORDS["dotdot"])
+    assert "external data of tensor 'w1'" in line
+
+
 def test_external_data_inside_the_folder_still_loads(tmp_path, capsys):
     (tmp_path / "weights").mkdir()
     save_external(model(), tmp_path / "m.onnx", data="weights/m.data")

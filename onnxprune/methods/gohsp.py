@@ -37,7 +37,6 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-import onnx
 
 from onnxprune.errors import UserError
 
@@ -336,7 +335,8 @@ def gohsp(model: str, opts: GohspOptions) -> dict:
         raise UserError(f"sparsity must be in [0, 1), got {opts.sparsity}")
     torch.manual_seed(opts.seed)
     t0 = time.perf_counter()
-    proto = onnx.load(model)
+    proto = io.read_proto(model)
+    tproto = io.read_proto(opts.teacher) if opts.teacher else None  # both files checked before any work
     size = input_size(proto)[0]
     rdict = dict(opts.ratios)
     spec = rdict.get("importance", {})
@@ -391,7 +391,7 @@ def gohsp(model: str, opts: GohspOptions) -> dict:
         base_lr = opts.lr or recipe.lr_for(opts.batch_size)
         opt = make_optimizer(params, recipe, base_lr)
         smoothing = recipe.label_smoothing
-        teacher = load_teacher(opts.teacher) if opts.teacher else None
+        teacher = load_teacher(tproto) if tproto is not None else None
     steps_per_epoch = len(loader)
     interval = opts.admm_interval or steps_per_epoch
     hook = AdmmHook(admm, interval, lambda: _val_acc(module, val_loader), opts.progress)

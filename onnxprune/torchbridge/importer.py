@@ -133,7 +133,7 @@ def import_onnx(model: str | onnx.ModelProto, seed: int = 0) -> Imported:
     """Convert an ONNX model to a trainable torch module with a write-back map."""
     import torch
 
-    proto = onnx.load(model) if isinstance(model, str) else model
+    proto = io.read_proto(model) if isinstance(model, str) else model
     train, stats, frozen = classify(proto)
     # fingerprint copy: every candidate gets distinct random values
     rng = np.random.default_rng(seed)

@@ -111,9 +111,9 @@ def make_optimizer(params: list, recipe: R.Recipe, lr: float):
     return torch.optim.SGD(groups, lr=lr, momentum=recipe.momentum, nesterov=False)
 
 
-def load_teacher(path: str, device=None):
-    """The unpruned ONNX model as a frozen torch module in eval mode."""
-    teacher = import_onnx(path).module
+def load_teacher(model, device=None):
+    """The unpruned ONNX model (a path or proto) as a frozen torch module in eval mode."""
+    teacher = import_onnx(model).module
     if device is not None:
         teacher = teacher.to(device)
     for p in teacher.parameters():
@@ -135,7 +135,7 @@ def evaluate_onnx(proto_or_path, root: str, size: int, mean=IMAGENET_MEAN, std=I
     """Top-1 (%) of an ONNX model in ONNX Runtime on ``root/val``."""
     from onnxprune import runtime
 
-    proto = onnx.load(proto_or_path) if isinstance(proto_or_path, str) else proto_or_path
+    proto = io.read_proto(proto_or_path) if isinstance(proto_or_path, str) else proto_or_path
     sess = runtime.session(proto, threads=os.cpu_count() or 1)
     name = sess.get_inputs()[0].name
     static = sess.get_inputs()[0].shape[0]
@@ -190,7 +190,8 @@ def finetune(pruned: str, opts: Options) -> dict:
     elif opts.minutes:
         over["epochs"] = 10**6  # the time budget ends the run
     recipe = R.get(opts.recipe or ("quick" if labelled else "distill"), **over)
-    proto = onnx.load(pruned)
+    proto = io.read_proto(pruned)
+    tproto = io.read_proto(opts.teacher) if opts.teacher else None  # both files checked before any work
     try:
         size = input_size(proto)[0]
     except UserError:
@@ -204,7 +205,7 @@ def finetune(pruned: str, opts: Options) -> dict:
     if main_proc:
         log.info("imported %s: %d trainable tensors (%d params), %d frozen", pruned, info["trainable_tensors"],
                  info["trainable_params"], len(info["frozen"]))
-    teacher = load_teacher(opts.teacher, device) if opts.teacher else None
+    teacher = load_teacher(tproto, device) if tproto is not None else None
     micro = imp.static_batch or max(1, opts.batch_size // world)
     accum = max(1, math.ceil(opts.batch_size / (micro * world)))
     names = io.input_names(proto)
@@ -313,21 +314,20 @@ def finetune(pruned: str, opts: Options) -> dict:
     if main_proc:
         student.cpu()
         tuned = write_back(imp)
-        onnx.save(tuned, opts.output)
+        io.save(tuned, opts.output)
         if labelled:
             result["top1_before"] = evaluate_onnx(proto, opts.data, size, opts.mean, opts.std, opts.eval_batches)
             result["top1_after"] = evaluate_onnx(tuned, opts.data, size, opts.mean, opts.std, opts.eval_batches)
             if opts.teacher:
-                result["top1_teacher"] = evaluate_onnx(opts.teacher, opts.data, size, opts.mean, opts.std, opts.eval_batches)
+                result["top1_teacher"] = evaluate_onnx(tproto, opts.data, size, opts.mean, opts.std, opts.eval_batches)
         else:
             feeds = D.eval_feeds(eval_ds, names, imp.static_batch, max_batches=opts.eval_batches)
-            tproto = onnx.load(opts.teacher)
             result["teacher_before"] = D.compare_onnx(proto, tproto, feeds)
             result["teacher_after"] = D.compare_onnx(tuned, tproto, feeds)
             gap0, gap1 = _teacher_gap(result["teacher_before"]), _teacher_gap(result["teacher_after"])
             if not (gap1 <= gap0) and not opts.keep_worse:  # a NaN is worse too
                 # do no harm: training moved away from the teacher on the held-out samples
-                onnx.save(proto, opts.output)
+                io.save(proto, opts.output)
                 result["kept_input"] = (f"distillation did not bring the model closer to the teacher on held-out samples "
                                         f"({gap0:.4g} -> {gap1:.4g}); the input's weights were written (--keep-worse writes "
                                         f"the trained ones)")

@@ -18,7 +18,7 @@ def validate(model: str | onnx.ModelProto, batches=(1, 2), feed_model: onnx.Mode
     skel = read_skeleton(model) if isinstance(model, str) else model
     fixed = _checkable(skel)
     if fixed is not None and isinstance(model, str):
-        fixed = _checkable(onnx.load(model))
+        fixed = _checkable(io.read_proto(model))
     onnx.checker.check_model(fixed if fixed is not None else model, full_check=True)
     io.STATS["shape_inference"] += 1
     out["checker"] = "ok"
