@@ -239,9 +239,35 @@ def reshape(ctx: RuleContext, node: ir.Node) -> None:
     if all(s is None for s in lay):
         ctx.set_layout(node.outputs[0], [None] * len(tout))
         return
-    out = reshape_layout(ctx, node, lay, tin, tout)
+    try:
+        out = reshape_layout(ctx, node, lay, tin, tout)
+    except LayoutError:
+        groups = _shuffle_groups(ctx, node, tin, tout)
+        if groups is None:
+            raise
+        raise Refusal(f"channel shuffle of {groups} concatenated branches (Reshape-Transpose-Reshape): "
+                      f"pruning would move channels between branches") from None
     bind_shape(ctx, node, 1, out, "Reshape")
     ctx.set_layout(node.outputs[0], out)
+
+
+def _shuffle_groups(ctx: RuleContext, node: ir.Node, tin, tout) -> int | None:
+    """The group count when ``node`` starts a channel shuffle: it splits one axis
+    into (groups, width), a Transpose swaps the two, and a Reshape merges them back."""
+    if len(tout) != len(tin) + 1:
+        return None
+    k = next((i for i, (a, b) in enumerate(zip(tin, tout)) if a != b), None)
+    uses = list(node.outputs[0].uses())
+    if k is None or len(uses) != 1 or uses[0][0].op_type != "Transpose":
+        return None
+    tr = uses[0][0]
+    perm = list(ctx.attr(tr, "perm", []) or [])
+    swapped = list(range(len(tout)))
+    swapped[k], swapped[k + 1] = k + 1, k
+    after = list(tr.outputs[0].uses())
+    if perm != swapped or len(after) != 1 or after[0][0].op_type != "Reshape":
+        return None
+    return size(tout[k])
 
 
 @RULES.rule("Expand")
