@@ -308,3 +308,35 @@ def test_ms_group_query_attention():
     term = [(1, ("in", 0, 0)), (3, ("in", 0, 1)), (9, None), (8, ("in", 0, 2))]
     assert _terms(m) == {(0, "macs"): [term, term]}
     assert metrics.count(m)["macs"] == 2 * 3 * 9 * 8
+
+
+def test_nodes_with_too_few_shapes_or_inputs():
+    unknown = lambda n: helper.make_tensor_value_info(n, TP.FLOAT, None)  # noqa: E731
+    # a Conv whose weight is an input of unknown shape: no MACs (its output cannot be inferred)
+    m = _model([helper.make_node("Conv", ["x", "w"], ["y"])], [_vi("x", [1, 2, 4, 4]), unknown("w")], [unknown("y")])
+    assert metrics.terms(m) == []
+    # Gemm / MatMul whose data input is unknown but whose output is declared: still no MACs
+    for op in ("Gemm", "MatMul"):
+        m = _model([helper.make_node(op, ["x", "w"], ["y"])], [unknown("x")], [_vi("y", [3, 2])], [_t("w", (4, 2))])
+        assert [t.metric for t in metrics.terms(m)] == ["params"], op
+    # ONNX Attention with a mask (4 inputs): the mask does not change the count
+    att = helper.make_node("Attention", ["q", "k", "v", "mask"], ["y"])
+    m = _model([att], [_vi("q", [1, 2, 3, 4]), _vi("k", [1, 2, 5, 4]), _vi("v", [1, 2, 5, 6]), _vi("mask", [3, 5])],
+               [_vi("y", None)], opset=23)
+    assert metrics.count(m)["macs"] == 30 * 4 + 30 * 6
+
+
+def test_ms_ops_with_optional_inputs_left_out():
+    # packed Attention without a bias (2 inputs) and with an empty mask slot (4 inputs): no past
+    for ins in (["x", "w"], ["x", "w", "b", ""]):
+        att = helper.make_node("Attention", ins, ["y"], domain=MS, num_heads=2)
+        m = _model([att], [_vi("x", [1, 3, 8])], [_vi("y", None)], [_t("w", (8, 24)), _t("b", (24,))], ms=True)
+        macs = [t for t in metrics.terms(m) if t.metric == "macs"]
+        assert [[f.dim for f in t.factors] for t in macs] == [[1, 3, 8, 24], [1, 3, 3, 8], [1, 3, 3, 8]], ins
+        # every factor is a whole number of elements
+        assert all(type(f.dim) is int for t in macs for f in t.factors)
+    # MultiHeadAttention with six inputs (no past slot) and GroupQueryAttention with three
+    for op, ins in (("MultiHeadAttention", ["q", "k", "v", "", "", ""]), ("GroupQueryAttention", ["q", "k", "v"])):
+        node = helper.make_node(op, ins, ["y"], domain=MS, num_heads=2, kv_num_heads=2)
+        m = _model([node], [_vi("q", [1, 3, 8]), _vi("k", [1, 5, 8]), _vi("v", [1, 5, 8])], [_vi("y", None)], ms=True)
+        assert [[f.dim for f in t.factors] for t in metrics.terms(m)] == [[1, 3, 5, 8], [1, 3, 5, 8]], op
