@@ -38,10 +38,10 @@ def is_labelled(spec: str) -> bool:
     if not os.path.isdir(d):
         return False
     subs = [s for s in os.listdir(d) if os.path.isdir(os.path.join(d, s))]
-    return bool(subs) and not _images(d, recursive=False)
+    return bool(subs) and not image_files(d, recursive=False)
 
 
-def _images(d: str, recursive: bool = True) -> list[str]:
+def image_files(d: str, recursive: bool = True) -> list[str]:
     pat = os.path.join(d, "**", "*") if recursive else os.path.join(d, "*")
     return sorted(p for p in glob.glob(pat, recursive=recursive) if p.lower().endswith(IMAGE_EXT) and os.path.isfile(p))
 
@@ -117,9 +117,9 @@ def unlabelled(spec: str, proto: onnx.ModelProto, size: int | None, recipe, mean
     from onnxprune.torchbridge.data import transforms
 
     if os.path.isdir(os.path.join(spec, "train")):
-        tr, ev = _images(os.path.join(spec, "train")), _images(os.path.join(spec, "val"))
+        tr, ev = image_files(os.path.join(spec, "train")), image_files(os.path.join(spec, "val"))
     else:
-        allp = _images(spec)
+        allp = image_files(spec)
         tri, evi = _split(len(allp))
         tr, ev = [allp[i] for i in tri], [allp[i] for i in evi]
     if not tr:

@@ -80,6 +80,35 @@ def _sources(spec: str, z) -> np.ndarray | None:
     return src
 
 
+def _from_folder(spec: str, size: int, batch: int, n_batches: int, need: int, seed: int) -> Calibration:
+    """Images from a folder: an ImageFolder root (train/ or val/ of class folders),
+    a split of class folders, or any folder of images (searched recursively)."""
+    from onnxprune.torchbridge.data import image_folder, transforms
+    from onnxprune.torchbridge.distill import FlatImages, image_files
+
+    def has_classes(d: str) -> bool:
+        subs = [s for s in os.listdir(d) if os.path.isdir(os.path.join(d, s))]
+        return bool(subs) and not image_files(d, recursive=False) and all(image_files(os.path.join(d, s)) for s in subs)
+
+    split = next((s for s in ("train", "val") if os.path.isdir(os.path.join(spec, s)) and has_classes(os.path.join(spec, s))),
+                 None)
+    if split is not None:
+        ds, what = image_folder(spec, split, size, train=False), f"{split}, "
+    elif has_classes(spec):
+        root, split = os.path.split(os.path.abspath(spec))
+        ds, what = image_folder(root, split, size, train=False), ""
+    else:
+        ds, what = FlatImages(image_files(spec), transforms(size, train=False)), "no labels, "
+    if len(ds) < batch:
+        raise UserError(f"{spec}: {len(ds)} images, fewer than one batch of {batch}")
+    idx = np.random.default_rng(seed).permutation(len(ds))[:need]
+    items = [ds[int(i)] for i in idx]
+    x = np.stack([it[0].numpy() for it in items])
+    y = np.array([it[1] for it in items]) if len(items[0]) > 1 else None
+    xs, ys = _chunks(x, y, batch, n_batches)
+    return _with_sources(Calibration(xs, ys, f"{spec} ({what}{len(xs) * batch} images)"))
+
+
 def _chunks(x: np.ndarray, y, batch: int, n_batches: int):
     xs, ys = [], []
     for k in range(n_batches):
@@ -149,8 +178,9 @@ def _with_sources(cal: Calibration) -> Calibration:
 
 def load(spec: str, proto: onnx.ModelProto, n_batches: int = 4, batch: int = 32, seed: int = 0) -> Calibration:
     static, dims = _input_shape(proto)
-    if static is not None:
-        batch = static  # a static-batch model takes exactly its batch
+    if static is not None and static != batch:
+        # a static-batch model takes exactly its batch: as many batches of it as give the same number of samples
+        n_batches, batch = max(1, -(-n_batches * batch // static)), static
     if len(dims) != 4 or not dims[2] or not dims[3]:
         if not (spec.endswith(".npy") or spec.endswith(".npz")):
             raise UserError("image calibration needs an input [N, C, H, W] with static H, W; give a .npy/.npz")
@@ -165,24 +195,7 @@ def load(spec: str, proto: onnx.ModelProto, n_batches: int = 4, batch: int = 32,
         xs, ys = _chunks(x, None, batch, n_batches)
         return _with_sources(Calibration(xs, None, "synthetic glyphs"))
     if os.path.isdir(spec):
-        from onnxprune.torchbridge.data import image_folder
-
-        root, split = spec, None
-        for s in ("train", "val"):
-            if os.path.isdir(os.path.join(spec, s)):
-                split = s
-                break
-        if split is None:
-            root, split = os.path.dirname(os.path.abspath(spec)), os.path.basename(os.path.abspath(spec))
-        ds = image_folder(root, split, dims[2], train=False)
-        if len(ds) < batch:
-            raise UserError(f"{spec}: {len(ds)} images, fewer than one batch of {batch}")
-        idx = np.random.default_rng(seed).permutation(len(ds))[:need]
-        items = [ds[int(i)] for i in idx]
-        x = np.stack([it[0].numpy() for it in items])
-        y = np.array([it[1] for it in items])
-        xs, ys = _chunks(x, y, batch, n_batches)
-        return _with_sources(Calibration(xs, ys, f"{spec} ({split}, {len(xs) * batch} images)"))
+        return _from_folder(spec, dims[2], batch, n_batches, need, seed)
     if spec.endswith(".npy") or spec.endswith(".npz"):
         if not os.path.exists(spec):
             raise UserError(f"calibration file not found: {spec}")

@@ -1,0 +1,79 @@
+"""A BERT encoder from the installed `transformers` (random weights, tiny
+config), exported by both torch exporters with both attention implementations
+(eager builds the mask from computed shapes; sdpa hands it to
+scaled_dot_product_attention): heads, head dims and MLP units are pruned and
+ranked by GOHSP's graph criterion from an .npz of calibration tokens, and the
+oracle passes on every exact group."""
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from onnxprune.cli import main  # noqa: E402
+
+NAMES = ["input_ids", "attention_mask", "token_type_ids"]
+SEQ = 16
+
+
+def _export(path: str, exporter: str, attn: str) -> None:
+    cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=64, max_position_embeddings=64, attn_implementation=attn)
+    torch.manual_seed(0)
+    bert = transformers.BertModel(cfg).eval()
+
+    class Encoder(torch.nn.Module):  # positional inputs, two named outputs
+        def __init__(self):
+            super().__init__()
+            self.bert = bert
+
+        def forward(self, ids, mask, tt):
+            o = self.bert(input_ids=ids, attention_mask=mask, token_type_ids=tt)
+            return o.last_hidden_state, o.pooler_output
+
+    ids = torch.randint(0, 100, (2, SEQ))
+    args = (ids, torch.ones_like(ids), torch.zeros_like(ids))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if exporter == "legacy":
+            torch.onnx.export(Encoder().eval(), args, path, dynamo=False, opset_version=17, input_names=NAMES,
+                              output_names=["last_hidden_state", "pooler_output"],
+                              dynamic_axes={n: {0: "batch", 1: "seq"} for n in NAMES})
+        else:
+            torch.onnx.export(Encoder().eval(), args, path, dynamo=True, opset_version=20, input_names=NAMES,
+                              external_data=False)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
+def test_transformers_bert_heads_ranked_by_gohsp_from_npz(tmp_path, capsys, exporter, attn):
+    path = str(tmp_path / "bert.onnx")
+    _export(path, exporter, attn)
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "calib.npz", input_ids=rng.integers(0, 100, (32, SEQ)),
+             attention_mask=(rng.random((32, SEQ)) > 0.2).astype(np.int64), token_type_ids=np.zeros((32, SEQ), np.int64))
+    shapes = [a for n in NAMES for a in ("--input-shape", f"{n}:N,{SEQ}")] if exporter == "legacy" else []
+    ratios = '{"kinds": {"heads": 0.5, "head_dim": 0.25, "mlp": 0.5}, "importance": {"heads": "gohsp"}}'
+    rc = main([path, "--ratios", ratios, "--calib", str(tmp_path / "calib.npz"), "--calib-batch-size", "8",
+               "-o", str(tmp_path / "p.onnx"), "--verify", "--report", str(tmp_path / "r.json"), "-q"] + shapes)
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    rep = json.loads((tmp_path / "r.json").read_text())
+    by_kind: dict = {}
+    for g in rep["groups"]:
+        by_kind.setdefault(g["kind"], []).append(g)
+    # every layer's heads (4 -> 2), head dims (8 -> 6, q.k and v.o) and MLP (64 -> 32) were pruned
+    assert sorted(g["width_after"] for g in by_kind["heads"]) == [2, 2], by_kind.get("heads")
+    assert sum(g["width_after"] for g in by_kind["mlp"]) == 64  # half of 2 x 64, ranked across the isomorphic set
+    assert sorted(g["width_after"] for g in by_kind["head_dim"]) == [6, 6, 6, 6]
+    for g in by_kind["heads"]:  # ranked by GOHSP's stationary distribution over all 32 calibration samples
+        assert g["criterion"] == "gohsp" and g["gohsp"]["samples"] == 32
+        assert sorted(g["kept"]) == sorted(np.argsort(g["scores"])[-2:].tolist())
+    rows = [r for r in rep["oracle"] if r["max_rel_err"] is not None]
+    assert len(rows) == 5 and all(r["status"] == "PASS" for r in rows)  # 4 sets and all of them together
+    assert rows[-1]["scope"] == "all exact groups" and rows[-1]["groups"] == 8 and rows[-1]["max_rel_err"] < 1e-5
