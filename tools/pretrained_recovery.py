@@ -142,7 +142,7 @@ def run(*args) -> tuple[str, float]:
     return p.stdout.strip().splitlines()[-1], time.perf_counter() - t0
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser()
     ap.add_argument("--targets", default="0.9,0.7")
     ap.add_argument("--configs", default="l2,recon,recon-cost", help=f"of {', '.join(CONFIGS)}")
@@ -153,7 +153,11 @@ def main() -> None:
     ap.add_argument("--sources", action=argparse.BooleanOptionalAction, default=True,
                     help="calibrate from an .npz naming the photo of each crop (default), or a bare .npy")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "pretrained_recovery.md"))
-    args = ap.parse_args()
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
     os.makedirs(CACHE, exist_ok=True)
     model = os.path.join(CACHE, "lite0.onnx")
     if not os.path.exists(model):

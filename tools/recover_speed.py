@@ -42,13 +42,17 @@ def forward_seconds(proto, batches, threads: int) -> float:
     return time.perf_counter() - t0
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="vit_small_patch16_224,resnet50")
     ap.add_argument("--images", type=int, default=128)
     ap.add_argument("--target", type=float, default=0.9, help="target_macs")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "recover_speed.md"))
-    args = ap.parse_args()
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
     import onnx
 
     from onnxprune.api import prune
