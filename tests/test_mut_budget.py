@@ -70,7 +70,7 @@ def test_estimator_refuses_a_proto_of_another_graph():
     a = api.analyze(_chain())
     other = onnx.parser.parse_model("""<ir_version: 8, opset_import: ["" : 17]>
 g (float[1,3] x) => (float[1,3] y) { y = Relu(x) }""")
-    with pytest.raises(RuntimeError, match="estimator: node lists differ"):
+    with pytest.raises(RuntimeError, match="^estimator: node lists differ$"):
         Estimator(a.ctx, other)
     # the proto given is the one counted (here: the analysed model's own, as a proto)
     from onnxprune import io
@@ -150,6 +150,25 @@ def test_an_unreachable_target_takes_the_most_pruned_and_warns(warnings_):
     assert warnings_ == ["target_macs: closest reachable is 80 (60.0% off): channel granularity"]
 
 
+@pytest.mark.parametrize("target,k,scale", [
+    (0.5, 4, 0.5),  # 4 of 8 kept from ratio 4/8 on
+    (80, 1, 0.875),  # the most pruned plan met exactly: from ratio 7/8 on, not at the cap
+])
+def test_the_scale_found_is_the_lowest_that_gives_the_plan(target, k, scale):
+    res = api.prune(_chain(), {"target_macs": target})
+    t = res.plan.target
+    assert t["achieved"] == _macs(k) and t["error"] == 0
+    assert t["scale"] == pytest.approx(scale, rel=1e-4) and t["scale"] >= scale
+
+
+def test_an_unreachable_target_scales_given_ratios_to_the_cap():
+    # layers 'a' at 0.5: the cap 0.99 is reached at scale 1.98 (one channel left, 80 MACs)
+    res = api.prune(_chain(), {"target_macs": 50, "layers": {"a": 0.5}})
+    t = res.plan.target
+    assert t["achieved"] == 80 and t["ratios_used"]["layers"]["a"] == pytest.approx(0.99)
+    assert t["scale"] == pytest.approx(1.98)
+
+
 def test_given_ratios_are_scaled_together():
     # layers 'a' at 0.5 is the base: the search scales it (no default ratio)
     res = api.prune(_chain(), {"target_macs": 0.75, "layers": {"a": 0.5}})
@@ -157,6 +176,28 @@ def test_given_ratios_are_scaled_together():
     assert t["achieved"] == 480 and res.after["macs"] == 480  # k = 6
     assert t["ratios_used"]["layers"]["a"] == min(0.99, 0.5 * t["scale"])
     assert t["ratios_used"]["default"] == 0.0
+
+
+# x [1, 3, 2, 2] -> 1x1 Conv 3 -> 4 (bias) -> Relu -> Flatten (16 = 4 channels x 4 pixels) -> Gemm 16 -> 3 (bias).
+# Keeping k channels: MACs conv 4 pixels x k x 3 + Gemm 3 x 4k = 24k; params 3k + k + 12k + 3 = 16k + 3
+FLAT = """<ir_version: 8, opset_import: ["" : 17]>
+g (float[1,3,2,2] x) => (float[1,3] y) {
+  [c] h = Conv (x, w1, b1)
+  r = Relu(h)
+  f = Flatten (r)
+  [fc] y = Gemm (f, w2, b2)
+}"""
+
+
+def test_estimate_through_a_flatten():
+    m = _with(FLAT, {"w1": (4, 3, 1, 1), "b1": (4,), "w2": (16, 3), "b2": (3,)})
+    a = api.analyze(m)
+    g = _only_group(a)
+    assert g.width == 4
+    est = Estimator(a.ctx)
+    assert est.before == {"params": 67, "macs": 96}
+    assert est.estimate({g.id: np.array([1, 3])}) == {"params": 35, "macs": 48}
+    assert est.estimate({g.id: np.array([0, 1, 3])}) == {"params": 51, "macs": 72}
 
 
 # x [1, 3, 4, 4] -> c1: 1x1 Conv 3 -> 4 and c2: 1x1 Conv 3 -> 6, concatenated (10 channels) -> c3: 1x1 Conv 10 -> 2
