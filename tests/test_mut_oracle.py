@@ -114,7 +114,7 @@ TWO = """[a1] ha = Conv (x, wa1, ba1)
 
 def _two():
     return _make(TWO, {"wa1": (8, 3, 1, 1), "ba1": (8,), "wa2": (4, 8, 1, 1), "wb1": (6, 3, 3, 3), "wb2": (4, 6, 1, 1)},
-                 out="float[1,4,8,8] y")
+                 inp="float[N,3,8,8] x", out="float[N,4,8,8] y")
 
 
 def _by_scope(rows):
@@ -175,8 +175,12 @@ def test_approximate_sets_are_listed_not_tested():
     plan = job.plan(Ratios.from_dict({"default": 0.5}))
     rows = O.oracle(job, plan=plan)
     assert [(r.kind, r.groups, r.removed, r.max_rel_err, r.status) for r in rows] == [("channels", 1, 4, None, APPROX)]
-    with pytest.raises(UserError, match="^nothing to check: every pruned group is approximate"):
+    with pytest.raises(UserError) as e:
         O.require_checks(rows, plan)
+    assert str(e.value) == ("nothing to check: every pruned group is approximate (under a normalisation over the pruned "
+                            "axis); the oracle tests exact groups only")
+    (g,) = [g for g in job.groups if g.id in plan.keep]
+    assert rows[0].scope == g.set_name
     with pytest.raises(UserError, match="^nothing to check: the plan removes no channel"):
         O.require_checks([], Plan({}, {}, {}, {}))
     O.require_checks(_by_scope(O.oracle(_two(), Ratios.from_dict({"default": 0.5}))).values(), plan)
@@ -185,19 +189,121 @@ def test_approximate_sets_are_listed_not_tested():
 def test_a_rewritten_job_is_refused():
     job = Job.open(_two())
     job.rewritten = True
-    with pytest.raises(RuntimeError, match="needs the analysed original"):
+    with pytest.raises(RuntimeError, match="^the oracle needs the analysed original, not a rewritten job$"):
         O.oracle(job, Ratios.from_dict({"default": 0.5}))
 
 
 def test_an_original_with_nan_outputs_is_the_users_error():
-    # y = sqrt of a conv output: NaN wherever that output is negative, before any pruning
+    # y = sqrt of a conv output, w = sqrt of a second input: NaN wherever those are negative, before any pruning
     m = _make("""[c1] h = Conv (x, w1, b1)
   r = Relu(h)
   [c2] z = Conv (r, w2)
-  y = Sqrt(z)""", {"w1": (8, 3, 1, 1), "b1": (8,), "w2": (4, 8, 1, 1)})
+  y = Sqrt(z)
+  w = Sqrt(v)""", {"w1": (8, 3, 1, 1), "b1": (8,), "w2": (4, 8, 1, 1)}, inp="float[N,3,8,8] x, float[N,5] v",
+              out="float[N,4,8,8] y, float[N,5] w")
     with pytest.raises(UserError) as e:
         O.oracle(m, Ratios.from_dict({"default": 0.5}))
-    assert str(e.value) == ("the original model's outputs are not finite on the oracle's random input (x [1, 3, 8, 8], "
-                            "standard normal): y has NaN or inf; the oracle needs finite outputs to compare")
+    # the default batch of 2 for the symbolic dim
+    assert str(e.value) == ("the original model's outputs are not finite on the oracle's random input (x [2, 3, 8, 8], "
+                            "v [2, 5], standard normal): y, w has NaN or inf; the oracle needs finite outputs to compare")
+    with pytest.raises(UserError, match=r"\(x \[3, 3, 8, 8\], v \[3, 5\], standard normal\)"):
+        O.oracle(m, Ratios.from_dict({"default": 0.5}), batch=3)
     # a finite original passes the check silently
     O.require_finite_original(Job.open(_two()), 2)
+
+
+def test_rel_err_computes_in_float64():
+    # int8 100 - (-100) would wrap around in int8
+    assert O.rel_err([np.array([100], np.int8)], [np.array([-100], np.int8)]) == 2.0
+    assert O.rel_err([np.array([np.float16(60000)])], [np.array([np.float16(-60000)])]) == 2.0
+
+
+def test_compared_values_through_a_concat_count_its_depth():
+    # v70 = Identity^70(x); y = Concat(v70, x): the branch into v70 is one step deep, so the walk stops at v7
+    nodes = [helper.make_node("Identity", [f"v{i - 1}" if i > 1 else "x"], [f"v{i}"]) for i in range(1, 71)]
+    nodes.append(helper.make_node("Concat", ["v70", "x"], ["y"], axis=0))
+    vi = lambda n, d: helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, [d])  # noqa: E731
+    m = helper.make_model(helper.make_graph(nodes, "g", [vi("x", 2)], [vi("y", 4)]))
+    assert O.compared_values(m) == ["v7", "x"]
+
+
+def test_the_checks_compare_zeroed_with_zeroed_and_pruned(monkeypatch):
+    """What each run sees: the first, the original with the removed channels zeroed
+    (wa1's rows); the second, the model rewritten without them (wa1 has 4 rows)."""
+    job = Job.open(_two())
+    plan = job.plan(Ratios.from_dict({"default": 0.5}))
+    gs = {t.node.name: g for g in job.groups if g.id in plan.keep for t in g.tensors if t.role == "out"}
+    real_run, seen = O._run, []
+
+    def spy(proto, names, feeds):
+        w = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+        seen.append((names, w["wa1"], w["wb1"], {k: v.shape for k, v in feeds.items()}))
+        return real_run(proto, names, feeds)
+
+    monkeypatch.setattr(O, "_run", spy)
+    err = O.check_subset(job, {gs["a1"].id}, plan.keep, 3)
+    assert err < 1e-5 and len(seen) == 2
+    (n0, a0, b0, f0), (n1, a1, b1, f1) = seen
+    assert n0 == n1 == ["y"] and f0 == f1 == {"x": (3, 3, 8, 8)}
+    kept = plan.keep[gs["a1"].id]
+    removed = sorted(set(range(8)) - set(kept.tolist()))
+    assert a0.shape == (8, 3, 1, 1) and not a0[removed].any() and a0[kept].all()
+    assert a1.shape == (4, 3, 1, 1) and a1.all()
+    # the set not checked is left whole in both runs
+    assert b0.shape == b1.shape == (6, 3, 3, 3) and b0.all()
+    seen.clear()
+    rows = O.oracle(job, plan=plan, batch=1)
+    assert all(f == {"x": (1, 3, 8, 8)} for *_, f in seen) and len(seen) == 2 * len(rows)
+    assert [r.status for r in rows] == ["PASS"] * 3
+
+
+def test_a_final_qdq_pair_is_compared_as_its_float_input(monkeypatch):
+    m = _make("""[c1] h = Conv (x, w1, b1)
+  r = Relu(h)
+  [c2] z = Conv (r, w2)
+  q = QuantizeLinear(z, sc, zp)
+  y = DequantizeLinear(q, sc, zp)""", {"w1": (8, 3, 1, 1), "b1": (8,), "w2": (4, 8, 1, 1), "sc": np.array(0.05, np.float32),
+                                       "zp": np.array(0, np.int8)})
+    real_run, seen = O._run, []
+    monkeypatch.setattr(O, "_run", lambda p, names, feeds: seen.append(names) or real_run(p, names, feeds))
+    rows = O.oracle(m, Ratios.from_dict({"default": 0.5}))
+    assert seen and all(names == ["z"] for names in seen)
+    assert {r.status for r in rows} == {"PASS"}
+
+
+def test_per_set_off_still_zeroes_a_normalised_set_where_it_is_read():
+    """h / sum_spatial(h) per channel: zeroing a whole channel gives 0/0, so the
+    combined check alone must also find the sets to zero on the consumer side."""
+    m = _make("""[c1] h = Conv <pads=[1,1,1,1]> (x, w1, b1)
+  e = Abs(h)
+  s = ReduceSum <keepdims=1> (e, axes)
+  d = Div(e, s)
+  [c2] y = Conv (d, w2, b2)""", {"w1": (8, 3, 3, 3), "b1": (8,), "axes": np.array([2, 3], np.int64), "w2": (4, 8, 1, 1),
+                                 "b2": (4,)})
+    rows = O.oracle(m, Ratios.from_dict({"default": 0.5}), per_set=False)
+    assert [(r.scope, r.removed, r.status) for r in rows] == [("all exact groups", 4, "PASS")]
+    assert rows[0].max_rel_err < 1e-5
+
+
+def test_an_approximate_set_before_exact_ones():
+    # c1's 8 channels under a LayerNormalization over them (approximate), then two exact sets
+    m = _make("""[c1] h = Conv (x, w1, b1)
+  t = Transpose <perm=[0,2,3,1]> (h)
+  n = LayerNormalization <axis=-1> (t, g, bt)
+  u = Transpose <perm=[0,3,1,2]> (n)
+  [c2] h2 = Conv (u, w2)
+  r2 = Relu(h2)
+  [c3] h3 = Conv <pads=[1,1,1,1]> (r2, w3)
+  r3 = Relu(h3)
+  [c4] y = Conv (r3, w4)""", {"w1": (8, 3, 1, 1), "b1": (8,), "g": (8,), "bt": (8,), "w2": (4, 8, 1, 1), "w3": (6, 4, 3, 3),
+                              "w4": (4, 6, 1, 1)})
+    rows = O.oracle(m, Ratios.from_dict({"default": 0.5}))
+    assert [(r.groups, r.removed, r.status) for r in rows] == [(1, 4, APPROX), (1, 2, "PASS"), (1, 3, "PASS"), (2, 5, "PASS")]
+
+
+def test_the_plan_is_made_with_the_calibration_given():
+    from onnxprune.plan.importance.calib import Calibration
+
+    xs = [np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)]
+    rows = O.oracle(_two(), Ratios.from_dict({"default": 0.5, "importance": "activation"}), calib=Calibration(xs, None, "t"))
+    assert [r.status for r in rows] == ["PASS"] * 3
