@@ -61,20 +61,24 @@ def prune(
     calib=None,
     plan=None,
     input_shapes=None,
+    runtime=None,
+    latency_table: str | None = None,
 ) -> PruneResult:
     """Prune a model; the input is never modified. Returns the pruned model and facts.
     ``calib`` (:class:`onnxprune.importance.calib.Calibration`, or a spec string
     such as a directory, ``.npy`` or ``"synthetic"``) feeds data-driven criteria;
     ``plan`` (a plan file path, JSON text, dict or :class:`Plan`) replays a plan
     instead of making one from ``ratios``; ``input_shapes`` (or ``ratios.input_shapes``)
-    fixes dynamic input dims, e.g. ``{"images": [1, 3, 640, 640]}``."""
+    fixes dynamic input dims, e.g. ``{"images": [1, 3, 640, 640]}``. A ``target_latency``
+    in the ratios is measured on ``runtime`` (:class:`onnxprune.plan.latency.Runtime`,
+    default CPU), its measured points kept in ``latency_table`` when given."""
     t0 = time.perf_counter()
     if plan is None:
         ratios = ratios if isinstance(ratios, Ratios) else Ratios.load(ratios)
     shapes = {**(ratios.input_shapes if plan is None else {}), **io.parse_input_shapes(input_shapes)}
     job = model if isinstance(model, Job) else Job.open(model, shapes)
     if plan is None:
-        plan = job.plan(ratios, calib)
+        plan = job.plan(ratios, calib, runtime=runtime, latency_table=latency_table)
     elif not isinstance(plan, Plan):
         plan = load_plan(plan, job)
     before, after = job.counts(), job.counts(plan)

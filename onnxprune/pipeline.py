@@ -110,14 +110,20 @@ class Job:
         return {g.id: float(base - est.estimate({g.id: np.arange(g.width - 1)})[metric])
                 for g in self.groups if not g.frozen and g.width > 1}
 
-    def plan(self, ratios: Ratios, calib=None, scores=None) -> Plan:
-        """The plan ``ratios`` make on this model (a budget is solved here)."""
+    def plan(self, ratios: Ratios, calib=None, scores=None, runtime=None, latency_table: str | None = None,
+             progress=None) -> Plan:
+        """The plan ``ratios`` make on this model (a budget is solved here). A
+        ``target_latency`` is met by timing candidates on ``runtime``
+        (:class:`onnxprune.plan.latency.Runtime`; default: CPU), measured points
+        kept in ``latency_table`` (a JSON file) when given."""
         if isinstance(calib, str):
             from onnxprune.plan.importance.calib import load as load_calib
 
             calib = load_calib(calib, self.skeleton())
         if scores is None:
             scores = self.scores(ratios, calib)
+        if ratios.target_latency is not None:
+            return self._latency_plan(ratios, calib, scores, runtime, latency_table, progress)
         if ratios.scope == "cost" and not scores.unit:
             scores.unit = self.unit_costs(ratios.target[0] if ratios.target else "macs")
         if ratios.target is None:
@@ -131,6 +137,37 @@ class Job:
             _, plan, _, info = solve(self.ctx, self.groups, ratios, target, est, scores)
             plan.target = info
         plan.criteria = {g.kind: c for g in self.groups if g.id in scores.used for c in [scores.used[g.id]]}
+        plan.ratios_given = ratios.to_dict()
+        return plan
+
+    def _latency_plan(self, ratios: Ratios, calib, scores, runtime, table, progress) -> Plan:
+        from onnxprune.plan import latency
+        from onnxprune.runtime.bench import bench
+
+        rt = runtime or latency.Runtime()
+        original = self.data_proto()
+        macs0 = self.counts()["macs"]
+        inner = Ratios(**{**ratios.__dict__, "target_latency": None})
+        if "round_to" not in ratios.given:  # widths the provider's kernels run well (plan.latency.ROUND_TO)
+            inner.round_to = latency.ROUND_TO.get(rt.provider, 1)
+
+        def plan_at(f: float):
+            inner.target_macs = f
+            p = self.plan(inner, calib, scores)
+            return p, self.counts(p)["macs"] / macs0
+
+        def measure(p: Plan) -> tuple[float, float, float]:
+            with self.edited(p.keep, prune=True) as proto:
+                rows = bench([("original", original), ("candidate", proto)], batch=rt.batch, provider=rt.provider,
+                             threads=rt.threads, warmup=rt.warmup, runs=rt.runs, progress=False,
+                             input_shapes=rt.input_shapes)
+            paired = np.asarray(rows[1].times_ms) / np.asarray(rows[0].times_ms)  # run r of each, side by side
+            return rows[0].median_ms, rows[1].median_ms, float(np.median(paired)) * rows[0].batch / rows[1].batch
+
+        plan, info = latency.solve(plan_at, measure, ratios.target_latency, rt, table, latency.model_key(original),
+                                   {k: v for k, v in ratios.to_dict().items() if k != "target_latency"}, progress)
+        info["round_to"] = inner.round_to
+        plan.target = info
         plan.ratios_given = ratios.to_dict()
         return plan
 

@@ -195,6 +195,9 @@ def write_prune_report(path: str, job, res, model: str, out: str, ratios: dict, 
         "oracle": [r.as_dict() for r in oracle],
         "target": plan.target,
         "latency": [r.as_dict() for r in latency],
+        "speedup": round(latency[1].speedup, 4) if len(latency) > 1 else None,  # per image, pruned vs original
+        "efficiency": (round(latency[1].speedup * res.after["macs"] / res.before["macs"], 4)  # speed-up / MACs reduction
+                       if len(latency) > 1 and res.before["macs"] else None),
         "recovery": [r.as_dict() for r in recovery],
         "seconds": round(res.seconds, 3),
     }

@@ -64,6 +64,8 @@ def prune_parser() -> argparse.ArgumentParser:
     calib_opts(p)
     p.add_argument("--bench", action="store_true", help="measure ORT latency before and after (interleaved; see 'onnxprune bench')")
     bench_opts(p, runs=30, warmup=5)
+    p.add_argument("--latency-table", help="with target_latency in the ratios: keep the measured (MACs, latency) points "
+                   "in this JSON file and start later searches from them")
     common(p)
     return p
 

@@ -43,6 +43,13 @@ def cmd_prune(args) -> str:
             say(args, note)
     if args.plan:
         plan = api.load_plan(args.plan, job)
+    elif ratios.target_latency is not None:
+        from onnxprune.plan.latency import Runtime
+
+        args.bench = True  # a latency target ends with the measured speed-up of the written file
+        rt = Runtime(args.provider, args.batch, args.threads, args.warmup, args.runs, shapes(args, ratios) or None)
+        say(args, f"latency search on {args.provider} (batch {rt.key()['batch']}, {rt.key()['threads']} threads) ...")
+        plan = job.plan(ratios, calib, runtime=rt, latency_table=args.latency_table, progress=lambda m: say(args, m))
     else:
         plan = job.plan(ratios, calib)
     if not plan.keep:
@@ -57,6 +64,8 @@ def cmd_prune(args) -> str:
         say(args, f"\nfrozen groups ({len(frozen)}):\n" + report.frozen_table(groups))
     if plan.target:
         say(args, "\n" + target_text(plan.target))
+        if plan.target.get("metric") == "latency" and not plan.target["met"]:
+            log.warning("target_latency not met: %s", target_text(plan.target))
     b, a = job.counts(), job.counts(plan)
     say(args, "\n" + report.table(
         [["params", report.human(b["params"]), report.human(a["params"]), ratio(a["params"], b["params"])],
@@ -92,7 +101,9 @@ def cmd_prune(args) -> str:
     if any(r.status == "FAIL" for r in rows):
         raise Failed(f"oracle failed; model written to {out}")
     removed = sum(g.width - len(plan.keep[g.id]) for g in groups if g.id in plan.keep)
-    speed = f", speed-up {latency[1].speedup:.2f}x" if latency else ""
+    speed = ""
+    if latency:  # efficiency: the speed-up as a share of the MACs reduction
+        speed = f", speed-up {latency[1].speedup:.2f}x (efficiency {latency[1].speedup * a['macs'] / b['macs']:.2f})"
     return f"{removed} channels removed in {len(plan.keep)} groups, MACs {ratio(a['macs'], b['macs'])}{speed} -> {out}"
 
 
@@ -163,6 +174,10 @@ def ratio(after: int, before: int) -> str:
 def target_text(t: dict) -> str:
     from onnxprune.report import human
 
+    if t.get("metric") == "latency":
+        from onnxprune.plan.latency import target_text as latency_text
+
+        return latency_text(t)
     used = t["ratios_used"]
     parts = [f"default {used['default']:.4f}"] if used.get("default") else []
     for key in ("kinds", "sets", "layers"):

@@ -39,7 +39,7 @@ def read_json(src: str | dict, what: str) -> dict:
         verb = "are" if what.endswith("s") else "is"
         raise UserError(f"{what} {verb} not valid JSON ({e.msg} at line {e.lineno})") from None
 FIELDS = {"default", "kinds", "sets", "layers", "ignore", "round_to", "scope", "importance", "seed",
-          "target_macs", "target_params", "input_shapes"}
+          "target_macs", "target_params", "target_latency", "input_shapes"}
 UNROUNDED_KINDS = {"heads"}  # heads are pruned whole: round_to applies to widths, not to head counts
 
 
@@ -64,6 +64,7 @@ class Ratios:
     seed: int = 0
     target_macs: float | str | None = None
     target_params: float | str | None = None
+    target_latency: float | str | None = None  # "60%", 0.6 or "12ms": measured on the runtime (plan.latency)
     input_shapes: dict = field(default_factory=dict)  # {input name: [dims]}: fixes dynamic input dims
     given: frozenset = frozenset()  # the fields the user wrote
 
@@ -78,7 +79,7 @@ class Ratios:
         if "importance" not in self.given:
             r.importance = "recon"
             said.append("importance recon")
-        if "scope" not in self.given and self.target is not None:
+        if "scope" not in self.given and (self.target is not None or self.target_latency is not None):
             r.scope = "cost"
             said.append("scope cost")
         return r, ("--recover: " + ", ".join(said) + " (set them in the ratios to override)") if said else ""
@@ -133,6 +134,13 @@ class Ratios:
             setattr(r, key, val)
         if r.target_macs is not None and r.target_params is not None:
             raise UserError("give target_macs or target_params, not both")
+        r.target_latency = d.get("target_latency")
+        if r.target_latency is not None:
+            from onnxprune.plan.latency import parse_latency
+
+            parse_latency(r.target_latency)  # one-line error now, not after the scores
+            if r.target is not None:
+                raise UserError("give target_latency or target_macs / target_params, not both")
         shapes = d.get("input_shapes", {})
         if not isinstance(shapes, dict):
             raise UserError("'input_shapes' must be an object {input name: [dims]}")
@@ -191,7 +199,7 @@ class Ratios:
         r.kinds = {k: f(v) for k, v in self.kinds.items()}
         r.sets = {k: f(v) for k, v in self.sets.items()}
         r.layers = {k: f(v) for k, v in self.layers.items()}
-        r.target_macs = r.target_params = None
+        r.target_macs = r.target_params = r.target_latency = None
         return r
 
     # -- lookup ------------------------------------------------------------------------

@@ -1,0 +1,86 @@
+"""Latency budgets: ``target_latency`` measured against the target, next to the
+plain ``target_macs`` plan of the same percentage.
+
+    python tools/latency_budget.py [--models resnet34,convnext_atto,deit_tiny_patch16_224,mobilenetv3_large_100]
+                                   [--targets 0.5,0.7] [--batch 8] [--runs 30] [--out tools/results/latency_budget.md]
+
+Each model is a timm model with random weights (timing does not depend on the
+weights), exported with a dynamic batch. For each target t the tool runs, in
+fresh processes, ``onnxprune MODEL --ratios '{"target_latency": t}'`` (the
+search times its candidates against the original on this machine) and
+``onnxprune MODEL --ratios '{"target_macs": t}'``; then one interleaved
+``bench`` of the original and both pruned files gives the latency ratios
+reported (a measurement separate from the search's own). "met" means the
+latency plan's measured ratio is at most 10% above the target (t x 1.1).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, ".."))
+sys.path.insert(0, os.path.join(HERE, "..", "tests"))
+
+from common import cli, md, write_results  # noqa: E402
+
+MODELS = "resnet34,convnext_atto,deit_tiny_patch16_224,mobilenetv3_large_100"
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", default=MODELS)
+    ap.add_argument("--targets", default="0.5,0.7")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--runs", type=int, default=30)
+    ap.add_argument("--out", default=os.path.join(HERE, "results", "latency_budget.md"))
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    import timm
+
+    from onnxprune.runtime.bench import bench
+    from onnxprune.torchbridge.export import export_timm
+    from timm_models import randomize
+
+    rows, raw = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models.split(","):
+            path = os.path.join(tmp, f"{name}.onnx")
+            export_timm(name, path, exporter="dynamo", opset=20, dynamic_batch=True,
+                        model=randomize(timm.create_model(name, pretrained=False), seed=0))
+            for t in [float(x) for x in args.targets.split(",")]:
+                lat, mac = os.path.join(tmp, f"{name}_lat{t}.onnx"), os.path.join(tmp, f"{name}_mac{t}.onnx")
+                rep = os.path.join(tmp, "r.json")
+                t0 = time.perf_counter()
+                cli(path, "--ratios", json.dumps({"target_latency": t}), "-o", lat, "--report", rep, "-q",
+                    "--batch", str(args.batch), "--runs", str(args.runs))
+                search_s = time.perf_counter() - t0
+                info = json.load(open(rep))["target"]
+                cli(path, "--ratios", json.dumps({"target_macs": t}), "-o", mac, "-q")
+                b = bench([("original", path), ("latency plan", lat), ("MACs plan", mac)], batch=args.batch,
+                          runs=args.runs, warmup=5, progress=False)
+                r_lat, r_mac = 1 / b[1].speedup, 1 / b[2].speedup
+                rows.append([name, f"{100 * t:.0f}%", f"{100 * b[2].macs / b[0].macs:.1f}%", f"{100 * r_mac:.1f}%",
+                             f"{100 * b[1].macs / b[0].macs:.1f}%", f"{100 * r_lat:.1f}%",
+                             "yes" if r_lat <= 1.1 * t else "no", len(info["evaluations"]), f"{search_s:.0f}s"])
+                raw.append({"model": name, "target": t, "search": info, "bench": [r.as_dict() for r in b]})
+                print(" | ".join(map(str, rows[-1])), flush=True)
+    head = ["model", "target", "MACs plan: MACs", "MACs plan: time", "latency plan: MACs", "latency plan: time",
+            "met (<= 1.1 x target)", "candidates timed", "search + prune"]
+    text = (f"# target_latency vs target_macs\n\nCPU EP, batch {args.batch}, {os.cpu_count()} threads, "
+            f"{args.runs} interleaved runs, timm random weights; {platform.processor() or platform.machine()}. "
+            "Time = median latency per image as a percentage of the original's, measured in one interleaved run of "
+            "the three files after pruning.\n\n" + md(head, rows) + "\n")
+    write_results(args.out, text, raw)
+
+
+if __name__ == "__main__":
+    main()
