@@ -165,7 +165,8 @@ class Job:
             return rows[0].median_ms, rows[1].median_ms, float(np.median(paired)) * rows[0].batch / rows[1].batch
 
         plan, info = latency.solve(plan_at, measure, ratios.target_latency, rt, table, latency.model_key(original),
-                                   {k: v for k, v in ratios.to_dict().items() if k != "target_latency"}, progress)
+                                   {k: v for k, v in inner.to_dict().items() if k not in ("target_latency", "target_macs")},
+                                   progress)
         info["round_to"] = inner.round_to
         plan.target = info
         plan.ratios_given = ratios.to_dict()

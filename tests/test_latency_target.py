@@ -143,3 +143,29 @@ def test_cli_reports_the_search_and_the_measured_speedup(tmp_path, capsys):
     assert m and float(m.group(1)) == pytest.approx(r["speedup"], abs=0.006)
     assert float(m.group(2)) == pytest.approx(r["efficiency"], abs=0.006)
     assert "target_latency 70%" in text.out and json.load(open(tmp_path / "t.json"))
+
+
+def test_bench_shows_a_latency_table(tmp_path, capsys):
+    table = str(tmp_path / "lat.json")
+    fake = FakeRuntime(lambda f: 0.3 + 0.7 * f)
+    _, info = L.solve(fake.plan_at, fake.measure, "60%", L.Runtime(provider="cpu", batch=4, threads=1), table, "abc",
+                      {"round_to": 8})
+    rc = main(["bench", "--table", table])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "model abc, cpu batch 4, 1 threads" in out and '"round_to": 8' in out
+    for e in info["evaluations"]:  # every measured point is a row: MACs %, latency %, their ratio
+        a, r = e["macs_fraction"], e["latency_ratio"]
+        assert re.search(rf"{100 * a:.1f}%\s+{100 * r:.1f}%\s+{a / r:.2f}\n", out + "\n"), (a, r, out)
+    assert out.strip().splitlines()[-1].startswith("PASSED | Runtime") and f"{len(info['evaluations'])} measured points" in out
+
+
+@pytest.mark.parametrize("argv,words", [(["bench"], "bench needs at least one model (or --table FILE)"),
+                                        (["bench", DEFAULT, "--table", "t.json"], "not both"),
+                                        (["bench", "--table", "missing.json"], "no such latency table")])
+def test_bench_table_misuse_is_one_line(tmp_path, monkeypatch, capsys, argv, words):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "t.json").write_text("{}")
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and words in err[0]

@@ -118,7 +118,9 @@ def sub_parsers() -> dict[str, argparse.ArgumentParser]:
     common(e)
     b = argparse.ArgumentParser(prog="onnxprune bench", description="ORT latency, throughput, params, MACs and speed-up "
                                 "against the first model; runs are interleaved across models.")
-    b.add_argument("models", nargs="+")
+    b.add_argument("models", nargs="*")
+    b.add_argument("--table", help="show a latency table written by a target_latency run (--latency-table) instead "
+                   "of timing models; with --plot, draw latency against MACs")
     bench_opts(b)
     b.add_argument("--json", help="write the rows (with every timing) as JSON here")
     b.add_argument("--plot", help="write a latency-vs-MACs plot (PNG) here")

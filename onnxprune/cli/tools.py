@@ -18,6 +18,18 @@ def cmd_export(args) -> str:
 def cmd_bench(args) -> str:
     from onnxprune.runtime.bench import bench, plot, table
 
+    if args.table:
+        from onnxprune.plan import latency
+
+        if args.models:
+            raise UserError("give models to time, or --table to show a latency table, not both")
+        entries = latency.load_table(args.table)
+        say(args, latency.table_text(entries))
+        if args.plot:
+            latency.plot_table(entries, args.plot)
+        return f"{len(entries)} latency curves, {sum(len(e['points']) for e in entries)} measured points in {args.table}"
+    if not args.models:
+        raise UserError("bench needs at least one model (or --table FILE)")
     for m in args.models:
         if not os.path.isfile(m):
             raise UserError(f"no such model file: {m}")

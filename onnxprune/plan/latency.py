@@ -99,6 +99,57 @@ def read_table(path: str | None, key: str) -> list[tuple[float, float]]:
         raise UserError(f"--latency-table {path}: not a latency table written by onnxprune") from None
 
 
+def load_table(path: str) -> list[dict]:
+    """Every curve in a latency table: its runtime, ratios, model digest and points."""
+    if not os.path.isfile(path):
+        raise UserError(f"no such latency table: {path}")
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        out = []
+        for key, pts in data.items():
+            k = json.loads(key)
+            out.append({**k, "points": sorted((float(a), float(b)) for a, b in pts)})
+        return out
+    except (OSError, ValueError, TypeError, AttributeError):
+        raise UserError(f"{path}: not a latency table written by onnxprune") from None
+
+
+def table_text(entries: list[dict]) -> str:
+    from onnxprune.report import table
+
+    parts = []
+    for e in entries:
+        budget = {k: v for k, v in e["ratios"].items() if v not in (None, {}, [], 0.0)} if isinstance(e.get("ratios"), dict) else {}
+        parts.append(f"model {e['model']}, {e['provider']} batch {e['batch']}, {e['threads']} threads, ratios "
+                     f"{json.dumps(budget, sort_keys=True)}:\n" + table(
+                         [[f"{100 * a:.1f}%", f"{100 * b:.1f}%", f"{b and a / b:.2f}"] for a, b in e["points"]],
+                         ["MACs", "latency", "efficiency (MACs / latency)"]))
+    return "\n\n".join(parts) if parts else "(empty table)"
+
+
+def plot_table(entries: list[dict], path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UserError("--plot needs matplotlib: pip install 'onnxprune[plot]'") from None
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for e in entries:
+        xs, ys = zip(*e["points"]) if e["points"] else ((), ())
+        ax.plot([100 * x for x in xs], [100 * y for y in ys], "o-", label=f"{e['model'][:8]} {e['provider']} b{e['batch']}")
+    ax.plot([0, 100], [0, 100], ls="--", lw=0.8, color="grey", label="latency proportional to MACs")
+    ax.set_xlabel("MACs, % of the original")
+    ax.set_ylabel("measured latency, % of the original")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def write_table(path: str | None, key: str, points: list[tuple[float, float]]) -> None:
     if not path:
         return
