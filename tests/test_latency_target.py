@@ -169,3 +169,19 @@ def test_bench_table_misuse_is_one_line(tmp_path, monkeypatch, capsys, argv, wor
     assert main(argv) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and words in err[0]
+
+
+@pytest.mark.parametrize("round_to,speedup,warned", [(1, 1.0, True), (8, 1.0, False), (1, 1.9, False)])
+def test_a_slow_speedup_with_odd_widths_suggests_round_to(tmp_path, capsys, monkeypatch, round_to, speedup, warned):
+    from onnxprune.runtime import bench as B
+
+    def fake_bench(models, **kw):  # the original, then the pruned file: a fixed clock, not this machine's
+        return [B.BenchRow("original", 8, 10.0, 10.0, 10.0, 10.0, 800.0, 1, 1, None, 1.0),
+                B.BenchRow("pruned", 8, 10.0 / speedup, 0, 0, 0, 800.0 * speedup, 1, 1, None, speedup)]
+
+    monkeypatch.setattr(B, "bench", fake_bench)
+    rc = main([DEFAULT, "--ratios", json.dumps({"target_macs": 0.5, "round_to": round_to}), "-o", str(tmp_path / "p.onnx"),
+               "--bench"])
+    assert rc == 0
+    text = capsys.readouterr().err
+    assert ("try \"round_to\": 8" in text) == warned, text

@@ -94,6 +94,12 @@ def cmd_prune(args) -> str:
         latency = bench([model, ("pruned", out)], batch=args.batch, provider=args.provider, threads=args.threads,
                         warmup=args.warmup, runs=args.runs, progress=not args.quiet, input_shapes=shapes(args, ratios))
         say(args, table(latency))
+        odd = sorted({len(k) for k in plan.keep.values() if len(k) % 8})
+        eff = latency[1].speedup * a["macs"] / b["macs"] if b["macs"] else 1.0
+        if odd and eff < 0.7:  # the shape of the peers' "pruned but not faster" reports
+            log.warning("the speed-up is %.0f%% of the MACs reduction; %d kept widths are not multiples of 8 (e.g. %s), "
+                        "which the %s kernels run slowly: try \"round_to\": 8 in the ratios", 100 * eff, len(odd),
+                        ", ".join(map(str, odd[:4])), args.provider.upper())
     log.debug("rewrite + write + validate: %.2fs", time.perf_counter() - t0)
     if args.report:
         report.write_prune_report(args.report, job, res, model, out, ratios.to_dict() if ratios else plan.ratios_given,
