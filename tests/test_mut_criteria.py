@@ -253,3 +253,63 @@ def test_gohsp_head_scores_by_hand():
     sc2 = a.scores(Ratios.from_dict({"importance": "activation"}), Calibration(xs, None, "test"))
     assert all(sc2.used[g.id] == "activation" for g in a.groups if not g.frozen)
     assert all((sc2.values[g.id] >= 0).all() and sc2.values[g.id].any() for g in a.groups if not g.frozen)
+
+
+# -- three heads of two dims, batches of 3: GOHSP's scores are not uniform, activation averages a head's dims --
+ATT3 = ATT.replace("float[B,3,4] x", "float[B,3,6] x").replace("float[B,3,4] y", "float[B,3,6] y")
+
+
+def _att3():
+    rng = np.random.default_rng(17)
+    w = {k: rng.standard_normal((6, 6)) for k in ("wq", "wk", "wv", "wo")}
+    m = _tiny(ATT3, w)
+    for k, v in (("s4", [0, 3, 3, 2]), ("s3", [0, 3, 6])):
+        m.graph.initializer.append(numpy_helper.from_array(np.array(v, np.int64), k))
+    xs = [rng.standard_normal((3, 3, 6)).astype(np.float32) for _ in range(2)]
+    return m, {k: v.astype(np.float32).astype(np.float64) for k, v in w.items()}, xs
+
+
+def _heads_out(w, x):
+    """[B, 3 rows, 3 heads, 2 dims]: softmax(q_h k_h^T) v_h of every head."""
+    x = x.astype(np.float64)
+    out = np.zeros(x.shape[:2] + (3, 2))
+    for h in range(3):
+        cols = slice(2 * h, 2 * h + 2)
+        q, k, v = (x @ w[n][:, cols] for n in ("wq", "wk", "wv"))
+        s = q @ k.transpose(0, 2, 1)
+        p = np.exp(s - s.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        out[:, :, h] = p @ v
+    return out
+
+
+def test_gohsp_three_heads_by_hand():
+    m, w, xs = _att3()
+    a = analyze(m)
+    (heads,) = [g for g in a.groups if g.kind == "heads" and not g.frozen]
+    sc = a.scores(Ratios.from_dict({"importance": {"heads": "gohsp"}}), Calibration(xs, None, "test"))
+    tot = sum(_heads_out(w, x).sum(0) for x in xs)  # [3 rows, 3 heads, 2 dims], every sample summed
+    vec = tot.transpose(1, 0, 2).reshape(3, -1)
+    want = _stationary(vec)
+    assert np.ptp(want) > 1e-3  # three heads: not uniform
+    np.testing.assert_allclose(sc.values[heads.id], want, atol=1e-6)
+    assert sc.gohsp[heads.id]["samples"] == 6
+
+
+def test_activation_of_heads_is_the_mean_over_their_dims():
+    m, w, xs = _att3()
+    a = analyze(m)
+    (heads,) = [g for g in a.groups if g.kind == "heads" and not g.frozen]
+    sc = a.scores(Ratios.from_dict({"importance": "activation"}), Calibration(xs, None, "test"))
+    # read where the output projection reads the heads: mean |head output| over samples, rows and its 2 dims
+    want = np.mean([np.abs(_heads_out(w, x)).mean((0, 1, 3)) for x in xs], 0)
+    np.testing.assert_allclose(sc.values[heads.id], want, rtol=1e-5)
+    assert sc.used[heads.id] == "activation"
+
+
+def test_score_groups_default_seed_is_zero():
+    m, _ = _mlp()
+    a = analyze(m)
+    g = _only(a)
+    sc = C.score_groups(a.ctx, a.groups, {"default": "random"})
+    np.testing.assert_array_equal(sc.values[g.id], np.random.default_rng(0).random(g.width))

@@ -34,9 +34,10 @@ RESULTS = ROOT / "tools" / "results" / "mutation.md"
 MODULES = {
     "onnxprune/core/metrics.py": ["tests/test_mut_metrics.py"],
     "onnxprune/plan/budget.py": ["tests/test_mut_budget.py"],
-    # (test_importance's taylor/hessian-by-hand test needs torch: too slow per mutant, left out)
-    "onnxprune/plan/importance/criteria.py": ["tests/test_mut_criteria.py", "tests/test_importance.py", "tests/test_scopes.py",
-                                              "-k", "test_mut_criteria or magnitude_scores_by_hand or activation_scores_by_hand "
+    # test_mut_taylor imports torch at collection (mutmut's fork server loads it once), so its tests are fast
+    "onnxprune/plan/importance/criteria.py": ["tests/test_mut_criteria.py", "tests/test_mut_taylor.py", "tests/test_importance.py",
+                                              "tests/test_scopes.py", "-k", "test_mut_criteria or test_mut_taylor "
+                                              "or magnitude_scores_by_hand or activation_scores_by_hand "
                                               "or hand_matrix or spec_validation or scope or fixture"],
     # the scope and ratio logic: Ratios (ratios.json), make_plan's pools, _n_keep's rounding
     "onnxprune/plan/__init__.py": ["tests/test_mut_plan.py", "tests/test_scopes.py"],
