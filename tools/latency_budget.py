@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
                 r_lat, r_mac = 1 / b[1].speedup, 1 / b[2].speedup
                 rows.append([name, f"{100 * t:.0f}%", f"{100 * b[2].macs / b[0].macs:.1f}%", f"{100 * r_mac:.1f}%",
                              f"{100 * b[1].macs / b[0].macs:.1f}%", f"{100 * r_lat:.1f}%",
-                             "yes" if r_lat <= 1.1 * t else "no", len(info["evaluations"]), f"{search_s:.0f}s"])
+                             "yes" if r_lat <= 1.1 * t else "no", info["candidates"], f"{search_s:.0f}s"])
                 raw.append({"model": name, "target": t, "search": info, "bench": [r.as_dict() for r in b]})
                 print(" | ".join(map(str, rows[-1])), flush=True)
     head = ["model", "target", "MACs plan: MACs", "MACs plan: time", "latency plan: MACs", "latency plan: time",
