@@ -21,20 +21,20 @@ NAMES = ["input_ids", "attention_mask", "token_type_ids"]
 SEQ = 16
 
 
-def _export(path: str, exporter: str, attn: str) -> None:
+def _export(path: str, exporter: str, attn: str, classifier: bool = False) -> None:
     cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                  intermediate_size=64, max_position_embeddings=64, attn_implementation=attn)
+                                  intermediate_size=64, max_position_embeddings=64, attn_implementation=attn, num_labels=3)
     torch.manual_seed(0)
-    bert = transformers.BertModel(cfg).eval()
+    bert = (transformers.BertForSequenceClassification if classifier else transformers.BertModel)(cfg).eval()
 
-    class Encoder(torch.nn.Module):  # positional inputs, two named outputs
+    class Encoder(torch.nn.Module):  # positional inputs, named outputs
         def __init__(self):
             super().__init__()
             self.bert = bert
 
         def forward(self, ids, mask, tt):
             o = self.bert(input_ids=ids, attention_mask=mask, token_type_ids=tt)
-            return o.last_hidden_state, o.pooler_output
+            return o.logits if classifier else (o.last_hidden_state, o.pooler_output)
 
     ids = torch.randint(0, 100, (2, SEQ))
     args = (ids, torch.ones_like(ids), torch.zeros_like(ids))
@@ -42,7 +42,7 @@ def _export(path: str, exporter: str, attn: str) -> None:
         warnings.simplefilter("ignore")
         if exporter == "legacy":
             torch.onnx.export(Encoder().eval(), args, path, dynamo=False, opset_version=17, input_names=NAMES,
-                              output_names=["last_hidden_state", "pooler_output"],
+                              output_names=["logits"] if classifier else ["last_hidden_state", "pooler_output"],
                               dynamic_axes={n: {0: "batch", 1: "seq"} for n in NAMES})
         else:
             torch.onnx.export(Encoder().eval(), args, path, dynamo=True, opset_version=20, input_names=NAMES,
@@ -77,3 +77,21 @@ def test_transformers_bert_heads_ranked_by_gohsp_from_npz(tmp_path, capsys, expo
     rows = [r for r in rep["oracle"] if r["max_rel_err"] is not None]
     assert len(rows) == 5 and all(r["status"] == "PASS" for r in rows)  # 4 sets and all of them together
     assert rows[-1]["scope"] == "all exact groups" and rows[-1]["groups"] == 8 and rows[-1]["max_rel_err"] < 1e-5
+
+
+@pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
+def test_a_classifier_gets_its_residual_stream_pruned_too(tmp_path, capsys, exporter):
+    """Where the stream does not reach a graph output (a classification head reads
+    it), the embed channels prune with heads and MLP."""
+    path = str(tmp_path / "cls.onnx")
+    _export(path, exporter, "sdpa", classifier=True)
+    shapes = [a for n in NAMES for a in ("--input-shape", f"{n}:N,{SEQ}")] if exporter == "legacy" else []
+    rc = main([path, "--ratios", '{"kinds": {"embed": 0.25, "heads": 0.5, "mlp": 0.5}}', "-o", str(tmp_path / "p.onnx"),
+               "--verify", "--report", str(tmp_path / "r.json"), "-q"] + shapes)
+    assert rc == 0, capsys.readouterr().err
+    rep = json.loads((tmp_path / "r.json").read_text())
+    embed = [g for g in rep["groups"] if g["kind"] == "embed"]
+    assert len(embed) == 1 and embed[0]["width"] == 32 and embed[0]["width_after"] == 24 and not embed[0]["frozen"]
+    assert sum(g["width_after"] for g in rep["groups"] if g["kind"] == "heads") == 4  # half of 2 x 4, ranked across the set
+    rows = {r["kind"]: r for r in rep["oracle"]}
+    assert rows["heads"]["status"] == "PASS" and rows["*"]["status"] == "PASS"
