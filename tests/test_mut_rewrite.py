@@ -1,0 +1,398 @@
+"""The rewriter's output checked directly on tiny models (no runtime): member
+tensors sliced to the kept channels, shape constants (Reshape, Split, Slice)
+and attributes (a depthwise Conv's ``group``, Split's ``split``) set to the kept
+widths, shared constants un-shared under fresh names, and the journal restoring
+every edit exactly. Expected tensors are built here in numpy from the keep
+lists. Runs in about a second."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from onnx import numpy_helper
+
+from onnxprune import io
+from onnxprune.api import analyze
+from onnxprune.rewrite import Journal, apply_plan, zero_removed
+
+_rng = np.random.default_rng(77)
+
+
+def W(*shape):
+    return _rng.standard_normal(shape).astype(np.float32)
+
+
+def I64(*vals):
+    return np.array(vals, np.int64)
+
+
+def make(body, inits, out="float[1,4,8,8] y", inp="float[1,3,8,8] x", opset=17):
+    m = onnx.parser.parse_model(f'<ir_version: 8, opset_import: ["" : {opset}]>\ng ({inp}) => ({out}) {{\n{body}\n}}')
+    for k, v in inits.items():
+        m.graph.initializer.append(numpy_helper.from_array(np.asarray(v), k))
+    return m
+
+
+def live(a):
+    return [g for g in a.groups if not g.frozen]
+
+
+def of(a, node, slot=1, axis=None):
+    """The live group with a member at ``node``'s input ``slot`` (on ``axis``)."""
+    return next(g for g in live(a) for t in g.tensors
+                if t.node.name == node and t.slot == slot and (axis is None or t.axis == axis))
+
+
+def inits(p):
+    return {i.name: numpy_helper.to_array(i) for i in p.graph.initializer}
+
+
+def wt(p, node, slot=1):
+    n = next(n for n in p.graph.node if n.name == node)
+    return inits(p)[n.input[slot]]
+
+
+def attr(p, node, key):
+    n = next(n for n in p.graph.node if n.name == node)
+    return onnx.helper.get_attribute_value(next(a for a in n.attribute if a.name == key))
+
+
+def snapshot(p):
+    """Everything the journal must restore: initializers (names, dtypes, values), nodes (inputs, attributes),
+    declared shapes of intermediate values, inputs and outputs."""
+    return ({k: (v.dtype.str, v.shape, v.tolist()) for k, v in inits(p).items()},
+            [(n.name, n.op_type, list(n.input), list(n.output),
+              sorted((a.name, str(onnx.helper.get_attribute_value(a))) for a in n.attribute)) for n in p.graph.node],
+            sorted((v.name, str(v.type)) for v in p.graph.value_info),
+            [str(v) for v in p.graph.input], [str(v) for v in p.graph.output])
+
+
+def rewrite(m, keep_by_node, journal=True):
+    """Analyse ``m``, rewrite with ``{node name: kept channels}`` (the live group holding that node's weight);
+    returns the analysis, the count apply_plan reports, the rewritten proto and the journal."""
+    a = analyze(m)
+    keep = {of(a, n, *(k if isinstance(k, tuple) else (1,))).id: np.array(v) for k, v in keep_by_node.items()
+            for n in [k[0] if isinstance(k, tuple) else k]}
+    before = snapshot(io.full_proto(a.model))
+    j = Journal() if journal else None
+    n = apply_plan(a.ctx, keep, j)
+    out = io.full_proto(a.model)
+    if j is not None:
+        j.undo()
+        assert snapshot(io.full_proto(a.model)) == before
+        assert not j._undo
+    return a, n, out
+
+
+# -- Conv -> Relu -> Conv ----------------------------------------------------------------------------
+CONV = {"w1": W(8, 3, 3, 3), "b1": W(8), "w2": W(4, 8, 1, 1), "b2": W(4)}
+
+
+def conv_conv():
+    return make("""[c1] h = Conv <pads=[1,1,1,1]> (x, w1, b1)
+  r = Relu(h)
+  [c2] y = Conv (r, w2, b2)""", CONV)
+
+
+@pytest.mark.parametrize("journal", [True, False])
+def test_conv_members_are_sliced(journal):
+    keep = [1, 4, 6]
+    _, n, p = rewrite(conv_conv(), {"c1": keep}, journal)
+    assert n == 3  # w1, b1, w2; b2 is not a member of the group
+    np.testing.assert_array_equal(wt(p, "c1"), CONV["w1"][[1, 4, 6]])
+    np.testing.assert_array_equal(wt(p, "c1", 2), CONV["b1"][[1, 4, 6]])
+    np.testing.assert_array_equal(wt(p, "c2"), CONV["w2"][:, [1, 4, 6]])
+    np.testing.assert_array_equal(wt(p, "c2", 2), CONV["b2"])
+    assert sorted(inits(p)) == ["b1", "b2", "w1", "w2"]  # sliced in place, under their names
+    assert wt(p, "c1").dtype == np.float32
+    # stale intermediate shapes are dropped; the graph output keeps its shape
+    shaped = {v.name for v in p.graph.value_info if v.type.tensor_type.HasField("shape")}
+    assert shaped <= {"w1", "b1", "w2", "b2"} and "h" not in shaped and "r" not in shaped
+    assert [d.dim_value for d in p.graph.output[0].type.tensor_type.shape.dim] == [1, 4, 8, 8]
+
+
+def test_keeping_every_channel_changes_nothing():
+    m = conv_conv()
+    a, n, p = rewrite(m, {"c1": list(range(8))})
+    assert n == 0
+    for k, v in CONV.items():
+        np.testing.assert_array_equal(inits(p)[k], v)
+
+
+def test_large_tensors_are_sliced_lazily():
+    w = {"w1": W(64, 3, 3, 3), "b1": W(64), "w2": W(4, 64, 1, 1)}
+    m = make("""[c1] h = Conv <pads=[1,1,1,1]> (x, w1, b1)
+  r = Relu(h)
+  [c2] y = Conv (r, w2)""", w)
+    a = analyze(m)
+    keep = np.arange(0, 64, 3)
+    apply_plan(a.ctx, {of(a, "c1").id: keep})
+    consts = {v.name: v.const_value for v in a.model.graph.initializers.values()}
+    assert isinstance(consts["w1"], ir.LazyTensor) and consts["w1"].shape == ir.Shape([22, 3, 3, 3])
+    assert not isinstance(consts["b1"], ir.LazyTensor)  # 256 bytes: sliced at once
+    assert not isinstance(consts["w2"], ir.LazyTensor)  # 256 bytes after, 1 KiB before
+    p = io.full_proto(a.model)
+    np.testing.assert_array_equal(wt(p, "c1"), w["w1"][keep])
+    np.testing.assert_array_equal(wt(p, "c1", 2), w["b1"][keep])
+    np.testing.assert_array_equal(wt(p, "c2"), w["w2"][:, keep])
+
+
+# -- a depthwise Conv: its group attribute follows the width ---------------------------------------
+@pytest.mark.parametrize("mult", [1, 2])
+def test_depthwise_group_attribute(mult):
+    w = {"w1": W(8, 3, 1, 1), "b1": W(8), "wd": W(8 * mult, 1, 3, 3), "bd": W(8 * mult), "w3": W(4, 8 * mult, 1, 1)}
+    m = make(f"""[c1] a = Conv (x, w1, b1)
+  [dw] d = Conv <group=8, pads=[1,1,1,1]> (a, wd, bd)
+  r = Relu(d)
+  [c3] y = Conv (r, w3)""", w)
+    keep = [0, 3, 7]
+    _, n, p = rewrite(m, {"c1": keep})
+    rows = (np.array(keep)[:, None] * mult + np.arange(mult)).ravel()
+    assert attr(p, "dw", "group") == 3 and attr(p, "dw", "pads") == [1, 1, 1, 1]
+    np.testing.assert_array_equal(wt(p, "c1"), w["w1"][keep])
+    np.testing.assert_array_equal(wt(p, "dw"), w["wd"][rows])
+    np.testing.assert_array_equal(wt(p, "dw", 2), w["bd"][rows])
+    np.testing.assert_array_equal(wt(p, "c3"), w["w3"][:, rows])
+    assert n == 5
+
+
+def test_group_attribute_unchanged_when_every_channel_is_kept():
+    w = {"w1": W(4, 3, 1, 1), "wd": W(4, 1, 3, 3), "w3": W(4, 4, 1, 1), "w0": W(4, 3, 1, 1)}
+    m = make("""[c1] a = Conv (x, w1)
+  [dw] d = Conv <group=4, pads=[1,1,1,1]> (a, wd)
+  r = Relu(d)
+  [c3] y = Conv (r, w3)""", w)
+    a = analyze(m)
+    node = next(n for n in a.model.graph if n.name == "dw")
+    attr_before = node.attributes["group"]
+    apply_plan(a.ctx, {of(a, "c1").id: np.arange(4)})
+    assert node.attributes["group"] is attr_before  # not replaced
+
+
+# -- shape constants ------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape", [(-1, 8), (0, 8)])
+def test_reshape_constant(shape):
+    w = {"w1": W(8, 3, 8, 8), "b1": W(8), "shp": I64(*shape), "wf": W(5, 8), "bf": W(5)}
+    m = make("""[c1] a = Conv (x, w1, b1)
+  r = Relu(a)
+  [rs] f = Reshape(r, shp)
+  [fc] y = Gemm <transB=1> (f, wf, bf)""", w, out="float[N,5] y", inp="float[N,3,8,8] x")
+    keep = [2, 3, 5, 6, 7]
+    _, n, p = rewrite(m, {"c1": keep})
+    assert wt(p, "rs").tolist() == [shape[0], 5] and wt(p, "rs").dtype == np.int64
+    np.testing.assert_array_equal(wt(p, "fc"), w["wf"][:, keep])
+    np.testing.assert_array_equal(wt(p, "fc", 2), w["bf"])
+    assert n == 4
+
+
+def test_shared_shape_constant_is_copied_only_where_it_changes():
+    # two branches read one shape constant; only the first branch is pruned
+    w = {"w1": W(8, 3, 8, 8), "w2": W(8, 3, 8, 8), "shp": I64(0, 8), "wa": W(5, 8), "wb": W(5, 8)}
+    m = make("""[c1] a = Conv (x, w1)
+  ra = Relu(a)
+  [ra_] fa = Reshape(ra, shp)
+  [fa_] y1 = Gemm <transB=1> (fa, wa)
+  [c2] b = Conv (x, w2)
+  rb = Relu(b)
+  [rb_] fb = Reshape(rb, shp)
+  [fb_] y2 = Gemm <transB=1> (fb, wb)""", w, out="float[N,5] y1, float[N,5] y2", inp="float[N,3,8,8] x")
+    a = analyze(m)
+    g1, g2 = of(a, "c1"), of(a, "c2")
+    _, n, p = rewrite(m, {"c1": [0, 4, 5], "c2": list(range(8))})
+    assert wt(p, "rb_").tolist() == [0, 8] and next(x for x in p.graph.node if x.name == "rb_").input[1] == "shp"
+    assert wt(p, "ra_").tolist() == [0, 3] and next(x for x in p.graph.node if x.name == "ra_").input[1] == "shp__pruned0"
+    np.testing.assert_array_equal(inits(p)["shp"], [0, 8])
+    assert n == 3  # w1, wa and the new shape constant
+    assert g1 is not g2
+
+
+def test_split_sizes_constant_and_attribute():
+    w = {"w1": W(8, 3, 1, 1), "b1": W(8), "sizes": I64(5, 3), "wa": W(4, 5, 1, 1), "wb": W(4, 3, 1, 1)}
+    body = """[c1] a = Conv (x, w1, b1)
+  r = Relu(a)
+  [sp] s1, s2 = Split <axis=1{attr}> (r{sizes})
+  [ca] y1 = Conv (s1, wa)
+  [cb] y2 = Conv (s2, wb)"""
+    out = "float[1,4,8,8] y1, float[1,4,8,8] y2"
+    ka, kb = [1, 2, 4], [0, 2]
+    rows = ka + [5 + k for k in kb]
+    for opset in (17, 11):
+        text = body.format(attr="", sizes=", sizes") if opset == 17 else body.format(attr=", split=[5,3]", sizes="")
+        ws = w if opset == 17 else {k: v for k, v in w.items() if k != "sizes"}
+        _, n, p = rewrite(make(text, ws, out=out, opset=opset), {"ca": ka, "cb": kb})
+        if opset == 17:
+            assert wt(p, "sp").tolist() == [3, 2] and n == 5
+        else:
+            assert attr(p, "sp", "split") == [3, 2] and n == 4
+        np.testing.assert_array_equal(wt(p, "c1"), w["w1"][rows])
+        np.testing.assert_array_equal(wt(p, "c1", 2), w["b1"][rows])
+        np.testing.assert_array_equal(wt(p, "ca"), w["wa"][:, ka])
+        np.testing.assert_array_equal(wt(p, "cb"), w["wb"][:, kb])
+
+
+def test_split_attribute_entry_only_where_it_changes():
+    w = {"w1": W(8, 3, 1, 1), "wa": W(4, 5, 1, 1), "wb": W(4, 3, 1, 1)}
+    m = make("""[c1] a = Conv (x, w1)
+  r = Relu(a)
+  [sp] s1, s2 = Split <axis=1, split=[5,3]> (r)
+  [ca] y1 = Conv (s1, wa)
+  [cb] y2 = Conv (s2, wb)""", w, out="float[1,4,8,8] y1, float[1,4,8,8] y2", opset=11)
+    _, n, p = rewrite(m, {"cb": [2]})
+    assert attr(p, "sp", "split") == [5, 1]
+    np.testing.assert_array_equal(wt(p, "c1"), w["w1"][[0, 1, 2, 3, 4, 7]])
+
+
+def test_slice_with_negative_starts_and_ends():
+    # channels 2..5 of 8 read by the Slice [-6, -2): before (0, 1), the slice (2..5), after (6, 7)
+    w = {"w1": W(8, 3, 1, 1), "b1": W(8), "st": I64(-6), "en": I64(-2), "ax": I64(1), "w2": W(4, 4, 1, 1)}
+    m = make("""[c1] a = Conv (x, w1, b1)
+  r = Relu(a)
+  [sl] s = Slice(r, st, en, ax)
+  [c2] y = Conv (s, w2)""", w)
+    a = analyze(m)
+    before, mid, after = sorted(live(a), key=lambda g: g.id)
+    assert [g.width for g in (before, mid, after)] == [2, 4, 2] and any(t.node.name == "c2" for t in mid.tensors)
+    keep = {before.id: np.array([0]), mid.id: np.array([0, 2, 3]), after.id: np.array([1])}
+    snap = snapshot(io.full_proto(a.model))
+    j = Journal()
+    n = apply_plan(a.ctx, keep, j)
+    p = io.full_proto(a.model)
+    rows = [0, 2, 4, 5, 7]
+    assert wt(p, "sl", 1).tolist() == [-4] and wt(p, "sl", 2).tolist() == [-1] and wt(p, "sl", 3).tolist() == [1]
+    np.testing.assert_array_equal(wt(p, "c1"), w["w1"][rows])
+    np.testing.assert_array_equal(wt(p, "c1", 2), w["b1"][rows])
+    np.testing.assert_array_equal(wt(p, "c2"), w["w2"][:, [0, 2, 3]])
+    assert n == 5
+    j.undo()
+    assert snapshot(io.full_proto(a.model)) == snap
+
+
+# -- shared and graph-input constants --------------------------------------------------------------
+def test_shared_weight_is_unshared_under_fresh_names():
+    w = {"w": W(4, 3, 1, 1), "wA": W(2, 4, 1, 1), "wB": W(2, 4, 1, 1), "w__pruned0": W(2)}
+    m = make("""[c1] a = Conv (x, w)
+  ra = Relu(a)
+  [cA] y1 = Conv (ra, wA, w__pruned0)
+  [c2] b = Conv (x, w)
+  rb = Relu(b)
+  [cB] y2 = Conv (rb, wB)""", w, out="float[1,2,8,8] y1, float[1,2,8,8] y2")
+    k1, k2 = [0, 3], [1, 2, 3]
+    _, n, p = rewrite(m, {"c1": k1, "c2": k2})
+    names = {x.name: x.input[1] for x in p.graph.node if len(x.input) > 1}
+    assert names["c1"] == "w__pruned0_" and names["c2"] == "w__pruned1"  # the existing name is not reused
+    assert "w" not in inits(p)  # no use left: dropped
+    np.testing.assert_array_equal(inits(p)["w__pruned0_"], w["w"][k1])
+    np.testing.assert_array_equal(inits(p)["w__pruned1"], w["w"][k2])
+    np.testing.assert_array_equal(inits(p)["w__pruned0"], w["w__pruned0"])
+    np.testing.assert_array_equal(wt(p, "cA"), w["wA"][:, k1])
+    np.testing.assert_array_equal(wt(p, "cB"), w["wB"][:, k2])
+    assert n == 4
+    vi = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in p.graph.value_info}
+    assert vi.get("w__pruned1", [3, 3, 1, 1]) == [3, 3, 1, 1]
+
+
+def test_shared_weight_most_used_slice_first():
+    # three convs share w: two keep the same channels (one group), the third another: the pair's copy comes first
+    w = {"w": W(4, 3, 1, 1), "wA": W(2, 4, 1, 1), "wB": W(2, 4, 1, 1), "wC": W(2, 4, 1, 1)}
+    m = make("""[c1] a = Conv (x, w)
+  [c3] c = Conv (x, w)
+  s = Add(a, c)
+  ra = Relu(s)
+  [cA] y1 = Conv (ra, wA)
+  [c2] b = Conv (x, w)
+  rb = Relu(b)
+  [cB] y2 = Conv (rb, wB)""", w, out="float[1,2,8,8] y1, float[1,2,8,8] y2")
+    _, n, p = rewrite(m, {"c2": [0, 1], "c1": [2]})
+    names = {x.name: x.input[1] for x in p.graph.node if len(x.input) > 1}
+    assert names["c1"] == names["c3"] == "w__pruned0" and names["c2"] == "w__pruned1"
+    np.testing.assert_array_equal(inits(p)["w__pruned0"], w["w"][[2]])
+    np.testing.assert_array_equal(inits(p)["w__pruned1"], w["w"][[0, 1]])
+
+
+def test_a_graph_input_initializer_stays_and_a_copy_is_sliced():
+    w = {"w1": W(4, 3, 1, 1), "w2": W(4, 4, 1, 1)}
+    m = make("""[c1] a = Conv (x, w1)
+  r = Relu(a)
+  [c2] y = Conv (r, w2)""", w, inp="float[1,3,8,8] x, float[4,3,1,1] w1")
+    _, n, p = rewrite(m, {"c1": [1, 3]})
+    assert [i.name for i in p.graph.input] == ["x", "w1"]
+    assert next(x for x in p.graph.node if x.name == "c1").input[1] == "w1__pruned0"
+    np.testing.assert_array_equal(inits(p)["w1"], w["w1"])
+    np.testing.assert_array_equal(inits(p)["w1__pruned0"], w["w1"][[1, 3]])
+    np.testing.assert_array_equal(wt(p, "c2"), w["w2"][:, [1, 3]])
+
+
+# -- zero_removed: the oracle's edit ---------------------------------------------------------------
+def _div_model():
+    w = {"w1": W(8, 3, 1, 1), "b1": W(8), "sc": np.abs(W(1, 8, 1, 1)) + 0.5, "w2": W(4, 8, 1, 1)}
+    return make("""[c1] a = Conv (x, w1, b1)
+  [dv] d = Div(a, sc)
+  [c2] y = Conv (d, w2)""", w), w
+
+
+@pytest.mark.parametrize("consumer_only", [False, True])
+def test_zero_removed_by_hand(consumer_only):
+    m, w = _div_model()
+    a = analyze(m)
+    (g,) = live(a)
+    snap = snapshot(io.full_proto(a.model))
+    keep = np.array([0, 2, 3, 6])
+    gone = [1, 4, 5, 7]
+    j = Journal()
+    zero_removed(a.ctx, a.groups, {g.id: keep}, j, frozenset({g.id}) if consumer_only else frozenset())
+    p = io.full_proto(a.model)
+    w2 = w["w2"].copy()
+    w2[:, gone] = 0
+    np.testing.assert_array_equal(wt(p, "c2"), w2)
+    if consumer_only:
+        for k, node, slot in (("w1", "c1", 1), ("b1", "c1", 2), ("sc", "dv", 1)):
+            np.testing.assert_array_equal(wt(p, node, slot), w[k])
+    else:
+        w1, b1, sc = w["w1"].copy(), w["b1"].copy(), w["sc"].copy()
+        w1[gone], b1[gone], sc[:, gone] = 0, 0, 1  # a divisor becomes 1, not 0
+        np.testing.assert_array_equal(wt(p, "c1"), w1)
+        np.testing.assert_array_equal(wt(p, "c1", 2), b1)
+        np.testing.assert_array_equal(wt(p, "dv"), sc)
+    j.undo()
+    assert snapshot(io.full_proto(a.model)) == snap
+    # groups without a keep entry, or with every channel kept, are left alone
+    zero_removed(a.ctx, a.groups, {})
+    zero_removed(a.ctx, a.groups, {g.id: np.arange(8)})
+    assert snapshot(io.full_proto(a.model)) == snap
+
+
+def test_zero_removed_pow_exponent_and_mul_scale():
+    w = {"w1": W(4, 3, 1, 1), "e": np.full((1, 4, 1, 1), 2.0, np.float32), "s": W(1, 4, 1, 1), "w2": W(4, 4, 1, 1)}
+    m = make("""[c1] a = Conv (x, w1)
+  [pw] d = Pow(a, e)
+  [ml] f = Mul(d, s)
+  [c2] y = Conv (f, w2)""", w)
+    a = analyze(m)
+    (g,) = live(a)
+    zero_removed(a.ctx, [g], {g.id: np.array([0, 3])})
+    p = io.full_proto(a.model)
+    e, s, w1, w2 = w["e"].copy(), w["s"].copy(), w["w1"].copy(), w["w2"].copy()
+    e[:, [1, 2]], s[:, [1, 2]], w1[[1, 2]], w2[:, [1, 2]] = 1, 0, 0, 0
+    np.testing.assert_array_equal(wt(p, "pw"), e)
+    np.testing.assert_array_equal(wt(p, "ml"), s)
+    np.testing.assert_array_equal(wt(p, "c1"), w1)
+    np.testing.assert_array_equal(wt(p, "c2"), w2)
+
+
+def test_zero_removed_quantized_weight_takes_its_zero_point():
+    q1 = _rng.integers(-100, 100, (4, 3, 1, 1)).astype(np.int8)
+    z1 = np.array([3, -2, 5, 7], np.int8)
+    m = make("""w1 = DequantizeLinear <axis=0> (q1, s1, z1)
+  [c1] h = Conv (x, w1)
+  r = Relu (h)
+  [c2] y = Conv (r, w2)""", {"q1": q1, "s1": np.array([0.1, 0.2, 0.3, 0.4], np.float32), "z1": z1, "w2": W(4, 4, 1, 1)})
+    a = analyze(m)
+    (g,) = live(a)
+    zero_removed(a.ctx, [g], {g.id: np.array([0, 2])})
+    p = io.full_proto(a.model)
+    want = q1.copy()
+    want[1], want[3] = -2, 7
+    got = inits(p)["q1"]
+    assert got.dtype == np.int8
+    np.testing.assert_array_equal(got, want)
