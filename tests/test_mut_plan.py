@@ -332,3 +332,168 @@ def test_plan_file_round_trip_and_refusals():
     del d["groups"][a1]["from"]
     p = Plan.from_json(d, a.groups)
     assert p.ratios[gs["a1"].id] == (0.5, "plan file") and p.target is None and p.ratios_given == data["ratios"]
+
+
+# -- what the plan reads besides the ratios ------------------------------------------------------------
+def test_n_keep_rounds_a_single_channel_up_to_one_multiple():
+    assert _n_keep(8, 7, 2) == 2  # 1 kept -> 0 multiples of 2 -> at least one: 2
+    assert _n_keep(4, 0, 3) == 3  # 4 / 3 rounds to 1 multiple: 3
+
+
+def test_compute_scores_passes_the_seed_data_and_callback():
+    from onnxprune.plan import compute_scores
+    from onnxprune.plan.importance.calib import Calibration
+
+    m = _model()
+    a = analyze(m)
+    live = [g for g in a.groups if not g.frozen]
+    seen = []
+    sc = compute_scores(a.ctx, a.groups, Ratios.from_dict({"importance": "random", "seed": 5}), after_group=seen.append)
+    draws = np.random.default_rng(5).random(sum(g.width for g in live))
+    np.testing.assert_array_equal(np.concatenate([sc.values[g.id] for g in live]), draws)
+    assert seen == live
+    calib = Calibration([np.ones((1, 3, 8, 8), np.float32)], None, "test")
+    sc = compute_scores(a.ctx, a.groups, Ratios.from_dict({"importance": "activation"}), m, calib)
+    assert {sc.used[g.id] for g in live} == {"activation"}
+    with pytest.raises(UserError, match="needs calibration data"):
+        compute_scores(a.ctx, a.groups, Ratios.from_dict({"importance": "activation"}), m, None)
+
+
+def test_plan_holds_its_scores_and_skips_frozen_groups_in_any_order():
+    a = analyze(_model())
+    gs = _groups(a)
+    sc = _ranked_scores(gs)
+    frozen = [g for g in a.groups if g.frozen]
+    plan = make_plan(a.ctx, frozen + [g for g in a.groups if not g.frozen], Ratios.from_dict({"default": 0.5}), scores=sc)
+    assert plan.importance is sc
+    assert _kept(plan, gs) == {"a1": [4, 5, 6, 7], "b1": [3, 4, 5], "a2": [2, 3]}
+
+
+def test_ratio_zero_keeps_every_channel_whatever_the_rounding():
+    a = analyze(_model())
+    plan, gs = _plan(a, {"default": 0.0, "round_to": 3})
+    assert plan.keep == {} and {plan.ratios[g.id] for g in gs.values()} == {(0.0, "default")}
+
+
+def test_cost_scope_unit_defaults_and_small_units():
+    a = analyze(_model())
+    gs = _groups(a)
+    sc = _ranked_scores(gs)
+    sc.used = {g.id: "recon" for g in gs.values()}
+    sc.unit = {gs["a1"].id: 0.5, gs["a2"].id: 4.0}  # b1 has none: counts as 1e-12
+    # per unit: a1 0, 2, 4, ... 14; b1 0, 1e12, ...; a2 0, .25, .5, .75. 18 channels, remove 9: the three 0s,
+    # a2's .25 and .5, then a1's 2, 4, 6, 8
+    plan = make_plan(a.ctx, a.groups, Ratios.from_dict({"default": 0.5, "scope": "cost"}), scores=sc)
+    assert _kept(plan, gs) == {"a1": [5, 6, 7], "b1": [1, 2, 3, 4, 5], "a2": [3]}
+
+
+def test_keep_order_is_stable_among_tied_scores():
+    # 40 channels scored 1, 0, 1, 0, ...: keep the 20 ones and the first 10 zeros by index
+    m = onnx.parser.parse_model("""<ir_version: 8, opset_import: ["" : 17]>
+g (float[1,3,4,4] x) => (float[1,2,4,4] y) {
+  [c1] h = Conv (x, w1)
+  r = Relu(h)
+  [c2] y = Conv (r, w2)
+}""")
+    for k, s in {"w1": (40, 3, 1, 1), "w2": (2, 40, 1, 1)}.items():
+        m.graph.initializer.append(numpy_helper.from_array(np.ones(s, np.float32), k))
+    a = analyze(m)
+    (g,) = [g for g in a.groups if not g.frozen]
+    sc = Scores(values={g.id: np.array([1.0, 0.0] * 20)}, used={g.id: "l2"})
+    plan = make_plan(a.ctx, a.groups, Ratios.from_dict({"default": 0.25}), scores=sc)
+    assert plan.keep[g.id].tolist() == sorted(list(range(0, 40, 2)) + list(range(1, 20, 2)))
+
+
+ATT_MLP = """<ir_version: 8, opset_import: ["" : 17]>
+g (float[B,3,6] x) => (float[B,3,6] y) {
+  q0 = MatMul(x, wq)
+  k0 = MatMul(x, wk)
+  v0 = MatMul(x, wv)
+  q1 = Reshape(q0, s4)
+  k1 = Reshape(k0, s4)
+  v1 = Reshape(v0, s4)
+  q2 = Transpose <perm=[0,2,1,3]> (q1)
+  k2 = Transpose <perm=[0,2,3,1]> (k1)
+  v2 = Transpose <perm=[0,2,1,3]> (v1)
+  s0 = MatMul(q2, k2)
+  p = Softmax <axis=-1> (s0)
+  o0 = MatMul(p, v2)
+  o1 = Transpose <perm=[0,2,1,3]> (o0)
+  o2 = Reshape(o1, s3)
+  y0 = MatMul(o2, wo)
+  r0 = Relu(y0)
+  y = MatMul(r0, w5)
+}"""
+
+
+def _att_mlp():
+    """Three heads of two dims, then a 6-wide ReLU layer: groups heads (3), head_dim (2, twice), mlp (6)."""
+    m = onnx.parser.parse_model(ATT_MLP)
+    rng = np.random.default_rng(4)
+    for k in ("wq", "wk", "wv", "wo", "w5"):
+        m.graph.initializer.append(numpy_helper.from_array(rng.standard_normal((6, 6)).astype(np.float32), k))
+    for k, v in (("s4", [0, 3, 3, 2]), ("s3", [0, 3, 6])):
+        m.graph.initializer.append(numpy_helper.from_array(np.array(v, np.int64), k))
+    a = analyze(m)
+    live = [g for g in a.groups if not g.frozen]
+    assert sorted((g.kind, g.width) for g in live) == [("head_dim", 2), ("head_dim", 2), ("heads", 3), ("mlp", 6)]
+    return a, live
+
+
+def test_cost_scope_ranks_attention_dims_within_their_sets():
+    a, live = _att_mlp()
+    sc = Scores(values={g.id: np.arange(g.width, dtype=float) for g in live}, used={g.id: "recon" for g in live},
+                unit={g.id: (10.0 if g.kind == "heads" else 1.0) for g in live})
+    plan = make_plan(a.ctx, a.groups, Ratios.from_dict({"default": 0.34, "scope": "cost"}), scores=sc)
+    got = {g.kind: (plan.keep[g.id].tolist() if g.id in plan.keep else None) for g in live}
+    # heads alone: remove floor(1.02) = 1; each head_dim alone: floor(0.68) = 0; the mlp group alone in the cost pool: 2
+    assert got == {"heads": [1, 2], "head_dim": None, "mlp": [2, 3, 4, 5]}
+
+
+def test_heads_are_not_rounded():
+    a, live = _att_mlp()
+    sc = Scores(values={g.id: np.arange(g.width, dtype=float) for g in live}, used={g.id: "l2" for g in live})
+    plan = make_plan(a.ctx, a.groups, Ratios.from_dict({"kinds": {"heads": 0.67}, "round_to": 4}), scores=sc)
+    (heads,) = [g for g in live if g.kind == "heads"]
+    assert plan.keep[heads.id].tolist() == [2] and len(plan.keep) == 1
+
+
+def test_plan_file_carries_target_criteria_ratios_and_frozen_reasons():
+    a = analyze(_model())
+    plan, gs = _plan(a, {"default": 0.5})
+    plan.target = {"kind": "macs", "value": 0.5}
+    plan.criteria = {"channels": "l2"}
+    plan.ratios_given = {"default": 0.5}
+    data = json.loads(json.dumps(plan.to_json(a.groups)))
+    assert (data["target"], data["criteria"], data["ratios"]) == (plan.target, plan.criteria, plan.ratios_given)
+    (frozen,) = [g for g in a.groups if g.frozen]
+    row = next(r for r in data["groups"] if "frozen" in r)
+    assert row["frozen"] == frozen.frozen[0] and "graph output" in row["frozen"]
+    back = Plan.from_json(data, a.groups)
+    assert (back.target, back.criteria, back.ratios_given) == (plan.target, plan.criteria, plan.ratios_given)
+    assert back.scores == {} and back.skipped == {}
+    with pytest.raises(UserError) as e:
+        Plan.from_json({}, a.groups)
+    assert str(e.value) == "plan is not an onnxprune plan file (version 1)"
+
+
+def test_ratio_messages_name_every_kind_and_the_latency_target(tmp_path):
+    from onnxprune.plan import KINDS
+
+    with pytest.raises(UserError) as e:
+        Ratios.from_dict({"kinds": {"bits": 0.1}})
+    assert str(e.value) == f"unknown kind(s) bits (kinds: {', '.join(KINDS)})"
+    with pytest.raises(UserError) as e:
+        Ratios.from_dict({"importance": {"bits": "l2"}})
+    assert str(e.value) == f"importance: unknown kind 'bits' (kinds: {', '.join(KINDS)}, or 'default')"
+    r = Ratios.from_dict({"target_latency": "60%"})
+    assert r.target_latency == "60%" and r.target is None
+    assert Ratios.from_dict({}).target_latency is None
+    with pytest.raises(UserError) as e:
+        Ratios.from_dict({"target_latency": "60%", "target_params": 0.5})
+    assert str(e.value) == "give target_latency or target_macs / target_params, not both"
+    with pytest.raises(UserError):
+        Ratios.from_dict({"target_latency": "fast"})
+    with pytest.raises(UserError) as e:
+        Ratios.load(str(tmp_path / "none.json"))
+    assert str(e.value).startswith("cannot read ratios file ")
