@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import zipfile
 
 import numpy as np
 import onnx
@@ -33,6 +34,21 @@ def read_proto(path: str) -> onnx.ModelProto:
     check_graph(proto)
     load_external_data_for_model(proto, os.path.dirname(os.path.abspath(path)))
     return proto
+
+
+def read_array(path: str):
+    """A .npy array or .npz archive of arrays (no pickled objects), with one-line errors."""
+    if not os.path.isfile(path):
+        raise UserError(f"data file not found: {path}")
+    try:
+        data = np.load(path, allow_pickle=False)
+        if isinstance(data, np.lib.npyio.NpzFile):
+            data = {k: data[k] for k in data.files}  # read now: a damaged member fails here, not later
+        return data
+    except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile) as e:
+        kind = "an .npz archive" if path.endswith(".npz") else "a .npy array"
+        why = "it holds pickled Python objects, which are never loaded" if "pickle" in str(e) else str(e).splitlines()[0][:80]
+        raise UserError(f"{path}: not {kind} of numbers ({why})") from None
 
 
 PROBES = (7, 11)
@@ -565,6 +581,13 @@ def _fold_shape_selects(g: ir.Graph, shape_node: ir.Node, dims) -> None:
 
 
 def normalize(model: ir.Model) -> int:
+    """:func:`weights_as_initializers`, the attention scale pinned, static shapes folded."""
+    weights_as_initializers(model)
+    pin_attention_scale(model)
+    return fold_static_shapes(model)
+
+
+def weights_as_initializers(model: ir.Model) -> None:
     """Turn ``Constant`` nodes into initializers and drop ``Identity`` nodes that
     only re-name an initializer (the legacy exporter's deduplication), so every
     constant a rule sees is an initializer with ``const_value``."""
@@ -588,8 +611,6 @@ def normalize(model: ir.Model) -> int:
                 continue
             out.replace_all_uses_with(node.inputs[0])
             g.remove(node, safe=True)
-    pin_attention_scale(model)
-    return fold_static_shapes(model)
 
 
 def pin_attention_scale(model: ir.Model) -> None:

@@ -90,14 +90,14 @@ def load_arrays(spec: str, names: list[str]) -> list[np.ndarray]:
     if spec.endswith(".npy"):
         if len(names) != 1:
             raise UserError(f"{spec}: the model has {len(names)} inputs ({', '.join(names)}); give a .npz with one array per input")
-        return [np.load(spec)]
-    z = np.load(spec)
-    if all(n in z.files for n in names):
+        return [io.read_array(spec)]
+    z = io.read_array(spec)
+    if all(n in list(z) for n in names):
         arrs = [z[n] for n in names]
-    elif len(names) == 1 and len(z.files) >= 1:
-        arrs = [z["x"] if "x" in z.files else z[z.files[0]]]
+    elif len(names) == 1 and len(list(z)) >= 1:
+        arrs = [z["x"] if "x" in list(z) else z[list(z)[0]]]
     else:
-        raise UserError(f"{spec}: needs one array per model input ({', '.join(names)}); it has {', '.join(z.files)}")
+        raise UserError(f"{spec}: needs one array per model input ({', '.join(names)}); it has {', '.join(list(z))}")
     if len({len(a) for a in arrs}) != 1:
         raise UserError(f"{spec}: the input arrays have different sample counts")
     return arrs

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 from onnx import numpy_helper
 
 from onnxprune import io
@@ -134,6 +135,10 @@ def import_onnx(model: str | onnx.ModelProto, seed: int = 0) -> Imported:
     import torch
 
     proto = io.read_proto(model) if isinstance(model, str) else model
+    if any(n.op_type in ("Constant", "Identity") for n in proto.graph.node):  # onnx2torch reads weights from initializers
+        m = ir.serde.deserialize_model(proto)
+        io.weights_as_initializers(m)
+        proto = ir.serde.serialize_model(m)
     train, stats, frozen = classify(proto)
     # fingerprint copy: every candidate gets distinct random values
     rng = np.random.default_rng(seed)

@@ -102,7 +102,10 @@ def _from_folder(spec: str, size: int, batch: int, n_batches: int, need: int, se
     if len(ds) < batch:
         raise UserError(f"{spec}: {len(ds)} images, fewer than one batch of {batch}")
     idx = np.random.default_rng(seed).permutation(len(ds))[:need]
-    items = [ds[int(i)] for i in idx]
+    try:
+        items = [ds[int(i)] for i in idx]
+    except OSError as e:  # PIL: not an image, truncated file
+        raise UserError(f"{spec}: cannot read an image ({str(e).splitlines()[0][:160]})") from None
     x = np.stack([it[0].numpy() for it in items])
     y = np.array([it[1] for it in items]) if len(items[0]) > 1 else None
     xs, ys = _chunks(x, y, batch, n_batches)
@@ -200,9 +203,9 @@ def load(spec: str, proto: onnx.ModelProto, n_batches: int = 4, batch: int = 32,
         if not os.path.exists(spec):
             raise UserError(f"calibration file not found: {spec}")
         if spec.endswith(".npy"):
-            x, y = np.load(spec), None
+            x, y = io.read_array(spec), None
         else:
-            z = np.load(spec)
+            z = io.read_array(spec)
             names = io.input_names(proto)
             src = _sources(spec, z)
             if all(n in z for n in names) and (len(names) > 1 or "x" not in z):

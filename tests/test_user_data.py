@@ -1,0 +1,84 @@
+"""Data a user points the tool at (calibration and training data) fails in one
+line when it is not what it claims to be, and a legacy export whose weights
+pass through Identity nodes fine-tunes like any other."""
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxprune.cli import main
+
+DEFAULT = str(Path(__file__).resolve().parents[1] / "onnxprune" / "data" / "default_resnet.onnx")
+
+
+def _one_error(capsys, argv, words):
+    assert main([str(a) for a in argv]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and err[-1].startswith("onnxprune: error: ") and words in err[-1], err
+    assert "this is a bug" not in err[-1]
+
+
+def _pickled(path):
+    np.save(path, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+
+
+@pytest.mark.parametrize("case,words", [
+    ("not_images", "cannot read an image"),
+    ("pickled_npy", "pickled Python objects"),
+    ("text_npy", "not a .npy array of numbers"),
+    ("broken_npz", "not an .npz archive of numbers"),
+])
+def test_bad_calibration_data_is_one_line(tmp_path, capsys, case, words):
+    pytest.importorskip("torchvision")
+    if case == "not_images":
+        spec = tmp_path / "photos"
+        spec.mkdir()
+        for i in range(40):
+            (spec / f"p{i}.png").write_text("not an image")
+    elif case == "pickled_npy":
+        spec = tmp_path / "x.npy"
+        _pickled(spec)
+    elif case == "text_npy":
+        spec = tmp_path / "x.npy"
+        spec.write_text("1 2 3")
+    else:
+        spec = tmp_path / "x.npz"
+        spec.write_bytes(b"PK\x03\x04" + pickle.dumps("garbage"))
+    _one_error(capsys, [DEFAULT, "--ratios", '{"default": 0.3}', "--calib", spec, "--recover", "-o", tmp_path / "o.onnx"],
+               words)
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_pickled_training_data_is_one_line(tmp_path, capsys):
+    pytest.importorskip("onnx2torch")
+    _pickled(tmp_path / "x.npy")
+    _one_error(capsys, ["finetune", DEFAULT, "--data", tmp_path / "x.npy", "--teacher", DEFAULT, "-o", tmp_path / "t.onnx"],
+               "pickled Python objects")
+
+
+def test_weights_behind_identity_nodes_fine_tune(tmp_path, capsys):
+    """The legacy exporter shares a weight through Identity nodes; the importer
+    reads weights from initializers only, so they are made initializers first."""
+    pytest.importorskip("onnx2torch")
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
+             for n, s in (("w", (8, 3, 3, 3)), ("b", (8,)), ("w2", (4, 8, 1, 1)))]
+    nodes = [helper.make_node("Identity", ["b"], ["b_alias"]),
+             helper.make_node("Conv", ["x", "w", "b_alias"], ["h"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("Conv", ["r", "w2"], ["c"]), helper.make_node("GlobalAveragePool", ["c"], ["p"]),
+             helper.make_node("Flatten", ["p"], ["y"])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], inits)
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "m.onnx"))
+    np.save(tmp_path / "x.npy", rng.standard_normal((40, 3, 8, 8)).astype(np.float32))
+    rc = main(["finetune", str(tmp_path / "m.onnx"), "--data", str(tmp_path / "x.npy"), "--teacher", str(tmp_path / "m.onnx"),
+               "-o", str(tmp_path / "t.onnx"), "--max-steps", "2", "--batch-size", "8", "--keep-worse", "-q"])
+    assert rc == 0, capsys.readouterr().err
+    out = onnx.load(str(tmp_path / "t.onnx"))
+    assert not any(n.op_type == "Identity" for n in out.graph.node)
+    assert {i.name for i in out.graph.initializer} >= {"w", "b", "w2"}
