@@ -255,7 +255,7 @@ def test_gohsp_head_scores_by_hand():
     assert all((sc2.values[g.id] >= 0).all() and sc2.values[g.id].any() for g in a.groups if not g.frozen)
 
 
-# -- three heads of two dims, batches of 3: GOHSP's scores are not uniform, activation averages a head's dims --
+# -- three heads of two dims, batches of 4: GOHSP's scores are not uniform, activation averages a head's dims --
 ATT3 = ATT.replace("float[B,3,4] x", "float[B,3,6] x").replace("float[B,3,4] y", "float[B,3,6] y")
 
 
@@ -265,7 +265,8 @@ def _att3():
     m = _tiny(ATT3, w)
     for k, v in (("s4", [0, 3, 3, 2]), ("s3", [0, 3, 6])):
         m.graph.initializer.append(numpy_helper.from_array(np.array(v, np.int64), k))
-    xs = [rng.standard_normal((3, 3, 6)).astype(np.float32) for _ in range(2)]
+    # batches of 4 (not 3, the head count): the batch is split off axis 0 of the [B, heads, rows, dims] output
+    xs = [rng.standard_normal((4, 3, 6)).astype(np.float32) for _ in range(2)]
     return m, {k: v.astype(np.float32).astype(np.float64) for k, v in w.items()}, xs
 
 
@@ -293,7 +294,7 @@ def test_gohsp_three_heads_by_hand():
     want = _stationary(vec)
     assert np.ptp(want) > 1e-3  # three heads: not uniform
     np.testing.assert_allclose(sc.values[heads.id], want, atol=1e-6)
-    assert sc.gohsp[heads.id]["samples"] == 6
+    assert sc.gohsp[heads.id]["samples"] == 8
 
 
 def test_activation_of_heads_is_the_mean_over_their_dims():
@@ -313,3 +314,25 @@ def test_score_groups_default_seed_is_zero():
     g = _only(a)
     sc = C.score_groups(a.ctx, a.groups, {"default": "random"})
     np.testing.assert_array_equal(sc.values[g.id], np.random.default_rng(0).random(g.width))
+
+
+def test_l2_of_a_quantized_weight_reads_its_dequantized_values():
+    q1 = np.array(RNG.integers(-100, 100, (4, 3, 1, 1)), np.int8)
+    s1, z1 = np.array([0.1, 0.02, 0.3, 0.05], np.float32), np.array([3, -2, 5, 0], np.int8)
+    w2 = RNG.standard_normal((2, 4, 1, 1)).astype(np.float32)
+    m = onnx.parser.parse_model("""<ir_version: 8, opset_import: ["" : 17]>
+g (float[1,3,4,4] x) => (float[1,2,4,4] y) {
+  w1 = DequantizeLinear <axis=0> (q1, s1, z1)
+  [c1] h = Conv (x, w1)
+  r = Relu (h)
+  [c2] y = Conv (r, w2)
+}""")
+    for k, v in (("q1", q1), ("s1", s1), ("z1", z1), ("w2", w2)):
+        m.graph.initializer.append(numpy_helper.from_array(v, k))
+    a, sc = _scores(m, "l2")
+    g = _only(a)
+    deq = (q1.astype(np.float64) - z1[:, None, None, None]) * s1.astype(np.float64)[:, None, None, None]
+    # channel c: row c of the dequantized weight, its scale (a float member), column c of w2; the int8 zero
+    # point is not a float tensor and adds nothing
+    want = np.sqrt((deq ** 2).sum((1, 2, 3)) + s1.astype(np.float64) ** 2 + (w2.astype(np.float64) ** 2).sum((0, 2, 3)))
+    np.testing.assert_allclose(sc.values[g.id], want, rtol=1e-5)

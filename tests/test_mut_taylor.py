@@ -11,7 +11,9 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-import onnxprune.torchbridge.importer  # noqa: F401  (loaded once, before the tests)
+import onnx2torch  # noqa: F401  (loaded once, at collection: the importer loads it on first use, seconds)
+import onnxprune.torchbridge.importer  # noqa: F401
+from onnxprune import runtime  # noqa: F401  (onnxruntime, for the captures)
 from onnxprune.api import analyze
 from onnxprune.plan.importance import criteria as C
 from onnxprune.plan.importance import recon
@@ -144,29 +146,31 @@ def test_the_first_output_is_the_logits():
         np.testing.assert_allclose(sc.values[g.id], want[kind], rtol=1e-4)
 
 
-def test_sequence_logits_are_flattened():
-    # logits [B, T, 3] with labels [B, T]: cross-entropy over every position
+@pytest.mark.parametrize("labelled", [True, False])
+def test_sequence_logits_are_flattened(labelled):
+    # logits [B, T, 3] with labels [B, T] (else the argmax at each position): cross-entropy over every position
     rng = np.random.default_rng(8)
     w = {"w1": rng.standard_normal((6, 5)), "w2": rng.standard_normal((5, 3))}
-    m = _tiny("""g (float[2,3,6] x) => (float[2,3,3] y) {
+    m = _tiny("""g (float[2,4,6] x) => (float[2,4,3] y) {
   [fc1] h = MatMul (x, w1)
   r = Relu(h)
   [fc2] y = MatMul (r, w2)
 }""", w)
     w = {k: np.asarray(v, np.float32).astype(np.float64) for k, v in w.items()}
-    xs = [rng.standard_normal((2, 3, 6)).astype(np.float32) for _ in range(2)]
-    ys = [rng.integers(0, 3, (2, 3)) for _ in range(2)]
+    xs = [rng.standard_normal((2, 4, 6)).astype(np.float32) for _ in range(2)]
+    ys = [rng.integers(0, 3, (2, 4)) for _ in range(2)] if labelled else None
     tot = {"w1": 0, "w2": 0}
-    for x, y in zip(xs, ys):
-        x2, y2 = x.reshape(6, 6).astype(np.float64), y.reshape(6)
+    for k, x in enumerate(xs):
+        x2 = x.reshape(8, 6).astype(np.float64)
         h = x2 @ w["w1"]
         r = np.maximum(h, 0)
         z = r @ w["w2"]
+        y2 = ys[k].reshape(8) if labelled else z.argmax(1)
         p = np.exp(z - z.max(1, keepdims=True))
         p /= p.sum(1, keepdims=True)
         q = np.full_like(p, 0.1 / 3)
-        q[np.arange(6), y2] += 0.9
-        dz = (p - q) / 6
+        q[np.arange(8), y2] += 0.9
+        dz = (p - q) / 8
         tot["w2"] = tot["w2"] + r.T @ dz
         tot["w1"] = tot["w1"] + x2.T @ ((dz @ w["w2"].T) * (h > 0))
     want = np.abs(w["w1"] * tot["w1"]).sum(0) + np.abs(w["w2"] * tot["w2"]).sum(1)
@@ -174,6 +178,48 @@ def test_sequence_logits_are_flattened():
     (g,) = [g for g in a.groups if not g.frozen]
     sc = C.score_groups(a.ctx, a.groups, {"default": "taylor"}, proto=m, calib=Calibration(xs, ys, "test"))
     np.testing.assert_allclose(sc.values[g.id], want, rtol=1e-4)
+
+
+def test_gemm_weights_held_transposed():
+    # Gemm without transB: torch holds B [in, out] as a Linear weight [out, in]; the scores are in ONNX layout
+    rng = np.random.default_rng(12)
+    w = {"w1": rng.standard_normal((6, 5)), "b1": rng.standard_normal(5) * 0.3, "w2": rng.standard_normal((5, 3))}
+    m = _tiny("""g (float[4,6] x) => (float[4,3] y) {
+  [fc1] h = Gemm (x, w1, b1)
+  r = Relu(h)
+  [fc2] y = Gemm (r, w2)
+}""", w)
+    w = {k: np.asarray(v, np.float32).astype(np.float64) for k, v in w.items()}
+    xs = [rng.standard_normal((4, 6)).astype(np.float32) for _ in range(2)]
+    ys = [np.array([0, 1, 2, 0]), np.array([2, 1, 1, 0])]
+    tot = {"w1": 0, "b1": 0, "w2": 0}
+    for x, y in zip(xs, ys):
+        x = x.astype(np.float64)
+        h = x @ w["w1"] + w["b1"]
+        r = np.maximum(h, 0)
+        z = r @ w["w2"]
+        p = np.exp(z - z.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        q = np.full_like(p, 0.1 / 3)
+        q[np.arange(4), y] += 0.9
+        dz = (p - q) / 4
+        dh = (dz @ w["w2"].T) * (h > 0)
+        tot["w2"] = tot["w2"] + r.T @ dz
+        tot["w1"] = tot["w1"] + x.T @ dh
+        tot["b1"] = tot["b1"] + dh.sum(0)
+    want = np.abs(w["w1"] * tot["w1"]).sum(0) + np.abs(w["b1"] * tot["b1"]) + np.abs(w["w2"] * tot["w2"]).sum(1)
+    a = analyze(m)
+    (g,) = [g for g in a.groups if not g.frozen]
+    sc = C.score_groups(a.ctx, a.groups, {"default": "taylor"}, proto=m, calib=Calibration(xs, ys, "test"))
+    np.testing.assert_allclose(sc.values[g.id], want, rtol=1e-4)
+
+
+def test_calibration_message_names_every_data_criterion():
+    m, _ = _net(0)
+    a = analyze(m)
+    with pytest.raises(C.UserError) as e:
+        C.score_groups(a.ctx, a.groups, {"channels": "taylor", "mlp": "activation"}, proto=m, calib=None)
+    assert str(e.value) == "importance activation, taylor needs calibration data: --calib DIR | FILE.npy | synthetic"
 
 
 def test_dead_relu_falls_back():
