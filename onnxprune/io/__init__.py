@@ -587,12 +587,13 @@ def normalize(model: ir.Model) -> int:
     return fold_static_shapes(model)
 
 
-def weights_as_initializers(model: ir.Model) -> None:
-    """Turn ``Constant`` nodes into initializers and drop ``Identity`` nodes that
-    only re-name an initializer (the legacy exporter's deduplication), so every
-    constant a rule sees is an initializer with ``const_value``."""
+def weights_as_initializers(model: ir.Model, constants: bool = True) -> None:
+    """Turn ``Constant`` nodes into initializers (unless ``constants`` is false)
+    and drop ``Identity`` nodes that only re-name an initializer (the legacy
+    exporter's deduplication), so every constant a rule sees is an initializer
+    with ``const_value``."""
     g = model.graph
-    for node in list(g):
+    for node in list(g) if constants else ():
         if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and not node.outputs[0].is_graph_output():
             a = next(iter(node.attributes.values()))
             val = _constant_value(a)

@@ -135,9 +135,10 @@ def import_onnx(model: str | onnx.ModelProto, seed: int = 0) -> Imported:
     import torch
 
     proto = io.read_proto(model) if isinstance(model, str) else model
-    if any(n.op_type in ("Constant", "Identity") for n in proto.graph.node):  # onnx2torch reads weights from initializers
+    inits = {i.name for i in proto.graph.initializer}
+    if any(n.op_type == "Identity" and n.input[0] in inits for n in proto.graph.node):  # onnx2torch: weights are initializers
         m = ir.serde.deserialize_model(proto)
-        io.weights_as_initializers(m)
+        io.weights_as_initializers(m, constants=False)
         proto = ir.serde.serialize_model(m)
     train, stats, frozen = classify(proto)
     # fingerprint copy: every candidate gets distinct random values
