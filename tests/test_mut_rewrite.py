@@ -69,11 +69,11 @@ def snapshot(p):
 
 
 def rewrite(m, keep_by_node, journal=True):
-    """Analyse ``m``, rewrite with ``{node name: kept channels}`` (the live group holding that node's weight);
-    returns the analysis, the count apply_plan reports, the rewritten proto and the journal."""
+    """Analyse ``m`` and rewrite it with ``{node name | (node, slot, axis): kept channels}`` (the live group with
+    that member); with a journal, undo and check the model is back as it was. Returns the analysis, the count
+    apply_plan reports and the rewritten proto."""
     a = analyze(m)
-    keep = {of(a, n, *(k if isinstance(k, tuple) else (1,))).id: np.array(v) for k, v in keep_by_node.items()
-            for n in [k[0] if isinstance(k, tuple) else k]}
+    keep = {of(a, *(k if isinstance(k, tuple) else (k,))).id: np.array(v) for k, v in keep_by_node.items()}
     before = snapshot(io.full_proto(a.model))
     j = Journal() if journal else None
     n = apply_plan(a.ctx, keep, j)
@@ -121,17 +121,20 @@ def test_keeping_every_channel_changes_nothing():
 
 
 def test_large_tensors_are_sliced_lazily():
-    w = {"w1": W(64, 3, 3, 3), "b1": W(64), "w2": W(4, 64, 1, 1)}
+    w = {"w1": W(64, 3, 3, 3), "b1": W(64), "w2": W(16, 64, 1, 1)}
     m = make("""[c1] h = Conv <pads=[1,1,1,1]> (x, w1, b1)
   r = Relu(h)
-  [c2] y = Conv (r, w2)""", w)
+  [c2] y = Conv (r, w2)""", w, out="float[1,16,8,8] y")
     a = analyze(m)
     keep = np.arange(0, 64, 3)
     apply_plan(a.ctx, {of(a, "c1").id: keep})
-    consts = {v.name: v.const_value for v in a.model.graph.initializers.values()}
-    assert isinstance(consts["w1"], ir.LazyTensor) and consts["w1"].shape == ir.Shape([22, 3, 3, 3])
+    inits_ = a.model.graph.initializers
+    consts = {v.name: v.const_value for v in inits_.values()}
+    assert isinstance(consts["w1"], ir.LazyTensor) and consts["w1"].shape == ir.Shape([22, 3, 3, 3])  # 6912 bytes
     assert not isinstance(consts["b1"], ir.LazyTensor)  # 256 bytes: sliced at once
-    assert not isinstance(consts["w2"], ir.LazyTensor)  # 256 bytes after, 1 KiB before
+    assert not isinstance(consts["w2"], ir.LazyTensor)  # 4096 bytes before: still at once
+    assert inits_["w1"].shape == ir.Shape([22, 3, 3, 3]) and inits_["b1"].shape == ir.Shape([22])
+    assert inits_["w2"].shape == ir.Shape([16, 22, 1, 1])
     p = io.full_proto(a.model)
     np.testing.assert_array_equal(wt(p, "c1"), w["w1"][keep])
     np.testing.assert_array_equal(wt(p, "c1", 2), w["b1"][keep])
@@ -187,24 +190,36 @@ def test_reshape_constant(shape):
 
 
 def test_shared_shape_constant_is_copied_only_where_it_changes():
-    # two branches read one shape constant; only the first branch is pruned
-    w = {"w1": W(8, 3, 8, 8), "w2": W(8, 3, 8, 8), "shp": I64(0, 8), "wa": W(5, 8), "wb": W(5, 8)}
+    # three branches read one shape constant; only the first is pruned. The two unchanged uses come first
+    # (most uses first) and keep the original; the pruned one gets a copy
+    w = {f"w{i}": W(8, 3, 8, 8) for i in (1, 2, 3)} | {"shp": I64(0, 8)} | {f"f{i}": W(5, 8) for i in (1, 2, 3)}
+    body = "\n".join(f"""  [c{i}] a{i} = Conv (x, w{i})
+  r{i} = Relu(a{i})
+  [rs{i}] s{i} = Reshape(r{i}, shp)
+  [g{i}] y{i} = Gemm <transB=1> (s{i}, f{i})""" for i in (1, 2, 3))
+    m = make(body, w, out="float[N,5] y1, float[N,5] y2, float[N,5] y3", inp="float[N,3,8,8] x")
+    _, n, p = rewrite(m, {"c1": [0, 4, 5], "c2": list(range(8)), "c3": list(range(8))})
+    ins = {x.name: x.input[1] for x in p.graph.node if x.op_type == "Reshape"}
+    assert ins == {"rs1": "shp__pruned1", "rs2": "shp", "rs3": "shp"}
+    assert wt(p, "rs1").tolist() == [0, 3] and inits(p)["shp"].tolist() == [0, 8]
+    np.testing.assert_array_equal(wt(p, "g1"), w["f1"][:, [0, 4, 5]])
+    np.testing.assert_array_equal(wt(p, "c1"), w["w1"][[0, 4, 5]])
+    assert n == 3  # w1, f1 and the new shape constant
+
+
+def test_attribute_of_an_unchanged_conv_before_a_changed_one():
+    w = {"w1": W(8, 3, 1, 1), "d1": W(8, 1, 3, 3), "w2": W(6, 8, 1, 1), "d2": W(6, 1, 3, 3), "w3": W(4, 6, 1, 1)}
     m = make("""[c1] a = Conv (x, w1)
-  ra = Relu(a)
-  [ra_] fa = Reshape(ra, shp)
-  [fa_] y1 = Gemm <transB=1> (fa, wa)
-  [c2] b = Conv (x, w2)
-  rb = Relu(b)
-  [rb_] fb = Reshape(rb, shp)
-  [fb_] y2 = Gemm <transB=1> (fb, wb)""", w, out="float[N,5] y1, float[N,5] y2", inp="float[N,3,8,8] x")
-    a = analyze(m)
-    g1, g2 = of(a, "c1"), of(a, "c2")
-    _, n, p = rewrite(m, {"c1": [0, 4, 5], "c2": list(range(8))})
-    assert wt(p, "rb_").tolist() == [0, 8] and next(x for x in p.graph.node if x.name == "rb_").input[1] == "shp"
-    assert wt(p, "ra_").tolist() == [0, 3] and next(x for x in p.graph.node if x.name == "ra_").input[1] == "shp__pruned0"
-    np.testing.assert_array_equal(inits(p)["shp"], [0, 8])
-    assert n == 3  # w1, wa and the new shape constant
-    assert g1 is not g2
+  [dw1] b = Conv <group=8, pads=[1,1,1,1]> (a, d1)
+  r = Relu(b)
+  [c2] c = Conv (r, w2)
+  [dw2] d = Conv <group=6, pads=[1,1,1,1]> (c, d2)
+  r2 = Relu(d)
+  [c3] y = Conv (r2, w3)""", w)
+    _, n, p = rewrite(m, {"c1": list(range(8)), ("c2", 1, 0): [1, 5]})
+    assert attr(p, "dw1", "group") == 8 and attr(p, "dw2", "group") == 2
+    np.testing.assert_array_equal(wt(p, "dw2"), w["d2"][[1, 5]])
+    np.testing.assert_array_equal(wt(p, "c3"), w["w3"][:, [1, 5]])
 
 
 def test_split_sizes_constant_and_attribute():
@@ -396,3 +411,33 @@ def test_zero_removed_quantized_weight_takes_its_zero_point():
     got = inits(p)["q1"]
     assert got.dtype == np.int8
     np.testing.assert_array_equal(got, want)
+
+
+def test_zero_removed_skips_groups_not_in_keep_in_any_order():
+    m, w = _div_model()
+    a = analyze(m)
+    (g,) = live(a)
+    frozen = [x for x in a.groups if x.frozen]
+    zero_removed(a.ctx, frozen + [g], {g.id: np.arange(1, 8)})
+    p = io.full_proto(a.model)
+    w1 = w["w1"].copy()
+    w1[0] = 0
+    np.testing.assert_array_equal(wt(p, "c1"), w1)
+
+
+def test_zero_removed_consumer_only_without_consumer_members_zeroes_everywhere():
+    # the slice's "before" channels (0, 1) are computed by c1 and read by no one: no consumer member
+    w = {"w1": W(8, 3, 1, 1), "b1": W(8), "st": I64(-6), "en": I64(-2), "ax": I64(1), "w2": W(4, 4, 1, 1)}
+    m = make("""[c1] a = Conv (x, w1, b1)
+  r = Relu(a)
+  [sl] s = Slice(r, st, en, ax)
+  [c2] y = Conv (s, w2)""", w)
+    a = analyze(m)
+    before = min(live(a), key=lambda g: g.id)
+    assert before.width == 2 and not any(t.role == "in" for t in before.tensors)
+    zero_removed(a.ctx, [before], {before.id: np.array([0])}, consumer_only=frozenset({before.id}))
+    p = io.full_proto(a.model)
+    w1, b1 = w["w1"].copy(), w["b1"].copy()
+    w1[1], b1[1] = 0, 0
+    np.testing.assert_array_equal(wt(p, "c1"), w1)
+    np.testing.assert_array_equal(wt(p, "c1", 2), b1)
