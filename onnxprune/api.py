@@ -54,6 +54,17 @@ def load_plan(src, job: Job) -> Plan:
     return Plan.from_json(read_json(src, "plan"), job.groups, where)
 
 
+def resolve_plan(job: Job, ratios: Ratios | None = None, plan=None, calib=None, runtime=None,
+                 latency_table: str | None = None, progress=None) -> Plan:
+    """The one place a run gets its plan: ``plan`` (a plan file path, JSON text,
+    dict or :class:`Plan`) replayed on ``job``, or the plan ``ratios`` make
+    (budgets, latency targets and data-driven criteria included)."""
+    if plan is not None:
+        return plan if isinstance(plan, Plan) else load_plan(plan, job)
+    return job.plan(ratios if ratios is not None else Ratios(), calib, runtime=runtime, latency_table=latency_table,
+                    progress=progress)
+
+
 def prune(
     model,
     ratios: Ratios | dict | str | None = None,
@@ -77,10 +88,7 @@ def prune(
         ratios = ratios if isinstance(ratios, Ratios) else Ratios.load(ratios)
     shapes = {**(ratios.input_shapes if plan is None else {}), **io.parse_input_shapes(input_shapes)}
     job = model if isinstance(model, Job) else Job.open(model, shapes)
-    if plan is None:
-        plan = job.plan(ratios, calib, runtime=runtime, latency_table=latency_table)
-    elif not isinstance(plan, Plan):
-        plan = load_plan(plan, job)
+    plan = resolve_plan(job, ratios, plan, calib, runtime, latency_table)
     before, after = job.counts(), job.counts(plan)
     job.rewrite(plan)
     res = PruneResult(job, plan, before, after)
@@ -99,4 +107,4 @@ def save_pruned(res: PruneResult, out_path: str, in_path: str | None = None, che
     return res.checks
 
 
-__all__ = ["analyze", "prune", "validate", "save_pruned", "load_plan", "PruneResult", "Job"]
+__all__ = ["analyze", "prune", "validate", "save_pruned", "load_plan", "resolve_plan", "PruneResult", "Job"]

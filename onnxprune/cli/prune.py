@@ -41,17 +41,14 @@ def cmd_prune(args) -> str:
         ratios, note = ratios.for_recovery()
         if note:
             say(args, note)
-    if args.plan:
-        plan = api.load_plan(args.plan, job)
-    elif ratios.target_latency is not None:
+    rt = None
+    if ratios is not None and ratios.target_latency is not None:
         from onnxprune.plan.latency import Runtime
 
         args.bench = True  # a latency target ends with the measured speed-up of the written file
         rt = Runtime(args.provider, args.batch, args.threads, args.warmup, args.runs, shapes(args, ratios) or None)
         say(args, f"latency search on {args.provider} (batch {rt.key()['batch']}, {rt.key()['threads']} threads) ...")
-        plan = job.plan(ratios, calib, runtime=rt, latency_table=args.latency_table, progress=lambda m: say(args, m))
-    else:
-        plan = job.plan(ratios, calib)
+    plan = api.resolve_plan(job, ratios, args.plan, calib, rt, args.latency_table, lambda m: say(args, m))
     if not plan.keep:
         raise UserError(f"nothing to prune: {why_nothing(job, plan)}")
     if args.save_plan:
@@ -244,10 +241,7 @@ def cmd_verify(args) -> str:
         raise UserError(f"no such model file: {args.model}")
     ratios = Ratios.load(args.ratios) if args.ratios else None
     job = Job.open(args.model, shapes(args, ratios))
-    if args.plan:
-        plan = api.load_plan(args.plan, job)
-    else:
-        plan = job.plan(ratios, calib_data(args, job))
+    plan = api.resolve_plan(job, ratios, args.plan, None if args.plan else calib_data(args, job))
     rows = oracle(job, plan=plan, per_set=not args.no_per_set)
     say(args, oracle_table(rows))
     if args.json:

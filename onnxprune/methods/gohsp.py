@@ -319,7 +319,7 @@ def gohsp(model: str, opts: GohspOptions) -> dict:
     import torch.nn.functional as F
 
     from onnxprune import io, runtime
-    from onnxprune.api import load_plan, validate
+    from onnxprune.api import resolve_plan, validate
     from onnxprune.plan.importance.calib import load as load_calib
     from onnxprune.pipeline import Job
     from onnxprune.plan import Plan, Ratios
@@ -357,10 +357,8 @@ def gohsp(model: str, opts: GohspOptions) -> dict:
         raise UserError("gohsp takes kind ratios (heads, head_dim, mlp), not a target")
     a = Job.open(model)
     normalised = a.data_proto()
-    if opts.plan is not None:
-        plan = load_plan(opts.plan, a)
-    else:
-        plan = a.plan(ratios, load_calib(opts.data, normalised, opts.calib_batches, 32))
+    plan = resolve_plan(a, ratios, opts.plan,
+                        None if opts.plan is not None else load_calib(opts.data, normalised, opts.calib_batches, 32))
     imp = import_onnx(normalised, seed=opts.seed)
     structs = build_structures(a, plan, imp)
     if not structs:
