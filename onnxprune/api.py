@@ -100,8 +100,7 @@ def prune(
 
 def save_pruned(res: PruneResult, out_path: str, in_path: str | None = None, check: bool = True) -> dict:
     """Stream the pruned model to ``out_path`` and validate the written file."""
-    io.refuse_overwrite(out_path, in_path)
-    checks = res.job.save(out_path, check=check)
+    checks = res.job.save(out_path, check=check, inputs=(in_path,))
     if checks:
         res.checks = checks
     return res.checks

@@ -201,11 +201,11 @@ class Job:
             j.undo()
 
     # -- output -------------------------------------------------------------------------
-    def save(self, path: str, check: bool = True) -> dict:
+    def save(self, path: str, check: bool = True, inputs: tuple = ()) -> dict:
         """Write the (rewritten) model to ``path`` by streaming its tensors, then
         validate the written file; nothing is left at ``path`` if that fails.
-        Returns the validation facts."""
-        io.refuse_overwrite(path, self.source)
+        ``path`` may be neither the input nor any of ``inputs``. Returns the validation facts."""
+        io.refuse_overwrite(path, self.source, *inputs)
         d = os.path.dirname(os.path.abspath(path))
         fd, tmp = tempfile.mkstemp(prefix=".onnxprune-", suffix=".onnx", dir=d)
         os.close(fd)

@@ -82,3 +82,21 @@ def test_weights_behind_identity_nodes_fine_tune(tmp_path, capsys):
     out = onnx.load(str(tmp_path / "t.onnx"))
     assert not any(n.op_type == "Identity" for n in out.graph.node)
     assert {i.name for i in out.graph.initializer} >= {"w", "b", "w2"}
+
+
+def test_saving_over_the_named_input_is_refused(tmp_path):
+    """``save_pruned`` of a model pruned from a proto still refuses the input path it is told."""
+    import shutil
+
+    from onnxprune.api import prune, save_pruned
+    from onnxprune.errors import UserError
+
+    path = tmp_path / "m.onnx"
+    shutil.copy(DEFAULT, path)
+    before = path.read_bytes()
+    res = prune(onnx.load(str(path)), {"default": 0.3})
+    with pytest.raises(UserError, match="never overwrites its input"):
+        save_pruned(res, str(path), in_path=str(path))
+    assert path.read_bytes() == before
+    save_pruned(res, str(tmp_path / "out.onnx"), in_path=str(path))
+    assert (tmp_path / "out.onnx").exists()
