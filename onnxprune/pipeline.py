@@ -183,6 +183,16 @@ class Job:
         self.rewritten = True
         return self.model
 
+    def adopt(self, proto: onnx.ModelProto) -> None:
+        """Continue with ``proto``: this job's rewritten model after a stage that
+        edits a copy of it (recovery re-fits weights and may insert bias ``Add``
+        nodes). ``ctx`` and ``groups`` still describe the model as analysed."""
+        if not self.rewritten:
+            raise RuntimeError("adopt() follows rewrite(): the analysis must not describe a model it did not plan")
+        external = self.model.graph.meta.get("external_input")
+        self.model = ir.serde.deserialize_model(proto)
+        self.model.graph.meta["external_input"] = external  # the output keeps the input's storage choice
+
     @contextmanager
     def edited(self, keep: dict[int, np.ndarray], zero: bool = False, prune: bool = False, consumer_only=frozenset()):
         """Temporarily zero the removed channels (see :func:`rewrite.zero_removed`)

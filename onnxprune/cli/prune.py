@@ -120,8 +120,6 @@ def calib_data(args, job):
 
 def run_recovery(args, job, plan, original, calib) -> list:
     """Closed-form recovery of the rewritten model in ``job`` (see onnxprune.recover)."""
-    import onnx_ir as ir
-
     from onnxprune import io
     from onnxprune.recover import format_rows, recover
 
@@ -129,7 +127,7 @@ def run_recovery(args, job, plan, original, calib) -> list:
     stats: dict = {}
     rec, rows = recover(original, io.full_proto(job.model), job.ctx, plan.keep, calib, method=args.recover,
                         progress=not args.quiet, stats=stats)
-    job.model = ir.serde.deserialize_model(rec)
+    job.adopt(rec)
     say(args, format_rows(rows))
     if "run_s" in stats:
         say(args, f"recovery time: {stats['run_s']:.1f}s in ONNX Runtime ({stats['levels']} levels, "
