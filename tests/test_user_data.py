@@ -100,3 +100,22 @@ def test_saving_over_the_named_input_is_refused(tmp_path):
     assert path.read_bytes() == before
     save_pruned(res, str(tmp_path / "out.onnx"), in_path=str(path))
     assert (tmp_path / "out.onnx").exists()
+
+
+def test_a_job_adopts_a_recovered_model_only_after_its_rewrite(tmp_path):
+    from onnxprune.pipeline import Job
+    from onnxprune.plan import Ratios
+
+    job = Job.open(DEFAULT)
+    plan = job.plan(Ratios.from_dict({"default": 0.3}))
+    with pytest.raises(RuntimeError, match="follows rewrite"):
+        job.adopt(onnx.load(DEFAULT))
+    job.rewrite(plan)
+    refit = job.data_proto()
+    w = next(t for t in refit.graph.initializer if len(t.dims) == 4)
+    arr = numpy_helper.to_array(w) * 2.0  # a re-fitted weight
+    w.CopyFrom(numpy_helper.from_array(arr, w.name))
+    job.adopt(refit)
+    job.save(str(tmp_path / "out.onnx"))
+    out = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(tmp_path / "out.onnx")).graph.initializer}
+    assert np.array_equal(out[w.name], arr)
