@@ -11,7 +11,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxprune.runtime import session
-from onnxprune.runtime.capture import Frontier, capture
+from onnxprune.runtime.capture import Frontier, capture, exposed
 
 
 def _chain(depth=6, width=8, seed=0):
@@ -93,3 +93,17 @@ def test_spilled_values_are_the_same_and_the_folder_is_removed():
 def test_unknown_value_is_an_error():
     with pytest.raises(KeyError):
         Frontier(_chain(), _feeds()).get(["nope"])
+
+
+def test_exposed_returns_intermediate_values_computed_by_hand():
+    model = _chain(depth=2)
+    x = _feeds(1)[0]["x"]
+    w = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    a0 = np.maximum(x @ w["W0"], 0) + x  # by hand: the first block's output
+    m1 = a0 @ w["W1"]
+    n_out = len(model.graph.output)
+    got = exposed(model, ["a0", "m1"]).run(["a0", "m1"], {"x": x})
+    assert np.allclose(got[0], a0, atol=1e-5) and np.allclose(got[1], m1, atol=1e-5)
+    assert len(model.graph.output) == n_out  # a copy gained the outputs
+    exposed(model, ["a0", "a0"], copy=False)
+    assert [o.name for o in model.graph.output] == ["y", "a0"]  # the model itself, each value once

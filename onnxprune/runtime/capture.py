@@ -186,10 +186,26 @@ class Frontier:
         self.close()
 
 
+def exposed(proto: onnx.ModelProto, names: list[str], threads: int | None = 1, copy: bool = True):
+    """An ORT session of ``proto`` (a copy unless ``copy`` is false: then ``proto``
+    itself gains the outputs) whose outputs include the values ``names``, any
+    intermediate value: ``session.run(names, feed)`` returns them."""
+    if copy:
+        p = onnx.ModelProto()
+        p.CopyFrom(proto)
+        proto = p
+    have = {o.name for o in proto.graph.output}
+    for n in names:
+        if n not in have:
+            proto.graph.output.append(helper.make_empty_tensor_value_info(n))
+            have.add(n)
+    return session(proto, threads=threads)
+
+
 def capture(proto: onnx.ModelProto, names: list[str], feeds: list[dict], threads: int = 0) -> dict[str, list[np.ndarray]]:
     """``{name: [array per batch]}``: the values ``names`` of ``proto`` on each feed."""
     with Frontier(proto, feeds, threads, budget=1 << 62) as f:
         return {k: list(v) for k, v in f.get(list(names)).items()}
 
 
-__all__ = ["Frontier", "capture"]
+__all__ = ["Frontier", "capture", "exposed"]

@@ -155,17 +155,9 @@ def _av_site(ctx: Analysis, g: Group):
 
 def _capture(proto: onnx.ModelProto, names: list[str], calib, threads: int | None = None):
     """Yield ``(batch index, {name: array})`` with the named values exposed as outputs."""
-    from onnxprune import runtime
+    from onnxprune.runtime.capture import exposed
 
-    p = onnx.ModelProto()
-    p.CopyFrom(proto)
-    inferred = io.infer(p)
-    types = {vi.name: vi.type.tensor_type.elem_type for vi in list(inferred.graph.value_info) + list(inferred.graph.output)}
-    have = {o.name for o in p.graph.output}
-    for n in names:
-        if n not in have:
-            p.graph.output.append(onnx.helper.make_tensor_value_info(n, types.get(n, onnx.TensorProto.FLOAT), None))
-    sess = runtime.session(p, threads=threads or 0)
+    sess = exposed(proto, names, threads or 0)
     inputs = [i.name for i in sess.get_inputs()]
     for k in range(len(calib.batches)):
         outs = sess.run(names, calib.feed(k, inputs))
