@@ -188,6 +188,12 @@ REASONS: list[tuple[str, str, str, str]] = [
      "site whose axis merges a dynamic dimension with the channels in the tests"),
     ("criteria.py", "raise RuntimeError(f\"cannot separate the batch", "", "gap: the message of an internal check "
      "is not pinned"),
+    ("criteria.py", "or arr.ndim <= m.axis:", "arr.ndim < m.axis", "equivalent: a member's axis is within its "
+     "tensor's rank"),
+    ("criteria.py:_data_scores", 'want[g.id] = "l2"', "", "gap: no group without a site to capture in the tests "
+     "(its l2 fallback)"),
+    ("criteria.py:_data_scores", 'out.values[g.id] = magnitude(ctx, g, "l2")', "", "gap: no group without a site "
+     "to capture in the tests (its l2 fallback)"),
     ("criteria.py", "if arr is None or not np.issubdtype(arr.dtype, np.floating) or arr.ndim <= m.axis:", "",
      "gap: no member without a float constant in the fast selection"),
     ("criteria.py", "to capture; l2 used", "", "gap: no group without a site to capture in the fast selection"),
