@@ -239,9 +239,9 @@ def test_attention_kv_cache_is_frozen_with_a_reason():
 def test_attention_scale_must_be_pinned(monkeypatch):
     """Without the load-time pin, q/k head dims are frozen; claiming them exact
     anyway makes the oracle fail (the default scale follows the pruned D)."""
-    from onnxprune import io as io_mod
+    from onnxprune.io import passes
 
-    monkeypatch.setattr(io_mod, "_pin_ms_attention", lambda node: None)
+    monkeypatch.setattr(passes, "_pin_ms_attention", lambda node: None)
     m = attention_model()
     job = analyze(m)
     (qd,) = [g for g in job.groups if g.kind == "head_dim"]  # q, k, v share D without qkv_hidden_sizes
