@@ -199,3 +199,20 @@ def test_a_slow_speedup_with_odd_widths_suggests_round_to(tmp_path, capsys, monk
     assert rc == 0
     text = capsys.readouterr().err
     assert ("try \"round_to\": 8" in text) == warned, text
+
+
+@pytest.mark.parametrize("final_speedup,warned", [(1 / 0.85, True), (1 / 0.74, False)])
+def test_a_written_model_slower_than_its_target_is_reported(tmp_path, capsys, monkeypatch, final_speedup, warned):
+    """The search met 70%; the bench of the written file decides what is said."""
+    from onnxprune.runtime import bench as B
+
+    def fake_bench(models, **kw):
+        s = final_speedup if len(models) == 2 and isinstance(models[1], tuple) and models[1][0] == "pruned" else 1 / 0.69
+        return [B.BenchRow("original", 8, 10.0, 10.0, 10.0, 10.0, 800.0, 1, 1, None, 1.0, times_ms=[10.0] * 3),
+                B.BenchRow("x", 8, 10.0 / s, 0, 0, 0, 800.0 * s, 1, 1, None, s, times_ms=[10.0 / s] * 3)]
+
+    monkeypatch.setattr(B, "bench", fake_bench)
+    rc = main([DEFAULT, "--ratios", '{"target_latency": "70%"}', "-o", str(tmp_path / "p.onnx")])
+    assert rc == 0
+    err = capsys.readouterr().err
+    assert ("more than 10% over the target 70.0%" in err) == warned, err
