@@ -67,6 +67,9 @@ BAD = [
     (["MODEL", "--ratios", '{"default":0.5}', "-o", "MODEL"], "overwrite"),
     (["gohsp", "MODEL", "--data", "nowhere"], "--ratios"),
     (["gohsp", "MODEL", "--data", "nowhere", "--sparsity", "1.5"], "[0, 1)"),
+    (["gohsp", "MODEL", "--data", "nowhere", "--ratios", '{"target_latency": "50%"}'], "not a target"),
+    (["MODEL", "--ratios", '{"target_latency": "50%", "target_macs": 0.5}'], "not both"),
+    (["MODEL", "--ratios", '{"target_latency": "soon"}'], "target_latency must be"),
 ]
 
 

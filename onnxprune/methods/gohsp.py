@@ -353,7 +353,7 @@ def gohsp(model: str, opts: GohspOptions) -> dict:
         kinds.update({"head_dim": 0.5, "mlp": 0.5})
         rdict["kinds"] = kinds
     ratios = Ratios.from_dict(rdict)
-    if ratios.target is not None:
+    if ratios.target is not None or ratios.target_latency is not None:
         raise UserError("gohsp takes kind ratios (heads, head_dim, mlp), not a target")
     a = Job.open(model)
     normalised = a.data_proto()
