@@ -62,6 +62,18 @@ def _axes(shape: list[int], io: str, slot: int, axes=None) -> list[Factor]:
     return [Factor(shape[a], (io, slot, a)) for a in axes]
 
 
+def _unknown_layer_shapes(p: onnx.ModelProto) -> bool:
+    """True when a layer's output has a dim shape inference could not make static."""
+    vis = {v.name: v for v in list(p.graph.value_info) + list(p.graph.output)}
+    for n in p.graph.node:
+        if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul") and n.output:
+            v = vis.get(n.output[0])
+            if v is None or not v.type.tensor_type.HasField("shape") or any(
+                    not d.HasField("dim_value") for d in v.type.tensor_type.shape.dim):
+                return True
+    return False
+
+
 def terms(proto: onnx.ModelProto) -> list[Term]:
     """Every params and MACs term of a model (shapes inferred on a copy at batch 1)."""
     from onnxprune.io import infer
@@ -73,6 +85,13 @@ def terms(proto: onnx.ModelProto) -> list[Term]:
             if not d.HasField("dim_value"):
                 d.dim_value = 1
     p = infer(p)
+    if _unknown_layer_shapes(p):  # shapes computed at run time (Shape -> Slice -> Pad ...): fold them, then infer
+        from onnxprune.io import skeleton, to_ir
+
+        try:
+            p = infer(skeleton(to_ir(p)))
+        except Exception:  # noqa: BLE001 - e.g. a dim no folding makes static: count with what inference gave
+            pass
     shapes = _shapes(p)
     inits = {i.name: i for i in p.graph.initializer}
     out: list[Term] = []
