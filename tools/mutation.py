@@ -219,9 +219,8 @@ REASONS: list[tuple[str, str, str, str]] = [
      "any chunking gives the same sums"),
     ("criteria.py", "if np.abs(s2 - s).sum() <= GOHSP_EPS:", "<", "equivalent: a step exactly at the tolerance "
      "never occurs"),
-    ("criteria.py", "threads=threads or 0", "", "equivalent: the thread count does not change the captured values"),
-    ("criteria.py", "make_tensor_value_info(n, types.get(n, onnx.TensorProto.FLOAT), None)", "", "equivalent: the "
-     "captured values' types come from the graph, the declared output type is not read back"),
+    ("criteria.py", "sess = exposed(proto, names, threads or 0)", "", "equivalent: the thread count does not change "
+     "the captured values"),
     ("criteria.py", "s = lay[ax] if lay and ax < len(lay) else None", "", "equivalent: ax ranges over the layout"),
     ("criteria.py", "if v is None or v.const_value is not None or v not in ctx.layouts:", "", "gap: every tested "
      "group's first member value is a captured activation"),
