@@ -32,7 +32,7 @@ RESULTS = ROOT / "tools" / "results" / "mutation.md"
 
 # module -> pytest arguments selecting its targeted fast tests
 MODULES = {
-    "onnxprune/core/metrics.py": ["tests/test_mut_metrics.py"],
+    "onnxprune/core/metrics.py": ["tests/test_mut_metrics.py", "tests/test_metrics_shapes.py"],
     "onnxprune/plan/budget.py": ["tests/test_mut_budget.py"],
     # test_mut_taylor imports torch at collection (mutmut's fork server loads it once), so its tests are fast
     "onnxprune/plan/importance/criteria.py": ["tests/test_mut_criteria.py", "tests/test_mut_taylor.py", "tests/test_importance.py",
