@@ -237,4 +237,6 @@ def test_model_over_2gb_in_and_out(tmp_path):
     skel = onnx.load(str(tmp_path / "small.onnx"), load_external_data=False)
     dims = {t.name: list(t.dims) for t in skel.graph.initializer}
     assert dims["w1"][1] == dims["w2"][0] == n - int(0.2 * n)
-    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 < weights  # the test process never loaded it
+    # the test process holds no copy of the weights (its lifetime peak, ru_maxrss, also counts earlier tests)
+    resident = int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
+    assert resident < weights / 2, (resident, weights)
