@@ -194,10 +194,16 @@ def test_shape_inference_runs_a_bounded_number_of_times(tmp_path):
 
 # -- over 2 GB ------------------------------------------------------------------------------
 
+def _resident() -> int:
+    """Bytes this process holds in memory now."""
+    return int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
+
+
 @pytest.mark.slow
 def test_model_over_2gb_in_and_out(tmp_path):
     """A 2.7 GB MLP with external (sparse, zero-filled) weights, pruned to a 2.15 GB one:
     external data in and out, peak memory well under the weights' size."""
+    resident0 = _resident()
     k, n = 16384, 20480
     data = tmp_path / "big.onnx.data"
     w1_bytes = k * n * 4
@@ -238,5 +244,4 @@ def test_model_over_2gb_in_and_out(tmp_path):
     dims = {t.name: list(t.dims) for t in skel.graph.initializer}
     assert dims["w1"][1] == dims["w2"][0] == n - int(0.2 * n)
     # the test process holds no copy of the weights (its lifetime peak, ru_maxrss, also counts earlier tests)
-    resident = int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
-    assert resident < weights / 2, (resident, weights)
+    assert _resident() - resident0 < weights / 4, (_resident(), resident0, weights)
