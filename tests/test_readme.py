@@ -177,7 +177,8 @@ def test_the_python_block_runs_as_written(stage):
     assert ns["res"].after["macs"] < ns["res"].before["macs"]
 
 
-def _run_usage(stage, key: str, capsys, subs) -> str:
+def _run_usage(stage, key: str, capsys, subs) -> tuple[list[str], int, str, str]:
+    """Runs the usage line ``key``; returns its argv, exit status, stdout and stderr."""
     argv = argv_of(USAGE[key], subs)
     if key == "prune:input-shape":
         _images_model(stage / "MODEL.onnx")
@@ -187,14 +188,16 @@ def _run_usage(stage, key: str, capsys, subs) -> str:
     capsys.readouterr()
     rc = main(argv)
     out, err = capsys.readouterr()
-    assert rc == 0, (argv, err)
-    assert out.strip().splitlines()[-1].startswith("PASSED |"), out
-    return out
+    return argv, rc, out, err
 
 
 @pytest.mark.parametrize("key", FAST_USAGE)
 def test_usage_line_runs(stage, capsys, key):
-    _run_usage(stage, key, capsys, FAST_SUBS)
+    argv, rc, out, err = _run_usage(stage, key, capsys, FAST_SUBS)
+    assert rc == 0, (argv, err)
+    assert out.strip().splitlines()[-1].startswith("PASSED |"), out
+    if "-o" in argv:  # the file the line asks for is written
+        assert (stage / argv[argv.index("-o") + 1]).exists(), argv
 
 
 def test_the_recovery_example_runs_as_written(stage, capsys):
@@ -221,7 +224,11 @@ def test_slow_usage_line_runs(stage, capsys, key):
         if key == "gohsp":
             assert main(["export", "timm:vit_tiny_patch16_224", "-o", "model.onnx", "--img-size", "32",
                          "--num-classes", "10", "-q"]) == 0
-    _run_usage(stage, key, capsys, subs)
+    argv, rc, out, err = _run_usage(stage, key, capsys, subs)
+    assert rc == 0, (argv, err)
+    assert out.strip().splitlines()[-1].startswith("PASSED |"), out
+    made = argv[argv.index("-o") + 1] if "-o" in argv else subs["DIR"] if key == "data" else None
+    assert made is None or (stage / made).exists(), argv
 
 
 # -- the tools' commands ------------------------------------------------------------------------

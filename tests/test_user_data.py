@@ -16,11 +16,10 @@ from onnxprune.cli import main
 DEFAULT = str(Path(__file__).resolve().parents[1] / "onnxprune" / "data" / "default_resnet.onnx")
 
 
-def _one_error(capsys, argv, words):
-    assert main([str(a) for a in argv]) == 1
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err and err[-1].startswith("onnxprune: error: ") and words in err[-1], err
-    assert "this is a bug" not in err[-1]
+def _run(capsys, argv) -> tuple[int, list[str]]:
+    """Exit status and stderr lines of the CLI on ``argv``."""
+    rc = main([str(a) for a in argv])
+    return rc, capsys.readouterr().err.strip().splitlines()
 
 
 def _pickled(path):
@@ -49,16 +48,19 @@ def test_bad_calibration_data_is_one_line(tmp_path, capsys, case, words):
     else:
         spec = tmp_path / "x.npz"
         spec.write_bytes(b"PK\x03\x04" + pickle.dumps("garbage"))
-    _one_error(capsys, [DEFAULT, "--ratios", '{"default": 0.3}', "--calib", spec, "--recover", "-o", tmp_path / "o.onnx"],
-               words)
+    rc, err = _run(capsys, [DEFAULT, "--ratios", '{"default": 0.3}', "--calib", spec, "--recover", "-o", tmp_path / "o.onnx"])
+    assert rc == 1 and err and err[-1].startswith("onnxprune: error: ") and words in err[-1], err
+    assert "this is a bug" not in err[-1]
     assert not (tmp_path / "o.onnx").exists()
 
 
 def test_pickled_training_data_is_one_line(tmp_path, capsys):
     pytest.importorskip("onnx2torch")
     _pickled(tmp_path / "x.npy")
-    _one_error(capsys, ["finetune", DEFAULT, "--data", tmp_path / "x.npy", "--teacher", DEFAULT, "-o", tmp_path / "t.onnx"],
-               "pickled Python objects")
+    rc, err = _run(capsys, ["finetune", DEFAULT, "--data", tmp_path / "x.npy", "--teacher", DEFAULT, "-o", tmp_path / "t.onnx"])
+    assert rc == 1 and err and err[-1].startswith("onnxprune: error: ") and "pickled Python objects" in err[-1], err
+    assert "this is a bug" not in err[-1]
+    assert not (tmp_path / "t.onnx").exists()
 
 
 def test_weights_behind_identity_nodes_fine_tune(tmp_path, capsys):
