@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)
 
 from common import md, write_results  # noqa: E402
-from pretrained_recovery import CACHE, build_model, compare, crops, logits, photo_files, run  # noqa: E402
+from pretrained_recovery import CACHE, compare, crops, logits, model_and_photos, run  # noqa: E402
 
 
 def parser() -> argparse.ArgumentParser:
@@ -46,11 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     from onnxprune.runtime.bench import bench
 
-    os.makedirs(CACHE, exist_ok=True)
-    model = os.path.join(CACHE, "lite0.onnx")
-    if not os.path.exists(model):
-        build_model(model)
-    files = photo_files()
+    model, files = model_and_photos()
     rng = np.random.default_rng(0)
     work = os.path.join(CACHE, "latency")
     os.makedirs(work, exist_ok=True)

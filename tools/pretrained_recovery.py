@@ -142,6 +142,15 @@ def run(*args) -> tuple[str, float]:
     return p.stdout.strip().splitlines()[-1], time.perf_counter() - t0
 
 
+def model_and_photos() -> tuple[str, list[str]]:
+    """The exported EfficientNet-Lite0 (built once into the cache) and the photo files."""
+    os.makedirs(CACHE, exist_ok=True)
+    model = os.path.join(CACHE, "lite0.onnx")
+    if not os.path.exists(model):
+        build_model(model)
+    return model, photo_files()
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser()
     ap.add_argument("--targets", default="0.9,0.7")
@@ -158,11 +167,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
-    os.makedirs(CACHE, exist_ok=True)
-    model = os.path.join(CACHE, "lite0.onnx")
-    if not os.path.exists(model):
-        build_model(model)
-    files = photo_files()
+    model, files = model_and_photos()
     rng = np.random.default_rng(0)
     cal_files, ev_files = (files, files) if args.split == "crops" else (files[0::2], files[1::2])
     work = os.path.join(CACHE, args.split)

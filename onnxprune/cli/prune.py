@@ -91,13 +91,13 @@ def cmd_prune(args) -> str:
         latency = bench([model, ("pruned", out)], batch=args.batch, provider=args.provider, threads=args.threads,
                         warmup=args.warmup, runs=args.runs, progress=not args.quiet, input_shapes=shapes(args, ratios))
         say(args, table(latency))
+        eff = latency[1].speedup * a["macs"] / b["macs"] if b["macs"] else 1.0  # the speed-up / the MACs reduction
         t = plan.target or {}
         if t.get("metric") == "latency" and 1 / latency[1].speedup > 1.1 * t["target_ratio"]:
             log.warning("the written model measured %.1f%% of the original's time, more than 10%% over the target %.1f%% "
                         "(the search measured %.1f%%): timings on this machine vary; --runs N times longer",
                         100 / latency[1].speedup, 100 * t["target_ratio"], 100 * t["achieved_ratio"])
         odd = sorted({len(k) for k in plan.keep.values() if len(k) % 8})
-        eff = latency[1].speedup * a["macs"] / b["macs"] if b["macs"] else 1.0
         if odd and eff < 0.7:  # the shape of the peers' "pruned but not faster" reports
             log.warning("the speed-up is %.0f%% of the MACs reduction; %d kept widths are not multiples of 8 (e.g. %s), "
                         "which the %s kernels run slowly: try \"round_to\": 8 in the ratios", 100 * eff, len(odd),
@@ -109,9 +109,7 @@ def cmd_prune(args) -> str:
     if any(r.status == "FAIL" for r in rows):
         raise Failed(f"oracle failed; model written to {out}")
     removed = sum(g.width - len(plan.keep[g.id]) for g in groups if g.id in plan.keep)
-    speed = ""
-    if latency:  # efficiency: the speed-up as a share of the MACs reduction
-        speed = f", speed-up {latency[1].speedup:.2f}x (efficiency {latency[1].speedup * a['macs'] / b['macs']:.2f})"
+    speed = f", speed-up {latency[1].speedup:.2f}x (efficiency {eff:.2f})" if latency else ""
     return f"{removed} channels removed in {len(plan.keep)} groups, MACs {ratio(a['macs'], b['macs'])}{speed} -> {out}"
 
 

@@ -88,31 +88,26 @@ def _table_key(model: str, rt: Runtime, ratios: dict) -> str:
     return json.dumps({"model": model, **rt.key(), "ratios": ratios}, sort_keys=True)
 
 
-def read_table(path: str | None, key: str) -> list[tuple[float, float]]:
-    if not path or not os.path.exists(path):
-        return []
+def _read(path: str) -> dict[str, list[tuple[float, float]]]:
+    """A latency table: ``{key: [(MACs fraction, latency ratio), ...]}``, checked."""
     try:
         with open(path) as f:
             data = json.load(f)
-        return [(float(a), float(b)) for a, b in data.get(key, [])]
+        return {k: [(float(a), float(b)) for a, b in pts] for k, pts in data.items()}
     except (OSError, ValueError, TypeError, AttributeError):
-        raise UserError(f"--latency-table {path}: not a latency table written by onnxprune") from None
+        raise UserError(f"{path}: not a latency table written by onnxprune") from None
+
+
+def read_table(path: str | None, key: str) -> list[tuple[float, float]]:
+    """The points measured under ``key`` (none without a table file)."""
+    return _read(path).get(key, []) if path and os.path.exists(path) else []
 
 
 def load_table(path: str) -> list[dict]:
     """Every curve in a latency table: its runtime, ratios, model digest and points."""
     if not os.path.isfile(path):
         raise UserError(f"no such latency table: {path}")
-    try:
-        with open(path) as f:
-            data = json.load(f)
-        out = []
-        for key, pts in data.items():
-            k = json.loads(key)
-            out.append({**k, "points": sorted((float(a), float(b)) for a, b in pts)})
-        return out
-    except (OSError, ValueError, TypeError, AttributeError):
-        raise UserError(f"{path}: not a latency table written by onnxprune") from None
+    return [{**json.loads(k), "points": sorted(pts)} for k, pts in _read(path).items()]
 
 
 def table_text(entries: list[dict]) -> str:
@@ -153,10 +148,7 @@ def plot_table(entries: list[dict], path: str) -> None:
 def write_table(path: str | None, key: str, points: list[tuple[float, float]]) -> None:
     if not path:
         return
-    data = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            data = json.load(f)
+    data = _read(path) if os.path.exists(path) else {}
     data[key] = sorted(set(points))
     with open(path, "w") as f:
         json.dump(data, f, indent=1)

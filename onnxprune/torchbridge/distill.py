@@ -91,13 +91,13 @@ def load_arrays(spec: str, names: list[str]) -> list[np.ndarray]:
         if len(names) != 1:
             raise UserError(f"{spec}: the model has {len(names)} inputs ({', '.join(names)}); give a .npz with one array per input")
         return [io.read_array(spec)]
-    z = io.read_array(spec)
-    if all(n in list(z) for n in names):
+    z = io.read_array(spec)  # {name: array}
+    if all(n in z for n in names):
         arrs = [z[n] for n in names]
-    elif len(names) == 1 and len(list(z)) >= 1:
-        arrs = [z["x"] if "x" in list(z) else z[list(z)[0]]]
+    elif len(names) == 1 and z:
+        arrs = [z["x"] if "x" in z else next(iter(z.values()))]
     else:
-        raise UserError(f"{spec}: needs one array per model input ({', '.join(names)}); it has {', '.join(list(z))}")
+        raise UserError(f"{spec}: needs one array per model input ({', '.join(names)}); it has {', '.join(z)}")
     if len({len(a) for a in arrs}) != 1:
         raise UserError(f"{spec}: the input arrays have different sample counts")
     return arrs
