@@ -25,7 +25,7 @@ from onnxprune.rules import default_registry
 from onnxprune.core.groups import Group, build_groups, isomorphic_sets
 from onnxprune.validate.checks import feed_text, runs, validate
 from onnxprune.errors import UserError
-from onnxprune.plan import Plan, Ratios, compute_scores, make_plan
+from onnxprune.plan import Plan, Ratios, compute_scores, make_plan, plannable
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +124,8 @@ class Job:
             scores = self.scores(ratios, calib)
         if ratios.target_latency is not None:
             return self._latency_plan(ratios, calib, scores, runtime, latency_table, progress)
+        if ratios.scope == "damage":
+            return self._damage_plan(ratios, calib, scores, progress)
         if ratios.scope == "cost" and not scores.unit:
             scores.unit = self.unit_costs(ratios.target[0] if ratios.target else "macs")
         if ratios.target is None:
@@ -136,6 +138,74 @@ class Job:
             target = parse_target(requested, est.before[metric], metric)
             _, plan, _, info = solve(self.ctx, self.groups, ratios, target, est, scores)
             plan.target = info
+        plan.criteria = {g.kind: c for g in self.groups if g.id in scores.used for c in [scores.used[g.id]]}
+        plan.ratios_given = ratios.to_dict()
+        return plan
+
+    def _damage_plan(self, ratios: Ratios, calib, scores, progress) -> Plan:
+        """Scope ``damage`` (:mod:`onnxprune.plan.damage`): candidates rewritten in
+        memory and measured against the original on calibration samples."""
+        import time
+
+        from onnxprune.plan import damage
+        from onnxprune.plan.budget import parse_target
+        from onnxprune.runtime import session
+
+        if ratios.target is None:
+            raise UserError("scope 'damage' spends a budget: give target_macs or target_params in the ratios")
+        if calib is None:
+            raise UserError("scope 'damage' measures each candidate on calibration data: give --calib "
+                            "(unlabelled inputs are enough: DIR, FILE.npy/.npz or 'synthetic')")
+        t0 = time.perf_counter()
+        metric, requested = ratios.target
+        est = self.estimator
+        target = parse_target(requested, est.before[metric], metric)
+        base = ratios.base_for_target()
+        plan = Plan({}, {}, {}, {}, importance=scores)
+        pool = []
+        for g, r, _ in plannable(self.groups, base, plan):  # a ratio of 0 written for a group keeps it whole
+            plan.scores[g.id] = scores.values[g.id]
+            if r > 0:
+                pool.append(g)
+        feeds, n = [], 0
+        names = [i.name for i in io.data_inputs(self.skeleton())]
+        for k in range(len(calib.batches)):  # whole batches (a static batch dim is kept) up to SAMPLES
+            if n >= damage.SAMPLES:
+                break
+            feeds.append(calib.feed(k, names))
+            n += len(next(iter(feeds[-1].values())))
+        threads = os.cpu_count() or 1
+        original = self.data_proto()
+        sess = session(original, threads)
+        ref = [sess.run(None, fd) for fd in feeds]
+        del sess, original
+
+        def measure(keep) -> float:
+            with self.edited(keep, prune=True) as proto:
+                sess = session(proto, threads)
+                got = [sess.run(None, fd) for fd in feeds]
+            return float(np.mean([damage.output_damage(r, g) for r, g in zip(ref, got)]))
+
+        from onnxprune.report import Progress
+
+        bar = Progress(enabled=progress is not None)  # one throttled status line, not a line per candidate
+        order = {g.id: np.argsort(-scores.values[g.id], kind="stable") for g in pool}
+        keep, info = damage.allocate(pool, order, measure, est.estimate, metric, target.value,
+                                     round_to=ratios.round_to, progress=bar.show)
+        bar.show(f"scope damage: {info['measurements']} candidates measured", force=True)
+        for g in pool:
+            if g.id in keep:
+                plan.keep[g.id] = keep[g.id]
+                plan.ratios[g.id] = (1 - len(keep[g.id]) / g.width, "damage")
+            else:
+                plan.ratios[g.id] = (0.0, "damage")
+        achieved = est.estimate(plan.keep)[metric]
+        plan.target = {"metric": metric, "requested": requested, "target": target.value, "achieved": achieved,
+                       "before": est.before[metric], "error": (achieved - target.value) / target.value,
+                       "scope": "damage", "samples": n, "seconds": time.perf_counter() - t0,
+                       **{k: v for k, v in info.items() if k != "history"}, "steps_taken": info["history"]}
+        if not info["met"]:
+            log.warning("target_%s: not reached with scope 'damage' (every group at its limit)", metric)
         plan.criteria = {g.kind: c for g in self.groups if g.id in scores.used for c in [scores.used[g.id]]}
         plan.ratios_given = ratios.to_dict()
         return plan

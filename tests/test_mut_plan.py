@@ -123,7 +123,7 @@ def test_from_dict_reads_every_field():
     ({"round_to": 0}, "'round_to' must be a positive integer, got 0"),
     ({"round_to": True}, "'round_to' must be a positive integer, got True"),
     ({"round_to": 2.0}, "'round_to' must be a positive integer, got 2.0"),
-    ({"scope": "all"}, "unknown scope 'all' (scopes: isomorphic, global, local, cost)"),
+    ({"scope": "all"}, "unknown scope 'all' (scopes: isomorphic, global, local, cost, damage)"),
     ({"importance": 3}, "'importance' must be a criterion or an object {kind: criterion}"),
     ({"importance": {"blocks": "l2"}}, "importance: unknown kind 'blocks' (kinds: "),
     ({"importance": "fisher"}, "unknown importance 'fisher' (criteria: l2, l1, random, bn_scale, activation, taylor, hessian, "
@@ -146,8 +146,15 @@ def test_for_recovery_defaults_only_what_was_not_written():
     assert (r.importance, r.scope, r.default) == ("recon", "isomorphic", 0.3)
     assert said == "--recover: importance recon (set them in the ratios to override)"
     r, said = Ratios.from_dict({"target_macs": 0.5}).for_recovery()
+    assert (r.importance, r.scope) == ("l2", "damage")
+    assert said == "--recover: importance l2, scope damage (set them in the ratios to override)"
+    r, said = Ratios.from_dict({"target_latency": 0.5}).for_recovery()
     assert (r.importance, r.scope) == ("recon", "cost")
     assert said == "--recover: importance recon, scope cost (set them in the ratios to override)"
+    r, said = Ratios.from_dict({"target_params": 0.5, "scope": "damage"}).for_recovery()
+    assert (r.importance, r.scope, said) == ("l2", "damage", "--recover: importance l2 (set them in the ratios to override)")
+    r, said = Ratios.from_dict({"target_params": 0.5, "scope": "cost"}).for_recovery()
+    assert (r.importance, r.scope) == ("recon", "cost")
     r, said = Ratios.from_dict({"target_macs": 0.5, "importance": "l1", "scope": "local"}).for_recovery()
     assert (r.importance, r.scope, said) == ("l1", "local", "")
     base = Ratios.from_dict({"importance": "l1"})

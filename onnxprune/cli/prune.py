@@ -182,6 +182,10 @@ def target_text(t: dict) -> str:
         from onnxprune.plan.latency import target_text as latency_text
 
         return latency_text(t)
+    if t.get("scope") == "damage":
+        from onnxprune.plan.damage import target_text as damage_text
+
+        return damage_text(t)
     used = t["ratios_used"]
     parts = [f"default {used['default']:.4f}"] if used.get("default") else []
     for key in ("kinds", "sets", "layers"):

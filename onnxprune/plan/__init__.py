@@ -19,7 +19,7 @@ from onnxprune.errors import UserError
 from onnxprune.plan.importance.criteria import CRITERIA as IMPORTANCES
 from onnxprune.plan.importance.criteria import Scores, score_groups
 
-SCOPES = ("isomorphic", "global", "local", "cost")
+SCOPES = ("isomorphic", "global", "local", "cost", "damage")
 
 
 def read_json(src: str | dict, what: str) -> dict:
@@ -69,19 +69,25 @@ class Ratios:
     given: frozenset = frozenset()  # the fields the user wrote
 
     def for_recovery(self) -> tuple["Ratios", str]:
-        """The ratios a ``--recover`` run uses: ``importance`` defaults to
-        ``recon`` (the error left after the re-fit) and, under a MACs/params
-        budget, ``scope`` to ``cost`` (the budget goes where that error per
-        MAC is lowest). Fields the user wrote are kept. Returns the ratios and
-        a line saying what was defaulted ("" when nothing)."""
+        """The ratios a ``--recover`` run uses. Under a MACs/params budget:
+        ``scope`` ``damage`` (the budget goes where the measured output damage
+        per MAC saved is lowest, :mod:`onnxprune.plan.damage`) with channels
+        ranked by ``l2`` inside each group (``recon`` ranks fit the calibration
+        images and generalised worse there). Otherwise ``importance`` ``recon``
+        (the error left after the re-fit) and, under a latency target, ``scope``
+        ``cost`` (the damage search would run once per timed candidate). Fields
+        the user wrote are kept. Returns the ratios and a line saying what was
+        defaulted ("" when nothing)."""
         r = Ratios(**{**self.__dict__})
         said = []
-        if "importance" not in self.given:
-            r.importance = "recon"
-            said.append("importance recon")
+        budget = self.target is not None and self.target_latency is None
         if "scope" not in self.given and (self.target is not None or self.target_latency is not None):
-            r.scope = "cost"
-            said.append("scope cost")
+            r.scope = "damage" if budget else "cost"
+        if "importance" not in self.given:
+            r.importance = "l2" if r.scope == "damage" else "recon"
+            said.append(f"importance {r.importance}")
+        if r.scope != self.scope:
+            said.append(f"scope {r.scope}")
         return r, ("--recover: " + ", ".join(said) + " (set them in the ratios to override)") if said else ""
 
     @classmethod
@@ -314,13 +320,9 @@ def compute_scores(ctx: Analysis, groups: list[Group], ratios: Ratios, proto=Non
     return score_groups(ctx, groups, ratios.importance_spec, ratios.seed, proto, calib, after_group)
 
 
-def make_plan(ctx: Analysis, groups: list[Group], ratios: Ratios, scores: Scores | None = None) -> Plan:
-    """Which channels each group keeps. ``scores`` (from :func:`compute_scores`)
-    can be passed in when many plans are made for one model."""
-    if scores is None:
-        scores = compute_scores(ctx, groups, ratios)
-    plan = Plan({}, {}, {}, {}, importance=scores)
-    pools: dict[tuple, list[Group]] = {}
+def plannable(groups: list[Group], ratios: Ratios, plan: Plan):
+    """``(group, ratio, where the ratio came from)`` for every group a plan may
+    prune: frozen groups are left out, ignored ones recorded in ``plan.skipped``."""
     for g in groups:
         if g.frozen:
             continue
@@ -329,10 +331,17 @@ def make_plan(ctx: Analysis, groups: list[Group], ratios: Ratios, scores: Scores
             plan.skipped[g.id] = f"ignored by '{pat}'"
             continue
         lr = ratios.layer_ratio(g)
-        if lr is not None:
-            r, src = lr, "layers"
-        else:
-            r, src = ratios.set_ratio(g.set_name, g.kind)
+        yield (g, lr, "layers") if lr is not None else (g, *ratios.set_ratio(g.set_name, g.kind))
+
+
+def make_plan(ctx: Analysis, groups: list[Group], ratios: Ratios, scores: Scores | None = None) -> Plan:
+    """Which channels each group keeps. ``scores`` (from :func:`compute_scores`)
+    can be passed in when many plans are made for one model."""
+    if scores is None:
+        scores = compute_scores(ctx, groups, ratios)
+    plan = Plan({}, {}, {}, {}, importance=scores)
+    pools: dict[tuple, list[Group]] = {}
+    for g, r, src in plannable(groups, ratios, plan):
         plan.ratios[g.id] = (r, src)
         plan.scores[g.id] = scores.values[g.id]
         if r <= 0:

@@ -1,0 +1,200 @@
+"""Scope ``damage``: a MACs/params budget spent where the *measured* damage is lowest.
+
+Ranking channels by a criterion says which channels of one group matter
+least; it does not say how much of the budget each group should pay. Scope
+``damage`` measures that, without labels: candidate plans are rewritten in
+memory and run in ONNX Runtime on a few calibration samples, and the damage
+of a candidate is how far its outputs are from the original's on them
+(:func:`output_damage`: the relative squared error of every output, a
+classifier's logits centred per sample). It is the
+allocation step of Kwon et al., *A Fast Post-Training Pruning Framework for
+Transformers* (2022) and of layer-wise sensitivity analysis in general, done
+on the ONNX file with the original model as the teacher, and it covers every
+kind of group (channels, heads, head dims, the residual stream) in one pool.
+
+The search is greedy with lazy re-measurement. A *step* of a group removes
+its next ``1/STEPS`` of channels (in the criterion's order; whole heads for
+heads; a multiple of ``round_to``). Every step is first measured alone (the
+sensitivity pass); then, repeatedly, the step with the lowest damage per MAC
+(or parameter) saved is re-measured on top of the steps already taken, since
+pruning one group changes what pruning another costs, and is taken when it is
+still the cheapest; otherwise the next cheapest is re-measured, at most
+``MAX_REMEASURE`` times per step. The search stops as soon as the budget is
+met. The module is pure: measuring is the caller's (``measure(keep)``), and
+so is counting (``estimate(keep)``).
+"""
+from __future__ import annotations
+
+import heapq
+import logging
+import math
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+STEPS = 16  # a step removes 1/16 of a group's channels (1/8 left 65.5% agreement on Lite0 at 90% MACs, 1/16 69.5%)
+MAX_FRACTION = 7 / 8  # no group loses more than this (never emptied)
+SAMPLES = 32  # calibration samples each candidate is measured on (whole batches: at least this many)
+MAX_REMEASURE = 4  # stale candidates re-measured per step before the best fresh one is taken
+
+
+def is_logits(a: np.ndarray) -> bool:
+    """A classifier's scores: ``[N, classes]`` with more than one class."""
+    return a.ndim == 2 and a.shape[1] > 1
+
+
+def output_damage(ref: list[np.ndarray], got: list[np.ndarray]) -> float:
+    """How far ``got`` (a model's outputs) is from ``ref`` (the original's):
+    ``||got - ref||^2 / ||ref||^2`` over every float output, a first output
+    shaped like a classifier's logits (``[N, classes]``) centred per sample first (the softmax does not
+    see a shift). Unlike the KL divergence of the softmax, this keeps growing
+    as a model moves further away, so a greedy search does not take a model
+    that is already far off as free to prune further (on EfficientNet-Lite0 at
+    70% of its MACs, KL as the damage left 3% top-1 agreement after recovery,
+    this 31%). Non-finite outputs are infinitely far."""
+    num = den = 0.0
+    for k, (r, g) in enumerate(zip(ref, got)):
+        if not np.issubdtype(r.dtype, np.floating) or r.shape != g.shape:
+            continue
+        if not np.all(np.isfinite(g)):
+            return math.inf
+        r, g = r.astype(np.float64), g.astype(np.float64)
+        if k == 0 and is_logits(r):
+            r, g = r - r.mean(1, keepdims=True), g - g.mean(1, keepdims=True)
+        num += float(((g - r) ** 2).sum())
+        den += float((r**2).sum())
+    return num / den if den > 0 else (0.0 if num == 0 else math.inf)
+
+
+def step_size(width: int, kind: str, round_to: int) -> int:
+    """Channels one step of a group removes."""
+    if kind == "heads":
+        return 1
+    n = max(1, int(round(width / STEPS)))
+    if round_to > 1:
+        n = max(round_to, int(round(n / round_to)) * round_to)
+    return n
+
+
+def allocate(groups, order: dict[int, np.ndarray], measure, estimate, metric: str, target: float,
+             round_to: int = 1, progress=None) -> tuple[dict[int, np.ndarray], dict]:
+    """The plan (group id -> kept indices) that meets ``target`` (an absolute
+    count of ``metric``) with the least measured damage found by the greedy
+    search. ``groups``: the prunable groups (``.id``, ``.width``, ``.kind``,
+    ``.set_name``); ``order[id]``: its channels, most important first;
+    ``measure(keep)``: the damage of a plan; ``estimate(keep)``: its counts.
+    Returns the plan and an info dict (measurements, damage, the steps taken)."""
+    groups = [g for g in groups if g.width > 1]
+    removed = {g.id: 0 for g in groups}
+    by_id = {g.id: g for g in groups}
+    steps = {g.id: step_size(g.width, g.kind, 1 if g.kind == "heads" else round_to) for g in groups}
+    cap = {g.id: min(g.width - 1, int(math.floor(MAX_FRACTION * g.width))) for g in groups}
+
+    def keep_of(rem: dict[int, int]) -> dict[int, np.ndarray]:
+        return {gid: np.sort(order[gid][: by_id[gid].width - n]) for gid, n in rem.items() if n}
+
+    def allowed(g) -> np.ndarray:  # removal counts that leave a multiple of round_to (heads: any count)
+        rt = 1 if g.kind == "heads" else round_to
+        n = np.arange(cap[g.id] + 1)
+        return n[(n == 0) | ((g.width - n) % rt == 0)]
+
+    counts = {g.id: allowed(g) for g in groups}
+
+    def trial(gid: int) -> dict[int, int] | None:
+        c = counts[gid]
+        i = int(np.searchsorted(c, removed[gid] + steps[gid]))
+        n = int(c[min(i, len(c) - 1)])
+        return None if n <= removed[gid] else {**removed, gid: n}
+
+    before = count = estimate({})[metric]
+    evals = 0
+    history = []
+
+    def measured(gid: int, base_damage: float, base_count: float):
+        """(damage per unit saved, damage) of ``gid``'s next step on top of the current plan."""
+        nonlocal evals
+        t = trial(gid)
+        if t is None:
+            return None
+        keep = keep_of(t)
+        saved = base_count - estimate(keep)[metric]
+        if saved <= 0:
+            return None
+        d = measure(keep)
+        evals += 1
+        return (d - base_damage) / saved, d
+
+    damage, state = 0.0, 0
+    heap: list[tuple] = []  # (damage per unit saved, group id, state measured at, damage measured)
+    for i, g in enumerate(groups):
+        m = measured(g.id, 0.0, count)
+        if m is not None:
+            heapq.heappush(heap, (m[0], g.id, state, m[1]))
+        if progress:
+            progress(f"sensitivity: {i + 1}/{len(groups)} groups measured")
+    while count > target and heap:
+        chosen, tries = None, 0
+        while heap:
+            s, gid, at, d = heap[0]
+            if at == state:  # measured on the current plan and still the cheapest
+                chosen = heapq.heappop(heap)
+                break
+            if tries >= MAX_REMEASURE:  # the cheapest freshly measured one, else this one as last measured
+                fresh = [e for e in heap if e[2] == state]
+                chosen = min(fresh) if fresh else heap[0]
+                heap.remove(chosen)
+                heapq.heapify(heap)
+                break
+            heapq.heappop(heap)
+            m = measured(gid, damage, count)
+            tries += 1
+            if m is not None:
+                heapq.heappush(heap, (m[0], gid, state, m[1]))
+        if chosen is None:
+            break
+        s, gid, at, d = chosen
+        t = trial(gid)
+        new_count = estimate(keep_of(t))[metric]
+        if new_count < target:  # the last step: only as many channels as the budget still needs
+            c = counts[gid]
+            lo, hi = int(np.searchsorted(c, removed[gid])), int(np.searchsorted(c, t[gid]))
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                if estimate(keep_of({**removed, gid: int(c[mid])}))[metric] <= target:
+                    hi = mid
+                else:
+                    lo = mid
+            if int(c[hi]) < t[gid]:
+                t = {**removed, gid: int(c[hi])}
+                new_count, at = estimate(keep_of(t))[metric], -1  # a smaller step than measured
+        damage = d if at == state else damage + max(s, 0.0) * (count - new_count)
+        removed, count, state = t, new_count, state + 1
+        history.append({"group": gid, "set": by_id[gid].set_name, "removed": removed[gid], "width": by_id[gid].width,
+                        metric: count, "damage": damage})
+        if progress:
+            progress(f"allocation: {metric} {count / max(before, 1):.1%} of the original, damage {damage:.4g} "
+                     f"({evals} measurements)")
+        if trial(gid) is not None:
+            heapq.heappush(heap, (s, gid, -1, d))  # its next step: as costly as this one until re-measured
+    info = {"measurements": evals, "steps": len(history), "damage": damage, "met": count <= target,
+            "history": history}
+    return keep_of(removed), info
+
+
+def target_text(info: dict) -> str:
+    """One line on a damage-scope plan: the budget and what the search measured."""
+    def human(v: float) -> str:
+        for unit, div in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+            if abs(v) >= div:
+                return f"{v / div:.2f}{unit}"
+        return f"{v:.0f}"
+
+    met = "" if info["met"] else " (NOT met: every group at its limit)"
+    return (f"target_{info['metric']} {info['requested']}: {human(info['target'])} wanted, {human(info['achieved'])} "
+            f"reached{met}; scope damage: {info['steps']} steps chosen by measured output damage "
+            f"({info['damage']:.4g} on {info['samples']} calibration samples), {info['measurements']} candidates "
+            f"measured in {info['seconds']:.0f}s")
+
+
+__all__ = ["allocate", "target_text", "output_damage", "is_logits", "step_size", "STEPS", "MAX_FRACTION"]

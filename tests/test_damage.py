@@ -1,0 +1,220 @@
+"""Scope ``damage`` (onnxprune/plan/damage.py): a budget spent where the measured
+output damage per MAC saved is lowest.
+
+(a) the damage of outputs, by hand: centred logits, dense outputs, non-finite;
+(b) the greedy search on made-up damage functions (a fake ``measure``): it avoids
+    a sensitive group, re-measures after a step (interactions), trims the last
+    step to the budget, keeps round_to widths and whole heads, never empties a group;
+(c) on a real small CNN with channels planted dead, it removes exactly the dead
+    channels at a budget they meet, where the uniform isomorphic plan removes live
+    ones; through the CLI the run says what it measured and the plan file replays it.
+"""
+from __future__ import annotations
+
+import json
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import onnx
+import pytest
+
+from onnxprune.cli import main
+from onnxprune.errors import UserError
+from onnxprune.pipeline import Job
+from onnxprune.plan import Ratios
+from onnxprune.plan import damage as D
+from onnxprune import runtime
+
+
+# ------------------------------------------------------------------ (a) output damage
+
+
+def test_logits_are_compared_centred_per_sample():
+    z = np.array([[1.0, 2.0, 4.0], [0.0, -1.0, 3.0]], np.float32)
+    assert D.output_damage([z], [z + np.array([[5.0], [-2.0]], np.float32)]) == pytest.approx(0.0, abs=1e-12)
+    g = z.copy()
+    g[0, 2] += 1.0
+    zc = z - z.mean(1, keepdims=True)
+    gc = g - g.mean(1, keepdims=True)
+    want = ((gc - zc) ** 2).sum() / (zc**2).sum()  # sample 0 moves by (-1/3, -1/3, 2/3)
+    assert D.output_damage([z], [g]) == pytest.approx(want, rel=1e-9)
+    assert want == pytest.approx((1 / 9 + 1 / 9 + 4 / 9) / (zc**2).sum(), rel=1e-9)
+
+
+def test_dense_outputs_are_compared_by_relative_squared_error_over_all_outputs():
+    a, b = np.ones((2, 3, 4), np.float32), np.full((2, 5), 2.0, np.float32)
+    a2, b2 = a.copy(), b.copy()
+    a2[0, 0, 0] = 3.0  # error 4
+    b2[1, 1] = 0.0  # error 4
+    assert D.output_damage([a, b], [a2, b2]) == pytest.approx(8 / (24 + 40))
+    assert D.output_damage([a, np.array([1, 2], np.int64)], [a, np.array([9, 9], np.int64)]) == 0.0  # ints ignored
+
+
+def test_non_finite_outputs_are_infinitely_far():
+    z = np.zeros((2, 4), np.float32)
+    bad = z.copy()
+    bad[1, 2] = np.nan
+    assert math.isinf(D.output_damage([z + 1], [bad]))
+
+
+# ------------------------------------------------------------------ (b) the search
+
+
+def _groups(*spec):
+    return [SimpleNamespace(id=i, width=w, kind=k, set_name=f"s{i}") for i, (w, k) in enumerate(spec)]
+
+
+def _linear_estimate(groups, per_channel):
+    total = sum(g.width * per_channel[g.id] for g in groups)
+
+    def estimate(keep):
+        removed = sum((g.width - len(keep[g.id])) * per_channel[g.id] for g in groups if g.id in keep)
+        return {"macs": total - removed}
+    return estimate, total
+
+
+def test_the_budget_goes_to_the_group_whose_removal_hurts_least():
+    gs = _groups((16, "channels"), (16, "channels"))
+    est, total = _linear_estimate(gs, {0: 1.0, 1: 1.0})
+    weight = {0: 100.0, 1: 1.0}  # group 0 is 100x as sensitive
+
+    def measure(keep):
+        return sum(weight[g] * (16 - len(k)) for g, k in keep.items())
+
+    order = {g.id: np.arange(g.width) for g in gs}
+    keep, info = D.allocate(gs, order, measure, est, "macs", 0.75 * total)
+    assert 0 not in keep and len(keep[1]) == 8  # 8 channels of group 1 meet the budget
+    assert info["met"] and info["steps"] == 8 and info["damage"] == pytest.approx(8.0)
+    assert list(keep[1]) == list(range(8))  # the order given: most important first, kept
+
+
+def test_a_step_is_re_measured_on_top_of_the_steps_taken():
+    # group 1 is cheap alone (0.5 a channel) but costly once group 0 lost a channel (an interaction);
+    # the search takes group 0 first (the cheapest; it can lose only 1 of 2), then re-measures group 1
+    # on top of it and turns to group 2 (1.0 a channel). Measured alone, group 1 would have been next.
+    gs = _groups((2, "channels"), (8, "channels"), (8, "channels"))
+    est, total = _linear_estimate(gs, {0: 1.0, 1: 1.0, 2: 1.0})
+    calls = []
+
+    def measure(keep):
+        calls.append({g: g_.width - len(keep[g]) for g_ in gs for g in [g_.id] if g in keep})
+        r = {g.id: g.width - len(keep[g.id]) if g.id in keep else 0 for g in gs}
+        return 0.1 * r[0] + 0.5 * r[1] + 50.0 * r[0] * r[1] + 1.0 * r[2]
+
+    order = {g.id: np.arange(g.width) for g in gs}
+    keep, info = D.allocate(gs, order, measure, est, "macs", total - 3)
+    assert {g: gs[g].width - len(k) for g, k in keep.items()} == {0: 1, 2: 2}
+    assert {0: 1, 1: 1} in calls  # group 1 measured again after group 0's step
+    assert info["damage"] == pytest.approx(2.1)
+
+
+def test_the_last_step_is_trimmed_to_the_budget():
+    gs = _groups((64, "channels"))
+    est, total = _linear_estimate(gs, {0: 1.0})
+    keep, info = D.allocate(gs, {0: np.arange(64)}, lambda k: float(64 - len(k[0])), est, "macs", total - 6)
+    assert len(keep[0]) == 58 and info["met"]  # a step is 4 channels: 4 + 2, not 4 + 4
+
+
+def test_round_to_widths_and_whole_heads():
+    gs = _groups((40, "channels"), (6, "heads"))
+    est, total = _linear_estimate(gs, {0: 1.0, 1: 3.0})
+    keep, info = D.allocate(gs, {0: np.arange(40), 1: np.arange(6)}, lambda k: 0.0, est, "macs", 0.5 * total,
+                            round_to=8)
+    assert 0 in keep and len(keep[0]) % 8 == 0
+    assert D.step_size(6, "heads", 8) == 1 and D.step_size(40, "channels", 8) == 8 and D.step_size(40, "channels", 1) == 2
+
+
+def test_no_group_is_emptied_and_an_unreachable_budget_says_so():
+    gs = _groups((8, "channels"), (4, "channels"))
+    est, total = _linear_estimate(gs, {0: 1.0, 1: 1.0})
+    keep, info = D.allocate(gs, {0: np.arange(8), 1: np.arange(4)}, lambda k: 0.0, est, "macs", 0.0)
+    assert not info["met"]
+    assert len(keep[0]) == 8 - math.floor(D.MAX_FRACTION * 8) and len(keep[1]) >= 1
+
+
+# ------------------------------------------------------------------ (c) on a model
+
+
+def _calib(tmp_path, n=32, seed=0):
+    p = tmp_path / "calib.npy"
+    np.save(p, np.random.default_rng(seed).standard_normal((n, 3, 16, 16)).astype(np.float32))
+    return str(p)
+
+
+def _dead_cnn():
+    from test_recover import small_cnn
+
+    return small_cnn(seed=3, dead=(0, 4, 0))  # 4 of 8 outputs per group of the grouped conv are dead
+
+
+def _error(ref, proto, x):
+    return D.output_damage(ref, runtime.session(proto).run(None, {"x": x}))
+
+
+def test_damage_scope_removes_the_dead_channels_where_uniform_pruning_removes_live_ones(tmp_path):
+    m = _dead_cnn()
+    calib = _calib(tmp_path)
+    job = Job.open(m)
+    est = job.estimator
+    # the grouped conv's outputs: one group of 8 channels per conv group (the same indices in both)
+    dead_gid = next(g.id for g in job.groups if g.width == 8
+                    and any(t.node.name == "conv2" and (t.slot, t.axis) == (1, 0) for t in g.tensors))
+    w2 = onnx.numpy_helper.to_array(next(t for t in m.graph.initializer if t.name == "w2"))
+    live = np.flatnonzero(np.abs(w2[:8]).reshape(8, -1).sum(1) > 0)
+    assert len(live) == 4
+    target = est.estimate({dead_gid: live})["macs"]
+    frac = target / est.before["macs"]
+    plan = job.plan(Ratios.from_dict({"target_macs": frac, "scope": "damage"}), calib)
+    assert {g: list(k) for g, k in plan.keep.items()} == {dead_gid: list(live)}
+    assert plan.target["scope"] == "damage" and plan.target["met"] and plan.target["damage"] < 1e-9
+    uniform = job.plan(Ratios.from_dict({"target_macs": frac}), calib)
+    x = np.random.default_rng(9).standard_normal((16, 3, 16, 16)).astype(np.float32)  # not the calibration inputs
+    ref = runtime.session(job.data_proto()).run(None, {"x": x})
+    with job.edited(plan.keep, prune=True) as p:
+        assert _error(ref, p, x) < 1e-10
+    with job.edited(uniform.keep, prune=True) as p:
+        assert _error(ref, p, x) > 1e-3
+
+
+def test_damage_scope_needs_a_budget_and_calibration(tmp_path):
+    job = Job.open(_dead_cnn())
+    with pytest.raises(UserError, match="target_macs or target_params"):
+        job.plan(Ratios.from_dict({"default": 0.3, "scope": "damage"}), _calib(tmp_path))
+    with pytest.raises(UserError, match="--calib"):
+        job.plan(Ratios.from_dict({"target_macs": 0.7, "scope": "damage"}))
+
+
+def test_cli_says_what_it_measured_and_the_plan_file_replays_it(tmp_path, capsys):
+    src = tmp_path / "m.onnx"
+    onnx.save(_dead_cnn(), str(src))
+    calib = _calib(tmp_path)
+    out, out2, plan = tmp_path / "p.onnx", tmp_path / "p2.onnx", tmp_path / "plan.json"
+    rc = main([str(src), "--ratios", '{"target_params": 0.8, "scope": "damage", "ignore": ["fc"]}', "--calib", calib,
+               "--calib-batch-size", "16", "-o", str(out), "--save-plan", str(plan)])
+    text = capsys.readouterr().out
+    assert rc == 0
+    assert "scope damage:" in text and "candidates measured" in text and "on 32 calibration samples" in text  # two whole batches of 16
+    saved = json.load(open(plan))
+    assert saved["target"]["scope"] == "damage" and saved["target"]["achieved"] <= saved["target"]["target"]
+    assert main([str(src), "--plan", str(plan), "-o", str(out2), "-q"]) == 0
+    assert out.read_bytes() == out2.read_bytes()
+    rc = main([str(src), "--ratios", '{"target_macs": 0.7, "scope": "damage"}', "-o", str(tmp_path / "x.onnx")])
+    assert rc == 1 and not (tmp_path / "x.onnx").exists()
+    assert "onnxprune: error: scope 'damage' measures" in capsys.readouterr().err
+
+
+def test_a_set_given_ratio_0_and_ignored_groups_stay_whole(tmp_path):
+    job = Job.open(_dead_cnn())
+    calib = _calib(tmp_path)
+    dead = next(g for g in job.groups if g.width == 8
+                and any(t.node.name == "conv2" and (t.slot, t.axis) == (1, 0) for t in g.tensors))
+    free = job.plan(Ratios.from_dict({"target_macs": 0.9, "scope": "damage"}), calib)
+    assert dead.id in free.keep  # its dead channels are the cheapest: taken when allowed
+    plan = job.plan(Ratios.from_dict({"target_macs": 0.9, "scope": "damage", "default": 0.5,
+                                      "sets": {dead.set_name: 0}}), calib)
+    assert dead.id not in plan.keep and plan.keep and dead.id not in plan.skipped
+    plan = job.plan(Ratios.from_dict({"target_macs": 0.9, "scope": "damage", "ignore": ["fc"]}), calib)
+    fc = [g.id for g in job.groups if not g.frozen and any(t.node.name == "fc" for t in g.tensors)]
+    assert fc and not set(fc) & set(plan.keep) and all(plan.skipped[i] == "ignored by 'fc'" for i in fc)
+    assert dead.id in plan.keep
