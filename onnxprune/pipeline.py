@@ -167,13 +167,7 @@ class Job:
             plan.scores[g.id] = scores.values[g.id]
             if r > 0:
                 pool.append(g)
-        feeds, n = [], 0
-        names = [i.name for i in io.data_inputs(self.skeleton())]
-        for k in range(len(calib.batches)):  # whole batches (a static batch dim is kept) up to SAMPLES
-            if n >= damage.SAMPLES:
-                break
-            feeds.append(calib.feed(k, names))
-            n += len(next(iter(feeds[-1].values())))
+        feeds, n = self._damage_feeds(calib, damage.SAMPLES)
         threads = os.cpu_count() or 1
         original = self.data_proto()
         sess = session(original, threads)
@@ -209,6 +203,25 @@ class Job:
         plan.criteria = {g.kind: c for g in self.groups if g.id in scores.used for c in [scores.used[g.id]]}
         plan.ratios_given = ratios.to_dict()
         return plan
+
+    def _damage_feeds(self, calib, want: int) -> tuple[list[dict], int]:
+        """Calibration feeds for measuring candidates: ``want`` samples taken
+        evenly from every batch, in one feed (a dynamic batch), or whole batches
+        until there are at least ``want`` (a static one)."""
+        skel = self.skeleton()
+        names = [i.name for i in io.data_inputs(skel)]
+        batches = [calib.feed(k, names) for k in range(len(calib.batches))]
+        if io.static_batch(skel) is not None:
+            feeds, n = [], 0
+            for fd in batches:
+                if n >= want:
+                    break
+                feeds.append(fd)
+                n += len(next(iter(fd.values())))
+            return feeds, n
+        per = -(-want // len(batches))  # from each batch, its first samples
+        feed = {k: np.concatenate([fd[k][:per] for fd in batches])[:want] for k in names}
+        return [feed], len(next(iter(feed.values())))
 
     def _latency_plan(self, ratios: Ratios, calib, scores, runtime, table, progress) -> Plan:
         from onnxprune.plan import latency

@@ -218,3 +218,18 @@ def test_a_set_given_ratio_0_and_ignored_groups_stay_whole(tmp_path):
     fc = [g.id for g in job.groups if not g.frozen and any(t.node.name == "fc" for t in g.tensors)]
     assert fc and not set(fc) & set(plan.keep) and all(plan.skipped[i] == "ignored by 'fc'" for i in fc)
     assert dead.id in plan.keep
+
+
+def test_candidates_are_measured_on_samples_from_every_batch(tmp_path):
+    from onnxprune.plan.importance.calib import Calibration
+
+    batches = [np.full((16, 3, 16, 16), float(k), np.float32) for k in range(4)]
+    cal = Calibration(batches, None, "test")
+    job = Job.open(_dead_cnn())  # a dynamic batch: one feed, 5 samples of each of the 4 batches
+    feeds, n = job._damage_feeds(cal, 20)
+    assert n == 20 and len(feeds) == 1
+    assert [float(v) for v in feeds[0]["x"][:, 0, 0, 0]] == [k for k in range(4) for _ in range(5)]
+    m = _dead_cnn()
+    m.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 16  # a static batch: whole batches
+    feeds, n = Job.open(m)._damage_feeds(cal, 20)
+    assert n == 32 and [float(fd["x"][0, 0, 0, 0]) for fd in feeds] == [0.0, 1.0]
