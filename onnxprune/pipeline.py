@@ -171,7 +171,9 @@ class Job:
         threads = os.cpu_count() or 1
         original = self.data_proto()
         sess = session(original, threads)
+        t_run = time.perf_counter()
         ref = [sess.run(None, fd) for fd in feeds]
+        t_run = time.perf_counter() - t_run
         del sess, original
 
         def measure(keep) -> float:
@@ -183,6 +185,8 @@ class Job:
         from onnxprune.report import Progress
 
         bar = Progress(enabled=progress is not None)  # one throttled status line, not a line per candidate
+        bar.show(f"scope damage: {len(pool)} groups, each candidate run on {n} calibration samples "
+                 f"(~{t_run:.1f}s a run; the sensitivity pass alone is {len(pool)} runs)", force=True)
         order = {g.id: np.argsort(-scores.values[g.id], kind="stable") for g in pool}
         keep, info = damage.allocate(pool, order, measure, est.estimate, metric, target.value,
                                      round_to=ratios.round_to, progress=bar.show)
