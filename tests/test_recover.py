@@ -1,4 +1,4 @@
-"""Closed-form recovery (onnxprune/recover.py): small hand-built models, fast.
+"""Closed-form recovery (onnxprune/recover/): small hand-built models, fast.
 
 (a) the recovered model is valid and closer to the original than the pruned one
     on held-out inputs (CNN with a grouped strided conv, a token MLP with 3-D

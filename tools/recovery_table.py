@@ -1,4 +1,4 @@
-"""README table: closed-form recovery (onnxprune/recover.py) right after pruning,
+"""README table: closed-form recovery (onnxprune/recover/) right after pruning,
 no labels, no training.
 
     python tools/recovery_table.py [--data DIR] [--targets 0.9,0.7,0.5] [--only cnn|vit]

@@ -1,0 +1,313 @@
+"""Closed-form recovery after pruning, without labels.
+
+Every *consumer of pruned channels* (a Conv, Gemm or MatMul with a constant
+weight whose input axis lost channels) is re-fitted, layer by layer in graph
+order, so that from its **kept** inputs it reproduces what the **original**
+layer produced on its surviving outputs:
+
+* ``bias``: keep the weights, move the bias to the least-squares optimum
+  ``b' = b + mean(Y_orig - Y_pruned)``. When the layer's inputs are unchanged
+  this is exactly the mean contribution of the removed channels (``W_R E[x_R]``)
+  folded into the bias; it also absorbs the mean drift of upstream layers.
+* ``stats``: per output channel, rescale weights and bias so the pruned
+  layer's output has the original's mean and standard deviation (what
+  re-estimating a BatchNorm does; exporters fold BatchNorm into the Conv).
+* ``ridge``: a full least-squares re-fit of weights and bias, the next-layer
+  reconstruction of He et al., *Channel Pruning for Accelerating Very Deep
+  Neural Networks* (ICCV 2017) and Luo et al., *ThiNet* (ICCV 2017), in closed
+  form: ``min ||[X 1] W - Y||^2 + lam ||W - W0||^2`` (the bias row unpenalised),
+  ``lam = ridge * trace(X^T X) / d``. Shrinking towards the pruned weights
+  ``W0`` (not towards zero) means the re-fit never does worse than ``W0`` on
+  the calibration data and stays close to it where the data say little.
+
+A Conv is a linear regression over sampled output positions: the rows are
+im2col patches of the kept input channels (per group for grouped convs), the
+columns the layer's output channels. Gemm (``transA``/``transB``, ``alpha``/
+``beta``) and MatMul are regressions on their input rows; a 3-D MatMul input
+(tokens) is flattened to rows. A MatMul's bias is the constant of the ``Add``
+that follows it; a MatMul without one gets a new ``Add`` when its bias moves.
+
+``X`` comes from the pruned model **as already re-fitted** (earlier layers'
+fixes are in place, so errors do not compound); ``Y`` from the original
+model, restricted to the surviving output channels. Consumers are processed in
+*levels*: a consumer's level is one more than the highest level of any
+consumer upstream of it, so the consumers of one level are independent.
+Calibration is sequential (:class:`onnxprune.runtime.capture.Frontier`): each
+model runs once in all, level by level, from the activations the previous
+level left (spilled to memory-mapped files past a memory budget), so the cost
+grows with the depth, not with its square. ``[X 1]^T [X 1]``, ``[X 1]^T Y``
+are accumulated in float64 per fold of calibration *sources*.
+
+What generalises is decided on data the fit did not see. Samples of one
+source (a ``source`` array in the calibration ``.npz``, else groups of
+look-alike images: crops of one photo) always fall in the same fold. The
+ridge strength of each layer is chosen by 2-fold cross-validation over
+sources, and a fit that does not beat the pruned weights on held-out sources
+is not applied (shrinking towards ``W0`` *is* the ridge). A quarter of the
+sources (when there are at least 8) is kept out of every fit: on it the whole
+recovered model is compared with the pruned one, and if it is further from
+the original there, the pruned model is returned.
+
+The package: ``fit.py`` is the arithmetic (plain numpy: regression rows,
+statistics per fold, the ridge solve and its strength), ``graph.py`` finds
+what can be re-fitted in the working proto and writes new weights back,
+``check.py`` judges the whole recovered model on kept-out sources, and this
+module drives them level by level.
+
+Layers that cannot be handled are skipped with a reason in the rows; a fit
+that does not lower the layer's reconstruction error on the calibration data
+is not applied; the result is checked with ``onnx.checker`` (full check) and an
+ORT run, and if that fails the pruned model is returned unchanged.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+
+import numpy as np
+import onnx
+
+from onnxprune import io
+from onnxprune.recover.check import _reverted, held_out_check
+from onnxprune.recover.fit import (LayerRow, _accumulate, _conv_rows, _dense_rows, _Fit, _folds, _select, _solve,
+                                   _sq_err, _totals)
+from onnxprune.recover.graph import _Graph, _kept_maps, _levels, _plan_fit, _write_back
+from onnxprune.report import Progress
+from onnxprune.runtime import session
+from onnxprune.runtime.capture import Frontier
+
+log = logging.getLogger(__name__)
+
+METHODS = ("bias", "stats", "ridge")
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def consumers(ctx, keep) -> list[str]:
+    """Names of the nodes that read pruned channels (an IN member whose kept list
+    is shorter than its axis), in graph order."""
+    from onnxprune.core.members import IN
+
+    seen: dict[str, None] = {}
+    for m in ctx.tensors:
+        if m.role == IN and m.space.size is not None and len(ctx.table.kept(m.space, keep)) < m.space.size:
+            seen.setdefault(m.node.name, None)
+    order = {n.name: i for i, n in enumerate(ctx.graph)}
+    return sorted(seen, key=lambda n: order.get(n, 1 << 30))
+
+
+def downstream(ctx, keep) -> list[str]:
+    """Names of every linear layer (Conv, Gemm, MatMul with a constant weight)
+    whose input the pruning changed: the consumers of pruned channels and every
+    linear layer after them in data flow (their inputs drift with the pruned
+    model's activations), in graph order."""
+    from onnxprune.core.members import IN, OUT
+
+    touched, reads = set(), set()
+    for m in ctx.tensors:
+        if m.role in (IN, OUT) and m.space.size is not None and len(ctx.table.kept(m.space, keep)) < m.space.size:
+            touched.add(m.node.name)
+            if m.role == IN:
+                reads.add(m.node.name)
+    changed: set = set()  # values whose contents differ from the original's
+    out = []
+    for n in ctx.graph:
+        hit = n.name in touched or any(v is not None and v.name in changed for v in n.inputs)
+        if not hit:
+            continue
+        changed.update(v.name for v in n.outputs)
+        if n.op_type in ("Conv", "Gemm", "MatMul") and len(n.inputs) > 1 and n.inputs[1] is not None \
+                and (n.inputs[1].const_value is not None or n.inputs[1].producer() is not None
+                     and n.inputs[1].producer().op_type == "DequantizeLinear"):
+            if n.name in reads or (n.inputs[0] is not None and n.inputs[0].name in changed):
+                out.append(n.name)
+    return out
+
+
+def recover(
+    original: onnx.ModelProto,
+    pruned: onnx.ModelProto,
+    ctx,
+    keep: dict,
+    batches,
+    method: str = "ridge",
+    ridge: float = 1e-2,
+    rows_per_batch: int = 4096,
+    max_features: int = 8192,
+    threads: int = 0,
+    seed: int = 0,
+    progress: bool = True,
+    validate: bool = True,
+    layers: str = "all",
+    ridge_select: bool = True,
+    frontier_bytes: int = 2 << 30,
+    check_fraction: float = 0.25,
+    stats: dict | None = None,
+) -> tuple[onnx.ModelProto, list[LayerRow]]:
+    """Re-fit every consumer of pruned channels in closed form; no labels.
+
+    ``original``: the unpruned model (any form; nodes are matched by name).
+    ``pruned``: ``PruneResult.proto``; ``ctx``: ``PruneResult.analyzed.ctx``;
+    ``keep``: ``PruneResult.plan.keep``. ``batches``: a
+    :class:`~onnxprune.importance.calib.Calibration` (labels are ignored), or a
+    list of input arrays ``[B, ...]`` or of feed dicts. ``method``: ``bias``, ``stats``
+    or ``ridge`` (see the module doc). ``ridge``: regularisation relative to
+    the mean diagonal of the Gram matrix. ``rows_per_batch``: regression rows
+    sampled per batch and layer (output positions of a Conv, tokens of a
+    MatMul). ``frontier_bytes``: activations held in memory between levels
+    (the rest spill to memory-mapped files). ``stats``: a dict filled with the
+    time split (``run_s``: ORT passes, ``fit_s``: statistics and solves) and
+    the number of ORT passes. Returns the new model (a copy; the inputs are not modified) and
+    one :class:`LayerRow` per consumer."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, not {method!r}")
+    import os
+
+    threads = threads or (os.cpu_count() or 1)
+    sources = getattr(batches, "sources", None)
+    batches = list(getattr(batches, "batches", batches))
+    work = onnx.ModelProto()
+    work.CopyFrom(pruned)
+    g, og = _Graph(work), _Graph(original)
+    ins, outs = _kept_maps(ctx, keep)
+    if layers not in ("pruned", "all"):
+        raise ValueError(f"layers must be 'pruned' or 'all', not {layers!r}")
+    names = consumers(ctx, keep) if layers == "pruned" or method != "ridge" else downstream(ctx, keep)
+    rows: list[LayerRow] = []
+    fits: list[_Fit] = []
+    for name in names:
+        f = _plan_fit(g, og, name, ins, outs, max_features, method)
+        if isinstance(f, LayerRow):
+            rows.append(f)
+        else:
+            fits.append(f)
+            rows.append(f.row)
+    if not fits:
+        return work, rows
+    levels = _levels(g, {f.row.node for f in fits})
+    by_level: dict[int, list[_Fit]] = defaultdict(list)
+    for f in fits:
+        f.row.level = levels[f.row.node]
+        by_level[f.row.level].append(f)
+    in_names = og.inputs
+
+    def feeds(b):
+        return b if isinstance(b, dict) else {in_names[0]: np.asarray(b, dtype=np.float32)}
+
+    # ridge: the strength of each layer is chosen by cross-validation over
+    # folds of calibration *sources* (crops of one photo are one source), and a
+    # fit that does not beat the pruned weights on held-out sources is refused
+    fd_list = [feeds(b) for b in batches]
+    fold_of = _folds(fd_list, sources, seed, reserve=check_fraction)
+    hold = method == "ridge" and ridge_select and len({int(k) for f in fold_of for k in np.unique(f) if k >= 0}) >= 2
+    timing = {"run": 0.0, "fit": 0.0}
+    bar = Progress("recover", len(by_level), progress)
+    rng = np.random.default_rng(seed)
+    # sequential calibration: each model runs once in all, level by level, from
+    # the values the previous levels left (with the re-fitted weights in place)
+    front_p = Frontier(work, fd_list, threads, frontier_bytes)
+    front_o = Frontier(original, fd_list, threads, frontier_bytes)
+    try:
+        for done, lvl in enumerate(sorted(by_level), 1):
+            todo = by_level[lvl]
+            t0 = time.perf_counter()
+            x_names = sorted({f.x_name for f in todo})
+            y_names = sorted({f.y_name for f in todo})
+            px, oy = front_p.get(x_names), front_o.get(y_names)
+            t1 = time.perf_counter()
+            timing["run"] += t1 - t0
+            for bi in range(len(batches)):
+                for f in todo:
+                    if f.row.status == "skipped" and f.row.reason:
+                        continue
+                    x, y = px[f.x_name][bi], oy[f.y_name][bi]
+                    try:
+                        got = (_conv_rows if f.kind == "conv" else _dense_rows)(f, x, y, rng, rows_per_batch)
+                    except Exception as e:  # shape surprises: skip the layer, never crash
+                        got, f.row.reason = None, f"could not build regression rows: {type(e).__name__}: {e}"
+                    if got is None:
+                        f.row.reason = f.row.reason or "input/output shapes do not match a linear layer"
+                        continue
+                    rws, sample = got
+                    fb = fold_of[bi][np.minimum(sample, len(fold_of[bi]) - 1)]
+                    if not np.all(fb >= 0):  # samples kept out for the whole-model check
+                        rws, fb = [(X[fb >= 0], Y[fb >= 0]) for X, Y in rws], fb[fb >= 0]
+                    _accumulate(f, rws, fb if hold else np.zeros(len(fb), int))
+            del px, oy
+            bar.step(done, f"level {lvl}: {', '.join(f.row.node for f in todo)}"[:60], force=done == len(by_level) and not bar.tty)
+            for f in todo:
+                if f.row.reason or not f.folds:
+                    f.row.status = "skipped"
+                    continue
+                _totals(f)
+                lam, held_before, held_after = _select(f, ridge) if hold else (None, 0.0, 0.0)
+                f.row.ridge = lam if lam is not None else (ridge if method == "ridge" else None)
+                Ws = _solve(f, method, ridge if lam is None else lam)
+                tot_y = sum(float(yy.sum()) for yy in f.yy)
+                before = sum(_sq_err(G, C, yy, W) for G, C, yy, W in zip(f.G, f.C, f.yy, f.w0))
+                after = sum(_sq_err(G, C, yy, W) for G, C, yy, W in zip(f.G, f.C, f.yy, Ws))
+                f.row.samples = f.n
+                rel = lambda e: float(np.sqrt(e / max(tot_y, 1e-30)))  # noqa: E731
+                f.row.err_before, f.row.err_after = rel(before), rel(after)
+                if lam is not None:
+                    f.row.held_before, f.row.held_after = rel(held_before), rel(held_after)
+                if not all(np.all(np.isfinite(W)) for W in Ws):
+                    f.row.status, f.row.reason = "skipped", "non-finite solution"
+                elif lam is not None and not held_after < held_before * (1 - 1e-6):
+                    f.row.status, f.row.reason = "kept", "no ridge strength beat the pruned weights on held-out sources"
+                    f.row.err_after, f.row.held_after = f.row.err_before, f.row.held_before
+                elif after > before * (1 + 1e-9):
+                    f.row.status, f.row.reason = "kept", "the fit did not lower the reconstruction error"
+                    f.row.err_after, f.row.held_after = f.row.err_before, f.row.held_before
+                else:
+                    _write_back(g, f, Ws)
+                    f.row.status = "refit"
+                f.G, f.C, f.folds = [], [], {}  # free the Gram matrices
+                f.row.seconds = (time.perf_counter() - t0) / len(todo)
+            timing["fit"] += time.perf_counter() - t1
+    finally:  # the spill folders go whatever happens
+        front_p.close()
+        front_o.close()
+    timing["passes"] = front_p.passes + front_o.passes
+    timing["levels"] = len(by_level)
+    if stats is not None:
+        stats.update(run_s=timing["run"], fit_s=timing["fit"], passes=timing["passes"], levels=timing["levels"])
+    if validate:
+        try:
+            onnx.checker.check_model(work, full_check=True)
+            session(work, threads).run(None, feeds(batches[0]))
+            check = held_out_check(original, pruned, work, fd_list, fold_of, threads)
+        except Exception as e:  # never hand out an invalid model
+            return _reverted(pruned, rows, f"recovered model failed validation: {e}")
+        if stats is not None:
+            stats["held_out"] = check
+        if check is not None and check["worse"]:
+            return _reverted(pruned, rows, "the whole recovered model was further from the original on held-out sources")
+    return work, rows
+
+
+def recover_result(res, original, batches, **kw) -> tuple[onnx.ModelProto, list[LayerRow]]:
+    """``recover`` for an :class:`onnxprune.api.PruneResult` (what ``prune``
+    returned) and the original model (a path or proto)."""
+    if isinstance(original, str):
+        original = io.read_proto(original)
+    return recover(original, res.proto, res.analyzed.ctx, res.plan.keep, batches, **kw)
+
+
+def format_rows(rows: list[LayerRow]) -> str:
+    """A plain-text table of the per-layer rows (for reports and the CLI): the
+    relative error of each layer's output on the calibration data, and on
+    held-out sources (cross-validated) where the ridge strength was chosen."""
+    head = (f"{'node':<36} {'op':<7} {'lvl':>3} {'in kept':>10} {'status':<8} {'err before':>10} {'err after':>10} "
+            f"{'held-out before':>15} {'held-out after':>14}  reason")
+    lines = [head]
+    for r in rows:
+        cell = lambda v: "" if v is None else f"{v:.4f}"  # noqa: E731
+        lines.append(f"{r.node[:36]:<36} {r.op:<7} {r.level:>3} {r.inputs_kept[:10]:>10} {r.status:<8} "
+                     f"{cell(r.err_before):>10} {cell(r.err_after):>10} {cell(r.held_before):>15} {cell(r.held_after):>14}  {r.reason}")
+    return "\n".join(lines)
+
+
+__all__ = ["recover", "recover_result", "consumers", "LayerRow", "format_rows", "METHODS"]

@@ -1,0 +1,77 @@
+"""The whole recovered model judged on calibration sources no fit saw."""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx
+
+from onnxprune.recover.fit import LayerRow
+from onnxprune.runtime import session
+
+log = logging.getLogger(__name__)
+
+
+def _outputs(proto: onnx.ModelProto, feeds: list[dict], threads: int) -> list[list[np.ndarray]]:
+    sess = session(proto, threads)
+    return [sess.run(None, fd) for fd in feeds]
+
+
+def held_out_check(original, pruned, recovered, feeds: list[dict], fold_of: list[np.ndarray], threads: int) -> dict | None:
+    """The whole model on the samples no fit saw (fold -1): relative error of
+    the outputs against the original's (all outputs, per sample on axis 0) and,
+    for a ``[N, classes]`` first output, top-1 agreement, for the pruned and the
+    recovered model, and ``worse``: whether recovery moved the model away from
+    the original there (by KL for logits, else by the output error). None when
+    no sample was kept out."""
+    if not any(np.any(f < 0) for f in fold_of):
+        return None
+    first = [d for i in original.graph.input[:1] for d in i.type.tensor_type.shape.dim[:1]]
+    if not (first and first[0].dim_value > 0):  # a dynamic batch: run the kept-out samples only
+        feeds = [{k: v[f < 0] for k, v in fd.items()} for fd, f in zip(feeds, fold_of) if np.any(f < 0)]
+        fold_of = [np.full(int(np.sum(f < 0)), -1) for f in fold_of if np.any(f < 0)]
+    ref, outs = _outputs(original, feeds, threads), {"pruned": _outputs(pruned, feeds, threads),
+                                                    "recovered": _outputs(recovered, feeds, threads)}
+    res = {"samples": int(sum(int(np.sum(f < 0)) for f in fold_of))}
+    for name, got in outs.items():
+        num = den = 0.0
+        agree, total, kl = 0, 0, 0.0
+        for r_b, g_b, f in zip(ref, got, fold_of):
+            sel = f < 0
+            for k, (r, g) in enumerate(zip(r_b, g_b)):
+                if r.ndim == 0 or r.shape[0] != len(f) or r.shape != g.shape:
+                    continue
+                r, g = r[sel].astype(np.float64), g[sel].astype(np.float64)
+                num += float(((g - r) ** 2).sum())
+                den += float((r**2).sum())
+                if k == 0 and r.ndim == 2 and r.shape[1] > 1:  # logits: agreement and KL(original || model)
+                    agree += int((r.argmax(1) == g.argmax(1)).sum())
+                    total += len(r)
+                    lr, lg = _log_softmax(r), _log_softmax(g)
+                    kl += float((np.exp(lr) * (lr - lg)).sum())
+        res[f"err_{name}"] = float(np.sqrt(num / max(den, 1e-30)))
+        if total:
+            res[f"agree_{name}"] = 100.0 * agree / total
+            res[f"kl_{name}"] = kl / total
+    # the verdict: KL for a classifier's logits, else the relative output error
+    key = "kl" if "kl_pruned" in res else "err"
+    res["worse"] = bool(res[f"{key}_recovered"] > res[f"{key}_pruned"])
+    return res
+
+
+def _log_softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(1, keepdims=True)
+    return z - np.log(np.exp(z).sum(1, keepdims=True))
+
+
+def _reverted(pruned: onnx.ModelProto, rows: list[LayerRow], reason: str) -> tuple[onnx.ModelProto, list[LayerRow]]:
+    """The pruned model as it was (a copy), every applied fit marked reverted with ``reason``."""
+    log.warning("%s; returning the pruned model", reason)
+    back = onnx.ModelProto()
+    back.CopyFrom(pruned)
+    for r in rows:
+        if r.status == "refit":
+            r.status, r.reason = "reverted", reason
+    return back, rows
+
+

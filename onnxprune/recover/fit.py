@@ -1,0 +1,255 @@
+"""Recovery's arithmetic, plain numpy: regression rows from activations
+(im2col for convolutions), per-fold normal-equation statistics, the ridge
+solve shrinking towards the pruned weights, the ridge strength chosen on
+held-out folds of calibration sources. Nothing here reads or edits a model.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+@dataclass
+class LayerRow:
+    """One consumer of pruned channels. Errors are relative reconstruction errors
+    ``||Y_hat - Y||_F / ||Y||_F`` of this layer's output on the calibration
+    samples, with this layer's inputs taken from the (already re-fitted) pruned
+    model: ``err_before`` with the pruned weights, ``err_after`` with the new
+    ones. ``status``: ``refit`` (applied), ``kept`` (fitted, not better: pruned
+    weights kept), ``skipped`` (not handled; see ``reason``)."""
+
+    node: str
+    op: str
+    status: str
+    method: str = ""
+    reason: str = ""
+    level: int = -1
+    inputs_kept: str = ""  # e.g. "55/64"
+    outputs_kept: str = ""
+    features: int = 0
+    samples: int = 0
+    err_before: float | None = None
+    err_after: float | None = None
+    ridge: float | None = None  # the ridge strength used (chosen on held-out sources)
+    held_before: float | None = None  # the same errors on held-out sources (cross-validated)
+    held_after: float | None = None
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+
+@dataclass
+class _Fit:
+    """A re-fittable consumer: how to turn activations into regression rows and
+    how to write the result back."""
+
+    row: LayerRow
+    node: object  # an onnx.NodeProto in the working (pruned) proto at planning time; look up by name after edits
+    x_name: str  # its data input in the pruned model
+    y_name: str  # the matching output in the original model
+    kept_out: np.ndarray  # surviving output channels, as indices of the original's
+    groups: list  # per group: (input channel slice, output channel slice) of the pruned layer
+    w0: list  # per group: [d+1, m] pruned weights with the bias as last row
+    kind: str  # "conv" | "dense"
+    conv: dict = field(default_factory=dict)
+    dense: dict = field(default_factory=dict)
+    bias_add: str | None = None  # MatMul: name of the Add holding its bias
+    G: list = field(default_factory=list)
+    C: list = field(default_factory=list)
+    yy: list = field(default_factory=list)  # per group, per output channel sum of Y^2
+    n: int = 0
+    folds: dict = field(default_factory=dict)  # fold -> (G, C, yy) lists: the same statistics per fold of sources
+
+
+# --------------------------------------------------------------------------- regression rows
+
+
+def _pads(geo: dict, hw) -> list[int]:
+    if geo["auto"] in ("SAME_UPPER", "SAME_LOWER"):
+        pads = [0, 0, 0, 0]
+        for i, (size, k, s, d) in enumerate(zip(hw, geo["k"], geo["s"], geo["d"])):
+            total = max((-(-size // s) - 1) * s + (k - 1) * d + 1 - size, 0)
+            lo = total // 2 if geo["auto"] == "SAME_UPPER" else total - total // 2
+            pads[i], pads[i + 2] = lo, total - lo
+        return pads
+    return [0, 0, 0, 0] if geo["auto"] == "VALID" else geo["pads"]
+
+
+
+def _conv_rows(fit: _Fit, x: np.ndarray, y: np.ndarray, rng, budget: int):
+    """Sampled im2col rows of the kept input channels and the matching target rows."""
+    geo = fit.conv
+    kh, kw = geo["k"]
+    (sh, sw), (dh, dw) = geo["s"], geo["d"]
+    pt, pl, _, _ = _pads(geo, x.shape[2:])
+    B, _, Ho, Wo = y.shape
+    total = B * Ho * Wo
+    take = np.arange(total) if total <= budget else np.sort(rng.choice(total, budget, replace=False))
+    b, rest = np.divmod(take, Ho * Wo)
+    oh, ow = np.divmod(rest, Wo)
+    H, W = x.shape[2:]
+    hh = oh[:, None] * sh + np.arange(kh)[None] * dh - pt  # [S, kh] rows in the unpadded input
+    ww = ow[:, None] * sw + np.arange(kw)[None] * dw - pl  # [S, kw]
+    inside = ((hh >= 0) & (hh < H))[:, None, :, None] & ((ww >= 0) & (ww < W))[:, None, None, :]
+    hh, ww = np.clip(hh, 0, H - 1), np.clip(ww, 0, W - 1)
+    yk = y[b, :, oh, ow][:, fit.kept_out]  # [S, kept outputs]
+    rows = []
+    for isl, osl in fit.groups:
+        xs = x[:, isl]
+        patch = xs[b[:, None, None, None], np.arange(xs.shape[1])[None, :, None, None], hh[:, None, :, None], ww[:, None, None, :]]
+        patch = np.where(inside, patch, 0)  # zero padding, without a padded copy of the input
+        X = patch.reshape(len(take), -1)
+        Y = yk[:, osl]
+        rows.append((X, Y))
+    return rows, b
+
+
+def _dense_rows(fit: _Fit, x: np.ndarray, y: np.ndarray, rng, budget: int):
+    if fit.dense.get("transA"):
+        x = x.T
+    X = x.reshape(-1, x.shape[-1])
+    Y = y.reshape(-1, y.shape[-1])[:, fit.kept_out]
+    if len(X) != len(Y):
+        return None
+    # the sample each row comes from: rows are [B, ...] flattened (tokens of a sample are consecutive)
+    per = len(X) // x.shape[0] if not fit.dense.get("transA") and x.ndim > 1 and len(X) % x.shape[0] == 0 else len(X)
+    sample = np.arange(len(X)) // max(per, 1)
+    if len(X) > budget:
+        take = np.sort(rng.choice(len(X), budget, replace=False))
+        X, Y, sample = X[take], Y[take], sample[take]
+    return [(X, Y)], sample
+
+
+def _accumulate(fit: _Fit, rows, fold: np.ndarray) -> None:
+    """Add the regression rows to the layer's statistics, per fold of sources
+    (``fold``: the fold of each row); the totals are the sums over folds."""
+    for k in np.unique(fold):
+        sel = fold == k
+        G, C, yy = fit.folds.setdefault(int(k), ([], [], []))
+        for gi, (X, Y) in enumerate(rows):
+            Xa = np.empty((int(sel.sum()), X.shape[1] + 1))
+            Xa[:, :-1] = X[sel]
+            Xa[:, -1] = 1.0
+            Yk = Y[sel].astype(np.float64)
+            if len(G) <= gi:
+                G.append(np.zeros((Xa.shape[1], Xa.shape[1])))
+                C.append(np.zeros((Xa.shape[1], Yk.shape[1])))
+                yy.append(np.zeros(Yk.shape[1]))
+            G[gi] += Xa.T @ Xa
+            C[gi] += Xa.T @ Yk
+            yy[gi] += (Yk * Yk).sum(0)
+    fit.n += len(fold)
+
+
+def _totals(fit: _Fit) -> None:
+    """``fit.G, fit.C, fit.yy``: the statistics of all folds together."""
+    parts = list(fit.folds.values())
+    fit.G = [sum(p[0][gi] for p in parts) for gi in range(len(parts[0][0]))]
+    fit.C = [sum(p[1][gi] for p in parts) for gi in range(len(parts[0][1]))]
+    fit.yy = [sum(p[2][gi] for p in parts) for gi in range(len(parts[0][2]))]
+
+
+def _ridge(G, C, W0, lam_rel: float):
+    d = G.shape[0] - 1
+    lam = lam_rel * np.trace(G[:d, :d]) / max(d, 1)
+    D = np.ones(d + 1)
+    D[-1] = 0.0
+    A = G + lam * np.diag(D)
+    rhs = C + lam * D[:, None] * W0
+    try:
+        W = np.linalg.solve(A, rhs)
+        if not np.all(np.isfinite(W)):
+            raise np.linalg.LinAlgError
+    except np.linalg.LinAlgError:
+        W = np.linalg.lstsq(A, rhs, rcond=None)[0]
+    return W
+
+
+def _select(fit: _Fit, ridge: float) -> tuple[float | None, float, float]:
+    """Choose the ridge strength by cross-validation over folds of *sources*:
+    fit on the other folds, measure on each in turn. Returns ``(strength,
+    held-out error of the pruned weights, held-out error of the fit)`` (sums of
+    squares); ``strength`` is None with fewer than two folds."""
+    folds = list(fit.folds.values())
+    base = sum(_sq_err(Gv, Cv, yv, W0) for Gk, Ck, yk in folds for Gv, Cv, yv, W0 in zip(Gk, Ck, yk, fit.w0))
+    if len(folds) < 2:
+        return None, base, base
+    errs: dict[float, float] = {}
+
+    def cv(lam: float) -> float:
+        if lam not in errs:
+            errs[lam] = sum(_sq_err(Gv, Cv, yv, _ridge(G - Gv, C - Cv, W0, lam))
+                            for Gk, Ck, yk in folds
+                            for G, C, W0, Gv, Cv, yv in zip(fit.G, fit.C, fit.w0, Gk, Ck, yk))
+        return errs[lam]
+
+    # coarse to fine over powers of ten around the given strength (each
+    # evaluation is a solve per fold: the cost of recovery on wide layers)
+    lo, hi = ridge * 1e-4, max(ridge * 1e3, 10.0)
+    for lam in (ridge * 1e-2, ridge, ridge * 1e2):
+        cv(lam)
+    while True:
+        best = min(errs, key=errs.get)
+        step = [v for v in (best / 10, best * 10) if lo * 0.999 <= v <= hi * 1.001 and v not in errs]
+        if not step:
+            break
+        for v in step:
+            cv(v)
+        if min(errs, key=errs.get) == best:
+            break
+    lam = min(errs, key=errs.get)
+    if errs[ridge] <= errs[lam] * 1.01 + 1e-30:
+        lam = ridge  # the given strength unless another is clearly better
+    return lam, base, errs[lam]
+
+
+def _folds(feeds: list[dict], sources, seed: int, k: int = 2, reserve: float = 0.0) -> list[np.ndarray]:
+    """Per batch, the cross-validation fold of each sample, or -1 for the
+    samples kept out of every fit to check the whole model (``reserve``: that
+    fraction of the sources, when there are at least 8). Samples of one source
+    (``sources``: per batch, an id per sample) share a fold; without sources
+    every sample is its own."""
+    sizes = [len(next(iter(fd.values()))) for fd in feeds]
+    if sources is None:
+        sources = [np.arange(sum(sizes[:i]), sum(sizes[:i + 1])) for i in range(len(sizes))]
+    ids = np.random.default_rng(seed).permutation(np.unique(np.concatenate([np.asarray(s).reshape(-1) for s in sources])))
+    n_out = int(round(len(ids) * reserve)) if len(ids) >= 8 else 0
+    fold = {v: (-1 if i < n_out else (i - n_out) % k) for i, v in enumerate(ids.tolist())}
+    return [np.array([fold[v] for v in np.asarray(s).reshape(-1).tolist()], int) for s in sources]
+
+
+# --------------------------------------------------------------------------- solvers
+
+
+def _sq_err(G, C, yy, W) -> float:
+    """sum ||[X 1] W - Y||^2 from the accumulated statistics."""
+    return float(max(yy.sum() - 2 * np.sum(W * C) + np.sum(W * (G @ W)), 0.0))
+
+
+def _solve(fit: _Fit, method: str, ridge: float) -> list:
+    out = []
+    for G, C, yy, W0 in zip(fit.G, fit.C, fit.yy, fit.w0):
+        n = G[-1, -1]
+        if method == "bias":
+            W = W0.copy()
+            W[-1] += (C[-1] - G[-1] @ W0) / n
+        elif method == "stats":
+            # per output channel: match the original's mean and std
+            s_p = G[-1] @ W0  # sum of pruned outputs
+            ss_p = np.einsum("ij,ij->j", W0, G @ W0)
+            s_y = C[-1]
+            mu_p, mu_y = s_p / n, s_y / n
+            sd_p = np.sqrt(np.maximum(ss_p / n - mu_p**2, 0))
+            sd_y = np.sqrt(np.maximum(yy / n - mu_y**2, 0))
+            a = np.where(sd_p > 1e-12, sd_y / np.maximum(sd_p, 1e-12), 1.0)
+            a = np.clip(a, 0.1, 10.0)
+            W = W0 * a[None]
+            W[-1] += mu_y - a * mu_p
+        else:
+            W = _ridge(G, C, W0, ridge)
+        out.append(W)
+    return out
+
+
