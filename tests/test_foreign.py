@@ -339,3 +339,19 @@ def test_qdq_model_prunes_like_its_float_original(tmp_path):
         assert check_subset(job, {gid}, plan.keep, 1) > 1e-3
     finally:
         Job.edited = real
+
+
+def test_qdq_grouped_conv_with_a_quantized_bias_is_named_and_pruned_like_its_float_original(tmp_path):
+    # a grouped conv whose int32 bias goes through DequantizeLinear: the set is named from the
+    # conv's (quantized) weight, not from the bias
+    from test_recover import small_cnn
+
+    f = small_cnn(seed=1)
+    q = _qdq(tmp_path, f)
+    assert any(n.op_type == "DequantizeLinear" and n.input[0].startswith("b2") for n in q.graph.node)
+    fa, qa = Job.open(f), Job.open(q)
+    sig = lambda a: sorted((g.kind, g.width, g.set_name) for g in a.groups if not g.frozen)  # noqa: E731
+    assert sig(fa) == sig(qa) and any("gconv3x3" in s for _, _, s in sig(qa))
+    rows = oracle(q, Ratios.from_dict({"default": 0.5}))
+    tested = [r for r in rows if r.max_rel_err is not None]
+    assert tested and all(r.status == "PASS" for r in tested)

@@ -60,11 +60,22 @@ def _user(m: TensorMember) -> tuple[ir.Node, int]:
     return m.node, m.slot
 
 
+def _conv_weight(node):
+    """A Conv's constant weight, also where a DequantizeLinear feeds it (QDQ
+    models: its quantized input), else None."""
+    v = node.inputs[1] if len(node.inputs) > 1 else None
+    if v is None:
+        return None
+    if v.const_value is None and v.producer() is not None and v.producer().op_type == "DequantizeLinear":
+        v = v.producer().inputs[0]
+    return v.const_value if v is not None else None
+
+
 def _op_label(m: TensorMember) -> str:
     node, _ = _user(m)
     op = node.op_type.lower()
     if node.op_type in ("Conv", "ConvTranspose"):
-        w = m.value.const_value if node is not m.node else node.inputs[1].const_value
+        w = _conv_weight(node)
         k = "x".join(str(d) for d in w.shape[2:]) if w is not None else ""
         g = node.attributes.get("group")
         dw = "dw" if g is not None and g.value > 1 and w is not None and w.shape[1] == 1 else ("g" if g is not None and g.value > 1 else "")
