@@ -116,6 +116,22 @@ def test_the_last_step_is_trimmed_to_the_budget():
     assert len(keep[0]) == 58 and info["met"]  # a step is 4 channels: 4 + 2, not 4 + 4
 
 
+def test_savings_beyond_the_budget_do_not_make_a_coarse_step_win():
+    # group 0: 2 channels of 50 MACs each (its one step removes 50); group 1: 64 channels of 1 MAC.
+    # Per MAC saved, group 0's step is 5x cheaper, but the budget needs only 6 MACs: counted by the
+    # savings the budget needs, group 1's finer steps win and nothing overshoots
+    gs = _groups((2, "channels"), (64, "channels"))
+    est, total = _linear_estimate(gs, {0: 50.0, 1: 1.0})
+    weight = {0: 1.0, 1: 0.1}
+
+    def measure(keep):
+        return sum(weight[g] * (gs[g].width - len(k)) for g, k in keep.items())
+
+    keep, info = D.allocate(gs, {0: np.arange(2), 1: np.arange(64)}, measure, est, "macs", total - 6)
+    assert 0 not in keep and len(keep[1]) == 58 and info["met"]
+    assert est(keep)["macs"] == total - 6
+
+
 def test_round_to_widths_and_whole_heads():
     gs = _groups((40, "channels"), (6, "heads"))
     est, total = _linear_estimate(gs, {0: 1.0, 1: 3.0})

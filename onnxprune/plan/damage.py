@@ -19,8 +19,10 @@ sensitivity pass); then, repeatedly, the step with the lowest damage per MAC
 (or parameter) saved is re-measured on top of the steps already taken, since
 pruning one group changes what pruning another costs, and is taken when it is
 still the cheapest; otherwise the next cheapest is re-measured, at most
-``MAX_REMEASURE`` times per step. The search stops as soon as the budget is
-met. The module is pure: measuring is the caller's (``measure(keep)``), and
+``MAX_REMEASURE`` times per step. Savings beyond what the budget still needs
+count for nothing, so a coarse step that would overshoot it (a group of two
+channels) does not win over finer ones by its size. The search stops as soon
+as the budget is met. The module is pure: measuring is the caller's (``measure(keep)``), and
 so is counting (``estimate(keep)``).
 """
 from __future__ import annotations
@@ -123,7 +125,8 @@ def allocate(groups, order: dict[int, np.ndarray], measure, estimate, metric: st
             return None
         d = measure(keep)
         evals += 1
-        return (d - base_damage) / saved, d
+        useful = min(saved, base_count - target)  # what a step saves beyond the budget is worth nothing
+        return (d - base_damage) / useful, d
 
     damage, state = 0.0, 0
     heap: list[tuple] = []  # (damage per unit saved, group id, state measured at, damage measured)
