@@ -9,7 +9,9 @@ calibration set, then the closed-form recovery (``ridge``, every linear layer
 after the pruning) with its time split: ORT passes (the sequential frontier:
 each model runs once, level by level) and statistics + solves. The ratio
 ``ORT passes / (forward original + forward pruned)`` is what sequential
-calibration promises to keep near 1 whatever the depth. Prints a table and
+calibration promises to keep near 1 whatever the depth. The prune is planned
+as ``--recover`` plans it (scope ``damage`` on the same inputs), so its time
+includes the damage search. Prints a table and
 writes tools/results/recover_speed.md.
 """
 from __future__ import annotations
@@ -56,6 +58,8 @@ def main(argv: list[str] | None = None) -> None:
     import onnx
 
     from onnxprune.api import prune
+    from onnxprune.plan import Ratios
+    from onnxprune.plan.importance.calib import Calibration
     from onnxprune.recover import recover
     from onnxprune.torchbridge.export import export_timm
 
@@ -71,7 +75,8 @@ def main(argv: list[str] | None = None) -> None:
         batches = [x[i:i + 32] for i in range(0, len(x), 32)]
         orig = onnx.load(path)
         t0 = time.perf_counter()
-        res = prune(path, {"target_macs": args.target})
+        ratios, _ = Ratios.from_dict({"target_macs": args.target}).for_recovery()  # what --recover plans with
+        res = prune(path, ratios, calib=Calibration(batches, None, "random inputs"))
         t_prune = time.perf_counter() - t0
         f_o, f_p = forward_seconds(orig, batches, threads), forward_seconds(res.proto, batches, threads)
         stats: dict = {}
@@ -87,8 +92,8 @@ def main(argv: list[str] | None = None) -> None:
                          recover_s=t_rec, refit=refit)
         print(cells, flush=True)
     text = (f"`--recover` (ridge, all layers after the pruning), {args.images} random 224-px inputs in batches of 32, "
-            f"target_macs {args.target}, random weights, {threads} CPU threads\n\n")
-    text += md(["model", "layers", "levels", "prune s", "forward original s", "forward pruned s", "recovery ORT passes s",
+            f"target_macs {args.target} planned as --recover plans it (l2, scope damage), random weights, {threads} CPU threads\n\n")
+    text += md(["model", "layers", "levels", "prune s (the --recover plan: scope damage)", "forward original s", "forward pruned s", "recovery ORT passes s",
                 "passes / (fwd orig + fwd pruned)", "statistics + solves s", "recovery total s", "layers re-fitted"], rows)
     text += "\n"
     write_results(args.out, text, {"args": vars(args), "models": raw})
