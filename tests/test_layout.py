@@ -117,3 +117,44 @@ print("imported", len(imported), "skipped", skipped)
     installed = all(importlib.util.find_spec(d) is not None for d in OPTIONAL)
     # with every extra installed ([all]), every module imports; else only the ones a missing extra explains are skipped
     assert f"imported {len(mods)} skipped []" in r.stdout if installed else "imported" in r.stdout, r.stdout
+
+
+def _module_imports() -> dict[str, set[str]]:
+    """Module -> the onnxprune modules it imports (lazy imports included; imports
+    under ``if TYPE_CHECKING:`` left out: they never run)."""
+    mods = {".".join(_module(p)): p for p in ROOT.rglob("*.py")}
+    edges: dict[str, set[str]] = {m: set() for m in mods}
+    for m, path in mods.items():
+        tree = ast.parse(path.read_text())
+        typing_only = {id(x) for n in ast.walk(tree) if isinstance(n, ast.If) and "TYPE_CHECKING" in ast.unparse(n.test)
+                       for b in n.body for x in ast.walk(b)}
+        pkg = m.split(".") if path.name == "__init__.py" else m.split(".")[:-1]
+        for node in ast.walk(tree):
+            if id(node) in typing_only:
+                continue
+            if isinstance(node, ast.ImportFrom):
+                base = pkg[: len(pkg) - node.level + 1] if node.level else []
+                mod = ".".join(base + (node.module.split(".") if node.module else []))
+                if mod.split(".")[0] != "onnxprune":
+                    continue
+                for a in node.names:
+                    edges[m].add(f"{mod}.{a.name}" if f"{mod}.{a.name}" in mods else mod)
+            elif isinstance(node, ast.Import):
+                edges[m].update(a.name for a in node.names if a.name.startswith("onnxprune."))
+    return edges
+
+
+def test_no_module_imports_itself_through_others():
+    edges = _module_imports()
+    circles = set()
+    for start in edges:
+        stack, seen = [(start, (start,))], {start}
+        while stack:
+            node, path = stack.pop()
+            for nxt in edges.get(node, ()):
+                if nxt == start and len(path) > 1:
+                    circles.add(" -> ".join(path + (start,)))
+                elif nxt not in seen and nxt in edges:
+                    seen.add(nxt)
+                    stack.append((nxt, path + (nxt,)))
+    assert sorted(circles) == []

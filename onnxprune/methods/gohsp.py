@@ -327,7 +327,8 @@ def gohsp(model: str, opts: GohspOptions) -> dict:
     from onnxprune.torchbridge.importer import import_onnx, write_back
     from onnxprune.torchbridge.loop import fit
     from onnxprune.torchbridge.recipes import get as get_recipe
-    from onnxprune.torchbridge.train import Options, evaluate_onnx, finetune, input_size, kd_loss, load_teacher, make_optimizer
+    from onnxprune.torchbridge.distill import kd_loss
+    from onnxprune.torchbridge.train import Options, evaluate_onnx, finetune, input_size, load_teacher, make_optimizer
 
     if opts.admm_recipe not in ("paper", "quick"):
         raise UserError(f"unknown ADMM recipe '{opts.admm_recipe}' (paper or quick)")

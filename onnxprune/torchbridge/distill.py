@@ -32,6 +32,15 @@ from onnxprune.errors import UserError
 IMAGE_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm", ".tif", ".tiff", ".gif")
 
 
+def kd_loss(logits, t_logits, temperature: float):
+    """KL(teacher || student) on temperature-softened logits, scaled by T^2."""
+    import torch.nn.functional as F
+
+    T = temperature
+    return F.kl_div(F.log_softmax(logits.float() / T, -1), F.log_softmax(t_logits.float() / T, -1),
+                    reduction="batchmean", log_target=True) * T * T
+
+
 def is_labelled(spec: str) -> bool:
     """An ImageFolder root with class subfolders under train/."""
     d = os.path.join(spec, "train")
@@ -142,7 +151,6 @@ def output_loss(outs: list, t_outs: list, temperature: float):
     import torch
     import torch.nn.functional as F
 
-    from onnxprune.torchbridge.train import kd_loss
 
     total = None
     for s, t in zip(outs, t_outs):

@@ -121,15 +121,6 @@ def load_teacher(model, device=None):
     return teacher.eval()
 
 
-def kd_loss(logits, t_logits, temperature: float):
-    """KL(teacher || student) on temperature-softened logits, scaled by T^2."""
-    import torch.nn.functional as F
-
-    T = temperature
-    return F.kl_div(F.log_softmax(logits.float() / T, -1), F.log_softmax(t_logits.float() / T, -1),
-                    reduction="batchmean", log_target=True) * T * T
-
-
 def evaluate_onnx(proto_or_path, root: str, size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, max_batches=None,
                   batch: int = 32) -> float:
     """Top-1 (%) of an ONNX model in ONNX Runtime on ``root/val``."""
@@ -288,7 +279,7 @@ def finetune(pruned: str, opts: Options) -> dict:
             task = F.cross_entropy(logits.float(), y, label_smoothing=recipe.label_smoothing)
         if teacher is None:
             return task
-        kd = kd_loss(logits, t_outs[0], opts.kd_temperature)
+        kd = D.kd_loss(logits, t_outs[0], opts.kd_temperature)
         if len(outs) > 1:
             kd = kd + D.output_loss(outs[1:], t_outs[1:], opts.kd_temperature)
         return (1 - opts.kd_alpha) * task + opts.kd_alpha * kd
