@@ -34,6 +34,8 @@ class PruneResult:
     after: dict
     checks: dict = field(default_factory=dict)
     seconds: float = 0.0
+    recovery: list = field(default_factory=list)  # per-layer rows of the recovery stage (recover=...)
+    recovery_stats: dict = field(default_factory=dict)  # its time split and whole-model check on kept-out sources
     _proto: onnx.ModelProto | None = None
 
     @property
@@ -74,6 +76,7 @@ def prune(
     input_shapes=None,
     runtime=None,
     latency_table: str | None = None,
+    recover: str | None = None,
 ) -> PruneResult:
     """Prune a model; the input is never modified. Returns the pruned model and facts.
     ``calib`` (:class:`onnxprune.importance.calib.Calibration`, or a spec string
@@ -82,16 +85,36 @@ def prune(
     instead of making one from ``ratios``; ``input_shapes`` (or ``ratios.input_shapes``)
     fixes dynamic input dims, e.g. ``{"images": [1, 3, 640, 640]}``. A ``target_latency``
     in the ratios is measured on ``runtime`` (:class:`onnxprune.plan.latency.Runtime`,
-    default CPU), its measured points kept in ``latency_table`` when given."""
+    default CPU), its measured points kept in ``latency_table`` when given. ``recover``
+    (``"ridge"``, ``"stats"`` or ``"bias"``, with ``calib``) runs the recovery stage after
+    the rewrite (as ``--recover``: under a budget the ratios' unwritten fields default
+    to ``Ratios.for_recovery``); its rows are in ``PruneResult.recovery``."""
     t0 = time.perf_counter()
     if plan is None:
         ratios = ratios if isinstance(ratios, Ratios) else Ratios.load(ratios)
+    if recover is not None:
+        from onnxprune.errors import UserError
+        from onnxprune.recover import METHODS
+
+        if recover not in METHODS:
+            raise UserError(f"recover must be one of {', '.join(METHODS)}, not {recover!r}")
+        if calib is None:
+            raise UserError("recovery needs calibration inputs (calib=...)")
+        if plan is None:
+            ratios, _ = ratios.for_recovery()
     shapes = {**(ratios.input_shapes if plan is None else {}), **io.parse_input_shapes(input_shapes)}
     job = model if isinstance(model, Job) else Job.open(model, shapes)
+    if isinstance(calib, str):
+        from onnxprune.plan.importance.calib import load as load_calib
+
+        calib = load_calib(calib, job.skeleton())
     plan = resolve_plan(job, ratios, plan, calib, runtime, latency_table)
     before, after = job.counts(), job.counts(plan)
+    original = job.data_proto() if recover is not None else None
     job.rewrite(plan)
     res = PruneResult(job, plan, before, after)
+    if recover is not None:
+        res.recovery, res.recovery_stats = job.recover(original, calib, method=recover)
     if check:
         res.checks = job.validate(res.proto)  # never hand out an invalid model
     res.seconds = time.perf_counter() - t0

@@ -41,6 +41,7 @@ class Job:
         self._estimator = None
         self._original: onnx.ModelProto | None = None
         self.rewritten = False
+        self.plan_keep: dict | None = None  # the plan rewrite() applied (recovery reads it)
 
     @classmethod
     def open(cls, model: str | onnx.ModelProto | ir.Model, input_shapes=None, rules: Registry | None = None) -> "Job":
@@ -268,6 +269,7 @@ class Job:
             raise RuntimeError("this job's model was already rewritten")
         apply_plan(self.ctx, plan.keep)
         self.rewritten = True
+        self.plan_keep = plan.keep
         return self.model
 
     def adopt(self, proto: onnx.ModelProto) -> None:
@@ -279,6 +281,21 @@ class Job:
         external = self.model.graph.meta.get("external_input")
         self.model = ir.serde.deserialize_model(proto)
         self.model.graph.meta["external_input"] = external  # the output keeps the input's storage choice
+
+    def recover(self, original: onnx.ModelProto, calib, method: str = "ridge", progress: bool = False):
+        """The recovery stage (:mod:`onnxprune.recover`): re-fit the rewritten
+        model against ``original`` (this job's model before :meth:`rewrite`) on
+        ``calib`` and continue with the result. Returns the per-layer rows and
+        the stats (time split, the whole-model check on kept-out sources)."""
+        from onnxprune.recover import recover
+
+        if not self.rewritten or self.plan_keep is None:
+            raise RuntimeError("recover() follows rewrite()")
+        stats: dict = {}
+        rec, rows = recover(original, io.full_proto(self.model), self.ctx, self.plan_keep, calib, method=method,
+                            progress=progress, stats=stats)
+        self.adopt(rec)
+        return rows, stats
 
     @contextmanager
     def edited(self, keep: dict[int, np.ndarray], zero: bool = False, prune: bool = False, consumer_only=frozenset()):

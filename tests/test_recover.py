@@ -336,3 +336,29 @@ def test_cli_recover_holds_out_sources_and_prints_the_check(tmp_path, capsys):
     fitted = [r for r in rows if r["status"] == "refit"]
     assert fitted and all(r["held_after"] < r["held_before"] for r in fitted)
     assert all(r["samples"] > 0 for r in fitted)
+
+
+def test_the_api_runs_the_recovery_stage(tmp_path):
+    from onnxprune.errors import UserError
+
+    m = small_cnn(seed=2)
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "c.npy", rng.standard_normal((64, 3, 16, 16)).astype(np.float32))
+    calib = str(tmp_path / "c.npy")
+    plain = prune(m, {"default": 0.5, "importance": "l2"})
+    res = prune(m, {"default": 0.5, "importance": "l2"}, calib=calib, recover="ridge")  # fields written win
+    assert res.recovery and any(r.status == "refit" for r in res.recovery) and "run_s" in res.recovery_stats
+    assert {g: list(k) for g, k in res.plan.keep.items()} == {g: list(k) for g, k in plain.plan.keep.items()}
+    x = rng.standard_normal((32, 3, 16, 16)).astype(np.float32)  # not the calibration inputs
+    ref = runtime.session(m).run(None, {"x": x})[0]
+
+    def err(p):
+        return float(np.linalg.norm(runtime.session(p).run(None, {"x": x})[0] - ref) / np.linalg.norm(ref))
+    assert err(res.proto) < err(plain.proto)
+    assert res.checks  # the recovered model was validated
+    budget = prune(m, {"target_macs": 0.8}, calib=calib, recover="ridge")  # as --recover: the budget's defaults
+    assert budget.plan.target["scope"] == "damage" and budget.plan.criteria == {"channels": "l2"}
+    with pytest.raises(UserError, match="calib"):
+        prune(m, {"default": 0.5}, recover="ridge")
+    with pytest.raises(UserError, match="recover must be one of"):
+        prune(m, {"default": 0.5}, calib=calib, recover="lasso")

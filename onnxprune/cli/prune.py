@@ -123,14 +123,10 @@ def calib_data(args, job):
 
 def run_recovery(args, job, plan, original, calib) -> list:
     """Closed-form recovery of the rewritten model in ``job`` (see onnxprune.recover)."""
-    from onnxprune import io
-    from onnxprune.recover import format_rows, recover
+    from onnxprune.recover import format_rows
 
     say(args, f"\nrecovery ({args.recover}) from {calib.source} ...")
-    stats: dict = {}
-    rec, rows = recover(original, io.full_proto(job.model), job.ctx, plan.keep, calib, method=args.recover,
-                        progress=not args.quiet, stats=stats)
-    job.adopt(rec)
+    rows, stats = job.recover(original, calib, method=args.recover, progress=not args.quiet)
     say(args, format_rows(rows))
     if "run_s" in stats:
         say(args, f"recovery time: {stats['run_s']:.1f}s in ONNX Runtime ({stats['levels']} levels, "
