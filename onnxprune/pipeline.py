@@ -125,11 +125,11 @@ class Job:
             scores = self.scores(ratios, calib)
         if ratios.target_latency is not None:
             return self._latency_plan(ratios, calib, scores, runtime, latency_table, progress)
-        if ratios.scope == "damage":
-            return self._damage_plan(ratios, calib, scores, progress)
         if ratios.scope == "cost" and not scores.unit:
             scores.unit = self.unit_costs(ratios.target[0] if ratios.target else "macs")
-        if ratios.target is None:
+        if ratios.scope == "damage":
+            plan = self._damage_plan(ratios, calib, scores, progress)
+        elif ratios.target is None:
             plan = make_plan(self.ctx, self.groups, ratios, scores=scores)
         else:
             from onnxprune.plan.budget import parse_target, solve
@@ -201,12 +201,9 @@ class Job:
         achieved = est.estimate(plan.keep)[metric]
         plan.target = {"metric": metric, "requested": requested, "target": target.value, "achieved": achieved,
                        "before": est.before[metric], "error": (achieved - target.value) / target.value,
-                       "scope": "damage", "samples": n, "seconds": time.perf_counter() - t0,
-                       **{k: v for k, v in info.items() if k != "history"}, "steps_taken": info["history"]}
+                       "scope": "damage", "samples": n, "seconds": time.perf_counter() - t0, **info}
         if not info["met"]:
             log.warning("target_%s: not reached with scope 'damage' (every group at its limit)", metric)
-        plan.criteria = {g.kind: c for g in self.groups if g.id in scores.used for c in [scores.used[g.id]]}
-        plan.ratios_given = ratios.to_dict()
         return plan
 
     def _damage_feeds(self, calib, want: int) -> tuple[list[dict], int]:

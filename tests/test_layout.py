@@ -44,12 +44,16 @@ def _unit(parts: list[str]) -> str:
     return parts[1]
 
 
-def _imports():
-    """(importing unit, imported unit, imported name, file, line) for every onnxprune import, lazy ones included."""
+def _module_edges():
+    """(importing module, imported module, imported name, file, line, under TYPE_CHECKING) for every
+    onnxprune import, lazy ones included; modules as lists of name parts."""
     for path in sorted(ROOT.rglob("*.py")):
         me = _module(path)
         pkg = me if path.name == "__init__.py" else me[:-1]
-        for node in ast.walk(ast.parse(path.read_text())):
+        tree = ast.parse(path.read_text())
+        typing_only = {id(x) for n in ast.walk(tree) if isinstance(n, ast.If) and "TYPE_CHECKING" in ast.unparse(n.test)
+                       for b in n.body for x in ast.walk(b)}
+        for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom):
                 base = pkg[: len(pkg) - node.level + 1] if node.level else []
                 mod = base + (node.module.split(".") if node.module else [])
@@ -58,11 +62,17 @@ def _imports():
                 for a in node.names:
                     sub = mod + [a.name]
                     is_module = (ROOT.parent / pathlib.Path(*sub)).is_dir() or (ROOT.parent / pathlib.Path(*sub)).with_suffix(".py").exists()
-                    yield _unit(me), _unit(sub if is_module else mod), a.name, path.name, node.lineno
+                    yield me, sub if is_module else mod, a.name, path.name, node.lineno, id(node) in typing_only
             elif isinstance(node, ast.Import):
                 for a in node.names:
                     if a.name.startswith("onnxprune."):
-                        yield _unit(me), _unit(a.name.split(".")), "", path.name, node.lineno
+                        yield me, a.name.split("."), "", path.name, node.lineno, id(node) in typing_only
+
+
+def _imports():
+    """(importing unit, imported unit, imported name, file, line) for every onnxprune import, lazy ones included."""
+    for me, mod, name, f, line, _ in _module_edges():
+        yield _unit(me), _unit(mod), name, f, line
 
 
 def test_every_unit_has_a_layer():
@@ -122,25 +132,10 @@ print("imported", len(imported), "skipped", skipped)
 def _module_imports() -> dict[str, set[str]]:
     """Module -> the onnxprune modules it imports (lazy imports included; imports
     under ``if TYPE_CHECKING:`` left out: they never run)."""
-    mods = {".".join(_module(p)): p for p in ROOT.rglob("*.py")}
-    edges: dict[str, set[str]] = {m: set() for m in mods}
-    for m, path in mods.items():
-        tree = ast.parse(path.read_text())
-        typing_only = {id(x) for n in ast.walk(tree) if isinstance(n, ast.If) and "TYPE_CHECKING" in ast.unparse(n.test)
-                       for b in n.body for x in ast.walk(b)}
-        pkg = m.split(".") if path.name == "__init__.py" else m.split(".")[:-1]
-        for node in ast.walk(tree):
-            if id(node) in typing_only:
-                continue
-            if isinstance(node, ast.ImportFrom):
-                base = pkg[: len(pkg) - node.level + 1] if node.level else []
-                mod = ".".join(base + (node.module.split(".") if node.module else []))
-                if mod.split(".")[0] != "onnxprune":
-                    continue
-                for a in node.names:
-                    edges[m].add(f"{mod}.{a.name}" if f"{mod}.{a.name}" in mods else mod)
-            elif isinstance(node, ast.Import):
-                edges[m].update(a.name for a in node.names if a.name.startswith("onnxprune."))
+    edges: dict[str, set[str]] = {".".join(_module(p)): set() for p in ROOT.rglob("*.py")}
+    for me, mod, _, _, _, typing_only in _module_edges():
+        if not typing_only:
+            edges[".".join(me)].add(".".join(mod))
     return edges
 
 

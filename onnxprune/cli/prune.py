@@ -80,7 +80,7 @@ def cmd_prune(args) -> str:
     job.rewrite(plan)
     recovery = []
     if args.recover:
-        recovery = run_recovery(args, job, plan, original, calib)
+        recovery = run_recovery(args, job, original, calib)
     checks = job.save(out)
     res = api.PruneResult(job, plan, b, a, checks, time.perf_counter() - args.t0)
     latency = []
@@ -121,7 +121,7 @@ def calib_data(args, job):
     return load(args.calib, job.skeleton(), args.calib_batches, args.calib_batch_size)
 
 
-def run_recovery(args, job, plan, original, calib) -> list:
+def run_recovery(args, job, original, calib) -> list:
     """Closed-form recovery of the rewritten model in ``job`` (see onnxprune.recover)."""
     from onnxprune.recover import format_rows
 

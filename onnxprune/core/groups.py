@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import onnx_ir as ir
 
-from onnxprune.core.analysis import Analysis
+from onnxprune.core.analysis import Analysis, dequantized
 from onnxprune.core.members import IN, OUT, AttrMember, ShapeMember, TensorMember
 from onnxprune.core.space import ATOM, Space
 
@@ -64,11 +64,8 @@ def _conv_weight(node):
     """A Conv's constant weight, also where a DequantizeLinear feeds it (QDQ
     models: its quantized input), else None."""
     v = node.inputs[1] if len(node.inputs) > 1 else None
-    if v is None:
-        return None
-    if v.const_value is None and v.producer() is not None and v.producer().op_type == "DequantizeLinear":
-        v = v.producer().inputs[0]
-    return v.const_value if v is not None else None
+    dq = dequantized(v)
+    return dq.inputs[0].const_value if dq is not None else (v.const_value if v is not None else None)
 
 
 def _op_label(m: TensorMember) -> str:

@@ -90,7 +90,7 @@ def allocate(groups, order: dict[int, np.ndarray], measure, estimate, metric: st
     groups = [g for g in groups if g.width > 1]
     removed = {g.id: 0 for g in groups}
     by_id = {g.id: g for g in groups}
-    steps = {g.id: step_size(g.width, g.kind, 1 if g.kind == "heads" else round_to) for g in groups}
+    steps = {g.id: step_size(g.width, g.kind, round_to) for g in groups}
     cap = {g.id: min(g.width - 1, int(math.floor(MAX_FRACTION * g.width))) for g in groups}
 
     def keep_of(rem: dict[int, int]) -> dict[int, np.ndarray]:
@@ -187,11 +187,7 @@ def allocate(groups, order: dict[int, np.ndarray], measure, estimate, metric: st
 
 def target_text(info: dict) -> str:
     """One line on a damage-scope plan: the budget and what the search measured."""
-    def human(v: float) -> str:
-        for unit, div in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
-            if abs(v) >= div:
-                return f"{v / div:.2f}{unit}"
-        return f"{v:.0f}"
+    from onnxprune.report import human
 
     met = "" if info["met"] else " (NOT met: every group at its limit)"
     return (f"target_{info['metric']} {info['requested']}: {human(info['target'])} wanted, {human(info['achieved'])} "
