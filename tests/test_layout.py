@@ -153,3 +153,37 @@ def test_no_module_imports_itself_through_others():
                     seen.add(nxt)
                     stack.append((nxt, path + (nxt,)))
     assert sorted(circles) == []
+
+
+def test_every_command_module_declares_its_parser_and_run():
+    """A command is the module onnxprune.cli.NAME: a docstring, ``NAME``, ``parser()`` whose prog is
+    "onnxprune NAME" (the default command's: "onnxprune"), and ``run(args)``; the default
+    command's help lists every other command."""
+    from onnxprune.cli import COMMANDS, DEFAULT, command_module
+
+    wrong = []
+    for name in COMMANDS:
+        mod = command_module(name)
+        missing = [a for a in ("__doc__", "NAME", "parser", "run") if not getattr(mod, a, None)]
+        if missing or mod.NAME != name:
+            wrong.append(f"{name}: missing {missing}, NAME {getattr(mod, 'NAME', None)!r}")
+            continue
+        prog = "onnxprune" if name == DEFAULT else f"onnxprune {name}"
+        if mod.parser().prog != prog:
+            wrong.append(f"{name}: prog {mod.parser().prog!r}, not {prog!r}")
+    assert wrong == []
+    epilog = command_module(DEFAULT).parser().epilog
+    assert [c for c in COMMANDS if c != DEFAULT and c not in epilog] == []
+
+
+def test_a_command_is_added_in_the_registry_only():
+    """Every module of cli/ but __init__ and common is a command listed in COMMANDS, and no module
+    imports a command module by name (main reaches them through COMMANDS; what commands share
+    lives in common): a new command is its module plus its name in COMMANDS."""
+    from onnxprune.cli import COMMANDS
+
+    modules = sorted(p.stem for p in (ROOT / "cli").glob("*.py") if p.stem not in ("__init__", "common"))
+    assert modules == sorted(COMMANDS)
+    by_name = sorted({f"{'.'.join(me)} imports {'.'.join(mod)} ({f}:{line})" for me, mod, _, f, line, _ in _module_edges()
+                      if mod[:2] == ["onnxprune", "cli"] and mod[2:3] and mod[2] in COMMANDS})
+    assert by_name == []

@@ -8,20 +8,31 @@
     onnxprune bench MODEL [MORE ...] [--batch N] [--provider cpu|cuda|tensorrt] [--threads N] [--warmup N] [--runs N] [--json F] [--plot F.png]
     onnxprune finetune | gohsp | data ...       training (the ``finetune`` extra)
 
-``common`` holds the parsers; ``prune``, ``tools`` and ``train`` the commands; this
-module only dispatches and prints the verdict line.
+Each command is a module of its own (``prune``, ``analyze``, ...) that defines
+``NAME``, ``parser()`` and ``run(args)``, listed once in ``COMMANDS``; ``common``
+holds what they share. This module only dispatches and prints the verdict line.
 """
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import sys
 import time
 
-from onnxprune.cli.common import SUBCOMMANDS, Failed, check_output_folders, prune_parser, sub_parsers
+from onnxprune.cli.common import Failed, check_output_folders
 from onnxprune.errors import UserError
 
 log = logging.getLogger("onnxprune")
+
+# every command, in the order ``onnxprune -h`` lists them: onnxprune.cli.NAME, imported only when it runs
+COMMANDS = ("analyze", "verify", "export", "prune", "bench", "finetune", "gohsp", "data")
+DEFAULT = "prune"  # the command of ``onnxprune MODEL ...`` (no command word)
+
+
+def command_module(name: str):
+    """The module of one command: ``NAME``, ``parser()``, ``run(args)``."""
+    return importlib.import_module(f"onnxprune.cli.{name}")
 
 
 class _Stderr(logging.Handler):
@@ -77,23 +88,14 @@ def main(argv: list[str] | None = None) -> int:
     _T0 = time.perf_counter()
     argv = list(sys.argv[1:] if argv is None else argv)
     command = list(argv)  # as given, for the verdict line
-    from onnxprune.cli import prune, tools, train
-
-    commands = {"analyze": prune.cmd_analyze, "verify": prune.cmd_verify, "prune": prune.cmd_prune, "export": tools.cmd_export,
-                "bench": tools.cmd_bench, "finetune": train.cmd_finetune, "data": train.cmd_data, "gohsp": train.cmd_gohsp}
-    if argv and argv[0] in SUBCOMMANDS:
-        sub = argv.pop(0)
-        parser = prune_parser() if sub == "prune" else sub_parsers()[sub]
-        fn = commands[sub]
-    else:
-        parser, fn = prune_parser(), prune.cmd_prune
-    args = parser.parse_args(argv)
+    cmd = command_module(argv.pop(0) if argv and argv[0] in COMMANDS else DEFAULT)
+    args = cmd.parser().parse_args(argv)
     args.t0 = _T0
     _setup_logging(args)
     try:
-        if fn is not train.cmd_data:  # data's output is a folder it creates
+        if getattr(cmd, "CHECK_OUTPUT_FOLDERS", True):  # False for data: its output is a folder it creates
             check_output_folders(args)
-        msg = fn(args)
+        msg = cmd.run(args)
     except Failed as e:
         return _verdict("FAILED", str(e), command, e.code)
     except UserError as e:

@@ -1,5 +1,6 @@
-"""What every command shares: argument parsers, the built-in default model and
-ratios, output-path checks, printing."""
+"""What the commands share: option groups, the built-in default model and ratios,
+output-path checks, printing, and the pipeline commands' helpers (calibration
+data, the oracle table, why nothing is prunable)."""
 from __future__ import annotations
 
 import argparse
@@ -8,8 +9,6 @@ from importlib import resources
 
 from onnxprune.errors import UserError
 from onnxprune.io import refuse_overwrite
-
-SUBCOMMANDS = ("analyze", "verify", "export", "prune", "bench", "finetune", "data", "gohsp")
 
 
 class Failed(Exception):
@@ -45,31 +44,6 @@ def common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="only the verdict line")
 
 
-def prune_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="onnxprune", description="Structural pruning of ONNX models.",
-                                epilog="subcommands: analyze, verify, export, bench, finetune, gohsp, data (onnxprune SUBCOMMAND -h)")
-    p.add_argument("model", nargs="?", help="input .onnx (default: the built-in demo ResNet)")
-    p.add_argument("--ratios", help="ratios.json path or inline JSON (default: built-in demo ratios)")
-    p.add_argument("-o", "--output", help="pruned model path (default: MODEL stem + '.pruned.onnx' in the current directory)")
-    p.add_argument("--report", help="write the JSON report here")
-    p.add_argument("--verify", action="store_true", help="run the zero-contribution oracle on this plan")
-    p.add_argument("--recover", nargs="?", const="ridge", choices=["bias", "stats", "ridge"],
-                   help="closed-form recovery from --calib data, no labels: re-fit every layer that reads pruned channels "
-                   "(ridge, the default), match per-channel output statistics (stats), or fold the removed channels' mean "
-                   "into the bias (bias). Fits are judged on calibration sources they did not see (a 'source' array "
-                   "in an .npz, else groups of look-alike images); a quarter of the sources checks the whole model")
-    p.add_argument("--plan", help="replay a plan file saved by --save-plan (instead of --ratios)")
-    p.add_argument("--save-plan", help="write the plan (groups by member names, kept indices) as JSON here")
-    shape_opt(p)
-    calib_opts(p)
-    p.add_argument("--bench", action="store_true", help="measure ORT latency before and after (interleaved; see 'onnxprune bench')")
-    bench_opts(p, runs=30, warmup=5)
-    p.add_argument("--latency-table", help="with target_latency in the ratios: keep the measured (MACs, latency) points "
-                   "in this JSON file and start later searches from them")
-    common(p)
-    return p
-
-
 def calib_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib", help="calibration data for data-driven importance: DIR (ImageFolder), FILE.npy/.npz "
                    "(x, optional y labels, optional 'source': the photo or text each sample comes from), or 'synthetic'")
@@ -83,110 +57,6 @@ def bench_opts(p: argparse.ArgumentParser, runs: int = 100, warmup: int = 20) ->
     p.add_argument("--threads", type=int, help="ORT intra-op threads (default: the number of CPU cores)")
     p.add_argument("--warmup", type=int, default=warmup, help=f"warm-up runs per model (default {warmup})")
     p.add_argument("--runs", type=int, default=runs, help=f"timed runs per model (default {runs})")
-
-
-def sub_parsers() -> dict[str, argparse.ArgumentParser]:
-    a = argparse.ArgumentParser(prog="onnxprune analyze", description="List groups, isomorphic sets and what is frozen.")
-    a.add_argument("model")
-    a.add_argument("--json", help="write groups as JSON here")
-    shape_opt(a)
-    a.add_argument("--members", action="store_true", help="print every group with its members")
-    a.add_argument("--scores", action="store_true", help="score every group and summarise each isomorphic set")
-    a.add_argument("--importance", default="l2", help="criterion for --scores, or JSON {kind: criterion} (default l2)")
-    a.add_argument("--plot", help="with --scores: draw the score distribution of each isomorphic set (PNG)")
-    calib_opts(a)
-    common(a)
-    v = argparse.ArgumentParser(prog="onnxprune verify", description="Zero-contribution oracle on your model and plan.")
-    v.add_argument("model")
-    v.add_argument("--ratios", help="ratios.json or inline JSON: checks the plan a prune run would make")
-    v.add_argument("--plan", help="a plan file saved by --save-plan")
-    shape_opt(v)
-    calib_opts(v)
-    v.add_argument("--no-per-set", action="store_true", help="one combined check only")
-    v.add_argument("--json", help="write the rows as JSON here")
-    common(v)
-    e = argparse.ArgumentParser(prog="onnxprune export", description="Export a timm model to ONNX (random init unless --checkpoint).")
-    e.add_argument("name", help="timm:<model name>")
-    e.add_argument("-o", "--output", required=True)
-    e.add_argument("--exporter", choices=["dynamo", "legacy"], default="dynamo")
-    e.add_argument("--opset", type=int)
-    e.add_argument("--dynamic-batch", action="store_true")
-    e.add_argument("--checkpoint")
-    e.add_argument("--img-size", type=int, help="input size (transformers are built for it: position embeddings, windows)")
-    e.add_argument("--num-classes", type=int, help="classifier width (default: the model's, 1000 for most timm models)")
-    e.add_argument("--batch", type=int, help="static batch size of the export (default 1; ignored shape-wise with --dynamic-batch)")
-    common(e)
-    b = argparse.ArgumentParser(prog="onnxprune bench", description="ORT latency, throughput, params, MACs and speed-up "
-                                "against the first model; runs are interleaved across models.")
-    b.add_argument("models", nargs="*")
-    b.add_argument("--table", help="show a latency table written by a target_latency run (--latency-table) instead "
-                   "of timing models; with --plot, draw latency against MACs")
-    bench_opts(b)
-    b.add_argument("--json", help="write the rows (with every timing) as JSON here")
-    b.add_argument("--plot", help="write a latency-vs-MACs plot (PNG) here")
-    shape_opt(b)
-    common(b)
-    f = argparse.ArgumentParser(prog="onnxprune finetune", description="Fine-tune a (pruned) ONNX model in PyTorch via onnx2torch "
-                                "and write the trained tensors back into the same graph.")
-    f.add_argument("model", help="the ONNX model to train (e.g. the pruned one)")
-    f.add_argument("--data", required=True, help="ImageFolder root with train/<class>/ and val/<class>/ (labelled), or, with "
-                   "--teacher, unlabelled data: a folder of images (any layout) or FILE.npy / FILE.npz (one array per input name)")
-    f.add_argument("-o", "--output", required=True)
-    f.add_argument("--teacher", help="unpruned ONNX model: distil from its logits")
-    f.add_argument("--recipe", help="deit | convnext | resnet | mobilenet | swin (the Isomorphic Pruning paper's training recipes) | "
-                   "quick | distill (default: quick with labels, distill without: lr 1e-4, no weight decay)")
-    f.add_argument("--epochs", type=int)
-    f.add_argument("--lr", type=float, help="learning rate (default: the recipe's base lr scaled by batch size)")
-    f.add_argument("--batch-size", type=int, default=64)
-    f.add_argument("--workers", type=int, default=2)
-    f.add_argument("--resume", nargs="?", const="auto", help="resume from OUTPUT.ckpt (or the given checkpoint)")
-    f.add_argument("--kd-alpha", type=float, default=0.5)
-    f.add_argument("--kd-temperature", type=float, default=4.0)
-    f.add_argument("--max-steps", type=int, help="stop after this many optimiser steps")
-    f.add_argument("--keep-worse", action="store_true", help="without labels: write the trained weights even when they are "
-                   "further from the teacher on the held-out samples than the input's (default: keep the input's)")
-    f.add_argument("--minutes", type=float, help="train for this long (the lr schedule is fitted to it; --epochs then unset)")
-    f.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
-    f.add_argument("--seed", type=int, default=0)
-    f.add_argument("--bn-reinsert", choices=["auto", "on", "off"], default="auto",
-                   help="train with BatchNorm re-inserted after convolutions, folded back on write-back "
-                   "(auto: for CNNs whose BatchNorm was folded away)")
-    common(f)
-    d = argparse.ArgumentParser(prog="onnxprune data", description="Generate datasets.")
-    d.add_argument("kind", choices=["synthetic"])
-    d.add_argument("output")
-    d.add_argument("--classes", type=int, default=10)
-    d.add_argument("--train", type=int, default=300, help="training images per class")
-    d.add_argument("--val", type=int, default=60, help="validation images per class")
-    d.add_argument("--size", type=int, default=64)
-    d.add_argument("--seed", type=int, default=0)
-    common(d)
-    h = argparse.ArgumentParser(prog="onnxprune gohsp", description="GOHSP (Yin et al., GOHSP: A Unified Framework of Graph and Optimization-Based Heterogeneous "
-                                "Structured Pruning for Vision Transformer): graph-based head ranking, ADMM soft pruning "
-                                "toward head/column sparsity, hard pruning by the rewriter, fine-tuning.")
-    h.add_argument("model")
-    h.add_argument("--data", required=True, help="ImageFolder root with train/ and val/ (also the calibration data)")
-    h.add_argument("--ratios", help="kind ratios: heads (mask), head_dim and mlp (columns)")
-    h.add_argument("--plan", help="a plan file (--save-plan): its kept heads and columns are the ADMM targets")
-    h.add_argument("--sparsity", type=float, help="one overall column sparsity for head_dim and mlp, distributed over "
-                   "the layers by Erdos-Renyi as GOHSP does (replaces their ratios; heads still from --ratios)")
-    h.add_argument("-o", "--output", required=True)
-    h.add_argument("--rho", type=float, default=1e-3, help="ADMM penalty (paper: 0.001)")
-    h.add_argument("--lambda", dest="lam", type=float, default=1e-2, help="weight of the masked-heads quadratic term")
-    h.add_argument("--admm-epochs", type=int, default=2)
-    h.add_argument("--admm-interval", type=int, help="steps between Z/U updates (default: one epoch)")
-    h.add_argument("--finetune-epochs", type=int, default=1)
-    h.add_argument("--lr", type=float, help="lr of the ADMM phase (default: 0.01 for 'paper', as on ImageNet; for 'quick' finetune's: 1e-3 x batch/64)")
-    h.add_argument("--admm-recipe", choices=["paper", "quick"], default="paper",
-                   help="ADMM-phase training: 'paper' = SGD momentum 0.9, no weight decay, cross-entropy (as in the GOHSP paper); "
-                   "'quick' = finetune's quick recipe (optimiser, lr, label smoothing) with KD from --teacher")
-    h.add_argument("--batch-size", type=int, default=64)
-    h.add_argument("--teacher", help="distil the fine-tuning from this ONNX model")
-    h.add_argument("--max-steps", type=int)
-    h.add_argument("--workers", type=int, default=2)
-    h.add_argument("--plot", help="plot loss, ||(1-M)W||, ||W-Z|| and accuracy per ADMM epoch (PNG)")
-    common(h)
-    return {"analyze": a, "verify": v, "export": e, "bench": b, "finetune": f, "data": d, "gohsp": h}
 
 
 def say(args, text: str = "") -> None:
@@ -211,3 +81,40 @@ def check_output_folders(args) -> None:
         folder = os.path.dirname(os.path.abspath(path)) if path else None
         if folder and not os.path.isdir(folder):
             raise UserError(f"output folder does not exist: {os.path.dirname(path)} (for --{key.replace('_', '-')} {path})")
+
+
+def calib_data(args, job):
+    if not getattr(args, "calib", None):
+        return None
+    from onnxprune.plan.importance.calib import load
+
+    return load(args.calib, job.skeleton(), args.calib_batches, args.calib_batch_size)
+
+
+def why_nothing(job, plan=None) -> str:
+    """One line: why a plan removes nothing (without a plan: why the model has nothing to prune)."""
+    live = [g for g in job.groups if not g.frozen]
+    parts = []
+    if not job.groups:
+        parts.append("no prunable channel group was found")
+    elif not live:
+        reasons = sorted({g.frozen[0].split(" at ")[0] for g in job.groups if g.frozen})
+        parts.append(f"all {len(job.groups)} groups are frozen ({'; '.join(reasons[:3])})")
+    elif plan is None:
+        parts.append(f"{len(live)} prunable groups")
+    elif all(plan.ratios.get(g.id, (0,))[0] <= 0 or g.id in plan.skipped for g in live):
+        parts.append(f"the ratios remove nothing from the {len(live)} prunable groups")
+    else:
+        parts.append(f"the ratios round to zero channels in the {len(live)} prunable groups")
+    if job.ctx.unhandled:
+        ops = sorted(job.ctx.unhandled.items(), key=lambda kv: -kv[1])
+        parts.append("ops without a rule: " + ", ".join(f"{op} x{n}" for op, n in ops[:6]))
+    return "; ".join(parts)
+
+
+def oracle_table(rows) -> str:
+    from onnxprune.report import table
+
+    return "zero-contribution oracle (max relative error, tolerance 1e-4):\n" + table(
+        [[r.scope, r.kind, r.groups, r.removed, "-" if r.max_rel_err is None else f"{r.max_rel_err:.2e}", r.status] for r in rows],
+        ["set", "kind", "groups", "removed", "max rel err", "status"])

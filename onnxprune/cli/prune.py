@@ -1,18 +1,48 @@
-"""``onnxprune [prune]``, ``analyze`` and ``verify``: the pruning pipeline's commands."""
+"""``onnxprune [prune]``, the default command: plan, rewrite and write a pruned model (with --verify, --recover, --bench)."""
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
 import time
 
-from onnxprune.cli.common import Failed, check_paths, default_model, default_ratios, say, shapes
+from onnxprune.cli import COMMANDS
+from onnxprune.cli.common import (Failed, bench_opts, calib_data, calib_opts, check_paths, common, default_model, default_ratios,
+                                  oracle_table, say, shape_opt, shapes, why_nothing)
 from onnxprune.errors import UserError
 
 log = logging.getLogger("onnxprune")
 
+NAME = "prune"
 
-def cmd_prune(args) -> str:
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="onnxprune", description="Structural pruning of ONNX models.",
+                                epilog=f"subcommands: {', '.join(c for c in COMMANDS if c != NAME)} (onnxprune SUBCOMMAND -h)")
+    p.add_argument("model", nargs="?", help="input .onnx (default: the built-in demo ResNet)")
+    p.add_argument("--ratios", help="ratios.json path or inline JSON (default: built-in demo ratios)")
+    p.add_argument("-o", "--output", help="pruned model path (default: MODEL stem + '.pruned.onnx' in the current directory)")
+    p.add_argument("--report", help="write the JSON report here")
+    p.add_argument("--verify", action="store_true", help="run the zero-contribution oracle on this plan")
+    p.add_argument("--recover", nargs="?", const="ridge", choices=["bias", "stats", "ridge"],
+                   help="closed-form recovery from --calib data, no labels: re-fit every layer that reads pruned channels "
+                   "(ridge, the default), match per-channel output statistics (stats), or fold the removed channels' mean "
+                   "into the bias (bias). Fits are judged on calibration sources they did not see (a 'source' array "
+                   "in an .npz, else groups of look-alike images); a quarter of the sources checks the whole model")
+    p.add_argument("--plan", help="replay a plan file saved by --save-plan (instead of --ratios)")
+    p.add_argument("--save-plan", help="write the plan (groups by member names, kept indices) as JSON here")
+    shape_opt(p)
+    calib_opts(p)
+    p.add_argument("--bench", action="store_true", help="measure ORT latency before and after (interleaved; see 'onnxprune bench')")
+    bench_opts(p, runs=30, warmup=5)
+    p.add_argument("--latency-table", help="with target_latency in the ratios: keep the measured (MACs, latency) points "
+                   "in this JSON file and start later searches from them")
+    common(p)
+    return p
+
+
+def run(args) -> str:
     from onnxprune import api, report
     from onnxprune.pipeline import Job
     from onnxprune.plan import Ratios
@@ -113,14 +143,6 @@ def cmd_prune(args) -> str:
     return f"{removed} channels removed in {len(plan.keep)} groups, MACs {ratio(a['macs'], b['macs'])}{speed} -> {out}"
 
 
-def calib_data(args, job):
-    if not getattr(args, "calib", None):
-        return None
-    from onnxprune.plan.importance.calib import load
-
-    return load(args.calib, job.skeleton(), args.calib_batches, args.calib_batch_size)
-
-
 def run_recovery(args, job, original, calib) -> list:
     """Closed-form recovery of the rewritten model in ``job`` (see onnxprune.recover)."""
     from onnxprune.recover import format_rows
@@ -146,27 +168,6 @@ def held_out_text(h) -> str:
             f"{h['err_pruned']:.4f} pruned -> {h['err_recovered']:.4f} recovered{agree}{kept}")
 
 
-def why_nothing(job, plan=None) -> str:
-    """One line: why a plan removes nothing (without a plan: why the model has nothing to prune)."""
-    live = [g for g in job.groups if not g.frozen]
-    parts = []
-    if not job.groups:
-        parts.append("no prunable channel group was found")
-    elif not live:
-        reasons = sorted({g.frozen[0].split(" at ")[0] for g in job.groups if g.frozen})
-        parts.append(f"all {len(job.groups)} groups are frozen ({'; '.join(reasons[:3])})")
-    elif plan is None:
-        parts.append(f"{len(live)} prunable groups")
-    elif all(plan.ratios.get(g.id, (0,))[0] <= 0 or g.id in plan.skipped for g in live):
-        parts.append(f"the ratios remove nothing from the {len(live)} prunable groups")
-    else:
-        parts.append(f"the ratios round to zero channels in the {len(live)} prunable groups")
-    if job.ctx.unhandled:
-        ops = sorted(job.ctx.unhandled.items(), key=lambda kv: -kv[1])
-        parts.append("ops without a rule: " + ", ".join(f"{op} x{n}" for op, n in ops[:6]))
-    return "; ".join(parts)
-
-
 def ratio(after: int, before: int) -> str:
     return f"{after / before:.3f}x" if before else "n/a (nothing counted)"
 
@@ -188,69 +189,3 @@ def target_text(t: dict) -> str:
         parts += [f"{key}[{k}] {v:.4f}" for k, v in used.get(key, {}).items()]
     return (f"target_{t['metric']} {t['requested']}: {human(t['target'])} wanted, {human(t['achieved'])} reached "
             f"({100 * t['error']:+.2f}%), ratios x{t['scale']:.4f}: {', '.join(parts) or 'none'}")
-
-
-def oracle_table(rows) -> str:
-    from onnxprune.report import table
-
-    return "zero-contribution oracle (max relative error, tolerance 1e-4):\n" + table(
-        [[r.scope, r.kind, r.groups, r.removed, "-" if r.max_rel_err is None else f"{r.max_rel_err:.2e}", r.status] for r in rows],
-        ["set", "kind", "groups", "removed", "max rel err", "status"])
-
-
-def cmd_analyze(args) -> str:
-    from onnxprune import report
-
-    from onnxprune.pipeline import Job
-
-    a = Job.open(args.model, shapes(args))
-    say(args, report.sets_table(a.groups))
-    scores = None
-    if args.scores or args.plot:
-        from onnxprune.plan import Ratios
-
-        imp = json.loads(args.importance) if args.importance.lstrip().startswith("{") else args.importance
-        r = Ratios.from_dict({"importance": imp})
-        scores = a.scores(r, calib_data(args, a))
-        say(args, "\nimportance per isomorphic set:\n" + report.scores_table(a.groups, scores))
-        if args.plot:
-            report.plot_scores(a.groups, scores, args.plot)
-    say(args, "\nfrozen groups:\n" + report.frozen_table(a.groups))
-    if args.members:
-        for g in a.groups:
-            say(args, f"\ngroup {g.id} [{g.kind}] width {g.width} set {g.set_name or '-'}")
-            for m in g.tensors:
-                say(args, f"   {m.role:5s} {m.node.op_type:12s} {m.value.name} axis {m.axis}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report.groups_json(a.groups, scores=scores), f, indent=1)
-    n = sum(1 for g in a.groups if not g.frozen)
-    if not n:  # say why, as a prune run would
-        return f"nothing is prunable: {why_nothing(a)}"
-    return f"{n} prunable groups in {len(a.sets)} isomorphic sets, {len(a.groups) - n} frozen"
-
-
-def cmd_verify(args) -> str:
-    from onnxprune import api
-    from onnxprune.pipeline import Job
-    from onnxprune.plan import Ratios
-    from onnxprune.validate.oracle import oracle, require_checks
-
-    if bool(args.ratios) == bool(args.plan):
-        raise UserError("give --ratios (the plan a prune run would make) or --plan (a saved plan), one of them")
-    if not os.path.isfile(args.model):
-        raise UserError(f"no such model file: {args.model}")
-    ratios = Ratios.load(args.ratios) if args.ratios else None
-    job = Job.open(args.model, shapes(args, ratios))
-    plan = api.resolve_plan(job, ratios, args.plan, None if args.plan else calib_data(args, job))
-    rows = oracle(job, plan=plan, per_set=not args.no_per_set)
-    say(args, oracle_table(rows))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump([r.as_dict() for r in rows], f, indent=1)
-    require_checks(rows, plan)
-    tested = [r for r in rows if r.max_rel_err is not None]
-    if any(r.status == "FAIL" for r in rows):
-        raise Failed("oracle mismatch")
-    worst = max((r.max_rel_err for r in tested), default=0.0)
-    return f"{len(tested)} checks, max relative error {worst:.2e}"

@@ -1,21 +1,31 @@
-"""``export`` (timm -> ONNX) and ``bench`` (ORT latency)."""
+"""``onnxprune bench``: ORT latency, throughput, params and MACs of models, timed interleaved (or a saved latency table)."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 
-from onnxprune.cli.common import say, shapes
+from onnxprune.cli.common import bench_opts, common, say, shape_opt, shapes
 from onnxprune.errors import UserError
 
-
-def cmd_export(args) -> str:
-    from onnxprune.torchbridge.export import export_timm
-
-    export_timm(args.name, args.output, args.exporter, args.opset, args.dynamic_batch, args.checkpoint, args.img_size, batch=args.batch, num_classes=args.num_classes)
-    return f"exported {args.name} -> {args.output}"
+NAME = "bench"
 
 
-def cmd_bench(args) -> str:
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="onnxprune bench", description="ORT latency, throughput, params, MACs and speed-up "
+                                "against the first model; runs are interleaved across models.")
+    p.add_argument("models", nargs="*")
+    p.add_argument("--table", help="show a latency table written by a target_latency run (--latency-table) instead "
+                   "of timing models; with --plot, draw latency against MACs")
+    bench_opts(p)
+    p.add_argument("--json", help="write the rows (with every timing) as JSON here")
+    p.add_argument("--plot", help="write a latency-vs-MACs plot (PNG) here")
+    shape_opt(p)
+    common(p)
+    return p
+
+
+def run(args) -> str:
     from onnxprune.runtime.bench import bench, plot, table
 
     if args.table:
