@@ -269,29 +269,19 @@ class Job:
         self.plan_keep = plan.keep
         return self.model
 
-    def adopt(self, proto: onnx.ModelProto) -> None:
-        """Continue with ``proto``: this job's rewritten model after a stage that
-        edits a copy of it (recovery re-fits weights and may insert bias ``Add``
-        nodes). ``ctx`` and ``groups`` still describe the model as analysed."""
-        if not self.rewritten:
-            raise RuntimeError("adopt() follows rewrite(): the analysis must not describe a model it did not plan")
-        external = self.model.graph.meta.get("external_input")
-        self.model = ir.serde.deserialize_model(proto)
-        self.model.graph.meta["external_input"] = external  # the output keeps the input's storage choice
-
     def recover(self, original: onnx.ModelProto, calib, method: str = "ridge", progress: bool = False):
         """The recovery stage (:mod:`onnxprune.recover`): re-fit the rewritten
         model against ``original`` (this job's model before :meth:`rewrite`) on
-        ``calib`` and continue with the result. Returns the per-layer rows and
-        the stats (time split, the whole-model check on kept-out sources)."""
-        from onnxprune.recover import recover
+        ``calib``; the new weights go into this job's model through the
+        rewriter (all undone when the result is refused). Returns the per-layer
+        rows and the stats (time split, the whole-model check on kept-out sources)."""
+        from onnxprune.recover import recover_model
 
         if not self.rewritten or self.plan_keep is None:
             raise RuntimeError("recover() follows rewrite()")
         stats: dict = {}
-        rec, rows = recover(original, io.full_proto(self.model), self.ctx, self.plan_keep, calib, method=method,
-                            progress=progress, stats=stats)
-        self.adopt(rec)
+        rows = recover_model(original, self.model, self.ctx, self.plan_keep, calib, method=method,
+                             progress=progress, stats=stats)
         return rows, stats
 
     @contextmanager

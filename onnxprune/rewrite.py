@@ -1,7 +1,11 @@
-"""Apply a plan: slice every member tensor, rewrite shape constants and
-attributes, un-share constants whose consumers now need different data.
-:func:`zero_removed` is the oracle's edit: zero the removed channels instead.
-Both can record into a :class:`Journal` and be undone."""
+"""The only code that edits an analysed model.
+
+:func:`apply_plan` applies a plan: slice every member tensor, rewrite shape
+constants and attributes, un-share constants whose consumers now need
+different data. :func:`zero_removed` is the oracle's edit: zero the removed
+channels instead. :func:`set_input` and :func:`add_bias_after` are the
+recovery stage's edits: new weights for one node, a bias ``Add`` after one.
+All of them can record into a :class:`Journal` and be undone."""
 from __future__ import annotations
 
 import logging
@@ -200,3 +204,75 @@ def zero_removed(ctx: Analysis, groups: list[Group], keep: dict[int, np.ndarray]
             if journal is not None:
                 journal.record(lambda v=v, old=v.const_value: setattr(v, "const_value", old))
             v.const_value = ir.Tensor(arr, name=v.name)
+
+
+def _fresh(graph: ir.Graph, base: str) -> str:
+    taken = set(graph.initializers) | {v.name for n in graph for v in (*n.inputs, *n.outputs) if v is not None}
+    name = base
+    while name in taken:
+        name += "_"
+    return name
+
+
+def _initializer(graph: ir.Graph, array: np.ndarray, base: str, journal: Journal | None) -> ir.Value:
+    name = _fresh(graph, base)
+    tensor = ir.Tensor(np.ascontiguousarray(array), name=name)
+    v = ir.Value(name=name, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
+    graph.register_initializer(v)
+    if journal is not None:
+        journal.record(lambda: graph.initializers.pop(name))
+    return v
+
+
+def set_input(node: ir.Node, slot: int, array: np.ndarray, tag: str, journal: Journal | None = None) -> None:
+    """Give ``node``'s input ``slot`` the constant ``array``: in place when only
+    this node reads the initializer, else as a new initializer named after the
+    node and ``tag`` (an empty or missing slot, e.g. a bias, is filled)."""
+    graph = node.graph
+    old = node.inputs[slot] if slot < len(node.inputs) else None
+    alone = (old is not None and old.name in graph.initializers and len(old.uses()) == 1
+             and not old.is_graph_input() and not old.is_graph_output())
+    if alone:
+        _set_const(old, ir.Tensor(np.ascontiguousarray(array), name=old.name), journal)
+        return
+    new = _initializer(graph, array, f"{node.name or (old.name if old is not None else 'node')}__{tag}", journal)
+    if slot >= len(node.inputs):
+        n = len(node.inputs)
+        node.resize_inputs(slot + 1)
+        if journal is not None:
+            journal.record(lambda: node.resize_inputs(n))
+    node.replace_input_with(slot, new)
+    if journal is not None:
+        journal.record(lambda: node.replace_input_with(slot, old))
+
+
+def add_bias_after(node: ir.Node, bias: np.ndarray, journal: Journal | None = None) -> ir.Node:
+    """``node``'s first output ``y`` becomes ``Add(y', bias)``: the new node's
+    output takes ``y``'s name and every reader of ``y``, graph outputs included."""
+    graph = node.graph
+    y = node.outputs[0]
+    b = _initializer(graph, bias, f"{node.name}__recover_bias", journal)
+    readers = [(u.node, u.idx) for u in y.uses()]
+    add = ir.Node("", "Add", [y, b], name=_fresh(graph, f"{node.name}__recover_bias_add"), num_outputs=1)
+    out = add.outputs[0]
+    out.type, out.shape = y.type, y.shape
+    graph.insert_after(node, add)
+    for n, i in readers:
+        n.replace_input_with(i, out)
+    slots = [i for i, o in enumerate(graph.outputs) if o is y]
+    for i in slots:
+        graph.outputs[i] = out
+    name = y.name
+    y.name = _fresh(graph, f"{name}__pre_bias")
+    out.name = name
+    if journal is not None:
+        def undo() -> None:
+            out.name = f"{name}__recover_tmp"
+            y.name = name
+            for i in slots:
+                graph.outputs[i] = y
+            for n, i in readers:
+                n.replace_input_with(i, y)
+            graph.remove(add, safe=True)
+        journal.record(undo)
+    return add

@@ -441,3 +441,96 @@ def test_zero_removed_consumer_only_without_consumer_members_zeroes_everywhere()
     w1[1], b1[1] = 0, 0
     np.testing.assert_array_equal(wt(p, "c1"), w1)
     np.testing.assert_array_equal(wt(p, "c1", 2), b1)
+
+
+# -- the recovery stage's edits: new weights for one node, a bias Add after one ------------------------
+def _model(body, inits_, out="float[2,4] y", inp="float[2,3] x"):
+    return ir.serde.deserialize_model(make(body, inits_, out=out, inp=inp))
+
+
+def _run(proto, x):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+
+def test_set_input_writes_in_place_when_only_this_node_reads_the_weight():
+    from onnxprune.rewrite import set_input
+
+    w = W(3, 4)
+    m = _model("[mm] y = MatMul (x, w)", {"w": w})
+    node = next(iter(m.graph))
+    before = snapshot(io.full_proto(m))
+    j = Journal()
+    new = W(3, 4)
+    set_input(node, 1, new, "recovered_w", j)
+    p = io.full_proto(m)
+    assert list(inits(p)) == ["w"] and np.array_equal(inits(p)["w"], new)
+    j.undo()
+    assert snapshot(io.full_proto(m)) == before
+
+
+def test_set_input_unshares_a_weight_another_node_reads_and_fills_an_empty_bias_slot():
+    from onnxprune.rewrite import set_input
+
+    w, b = W(4, 3), W(4)
+    m = _model("""[g1] h = Gemm <transB=1> (x, w)
+  [g2] y = Gemm <transB=1> (x, w)
+  """, {"w": w}, out="float[2,4] y, float[2,4] h")
+    g1 = next(n for n in m.graph if n.name == "g1")
+    before = snapshot(io.full_proto(m))
+    j = Journal()
+    new = W(4, 3)
+    set_input(g1, 1, new, "recovered_w", j)
+    set_input(g1, 2, b, "recovered_b", j)
+    p = io.full_proto(m)
+    n1 = next(n for n in p.graph.node if n.name == "g1")
+    n2 = next(n for n in p.graph.node if n.name == "g2")
+    assert n2.input[1] == "w" and np.array_equal(inits(p)["w"], w)  # the other reader keeps the old weights
+    assert n1.input[1] != "w" and np.array_equal(inits(p)[n1.input[1]], new)
+    assert len(n1.input) == 3 and np.array_equal(inits(p)[n1.input[2]], b)
+    x = W(2, 3)
+    assert np.allclose(_run(p, x), x @ w.T, atol=1e-5)
+    j.undo()
+    assert snapshot(io.full_proto(m)) == before
+
+
+def test_set_input_never_edits_an_initializer_that_is_also_a_graph_input():
+    from onnxprune.rewrite import set_input
+
+    w = W(3, 4)
+    m = _model("[mm] y = MatMul (x, w)", {"w": w})
+    node = next(iter(m.graph))
+    m.graph.inputs.append(node.inputs[1])  # a caller may feed other weights there
+    new = W(3, 4)
+    set_input(node, 1, new, "recovered_w")
+    p = io.full_proto(m)
+    assert np.array_equal(inits(p)["w"], w)
+    assert np.array_equal(inits(p)[p.graph.node[0].input[1]], new)
+
+
+def test_add_bias_after_keeps_names_readers_and_graph_outputs_and_undoes():
+    from onnxprune.rewrite import add_bias_after
+
+    w = W(3, 4)
+    m = _model("""[mm] h = MatMul (x, w)
+  [r] y = Relu (h)""", {"w": w}, out="float[2,4] y, float[2,4] h")
+    mm = next(n for n in m.graph if n.name == "mm")
+    before = snapshot(io.full_proto(m))
+    j = Journal()
+    bias = W(4)
+    add_bias_after(mm, bias, j)
+    p = io.full_proto(m)
+    ops = [n.op_type for n in p.graph.node]
+    assert ops == ["MatMul", "Add", "Relu"]
+    add = p.graph.node[1]
+    assert add.output[0] == "h" and p.graph.node[2].input[0] == "h"  # readers see the biased value under its name
+    assert [o.name for o in p.graph.output] == ["y", "h"]
+    onnx.checker.check_model(p, full_check=True)
+    import onnxruntime as ort
+
+    x = W(2, 3)
+    y, h = ort.InferenceSession(p.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    assert np.allclose(h, x @ w + bias, atol=1e-5) and np.allclose(y, np.maximum(x @ w + bias, 0), atol=1e-5)
+    j.undo()
+    assert snapshot(io.full_proto(m)) == before

@@ -104,20 +104,25 @@ def test_saving_over_the_named_input_is_refused(tmp_path):
     assert (tmp_path / "out.onnx").exists()
 
 
-def test_a_job_adopts_a_recovered_model_only_after_its_rewrite(tmp_path):
+def test_a_job_recovers_only_after_its_rewrite_and_saves_the_refitted_weights(tmp_path):
     from onnxprune.pipeline import Job
     from onnxprune.plan import Ratios
+    from onnxprune.plan.importance.calib import load as load_calib
 
     job = Job.open(DEFAULT)
     plan = job.plan(Ratios.from_dict({"default": 0.3}))
+    original = job.data_proto()
+    calib = load_calib("synthetic", job.skeleton(), 4, 8)
     with pytest.raises(RuntimeError, match="follows rewrite"):
-        job.adopt(onnx.load(DEFAULT))
+        job.recover(original, calib)
     job.rewrite(plan)
-    refit = job.data_proto()
-    w = next(t for t in refit.graph.initializer if len(t.dims) == 4)
-    arr = numpy_helper.to_array(w) * 2.0  # a re-fitted weight
-    w.CopyFrom(numpy_helper.from_array(arr, w.name))
-    job.adopt(refit)
+    pruned = {t.name: numpy_helper.to_array(t) for t in job.data_proto().graph.initializer}
+    rows, _ = job.recover(original, calib, method="bias")
+    refit = [r.node for r in rows if r.status == "refit"]
+    assert refit
     job.save(str(tmp_path / "out.onnx"))
-    out = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(tmp_path / "out.onnx")).graph.initializer}
-    assert np.array_equal(out[w.name], arr)
+    saved = onnx.load(str(tmp_path / "out.onnx"))
+    node = next(n for n in saved.graph.node if n.name == refit[0])
+    out = {t.name: numpy_helper.to_array(t) for t in saved.graph.initializer}
+    bias = node.input[2]
+    assert bias in out and not np.array_equal(out[bias], pruned.get(bias, np.zeros_like(out[bias])))

@@ -36,6 +36,7 @@ from onnxprune.io.passes import (
 from onnxprune.io.write import (
     skeleton,
     full_proto,
+    tensor_proto,
     to_proto,
     save,
     release,
@@ -76,6 +77,7 @@ __all__ = [
     "probe_batch_dims",
     "skeleton",
     "full_proto",
+    "tensor_proto",
     "to_proto",
     "save",
     "release",

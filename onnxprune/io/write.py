@@ -50,6 +50,17 @@ def full_proto(model: ir.Model) -> onnx.ModelProto:
     return _serialized(model, lambda v, t: ir.Tensor(t.numpy(), name=v.name) if isinstance(t, ir.ExternalTensor) else None)
 
 
+def tensor_proto(value: ir.Value) -> onnx.TensorProto:
+    """An initializer's tensor as a self-contained proto named like the value
+    (external or memory-mapped data read in, a lazy tensor computed)."""
+    t = value.const_value
+    if isinstance(t, ir.ExternalTensor):
+        t = ir.Tensor(t.numpy(), name=value.name)
+    tp = ir.serde.serialize_tensor(t)
+    tp.name = value.name
+    return tp
+
+
 def to_proto(model: ir.Model) -> onnx.ModelProto:
     """A self-contained proto (weights included); see :func:`full_proto`."""
     return full_proto(model)

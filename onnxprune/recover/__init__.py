@@ -50,7 +50,8 @@ the original there, the pruned model is returned.
 
 The package: ``fit.py`` is the arithmetic (plain numpy: regression rows,
 statistics per fold, the ridge solve and its strength), ``graph.py`` finds
-what can be re-fitted in the working proto and writes new weights back,
+what can be re-fitted and hands new weights to the rewriter (recovery edits
+no model itself),
 ``check.py`` judges the whole recovered model on kept-out sources, and this
 module drives them level by level.
 
@@ -67,13 +68,15 @@ from collections import defaultdict
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 
 from onnxprune import io
 from onnxprune.recover.check import _reverted, held_out_check
 from onnxprune.recover.fit import (LayerRow, _accumulate, _conv_rows, _dense_rows, _Fit, _folds, _select, _solve,
                                    _sq_err, _totals)
-from onnxprune.recover.graph import _Graph, _kept_maps, _levels, _plan_fit, _write_back
+from onnxprune.recover.graph import _Graph, _kept_maps, _levels, _output_names, _plan_fit, _write_back
 from onnxprune.report import Progress
+from onnxprune.rewrite import Journal
 from onnxprune.runtime import session
 from onnxprune.runtime.capture import Frontier
 
@@ -126,9 +129,9 @@ def downstream(ctx, keep) -> list[str]:
     return out
 
 
-def recover(
+def recover_model(
     original: onnx.ModelProto,
-    pruned: onnx.ModelProto,
+    model: ir.Model,
     ctx,
     keep: dict,
     batches,
@@ -145,12 +148,16 @@ def recover(
     frontier_bytes: int = 2 << 30,
     check_fraction: float = 0.25,
     stats: dict | None = None,
-) -> tuple[onnx.ModelProto, list[LayerRow]]:
+    journal: Journal | None = None,
+) -> list[LayerRow]:
     """Re-fit every consumer of pruned channels in closed form; no labels.
 
     ``original``: the unpruned model (any form; nodes are matched by name).
-    ``pruned``: ``PruneResult.proto``; ``ctx``: ``PruneResult.analyzed.ctx``;
-    ``keep``: ``PruneResult.plan.keep``. ``batches``: a
+    ``model``: the pruned IR model, edited in place through the rewriter
+    (:func:`onnxprune.rewrite.set_input`, :func:`~onnxprune.rewrite.add_bias_after`),
+    each edit recorded in ``journal`` (a fresh one when None); when the result
+    fails validation or the held-out check, every edit is undone. ``ctx``, ``keep``:
+    the analysis and the plan's kept indices that made ``model``. ``batches``: a
     :class:`~onnxprune.importance.calib.Calibration` (labels are ignored), or a
     list of input arrays ``[B, ...]`` or of feed dicts. ``method``: ``bias``, ``stats``
     or ``ridge`` (see the module doc). ``ridge``: regularisation relative to
@@ -159,8 +166,7 @@ def recover(
     MatMul). ``frontier_bytes``: activations held in memory between levels
     (the rest spill to memory-mapped files). ``stats``: a dict filled with the
     time split (``run_s``: ORT passes, ``fit_s``: statistics and solves) and
-    the number of ORT passes. Returns the new model (a copy; the inputs are not modified) and
-    one :class:`LayerRow` per consumer."""
+    the number of ORT passes. Returns one :class:`LayerRow` per consumer."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, not {method!r}")
     import os
@@ -168,9 +174,8 @@ def recover(
     threads = threads or (os.cpu_count() or 1)
     sources = getattr(batches, "sources", None)
     batches = list(getattr(batches, "batches", batches))
-    work = onnx.ModelProto()
-    work.CopyFrom(pruned)
-    g, og = _Graph(work), _Graph(original)
+    journal = journal if journal is not None else Journal()
+    g, og = _Graph(model), _output_names(original)
     ins, outs = _kept_maps(ctx, keep)
     if layers not in ("pruned", "all"):
         raise ValueError(f"layers must be 'pruned' or 'all', not {layers!r}")
@@ -185,13 +190,14 @@ def recover(
             fits.append(f)
             rows.append(f.row)
     if not fits:
-        return work, rows
+        return rows
     levels = _levels(g, {f.row.node for f in fits})
     by_level: dict[int, list[_Fit]] = defaultdict(list)
     for f in fits:
         f.row.level = levels[f.row.node]
         by_level[f.row.level].append(f)
-    in_names = og.inputs
+    inits = {t.name for t in original.graph.initializer}
+    in_names = [i.name for i in original.graph.input if i.name not in inits]
 
     def feeds(b):
         return b if isinstance(b, dict) else {in_names[0]: np.asarray(b, dtype=np.float32)}
@@ -207,7 +213,8 @@ def recover(
     rng = np.random.default_rng(seed)
     # sequential calibration: each model runs once in all, level by level, from
     # the values the previous levels left (with the re-fitted weights in place)
-    front_p = Frontier(work, fd_list, threads, frontier_bytes)
+    pruned = io.full_proto(model) if validate else None  # the held-out check compares against it
+    front_p = Frontier(model, fd_list, threads, frontier_bytes)
     front_o = Frontier(original, fd_list, threads, frontier_bytes)
     try:
         for done, lvl in enumerate(sorted(by_level), 1):
@@ -262,7 +269,7 @@ def recover(
                     f.row.status, f.row.reason = "kept", "the fit did not lower the reconstruction error"
                     f.row.err_after, f.row.held_after = f.row.err_before, f.row.held_before
                 else:
-                    _write_back(g, f, Ws)
+                    _write_back(g, f, Ws, journal)
                     f.row.status = "refit"
                 f.G, f.C, f.folds = [], [], {}  # free the Gram matrices
                 f.row.seconds = (time.perf_counter() - t0) / len(todo)
@@ -275,17 +282,34 @@ def recover(
     if stats is not None:
         stats.update(run_s=timing["run"], fit_s=timing["fit"], passes=timing["passes"], levels=timing["levels"])
     if validate:
+        work = io.full_proto(model)
         try:
             onnx.checker.check_model(work, full_check=True)
             session(work, threads).run(None, feeds(batches[0]))
             check = held_out_check(original, pruned, work, fd_list, fold_of, threads)
         except Exception as e:  # never hand out an invalid model
-            return _reverted(pruned, rows, f"recovered model failed validation: {e}")
+            journal.undo()
+            return _reverted(rows, f"recovered model failed validation: {e}")
         if stats is not None:
             stats["held_out"] = check
         if check is not None and check["worse"]:
-            return _reverted(pruned, rows, "the whole recovered model was further from the original on held-out sources")
-    return work, rows
+            journal.undo()
+            return _reverted(rows, "the whole recovered model was further from the original on held-out sources")
+    return rows
+
+
+def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, ctx, keep: dict, batches, **kw
+            ) -> tuple[onnx.ModelProto, list[LayerRow]]:
+    """:func:`recover_model` on protos: ``pruned`` (``PruneResult.proto``) is
+    not modified; returns the recovered model (a new proto) and the rows.
+    ``ctx``: ``PruneResult.analyzed.ctx``; ``keep``: ``PruneResult.plan.keep``."""
+    work = onnx.ModelProto()
+    work.CopyFrom(pruned)
+    model = ir.serde.deserialize_model(work)
+    rows = recover_model(original, model, ctx, keep, batches, **kw)
+    return io.full_proto(model), rows
+
+
 
 
 def recover_result(res, original, batches, **kw) -> tuple[onnx.ModelProto, list[LayerRow]]:
@@ -310,4 +334,4 @@ def format_rows(rows: list[LayerRow]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["recover", "recover_result", "consumers", "LayerRow", "format_rows", "METHODS"]
+__all__ = ["recover", "recover_model", "recover_result", "consumers", "LayerRow", "format_rows", "METHODS"]

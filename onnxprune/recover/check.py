@@ -64,14 +64,10 @@ def _log_softmax(z: np.ndarray) -> np.ndarray:
     return z - np.log(np.exp(z).sum(1, keepdims=True))
 
 
-def _reverted(pruned: onnx.ModelProto, rows: list[LayerRow], reason: str) -> tuple[onnx.ModelProto, list[LayerRow]]:
-    """The pruned model as it was (a copy), every applied fit marked reverted with ``reason``."""
+def _reverted(rows: list[LayerRow], reason: str) -> list[LayerRow]:
+    """Every applied fit marked reverted with ``reason`` (the caller has undone the edits)."""
     log.warning("%s; returning the pruned model", reason)
-    back = onnx.ModelProto()
-    back.CopyFrom(pruned)
     for r in rows:
         if r.status == "refit":
             r.status, r.reason = "reverted", reason
-    return back, rows
-
-
+    return rows

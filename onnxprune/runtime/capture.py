@@ -22,6 +22,7 @@ import tempfile
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 from onnx import helper
 
 from onnxprune.runtime import session
@@ -50,31 +51,44 @@ def _node_reads(n: onnx.NodeProto) -> list[str]:
     return out
 
 
-def _piece(proto: onnx.ModelProto, nodes: list, inputs: dict[str, np.ndarray], outputs: list[str]) -> onnx.ModelProto:
+def _reads(n: ir.Node) -> list[str]:
+    """Names ``n`` reads: its inputs and, for an If/Loop/Scan, what its bodies read from outside."""
+    out = [v.name for v in n.inputs if v is not None and v.name]
+    if any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for a in n.attributes.values()):
+        out += [v for v in _node_reads(ir.serde.serialize_node(n)) if v not in out]
+    return out
+
+
+def _piece(model: ir.Model, nodes: list[ir.Node], inputs: dict[str, np.ndarray], outputs: list[str]) -> onnx.ModelProto:
     """A model of ``nodes`` (in order) reading ``inputs`` (name -> an example
     array, for the type) and the initializers they use, writing ``outputs``."""
-    g = proto.graph
-    reads = {v for n in nodes for v in _node_reads(n)}
+    from onnxprune.io import tensor_proto
+
+    inits = model.graph.initializers
+    reads = {v for n in nodes for v in _reads(n)}
     graph = helper.make_graph(
-        [onnx.NodeProto.FromString(n.SerializeToString()) for n in nodes], "piece",
+        [ir.serde.serialize_node(n) for n in nodes], "piece",
         [helper.make_tensor_value_info(k, helper.np_dtype_to_tensor_dtype(a.dtype), [None] * a.ndim)
          for k, a in inputs.items()],
         [onnx.ValueInfoProto(name=o) for o in outputs],
-        [t for t in g.initializer if t.name in reads and t.name not in inputs])
-    m = helper.make_model(graph, opset_imports=list(proto.opset_import), ir_version=proto.ir_version)
-    m.functions.extend(proto.functions)
+        [tensor_proto(inits[k]) for k in sorted(reads) if k in inits and k not in inputs])
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in model.opset_imports.items()],
+                          ir_version=model.ir_version)
+    m.functions.extend(ir.serde.serialize_function(f) for f in model.functions.values())
     return m
 
 
 class Frontier:
-    """Values of ``proto`` over ``feeds`` (one feed dict per batch), asked for
-    in any order; every node runs once (see the module doc). ``proto`` is read
-    anew at each request: edit it in place between requests, but only nodes
-    that have not run yet. ``budget`` bytes of held values live in memory, the
-    rest in memory-mapped files."""
+    """Values of ``model`` (an IR model, edited in place between requests, or a
+    proto) over ``feeds`` (one feed dict per batch), asked for in any order;
+    every node runs once (see the module doc). The model is read anew at each
+    request: edit it between requests, but only nodes that have not run yet.
+    ``budget`` bytes of held values live in memory, the rest in memory-mapped files."""
 
-    def __init__(self, proto: onnx.ModelProto, feeds: list[dict], threads: int = 0, budget: int = 2 << 30):
-        self.proto, self.threads, self.budget = proto, threads or (os.cpu_count() or 1), budget
+    def __init__(self, model: ir.Model | onnx.ModelProto, feeds: list[dict], threads: int = 0, budget: int = 2 << 30):
+        if isinstance(model, onnx.ModelProto):
+            model = ir.serde.deserialize_model(model)
+        self.model, self.threads, self.budget = model, threads or (os.cpu_count() or 1), budget
         self.n = len(feeds)
         self.held: dict[str, list[np.ndarray]] = {}
         for fd in feeds:
@@ -104,10 +118,10 @@ class Frontier:
 
     def get(self, names: list[str]) -> dict[str, list[np.ndarray]]:
         """``{name: [array per batch]}`` for ``names``: values of the model as it is now."""
-        g = self.proto.graph
-        inits = {t.name for t in g.initializer}
-        producer = {o: n for n in g.node for o in n.output if o}
-        chosen: dict[int, onnx.NodeProto] = {}
+        g = self.model.graph
+        inits = g.initializers
+        producer = {o.name: n for n in g for o in n.outputs if o.name}
+        chosen: dict[int, ir.Node] = {}
         stack = [v for v in names if v not in self.held and v not in inits]
         seen: set[str] = set()
         while stack:
@@ -120,31 +134,29 @@ class Frontier:
                 raise KeyError(f"no node produces '{v}'")
             if id(n) not in chosen:
                 chosen[id(n)] = n
-                stack.extend(_node_reads(n))
+                stack.extend(_reads(n))
         if chosen:
-            self._run([n for n in g.node if id(n) in chosen], set(names), inits)
+            self._run([n for n in g if id(n) in chosen], set(names))
         missing = [v for v in names if v not in self.held and v not in inits]
         if missing:
             raise KeyError(f"values not computed: {missing[:3]}")
         out = {}
         for v in names:
-            if v in self.held:
-                out[v] = self.held[v]
-            else:
-                arr = onnx.numpy_helper.to_array(next(t for t in g.initializer if t.name == v))
-                out[v] = [arr] * self.n
-        self._evict(set(names))
+            out[v] = self.held[v] if v in self.held else [inits[v].const_value.numpy()] * self.n
+        self._evict()
         return out
 
-    def _run(self, nodes: list, wanted: set[str], inits: set[str]) -> None:
+    def _run(self, nodes: list[ir.Node], wanted: set[str]) -> None:
+        inits = self.model.graph.initializers
         mine = {id(n) for n in nodes}
         later_reads = self._pending_reads(skip=mine)  # read by nodes that have not run and are not run now
-        produced = [o for n in nodes for o in n.output if o]
+        produced = [o.name for n in nodes for o in n.outputs if o.name]
         outputs = [o for o in produced if o in wanted or o in later_reads]
-        reads = {v for n in nodes for v in _node_reads(n)}
+        reads = {v for n in nodes for v in _reads(n)}
         ins = {k: self.held[k][0] for k in sorted(reads) if k in self.held and k not in inits}
-        piece = _piece(self.proto, nodes, ins, outputs)
+        piece = _piece(self.model, nodes, ins, outputs)
         sess = session(piece, self.threads)
+        del piece
         self.passes += 1
         self.nodes_run += len(nodes)
         got: dict[str, list] = {o: [] for o in outputs}
@@ -159,12 +171,12 @@ class Frontier:
     def _pending_reads(self, skip: set[int] = frozenset()) -> set[str]:
         """Values read by the nodes that have not run (except those in ``skip``, by id)."""
         reads: set[str] = set()
-        for n in self.proto.graph.node:
-            if id(n) not in skip and not (n.output and all(o in self.ran for o in n.output if o)):
-                reads.update(_node_reads(n))
+        for n in self.model.graph:
+            if id(n) not in skip and not (n.outputs and all(o.name in self.ran for o in n.outputs if o.name)):
+                reads.update(_reads(n))
         return reads
 
-    def _evict(self, just_asked: set[str]) -> None:
+    def _evict(self) -> None:
         """Drop held values that no node still to run reads."""
         live = self._pending_reads()
         for k in list(self.held):
@@ -202,7 +214,7 @@ def exposed(proto: onnx.ModelProto, names: list[str], threads: int | None = 1, c
     return session(proto, threads=threads)
 
 
-def capture(proto: onnx.ModelProto, names: list[str], feeds: list[dict], threads: int = 0) -> dict[str, list[np.ndarray]]:
+def capture(proto: onnx.ModelProto | ir.Model, names: list[str], feeds: list[dict], threads: int = 0) -> dict[str, list[np.ndarray]]:
     """``{name: [array per batch]}``: the values ``names`` of ``proto`` on each feed."""
     with Frontier(proto, feeds, threads, budget=1 << 62) as f:
         return {k: list(v) for k, v in f.get(list(names)).items()}
