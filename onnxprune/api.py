@@ -1,41 +1,76 @@
-"""Python API: ``analyze`` a model, ``prune`` it, ``validate`` the result.
+"""The front door: every command and tool goes through these functions.
 
-Both are thin fronts over :class:`onnxprune.pipeline.Job` (load and analyse
-once; plan, rewrite, count and check from that one analysis).
+``analyze`` loads and analyses a model; ``prune`` runs the whole pipeline on
+one :class:`~onnxprune.pipeline.Job` (plan -> oracle -> rewrite -> recover ->
+write and validate -> bench) and returns one :class:`PruneResult`; ``verify``
+runs the zero-contribution oracle; ``scores``, ``calibration``, ``bench`` and
+the training entry points (``export_timm``, ``finetune``, ``make_dataset``)
+serve the other commands. The CLI only parses arguments, calls these and
+prints what they return.
 """
 from __future__ import annotations
 
+import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 
 import onnx
 
 from onnxprune import io
+from onnxprune.errors import UserError
 from onnxprune.pipeline import Job
-from onnxprune.validate.checks import validate
 from onnxprune.plan import Plan, Ratios, read_json
+from onnxprune.plan.latency import Runtime
+from onnxprune.validate.checks import run_error, validate
 
 log = logging.getLogger(__name__)
 
 
-
-def analyze(model, rules=None) -> Job:
+def analyze(model, input_shapes=None, rules=None) -> Job:
     """Load (or take) a model and find its groups and isomorphic sets (with the
-    given :class:`~onnxprune.core.registry.Registry` of rules, or the default one)."""
-    return Job.open(model, rules=rules)
+    given :class:`~onnxprune.core.registry.Registry` of rules, or the default one).
+    ``input_shapes`` (``{name: [dims]}`` or ``["name:1,3,640,640"]``) fixes dynamic dims."""
+    return model if isinstance(model, Job) else Job.open(model, input_shapes, rules=rules)
+
+
+def load_ratios(src) -> Ratios:
+    """Ratios from a path, JSON text, dict or :class:`Ratios` (None: the empty spec)."""
+    return src if isinstance(src, Ratios) else Ratios.load(src)
+
+
+def calibration(spec, job: Job, batches: int = 4, batch_size: int = 32):
+    """Calibration inputs for ``job`` from ``spec`` (a folder of images, ``.npy``/``.npz``,
+    or ``"synthetic"``); an already loaded :class:`~onnxprune.plan.importance.calib.Calibration` is returned as is."""
+    from onnxprune.plan.importance.calib import load
+
+    return load(spec, job.skeleton(), batches, batch_size) if isinstance(spec, str) else spec
 
 
 @dataclass
 class PruneResult:
+    """Everything one prune run produced: the job (its model is the pruned one),
+    the plan, params/MACs before and after, the validation facts, and the rows of
+    the stages that ran (oracle, recovery, latency)."""
+
     job: Job
     plan: Plan
     before: dict
     after: dict
     checks: dict = field(default_factory=dict)
     seconds: float = 0.0
+    ratios: dict | None = None  # the ratios as given (None when a plan was replayed)
+    input: str | None = None
+    output: str | None = None  # the written file (prune(output=...))
+    plan_file: str | None = None
+    oracle: list = field(default_factory=list)  # zero-contribution oracle rows (verify=True)
     recovery: list = field(default_factory=list)  # per-layer rows of the recovery stage (recover=...)
     recovery_stats: dict = field(default_factory=dict)  # its time split and whole-model check on kept-out sources
+    latency: list = field(default_factory=list)  # bench rows, original then pruned (bench=True or a latency target)
+    notes: list = field(default_factory=list)  # what the run chose for the user (defaults it applied)
+    timings: dict = field(default_factory=dict)  # seconds per stage: analyse, plan, oracle, rewrite, recover, write, bench
+    plan_json: dict | None = None  # the plan file's content, made from the analysis before the rewrite
     _proto: onnx.ModelProto | None = None
 
     @property
@@ -48,6 +83,62 @@ class PruneResult:
         if self._proto is None:
             self._proto = io.full_proto(self.job.model)
         return self._proto
+
+    @property
+    def removed(self) -> int:
+        """Channels (and heads, head dims) removed, over every group of the plan."""
+        return sum(g.width - len(self.plan.keep[g.id]) for g in self.job.groups if g.id in self.plan.keep)
+
+    @property
+    def failed(self) -> bool:
+        """True when the oracle found an exact group that did not agree."""
+        return any(r.status == "FAIL" for r in self.oracle)
+
+    @property
+    def speedup(self) -> float | None:
+        return self.latency[1].speedup if len(self.latency) > 1 else None
+
+    @property
+    def efficiency(self) -> float | None:
+        """The measured speed-up divided by the MACs reduction (1.0: as fast as the MACs promise)."""
+        if self.speedup is None or not self.before["macs"]:
+            return None
+        return self.speedup * self.after["macs"] / self.before["macs"]
+
+    def target_text(self) -> str:
+        """One line on the budget or latency target the plan was solved for ("" without one)."""
+        from onnxprune.report import target_text
+
+        return target_text(self.plan.target) if self.plan.target else ""
+
+    def recovery_text(self) -> str:
+        """The per-layer recovery table, its time split and the held-out check."""
+        from onnxprune.recover import format_rows, held_out_text
+
+        s = self.recovery_stats
+        lines = [format_rows(self.recovery)]
+        if "run_s" in s:
+            lines.append(f"recovery time: {s['run_s']:.1f}s in ONNX Runtime ({s['levels']} levels, "
+                         f"{s['passes']} partial passes), {s['fit_s']:.1f}s statistics and solves")
+        lines.append(held_out_text(s.get("held_out")))
+        return "\n".join(lines)
+
+    def report(self) -> dict:
+        """The JSON report of this run (what ``--report`` writes)."""
+        from onnxprune.report import prune_report
+
+        return prune_report(self)
+
+    def write_report(self, path: str) -> dict:
+        rep = self.report()
+        with open(path, "w") as f:
+            json.dump(rep, f, indent=1)
+        return rep
+
+    def save_plan(self, path: str) -> None:
+        """The plan as a file that ``prune(plan=...)`` / ``--plan`` replays."""
+        with open(path, "w") as f:
+            json.dump(self.plan_json, f, indent=1)
 
 
 def load_plan(src, job: Job) -> Plan:
@@ -67,6 +158,27 @@ def resolve_plan(job: Job, ratios: Ratios | None = None, plan=None, calib=None, 
                     progress=progress)
 
 
+def why_nothing(job: Job, plan: Plan | None = None) -> str:
+    """One line: why a plan removes nothing (without a plan: why the model has nothing to prune)."""
+    live = [g for g in job.groups if not g.frozen]
+    parts = []
+    if not job.groups:
+        parts.append("no prunable channel group was found")
+    elif not live:
+        reasons = sorted({g.frozen[0].split(" at ")[0] for g in job.groups if g.frozen})
+        parts.append(f"all {len(job.groups)} groups are frozen ({'; '.join(reasons[:3])})")
+    elif plan is None:
+        parts.append(f"{len(live)} prunable groups")
+    elif all(plan.ratios.get(g.id, (0,))[0] <= 0 or g.id in plan.skipped for g in live):
+        parts.append(f"the ratios remove nothing from the {len(live)} prunable groups")
+    else:
+        parts.append(f"the ratios round to zero channels in the {len(live)} prunable groups")
+    if job.ctx.unhandled:
+        ops = sorted(job.ctx.unhandled.items(), key=lambda kv: -kv[1])
+        parts.append("ops without a rule: " + ", ".join(f"{op} x{n}" for op, n in ops[:6]))
+    return "; ".join(parts)
+
+
 def prune(
     model,
     ratios: Ratios | dict | str | None = None,
@@ -74,51 +186,154 @@ def prune(
     calib=None,
     plan=None,
     input_shapes=None,
-    runtime=None,
+    runtime: Runtime | None = None,
     latency_table: str | None = None,
     recover: str | None = None,
+    verify: bool = False,
+    bench: bool = False,
+    output: str | None = None,
+    progress=None,
+    recover_options: dict | None = None,
 ) -> PruneResult:
-    """Prune a model; the input is never modified. Returns the pruned model and facts.
-    ``calib`` (:class:`onnxprune.importance.calib.Calibration`, or a spec string
-    such as a directory, ``.npy`` or ``"synthetic"``) feeds data-driven criteria;
-    ``plan`` (a plan file path, JSON text, dict or :class:`Plan`) replays a plan
-    instead of making one from ``ratios``; ``input_shapes`` (or ``ratios.input_shapes``)
-    fixes dynamic input dims, e.g. ``{"images": [1, 3, 640, 640]}``. A ``target_latency``
-    in the ratios is measured on ``runtime`` (:class:`onnxprune.plan.latency.Runtime`,
-    default CPU), its measured points kept in ``latency_table`` when given. ``recover``
-    (``"ridge"``, ``"stats"`` or ``"bias"``, with ``calib``) runs the recovery stage after
-    the rewrite (as ``--recover``: under a budget the ratios' unwritten fields default
-    to ``Ratios.for_recovery``); its rows are in ``PruneResult.recovery``."""
+    """Prune a model (a path, a proto or a :class:`Job` from :func:`analyze`); the
+    input is never modified. The stages, in order, on one job:
+
+    1. **plan**: ``plan`` (a plan file path, JSON text, dict or :class:`Plan`) is
+       replayed, else ``ratios`` make one. ``calib`` (a
+       :class:`~onnxprune.plan.importance.calib.Calibration` or a spec string: a
+       folder, ``.npy``/``.npz``, ``"synthetic"``) feeds data-driven criteria; a
+       ``target_latency`` is measured on ``runtime`` (default CPU), its points kept
+       in ``latency_table``. A plan that removes nothing returns the model as it is
+       (said in ``.notes``), or is a :class:`UserError` when a later stage or ``output`` was asked for.
+    2. **oracle** (``verify``): the zero-contribution oracle on every exact group
+       (rows in ``.oracle``; an oracle that checked nothing is a UserError).
+    3. **rewrite**.
+    4. **recover** (``"ridge"``, ``"stats"`` or ``"bias"``, with ``calib``):
+       closed-form re-fit; under a budget the ratios' unwritten fields default to
+       :func:`onnxprune.recover.plan_defaults` (said in ``.notes``); ``recover_options``
+       go to :func:`onnxprune.recover.recover_model` (``ridge``, ``layers``, ...).
+    5. **write and validate**: to ``output`` when given (streamed, then the written
+       file is checked), else the in-memory proto is validated (``check``).
+    6. **bench** (``bench``, or any ``target_latency``): the original against the
+       pruned model on ``runtime`` (rows in ``.latency``).
+
+    ``input_shapes`` (or ``ratios.input_shapes``) fixes dynamic input dims, e.g.
+    ``{"images": [1, 3, 640, 640]}``. ``progress``: a callable taking one line of
+    text per step (long stages also draw a progress bar when given). The
+    seconds each stage took are in ``.timings``."""
     t0 = time.perf_counter()
+    clock, res_timings = [t0], {}
+
+    def lap(stage: str) -> None:
+        now = time.perf_counter()
+        res_timings[stage] = res_timings.get(stage, 0.0) + now - clock[0]
+        clock[0] = now
+
+    say = progress or (lambda text: None)
+    source = model if isinstance(model, str) else model.source if isinstance(model, Job) else None
     if plan is None:
-        ratios = ratios if isinstance(ratios, Ratios) else Ratios.load(ratios)
+        ratios = load_ratios(ratios)
+    notes = []
     if recover is not None:
-        from onnxprune.errors import UserError
-        from onnxprune.recover import METHODS
+        from onnxprune.recover import METHODS, plan_defaults
 
         if recover not in METHODS:
             raise UserError(f"recover must be one of {', '.join(METHODS)}, not {recover!r}")
         if calib is None:
-            raise UserError("recovery needs calibration inputs (calib=...)")
+            raise UserError("recovery needs calibration inputs (calib=...; unlabelled inputs are enough: "
+                            "a folder of images, FILE.npy/.npz or 'synthetic')")
         if plan is None:
-            ratios, _ = ratios.for_recovery()
+            ratios, note = plan_defaults(ratios)
+            if note:
+                notes.append(note)
+                say(note)
+    if output is not None:
+        io.refuse_overwrite(output, source, *([plan] if isinstance(plan, str) else []))
     shapes = {**(ratios.input_shapes if plan is None else {}), **io.parse_input_shapes(input_shapes)}
-    job = model if isinstance(model, Job) else Job.open(model, shapes)
-    if isinstance(calib, str):
-        from onnxprune.plan.importance.calib import load as load_calib
+    job = analyze(model, shapes)
+    calib = calibration(calib, job) if isinstance(calib, str) else calib
+    lap("analyse")
+    latency_target = plan is None and ratios.target_latency is not None
+    if (bench or latency_target) and runtime is None:
+        runtime = Runtime(input_shapes=shapes or None)
+    if latency_target:
+        say(f"latency search on {runtime.provider} (batch {runtime.key()['batch']}, {runtime.key()['threads']} threads) ...")
+    # 1. plan
+    the_plan = resolve_plan(job, ratios if plan is None else None, plan, calib, runtime, latency_table, progress)
+    if not the_plan.keep and (output is not None or verify or recover is not None or bench):
+        raise UserError(f"nothing to prune: {why_nothing(job, the_plan)}")
+    t = the_plan.target or {}
+    if t.get("metric") == "latency" and not t["met"]:
+        from onnxprune.report import target_text
 
-        calib = load_calib(calib, job.skeleton())
-    plan = resolve_plan(job, ratios, plan, calib, runtime, latency_table)
-    before, after = job.counts(), job.counts(plan)
+        log.warning("target_latency not met: %s", target_text(t))
+    lap("plan")
+    res = PruneResult(job, the_plan, job.counts(), job.counts(the_plan), notes=notes, input=source, timings=res_timings,
+                      ratios=ratios.to_dict() if plan is None else None,
+                      plan_file=plan if isinstance(plan, str) and not plan.lstrip().startswith("{") else None)
+    res.plan_json = the_plan.to_json(job.groups, os.path.basename(source or "model"))  # names as analysed
+    if not the_plan.keep:  # nothing asked for more than the model as it is
+        res.notes.append(f"nothing to prune: {why_nothing(job, the_plan)}")
+        res.checks = job.validate(res.proto) if check else {}
+        res.seconds = time.perf_counter() - t0
+        return res
+    # 2. oracle, on the analysed original (it zeroes and rewrites under an undo journal)
+    if verify:
+        from onnxprune.validate.oracle import oracle, require_checks
+
+        say("zero-contribution oracle ...")
+        res.oracle = oracle(job, plan=the_plan)
+        require_checks(res.oracle, the_plan)
+        lap("oracle")
+    reference = None
+    if bench or latency_target:
+        reference = source or job.data_proto()
     original = job.data_proto() if recover is not None else None
-    job.rewrite(plan)
-    res = PruneResult(job, plan, before, after)
+    # 3. rewrite
+    job.rewrite(the_plan)
+    lap("rewrite")
+    # 4. recover
     if recover is not None:
-        res.recovery, res.recovery_stats = job.recover(original, calib, method=recover)
-    if check:
+        say(f"recovery ({recover}) from {calib.source} ...")
+        res.recovery, res.recovery_stats = job.recover(original, calib, method=recover, progress=progress is not None,
+                                                       **(recover_options or {}))
+        del original
+        lap("recover")
+    # 5. write and validate
+    if output is not None:
+        res.checks = job.save(output, check=check, inputs=(source,))
+        res.output = output
+    elif check:
         res.checks = job.validate(res.proto)  # never hand out an invalid model
+    lap("write")
+    # 6. bench
+    if reference is not None:
+        res.latency = _bench_pruned(res, reference, runtime, progress is not None, say)
+        lap("bench")
     res.seconds = time.perf_counter() - t0
     return res
+
+
+def _bench_pruned(res: PruneResult, reference, rt: Runtime, progress: bool, say) -> list:
+    from onnxprune.runtime.bench import bench as run_bench
+
+    say(f"benchmarking original vs pruned ({rt.provider}, {rt.runs} interleaved runs each) ...")
+    pruned = ("pruned", res.output) if res.output else ("pruned", res.proto)
+    rows = run_bench([reference if isinstance(reference, str) else ("original", reference), pruned],
+                     batch=rt.batch, provider=rt.provider, threads=rt.threads, warmup=rt.warmup, runs=rt.runs,
+                     progress=progress, input_shapes=rt.input_shapes)
+    res.latency = rows
+    t = res.plan.target or {}
+    if t.get("metric") == "latency" and 1 / rows[1].speedup > 1.1 * t["target_ratio"]:
+        log.warning("the written model measured %.1f%% of the original's time, more than 10%% over the target %.1f%% "
+                    "(the search measured %.1f%%): timings on this machine vary; --runs N times longer",
+                    100 / rows[1].speedup, 100 * t["target_ratio"], 100 * t["achieved_ratio"])
+    odd = sorted({len(k) for k in res.plan.keep.values() if len(k) % 8})
+    if odd and res.efficiency is not None and res.efficiency < 0.7:  # the shape of the peers' "pruned but not faster" reports
+        log.warning("the speed-up is %.0f%% of the MACs reduction; %d kept widths are not multiples of 8 (e.g. %s), "
+                    "which the %s kernels run slowly: try \"round_to\": 8 in the ratios", 100 * res.efficiency, len(odd),
+                    ", ".join(map(str, odd[:4])), rt.provider.upper())
+    return rows
 
 
 def save_pruned(res: PruneResult, out_path: str, in_path: str | None = None, check: bool = True) -> dict:
@@ -126,7 +341,113 @@ def save_pruned(res: PruneResult, out_path: str, in_path: str | None = None, che
     checks = res.job.save(out_path, check=check, inputs=(in_path,))
     if checks:
         res.checks = checks
+    res.output = out_path
     return res.checks
 
 
-__all__ = ["analyze", "prune", "validate", "save_pruned", "load_plan", "resolve_plan", "PruneResult", "Job"]
+def verify(model, ratios: Ratios | dict | str | None = None, plan=None, calib=None, per_set: bool = True,
+           batch: int = 2, input_shapes=None, strict: bool = False) -> list:
+    """The zero-contribution oracle on ``model`` (a path, proto or unrewritten
+    :class:`Job`) for ``plan`` or the plan ``ratios`` make (exactly as a prune
+    run would). Returns its rows; ``strict``: an oracle that checked nothing is
+    a :class:`UserError`."""
+    from onnxprune.validate.oracle import oracle, require_checks
+
+    if plan is None:
+        ratios = load_ratios(ratios)
+    shapes = {**(ratios.input_shapes if plan is None else {}), **io.parse_input_shapes(input_shapes)}
+    job = analyze(model, shapes)
+    calib = calibration(calib, job) if isinstance(calib, str) else calib
+    the_plan = resolve_plan(job, ratios if plan is None else None, plan, calib)
+    rows = oracle(job, plan=the_plan, per_set=per_set, batch=batch)
+    if strict:
+        require_checks(rows, the_plan)
+    return rows
+
+
+def scores(job: Job, importance="l2", calib=None):
+    """Importance of every channel of every group (``importance``: a criterion
+    name or ``{kind: criterion}``), as a prune run with that criterion would score them."""
+    return job.scores(Ratios.from_dict({"importance": importance}), calib)
+
+
+def bench(models: list, **kw):
+    """ORT latency of ``models`` (paths, protos or ``(name, proto)``), interleaved
+    runs; see :func:`onnxprune.runtime.bench.bench`."""
+    from onnxprune.runtime.bench import bench as run_bench
+
+    return run_bench(models, **kw)
+
+
+def bench_table(rows) -> str:
+    from onnxprune.runtime.bench import table
+
+    return table(rows)
+
+
+def bench_plot(rows, path: str) -> None:
+    from onnxprune.runtime.bench import plot
+
+    plot(rows, path)
+
+
+def latency_table(path: str) -> list[dict]:
+    """The measured (MACs, latency) points a ``target_latency`` run kept (``latency_table=``)."""
+    from onnxprune.plan.latency import load_table
+
+    return load_table(path)
+
+
+def latency_table_text(entries: list[dict]) -> str:
+    from onnxprune.plan.latency import table_text
+
+    return table_text(entries)
+
+
+def latency_table_plot(entries: list[dict], path: str) -> None:
+    from onnxprune.plan.latency import plot_table
+
+    plot_table(entries, path)
+
+
+def parse_input_shapes(spec) -> dict:
+    """``{name: [dims]}`` from ``["name:1,3,640,640", ...]`` or a dict (see :func:`onnxprune.io.parse_input_shapes`)."""
+    return io.parse_input_shapes(spec)
+
+
+def refuse_overwrite(output: str, *inputs) -> None:
+    """onnxprune never overwrites its input: a :class:`UserError` when ``output`` is one of ``inputs``."""
+    io.refuse_overwrite(output, *inputs)
+
+
+def model_run_error(model: str, input_shapes=None) -> str | None:
+    """Why onnxruntime cannot run ``model`` on a random input (None when it can)."""
+    return run_error(model, input_shapes)
+
+
+def export_timm(name: str, output: str, *args, **kw):
+    """Export a timm model to ONNX (:func:`onnxprune.torchbridge.export.export_timm`)."""
+    from onnxprune.torchbridge.export import export_timm as run
+
+    return run(name, output, *args, **kw)
+
+
+def finetune(model: str, **options) -> dict:
+    """Fine-tune an ONNX model in PyTorch and write the trained tensors back
+    (options: :class:`onnxprune.torchbridge.train.Options`)."""
+    try:
+        from onnxprune.torchbridge.train import Options, finetune as run
+    except ImportError as e:
+        raise UserError(f"finetune needs torch, timm and onnx2torch: pip install 'onnxprune[finetune]' ({e})") from None
+    return run(model, Options(**options))
+
+
+def make_dataset(output: str, *args, **kw) -> dict:
+    """A synthetic labelled image dataset (:func:`onnxprune.torchbridge.data.make_synthetic`)."""
+    from onnxprune.torchbridge.data import make_synthetic
+
+    return make_synthetic(output, *args, **kw)
+
+
+__all__ = ["analyze", "prune", "verify", "validate", "save_pruned", "load_plan", "resolve_plan", "load_ratios",
+           "calibration", "scores", "bench", "why_nothing", "PruneResult", "Job", "Runtime"]

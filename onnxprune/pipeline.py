@@ -269,19 +269,20 @@ class Job:
         self.plan_keep = plan.keep
         return self.model
 
-    def recover(self, original: onnx.ModelProto, calib, method: str = "ridge", progress: bool = False):
+    def recover(self, original: onnx.ModelProto, calib, method: str = "ridge", progress: bool = False, **options):
         """The recovery stage (:mod:`onnxprune.recover`): re-fit the rewritten
         model against ``original`` (this job's model before :meth:`rewrite`) on
         ``calib``; the new weights go into this job's model through the
         rewriter (all undone when the result is refused). Returns the per-layer
-        rows and the stats (time split, the whole-model check on kept-out sources)."""
+        rows and the stats (time split, the whole-model check on kept-out sources).
+        ``options`` go to :func:`onnxprune.recover.recover_model`."""
         from onnxprune.recover import recover_model
 
         if not self.rewritten or self.plan_keep is None:
             raise RuntimeError("recover() follows rewrite()")
         stats: dict = {}
         rows = recover_model(original, self.model, self.ctx, self.plan_keep, calib, method=method,
-                             progress=progress, stats=stats)
+                             progress=progress, stats=stats, **options)
         return rows, stats
 
     @contextmanager

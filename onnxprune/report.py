@@ -175,32 +175,60 @@ def plot_scores(groups: list[Group], scores, path: str) -> None:
     plt.close(fig)
 
 
-def write_prune_report(path: str, job, res, model: str, out: str, ratios: dict, plan_file: str | None,
-                       oracle=(), latency=(), recovery=()) -> dict:
-    """The JSON report of one prune run (``--report``): what went in, the plan
-    per group, params/MACs, checks, oracle rows, budget, latency and recovery."""
-    import json
+def target_text(t: dict) -> str:
+    """One line on the target a plan was solved for: a latency target (what was
+    timed), a damage-scope budget (what the search measured) or a MACs/params
+    budget (the ratios' scale)."""
+    if t.get("metric") == "latency":
+        rt = t["runtime"]
+        met = "met" if t["met"] else "NOT met (the fastest candidate measured is kept)"
+        return (f"target_latency {t['requested']}: {100 * t['target_ratio']:.1f}% of the original's time wanted, "
+                f"{100 * t['achieved_ratio']:.1f}% measured ({t['original_ms']:.2f} -> {t['pruned_ms']:.2f} ms, "
+                f"{rt['provider']}, batch {rt['batch']}, {rt['threads']} threads), {met}; MACs "
+                f"{100 * t['macs_fraction']:.1f}% of the original, widths rounded to {t.get('round_to', 1)}, "
+                f"{t['candidates']} candidates timed ({len(t['evaluations'])} measurements)")
+    if t.get("scope") == "damage":
+        met = "" if t["met"] else " (NOT met: every group at its limit)"
+        return (f"target_{t['metric']} {t['requested']}: {human(t['target'])} wanted, {human(t['achieved'])} "
+                f"reached{met}; scope damage: {t['steps']} steps chosen by measured output damage "
+                f"({t['damage']:.4g} on {t['samples']} calibration samples), {t['measurements']} candidates "
+                f"measured in {t['seconds']:.0f}s")
+    used = t["ratios_used"]
+    parts = [f"default {used['default']:.4f}"] if used.get("default") else []
+    for key in ("kinds", "sets", "layers"):
+        parts += [f"{key}[{k}] {v:.4f}" for k, v in used.get(key, {}).items()]
+    return (f"target_{t['metric']} {t['requested']}: {human(t['target'])} wanted, {human(t['achieved'])} reached "
+            f"({100 * t['error']:+.2f}%), ratios x{t['scale']:.4f}: {', '.join(parts) or 'none'}")
 
-    plan = res.plan
-    rep = {
-        "input": model,
-        "output": out,
-        "ratios": ratios,
-        "plan_file": plan_file,
+
+def oracle_table(rows) -> str:
+    """The zero-contribution oracle's rows as a table."""
+    return "zero-contribution oracle (max relative error, tolerance 1e-4):\n" + table(
+        [[r.scope, r.kind, r.groups, r.removed, "-" if r.max_rel_err is None else f"{r.max_rel_err:.2e}", r.status] for r in rows],
+        ["set", "kind", "groups", "removed", "max rel err", "status"])
+
+
+def prune_report(res) -> dict:
+    """The JSON report of one prune run (an :class:`onnxprune.api.PruneResult`):
+    what went in, the plan per group, params/MACs, checks, oracle rows, budget,
+    latency and recovery."""
+    plan, job = res.plan, res.job
+    return {
+        "input": res.input,
+        "output": res.output,
+        "ratios": res.ratios if res.ratios is not None else plan.ratios_given,
+        "plan_file": res.plan_file,
         "before": res.before,
         "after": res.after,
         "checks": res.checks,
         "groups": groups_json(job.groups, plan),
         "sets": {k: [g.id for g in v] for k, v in job.sets.items()},
-        "oracle": [r.as_dict() for r in oracle],
+        "oracle": [r.as_dict() for r in res.oracle],
         "target": plan.target,
-        "latency": [r.as_dict() for r in latency],
-        "speedup": round(latency[1].speedup, 4) if len(latency) > 1 else None,  # per image, pruned vs original
-        "efficiency": (round(latency[1].speedup * res.after["macs"] / res.before["macs"], 4)  # speed-up / MACs reduction
-                       if len(latency) > 1 and res.before["macs"] else None),
-        "recovery": [r.as_dict() for r in recovery],
+        "latency": [r.as_dict() for r in res.latency],
+        "speedup": round(res.speedup, 4) if res.speedup is not None else None,  # per image, pruned vs original
+        "efficiency": round(res.efficiency, 4) if res.efficiency is not None else None,  # speed-up / MACs reduction
+        "recovery": [r.as_dict() for r in res.recovery],
+        "notes": list(res.notes),
         "seconds": round(res.seconds, 3),
     }
-    with open(path, "w") as f:
-        json.dump(rep, f, indent=1)
-    return rep

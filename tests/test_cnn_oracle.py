@@ -17,7 +17,7 @@ timm = pytest.importorskip("timm")
 from onnxprune import io  # noqa: E402
 from onnxprune.torchbridge.export import export_timm  # noqa: E402
 from onnxprune.plan import Ratios  # noqa: E402
-from onnxprune.validate.oracle import oracle  # noqa: E402
+from onnxprune.api import verify  # noqa: E402
 from timm_models import randomize  # noqa: E402
 
 MODELS = ["resnet26", "mobilenetv2_100", "convnext_tiny"]
@@ -30,7 +30,7 @@ def test_oracle_every_set(tmp_path, name, exporter, opset, dynamic):
     model = randomize(timm.create_model(name, pretrained=False), seed=3)
     path = str(tmp_path / "m.onnx")
     export_timm(name, path, exporter=exporter, opset=opset, dynamic_batch=dynamic, model=model)
-    rows = oracle(io.read_proto(path), Ratios.from_dict({"default": 0.4, "kinds": {"embed": 0.3}, "round_to": 2}), batch=3)
+    rows = verify(io.read_proto(path), Ratios.from_dict({"default": 0.4, "kinds": {"embed": 0.3}, "round_to": 2}), batch=3)
     by_kind = {}
     for r in rows:
         by_kind.setdefault(r.kind, []).append(r)
@@ -53,7 +53,7 @@ def test_oracle_other_families(tmp_path, name, exporter, opset, dynamic):
     model = randomize(timm.create_model(name, pretrained=False), seed=5)
     path = str(tmp_path / "m.onnx")
     export_timm(name, path, exporter=exporter, opset=opset, dynamic_batch=dynamic, model=model)
-    rows = oracle(io.read_proto(path), Ratios.from_dict({"default": 0.5, "kinds": {"embed": 0.3}}), per_set=False, batch=2)
+    rows = verify(io.read_proto(path), Ratios.from_dict({"default": 0.5, "kinds": {"embed": 0.3}}), per_set=False, batch=2)
     assert rows and rows[-1].scope == "all exact groups"
     assert rows[-1].removed > 0 and rows[-1].status == "PASS", rows[-1]
     if name.startswith(("regnet", "resnext")):

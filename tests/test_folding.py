@@ -11,7 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxprune.api import analyze, prune
 from onnxprune.plan import Ratios
-from onnxprune.validate.oracle import oracle
+from onnxprune.api import verify
 
 
 def _model(cast=False, c2=6):
@@ -38,7 +38,7 @@ def test_computed_weights_are_folded_and_prune_exactly():
     a = analyze(_model())
     live = sorted((g.kind, g.width) for g in a.groups if not g.frozen)
     assert live == [("channels", 6), ("channels", 8)], [(g.kind, g.frozen) for g in a.groups]
-    rows = oracle(_model(), Ratios.from_dict({"default": 0.5}))
+    rows = verify(_model(), Ratios.from_dict({"default": 0.5}))
     assert rows[-1].status == "PASS" and rows[-1].groups == 2 and rows[-1].max_rel_err <= 1e-4
     res = prune(_model(), {"default": 0.5})
     shapes = {t.name: list(t.dims) for t in res.proto.graph.initializer}

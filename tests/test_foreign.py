@@ -16,7 +16,7 @@ from onnxprune import runtime
 from onnxprune.errors import UserError
 from onnxprune.pipeline import Job
 from onnxprune.plan import Ratios
-from onnxprune.validate.oracle import oracle
+from onnxprune.api import verify
 
 _rng = np.random.default_rng(7)
 
@@ -113,7 +113,7 @@ def test_minus_one_batch_and_hard_sigmoid_se():
     job = Job.open(m)
     kinds = sorted(g.kind for g in job.groups if not g.frozen)
     assert len(kinds) >= 2  # the SE bottleneck and the block's channels
-    rows = oracle(m, Ratios.from_dict({"default": 0.5}))
+    rows = verify(m, Ratios.from_dict({"default": 0.5}))
     assert rows and all(r.status == "PASS" for r in rows if r.max_rel_err is not None)
     assert any(r.max_rel_err is not None and r.status == "PASS" for r in rows)
     feeds = runtime.random_inputs(m, batch=3)
@@ -313,7 +313,7 @@ def test_qdq_model_prunes_like_its_float_original(tmp_path):
     fa, qa = Job.open(f), Job.open(q)
     sig = lambda a: sorted((g.kind, g.width, g.set_name) for g in a.groups if not g.frozen)  # noqa: E731
     assert sig(fa) == sig(qa) and sig(qa)
-    rows = oracle(q, Ratios.from_dict({"default": 0.5}))
+    rows = verify(q, Ratios.from_dict({"default": 0.5}))
     tested = [r for r in rows if r.max_rel_err is not None]
     assert tested and all(r.status == "PASS" for r in tested)
     from onnxprune.api import prune
@@ -352,6 +352,6 @@ def test_qdq_grouped_conv_with_a_quantized_bias_is_named_and_pruned_like_its_flo
     fa, qa = Job.open(f), Job.open(q)
     sig = lambda a: sorted((g.kind, g.width, g.set_name) for g in a.groups if not g.frozen)  # noqa: E731
     assert sig(fa) == sig(qa) and any("gconv3x3" in s for _, _, s in sig(qa))
-    rows = oracle(q, Ratios.from_dict({"default": 0.5}))
+    rows = verify(q, Ratios.from_dict({"default": 0.5}))
     tested = [r for r in rows if r.max_rel_err is not None]
     assert tested and all(r.status == "PASS" for r in tested)

@@ -12,7 +12,6 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parents[1] / "onnxprune"
 
 # lower layers never import higher ones; a unit is a top-level module or package
-# (validate's two modules sit on either side of the pipeline: checks below, the oracle above)
 LAYERS = [
     {"errors"},
     {"io"},
@@ -22,9 +21,9 @@ LAYERS = [
     {"torchbridge"},
     {"plan", "rewrite"},
     {"recover"},  # recovery computes weights; the rewriter writes them
-    {"validate.checks", "validate"},
+    {"validate.checks", "validate.oracle", "validate"},  # the oracle takes a Job; it imports no pipeline
     {"pipeline"},
-    {"validate.oracle", "api"},
+    {"api"},
     {"methods"},
     {"cli"},
     {"__main__", "__init__"},
@@ -224,3 +223,30 @@ def test_only_the_rewriter_edits_a_model():
             if what:
                 found.append(f"{rel}:{node.lineno} {what}")
     assert found == []
+
+
+# what a command may import: the front door, the report's tables, the error type, its own
+# room (cli.common), and methods (algorithms built on the API, e.g. GOHSP)
+CLI_MAY_IMPORT = {"api", "report", "errors", "cli", "methods"}
+
+
+def test_the_cli_goes_through_the_api():
+    """The command line parses, calls onnxprune.api and prints: no command reaches past it
+    into the pipeline, the plan, the rewriter, recovery, io or the runtime."""
+    reached = sorted({f"{'.'.join(me)} -> {'.'.join(mod)} ({f}:{line})" for me, mod, _, f, line, _ in _module_edges()
+                      if me[:2] == ["onnxprune", "cli"] and len(mod) > 1 and mod[1] not in CLI_MAY_IMPORT})
+    assert reached == []
+
+
+def test_api_prune_runs_the_stages_in_pipeline_order():
+    """api.prune's body reaches the stages in the order of the pipeline: plan, oracle, rewrite,
+    recover, write/validate, bench (read from the source: the calls' first appearance)."""
+    import inspect
+
+    from onnxprune import api
+
+    src = inspect.getsource(api.prune)
+    marks = ["resolve_plan(", "oracle(", "job.rewrite(", "job.recover(", "job.save(", "_bench_pruned("]
+    where = [src.find(m) for m in marks]
+    assert -1 not in where, dict(zip(marks, where))
+    assert where == sorted(where), dict(zip(marks, where))

@@ -15,7 +15,7 @@ import pytest
 
 from onnxprune.api import analyze
 from onnxprune.plan import Ratios
-from onnxprune.validate.oracle import oracle
+from onnxprune.api import verify
 
 TEXT = """<ir_version: 8, opset_import: ["" : 17]>
 g (float[N,6,4] x_in, int64[N,6] mask) => (float[N,3] y) {
@@ -96,5 +96,5 @@ def test_computed_mask_shape_leaves_heads_and_stream_prunable():
 
 @pytest.mark.parametrize("kind", ["heads", "head_dim", "mlp"])
 def test_computed_mask_shape_oracle(kind):
-    rows = oracle(_model(), Ratios.from_dict({"kinds": {kind: 0.5}}), batch=3)
+    rows = verify(_model(), Ratios.from_dict({"kinds": {kind: 0.5}}), batch=3)
     assert rows[-1].status == "PASS" and rows[-1].max_rel_err <= 1e-4, rows

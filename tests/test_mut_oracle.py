@@ -137,19 +137,19 @@ def test_rows_count_groups_and_removed_channels():
     assert last.as_dict() == {"scope": "all exact groups", "kind": "*", "groups": 2, "removed": 7,
                               "max_rel_err": last.max_rel_err, "status": "PASS"}
     # per_set False: only the combined check
-    only = O.oracle(_two(), Ratios.from_dict({"default": 0.5}), per_set=False)
+    only = O.oracle(Job.open(_two()), Ratios.from_dict({"default": 0.5}), per_set=False)
     assert [(r.scope, r.groups, r.removed, r.status) for r in only] == [("all exact groups", 2, 7, "PASS")]
     # the plan from ratios is the one a prune run makes: nothing removed, no rows
-    assert O.oracle(_two(), Ratios.from_dict({"default": 0.0})) == []
-    assert O.oracle(_two()) == []
+    assert O.oracle(Job.open(_two()), Ratios.from_dict({"default": 0.0})) == []
+    assert O.oracle(Job.open(_two())) == []
 
 
 def test_tolerance_is_inclusive_and_a_planted_error_fails(monkeypatch):
     m = _two()
     monkeypatch.setattr(O, "rel_err", lambda a, b: O.TOLERANCE)
-    assert {r.status for r in O.oracle(m, Ratios.from_dict({"default": 0.5}))} == {"PASS"}
+    assert {r.status for r in O.oracle(Job.open(m), Ratios.from_dict({"default": 0.5}))} == {"PASS"}
     monkeypatch.setattr(O, "rel_err", lambda a, b: 1.0001 * O.TOLERANCE)
-    assert {r.status for r in O.oracle(m, Ratios.from_dict({"default": 0.5}))} == {"FAIL"}
+    assert {r.status for r in O.oracle(Job.open(m), Ratios.from_dict({"default": 0.5}))} == {"FAIL"}
     monkeypatch.undo()
     # the pruned model's run is off by 1%: every check fails, by about that much
     real_run, calls = O._run, []
@@ -160,7 +160,7 @@ def test_tolerance_is_inclusive_and_a_planted_error_fails(monkeypatch):
         return [o * 1.01 for o in outs] if len(calls) % 2 == 0 else outs
 
     monkeypatch.setattr(O, "_run", off)
-    rows = O.oracle(m, Ratios.from_dict({"default": 0.5}))
+    rows = O.oracle(Job.open(m), Ratios.from_dict({"default": 0.5}))
     assert [r.status for r in rows] == ["FAIL"] * 3
     assert all(r.max_rel_err == pytest.approx(0.01, rel=1e-3) for r in rows)
 
@@ -183,7 +183,7 @@ def test_approximate_sets_are_listed_not_tested():
     assert rows[0].scope == g.set_name
     with pytest.raises(UserError, match="^nothing to check: the plan removes no channel"):
         O.require_checks([], Plan({}, {}, {}, {}))
-    O.require_checks(_by_scope(O.oracle(_two(), Ratios.from_dict({"default": 0.5}))).values(), plan)
+    O.require_checks(_by_scope(O.oracle(Job.open(_two()), Ratios.from_dict({"default": 0.5}))).values(), plan)
 
 
 def test_a_rewritten_job_is_refused():
@@ -202,12 +202,12 @@ def test_an_original_with_nan_outputs_is_the_users_error():
   w = Sqrt(v)""", {"w1": (8, 3, 1, 1), "b1": (8,), "w2": (4, 8, 1, 1)}, inp="float[N,3,8,8] x, float[N,5] v",
               out="float[N,4,8,8] y, float[N,5] w")
     with pytest.raises(UserError) as e:
-        O.oracle(m, Ratios.from_dict({"default": 0.5}))
+        O.oracle(Job.open(m), Ratios.from_dict({"default": 0.5}))
     # the default batch of 2 for the symbolic dim
     assert str(e.value) == ("the original model's outputs are not finite on the oracle's random input (x [2, 3, 8, 8], "
                             "v [2, 5], standard normal): y, w has NaN or inf; the oracle needs finite outputs to compare")
     with pytest.raises(UserError, match=r"\(x \[3, 3, 8, 8\], v \[3, 5\], standard normal\)"):
-        O.oracle(m, Ratios.from_dict({"default": 0.5}), batch=3)
+        O.oracle(Job.open(m), Ratios.from_dict({"default": 0.5}), batch=3)
     # a finite original passes the check silently
     O.require_finite_original(Job.open(_two()), 2)
 
@@ -266,7 +266,7 @@ def test_a_final_qdq_pair_is_compared_as_its_float_input(monkeypatch):
                                        "zp": np.array(0, np.int8)})
     real_run, seen = O._run, []
     monkeypatch.setattr(O, "_run", lambda p, names, feeds: seen.append(names) or real_run(p, names, feeds))
-    rows = O.oracle(m, Ratios.from_dict({"default": 0.5}))
+    rows = O.oracle(Job.open(m), Ratios.from_dict({"default": 0.5}))
     assert seen and all(names == ["z"] for names in seen)
     assert {r.status for r in rows} == {"PASS"}
 
@@ -280,7 +280,7 @@ def test_per_set_off_still_zeroes_a_normalised_set_where_it_is_read():
   d = Div(e, s)
   [c2] y = Conv (d, w2, b2)""", {"w1": (8, 3, 3, 3), "b1": (8,), "axes": np.array([2, 3], np.int64), "w2": (4, 8, 1, 1),
                                  "b2": (4,)})
-    rows = O.oracle(m, Ratios.from_dict({"default": 0.5}), per_set=False)
+    rows = O.oracle(Job.open(m), Ratios.from_dict({"default": 0.5}), per_set=False)
     assert [(r.scope, r.removed, r.status) for r in rows] == [("all exact groups", 4, "PASS")]
     assert rows[0].max_rel_err < 1e-5
 
@@ -297,7 +297,7 @@ def test_an_approximate_set_before_exact_ones():
   r3 = Relu(h3)
   [c4] y = Conv (r3, w4)""", {"w1": (8, 3, 1, 1), "b1": (8,), "g": (8,), "bt": (8,), "w2": (4, 8, 1, 1), "w3": (6, 4, 3, 3),
                               "w4": (4, 6, 1, 1)})
-    rows = O.oracle(m, Ratios.from_dict({"default": 0.5}))
+    rows = O.oracle(Job.open(m), Ratios.from_dict({"default": 0.5}))
     assert [(r.groups, r.removed, r.status) for r in rows] == [(1, 4, APPROX), (1, 2, "PASS"), (1, 3, "PASS"), (2, 5, "PASS")]
 
 
@@ -305,5 +305,5 @@ def test_the_plan_is_made_with_the_calibration_given():
     from onnxprune.plan.importance.calib import Calibration
 
     xs = [np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)]
-    rows = O.oracle(_two(), Ratios.from_dict({"default": 0.5, "importance": "activation"}), calib=Calibration(xs, None, "t"))
+    rows = O.oracle(Job.open(_two()), Ratios.from_dict({"default": 0.5, "importance": "activation"}), calib=Calibration(xs, None, "t"))
     assert [r.status for r in rows] == ["PASS"] * 3

@@ -17,6 +17,7 @@ from onnxprune.api import analyze
 from onnxprune.errors import UserError
 from onnxprune.plan import PLAN_VERSION, Plan, Ratios, _n_keep, make_plan, member_key, read_json
 from onnxprune.plan.importance.criteria import Scores
+from onnxprune.recover import plan_defaults
 
 # a1 (3x3, 8 ch) -> a2 (1x1, 4 ch) -> b1 (3x3, 6 ch) -> b2 (1x1, 2 ch, the output: frozen)
 TEXT = """<ir_version: 8, opset_import: ["" : 17]>
@@ -141,24 +142,24 @@ def test_from_dict_refusals(d, msg):
     assert str(e.value).startswith(msg), str(e.value)
 
 
-def test_for_recovery_defaults_only_what_was_not_written():
-    r, said = Ratios.from_dict({"default": 0.3}).for_recovery()
+def test_recovery_plan_defaults_only_what_was_not_written():
+    r, said = plan_defaults(Ratios.from_dict({"default": 0.3}))
     assert (r.importance, r.scope, r.default) == ("recon", "isomorphic", 0.3)
     assert said == "--recover: importance recon (set them in the ratios to override)"
-    r, said = Ratios.from_dict({"target_macs": 0.5}).for_recovery()
+    r, said = plan_defaults(Ratios.from_dict({"target_macs": 0.5}))
     assert (r.importance, r.scope) == ("l2", "damage")
     assert said == "--recover: importance l2, scope damage (set them in the ratios to override)"
-    r, said = Ratios.from_dict({"target_latency": 0.5}).for_recovery()
+    r, said = plan_defaults(Ratios.from_dict({"target_latency": 0.5}))
     assert (r.importance, r.scope) == ("recon", "cost")
     assert said == "--recover: importance recon, scope cost (set them in the ratios to override)"
-    r, said = Ratios.from_dict({"target_params": 0.5, "scope": "damage"}).for_recovery()
+    r, said = plan_defaults(Ratios.from_dict({"target_params": 0.5, "scope": "damage"}))
     assert (r.importance, r.scope, said) == ("l2", "damage", "--recover: importance l2 (set them in the ratios to override)")
-    r, said = Ratios.from_dict({"target_params": 0.5, "scope": "cost"}).for_recovery()
+    r, said = plan_defaults(Ratios.from_dict({"target_params": 0.5, "scope": "cost"}))
     assert (r.importance, r.scope) == ("recon", "cost")
-    r, said = Ratios.from_dict({"target_macs": 0.5, "importance": "l1", "scope": "local"}).for_recovery()
+    r, said = plan_defaults(Ratios.from_dict({"target_macs": 0.5, "importance": "l1", "scope": "local"}))
     assert (r.importance, r.scope, said) == ("l1", "local", "")
     base = Ratios.from_dict({"importance": "l1"})
-    r, _ = base.for_recovery()
+    r, _ = plan_defaults(base)
     assert r is not base and base.importance == "l1"
 
 

@@ -16,7 +16,7 @@ from onnxprune.core import metrics
 from onnxprune.api import analyze, prune
 from onnxprune.plan import Ratios
 from onnxprune.rules import ort_fused
-from onnxprune.validate.oracle import oracle
+from onnxprune.api import verify
 
 APPROX = "approximate (not tested)"
 MS = "com.microsoft"
@@ -58,7 +58,7 @@ def rows_by_kind(rows):
 
 
 def check_oracle(m, kinds):
-    rows = oracle(m, Ratios.from_dict({"kinds": kinds}))
+    rows = verify(m, Ratios.from_dict({"kinds": kinds}))
     assert rows, "oracle removed nothing"
     for r in rows:
         assert r.status in ("PASS", APPROX), (r.scope, r.status, r.max_rel_err)
@@ -247,7 +247,7 @@ def test_attention_scale_must_be_pinned(monkeypatch):
     (qd,) = [g for g in job.groups if g.kind == "head_dim"]  # q, k, v share D without qkv_hidden_sizes
     assert qd.frozen and any("scale" in r for r in qd.frozen)
     monkeypatch.setattr(ort_fused, "_scale_pinned", lambda ctx, node: True)
-    rows = oracle(m, Ratios.from_dict({"kinds": {"head_dim": 0.5}}))
+    rows = verify(m, Ratios.from_dict({"kinds": {"head_dim": 0.5}}))
     assert rows_by_kind(rows) == {"head_dim": "FAIL"}
 
 
@@ -413,7 +413,7 @@ def test_optimised_graph_prunes_like_the_original(exported, name):
     assert not after.ctx.unhandled and not any("no rule" in r for g in after.groups for r in g.frozen)
     m0, m1 = metrics.count(io.read_proto(base)), metrics.count(io.read_proto(exported[name]))
     assert abs(m1["macs"] - m0["macs"]) <= 0.01 * m0["macs"]
-    rows = oracle(io.read_proto(exported[name]), Ratios.from_dict({"kinds": E2E_KINDS}))
+    rows = verify(io.read_proto(exported[name]), Ratios.from_dict({"kinds": E2E_KINDS}))
     assert rows_by_kind(rows) == {"heads": "PASS", "head_dim": "PASS", "mlp": "PASS", "embed": APPROX}
     assert rows[-1].status == "PASS"
     res = prune(exported[name], {"kinds": E2E_KINDS})

@@ -245,3 +245,55 @@ def test_model_over_2gb_in_and_out(tmp_path):
     assert dims["w1"][1] == dims["w2"][0] == n - int(0.2 * n)
     # the test process holds no copy of the weights (its lifetime peak, ru_maxrss, also counts earlier tests)
     assert _resident() - resident0 < weights / 4, (_resident(), resident0, weights)
+
+
+# -- the front door: api.prune runs every stage on one job ----------------------------------------------
+def test_api_prune_runs_oracle_write_and_bench_and_reports_them(tmp_path):
+    from onnxprune import api
+
+    out = tmp_path / "out.onnx"
+    rt = api.Runtime(batch=2, threads=1, warmup=1, runs=3)
+    res = api.prune(default_model(), {"default": 0.5}, verify=True, bench=True, runtime=rt, output=str(out))
+    assert out.exists() and res.output == str(out)
+    # the oracle ran before the rewrite, on every set the plan touches, and every exact check passed
+    assert res.oracle and {r.status for r in res.oracle if r.max_rel_err is not None} == {"PASS"}
+    assert any(r.scope == "all exact groups" for r in res.oracle)
+    # the bench timed the original file against the written one
+    assert [r.name for r in res.latency][1] == "pruned" and res.latency[0].macs > res.latency[1].macs
+    assert res.speedup == res.latency[1].speedup
+    assert abs(res.efficiency - res.speedup * res.after["macs"] / res.before["macs"]) < 1e-12
+    assert set(res.timings) == {"analyse", "plan", "oracle", "rewrite", "write", "bench"}
+    written = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(out)).graph.initializer}
+    in_memory = {t.name: numpy_helper.to_array(t) for t in res.proto.graph.initializer}
+    assert written.keys() == in_memory.keys() and all(np.array_equal(written[k], in_memory[k]) for k in written)
+    rep = res.write_report(str(tmp_path / "r.json"))
+    assert json.load(open(tmp_path / "r.json")) == json.loads(json.dumps(rep))
+    assert rep["output"] == str(out) and len(rep["oracle"]) == len(res.oracle) and len(rep["latency"]) == 2
+    assert res.removed == sum(g["width"] - g["width_after"] for g in rep["groups"]) > 0
+
+
+def test_api_prune_with_nothing_to_prune(tmp_path):
+    from onnxprune import api
+    from onnxprune.errors import UserError
+
+    res = api.prune(default_model(), {"default": 0.0})
+    assert res.removed == 0 and res.notes and res.notes[0].startswith("nothing to prune: the ratios remove nothing")
+    assert not res.job.rewritten
+    for kw in ({"output": str(tmp_path / "o.onnx")}, {"verify": True}):
+        with pytest.raises(UserError, match="nothing to prune"):
+            api.prune(default_model(), {"default": 0.0}, **kw)
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_api_prune_refuses_to_overwrite_its_input_before_any_work(tmp_path, monkeypatch):
+    from onnxprune import api
+    from onnxprune.errors import UserError
+    from onnxprune.pipeline import Job
+
+    path = tmp_path / "m.onnx"
+    path.write_bytes(open(default_model(), "rb").read())
+    before = path.read_bytes()
+    monkeypatch.setattr(Job, "plan", lambda *a, **k: pytest.fail("planned before refusing the output path"))
+    with pytest.raises(UserError, match="never overwrites"):
+        api.prune(str(path), {"default": 0.5}, output=str(path))
+    assert path.read_bytes() == before

@@ -19,7 +19,7 @@ from onnxprune.plan.importance.calib import Calibration
 from onnxprune.plan.importance.criteria import Scores, score_groups, _capture
 from onnxprune.plan.importance.recon import recon_scores
 from onnxprune.plan import Ratios, make_plan
-from onnxprune.recover import _accumulate, _Fit, _folds, _select, _totals, LayerRow, downstream, recover
+from onnxprune.recover import _accumulate, _Fit, _folds, _select, _totals, LayerRow, downstream, plan_defaults, recover
 
 D_IN, HID, D_OUT = 6, 8, 5
 PAIR, SMALL = (3, 5), 0
@@ -249,11 +249,11 @@ def test_recovery_refits_the_layers_after_the_pruned_one():
 
 
 def test_recover_defaults_to_measured_damage_under_a_budget(tmp_path, capsys):
-    r, note = Ratios.from_dict({"target_macs": 0.5}).for_recovery()
+    r, note = plan_defaults(Ratios.from_dict({"target_macs": 0.5}))
     assert (r.importance, r.scope) == ("l2", "damage") and "l2" in note and "damage" in note
-    r, note = Ratios.from_dict({"default": 0.3}).for_recovery()
+    r, note = plan_defaults(Ratios.from_dict({"default": 0.3}))
     assert (r.importance, r.scope) == ("recon", "isomorphic")
-    r, note = Ratios.from_dict({"target_macs": 0.5, "importance": "l2", "scope": "isomorphic"}).for_recovery()
+    r, note = plan_defaults(Ratios.from_dict({"target_macs": 0.5, "importance": "l2", "scope": "isomorphic"}))
     assert (r.importance, r.scope, note) == ("l2", "isomorphic", "")
     # through the CLI: the report records what was used
     import json

@@ -10,7 +10,8 @@ from onnxprune import runtime
 from onnxprune.api import analyze, prune
 from onnxprune.errors import UserError
 from onnxprune.plan import Ratios
-from onnxprune.validate.oracle import TOLERANCE, oracle, rel_err
+from onnxprune.api import verify
+from onnxprune.validate.oracle import TOLERANCE, rel_err
 
 HALF = {"default": 0.5}
 APPROX = "approximate (not tested)"
@@ -57,7 +58,7 @@ def attr(proto, node_name, key):
     return onnx.helper.get_attribute_value(next(a for a in node(proto, node_name).attribute if a.name == key))
 
 def assert_oracle(m, ratios=HALF, approx_ok=False):
-    rows = oracle(m, Ratios.from_dict(ratios))
+    rows = verify(m, Ratios.from_dict(ratios))
     ok = {"PASS", APPROX} if approx_ok else {"PASS"}
     assert rows, "oracle produced no rows (nothing removed)"
     for r in rows:
@@ -371,7 +372,7 @@ def test_channels_last_layernorm_is_approximate():
   [c2] y = Conv (u, w2)""", {"w1": W(8, 3, 3, 3), "b1": W(8), "s": W(8), "bb": W(8), "w2": W(4, 8, 1, 1)})
     (g,) = prunable(analyze(m))
     assert g.width == 8 and not g.exact and len(members(g, "LayerNormalization", "param")) == 2
-    rows = oracle(m, Ratios.from_dict(HALF))
+    rows = verify(m, Ratios.from_dict(HALF))
     assert rows and all(r.status == APPROX for r in rows)
     res = pruned(m)
     assert weight(res.proto, "ln", 1).shape == (4,) and weight(res.proto, "c2").shape[1] == 4
@@ -561,7 +562,7 @@ def test_group_norm_with_one_group_exported_as_instance_norm_is_approximate():
     a = analyze(m)
     (g,) = prunable(a)
     assert g.width == 8 and not g.exact
-    rows = oracle(m, Ratios.from_dict(HALF))
+    rows = verify(m, Ratios.from_dict(HALF))
     assert [r.status for r in rows] == [APPROX]
 
 

@@ -10,7 +10,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxprune.api import analyze
 from onnxprune.plan import Ratios
-from onnxprune.validate.oracle import oracle
+from onnxprune.api import verify
 
 
 def _model(perm=(0, 2, 1, 3, 4), c=8) -> onnx.ModelProto:
@@ -47,7 +47,7 @@ def test_shuffled_branches_are_frozen_as_a_channel_shuffle():
 def test_the_rest_of_a_shuffling_model_still_prunes_exactly():
     live = [g for g in analyze(_model()).groups if not g.frozen]
     assert [g.width for g in live] == [6]  # the stem
-    rows = oracle(_model(), Ratios.from_dict({"default": 0.5}))
+    rows = verify(_model(), Ratios.from_dict({"default": 0.5}))
     assert rows[-1].status == "PASS" and rows[-1].groups == 1 and rows[-1].removed == 3
 
 

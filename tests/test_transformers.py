@@ -19,7 +19,7 @@ from onnxprune.api import analyze, prune  # noqa: E402
 from onnxprune.cli import main  # noqa: E402
 from onnxprune.torchbridge.export import export_timm  # noqa: E402
 from onnxprune.plan import Ratios  # noqa: E402
-from onnxprune.validate.oracle import oracle  # noqa: E402
+from onnxprune.api import verify  # noqa: E402
 from timm_models import independent_macs, randomize  # noqa: E402
 
 EXPORTS = [("legacy", 17, False), ("legacy", 17, True), ("dynamo", 20, False), ("dynamo", 20, True)]
@@ -46,7 +46,7 @@ def test_deit_tiny_groups_and_oracle(tmp_path, exporter, opset, dynamic):
     assert kinds == {"heads": [3] * 12, "head_dim": [64] * 12, "mlp": [768] * 12, "embed": [192]}
     assert len(a.sets) == 4
     cfg = {"kinds": {"heads": 0.34, "head_dim": 0.25, "mlp": 0.5, "embed": 0.25}}
-    rows = oracle(io.read_proto(path), Ratios.from_dict(cfg), batch=3)
+    rows = verify(io.read_proto(path), Ratios.from_dict(cfg), batch=3)
     status = {r.kind: r.status for r in rows if r.scope != "all exact groups"}
     assert status == {"heads": "PASS", "head_dim": "PASS", "mlp": "PASS", "embed": "approximate (not tested)"}
     assert rows[-1].status == "PASS" and rows[-1].max_rel_err <= 1e-4
@@ -181,7 +181,7 @@ def test_swin_tiny_groups_and_oracle(tmp_path, exporter, opset, dynamic):
     assert sorted(g.width for g in live if g.kind == "embed") == [96, 192, 384, 768]
     assert sorted(g.width for g in live if g.kind == "head_dim") == [32] * 12
     cfg = {"kinds": {"heads": 0.34, "head_dim": 0.25, "mlp": 0.5, "embed": 0.25}}
-    rows = oracle(io.read_proto(path), Ratios.from_dict(cfg), per_set=False, batch=3)
+    rows = verify(io.read_proto(path), Ratios.from_dict(cfg), per_set=False, batch=3)
     assert rows[-1].status == "PASS" and rows[-1].removed > 0
     res = prune(path, cfg)
     assert res.checks["checker"] == "ok" and res.after["macs"] < 0.5 * res.before["macs"]
@@ -198,7 +198,7 @@ def test_onnx_attention_op_opset23(tmp_path):
     kinds = sorted((g.kind, g.width) for g in a.groups if not g.frozen)
     assert kinds == sorted([("heads", 3)] * 12 + [("head_dim", 64)] * 12 + [("mlp", 768)] * 12 + [("embed", 192)])
     cfg = {"kinds": {"heads": 0.34, "head_dim": 0.25, "mlp": 0.5}}
-    rows = oracle(io.read_proto(path), Ratios.from_dict(cfg))
+    rows = verify(io.read_proto(path), Ratios.from_dict(cfg))
     # head_dim exact only because the default 1/sqrt(D) scale is pinned at load
     assert {r.kind: r.status for r in rows if r.scope != "all exact groups"} == {"heads": "PASS", "head_dim": "PASS", "mlp": "PASS"}
     res = prune(path, cfg)

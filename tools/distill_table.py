@@ -8,7 +8,7 @@ l2 importance): top-1 on the glyph val split / top-1 agreement with the
 unpruned model / KL(original || model) on val, for
 
 1. the pruned model;
-2. after ridge recovery (``onnxprune.recover.recover_result``; 4 x 32
+2. after ridge recovery (``api.prune(..., plan=<the same plan>, recover="ridge")``; 4 x 32
    train-split images, labels unused);
 3. after ``--steps`` steps of label-free distillation from the unpruned model,
    started from (2): ``finetune --data FLAT --teacher`` where FLAT is the train
@@ -40,7 +40,6 @@ from onnxprune import io, runtime  # noqa: E402
 from onnxprune.api import prune  # noqa: E402
 from onnxprune.torchbridge.train import Options, finetune  # noqa: E402
 from onnxprune.plan.importance.calib import load  # noqa: E402
-from onnxprune.recover import recover_result  # noqa: E402
 from common import md, write_results  # noqa: E402
 from recovery_table import val_set  # noqa: E402
 from train_reference import MODELS, glyph_data  # noqa: E402
@@ -102,12 +101,12 @@ def main() -> None:
         for t in [float(v) for v in args.targets.split(",")]:
             res = prune(path, {"target_macs": t})
             entry = {"macs_kept": res.after["macs"] / res.before["macs"], "pruned": score(res.proto)}
-            t0 = time.perf_counter()
-            rec, _ = recover_result(res, orig, cal.batches, progress=False)
-            entry["ridge_seconds"] = time.perf_counter() - t0
-            entry["ridge"] = score(rec)
+            # the same plan replayed, then the recovery stage
+            rec = prune(path, plan=res.plan_json, calib=cal, recover="ridge")
+            entry["ridge_seconds"] = rec.timings["recover"]
+            entry["ridge"] = score(rec.proto)
             rec_path = os.path.join(tmp, f"{kind}_{t}_rec.onnx")
-            io.save(rec, rec_path)
+            io.save(rec.proto, rec_path)
             for arm, d in (("distill", flat), ("labelled", data)):
                 out = os.path.join(tmp, f"{kind}_{t}_{arm}.onnx")
                 t0 = time.perf_counter()

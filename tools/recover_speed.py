@@ -57,11 +57,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     import onnx
 
-    from onnxprune.api import prune
-    from onnxprune.plan import Ratios
+    from onnxprune import api
     from onnxprune.plan.importance.calib import Calibration
-    from onnxprune.recover import recover
-    from onnxprune.torchbridge.export import export_timm
 
     os.makedirs(CACHE, exist_ok=True)
     threads = os.cpu_count() or 1
@@ -70,19 +67,16 @@ def main(argv: list[str] | None = None) -> None:
     for name in args.models.split(","):
         path = os.path.join(CACHE, f"{name}.onnx")
         if not os.path.exists(path):
-            export_timm(name, path, exporter="legacy", dynamic_batch=True)
+            api.export_timm(name, path, exporter="legacy", dynamic_batch=True)
         x = rng.standard_normal((args.images, 3, 224, 224)).astype(np.float32)
         batches = [x[i:i + 32] for i in range(0, len(x), 32)]
         orig = onnx.load(path)
-        t0 = time.perf_counter()
-        ratios, _ = Ratios.from_dict({"target_macs": args.target}).for_recovery()  # what --recover plans with
-        res = prune(path, ratios, calib=Calibration(batches, None, "random inputs"))
-        t_prune = time.perf_counter() - t0
+        # what --recover does: its plan (recover.plan_defaults: l2, scope damage), the rewrite, the re-fit
+        res = api.prune(path, {"target_macs": args.target}, calib=Calibration(batches, None, "random inputs"),
+                        recover="ridge")
+        t_prune, t_rec = res.timings["analyse"] + res.timings["plan"], res.timings["recover"]
+        stats, lrows = res.recovery_stats, res.recovery
         f_o, f_p = forward_seconds(orig, batches, threads), forward_seconds(res.proto, batches, threads)
-        stats: dict = {}
-        t0 = time.perf_counter()
-        _, lrows = recover(orig, res.proto, res.analyzed.ctx, res.plan.keep, batches, stats=stats, progress=False)
-        t_rec = time.perf_counter() - t0
         refit = sum(r.status == "refit" for r in lrows)
         cells = [name, len(lrows), stats["levels"], f"{t_prune:.1f}", f"{f_o:.1f}", f"{f_p:.1f}", f"{stats['run_s']:.1f}",
                  f"{stats['run_s'] / (f_o + f_p):.2f}", f"{stats['fit_s']:.1f}", f"{t_rec:.1f}", refit]

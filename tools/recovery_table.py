@@ -34,7 +34,6 @@ from onnxprune import runtime  # noqa: E402
 from onnxprune.api import prune  # noqa: E402
 from onnxprune.torchbridge.data import image_folder  # noqa: E402
 from onnxprune.plan.importance.calib import Calibration, load  # noqa: E402
-from onnxprune.recover import recover  # noqa: E402
 from common import md, write_results  # noqa: E402
 from train_reference import MODELS, glyph_data  # noqa: E402
 
@@ -80,6 +79,10 @@ def main() -> None:
         cal = load(data, orig, args.calib_batches, args.batch)
         nolabels = Calibration(cal.batches, None, cal.source + ", labels dropped")
 
+        def recovered(res, method="ridge", **options):
+            """The plan of ``res`` replayed, then the recovery stage (as --recover runs it)."""
+            return prune(path, plan=res.plan_json, calib=nolabels, recover=method, recover_options=options)
+
         def score(proto):
             p = predict(proto, x)
             return 100 * (p == y).mean(), 100 * (p == p0).mean()
@@ -88,7 +91,7 @@ def main() -> None:
             res = prune(path, {"target_macs": args.sweep_target})
             cells = [f"ref_{kind}", f"{args.sweep_target:.0%}", "%.1f / %.1f" % score(res.proto)]
             for lam in [float(v) for v in args.ridge_sweep.split(",")]:
-                rec, _ = recover(orig, res.proto, res.analyzed.ctx, res.plan.keep, cal.batches, ridge=lam, progress=False)
+                rec = recovered(res, ridge=lam).proto
                 cells.append("%.1f / %.1f" % score(rec))
                 raw[f"ref_{kind}@{args.sweep_target}:ridge={lam}"] = score(rec)
                 print(cells, flush=True)
@@ -104,10 +107,8 @@ def main() -> None:
             cells += [f"{a:.1f} / {g:.1f}"]
             entry["pruned"] = {"top1": a, "agree": g}
             for method in ("bias", "stats", "ridge"):
-                t0 = time.perf_counter()
-                rec, lrows = recover(orig, res.proto, res.analyzed.ctx, res.plan.keep, cal.batches, method=method,
-                                     ridge=args.ridge, progress=False)
-                secs = time.perf_counter() - t0
+                r = recovered(res, method, ridge=args.ridge)
+                rec, lrows, secs = r.proto, r.recovery, r.timings["recover"]
                 a, g = score(rec)
                 cells += [f"{a:.1f} / {g:.1f}"]
                 if method != "stats":
@@ -128,8 +129,7 @@ def main() -> None:
                 res = prune(path, ratios, calib=nolabels if crit != "l2" else None)
                 tp = time.perf_counter() - t0
                 a1, g1 = score(res.proto)
-                rec, _ = recover(orig, res.proto, res.analyzed.ctx, res.plan.keep, cal.batches, ridge=args.ridge, progress=False)
-                a2, g2 = score(rec)
+                a2, g2 = score(recovered(res, ridge=args.ridge).proto)
                 rows2.append([f"ref_{kind}", crit, f"{t:.0%}", f"{a1:.1f} / {g1:.1f}", f"{a2:.1f} / {g2:.1f}", f"{tp:.1f}s"])
                 raw[f"ref_{kind}@{t}:{crit}"] = {"pruned": [a1, g1], "ridge": [a2, g2], "prune_seconds": tp}
                 print(rows2[-1], flush=True)

@@ -69,13 +69,13 @@ def _model_error(args) -> str | None:
     """After an internal error: when onnxruntime cannot run the input model either,
     the file is at fault, and that is the one line to show."""
     from onnxprune.cli.common import shapes
-    from onnxprune.validate.checks import run_error
+    from onnxprune.api import model_run_error
 
     model = getattr(args, "model", None)
     if not isinstance(model, str) or not os.path.isfile(model):
         return None
     try:
-        why = run_error(model, shapes(args))
+        why = model_run_error(model, shapes(args))
     except UserError as e:
         return str(e)
     except Exception:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from onnxprune.cli.common import calib_data, calib_opts, common, say, shape_opt, shapes, why_nothing
+from onnxprune.cli.common import calib_data, calib_opts, common, say, shape_opt, shapes
 
 NAME = "analyze"
 
@@ -24,19 +24,14 @@ def parser() -> argparse.ArgumentParser:
 
 
 def run(args) -> str:
-    from onnxprune import report
+    from onnxprune import api, report
 
-    from onnxprune.pipeline import Job
-
-    a = Job.open(args.model, shapes(args))
+    a = api.analyze(args.model, shapes(args))
     say(args, report.sets_table(a.groups))
     scores = None
     if args.scores or args.plot:
-        from onnxprune.plan import Ratios
-
         imp = json.loads(args.importance) if args.importance.lstrip().startswith("{") else args.importance
-        r = Ratios.from_dict({"importance": imp})
-        scores = a.scores(r, calib_data(args, a))
+        scores = api.scores(a, imp, calib_data(args, a))
         say(args, "\nimportance per isomorphic set:\n" + report.scores_table(a.groups, scores))
         if args.plot:
             report.plot_scores(a.groups, scores, args.plot)
@@ -51,5 +46,5 @@ def run(args) -> str:
             json.dump(report.groups_json(a.groups, scores=scores), f, indent=1)
     n = sum(1 for g in a.groups if not g.frozen)
     if not n:  # say why, as a prune run would
-        return f"nothing is prunable: {why_nothing(a)}"
+        return f"nothing is prunable: {api.why_nothing(a)}"
     return f"{n} prunable groups in {len(a.sets)} isomorphic sets, {len(a.groups) - n} frozen"

@@ -26,30 +26,28 @@ def parser() -> argparse.ArgumentParser:
 
 
 def run(args) -> str:
-    from onnxprune.runtime.bench import bench, plot, table
+    from onnxprune import api
 
     if args.table:
-        from onnxprune.plan import latency
-
         if args.models:
             raise UserError("give models to time, or --table to show a latency table, not both")
-        entries = latency.load_table(args.table)
-        say(args, latency.table_text(entries))
+        entries = api.latency_table(args.table)
+        say(args, api.latency_table_text(entries))
         if args.plot:
-            latency.plot_table(entries, args.plot)
+            api.latency_table_plot(entries, args.plot)
         return f"{len(entries)} latency curves, {sum(len(e['points']) for e in entries)} measured points in {args.table}"
     if not args.models:
         raise UserError("bench needs at least one model (or --table FILE)")
     for m in args.models:
         if not os.path.isfile(m):
             raise UserError(f"no such model file: {m}")
-    rows = bench(args.models, batch=args.batch, provider=args.provider, threads=args.threads,
+    rows = api.bench(args.models, batch=args.batch, provider=args.provider, threads=args.threads,
                  warmup=args.warmup, runs=args.runs, progress=not args.quiet, input_shapes=shapes(args))
-    say(args, table(rows))
+    say(args, api.bench_table(rows))
     if args.json:
         with open(args.json, "w") as f:
             json.dump([r.as_dict(with_times=True) for r in rows], f, indent=1)
     if args.plot:
-        plot(rows, args.plot)
+        api.bench_plot(rows, args.plot)
     best = max(rows, key=lambda r: r.speedup)
     return f"{len(rows)} models, {rows[0].provider} batch {rows[0].batch}, best speed-up {best.speedup:.2f}x ({best.name})"

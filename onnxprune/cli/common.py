@@ -8,7 +8,6 @@ import os
 from importlib import resources
 
 from onnxprune.errors import UserError
-from onnxprune.io import refuse_overwrite
 
 
 class Failed(Exception):
@@ -34,7 +33,7 @@ def shape_opt(p: argparse.ArgumentParser) -> None:
 
 
 def shapes(args, ratios=None) -> dict:
-    from onnxprune.io import parse_input_shapes
+    from onnxprune.api import parse_input_shapes
 
     return {**(ratios.input_shapes if ratios is not None else {}), **parse_input_shapes(getattr(args, "input_shape", []))}
 
@@ -65,6 +64,8 @@ def say(args, text: str = "") -> None:
 
 
 def check_paths(model: str, output: str, *other_inputs) -> None:
+    from onnxprune.api import refuse_overwrite
+
     if not os.path.isfile(model):
         raise UserError(f"model file not found: {model}")
     refuse_overwrite(output, model, *other_inputs)
@@ -84,37 +85,9 @@ def check_output_folders(args) -> None:
 
 
 def calib_data(args, job):
+    """The --calib data for ``job`` (None without --calib)."""
     if not getattr(args, "calib", None):
         return None
-    from onnxprune.plan.importance.calib import load
+    from onnxprune import api
 
-    return load(args.calib, job.skeleton(), args.calib_batches, args.calib_batch_size)
-
-
-def why_nothing(job, plan=None) -> str:
-    """One line: why a plan removes nothing (without a plan: why the model has nothing to prune)."""
-    live = [g for g in job.groups if not g.frozen]
-    parts = []
-    if not job.groups:
-        parts.append("no prunable channel group was found")
-    elif not live:
-        reasons = sorted({g.frozen[0].split(" at ")[0] for g in job.groups if g.frozen})
-        parts.append(f"all {len(job.groups)} groups are frozen ({'; '.join(reasons[:3])})")
-    elif plan is None:
-        parts.append(f"{len(live)} prunable groups")
-    elif all(plan.ratios.get(g.id, (0,))[0] <= 0 or g.id in plan.skipped for g in live):
-        parts.append(f"the ratios remove nothing from the {len(live)} prunable groups")
-    else:
-        parts.append(f"the ratios round to zero channels in the {len(live)} prunable groups")
-    if job.ctx.unhandled:
-        ops = sorted(job.ctx.unhandled.items(), key=lambda kv: -kv[1])
-        parts.append("ops without a rule: " + ", ".join(f"{op} x{n}" for op, n in ops[:6]))
-    return "; ".join(parts)
-
-
-def oracle_table(rows) -> str:
-    from onnxprune.report import table
-
-    return "zero-contribution oracle (max relative error, tolerance 1e-4):\n" + table(
-        [[r.scope, r.kind, r.groups, r.removed, "-" if r.max_rel_err is None else f"{r.max_rel_err:.2e}", r.status] for r in rows],
-        ["set", "kind", "groups", "removed", "max rel err", "status"])
+    return api.calibration(args.calib, job, args.calib_batches, args.calib_batch_size)

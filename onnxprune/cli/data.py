@@ -23,7 +23,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def run(args) -> str:
-    from onnxprune.torchbridge.data import make_synthetic
+    from onnxprune import api
 
-    m = make_synthetic(args.output, args.classes, args.train, args.val, args.size, args.seed, progress=not args.quiet)
+    m = api.make_dataset(args.output, args.classes, args.train, args.val, args.size, args.seed, progress=not args.quiet)
     return f"{m['classes']} classes, {m['train']} train / {m['val']} val images of {m['size']}px ({m['fonts']} fonts) -> {args.output}"

@@ -24,7 +24,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def run(args) -> str:
-    from onnxprune.torchbridge.export import export_timm
+    from onnxprune import api
 
-    export_timm(args.name, args.output, args.exporter, args.opset, args.dynamic_batch, args.checkpoint, args.img_size, batch=args.batch, num_classes=args.num_classes)
+    api.export_timm(args.name, args.output, args.exporter, args.opset, args.dynamic_batch, args.checkpoint, args.img_size, batch=args.batch, num_classes=args.num_classes)
     return f"exported {args.name} -> {args.output}"

@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 
 from onnxprune.cli.common import check_paths, common
-from onnxprune.errors import UserError
 
 NAME = "finetune"
 
@@ -40,16 +39,13 @@ def parser() -> argparse.ArgumentParser:
 
 
 def run(args) -> str:
-    try:
-        from onnxprune.torchbridge.train import Options, finetune
-    except ImportError as e:
-        raise UserError(f"finetune needs torch, timm and onnx2torch: pip install 'onnxprune[finetune]' ({e})") from None
+    from onnxprune import api
+
     check_paths(args.model, args.output, args.teacher)
-    opts = Options(data=args.data, output=args.output, teacher=args.teacher, recipe=args.recipe, epochs=args.epochs, lr=args.lr,
+    r = api.finetune(args.model, data=args.data, output=args.output, teacher=args.teacher, recipe=args.recipe, epochs=args.epochs, lr=args.lr,
                    batch_size=args.batch_size, workers=args.workers, resume=args.resume, kd_alpha=args.kd_alpha,
                    kd_temperature=args.kd_temperature, max_steps=args.max_steps, minutes=args.minutes, keep_worse=args.keep_worse, device=args.device, seed=args.seed,
                    progress=not args.quiet, bn_reinsert=args.bn_reinsert)
-    r = finetune(args.model, opts)
     if "teacher_after" in r:
         b, a = r["teacher_before"], r["teacher_after"]
         what = (f"agreement with the teacher {b['agreement']:.1f}% -> {a['agreement']:.1f}%, KL {b['kl']:.4f} -> {a['kl']:.4f}"

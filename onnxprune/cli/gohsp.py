@@ -44,7 +44,7 @@ def run(args) -> str:
         from onnxprune.methods.gohsp import GohspOptions, gohsp, plot_history
     except ImportError as e:
         raise UserError(f"gohsp needs torch, timm and onnx2torch: pip install 'onnxprune[finetune]' ({e})") from None
-    from onnxprune.plan import Ratios
+    from onnxprune import api
 
     check_paths(args.model, args.output, args.teacher)
     if args.ratios is None and args.sparsity is None and args.plan is None:
@@ -54,7 +54,7 @@ def run(args) -> str:
         with open(text) as fh:
             text = fh.read()
     rd = json.loads(text)
-    Ratios.from_dict(rd)  # validate
+    api.load_ratios(rd)  # validate
     r = gohsp(args.model, GohspOptions(data=args.data, output=args.output, ratios=rd, rho=args.rho, lam=args.lam,
                                        admm_epochs=args.admm_epochs, finetune_epochs=args.finetune_epochs,
                                        admm_interval=args.admm_interval, lr=args.lr, batch_size=args.batch_size,

@@ -5,7 +5,7 @@ import argparse
 import json
 import os
 
-from onnxprune.cli.common import Failed, calib_data, calib_opts, common, oracle_table, say, shape_opt, shapes
+from onnxprune.cli.common import Failed, calib_data, calib_opts, common, say, shape_opt, shapes
 from onnxprune.errors import UserError
 
 NAME = "verify"
@@ -25,24 +25,20 @@ def parser() -> argparse.ArgumentParser:
 
 
 def run(args) -> str:
-    from onnxprune import api
-    from onnxprune.pipeline import Job
-    from onnxprune.plan import Ratios
-    from onnxprune.validate.oracle import oracle, require_checks
+    from onnxprune import api, report
 
     if bool(args.ratios) == bool(args.plan):
         raise UserError("give --ratios (the plan a prune run would make) or --plan (a saved plan), one of them")
     if not os.path.isfile(args.model):
         raise UserError(f"no such model file: {args.model}")
-    ratios = Ratios.load(args.ratios) if args.ratios else None
-    job = Job.open(args.model, shapes(args, ratios))
-    plan = api.resolve_plan(job, ratios, args.plan, None if args.plan else calib_data(args, job))
-    rows = oracle(job, plan=plan, per_set=not args.no_per_set)
-    say(args, oracle_table(rows))
+    ratios = api.load_ratios(args.ratios) if args.ratios else None
+    job = api.analyze(args.model, shapes(args, ratios))
+    rows = api.verify(job, ratios, args.plan, None if args.plan else calib_data(args, job), per_set=not args.no_per_set,
+                      strict=True)
+    say(args, report.oracle_table(rows))
     if args.json:
         with open(args.json, "w") as f:
             json.dump([r.as_dict() for r in rows], f, indent=1)
-    require_checks(rows, plan)
     tested = [r for r in rows if r.max_rel_err is not None]
     if any(r.status == "FAIL" for r in rows):
         raise Failed("oracle mismatch")

@@ -318,11 +318,8 @@ def gohsp(model: str, opts: GohspOptions) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from onnxprune import io, runtime
-    from onnxprune.api import resolve_plan, validate
-    from onnxprune.plan.importance.calib import load as load_calib
-    from onnxprune.pipeline import Job
-    from onnxprune.plan import Plan, Ratios
+    from onnxprune import api, io, runtime
+    from onnxprune.plan import Plan
     from onnxprune.torchbridge.data import dataset_meta, image_folder
     from onnxprune.torchbridge.importer import import_onnx, write_back
     from onnxprune.torchbridge.loop import fit
@@ -339,27 +336,25 @@ def gohsp(model: str, opts: GohspOptions) -> dict:
     proto = io.read_proto(model)
     tproto = io.read_proto(opts.teacher) if opts.teacher else None  # both files checked before any work
     size = input_size(proto)[0]
-    rdict = dict(opts.ratios)
-    spec = rdict.get("importance", {})
-    spec = dict(spec) if isinstance(spec, dict) else {"default": spec}
+    ratios = api.load_ratios(opts.ratios)  # checked as any ratios.json; GOHSP's defaults fill what was not written
+    spec = ratios.importance_spec if "importance" in ratios.given else {}
     spec.setdefault("heads", "gohsp")
     spec.setdefault("default", "l1")  # the paper's column criterion for its hard-pruning ablation
-    rdict["importance"] = spec
-    rdict.setdefault("scope", "local")
+    ratios.importance = spec
+    if "scope" not in ratios.given:
+        ratios.scope = "local"
     if opts.sparsity is not None:
         # columns come from Erdos-Renyi below; any ratio > 0 brings the groups into the plan
-        kinds = dict(rdict.get("kinds", {}))
-        if any(k in kinds for k in ("head_dim", "mlp")):
+        if any(k in ratios.kinds for k in ("head_dim", "mlp")):
             log.warning("--sparsity replaces the head_dim / mlp ratios given in ratios.json")
-        kinds.update({"head_dim": 0.5, "mlp": 0.5})
-        rdict["kinds"] = kinds
-    ratios = Ratios.from_dict(rdict)
+        ratios.kinds = {**ratios.kinds, "head_dim": 0.5, "mlp": 0.5}
+    rdict = ratios.to_dict()
     if ratios.target is not None or ratios.target_latency is not None:
         raise UserError("gohsp takes kind ratios (heads, head_dim, mlp), not a target")
-    a = Job.open(model)
+    a = api.analyze(model)
     normalised = a.data_proto()
-    plan = resolve_plan(a, ratios, opts.plan,
-                        None if opts.plan is not None else load_calib(opts.data, normalised, opts.calib_batches, 32))
+    plan = api.resolve_plan(a, ratios, opts.plan,
+                            None if opts.plan is not None else api.calibration(opts.data, a, opts.calib_batches, 32))
     imp = import_onnx(normalised, seed=opts.seed)
     structs = build_structures(a, plan, imp)
     if not structs:
@@ -414,12 +409,10 @@ def gohsp(model: str, opts: GohspOptions) -> dict:
     # hard pruning on the soft model, by our rewriter
     soft = write_back(imp)
     keep = admm.final_keep()
-    a2 = Job.open(soft)
+    a2 = api.analyze(soft)
     if [g.id for g in a2.groups] != [g.id for g in a.groups]:
         raise RuntimeError("analysis of the trained model differs from the original's")
-    a2.rewrite(Plan(keep, {}, {}, {}))
-    hard = io.full_proto(a2.model)
-    validate(hard)
+    hard = api.prune(a2, plan=Plan(keep, {}, {}, {})).proto  # rewritten and validated
     x = np.stack([val_ds[i][0].numpy() for i in range(min(len(val_ds), micro))]).astype(np.float32)
     ys = runtime.session(soft).run(None, {runtime.session(soft).get_inputs()[0].name: x})[0]
     yh = runtime.session(hard).run(None, {runtime.session(hard).get_inputs()[0].name: x})[0]

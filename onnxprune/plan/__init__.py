@@ -68,28 +68,6 @@ class Ratios:
     input_shapes: dict = field(default_factory=dict)  # {input name: [dims]}: fixes dynamic input dims
     given: frozenset = frozenset()  # the fields the user wrote
 
-    def for_recovery(self) -> tuple["Ratios", str]:
-        """The ratios a ``--recover`` run uses. Under a MACs/params budget:
-        ``scope`` ``damage`` (the budget goes where the measured output damage
-        per MAC saved is lowest, :mod:`onnxprune.plan.damage`) with channels
-        ranked by ``l2`` inside each group (``recon`` ranks fit the calibration
-        images and generalised worse there). Otherwise ``importance`` ``recon``
-        (the error left after the re-fit) and, under a latency target, ``scope``
-        ``cost`` (the damage search would run once per timed candidate). Fields
-        the user wrote are kept. Returns the ratios and a line saying what was
-        defaulted ("" when nothing)."""
-        r = Ratios(**{**self.__dict__})
-        said = []
-        budget = self.target is not None and self.target_latency is None
-        if "scope" not in self.given and (self.target is not None or self.target_latency is not None):
-            r.scope = "damage" if budget else "cost"
-        if "importance" not in self.given:
-            r.importance = "l2" if r.scope == "damage" else "recon"
-            said.append(f"importance {r.importance}")
-        if r.scope != self.scope:
-            said.append(f"scope {r.scope}")
-        return r, ("--recover: " + ", ".join(said) + " (set them in the ratios to override)") if said else ""
-
     @classmethod
     def from_dict(cls, d: dict) -> "Ratios":
         if not isinstance(d, dict):

@@ -185,15 +185,4 @@ def allocate(groups, order: dict[int, np.ndarray], measure, estimate, metric: st
     return keep_of(removed), info
 
 
-def target_text(info: dict) -> str:
-    """One line on a damage-scope plan: the budget and what the search measured."""
-    from onnxprune.report import human
-
-    met = "" if info["met"] else " (NOT met: every group at its limit)"
-    return (f"target_{info['metric']} {info['requested']}: {human(info['target'])} wanted, {human(info['achieved'])} "
-            f"reached{met}; scope damage: {info['steps']} steps chosen by measured output damage "
-            f"({info['damage']:.4g} on {info['samples']} calibration samples), {info['measurements']} candidates "
-            f"measured in {info['seconds']:.0f}s")
-
-
-__all__ = ["allocate", "target_text", "output_damage", "is_logits", "step_size", "STEPS", "MAX_FRACTION"]
+__all__ = ["allocate", "output_damage", "is_logits", "step_size", "STEPS", "MAX_FRACTION"]

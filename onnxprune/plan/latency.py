@@ -224,13 +224,3 @@ def solve(plan_at, measure, requested, rt: Runtime, table: str | None = None, ta
             "original_ms": o_ms, "pruned_ms": c_ms, "macs_fraction": achieved, "met": met,
             "runtime": rt.key(), "evaluations": evals, "candidates": candidates, "table": table}
     return plan, info
-
-
-def target_text(info: dict) -> str:
-    rt = info["runtime"]
-    met = "met" if info["met"] else "NOT met (the fastest candidate measured is kept)"
-    return (f"target_latency {info['requested']}: {100 * info['target_ratio']:.1f}% of the original's time wanted, "
-            f"{100 * info['achieved_ratio']:.1f}% measured ({info['original_ms']:.2f} -> {info['pruned_ms']:.2f} ms, "
-            f"{rt['provider']}, batch {rt['batch']}, {rt['threads']} threads), {met}; MACs "
-            f"{100 * info['macs_fraction']:.1f}% of the original, widths rounded to {info.get('round_to', 1)}, "
-            f"{info['candidates']} candidates timed ({len(info['evaluations'])} measurements)")

@@ -320,6 +320,42 @@ def recover_result(res, original, batches, **kw) -> tuple[onnx.ModelProto, list[
     return recover(original, res.proto, res.analyzed.ctx, res.plan.keep, batches, **kw)
 
 
+def plan_defaults(ratios):
+    """The ratios a recovery run plans with. Under a MACs/params budget:
+    ``scope`` ``damage`` (the budget goes where the measured output damage per
+    MAC saved is lowest, :mod:`onnxprune.plan.damage`) with channels ranked by
+    ``l2`` inside each group (``recon`` ranks fit the calibration images and
+    generalised worse there). Otherwise ``importance`` ``recon`` (the error
+    left after the re-fit) and, under a latency target, ``scope`` ``cost``
+    (the damage search would run once per timed candidate). Fields the user
+    wrote are kept. Returns the ratios (a copy) and a line saying what was
+    defaulted ("" when nothing)."""
+    from onnxprune.plan import Ratios
+
+    r = Ratios(**{**ratios.__dict__})
+    said = []
+    budget = ratios.target is not None and ratios.target_latency is None
+    if "scope" not in ratios.given and (ratios.target is not None or ratios.target_latency is not None):
+        r.scope = "damage" if budget else "cost"
+    if "importance" not in ratios.given:
+        r.importance = "l2" if r.scope == "damage" else "recon"
+        said.append(f"importance {r.importance}")
+    if r.scope != ratios.scope:
+        said.append(f"scope {r.scope}")
+    return r, ("--recover: " + ", ".join(said) + " (set them in the ratios to override)") if said else ""
+
+
+def held_out_text(h) -> str:
+    """One line on the whole model against the original on calibration sources no fit saw."""
+    if not h:
+        return "held-out check: fewer than 8 calibration sources, none kept out (the per-layer held-out errors still apply)"
+    agree = (f"; top-1 agreement {h['agree_pruned']:.1f}% -> {h['agree_recovered']:.1f}%, "
+             f"KL {h['kl_pruned']:.3g} -> {h['kl_recovered']:.3g}" if "agree_pruned" in h else "")
+    kept = " (worse: kept the pruned weights)" if h["worse"] else ""
+    return (f"held-out check ({h['samples']} samples from sources no fit saw): output error vs the original "
+            f"{h['err_pruned']:.4f} pruned -> {h['err_recovered']:.4f} recovered{agree}{kept}")
+
+
 def format_rows(rows: list[LayerRow]) -> str:
     """A plain-text table of the per-layer rows (for reports and the CLI): the
     relative error of each layer's output on the calibration data, and on
@@ -334,4 +370,4 @@ def format_rows(rows: list[LayerRow]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["recover", "recover_model", "recover_result", "consumers", "LayerRow", "format_rows", "METHODS"]
+__all__ = ["recover", "recover_model", "recover_result", "plan_defaults", "held_out_text", "consumers", "LayerRow", "format_rows", "METHODS"]

@@ -138,14 +138,12 @@ def _check_set(job, gids: set[int], keep, batch: int, consumer_only: set[int]) -
     return err
 
 
-def oracle(model, ratios: Ratios | None = None, per_set: bool = True, plan: Plan | None = None, batch: int = 2,
+def oracle(job, ratios: Ratios | None = None, per_set: bool = True, plan: Plan | None = None, batch: int = 2,
            calib=None) -> list[OracleRow]:
     """Zero-contribution oracle for ``plan`` (or the plan ``ratios`` make, exactly
-    as a prune run would: budgets and ``calib`` included). ``model`` is a path,
-    a proto or a :class:`onnxprune.pipeline.Job` that has not been rewritten."""
-    from onnxprune.pipeline import Job
-
-    job = model if isinstance(model, Job) else Job.open(model)
+    as a prune run would: budgets and ``calib`` included) on ``job``, a
+    :class:`onnxprune.pipeline.Job` that has not been rewritten (from a path or
+    a proto: :func:`onnxprune.api.verify`)."""
     if job.rewritten:
         raise RuntimeError("the oracle needs the analysed original, not a rewritten job")
     if plan is None:
