@@ -194,6 +194,8 @@ def prune(
     output: str | None = None,
     progress=None,
     recover_options: dict | None = None,
+    calib_batches: int = 4,
+    calib_batch_size: int = 32,
 ) -> PruneResult:
     """Prune a model (a path, a proto or a :class:`Job` from :func:`analyze`); the
     input is never modified. The stages, in order, on one job:
@@ -201,7 +203,8 @@ def prune(
     1. **plan**: ``plan`` (a plan file path, JSON text, dict or :class:`Plan`) is
        replayed, else ``ratios`` make one. ``calib`` (a
        :class:`~onnxprune.plan.importance.calib.Calibration` or a spec string: a
-       folder, ``.npy``/``.npz``, ``"synthetic"``) feeds data-driven criteria; a
+       folder, ``.npy``/``.npz``, ``"synthetic"``, read as ``calib_batches`` batches of
+       ``calib_batch_size``) feeds data-driven criteria; a
        ``target_latency`` is measured on ``runtime`` (default CPU), its points kept
        in ``latency_table``. A plan that removes nothing returns the model as it is
        (said in ``.notes``), or is a :class:`UserError` when a later stage or ``output`` was asked for.
@@ -251,7 +254,9 @@ def prune(
         io.refuse_overwrite(output, source, *([plan] if isinstance(plan, str) else []))
     shapes = {**(ratios.input_shapes if plan is None else {}), **io.parse_input_shapes(input_shapes)}
     job = analyze(model, shapes)
-    calib = calibration(calib, job) if isinstance(calib, str) else calib
+    if isinstance(calib, str):
+        calib = calibration(calib, job, calib_batches, calib_batch_size)
+        say(f"calibration: {calib.source}, {len(calib.batches)} batches of {len(calib.batches[0])}")
     lap("analyse")
     latency_target = plan is None and ratios.target_latency is not None
     if (bench or latency_target) and runtime is None:

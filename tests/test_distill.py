@@ -100,7 +100,8 @@ def test_label_free_distillation_from_a_flat_folder(tmp_path, cnn, flat_images):
                "--batch-size", "16", "--lr", "2e-3", "--workers", "0", "-q"])
     assert rc == 0
     rep = json.load(open(str(tmp_path / "tuned.finetune.json")))
-    assert not rep["labels"] and rep["steps"] == 16 and rep["bn_reinserted"] > 0
+    # label-free: the folded BatchNorm statistics are kept (auto re-inserts BatchNorm only with labels)
+    assert not rep["labels"] and rep["steps"] == 16 and rep["bn_reinserted"] == 0
     assert rep["teacher_after"]["samples"] == 8  # every 10th of 80 images held out
     assert _kl(rep, "teacher_after") < 0.8 * _kl(rep, "teacher_before")  # closer to the teacher
     a, b = onnx.load(pruned), onnx.load(out)
@@ -230,3 +231,35 @@ def test_multi_output_and_multi_input_models_distil_from_npz(tmp_path, kind):
     if kind == "two-outputs":
         assert after["embedding"]["nmse"] < 0.5 * before["embedding"]["nmse"]
     assert rep["teacher_after"]["samples"] == 12 and rep["bn_reinserted"] == 0  # one conv: not a BN-folded CNN
+
+
+def test_label_free_mixing_mixes_image_batches_only():
+    import torch
+
+    from onnxprune.torchbridge.train import _mixed
+
+    torch.manual_seed(3)
+    x = torch.arange(4 * 2 * 3 * 3, dtype=torch.float32).reshape(4, 2, 3, 3)
+    ids = torch.arange(8).reshape(4, 2)
+    mx, mids = _mixed([x, ids], 1.0)
+    assert torch.equal(mids, ids)  # token ids and masks are not images
+    # every mixed sample is lam * x_i + (1 - lam) * x_j for one lam and one permutation
+    torch.manual_seed(3)
+    lam = float(torch.distributions.Beta(1.0, 1.0).sample())
+    perm = torch.randperm(4)
+    assert 0 < lam < 1 and not torch.equal(perm, torch.arange(4))
+    assert torch.allclose(mx, lam * x + (1 - lam) * x[perm])
+
+
+def test_label_free_distillation_mixes_every_step_with_the_given_alpha(tmp_path, cnn, flat_images, monkeypatch):
+    from onnxprune.torchbridge import train as T
+
+    seen = []
+    real = T._mixed
+    monkeypatch.setattr(T, "_mixed", lambda xs, a: seen.append(a) or real(xs, a))
+    pruned = str(tmp_path / "pruned.onnx")
+    io.save(prune(cnn, {"kinds": {"channels": 0.5}}).proto, pruned)
+    out = str(tmp_path / "tuned.onnx")
+    rc = main(["finetune", pruned, "--data", flat_images, "-o", out, "--teacher", cnn, "--max-steps", "4", "--epochs", "10",
+               "--batch-size", "16", "--workers", "0", "--mix", "0.4", "-q"])
+    assert rc == 0 and seen == [0.4] * 4

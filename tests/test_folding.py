@@ -50,3 +50,23 @@ def test_a_cast_weight_keeps_its_stored_precision():
     dtypes = {t.name: t.data_type for t in res.proto.graph.initializer}
     assert TensorProto.FLOAT16 in dtypes.values()  # the fp16 weight stayed fp16
     assert any(n.op_type == "Cast" for n in res.proto.graph.node)
+
+
+def test_each_load_pass_says_how_much_it_changed():
+    import onnx_ir as ir
+
+    from onnxprune.io import pin_attention_scale, weights_as_initializers
+
+    m = onnx.parser.parse_model('''<ir_version: 8, opset_import: ["" : 17]>
+g (float[1,4] x) => (float[1,4] y) {
+  c = Constant <value = float[4] {1, 2, 3, 4}> ()
+  w2 = Identity (w)
+  h = Add (x, c)
+  y = Mul (h, w2)
+}''')
+    m.graph.initializer.append(numpy_helper.from_array(np.ones(4, np.float32), "w"))
+    model = ir.serde.deserialize_model(m)
+    assert weights_as_initializers(model) == 2  # the Constant and the Identity of an initializer
+    assert weights_as_initializers(model) == 0
+    assert [n.op_type for n in model.graph] == ["Add", "Mul"]
+    assert pin_attention_scale(model) == 0  # no attention op: nothing to pin

@@ -241,7 +241,7 @@ def test_attention_scale_must_be_pinned(monkeypatch):
     anyway makes the oracle fail (the default scale follows the pruned D)."""
     from onnxprune.io import passes
 
-    monkeypatch.setattr(passes, "_pin_ms_attention", lambda node: None)
+    monkeypatch.setattr(passes, "_pin_ms_attention", lambda node: 0)
     m = attention_model()
     job = analyze(m)
     (qd,) = [g for g in job.groups if g.kind == "head_dim"]  # q, k, v share D without qkv_hidden_sizes

@@ -159,6 +159,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--calib-batches", type=int, default=4)
     ap.add_argument("--eval", type=int, default=400, help="evaluation crops")
     ap.add_argument("--distill-minutes", type=float, default=5, help="label-free distillation after the best recovery (0: none)")
+    ap.add_argument("--distill-mix", type=float, default=0.0, help="finetune --mix ALPHA for the distillation (0: off)")
     ap.add_argument("--split", choices=["crops", "photos"], default="photos")
     ap.add_argument("--sources", action=argparse.BooleanOptionalAction, default=True,
                     help="calibrate from an .npz naming the photo of each crop (default), or a bare .npy")
@@ -211,7 +212,7 @@ def main(argv: list[str] | None = None) -> None:
         for t, (agree0, path, name) in sorted(best.items(), reverse=True):
             out = path.replace(".onnx", "_distilled.onnx")
             line, secs = run("finetune", path, "--data", train, "--teacher", model, "--minutes", str(args.distill_minutes),
-                             "--batch-size", "32", "--workers", "0", "-o", out, "-q")
+                             "--batch-size", "32", "--workers", "0", "--mix", str(args.distill_mix), "-o", out, "-q")
             agree, kl = compare(ref, logits(out, x_eval))
             drows.append([f"{t:.0%}", name, f"{agree0:.1f}", f"{agree:.1f} / {kl:.3f}", f"{secs / 60:.1f} min"])
             raw["results"][f"{name}@{t}:distilled"] = {"agree": agree, "kl": kl, "seconds": secs, "line": line}
@@ -220,7 +221,9 @@ def main(argv: list[str] | None = None) -> None:
             "original (%) / KL(original || pruned) on real-photo crops\n\n")
     text += md(["MACs target", "config", "pruned", "prune time", "after --recover", "prune + recover time"], rows)
     if drows:
-        text += "\n\nLabel-free distillation from the original ONNX after the best recovery (`finetune --teacher --minutes`)\n\n"
+        mix = f" --mix {args.distill_mix:g}" if args.distill_mix else ""
+        text += (f"\n\nLabel-free distillation from the original ONNX after the best recovery (`finetune --teacher "
+                 f"--minutes {args.distill_minutes:g}{mix}`, on 2048 crops of the calibration photos)\n\n")
         text += md(["MACs target", "config", "after --recover", "after distillation", "wall"], drows)
     text += (f"\n\n{len(files)} photos; split '{args.split}'; calibration {32 * args.calib_batches} crops, evaluation "
              f"{args.eval} crops (the original's mean top-1 probability on them: {conf.mean():.2f}); "

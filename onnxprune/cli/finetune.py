@@ -33,7 +33,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bn-reinsert", choices=["auto", "on", "off"], default="auto",
                    help="train with BatchNorm re-inserted after convolutions, folded back on write-back "
-                   "(auto: for CNNs whose BatchNorm was folded away)")
+                   "(auto: with labels, for CNNs whose BatchNorm was folded away; label-free distillation keeps the "
+                   "folded statistics)")
+    p.add_argument("--mix", type=float, default=0.0, metavar="ALPHA",
+                   help="without labels: train on mixtures of two images of a batch (weight ~ Beta(ALPHA, ALPHA)); "
+                   "the teacher sees the same mixtures (default 0: off)")
     common(p)
     return p
 
@@ -45,7 +49,7 @@ def run(args) -> str:
     r = api.finetune(args.model, data=args.data, output=args.output, teacher=args.teacher, recipe=args.recipe, epochs=args.epochs, lr=args.lr,
                    batch_size=args.batch_size, workers=args.workers, resume=args.resume, kd_alpha=args.kd_alpha,
                    kd_temperature=args.kd_temperature, max_steps=args.max_steps, minutes=args.minutes, keep_worse=args.keep_worse, device=args.device, seed=args.seed,
-                   progress=not args.quiet, bn_reinsert=args.bn_reinsert)
+                   progress=not args.quiet, bn_reinsert=args.bn_reinsert, mix=args.mix)
     if "teacher_after" in r:
         b, a = r["teacher_before"], r["teacher_after"]
         what = (f"agreement with the teacher {b['agreement']:.1f}% -> {a['agreement']:.1f}%, KL {b['kl']:.4f} -> {a['kl']:.4f}"

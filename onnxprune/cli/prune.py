@@ -6,8 +6,8 @@ import logging
 import os
 
 from onnxprune.cli import COMMANDS
-from onnxprune.cli.common import (Failed, bench_opts, calib_data, calib_opts, check_paths, common, default_model, default_ratios,
-                                  say, shape_opt, shapes)
+from onnxprune.cli.common import (Failed, bench_opts, calib_opts, common, default_model, default_ratios, say, shape_opt,
+                                  shapes)
 from onnxprune.errors import UserError
 
 log = logging.getLogger("onnxprune")
@@ -52,24 +52,24 @@ def run(args) -> str:
         raise UserError("--ratios is required (a ratios.json file or inline JSON), or --plan to replay a saved plan")
     ratios = api.load_ratios(ratios_src) if ratios_src else None
     out = args.output or os.path.basename(os.path.splitext(model)[0]) + ".pruned.onnx"
-    check_paths(model, out)
+    if not os.path.isfile(model):
+        raise UserError(f"model file not found: {model}")
     for extra in (args.report, args.save_plan):
         if extra and os.path.abspath(extra) in (os.path.abspath(model), os.path.abspath(out)):
             raise UserError("--report / --save-plan must not be the model or output path")
     if args.recover and not args.calib:
         raise UserError("--recover needs --calib (unlabelled inputs are enough: DIR, FILE.npy/.npz or 'synthetic')")
     say(args, f"analysing {model}")
-    job = api.analyze(model, shapes(args, ratios))
-    calib = calib_data(args, job)
-    if calib is not None:
-        say(args, f"calibration: {calib.source}, {len(calib.batches)} batches of {len(calib.batches[0])}")
     latency_target = ratios is not None and ratios.target_latency is not None
     rt = None
     if args.bench or latency_target:
         rt = api.Runtime(args.provider, args.batch, args.threads, args.warmup, args.runs, shapes(args, ratios) or None)
-    res = api.prune(job, ratios, calib=calib, plan=args.plan, runtime=rt, latency_table=args.latency_table,
-                    recover=args.recover, verify=args.verify, bench=args.bench or latency_target, output=out,
+    res = api.prune(model, ratios, calib=args.calib, calib_batches=args.calib_batches,
+                    calib_batch_size=args.calib_batch_size, plan=args.plan, input_shapes=args.input_shape,
+                    runtime=rt, latency_table=args.latency_table, recover=args.recover, verify=args.verify,
+                    bench=args.bench or latency_target, output=out,
                     progress=None if args.quiet else (lambda m: say(args, m)))
+    job = res.job
     b, a, plan = res.before, res.after, res.plan
     if args.save_plan:
         res.save_plan(args.save_plan)

@@ -291,18 +291,21 @@ def _fold_shape_selects(g: ir.Graph, shape_node: ir.Node, dims) -> None:
 
 
 def normalize(model: ir.Model) -> int:
-    """:func:`weights_as_initializers`, the attention scale pinned, static shapes folded."""
+    """:func:`weights_as_initializers`, the attention scale pinned, static shapes folded.
+    Returns the number of folds: the one change that can make more shapes static
+    (the other two passes have nothing left to do on a second round)."""
     weights_as_initializers(model)
     pin_attention_scale(model)
     return fold_static_shapes(model)
 
 
-def weights_as_initializers(model: ir.Model, constants: bool = True) -> None:
+def weights_as_initializers(model: ir.Model, constants: bool = True) -> int:
     """Turn ``Constant`` nodes into initializers (unless ``constants`` is false)
     and drop ``Identity`` nodes that only re-name an initializer (the legacy
     exporter's deduplication), so every constant a rule sees is an initializer
-    with ``const_value``."""
+    with ``const_value``. Returns the number of nodes it replaced."""
     g = model.graph
+    changed = 0
     for node in list(g) if constants else ():
         if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and not node.outputs[0].is_graph_output():
             a = next(iter(node.attributes.values()))
@@ -315,6 +318,7 @@ def weights_as_initializers(model: ir.Model, constants: bool = True) -> None:
             out.replace_all_uses_with(new)
             g.remove(node, safe=True)
             g.register_initializer(new)
+            changed += 1
     for node in list(g):
         if node.op_type == "Identity" and node.inputs[0] is not None and node.inputs[0].const_value is not None:
             out = node.outputs[0]
@@ -322,18 +326,22 @@ def weights_as_initializers(model: ir.Model, constants: bool = True) -> None:
                 continue
             out.replace_all_uses_with(node.inputs[0])
             g.remove(node, safe=True)
+            changed += 1
+    return changed
 
 
-def pin_attention_scale(model: ir.Model) -> None:
+def pin_attention_scale(model: ir.Model) -> int:
     """Give every attention op without a ``scale`` its default 1/sqrt(head dim)
     explicitly, so that removing head dims keeps the trained scale: ONNX
     ``Attention`` and onnxruntime's ``Attention`` / ``MultiHeadAttention`` /
     ``GroupQueryAttention`` (where a scale of 0 also means the default).
     onnxruntime's packed ``Attention`` also gets its ``qkv_hidden_sizes``
-    written out, so the v head dim can be pruned apart from q/k."""
+    written out, so the v head dim can be pruned apart from q/k. Returns the
+    number of nodes it changed."""
+    changed = 0
     for node in model.graph:
         if node.domain == "com.microsoft":
-            _pin_ms_attention(node)
+            changed += _pin_ms_attention(node)
             continue
         if node.op_type != "Attention" or "scale" in node.attributes:
             continue
@@ -345,23 +353,27 @@ def pin_attention_scale(model: ir.Model) -> None:
             d = d // nh.value if nh is not None and nh.value else None
         if isinstance(d, int) and d > 0:
             node.attributes["scale"] = ir.AttrFloat32("scale", float(1.0 / np.sqrt(d)))
+            changed += 1
+    return changed
 
 
-def _pin_ms_attention(node: ir.Node) -> None:
+def _pin_ms_attention(node: ir.Node) -> int:
     op = node.op_type
     if op not in ("Attention", "MultiHeadAttention", "GroupQueryAttention"):
-        return
+        return 0
+    changed = 0
     nh = node.attributes.get("num_heads")
     nh = nh.value if nh is not None else 0
     hidden = None
     if op == "Attention":
         w = node.inputs[1] if len(node.inputs) > 1 else None
         if w is None or w.const_value is None or len(w.const_value.shape) != 2:
-            return
+            return 0
         sizes = node.attributes.get("qkv_hidden_sizes")
         if sizes is None and w.const_value.shape[1] % 3 == 0:
             sizes = ir.AttrInt64s("qkv_hidden_sizes", [w.const_value.shape[1] // 3] * 3)
             node.attributes["qkv_hidden_sizes"] = sizes
+            changed = 1
         hidden = list(sizes.value)[0] if sizes is not None else None
     else:
         q = node.inputs[0]
@@ -376,9 +388,11 @@ def _pin_ms_attention(node: ir.Node) -> None:
                 hidden = None  # packed layouts: frozen by the rule
     scale = node.attributes.get("scale")
     if scale is not None and scale.value != 0.0:
-        return
+        return changed
     if hidden and nh and hidden % nh == 0:
         node.attributes["scale"] = ir.AttrFloat32("scale", float(1.0 / np.sqrt(hidden // nh)))
+        return 1
+    return changed
 
 
 def _constant_value(attr) -> np.ndarray | None:

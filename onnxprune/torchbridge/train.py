@@ -54,6 +54,7 @@ class Options:
     max_steps: int | None = None  # stop early (tests, smoke runs)
     minutes: float | None = None  # training time budget: the schedule is fitted to it
     keep_worse: bool = False  # label-free: write the trained weights even when they are further from the teacher
+    mix: float = 0.0  # label-free: mix each image batch with a shuffled copy of itself (weight ~ Beta(mix, mix))
     device: str | None = None
     seed: int = 0
     mean: tuple = IMAGENET_MEAN
@@ -232,7 +233,10 @@ def finetune(pruned: str, opts: Options) -> dict:
                 break
         return out
 
-    reinsert = opts.bn_reinsert == "on" or (opts.bn_reinsert == "auto" and bnfold.should_insert(proto) and micro >= 8)
+    # auto: with labels only. Label-free distillation keeps the folded statistics: re-estimating them on the
+    # few photos a user distils from moved the model away from the teacher on other photos
+    reinsert = opts.bn_reinsert == "on" or (opts.bn_reinsert == "auto" and labelled and bnfold.should_insert(proto)
+                                            and micro >= 8)
     bns = bnfold.insert(imp, some_batches(128), device) if reinsert else bnfold.Reinserted()
     if main_proc and reinsert:
         log.info("BatchNorm re-inserted after %d convolutions for training (folded back before write-back)", len(bns))
@@ -264,6 +268,8 @@ def finetune(pruned: str, opts: Options) -> dict:
 
     def loss_fn(batch):
         xs, y = split(batch)
+        if y is None and opts.mix > 0:
+            xs = _mixed(xs, opts.mix)
         if mixup is not None:
             xs[0], y_soft = mixup(xs[0], y)
         outs = D.as_list(model(*xs))
@@ -332,3 +338,21 @@ def finetune(pruned: str, opts: Options) -> dict:
         dist.barrier()
         dist.destroy_process_group()
     return result
+
+
+def _mixed(xs: list, alpha: float) -> list:
+    """Label-free input mixing: every floating-point image batch ``[B, C, H, W]``
+    becomes ``lam * x + (1 - lam) * x[perm]`` (one ``lam ~ Beta(alpha, alpha)``
+    and one permutation per batch); the teacher is run on the same mixed inputs,
+    so the targets stay exact. Other inputs (token ids, masks) are left alone."""
+    import torch
+
+    lam = float(torch.distributions.Beta(alpha, alpha).sample())  # seeded with the run's torch seed
+    out = []
+    perm = None
+    for x in xs:
+        if torch.is_floating_point(x) and x.dim() == 4 and x.shape[0] > 1:
+            perm = torch.randperm(x.shape[0]) if perm is None else perm
+            x = lam * x + (1 - lam) * x[perm]
+        out.append(x)
+    return out
