@@ -107,3 +107,34 @@ def test_exposed_returns_intermediate_values_computed_by_hand():
     assert len(model.graph.output) == n_out  # a copy gained the outputs
     exposed(model, ["a0", "a0"], copy=False)
     assert [o.name for o in model.graph.output] == ["y", "a0"]  # the model itself, each value once
+
+
+def test_a_subgraph_that_reads_an_outer_value_keeps_it_alive_until_it_runs():
+    """An If whose branches read ``h`` (computed before it) from the enclosing scope: ``h`` is held
+    until the If has run, even when nothing else reads it, and the values equal a full run."""
+    rng = np.random.default_rng(5)
+    w = (rng.standard_normal((4, 4))).astype(np.float32)
+    then_g = helper.make_graph([helper.make_node("Relu", ["h"], ["t"])], "then", [],
+                               [helper.make_tensor_value_info("t", TensorProto.FLOAT, None)])
+    else_g = helper.make_graph([helper.make_node("Neg", ["h"], ["e"])], "else", [],
+                               [helper.make_tensor_value_info("e", TensorProto.FLOAT, None)])
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"], name="mm"),
+             helper.make_node("ReduceSum", ["x"], ["s"], name="sum", keepdims=0),
+             helper.make_node("Greater", ["s", "zero"], ["c"], name="gt"),
+             helper.make_node("Sigmoid", ["x"], ["g"], name="sig"),
+             helper.make_node("If", ["c"], ["b"], name="if", then_branch=then_g, else_branch=else_g),
+             helper.make_node("Add", ["b", "g"], ["y"], name="add")]
+    g = helper.make_graph(nodes, "if", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])],
+                          [numpy_helper.from_array(w, "W"), numpy_helper.from_array(np.array(0, np.float32), "zero")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    feeds = [{"x": rng.standard_normal((2, 4)).astype(np.float32)} for _ in range(3)]
+    with Frontier(m, feeds, threads=1) as f:
+        first = f.get(["h"])  # runs only the MatMul; no node input reads h any more, the If's body does
+        assert f.nodes_run == 1 and "h" in f.held
+        later = f.get(["y", "b"])
+        assert f.nodes_run == len(nodes)  # every node ran once
+    for k, fd in enumerate(feeds):
+        want = _full(m, ["h", "y", "b"], fd)
+        assert np.allclose(first["h"][k], want["h"])
+        assert np.allclose(later["y"][k], want["y"]) and np.allclose(later["b"][k], want["b"])

@@ -51,11 +51,21 @@ def _node_reads(n: onnx.NodeProto) -> list[str]:
     return out
 
 
-def _reads(n: ir.Node) -> list[str]:
-    """Names ``n`` reads: its inputs and, for an If/Loop/Scan, what its bodies read from outside."""
+def _reads(n: ir.Node, outer: dict | None = None) -> list[str]:
+    """Names ``n`` reads: its inputs (read afresh: an edit may give it a new
+    initializer) and, for an If/Loop/Scan, what its bodies read from outside
+    (cached in ``outer`` by node: bodies are never edited)."""
     out = [v.name for v in n.inputs if v is not None and v.name]
     if any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for a in n.attributes.values()):
-        out += [v for v in _node_reads(ir.serde.serialize_node(n)) if v not in out]
+        key = id(n)
+        if outer is None or key not in outer:
+            body = sorted({v for a in n.attributes.values() if a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
+                           for g in ([a.value] if a.type == ir.AttributeType.GRAPH else a.value)
+                           for v in _subgraph_reads(ir.serde.serialize_graph(g))})
+            if outer is None:
+                return out + [v for v in body if v not in out]
+            outer[key] = body
+        out += [v for v in outer[key] if v not in out]
     return out
 
 
@@ -100,6 +110,7 @@ class Frontier:
         self.spill: str | None = None
         self.passes = 0  # ORT sessions built (one per request that had to run something)
         self.nodes_run = 0
+        self._outer: dict = {}  # node id -> what its subgraphs read from the enclosing scope
 
     def _keep(self, name: str, arrays: list[np.ndarray]) -> list[np.ndarray]:
         size = sum(a.nbytes for a in arrays)
@@ -134,7 +145,7 @@ class Frontier:
                 raise KeyError(f"no node produces '{v}'")
             if id(n) not in chosen:
                 chosen[id(n)] = n
-                stack.extend(_reads(n))
+                stack.extend(_reads(n, self._outer))
         if chosen:
             self._run([n for n in g if id(n) in chosen], set(names))
         missing = [v for v in names if v not in self.held and v not in inits]
@@ -152,7 +163,7 @@ class Frontier:
         later_reads = self._pending_reads(skip=mine)  # read by nodes that have not run and are not run now
         produced = [o.name for n in nodes for o in n.outputs if o.name]
         outputs = [o for o in produced if o in wanted or o in later_reads]
-        reads = {v for n in nodes for v in _reads(n)}
+        reads = {v for n in nodes for v in _reads(n, self._outer)}
         ins = {k: self.held[k][0] for k in sorted(reads) if k in self.held and k not in inits}
         piece = _piece(self.model, nodes, ins, outputs)
         sess = session(piece, self.threads)
@@ -173,7 +184,7 @@ class Frontier:
         reads: set[str] = set()
         for n in self.model.graph:
             if id(n) not in skip and not (n.outputs and all(o.name in self.ran for o in n.outputs if o.name)):
-                reads.update(_reads(n))
+                reads.update(_reads(n, self._outer))
         return reads
 
     def _evict(self) -> None:
