@@ -158,6 +158,11 @@ def resolve_plan(job: Job, ratios: Ratios | None = None, plan=None, calib=None, 
                     progress=progress)
 
 
+def _shapes(ratios: Ratios | None, input_shapes) -> dict:
+    """The input shapes a run fixes: the ratios' ``input_shapes``, overridden by the caller's."""
+    return {**(ratios.input_shapes if ratios is not None else {}), **io.parse_input_shapes(input_shapes)}
+
+
 def why_nothing(job: Job, plan: Plan | None = None) -> str:
     """One line: why a plan removes nothing (without a plan: why the model has nothing to prune)."""
     live = [g for g in job.groups if not g.frozen]
@@ -252,7 +257,7 @@ def prune(
                 say(note)
     if output is not None:
         io.refuse_overwrite(output, source, *([plan] if isinstance(plan, str) else []))
-    shapes = {**(ratios.input_shapes if plan is None else {}), **io.parse_input_shapes(input_shapes)}
+    shapes = _shapes(ratios if plan is None else None, input_shapes)
     job = analyze(model, shapes)
     if isinstance(calib, str):
         calib = calibration(calib, job, calib_batches, calib_batch_size)
@@ -360,9 +365,8 @@ def verify(model, ratios: Ratios | dict | str | None = None, plan=None, calib=No
 
     if plan is None:
         ratios = load_ratios(ratios)
-    shapes = {**(ratios.input_shapes if plan is None else {}), **io.parse_input_shapes(input_shapes)}
-    job = analyze(model, shapes)
-    calib = calibration(calib, job) if isinstance(calib, str) else calib
+    job = analyze(model, _shapes(ratios if plan is None else None, input_shapes))
+    calib = calibration(calib, job)
     the_plan = resolve_plan(job, ratios if plan is None else None, plan, calib)
     rows = oracle(job, plan=the_plan, per_set=per_set, batch=batch)
     if strict:
