@@ -67,7 +67,7 @@ ARMS = {  # name -> extra finetune arguments
 }
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser()
     ap.add_argument("--train-epochs", type=int, default=8)
     ap.add_argument("--ft-epochs", type=int, default=3)
@@ -76,7 +76,11 @@ def main() -> None:
     ap.add_argument("--reference", action="store_true", help="the glyph reference CNN instead of a resnet18 trained here")
     ap.add_argument("--work", help="keep files here (reuses a trained checkpoint found there)")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "bn_collapse.md"))
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = parser().parse_args()
     from onnxprune.torchbridge.train import evaluate_onnx
 
     tmp = args.work or tempfile.mkdtemp()
