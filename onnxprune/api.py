@@ -277,6 +277,13 @@ def prune(
         from onnxprune.report import target_text
 
         log.warning("target_latency not met: %s", target_text(t))
+    from onnxprune.plan.latency import slow_head_dims
+
+    odd = slow_head_dims(job.groups, the_plan.keep)
+    if odd:
+        notes.append(f"head dims {', '.join(map(str, odd))} are not multiples of 8: fused attention kernels "
+                     "(onnxruntime's CUDA flash / memory-efficient attention) will not take them; \"round_to\": 8 keeps them")
+        log.warning(notes[-1])
     lap("plan")
     res = PruneResult(job, the_plan, job.counts(), job.counts(the_plan), notes=notes, input=source, timings=res_timings,
                       ratios=ratios.to_dict() if plan is None else None,
@@ -419,6 +426,31 @@ def latency_table_plot(entries: list[dict], path: str) -> None:
     plot_table(entries, path)
 
 
+def latency_widths(model, runtime: Runtime | None = None, latency_table: str | None = None, input_shapes=None,
+                   progress=None) -> list[dict]:
+    """Per isomorphic set of ``model``, the whole model's latency predicted by
+    the per-node latency model (:meth:`Job.latency_model`: every node timed
+    alone on ``runtime``, kept in ``latency_table``) when that set alone is
+    narrowed to 75/50/25% (:func:`onnxprune.plan.latency.set_curves`)."""
+    from onnxprune.plan.latency import ROUND_TO, set_curves
+
+    job = analyze(model, input_shapes)
+    rt = runtime or Runtime(input_shapes=_shapes(None, input_shapes) or None)
+    return set_curves(job.latency_model(rt, latency_table, progress), job.sets, ROUND_TO.get(rt.provider, 8))
+
+
+def latency_widths_text(rows: list[dict]) -> str:
+    from onnxprune.plan.latency import curves_text
+
+    return curves_text(rows)
+
+
+def latency_widths_plot(rows: list[dict], path: str) -> None:
+    from onnxprune.plan.latency import plot_curves
+
+    plot_curves(rows, path)
+
+
 def parse_input_shapes(spec) -> dict:
     """``{name: [dims]}`` from ``["name:1,3,640,640", ...]`` or a dict (see :func:`onnxprune.io.parse_input_shapes`)."""
     return io.parse_input_shapes(spec)
@@ -459,4 +491,5 @@ def make_dataset(output: str, *args, **kw) -> dict:
 
 
 __all__ = ["analyze", "prune", "verify", "validate", "save_pruned", "load_plan", "resolve_plan", "load_ratios",
-           "calibration", "scores", "bench", "why_nothing", "PruneResult", "Job", "Runtime"]
+           "calibration", "scores", "bench", "why_nothing", "PruneResult", "Job", "Runtime",
+           "latency_widths", "latency_widths_text", "latency_widths_plot"]

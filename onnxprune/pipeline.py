@@ -146,28 +146,40 @@ class Job:
     def _damage_plan(self, ratios: Ratios, calib, scores, progress) -> Plan:
         """Scope ``damage`` (:mod:`onnxprune.plan.damage`): candidates rewritten in
         memory and measured against the original on calibration samples."""
-        import time
-
-        from onnxprune.plan import damage
         from onnxprune.plan.budget import parse_target
-        from onnxprune.runtime import session
 
         if ratios.target is None:
             raise UserError("scope 'damage' spends a budget: give target_macs or target_params in the ratios")
-        if calib is None:
-            raise UserError("scope 'damage' measures each candidate on calibration data: give --calib "
-                            "(unlabelled inputs are enough: DIR, FILE.npy/.npz or 'synthetic')")
-        t0 = time.perf_counter()
         metric, requested = ratios.target
         est = self.estimator
         target = parse_target(requested, est.before[metric], metric)
+        search = self._damage_search(ratios, calib, scores, progress)
+        plan, info = search(est.estimate, metric, target.value)
+        achieved = est.estimate(plan.keep)[metric]
+        plan.target = {"metric": metric, "requested": requested, "target": target.value, "achieved": achieved,
+                       "before": est.before[metric], "error": (achieved - target.value) / target.value,
+                       "scope": "damage", **info}
+        if not info["met"]:
+            log.warning("target_%s: not reached with scope 'damage' (every group at its limit)", metric)
+        return plan
+
+    def _damage_search(self, ratios: Ratios, calib, scores, progress):
+        """``search(estimate, metric, target) -> (plan, info)``: the greedy of
+        :func:`onnxprune.plan.damage.allocate` on this model's groups, each
+        candidate measured on calibration samples (prepared once here)."""
+        import time
+
+        from onnxprune.plan import damage
+        from onnxprune.report import Progress
+        from onnxprune.runtime import session
+
+        if calib is None:
+            raise UserError("scope 'damage' measures each candidate on calibration data: give --calib "
+                            "(unlabelled inputs are enough: DIR, FILE.npy/.npz or 'synthetic')")
         base = ratios.base_for_target()
-        plan = Plan({}, {}, {}, {}, importance=scores)
-        pool = []
-        for g, r, _ in plannable(self.groups, base, plan):  # a ratio of 0 written for a group keeps it whole
-            plan.scores[g.id] = scores.values[g.id]
-            if r > 0:
-                pool.append(g)
+        skeleton = Plan({}, {}, {}, {}, importance=scores)
+        scored = [(g, r) for g, r, _ in plannable(self.groups, base, skeleton)]
+        pool = [g for g, r in scored if r > 0]  # a ratio of 0 written for a group keeps it whole
         feeds, n = self._damage_feeds(calib, damage.SAMPLES)
         threads = os.cpu_count() or 1
         original = self.data_proto()
@@ -183,27 +195,35 @@ class Job:
                 got = [sess.run(None, fd) for fd in feeds]
             return float(np.mean([damage.output_damage(r, g) for r, g in zip(ref, got)]))
 
-        from onnxprune.report import Progress
-
-        bar = Progress(enabled=progress is not None)  # one throttled status line, not a line per candidate
-        bar.show(f"scope damage: {len(pool)} groups, each candidate run on {n} calibration samples "
-                 f"(~{t_run:.1f}s a run; the sensitivity pass alone is {len(pool)} runs)", force=True)
         order = {g.id: np.argsort(-scores.values[g.id], kind="stable") for g in pool}
-        keep, info = damage.allocate(pool, order, measure, est.estimate, metric, target.value,
-                                     round_to=ratios.round_to, progress=bar.show)
-        bar.show(f"scope damage: {info['measurements']} candidates measured", force=True)
-        for g in pool:
+
+        def search(estimate, metric: str, target: float):
+            t0 = time.perf_counter()
+            bar = Progress(enabled=progress is not None)  # one throttled status line, not a line per candidate
+            bar.show(f"scope damage: {len(pool)} groups, each candidate run on {n} calibration samples "
+                     f"(~{t_run:.1f}s a run; the sensitivity pass alone is {len(pool)} runs)", force=True)
+            keep, info = damage.allocate(pool, order, measure, estimate, metric, target, round_to=ratios.round_to,
+                                         progress=bar.show)
+            bar.show(f"scope damage: {info['measurements']} candidates measured", force=True)
+            return self._keep_plan(skeleton, scored, keep), {"samples": n, "seconds": time.perf_counter() - t0, **info}
+
+        search.scored, search.skeleton, search.order = scored, skeleton, order
+        return search
+
+    @staticmethod
+    def _keep_plan(skeleton: Plan, scored: list, keep: dict[int, np.ndarray]) -> Plan:
+        """A plan keeping ``keep`` (the damage search's result); ``scored``: the
+        plannable groups and their ratios, ``skeleton``: what planning recorded (skipped groups)."""
+        plan = Plan({}, {}, {}, dict(skeleton.skipped), importance=skeleton.importance)
+        for g, r in scored:
+            plan.scores[g.id] = skeleton.importance.values[g.id]
+            if r <= 0:
+                continue
             if g.id in keep:
                 plan.keep[g.id] = keep[g.id]
                 plan.ratios[g.id] = (1 - len(keep[g.id]) / g.width, "damage")
             else:
                 plan.ratios[g.id] = (0.0, "damage")
-        achieved = est.estimate(plan.keep)[metric]
-        plan.target = {"metric": metric, "requested": requested, "target": target.value, "achieved": achieved,
-                       "before": est.before[metric], "error": (achieved - target.value) / target.value,
-                       "scope": "damage", "samples": n, "seconds": time.perf_counter() - t0, **info}
-        if not info["met"]:
-            log.warning("target_%s: not reached with scope 'damage' (every group at its limit)", metric)
         return plan
 
     def _damage_feeds(self, calib, want: int) -> tuple[list[dict], int]:
@@ -236,10 +256,16 @@ class Job:
         if "round_to" not in ratios.given:  # widths the provider's kernels run well (plan.latency.ROUND_TO)
             inner.round_to = latency.ROUND_TO.get(rt.provider, 1)
 
-        def plan_at(f: float):
+        def macs_plan_at(f: float):
             inner.target_macs = f
             p = self.plan(inner, calib, scores)
             return p, self.counts(p)["macs"] / macs0
+
+        plan_at = macs_plan_at
+        keyed = {k: v for k, v in inner.to_dict().items() if k not in ("target_latency", "target_macs")}
+        if inner.scope == "damage":  # damage per predicted millisecond, the budget then met by measuring
+            plan_at = self._damage_ms_path(inner, calib, scores, rt, table, progress, macs0)
+            keyed["search"] = "predicted ms"
 
         def measure(p: Plan) -> tuple[float, float, float]:
             with self.edited(p.keep, prune=True) as proto:
@@ -250,12 +276,84 @@ class Job:
             return rows[0].median_ms, rows[1].median_ms, float(np.median(paired)) * rows[0].batch / rows[1].batch
 
         plan, info = latency.solve(plan_at, measure, ratios.target_latency, rt, table, latency.model_key(original),
-                                   {k: v for k, v in inner.to_dict().items() if k not in ("target_latency", "target_macs")},
-                                   progress)
+                                   keyed, progress)
         info["round_to"] = inner.round_to
+        if inner.scope == "damage":
+            info["search"] = "predicted ms"
+            info["scope"] = "damage"
         plan.target = info
         plan.ratios_given = ratios.to_dict()
         return plan
+
+    def latency_model(self, rt=None, table: str | None = None, progress=None):
+        """The per-node latency model of this model on ``rt``
+        (:class:`onnxprune.plan.latency.NodeModel`): every node timed alone at
+        full width and with every group halved; kept in ``table`` when given."""
+        from onnxprune.plan import latency
+        from onnxprune.runtime import random_inputs
+        from onnxprune.runtime.bench import DEFAULT_BATCH, with_shapes
+        from onnxprune.runtime.nodetime import node_times
+
+        rt = rt or latency.Runtime()
+        nodes = list(self.ctx.graph)
+        ref_keep = latency.reference_keep(self.groups, latency.ROUND_TO.get(rt.provider, 8))
+        ref_work = self.estimator.node_work(ref_keep)
+        original = self.data_proto()
+        key = latency.nodes_key(latency.model_key(original), rt)
+        cached = latency.read_nodes(table, key, len(nodes))
+        if cached is None:
+            proto = with_shapes(original, rt.input_shapes) if rt.input_shapes else original
+            batch = io.static_batch(proto) or rt.batch or DEFAULT_BATCH.get(rt.provider, 8)
+            feed = random_inputs(proto, batch=batch)
+            threads = rt.key()["threads"]
+            if progress:
+                progress(f"latency model: timing {len(nodes)} nodes alone, at full width and with every group halved")
+            full = node_times(proto, feed, rt.provider, threads, progress=progress)
+            index = {id(n): j for j, n in enumerate(nodes)}
+            ref: list = [None] * len(nodes)
+            with self.edited(ref_keep, prune=True) as edited:
+                now = list(self.ctx.graph)
+                if rt.input_shapes:
+                    edited = with_shapes(edited, rt.input_shapes)
+                said = (lambda m: progress(f"{m} (every group halved)")) if progress else None
+                for n, t in zip(now, node_times(edited, feed, rt.provider, threads, progress=said)):
+                    if id(n) in index:
+                        ref[index[id(n)]] = t
+            latency.write_nodes(table, key, full, ref)
+        else:
+            full, ref = cached
+        return latency.NodeModel(self.estimator, full, ref, ref_work)
+
+    def _damage_ms_path(self, ratios: Ratios, calib, scores, rt, table, progress, macs0: float):
+        """``plan_at(f)`` for the latency search under scope ``damage``: the plan
+        after the damage search's steps (damage per *predicted* millisecond
+        saved, :meth:`latency_model`) up to a predicted time of ``f`` of the
+        original's. One greedy run serves every ``f`` it went past; a lower
+        ``f`` runs it again, further."""
+        model = self.latency_model(rt, table, progress)
+        search = self._damage_search(ratios, calib, scores, progress)
+        ms0 = model.before_ms
+        if ms0 <= 0:
+            raise UserError("latency model: no node of this model could be timed alone")
+        width = {g.id: g.width for g, _ in search.scored}
+        run = {"floor": None, "history": [], "met": True}
+
+        def plan_at(f: float):
+            goal = f * ms0
+            if run["floor"] is None or (goal < run["floor"] and run["met"]):  # not gone this far yet: run it further
+                _, info = search(model.estimate, "ms", max(goal - 0.1 * ms0, 0.02 * ms0))
+                run.update(floor=info["history"][-1]["ms"] if info["history"] else ms0, history=info["history"],
+                           met=info["met"])
+            removed: dict[int, int] = {}
+            for step in run["history"]:  # the shortest prefix of the steps that reaches the goal
+                removed[step["group"]] = step["removed"]
+                if step["ms"] <= goal:
+                    break
+            keep = {gid: np.sort(search.order[gid][: width[gid] - n]) for gid, n in removed.items() if n}
+            plan = self._keep_plan(search.skeleton, search.scored, keep)
+            return plan, model.ms(keep) / ms0, self.counts(plan)["macs"] / macs0
+
+        return plan_at
 
     # -- edits --------------------------------------------------------------------------
     def rewrite(self, plan: Plan) -> ir.Model:

@@ -176,7 +176,8 @@ def test_bench_shows_a_latency_table(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv,words", [(["bench"], "bench needs at least one model (or --table FILE)"),
-                                        (["bench", DEFAULT, "--table", "t.json"], "not both"),
+                                        (["bench", DEFAULT, DEFAULT, "--table", "t.json"], "give one model"),
+                                        (["bench", "nothere.onnx", "--table", "t.json"], "no such model file"),
                                         (["bench", "--table", "missing.json"], "no such latency table")])
 def test_bench_table_misuse_is_one_line(tmp_path, monkeypatch, capsys, argv, words):
     monkeypatch.chdir(tmp_path)

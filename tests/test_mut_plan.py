@@ -149,9 +149,9 @@ def test_recovery_plan_defaults_only_what_was_not_written():
     r, said = plan_defaults(Ratios.from_dict({"target_macs": 0.5}))
     assert (r.importance, r.scope) == ("l2", "damage")
     assert said == "--recover: importance l2, scope damage (set them in the ratios to override)"
-    r, said = plan_defaults(Ratios.from_dict({"target_latency": 0.5}))
-    assert (r.importance, r.scope) == ("recon", "cost")
-    assert said == "--recover: importance recon, scope cost (set them in the ratios to override)"
+    r, said = plan_defaults(Ratios.from_dict({"target_latency": 0.5}))  # damage per predicted millisecond
+    assert (r.importance, r.scope) == ("l2", "damage")
+    assert said == "--recover: importance l2, scope damage (set them in the ratios to override)"
     r, said = plan_defaults(Ratios.from_dict({"target_params": 0.5, "scope": "damage"}))
     assert (r.importance, r.scope, said) == ("l2", "damage", "--recover: importance l2 (set them in the ratios to override)")
     r, said = plan_defaults(Ratios.from_dict({"target_params": 0.5, "scope": "cost"}))

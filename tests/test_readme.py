@@ -123,15 +123,15 @@ def _usage_lines() -> list[str]:
 def _usage_id(line: str) -> str:
     toks = line.split()
     if toks[1] == "bench" and "--table" in toks:
-        return "bench:table"
+        return "bench:table-model" if any(t.endswith(".onnx") for t in toks) else "bench:table"
     return toks[1] if toks[1] in ("analyze", "verify", "export", "bench", "finetune", "data", "gohsp") else \
         "prune:" + ("plan" if "--plan" in toks[2:4] else "calib" if "--calib" in line else
                     "input-shape" if "--input-shape" in line else "latency" if "target_latency" in line else "ratios")
 
 
 USAGE = {_usage_id(c): c for c in _usage_lines()}
-FAST_USAGE = ["prune:ratios", "prune:plan", "prune:calib", "prune:input-shape", "prune:latency", "bench:table", "analyze",
-              "verify", "bench"]
+FAST_USAGE = ["prune:ratios", "prune:plan", "prune:calib", "prune:input-shape", "prune:latency", "bench:table",
+              "bench:table-model", "analyze", "verify", "bench"]
 SLOW_USAGE = ["export", "finetune", "data", "gohsp"]
 
 

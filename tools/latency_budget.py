@@ -2,7 +2,7 @@
 plain ``target_macs`` plan of the same percentage.
 
     python tools/latency_budget.py [--models resnet34,convnext_atto,deit_tiny_patch16_224,mobilenetv3_large_100]
-                                   [--targets 0.5,0.7] [--batch 8] [--runs 30] [--out tools/results/latency_budget.md]
+                                   [--targets 0.5,0.7] [--batch 8] [--runs 30] [--scope damage] [--out tools/results/latency_budget.md]
 
 Each model is a timm model with random weights (timing does not depend on the
 weights), exported with a dynamic batch. For each target t the tool runs, in
@@ -38,6 +38,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--targets", default="0.5,0.7")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--runs", type=int, default=30)
+    ap.add_argument("--scope", default=None, choices=["damage"],
+                    help="plan both with scope damage (l2 ranks, synthetic calibration): the latency plan then spends "
+                    "damage per predicted millisecond (the per-node latency model), as under --recover")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "latency_budget.md"))
     return ap
 
@@ -50,6 +53,8 @@ def main(argv: list[str] | None = None) -> None:
     from onnxprune.torchbridge.export import export_timm
     from timm_models import randomize
 
+    extra = {"scope": "damage", "importance": "l2"} if args.scope else {}
+    calib = ["--calib", "synthetic"] if args.scope else []
     rows, raw = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
@@ -60,11 +65,11 @@ def main(argv: list[str] | None = None) -> None:
                 lat, mac = os.path.join(tmp, f"{name}_lat{t}.onnx"), os.path.join(tmp, f"{name}_mac{t}.onnx")
                 rep = os.path.join(tmp, "r.json")
                 t0 = time.perf_counter()
-                cli(path, "--ratios", json.dumps({"target_latency": t}), "-o", lat, "--report", rep, "-q",
-                    "--batch", str(args.batch), "--runs", str(args.runs))
+                cli(path, "--ratios", json.dumps({"target_latency": t, **extra}), "-o", lat, "--report", rep, "-q",
+                    "--batch", str(args.batch), "--runs", str(args.runs), *calib)
                 search_s = time.perf_counter() - t0
                 info = json.load(open(rep))["target"]
-                cli(path, "--ratios", json.dumps({"target_macs": t}), "-o", mac, "-q")
+                cli(path, "--ratios", json.dumps({"target_macs": t, **extra}), "-o", mac, "-q", *calib)
                 b = bench([("original", path), ("latency plan", lat), ("MACs plan", mac)], batch=args.batch,
                           runs=args.runs, warmup=5, progress=False)
                 r_lat, r_mac = 1 / b[1].speedup, 1 / b[2].speedup
@@ -75,10 +80,12 @@ def main(argv: list[str] | None = None) -> None:
                 print(" | ".join(map(str, rows[-1])), flush=True)
     head = ["model", "target", "MACs plan: MACs", "MACs plan: time", "latency plan: MACs", "latency plan: time",
             "met (<= 1.1 x target)", "candidates timed", "search + prune"]
+    how = (" Both planned with scope `damage` (`l2` ranks, `--calib synthetic`): the latency plan spends the damage "
+           "per millisecond the per-node latency model predicts, the MACs plan the damage per MAC." if args.scope else "")
     text = (f"# target_latency vs target_macs\n\nCPU EP, batch {args.batch}, {os.cpu_count()} threads, "
             f"{args.runs} interleaved runs, timm random weights; {platform.processor() or platform.machine()}. "
             "Time = median latency per image as a percentage of the original's, measured in one interleaved run of "
-            "the three files after pruning.\n\n" + md(head, rows) + "\n")
+            "the three files after pruning." + how + "\n\n" + md(head, rows) + "\n")
     write_results(args.out, text, raw)
 
 

@@ -73,7 +73,49 @@ class Estimator:
                             space = lay[axis]
                 row.append((f.dim, space))
             self._factors.append(row)
+        self._nodes = nodes
         self.before = self.estimate({})
+        self._macs0 = self._node_macs({})
+
+    def _node_macs(self, keep: dict[int, np.ndarray], cache: dict | None = None) -> np.ndarray:
+        t, cache = self.ctx.table, {} if cache is None else cache
+        out = np.zeros(len(self._nodes))
+        for term, row in zip(self.terms, self._factors):
+            if term.metric != "macs":
+                continue
+            v = 1.0
+            for dim, space in row:
+                if space is not None:
+                    fr = cache.get(id(space))
+                    if fr is None:
+                        fr = cache[id(space)] = _keep_fraction(t, space, keep)
+                    dim = int(round(dim * fr))
+                v *= dim
+            out[term.node] += v
+        return out
+
+    def node_work(self, keep: dict[int, np.ndarray]) -> np.ndarray:
+        """Per node (graph order), the share of its work ``keep`` leaves: its
+        MACs under the plan over its MACs before for a node that has MACs,
+        else the share of its first output's elements left (an activation, a
+        normalisation, an elementwise op moves that many values)."""
+        t, cache = self.ctx.table, {}
+        macs = self._node_macs(keep, cache)
+        out = np.ones(len(self._nodes))
+        for j, node in enumerate(self._nodes):
+            if self._macs0[j] > 0:
+                out[j] = macs[j] / self._macs0[j]
+                continue
+            lay = self.ctx.layouts.get(node.outputs[0]) if node.outputs else None
+            fr = 1.0
+            for space in lay or ():
+                if space is not None:
+                    f = cache.get(id(space))
+                    if f is None:
+                        f = cache[id(space)] = _keep_fraction(t, space, keep)
+                    fr *= f
+            out[j] = fr
+        return out
 
     def estimate(self, keep: dict[int, np.ndarray]) -> dict[str, int]:
         t = self.ctx.table

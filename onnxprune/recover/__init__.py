@@ -321,22 +321,20 @@ def recover_result(res, original, batches, **kw) -> tuple[onnx.ModelProto, list[
 
 
 def plan_defaults(ratios):
-    """The ratios a recovery run plans with. Under a MACs/params budget:
-    ``scope`` ``damage`` (the budget goes where the measured output damage per
-    MAC saved is lowest, :mod:`onnxprune.plan.damage`) with channels ranked by
-    ``l2`` inside each group (``recon`` ranks fit the calibration images and
-    generalised worse there). Otherwise ``importance`` ``recon`` (the error
-    left after the re-fit) and, under a latency target, ``scope`` ``cost``
-    (the damage search would run once per timed candidate). Fields the user
-    wrote are kept. Returns the ratios (a copy) and a line saying what was
+    """The ratios a recovery run plans with. Under a MACs/params budget or a
+    latency target: ``scope`` ``damage`` (the budget goes where the measured
+    output damage per MAC, or per predicted millisecond, saved is lowest,
+    :mod:`onnxprune.plan.damage`) with channels ranked by ``l2`` inside each
+    group (``recon`` ranks fit the calibration images and generalised worse
+    there). Otherwise ``importance`` ``recon`` (the error left after the
+    re-fit). Fields the user wrote are kept. Returns the ratios (a copy) and a line saying what was
     defaulted ("" when nothing)."""
     from onnxprune.plan import Ratios
 
     r = Ratios(**{**ratios.__dict__})
     said = []
-    budget = ratios.target is not None and ratios.target_latency is None
     if "scope" not in ratios.given and (ratios.target is not None or ratios.target_latency is not None):
-        r.scope = "damage" if budget else "cost"
+        r.scope = "damage"
     if "importance" not in ratios.given:
         r.importance = "l2" if r.scope == "damage" else "recon"
         said.append(f"importance {r.importance}")

@@ -79,7 +79,7 @@ def _proto(m) -> tuple[onnx.ModelProto, str, float | None, str | None]:
     return proto, name or os.path.basename(m), size / 1e6, m
 
 
-def _with_shapes(proto: onnx.ModelProto, shapes: dict) -> onnx.ModelProto:
+def with_shapes(proto: onnx.ModelProto, shapes: dict) -> onnx.ModelProto:
     """A copy whose inputs take the given dims (a non-integer dim stays symbolic)."""
     p = onnx.ModelProto()
     p.CopyFrom(proto)
@@ -121,7 +121,7 @@ def bench(
     for m in models:
         proto, name, size, path = _proto(m)
         if input_shapes:
-            proto = _with_shapes(proto, input_shapes)
+            proto = with_shapes(proto, input_shapes)
         static = io.static_batch(proto)
         b = static if static is not None else batch
         if static is not None and static != batch:
