@@ -262,9 +262,10 @@ class Job:
             return p, self.counts(p)["macs"] / macs0
 
         plan_at = macs_plan_at
+        digest = latency.model_key(original)
         keyed = {k: v for k, v in inner.to_dict().items() if k not in ("target_latency", "target_macs")}
         if inner.scope == "damage":  # damage per predicted millisecond, the budget then met by measuring
-            plan_at = self._damage_ms_path(inner, calib, scores, rt, table, progress, macs0)
+            plan_at = self._damage_ms_path(inner, calib, scores, rt, table, progress, macs0, original, digest)
             keyed["search"] = "predicted ms"
 
         def measure(p: Plan) -> tuple[float, float, float]:
@@ -275,8 +276,7 @@ class Job:
             paired = np.asarray(rows[1].times_ms) / np.asarray(rows[0].times_ms)  # run r of each, side by side
             return rows[0].median_ms, rows[1].median_ms, float(np.median(paired)) * rows[0].batch / rows[1].batch
 
-        plan, info = latency.solve(plan_at, measure, ratios.target_latency, rt, table, latency.model_key(original),
-                                   keyed, progress)
+        plan, info = latency.solve(plan_at, measure, ratios.target_latency, rt, table, digest, keyed, progress)
         info["round_to"] = inner.round_to
         if inner.scope == "damage":
             info["search"] = "predicted ms"
@@ -285,7 +285,8 @@ class Job:
         plan.ratios_given = ratios.to_dict()
         return plan
 
-    def latency_model(self, rt=None, table: str | None = None, progress=None):
+    def latency_model(self, rt=None, table: str | None = None, progress=None, original: onnx.ModelProto | None = None,
+                      key: str | None = None):
         """The per-node latency model of this model on ``rt``
         (:class:`onnxprune.plan.latency.NodeModel`): every node timed alone at
         full width and with every group halved; kept in ``table`` when given."""
@@ -298,8 +299,8 @@ class Job:
         nodes = list(self.ctx.graph)
         ref_keep = latency.reference_keep(self.groups, latency.ROUND_TO.get(rt.provider, 8))
         ref_work = self.estimator.node_work(ref_keep)
-        original = self.data_proto()
-        key = latency.nodes_key(latency.model_key(original), rt)
+        original = original if original is not None else self.data_proto()
+        key = latency.nodes_key(key or latency.model_key(original), rt)
         cached = latency.read_nodes(table, key, len(nodes))
         if cached is None:
             proto = with_shapes(original, rt.input_shapes) if rt.input_shapes else original
@@ -324,13 +325,13 @@ class Job:
             full, ref = cached
         return latency.NodeModel(self.estimator, full, ref, ref_work)
 
-    def _damage_ms_path(self, ratios: Ratios, calib, scores, rt, table, progress, macs0: float):
+    def _damage_ms_path(self, ratios: Ratios, calib, scores, rt, table, progress, macs0: float, original, digest: str):
         """``plan_at(f)`` for the latency search under scope ``damage``: the plan
         after the damage search's steps (damage per *predicted* millisecond
         saved, :meth:`latency_model`) up to a predicted time of ``f`` of the
         original's. One greedy run serves every ``f`` it went past; a lower
         ``f`` runs it again, further."""
-        model = self.latency_model(rt, table, progress)
+        model = self.latency_model(rt, table, progress, original, digest)
         search = self._damage_search(ratios, calib, scores, progress)
         ms0 = model.before_ms
         if ms0 <= 0:

@@ -75,23 +75,33 @@ class Estimator:
             self._factors.append(row)
         self._nodes = nodes
         self.before = self.estimate({})
-        self._macs0 = self._node_macs({})
+        self._macs0 = self._node_macs(self._fractions({}))
 
-    def _node_macs(self, keep: dict[int, np.ndarray], cache: dict | None = None) -> np.ndarray:
-        t, cache = self.ctx.table, {} if cache is None else cache
-        out = np.zeros(len(self._nodes))
+    def _fractions(self, keep: dict[int, np.ndarray]):
+        """``fr(space)``: the share of ``space`` that ``keep`` leaves, worked out once per space."""
+        t, cache = self.ctx.table, {}
+
+        def fr(space) -> float:
+            f = cache.get(id(space))
+            if f is None:
+                f = cache[id(space)] = _keep_fraction(t, space, keep)
+            return f
+
+        return fr
+
+    def _term_values(self, fr):
+        """``(term, value)`` for every cost term under the fractions ``fr``."""
         for term, row in zip(self.terms, self._factors):
-            if term.metric != "macs":
-                continue
-            v = 1.0
+            v = 1
             for dim, space in row:
-                if space is not None:
-                    fr = cache.get(id(space))
-                    if fr is None:
-                        fr = cache[id(space)] = _keep_fraction(t, space, keep)
-                    dim = int(round(dim * fr))
-                v *= dim
-            out[term.node] += v
+                v *= int(round(dim * fr(space))) if space is not None else dim
+            yield term, v
+
+    def _node_macs(self, fr) -> np.ndarray:
+        out = np.zeros(len(self._nodes))
+        for term, v in self._term_values(fr):
+            if term.metric == "macs":
+                out[term.node] += v
         return out
 
     def node_work(self, keep: dict[int, np.ndarray]) -> np.ndarray:
@@ -99,37 +109,19 @@ class Estimator:
         MACs under the plan over its MACs before for a node that has MACs,
         else the share of its first output's elements left (an activation, a
         normalisation, an elementwise op moves that many values)."""
-        t, cache = self.ctx.table, {}
-        macs = self._node_macs(keep, cache)
+        fr = self._fractions(keep)
+        macs = self._node_macs(fr)
         out = np.ones(len(self._nodes))
         for j, node in enumerate(self._nodes):
             if self._macs0[j] > 0:
                 out[j] = macs[j] / self._macs0[j]
-                continue
-            lay = self.ctx.layouts.get(node.outputs[0]) if node.outputs else None
-            fr = 1.0
-            for space in lay or ():
-                if space is not None:
-                    f = cache.get(id(space))
-                    if f is None:
-                        f = cache[id(space)] = _keep_fraction(t, space, keep)
-                    fr *= f
-            out[j] = fr
+            elif node.outputs:
+                out[j] = math.prod(fr(sp) for sp in self.ctx.layouts.get(node.outputs[0]) or () if sp is not None)
         return out
 
     def estimate(self, keep: dict[int, np.ndarray]) -> dict[str, int]:
-        t = self.ctx.table
-        cache: dict[int, float] = {}
         out = {"params": 0, "macs": 0}
-        for term, row in zip(self.terms, self._factors):
-            v = 1
-            for dim, space in row:
-                if space is not None:
-                    fr = cache.get(id(space))
-                    if fr is None:
-                        fr = cache[id(space)] = _keep_fraction(t, space, keep)
-                    dim = int(round(dim * fr))
-                v *= dim
+        for term, v in self._term_values(self._fractions(keep)):
             if term.metric == "params" and v <= 1:
                 continue  # as metrics.count: single-element tensors are constants, not weights
             out[term.metric] += v

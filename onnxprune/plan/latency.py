@@ -139,7 +139,7 @@ def table_text(entries: list[dict]) -> str:
     return "\n\n".join(parts) if parts else "(empty table)"
 
 
-def plot_table(entries: list[dict], path: str) -> None:
+def _figure(size):
     try:
         import matplotlib
 
@@ -147,26 +147,40 @@ def plot_table(entries: list[dict], path: str) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         raise UserError("--plot needs matplotlib: pip install 'onnxprune[plot]'") from None
-    fig, ax = plt.subplots(figsize=(6, 4.2))
-    for e in (e for e in entries if "nodes" not in e):
-        xs, ys = zip(*e["points"]) if e["points"] else ((), ())
-        ax.plot([100 * x for x in xs], [100 * y for y in ys], "o-",
-                label=f"{e['model'][:8]} {e['provider']} b{e['batch']} ({_axis(e)})")
-    ax.plot([0, 100], [0, 100], ls="--", lw=0.8, color="grey", label="latency proportional to MACs")
-    ax.set_xlabel("MACs (or predicted time), % of the original")
-    ax.set_ylabel("measured latency, % of the original")
+    fig, ax = plt.subplots(figsize=size)
+    return plt, fig, ax
+
+
+def _save(plt, fig, ax, path: str, xlabel: str, ylabel: str, legend: int) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=legend)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
+def plot_table(entries: list[dict], path: str) -> None:
+    plt, fig, ax = _figure((6, 4.2))
+    for e in (e for e in entries if "nodes" not in e):
+        xs, ys = zip(*e["points"]) if e["points"] else ((), ())
+        ax.plot([100 * x for x in xs], [100 * y for y in ys], "o-",
+                label=f"{e['model'][:8]} {e['provider']} b{e['batch']} ({_axis(e)})")
+    ax.plot([0, 100], [0, 100], ls="--", lw=0.8, color="grey", label="latency proportional to MACs")
+    _save(plt, fig, ax, path, "MACs (or predicted time), % of the original", "measured latency, % of the original", 8)
+
+
 def write_table(path: str | None, key: str, points: list[tuple[float, float]]) -> None:
+    _store(path, key, sorted(set(points)))
+
+
+def _store(path: str | None, key: str, value: list) -> None:
+    """Keep ``value`` under ``key`` in the table file ``path`` (other keys stay)."""
     if not path:
         return
     data = _read(path) if os.path.exists(path) else {}
-    data[key] = sorted(set(points))
+    data[key] = value
     with open(path, "w") as f:
         json.dump(data, f, indent=1)
 
@@ -283,23 +297,10 @@ def curves_text(rows: list[dict]) -> str:
 
 
 def plot_curves(rows: list[dict], path: str, top: int = 12) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise UserError("--plot needs matplotlib: pip install 'onnxprune[plot]'") from None
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    plt, fig, ax = _figure((6.5, 4.5))
     for r in rows[:top]:
         ax.plot([100 * w for w in r["widths"]], [100 * x for x in r["latency"]], "o-", label=f"{r['set'][:28]} ({r['kind']})")
-    ax.set_xlabel("width kept by the set, %")
-    ax.set_ylabel("predicted latency of the model, % of the original")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(plt, fig, ax, path, "width kept by the set, %", "predicted latency of the model, % of the original", 7)
 
 
 def nodes_key(model: str, rt: Runtime) -> str:
@@ -315,12 +316,7 @@ def read_nodes(path: str | None, key: str, n: int) -> tuple[list, list] | None:
 
 
 def write_nodes(path: str | None, key: str, full: list, ref: list) -> None:
-    if not path:
-        return
-    data = _read(path) if os.path.exists(path) else {}
-    data[key] = [(-1.0 if a is None else round(a, 5), -1.0 if b is None else round(b, 5)) for a, b in zip(full, ref)]
-    with open(path, "w") as f:
-        json.dump(data, f, indent=1)
+    _store(path, key, [(-1.0 if a is None else round(a, 5), -1.0 if b is None else round(b, 5)) for a, b in zip(full, ref)])
 
 
 def next_fraction(points: list[tuple[float, float]], want: float, lo: float) -> float:
