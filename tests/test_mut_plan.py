@@ -505,3 +505,21 @@ def test_ratio_messages_name_every_kind_and_the_latency_target(tmp_path):
     with pytest.raises(UserError) as e:
         Ratios.load(str(tmp_path / "none.json"))
     assert str(e.value).startswith("cannot read ratios file ")
+
+
+def test_plan_file_replays_heads_and_head_dims_sharing_one_axis():
+    """A fused qkv weight's output axis holds two groups (heads x head dims) with
+    the same members: the plan file must tell them apart by kind and width."""
+    import pathlib
+
+    from onnxprune.api import prune
+
+    path = pathlib.Path(__file__).resolve().parent.parent / "models" / "ref_vit.onnx"
+    res = prune(str(path), {"kinds": {"heads": 0.34, "head_dim": 0.25}, "scope": "local"})
+    rows = [r for r in res.plan_json["groups"] if r["kind"] in ("heads", "head_dim")]
+    shared = {frozenset(r["members"]) for r in rows if r["kind"] == "heads"} & \
+        {frozenset(r["members"]) for r in rows if r["kind"] == "head_dim"}
+    assert shared  # the case this is about
+    again = prune(str(path), plan=json.loads(json.dumps(res.plan_json)))
+    assert again.proto.SerializeToString() == res.proto.SerializeToString()
+    assert res.after["macs"] < 0.9 * res.before["macs"]

@@ -248,17 +248,27 @@ class Plan:
         line) when a group does not match or kept indices are out of range."""
         if not isinstance(data, dict) or data.get("onnxprune_plan") != PLAN_VERSION or not isinstance(data.get("groups"), list):
             raise UserError(f"{where} is not an onnxprune plan file (version {PLAN_VERSION})")
-        by_members = {frozenset(member_key(m) for m in g.tensors): g for g in groups}
+        # one axis can hold several groups (a fused qkv's heads x head dims): a
+        # group is its members with its kind and width, in the order analysed
+        by_members: dict[tuple, list[Group]] = {}
+        widths: dict[frozenset, list[int]] = {}
+        for g in groups:
+            mem = frozenset(member_key(m) for m in g.tensors)
+            by_members.setdefault((mem, g.kind, g.width), []).append(g)
+            widths.setdefault(mem, []).append(g.width)
         plan = cls({}, {}, {}, {}, target=data.get("target"), criteria=data.get("criteria"), ratios_given=data.get("ratios"))
         for i, row in enumerate(data["groups"]):
             if not isinstance(row, dict) or not isinstance(row.get("members"), list):
                 raise UserError(f"{where}: group #{i} has no member list")
-            g = by_members.get(frozenset(row["members"]))
-            if g is None:
+            same = widths.get(frozenset(row["members"]))
+            if not same:
                 raise UserError(f"{where} does not fit this model: group #{i} ({row.get('kind')}, {row.get('set')}) "
                                 f"has no counterpart (was the plan made on another model?)")
-            if row.get("width") != g.width:
-                raise UserError(f"{where} does not fit this model: group #{i} has width {row.get('width')}, the model {g.width}")
+            left = by_members.get((frozenset(row["members"]), row.get("kind"), row.get("width")))
+            if not left:
+                raise UserError(f"{where} does not fit this model: group #{i} has width {row.get('width')}, "
+                                f"the model {' or '.join(map(str, same))}")
+            g = left.pop(0)
             keep = row.get("keep")
             if keep is None:
                 continue
