@@ -299,3 +299,42 @@ def test_parse_target_refusals(x, msg):
     with pytest.raises(UserError) as e:
         parse_target(x, 1000, "macs")
     assert str(e.value).startswith(msg)
+
+
+# The chain, then b's output reshaped to a computed shape and a MatMul c
+# (16 -> 4, no bias: 2 x 16 x 4 = 128 MACs, 64 params more). The batch comes
+# from a Shape read first and a Range over it (as in dynamo's as_strided), so
+# c's output shape is known only once the shape arithmetic is folded, which
+# removes nodes.
+FOLDED = """<ir_version: 8, opset_import: ["" : 17]>
+g (float[N,3,4,4] x) => (float[N,2,4] y) {
+  sx = Shape (x)
+  zero = Constant <value_int = 0> ()
+  n = Gather <axis = 0> (sx, zero)
+  one = Constant <value_int = 1> ()
+  ar = Range (zero, n, one)
+  sa = Shape (ar)
+  rest = Constant <value_ints = [2, 16]> ()
+  shp = Concat <axis = 0> (sa, rest)
+  [a] h = Conv (x, wa, ba)
+  r = Relu(h)
+  [b] yb = Conv (r, wb, bb)
+  y2 = Reshape (yb, shp)
+  [c] y = MatMul (y2, wc)
+}"""
+
+
+def test_estimate_when_layer_shapes_need_folding():
+    """The terms stay on the model's own nodes when the counter folds shape
+    arithmetic to learn layer shapes (folding removes nodes: the estimate
+    once read the terms of one node against the members of another)."""
+    from onnxprune.core import metrics
+
+    m = _with(FOLDED, {"wa": (8, 3, 1, 1), "ba": (8,), "wb": (2, 8, 1, 1), "bb": (2,), "wc": (16, 4)})
+    assert metrics._unknown_layer_shapes(onnx.shape_inference.infer_shapes(m))  # the case this is about
+    a = api.analyze(m)
+    g = _only_group(a)
+    est = Estimator(a.ctx)
+    assert est.before == {"params": _params(8) + 64, "macs": _macs(8) + 128}
+    assert est.estimate({g.id: np.arange(4)}) == {"params": _params(4) + 64, "macs": _macs(4) + 128}
+    assert metrics.count(api.prune(m, {"default": 0.5}).proto) == {"params": _params(4) + 64, "macs": _macs(4) + 128}

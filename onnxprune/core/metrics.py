@@ -85,14 +85,17 @@ def terms(proto: onnx.ModelProto) -> list[Term]:
             if not d.HasField("dim_value"):
                 d.dim_value = 1
     p = infer(p)
+    shapes = _shapes(p)
     if _unknown_layer_shapes(p):  # shapes computed at run time (Shape -> Slice -> Pad ...): fold them, then infer
         from onnxprune.io import skeleton, to_ir
 
         try:
-            p = infer(skeleton(to_ir(p)))
+            # only the shapes come from the folded copy: the terms stay on this
+            # model's own nodes (their index is the node's place in the graph,
+            # which folding changes)
+            shapes.update(_shapes(infer(skeleton(to_ir(p)))))
         except Exception:  # noqa: BLE001 - e.g. a dim no folding makes static: count with what inference gave
             pass
-    shapes = _shapes(p)
     inits = {i.name: i for i in p.graph.initializer}
     out: list[Term] = []
     for k, n in enumerate(p.graph.node):
