@@ -191,9 +191,12 @@ def test_reference_vit_qkv_proj_fc2_head():
     res, out, rows = _run(m, ratios, calib, rows_per_batch=256)
     _valid(out)
     print(format_rows(rows))
-    assert all(r.status == "refit" for r in rows), format_rows(rows)
-    assert {r.op for r in rows} == {"MatMul", "Gemm"}
-    assert len(rows) == 4 * 4 + 1  # qkv, proj, fc1, fc2 per block (embed feeds them all) and the head
+    layers = [r for r in rows if r.method != "qk-logits"]
+    assert all(r.status == "refit" for r in layers), format_rows(rows)
+    assert {r.op for r in layers} == {"MatMul", "Gemm"}
+    assert len(layers) == 4 * 4 + 1  # qkv, proj, fc1, fc2 per block (embed feeds them all) and the head
+    logits = [r for r in rows if r.method == "qk-logits"]  # head dims went: q.k^T re-fitted jointly per block
+    assert len(logits) == 4 and all(r.held_after < r.held_before for r in logits), format_rows(rows)
     e_pruned, e_rec = _rel(m, res.proto, held), _rel(m, out, held)
     assert e_rec < 0.8 * e_pruned, (e_pruned, e_rec)
 

@@ -71,6 +71,7 @@ import onnx
 import onnx_ir as ir
 
 from onnxprune import io
+from onnxprune.recover import attention
 from onnxprune.recover.check import _reverted, held_out_check
 from onnxprune.recover.fit import (LayerRow, _accumulate, _conv_rows, _dense_rows, _Fit, _folds, _select, _solve,
                                    _sq_err, _totals)
@@ -149,6 +150,7 @@ def recover_model(
     check_fraction: float = 0.25,
     stats: dict | None = None,
     journal: Journal | None = None,
+    attention_logits: bool = True,
 ) -> list[LayerRow]:
     """Re-fit every consumer of pruned channels in closed form; no labels.
 
@@ -166,7 +168,9 @@ def recover_model(
     MatMul). ``frontier_bytes``: activations held in memory between levels
     (the rest spill to memory-mapped files). ``stats``: a dict filled with the
     time split (``run_s``: ORT passes, ``fit_s``: statistics and solves) and
-    the number of ORT passes. Returns one :class:`LayerRow` per consumer."""
+    the number of ORT passes. ``attention_logits``: where head dims went, re-fit
+    q and k jointly for the logits q.k^T (:mod:`onnxprune.recover.attention`;
+    ridge only). Returns one :class:`LayerRow` per consumer (and per joint q/k fit)."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, not {method!r}")
     import os
@@ -180,6 +184,10 @@ def recover_model(
     if layers not in ("pruned", "all"):
         raise ValueError(f"layers must be 'pruned' or 'all', not {layers!r}")
     names = consumers(ctx, keep) if layers == "pruned" or method != "ridge" else downstream(ctx, keep)
+    if method == "ridge" and attention_logits and layers == "all":  # q/k layers that only lost head dims
+        extra = set(attention.extra_layers(g, names, outs))
+        order = {n.name: i for i, n in enumerate(g.g)}
+        names = sorted(set(names) | extra, key=lambda n: order.get(n, 1 << 30))
     rows: list[LayerRow] = []
     fits: list[_Fit] = []
     for name in names:
@@ -196,6 +204,8 @@ def recover_model(
     for f in fits:
         f.row.level = levels[f.row.node]
         by_level[f.row.level].append(f)
+    # attention logits: q and k re-fitted jointly where head dims went (ridge only)
+    logits = attention.plan(g, fits, original) if method == "ridge" and attention_logits else []
     inits = {t.name for t in original.graph.initializer}
     in_names = [i.name for i in original.graph.input if i.name not in inits]
 
@@ -221,7 +231,8 @@ def recover_model(
             todo = by_level[lvl]
             t0 = time.perf_counter()
             x_names = sorted({f.x_name for f in todo})
-            y_names = sorted({f.y_name for f in todo})
+            here = [lg for lg in logits if lg.level == lvl]
+            y_names = sorted({f.y_name for f in todo} | {v for lg in here for v in (lg.q_val, lg.k_val)})
             px, oy = front_p.get(x_names), front_o.get(y_names)
             t1 = time.perf_counter()
             timing["run"] += t1 - t0
@@ -242,8 +253,13 @@ def recover_model(
                     if not np.all(fb >= 0):  # samples kept out for the whole-model check
                         rws, fb = [(X[fb >= 0], Y[fb >= 0]) for X, Y in rws], fb[fb >= 0]
                     _accumulate(f, rws, fb if hold else np.zeros(len(fb), int))
+                for lg in here:
+                    fold = fold_of[bi] if hold else np.where(fold_of[bi] >= 0, 0, -1)
+                    attention.accumulate(lg, px[lg.fq.x_name][bi], oy[lg.fq.y_name][bi], oy[lg.fk.y_name][bi],
+                                         oy[lg.q_val][bi], oy[lg.k_val][bi], fold, rng, rows_per_batch)
             del px, oy
             bar.step(done, f"level {lvl}: {', '.join(f.row.node for f in todo)}"[:60], force=done == len(by_level) and not bar.tty)
+            final: dict[str, list | None] = {}  # fit -> its solution to write (None: the pruned weights stay)
             for f in todo:
                 if f.row.reason or not f.folds:
                     f.row.status = "skipped"
@@ -269,14 +285,31 @@ def recover_model(
                     f.row.status, f.row.reason = "kept", "the fit did not lower the reconstruction error"
                     f.row.err_after, f.row.held_after = f.row.err_before, f.row.held_before
                 else:
-                    _write_back(g, f, Ws, journal)
+                    final[f.row.node] = Ws[0] if len(Ws) == 1 else Ws
                     f.row.status = "refit"
+                if f.row.node not in final and f.row.status != "skipped":
+                    final[f.row.node] = None
                 f.G, f.C, f.folds = [], [], {}  # free the Gram matrices
                 f.row.seconds = (time.perf_counter() - t0) / len(todo)
+            for lg in here:
+                attention.solve(lg, final, ridge)
+                lg.folds = {}
+                if lg.row.status == "refit":
+                    for f in {id(lg.fq): lg.fq, id(lg.fk): lg.fk}.values():
+                        if f.row.status == "kept":
+                            f.row.status = "refit"
+                            f.row.reason += "; its q/k columns re-fitted for the attention logits"
+            for f in todo:
+                W = final.get(f.row.node)
+                if W is not None:
+                    _write_back(g, f, W if isinstance(W, list) else [W], journal)
             timing["fit"] += time.perf_counter() - t1
     finally:  # the spill folders go whatever happens
         front_p.close()
         front_o.close()
+    for lg in logits:  # each joint q/k fit right after its k layer's row
+        if lg.row.reason != "no head lost dims":
+            rows.insert(next(i for i, r in enumerate(rows) if r is lg.fk.row) + 1, lg.row)
     timing["passes"] = front_p.passes + front_o.passes
     timing["levels"] = len(by_level)
     if stats is not None:

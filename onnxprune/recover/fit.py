@@ -253,3 +253,65 @@ def _solve(fit: _Fit, method: str, ridge: float) -> list:
     return out
 
 
+
+
+# --------------------------------------------------------------------------- attention logits
+#
+# One head's logits are l_ij = q_i . k_j with q = x~ Wq, k = x~ Wk (x~ = [x 1],
+# the columns of the head in the units its linear layer writes them). Over all
+# pairs of sampled rows the squared error of a bilinear form B = A Bk^T against
+# the original logits t_ij = tq_i . tk_j is, from the statistics
+#   G = X~^T X~, Cq = X~^T Tq, Ck = X~^T Tk, Sq = Tq^T Tq, Sk = Tk^T Tk:
+#   E(A, Bk) = tr((A^T G A)(Bk^T G Bk)) - 2 tr((A^T Cq)(Ck^T Bk)) + tr(Sq Sk).
+# Its minimum over full-rank B is B* = (G^-1 Cq)(G^-1 Ck)^T; over rank r it is
+# the best rank-r approximation of B* in the metric of G: with G = L L^T, the
+# top r singular pairs of L^T B* L (Eckart-Young).
+
+
+def _logit_err(G, Cq, Ck, Sq, Sk, A, Bk) -> float:
+    """E(A, Bk) above (pairs of rows, squared logit error)."""
+    e = np.trace((A.T @ G @ A) @ (Bk.T @ G @ Bk)) - 2 * np.trace((A.T @ Cq) @ (Ck.T @ Bk)) + np.trace(Sq @ Sk)
+    return float(max(e, 0.0))
+
+
+def _logit_factor(G, Cq, Ck, Wq0, Wk0, lam_rel: float, r: int):
+    """The rank-``r`` pair ``(A, Bk)`` ([d+1, r] each, bias last row) whose
+    bilinear form is closest to the original logits: each side's full
+    least-squares re-fit (ridge, shrinking towards ``Wq0``/``Wk0``, [d+1, m]),
+    their product reduced to rank ``r`` in the whitened input space."""
+    d = G.shape[0] - 1
+    lam = lam_rel * np.trace(G[:d, :d]) / max(d, 1)
+    D = np.ones(d + 1)
+    D[-1] = 0.0
+    Gl = G + lam * np.diag(D)
+    jitter = 1e-9 * max(np.trace(Gl) / (d + 1), 1e-30)
+    Gl = Gl + jitter * np.eye(d + 1)
+    W = np.linalg.solve(Gl, np.hstack([Cq + lam * D[:, None] * Wq0, Ck + lam * D[:, None] * Wk0]))
+    Wq, Wk = W[:, :Cq.shape[1]], W[:, Cq.shape[1]:]
+    L = np.linalg.cholesky(Gl)
+    Qp, Rp = np.linalg.qr(L.T @ Wq)
+    Qk, Rk = np.linalg.qr(L.T @ Wk)
+    U, s, Vt = np.linalg.svd(Rp @ Rk.T)
+    root = np.sqrt(s[:r])
+    A = np.linalg.solve(L.T, Qp @ (U[:, :r] * root))
+    Bk = np.linalg.solve(L.T, Qk @ (Vt[:r].T * root))
+    return A, Bk
+
+
+def _match_columns(ops: np.ndarray, ys: np.ndarray, tol: float = 1e-3):
+    """For each column of ``ops`` ([rows, f]: an attention operand), the column of
+    ``ys`` ([rows, c]: its linear layer's output) it is an affine copy of, and
+    the scale: ``(cols [f], scale [f])``, or None when a column matches none."""
+    oc = ops - ops.mean(0)
+    yc = ys - ys.mean(0)
+    on, yn = np.linalg.norm(oc, axis=0), np.linalg.norm(yc, axis=0)
+    if np.any(on < 1e-12):
+        return None
+    corr = (oc.T @ yc) / (on[:, None] * np.maximum(yn, 1e-30)[None])
+    cols = np.argmax(np.abs(corr), axis=1)
+    if np.any(np.abs(corr[np.arange(len(cols)), cols]) < 1 - tol):
+        return None
+    if len(np.unique(cols)) != len(cols):
+        return None
+    scale = np.einsum("ij,ij->j", oc, yc[:, cols]) / np.maximum(yn[cols] ** 2, 1e-30)
+    return cols, scale

@@ -226,3 +226,73 @@ def _write_back(g: _Graph, fit: _Fit, Ws: list, journal: Journal) -> None:
         c = g.const(node.inputs[2])
         bias = bias.reshape(c.shape) if c.size == bias.size else bias.reshape(1, -1) if c.ndim == 2 else bias
     set_input(node, 2, f32(bias), "recovered_b", journal)
+
+
+# ops an attention operand passes through between its linear layer and the
+# q.k^T MatMul (reshapes, head splits, a constant scale or bias): per-token affine
+_PASS = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Split", "Slice", "Gather", "Identity", "Mul", "Div", "Add"}
+# between the logits and their Softmax: scale, mask, casts
+_TO_SOFTMAX = {"Mul", "Div", "Add", "Sub", "Where", "Cast", "Reshape"}
+
+
+def _linear_behind(g: _Graph, value, fits: set[str], hops: int = 12) -> str | None:
+    """The re-fitted linear layer an attention operand is a per-token affine
+    function of (through :data:`_PASS` ops), or None."""
+    for _ in range(hops):
+        p = value.producer() if value is not None else None
+        if p is None or p.op_type not in _PASS and p.name not in fits:
+            return None
+        if p.name in fits:
+            return p.name
+        if p.op_type in ("Mul", "Div", "Add"):
+            consts = [v for v in p.inputs if g.const(v) is not None]
+            if len(consts) != 1:
+                return None
+            if p.op_type != "Add" and consts[0].const_value.numpy().size != 1:
+                return None  # a per-column scale would weigh the dims of q.k^T unevenly
+            value = next(v for v in p.inputs if g.const(v) is None)
+        else:
+            value = p.inputs[0]
+    return None
+
+
+def _reaches_softmax(value, hops: int = 4) -> bool:
+    frontier = [value]
+    for _ in range(hops):
+        nxt = []
+        for v in frontier:
+            for use in v.uses():
+                n = use.node
+                if n.op_type == "Softmax":
+                    return True
+                if n.op_type in _TO_SOFTMAX:
+                    nxt.extend(n.outputs)
+        frontier = nxt
+    return False
+
+
+def _attention_linears(g: _Graph, names: set[str]) -> set[str]:
+    """Of the linear layers ``names``, those whose output is a q or k of an attention's logits."""
+    out = set()
+    for n in g.g:
+        if n.op_type == "MatMul" and len(n.inputs) == 2 and all(v is not None and g.const(v) is None for v in n.inputs) \
+                and _reaches_softmax(n.outputs[0]):
+            out.update(x for x in (_linear_behind(g, v, names) for v in n.inputs) if x is not None)
+    return out
+
+
+def _attention_pairs(g: _Graph, fits: dict) -> list[dict]:
+    """Self-attention logits whose q and k come from re-fitted linear layers
+    reading the same input: ``{"node", "q_fit", "k_fit"}`` per q.k^T MatMul
+    (two activations multiplied, the product going to a Softmax)."""
+    out = []
+    for n in g.g:
+        if n.op_type != "MatMul" or not n.name or len(n.inputs) != 2 or any(v is None for v in n.inputs):
+            continue
+        if any(g.const(v) is not None for v in n.inputs) or not _reaches_softmax(n.outputs[0]):
+            continue
+        q, k = (_linear_behind(g, v, set(fits)) for v in n.inputs)
+        if q is None or k is None or fits[q].x_name != fits[k].x_name or fits[q].kind != "dense":
+            continue
+        out.append({"node": n.name, "q_fit": q, "k_fit": k})
+    return out

@@ -1,0 +1,250 @@
+"""Attention logits in the re-fit: when head dims go, q and k are re-fitted
+*together* so that the kept dims reproduce the original logits q.k^T per head.
+
+Re-fitting q and k separately asks each kept column to reproduce its original
+column; the logits then lose the removed dims' share of q.k^T outright. Here,
+per head, both sides are fitted on all of the head's original dims (targets:
+the original model's q and k operands, inputs: the pruned model's), their
+bilinear form ``Wq Wk^T`` is reduced to the kept rank in the metric of the
+input statistics (:func:`onnxprune.recover.fit._logit_factor`), and the two
+factors become the head's kept q and k columns. The values and the output
+projection are re-fitted afterwards as usual, from the pruned model's
+activations with these logits in place.
+
+Which columns of a linear layer are head ``h``'s dim ``j`` is read from the
+data, not from the layout: each column of the original q (and k) operand is
+matched to the column of its linear layer's output it is an affine copy of
+(:func:`~onnxprune.recover.fit._match_columns`); any doubt (a dead column, a
+per-column scale, tokens in another order) leaves the pair to the separate
+fits. A head is re-fitted jointly only where that beats the separate fits on
+held-out calibration sources (the squared logit error over pairs of tokens).
+Self-attention only (q and k read the same input); the ONNX ``Attention`` op
+and fused onnxruntime attention kernels are not handled.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from onnxprune.recover.fit import LayerRow, _Fit, _logit_err, _logit_factor, _match_columns
+from onnxprune.recover.graph import _attention_linears, _attention_pairs
+
+
+LAMBDAS = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)  # ridge strengths tried for the joint fit (relative, as for the layers)
+
+
+@dataclass
+class _Logits:
+    """One q.k^T MatMul whose q and k come from re-fitted linear layers."""
+
+    row: LayerRow
+    fq: _Fit
+    fk: _Fit
+    q_val: str  # the original model's q operand (left input of q.k^T)
+    k_val: str  # its k^T operand
+    heads: list | None = None  # per head re-fitted jointly: (q positions [r], k positions [r], q cols [d], k cols [d])
+    scale: tuple = (1.0, 1.0)
+    failed: str = ""
+    folds: dict = field(default_factory=dict)  # fold -> [G, [Cq], [Ck], [Sq], [Sk]] per head
+
+    @property
+    def level(self) -> int:
+        return self.fq.row.level
+
+
+def extra_layers(g, names: list[str], outs) -> list[str]:
+    """The q/k linear layers that lost output columns (head dims) but read
+    unchanged inputs: not re-fitted otherwise, needed for the joint fit.
+    ``outs``: node -> its OUT members' kept indices (:func:`~onnxprune.recover.graph._kept_maps`)."""
+    linears = {n.name for n in g.g if n.name and n.op_type in ("MatMul", "Gemm") and len(n.inputs) > 1
+               and g.const(n.inputs[1]) is not None}
+    lost = {name for name in linears if any(len(k) < w for _, _, k, w, _ in outs.get(name, []))}
+    return sorted((_attention_linears(g, linears) & lost) - set(names))
+
+
+def plan(g, fits: list[_Fit], original) -> list[_Logits]:
+    """The attention logits of the pruned model ``g`` to re-fit jointly."""
+    by_name = {f.row.node: f for f in fits}
+    onodes = {n.name: n for n in original.graph.node if n.name}
+    out = []
+    for p in _attention_pairs(g, by_name):
+        on = onodes.get(p["node"])
+        fq, fk = by_name[p["q_fit"]], by_name[p["k_fit"]]
+        if on is None or len(on.input) != 2 or fq.row.level != fk.row.level \
+                or fq.dense.get("transA") or fk.dense.get("transA"):
+            continue
+        row = LayerRow(node=p["node"], op="MatMul", status="skipped", method="qk-logits", level=fq.row.level,
+                       inputs_kept="q.k^T")
+        out.append(_Logits(row=row, fq=fq, fk=fk, q_val=on.input[0], k_val=on.input[1]))
+    return out
+
+
+def _rows(op: np.ndarray, rows: int, right: bool) -> np.ndarray | None:
+    """An operand ``[..., tokens, d]`` (``[..., d, tokens]`` on the right) as
+    ``[rows, heads * d]`` in the (sample, token) order of its linear layer's rows."""
+    if right:
+        op = np.swapaxes(op, -1, -2)
+    tokens, d = op.shape[-2:]
+    if rows % tokens or op.size % (rows * d):
+        return None
+    b, h = rows // tokens, op.size // (rows * d)
+    return op.reshape(b, h, tokens, d).transpose(0, 2, 1, 3).reshape(rows, h * d)
+
+
+def _map(lg: _Logits, yq, yk, oq, ok) -> None:
+    """Which columns of the linear layers carry each head's q and k dims, and
+    which heads lost dims (``lg.heads``); ``lg.failed`` says why not."""
+    rq, rk = yq.reshape(-1, yq.shape[-1]), yk.reshape(-1, yk.shape[-1])
+    q, k = _rows(oq, len(rq), False), _rows(ok, len(rk), True)
+    if q is None or k is None or q.shape != k.shape:
+        lg.failed = "the q/k operands do not line up with their linear layers' rows"
+        return
+    take = slice(0, min(len(rq), 2048))
+    mq, mk = _match_columns(q[take], rq[take]), _match_columns(k[take], rk[take])
+    if mq is None or mk is None:
+        lg.failed = "the q/k operand columns are not affine copies of their linear layers' outputs"
+        return
+    (cq, sq), (ck, sk) = mq, mk
+    if np.ptp(sq) > 1e-3 * abs(sq[0]) or np.ptp(sk) > 1e-3 * abs(sk[0]):
+        lg.failed = "q or k is scaled per column"
+        return
+    lg.scale = (float(np.mean(sq)), float(np.mean(sk)))
+    d = oq.shape[-1]
+    posq = {int(c): i for i, c in enumerate(lg.fq.kept_out)}
+    posk = {int(c): i for i, c in enumerate(lg.fk.kept_out)}
+    heads = []
+    for h in range(len(cq) // d):
+        qc, kc = cq[h * d:(h + 1) * d], ck[h * d:(h + 1) * d]
+        jq = [j for j in range(d) if int(qc[j]) in posq]
+        jk = [j for j in range(d) if int(kc[j]) in posk]
+        if jq != jk:
+            lg.failed = f"head {h} keeps different q and k dims"
+            return
+        if 0 < len(jq) < d:
+            heads.append(([posq[int(qc[j])] for j in jq], [posk[int(kc[j])] for j in jk], h * d, d))
+    lg.heads = heads
+    if not heads:
+        lg.failed = "no head lost dims"
+
+
+def accumulate(lg: _Logits, x, yq, yk, oq, ok, fold, rng, budget: int) -> None:
+    """Add one batch: ``x`` the pruned model's input to q/k, ``yq``/``yk`` the
+    original linear layers' outputs, ``oq``/``ok`` the original q and k^T
+    operands; ``fold``: the fold of each sample (-1: kept out)."""
+    if lg.failed:
+        return
+    if lg.heads is None:
+        _map(lg, yq, yk, oq, ok)
+        if lg.failed:
+            return
+    X = x.reshape(-1, x.shape[-1])
+    q, k = _rows(oq, len(X), False), _rows(ok, len(X), True)
+    if q is None or k is None:
+        lg.failed = "the q/k operands do not line up with the input rows"
+        return
+    sample = np.arange(len(X)) // max(len(X) // len(fold), 1)
+    take = np.arange(len(X)) if len(X) <= budget else np.sort(rng.choice(len(X), budget, replace=False))
+    fb = fold[np.minimum(sample[take], len(fold) - 1)]
+    Xa = np.empty((len(take), X.shape[1] + 1))
+    Xa[:, :-1] = X[take]
+    Xa[:, -1] = 1.0
+    tq, tk = q[take] / lg.scale[0], k[take] / lg.scale[1]
+    for v in np.unique(fb):
+        if v < 0:
+            continue
+        s = fb == v
+        Xs = Xa[s]
+        st = lg.folds.setdefault(int(v), [0.0, [0.0] * len(lg.heads), [0.0] * len(lg.heads), [0.0] * len(lg.heads),
+                                         [0.0] * len(lg.heads)])
+        st[0] = st[0] + Xs.T @ Xs
+        for i, (_, _, c0, d) in enumerate(lg.heads):
+            Tq, Tk = tq[s, c0:c0 + d].astype(np.float64), tk[s, c0:c0 + d].astype(np.float64)
+            st[1][i] = st[1][i] + Xs.T @ Tq
+            st[2][i] = st[2][i] + Xs.T @ Tk
+            st[3][i] = st[3][i] + Tq.T @ Tq
+            st[4][i] = st[4][i] + Tk.T @ Tk
+
+
+def _full(fit: _Fit, W: np.ndarray, pos) -> np.ndarray:
+    """Columns ``pos`` of a fit's solution in the units of its layer's output
+    with the bias (a MatMul's solution holds the change of its bias Add)."""
+    out = W[:, pos].copy()
+    if fit.dense.get("matmul"):
+        out[-1] += np.asarray(fit.dense["bias"])[pos]
+    return out
+
+
+def _put(fit: _Fit, W: np.ndarray, pos, cols: np.ndarray) -> None:
+    W[:, pos] = cols
+    if fit.dense.get("matmul"):
+        W[-1, pos] -= np.asarray(fit.dense["bias"])[pos]
+
+
+def solve(lg: _Logits, final: dict, ridge: float) -> None:
+    """Re-fit q and k jointly per head where that beats the separate fits on
+    held-out folds; ``final``: fit name -> its solution (None: the pruned
+    weights stay), updated in place with the jointly fitted columns."""
+    if lg.failed or not lg.folds or any(f.row.status == "skipped" for f in (lg.fq, lg.fk)):
+        lg.row.reason = lg.failed or "its q or k layer was not re-fitted"
+        return
+    fq, fk = lg.fq, lg.fk
+    Wq = final.get(fq.row.node)
+    Wk = final.get(fk.row.node)
+    Wq = fq.w0[0].copy() if Wq is None else Wq
+    Wk = (Wq if fk is fq else fk.w0[0].copy()) if Wk is None else Wk
+    folds = list(lg.folds.values())
+    tot = [sum(f[0] for f in folds)] + [[sum(f[j][i] for f in folds) for i in range(len(lg.heads))] for j in (1, 2, 3, 4)]
+    sums = {"pruned": 0.0, "separate": 0.0, "joint": 0.0, "written": 0.0, "base": 0.0}
+    held = {"pruned": 0.0, "chosen": 0.0}
+    joint, lams = 0, []
+    for i, (pq, pk, _, d) in enumerate(lg.heads):
+        r = len(pq)
+        cand = {"pruned": (_full(fq, fq.w0[0], pq), _full(fk, fk.w0[0], pk)),
+                "separate": (_full(fq, Wq, pq), _full(fk, Wk, pk))}
+        # both sides re-fitted on all the head's dims: the removed ones have no
+        # pruned weights to shrink towards, so the strength is chosen here, on held-out folds
+        zq, zk = np.zeros((cand["pruned"][0].shape[0], d)), np.zeros((cand["pruned"][1].shape[0], d))
+        err = {c: 0.0 for c in cand}
+        by_lam = {}
+        for f in folds if len(folds) > 1 else []:  # fit on the other folds, measure on this one
+            for c, (a, b) in cand.items():
+                err[c] += _logit_err(f[0], f[1][i], f[2][i], f[3][i], f[4][i], a, b)
+            G, Cq, Ck = tot[0] - f[0], tot[1][i] - f[1][i], tot[2][i] - f[2][i]
+            for lam in LAMBDAS:
+                A, B = _logit_factor(G, Cq, Ck, zq, zk, lam, r)
+                by_lam[lam] = by_lam.get(lam, 0.0) + _logit_err(f[0], f[1][i], f[2][i], f[3][i], f[4][i], A, B)
+        lam = min(by_lam, key=by_lam.get) if by_lam else ridge
+        err["joint"] = by_lam.get(lam, 0.0)
+        A, B = _logit_factor(tot[0], tot[1][i], tot[2][i], zq, zk, lam, r)
+        on_calib = {c: _logit_err(tot[0], tot[1][i], tot[2][i], tot[3][i], tot[4][i], a, b)
+                    for c, (a, b) in {**cand, "joint": (A, B)}.items()}
+        if len(folds) < 2:
+            err = on_calib
+        # the separate fit's columns stay unless the joint fit beats both them and the pruned ones
+        use = "joint" if err["joint"] < min(err["pruned"], err["separate"]) * (1 - 1e-6) else "separate"
+        if use == "joint":
+            joint += 1
+            _put(fq, Wq, pq, A)
+            _put(fk, Wk, pk, B)
+        for c in ("pruned", "separate", "joint"):
+            sums[c] += on_calib[c]
+        sums["written"] += on_calib[use]
+        sums["base"] += float(np.trace(tot[3][i] @ tot[4][i]))
+        held["pruned"] += err["pruned"]
+        held["chosen"] += err[use]
+        lams.append(lam)
+    rel = lambda e: float(np.sqrt(e / max(sums["base"], 1e-30)))  # noqa: E731
+    lg.row.err_before, lg.row.err_after = rel(sums["pruned"]), rel(sums["written"])
+    if len(folds) > 1:
+        lg.row.held_before, lg.row.held_after = rel(held["pruned"]), rel(held["chosen"])
+    lg.row.samples = int(tot[0][-1, -1])
+    lg.row.ridge = sorted(lams)[len(lams) // 2] if lams else None  # the median of the heads' strengths
+    lg.row.outputs_kept = f"{joint}/{len(lg.heads)} heads"
+    if not joint:
+        lg.row.status, lg.row.reason = "kept", "the joint fit did not beat the separate q/k fits on held-out sources"
+        return
+    lg.row.status = "refit"
+    lg.row.reason = f"q and k of {joint} of {len(lg.heads)} heads that lost dims re-fitted for the logits"
+    final[fq.row.node] = Wq
+    final[fk.row.node] = Wk
