@@ -44,7 +44,10 @@ def test_interpolation_between_measured_points():
     pts = [(0.4, 0.5), (0.8, 0.9)]
     assert L.next_fraction(pts, 0.7, 0.02) == pytest.approx(0.6)  # halfway between the two points
     assert L.next_fraction(pts, 0.95, 0.02) == pytest.approx(0.9)  # between (0.8, 0.9) and (1, 1)
-    assert L.next_fraction(pts, 0.25, 0.02) == pytest.approx(0.15)  # below every point: the line through the lowest two
+    assert L.next_fraction(pts, 0.45, 0.02) == pytest.approx(0.35)  # below every point: the line through the lowest two
+    assert L.next_fraction(pts, 0.25, 0.02) == pytest.approx(0.2)  # ... but at most halfway down from the lowest
+    # near the latency floor two readings are almost level: the line would point at 2%, the step goes halfway
+    assert L.next_fraction([(0.33, 0.594), (0.51, 0.623)], 0.485, 0.02) == pytest.approx(0.165)
     assert L.next_fraction([(0.5, 0.6)], 0.4, 0.02) == pytest.approx(0.5 - 0.2 / 0.8)  # one point and the (1, 1) anchor
     # a noisy non-monotone point (60% MACs slower than 80%) is flattened, not trusted
     assert L.next_fraction([(0.4, 0.5), (0.6, 0.95), (0.8, 0.9)], 0.7, 0.02) == pytest.approx(0.4 + 0.2 * 0.2 / 0.45)

@@ -323,13 +323,16 @@ def next_fraction(points: list[tuple[float, float]], want: float, lo: float) -> 
     """The MACs fraction at which the latency ratio should be ``want``: linear
     interpolation between the measured points that bracket it (with (1, 1) as
     an anchor), on the points made monotone; below every point, the line
-    through the two lowest (a fixed cost does not shrink with the MACs)."""
+    through the two lowest (a fixed cost does not shrink with the MACs), but
+    never past half the lowest fraction measured: near a model's latency floor
+    two noisy readings give a line so flat that it points at nothing left."""
     pts = sorted(set(points) | {(1.0, 1.0)})
     xs = np.array([p[0] for p in pts])
     ys = np.maximum.accumulate(np.array([p[1] for p in pts]))  # latency does not fall as MACs grow
     if want <= ys[0]:
         slope = (ys[1] - ys[0]) / (xs[1] - xs[0]) if len(xs) > 1 and xs[1] > xs[0] else 0.0
         f = xs[0] + (want - ys[0]) / slope if slope > 0 else xs[0] * want / max(ys[0], 1e-9)
+        f = max(f, xs[0] / 2)
     else:
         f = float(np.interp(want, ys, xs))
     return float(min(max(f, lo), 0.999))
