@@ -95,3 +95,26 @@ def test_a_classifier_gets_its_residual_stream_pruned_too(tmp_path, capsys, expo
     assert sum(g["width_after"] for g in rep["groups"] if g["kind"] == "heads") == 4  # half of 2 x 4, ranked across the set
     rows = {r["kind"]: r for r in rep["oracle"]}
     assert rows["heads"]["status"] == "PASS" and rows["*"]["status"] == "PASS"
+
+
+def test_recover_refits_separate_q_and_k_projections_jointly(tmp_path):
+    """BERT's q and k are two Linear layers (not one fused qkv): with half the
+    head dims gone, --recover's joint fit finds both and lowers the logit error."""
+    import onnx
+
+    from onnxprune.api import prune
+    from onnxprune.recover import format_rows, recover
+
+    path = str(tmp_path / "bert.onnx")
+    _export(path, "dynamo", "eager")  # static batch 2, sequence 16
+    m = onnx.load(path)
+    res = prune(m, {"kinds": {"head_dim": 0.5}, "scope": "local"})
+    rng = np.random.default_rng(0)
+    calib = [{"input_ids": rng.integers(0, 100, (2, SEQ)), "attention_mask": np.ones((2, SEQ), np.int64),
+              "token_type_ids": np.zeros((2, SEQ), np.int64)} for _ in range(16)]
+    _, rows = recover(m, res.proto, res.analyzed.ctx, res.plan.keep, calib, progress=False)
+    logits = [r for r in rows if r.method == "qk-logits"]
+    assert len(logits) == 2, format_rows(rows)  # one per layer
+    for r in logits:
+        assert r.status == "refit" and r.outputs_kept == "4/4 heads", format_rows(rows)
+        assert r.err_after < 0.6 * r.err_before and r.held_after < r.held_before, format_rows(rows)
