@@ -255,8 +255,11 @@ def recover_model(
                     _accumulate(f, rws, fb if hold else np.zeros(len(fb), int))
                 for lg in here:
                     fold = fold_of[bi] if hold else np.where(fold_of[bi] >= 0, 0, -1)
-                    attention.accumulate(lg, px[lg.fq.x_name][bi], oy[lg.fq.y_name][bi], oy[lg.fk.y_name][bi],
-                                         oy[lg.q_val][bi], oy[lg.k_val][bi], fold, rng, rows_per_batch)
+                    try:
+                        attention.accumulate(lg, px[lg.fq.x_name][bi], oy[lg.fq.y_name][bi], oy[lg.fk.y_name][bi],
+                                             oy[lg.q_val][bi], oy[lg.k_val][bi], fold, rng, rows_per_batch)
+                    except Exception as e:  # shape surprises: the separate fits stay, never crash
+                        lg.failed = f"could not gather the q/k statistics: {type(e).__name__}: {e}"
             del px, oy
             bar.step(done, f"level {lvl}: {', '.join(f.row.node for f in todo)}"[:60], force=done == len(by_level) and not bar.tty)
             final: dict[str, list | None] = {}  # fit -> its solution to write (None: the pruned weights stay)
@@ -292,7 +295,10 @@ def recover_model(
                 f.G, f.C, f.folds = [], [], {}  # free the Gram matrices
                 f.row.seconds = (time.perf_counter() - t0) / len(todo)
             for lg in here:
-                attention.solve(lg, final, ridge)
+                try:
+                    attention.solve(lg, final, ridge)
+                except (np.linalg.LinAlgError, ValueError) as e:  # e.g. statistics too few for a head
+                    lg.row.status, lg.row.reason = "skipped", f"joint q/k fit failed: {type(e).__name__}: {e}"
                 lg.folds = {}
                 if lg.row.status == "refit":
                     for f in {id(lg.fq): lg.fq, id(lg.fk): lg.fk}.values():

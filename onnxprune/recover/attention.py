@@ -189,10 +189,11 @@ def solve(lg: _Logits, final: dict, ridge: float) -> None:
         lg.row.reason = lg.failed or "its q or k layer was not re-fitted"
         return
     fq, fk = lg.fq, lg.fk
+    # copies: the solutions in ``final`` change only once every head is done
     Wq = final.get(fq.row.node)
+    Wq = (fq.w0[0] if Wq is None else Wq).copy()
     Wk = final.get(fk.row.node)
-    Wq = fq.w0[0].copy() if Wq is None else Wq
-    Wk = (Wq if fk is fq else fk.w0[0].copy()) if Wk is None else Wk
+    Wk = Wq if fk is fq else (fk.w0[0] if Wk is None else Wk).copy()
     folds = list(lg.folds.values())
     tot = [sum(f[0] for f in folds)] + [[sum(f[j][i] for f in folds) for i in range(len(lg.heads))] for j in (1, 2, 3, 4)]
     sums = {"pruned": 0.0, "separate": 0.0, "joint": 0.0, "written": 0.0, "base": 0.0}
