@@ -262,7 +262,7 @@ def recover_model(
                         lg.failed = f"could not gather the q/k statistics: {type(e).__name__}: {e}"
             del px, oy
             bar.step(done, f"level {lvl}: {', '.join(f.row.node for f in todo)}"[:60], force=done == len(by_level) and not bar.tty)
-            final: dict[str, list | None] = {}  # fit -> its solution to write (None: the pruned weights stay)
+            final: dict[str, list] = {}  # fit -> the solution to write (absent: the pruned weights stay)
             for f in todo:
                 if f.row.reason or not f.folds:
                     f.row.status = "skipped"
@@ -288,10 +288,8 @@ def recover_model(
                     f.row.status, f.row.reason = "kept", "the fit did not lower the reconstruction error"
                     f.row.err_after, f.row.held_after = f.row.err_before, f.row.held_before
                 else:
-                    final[f.row.node] = Ws[0] if len(Ws) == 1 else Ws
+                    final[f.row.node] = Ws
                     f.row.status = "refit"
-                if f.row.node not in final and f.row.status != "skipped":
-                    final[f.row.node] = None
                 f.G, f.C, f.folds = [], [], {}  # free the Gram matrices
                 f.row.seconds = (time.perf_counter() - t0) / len(todo)
             for lg in here:
@@ -300,15 +298,9 @@ def recover_model(
                 except (np.linalg.LinAlgError, ValueError) as e:  # e.g. statistics too few for a head
                     lg.row.status, lg.row.reason = "skipped", f"joint q/k fit failed: {type(e).__name__}: {e}"
                 lg.folds = {}
-                if lg.row.status == "refit":
-                    for f in {id(lg.fq): lg.fq, id(lg.fk): lg.fk}.values():
-                        if f.row.status == "kept":
-                            f.row.status = "refit"
-                            f.row.reason += "; its q/k columns re-fitted for the attention logits"
             for f in todo:
-                W = final.get(f.row.node)
-                if W is not None:
-                    _write_back(g, f, W if isinstance(W, list) else [W], journal)
+                if f.row.node in final:
+                    _write_back(g, f, final[f.row.node], journal)
             timing["fit"] += time.perf_counter() - t1
     finally:  # the spill folders go whatever happens
         front_p.close()

@@ -43,7 +43,7 @@ class _Logits:
     fk: _Fit
     q_val: str  # the original model's q operand (left input of q.k^T)
     k_val: str  # its k^T operand
-    heads: list | None = None  # per head re-fitted jointly: (q positions [r], k positions [r], q cols [d], k cols [d])
+    heads: list | None = None  # per head that lost dims: (kept q columns, kept k columns, first operand column, head dim)
     scale: tuple = (1.0, 1.0)
     failed: str = ""
     folds: dict = field(default_factory=dict)  # fold -> [G, [Cq], [Ck], [Sq], [Sk]] per head
@@ -183,20 +183,19 @@ def _put(fit: _Fit, W: np.ndarray, pos, cols: np.ndarray) -> None:
 
 def solve(lg: _Logits, final: dict, ridge: float) -> None:
     """Re-fit q and k jointly per head where that beats the separate fits on
-    held-out folds; ``final``: fit name -> its solution (None: the pruned
-    weights stay), updated in place with the jointly fitted columns."""
+    held-out folds; ``final``: fit name -> its solution (the list of
+    :func:`~onnxprune.recover.fit._solve`; absent: the pruned weights stay),
+    given the jointly fitted columns when any head is."""
     if lg.failed or not lg.folds or any(f.row.status == "skipped" for f in (lg.fq, lg.fk)):
         lg.row.reason = lg.failed or "its q or k layer was not re-fitted"
         return
     fq, fk = lg.fq, lg.fk
     # copies: the solutions in ``final`` change only once every head is done
-    Wq = final.get(fq.row.node)
-    Wq = (fq.w0[0] if Wq is None else Wq).copy()
-    Wk = final.get(fk.row.node)
-    Wk = Wq if fk is fq else (fk.w0[0] if Wk is None else Wk).copy()
+    Wq = final.get(fq.row.node, fq.w0)[0].copy()
+    Wk = Wq if fk is fq else final.get(fk.row.node, fk.w0)[0].copy()
     folds = list(lg.folds.values())
     tot = [sum(f[0] for f in folds)] + [[sum(f[j][i] for f in folds) for i in range(len(lg.heads))] for j in (1, 2, 3, 4)]
-    sums = {"pruned": 0.0, "separate": 0.0, "joint": 0.0, "written": 0.0, "base": 0.0}
+    sums = {"pruned": 0.0, "written": 0.0, "base": 0.0}
     held = {"pruned": 0.0, "chosen": 0.0}
     joint, lams = 0, []
     for i, (pq, pk, _, d) in enumerate(lg.heads):
@@ -228,8 +227,7 @@ def solve(lg: _Logits, final: dict, ridge: float) -> None:
             joint += 1
             _put(fq, Wq, pq, A)
             _put(fk, Wk, pk, B)
-        for c in ("pruned", "separate", "joint"):
-            sums[c] += on_calib[c]
+        sums["pruned"] += on_calib["pruned"]
         sums["written"] += on_calib[use]
         sums["base"] += float(np.trace(tot[3][i] @ tot[4][i]))
         held["pruned"] += err["pruned"]
@@ -247,5 +245,8 @@ def solve(lg: _Logits, final: dict, ridge: float) -> None:
         return
     lg.row.status = "refit"
     lg.row.reason = f"q and k of {joint} of {len(lg.heads)} heads that lost dims re-fitted for the logits"
-    final[fq.row.node] = Wq
-    final[fk.row.node] = Wk
+    final[fq.row.node], final[fk.row.node] = [Wq], [Wk]
+    for f in {id(fq): fq, id(fk): fk}.values():  # a layer whose own re-fit was refused is written for these columns
+        if f.row.status == "kept":
+            f.row.status = "refit"
+            f.row.reason += "; its q/k columns re-fitted for the attention logits"

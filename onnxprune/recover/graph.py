@@ -271,28 +271,25 @@ def _reaches_softmax(value, hops: int = 4) -> bool:
     return False
 
 
-def _attention_linears(g: _Graph, names: set[str]) -> set[str]:
-    """Of the linear layers ``names``, those whose output is a q or k of an attention's logits."""
-    out = set()
+def _logit_matmuls(g: _Graph):
+    """The q.k^T MatMuls: two activations multiplied, the product going to a Softmax."""
     for n in g.g:
         if n.op_type == "MatMul" and len(n.inputs) == 2 and all(v is not None and g.const(v) is None for v in n.inputs) \
                 and _reaches_softmax(n.outputs[0]):
-            out.update(x for x in (_linear_behind(g, v, names) for v in n.inputs) if x is not None)
-    return out
+            yield n
+
+
+def _attention_linears(g: _Graph, names: set[str]) -> set[str]:
+    """Of the linear layers ``names``, those whose output is a q or k of an attention's logits."""
+    return {x for n in _logit_matmuls(g) for x in (_linear_behind(g, v, names) for v in n.inputs) if x is not None}
 
 
 def _attention_pairs(g: _Graph, fits: dict) -> list[dict]:
     """Self-attention logits whose q and k come from re-fitted linear layers
-    reading the same input: ``{"node", "q_fit", "k_fit"}`` per q.k^T MatMul
-    (two activations multiplied, the product going to a Softmax)."""
-    out = []
-    for n in g.g:
-        if n.op_type != "MatMul" or not n.name or len(n.inputs) != 2 or any(v is None for v in n.inputs):
-            continue
-        if any(g.const(v) is not None for v in n.inputs) or not _reaches_softmax(n.outputs[0]):
-            continue
-        q, k = (_linear_behind(g, v, set(fits)) for v in n.inputs)
-        if q is None or k is None or fits[q].x_name != fits[k].x_name or fits[q].kind != "dense":
-            continue
-        out.append({"node": n.name, "q_fit": q, "k_fit": k})
+    reading the same input: ``{"node", "q_fit", "k_fit"}`` per q.k^T MatMul."""
+    names, out = set(fits), []
+    for n in _logit_matmuls(g):
+        q, k = (_linear_behind(g, v, names) for v in n.inputs)
+        if n.name and q is not None and k is not None and fits[q].x_name == fits[k].x_name and fits[q].kind == "dense":
+            out.append({"node": n.name, "q_fit": q, "k_fit": k})
     return out
