@@ -41,7 +41,7 @@ def flat_images(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("flat")
     rng = np.random.default_rng(0)
-    for i in range(80):
+    for i in range(160):
         arr = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
         arr[8:24, 8:24] = rng.integers(0, 256, 3)  # a square of one colour
         Image.fromarray(arr).save(str(d / f"img{i:03d}.{'png' if i % 2 else 'jpg'}"))
@@ -96,14 +96,16 @@ def test_label_free_distillation_from_a_flat_folder(tmp_path, cnn, flat_images):
     pruned = str(tmp_path / "pruned.onnx")
     io.save(prune(cnn, {"kinds": {"channels": 0.5}}).proto, pruned)
     out = str(tmp_path / "tuned.onnx")
-    rc = main(["finetune", pruned, "--data", flat_images, "-o", out, "--teacher", cnn, "--max-steps", "16", "--epochs", "10",
-               "--batch-size", "16", "--lr", "2e-3", "--workers", "0", "-q"])
+    rc = main(["finetune", pruned, "--data", flat_images, "-o", out, "--teacher", cnn, "--max-steps", "32", "--epochs", "10",
+               "--batch-size", "16", "--lr", "1e-3", "--workers", "0", "-q"])
     assert rc == 0
     rep = json.load(open(str(tmp_path / "tuned.finetune.json")))
     # label-free: the folded BatchNorm statistics are kept (auto re-inserts BatchNorm only with labels)
-    assert not rep["labels"] and rep["steps"] == 16 and rep["bn_reinserted"] == 0
-    assert rep["teacher_after"]["samples"] == 8  # every 10th of 80 images held out
-    assert _kl(rep, "teacher_after") < 0.8 * _kl(rep, "teacher_before")  # closer to the teacher
+    assert not rep["labels"] and rep["steps"] == 32 and rep["bn_reinserted"] == 0
+    assert rep["teacher_after"]["samples"] == 16  # every 10th of 160 images held out
+    # closer to the teacher on the held-out images: the KL ratio was 0.47-0.60 over seeds and thread counts; 0.8
+    # leaves room for the run-to-run drift of float sums on other CPUs
+    assert _kl(rep, "teacher_after") < 0.8 * _kl(rep, "teacher_before")
     a, b = onnx.load(pruned), onnx.load(out)
     assert [n.SerializeToString() for n in a.graph.node] == [n.SerializeToString() for n in b.graph.node]
 
