@@ -265,3 +265,122 @@ def test_label_free_distillation_mixes_every_step_with_the_given_alpha(tmp_path,
     rc = main(["finetune", pruned, "--data", flat_images, "-o", out, "--teacher", cnn, "--max-steps", "4", "--epochs", "10",
                "--batch-size", "16", "--workers", "0", "--mix", "0.4", "-q"])
     assert rc == 0 and seen == [0.4] * 4
+
+
+def _with_outputs_run(proto, names, x):
+    from onnxprune.torchbridge import features as FT
+
+    sess = runtime.session(FT.with_outputs(proto, names))
+    return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {sess.get_inputs()[0].name: x})))
+
+
+def test_matched_values_are_the_outputs_of_layers_that_lost_input_channels(tmp_path, cnn):
+    from onnxprune.torchbridge import features as FT
+
+    teacher = onnx.load(cnn)
+    student = prune(cnn, {"kinds": {"channels": 0.5}}).proto
+    names = FT.taps(student, teacher)
+    assert 0 < len(names) <= FT.MAX_TAPS
+    x = np.random.default_rng(1).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    s, t = _with_outputs_run(student, names, x), _with_outputs_run(teacher, names, x)
+    assert all(s[n].shape == t[n].shape for n in names)  # the teacher's width
+    w_s = {i.name: tuple(i.dims) for i in student.graph.initializer}
+    w_t = {i.name: tuple(i.dims) for i in teacher.graph.initializer}
+    made_by = {o: nd for nd in student.graph.node for o in nd.output}
+    for n in names:  # each one read a weight that lost channels
+        assert w_s[made_by[n].input[1]] != w_t[made_by[n].input[1]]
+    # a layer that lost output channels has another width: never matched
+    narrowed = [nd.output[0] for nd in student.graph.node if nd.op_type == "Conv" and w_s[nd.input[1]][0] < w_t[nd.input[1]][0]]
+    assert narrowed and not set(narrowed) & set(names)
+    assert FT.taps(teacher, teacher) == []  # nothing pruned: nothing to match
+
+
+def test_label_free_distillation_matches_the_pruned_layers_outputs(tmp_path, cnn, flat_images, monkeypatch):
+    """The outputs of the layers that lost input channels are pulled towards the
+    teacher's (every step), and the written graph is the student's own."""
+    from onnxprune.torchbridge import features as FT
+
+    calls = []
+    real = FT.feature_loss
+    monkeypatch.setattr(FT, "feature_loss", lambda a, b: calls.append([tuple(v.shape) for v in a]) or real(a, b))
+    pruned = str(tmp_path / "pruned.onnx")
+    student = prune(cnn, {"kinds": {"channels": 0.5}}).proto
+    io.save(student, pruned)
+    names = FT.taps(student, onnx.load(cnn))
+    runs = {}
+    for w in ("0", "1"):
+        calls.clear()
+        out = str(tmp_path / f"tuned{w}.onnx")
+        assert main(["finetune", pruned, "--data", flat_images, "-o", out, "--teacher", cnn, "--max-steps", "32",
+                     "--epochs", "10", "--batch-size", "16", "--lr", "1e-3", "--workers", "0", "--feature-weight", w,
+                     "-q"]) == 0
+        rep = json.load(open(str(tmp_path / f"tuned{w}.finetune.json")))
+        runs[w] = (out, rep, list(calls))
+    out0, rep0, calls0 = runs["0"]
+    out1, rep1, calls1 = runs["1"]
+    assert calls0 == [] and rep0["features"]["values"] == []
+    assert rep1["features"]["values"] == names and len(calls1) == 32 and all(len(c) == len(names) for c in calls1)
+    b = onnx.load(out1)
+    assert [o.name for o in b.graph.output] == [o.name for o in student.graph.output]  # matched values were for training
+    assert [n.SerializeToString() for n in b.graph.node] == [n.SerializeToString() for n in onnx.load(pruned).graph.node]
+    # on held-out images, the matched values end nearer the teacher's with the feature loss than without it
+    from PIL import Image
+
+    from onnxprune.torchbridge.distill import image_files
+
+    files = image_files(flat_images)[9::10]  # the images finetune held out (every 10th)
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    x = np.stack([((np.asarray(Image.open(f).convert("RGB"), np.float32) / 255 - mean) / std).transpose(2, 0, 1)
+                  for f in files]).astype(np.float32)
+    t = _with_outputs_run(onnx.load(cnn), names, x)
+
+    def gap(path):
+        s = _with_outputs_run(onnx.load(path), names, x)
+        return float(np.mean([np.mean((s[n] - t[n]) ** 2) / np.var(t[n]) for n in names]))
+
+    print("matched-value gap with / without the feature loss:", gap(out1), gap(out0))
+    assert gap(out1) < 0.8 * gap(out0)
+
+
+def test_held_out_early_stopping_keeps_the_epoch_nearest_the_teacher():
+    from onnxprune.torchbridge.distill import BestOnHeldOut
+
+    torch.manual_seed(0)
+    teacher, student = torch.nn.Linear(6, 4), torch.nn.Linear(6, 4)
+    with torch.no_grad():
+        teacher.weight.mul_(5)
+    x = np.random.default_rng(0).standard_normal((20, 6)).astype(np.float32)
+    feeds = [{"x": x[:12]}, {"x": np.concatenate([x[12:], x[:4]]), "__n__": 8}]  # the second padded to 12
+    hook = BestOnHeldOut(student, teacher, feeds, ["x"], 1, "cpu")
+    far = hook.end_epoch(1, {})["held_out_gap"]
+    with torch.no_grad():  # epoch 2: halfway to the teacher
+        for p, q in zip(student.parameters(), teacher.parameters()):
+            p.copy_((p + q) / 2)
+    mid_w = student.weight.detach().clone()
+    mid = hook.end_epoch(2, {})["held_out_gap"]
+    with torch.no_grad():  # epoch 3: far off
+        student.weight.mul_(-3)
+    worse = hook.end_epoch(3, {})["held_out_gap"]
+    assert mid < far and mid < worse and hook.gaps == [far, mid, worse]
+    # the gap is KL(teacher || student) on the 20 held-out samples (padding dropped)
+    with torch.no_grad():
+        lt = torch.log_softmax(teacher(torch.from_numpy(x)), -1)
+        ls = torch.log_softmax(student(torch.from_numpy(x)), -1)
+    assert worse == pytest.approx(float((lt.exp() * (lt - ls)).sum(1).mean()), rel=1e-5)
+    assert hook.restore() == 2 and torch.equal(student.weight, mid_w)
+
+
+def test_label_free_distillation_writes_the_epoch_nearest_the_teacher(tmp_path, cnn, flat_images):
+    """Held-out early stopping end to end: the written model is the epoch whose
+    held-out KL was lowest (measured again in ONNX Runtime on the written file)."""
+    pruned = str(tmp_path / "pruned.onnx")
+    io.save(prune(cnn, {"kinds": {"channels": 0.5}}).proto, pruned)
+    out = str(tmp_path / "tuned.onnx")
+    assert main(["finetune", pruned, "--data", flat_images, "-o", out, "--teacher", cnn, "--epochs", "4", "--batch-size", "16",
+                 "--lr", "3e-3", "--workers", "0", "-q"]) == 0
+    rep = json.load(open(str(tmp_path / "tuned.finetune.json")))
+    gaps = rep["held_out_gaps"]
+    assert len(gaps) == 4 and rep["best_epoch"] == 1 + int(np.argmin(gaps))
+    assert [h["held_out_gap"] for h in rep["history"]] == gaps
+    print("held-out KL per epoch:", gaps, "written:", rep["teacher_after"]["kl"])
+    assert rep["teacher_after"]["kl"] == pytest.approx(min(gaps), rel=1e-3)

@@ -56,6 +56,8 @@ CONFIGS = {  # name -> ratios fields besides the target (explicit: --recover def
     "recon": {"importance": "recon", "scope": "isomorphic"},
     "recon-cost": {"importance": "recon", "scope": "cost"},
     "damage": {"importance": "l2", "scope": "damage"},  # what --recover uses under a budget
+    "recon-damage": {"importance": "recon", "scope": "damage"},
+    "activation-damage": {"importance": "activation", "scope": "damage"},
 }
 
 
@@ -94,23 +96,29 @@ def photo_files() -> list[str]:
     return files
 
 
-def crops(files: list[str], n: int, rng, sources: bool = False):
-    """``n`` random resized crops (224 px, TF-style EfficientNet-Lite scaling to [-1, 1]);
+def lite0_scale(rgb: np.ndarray) -> np.ndarray:
+    """TF-style EfficientNet-Lite input scaling: uint8 RGB to about [-1, 1]."""
+    return (rgb / 255 - 0.498) / 0.502
+
+
+def crops(files: list[str], n: int, rng, sources: bool = False, size: int = 224, scale: tuple = (0.15, 1.0),
+          norm=lite0_scale):
+    """``n`` random resized crops (``size`` px, area ``scale`` of the photo, flips; pixels through ``norm``);
     with ``sources``, also the index of the photo each crop comes from."""
     from PIL import Image
 
     ims = [Image.open(f).convert("RGB") for f in files]
-    out = np.empty((n, 3, 224, 224), np.float32)
+    out = np.empty((n, 3, size, size), np.float32)
     for i in range(n):
         im = ims[i % len(ims)]
         W, H = im.size
-        s, r = rng.uniform(0.15, 1.0), np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
+        s, r = rng.uniform(*scale), np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
         w, h = int(min(W, np.sqrt(s * W * H * r))), int(min(H, np.sqrt(s * W * H / r)))
         x0, y0 = rng.integers(0, W - w + 1), rng.integers(0, H - h + 1)
-        c = im.crop((x0, y0, x0 + w, y0 + h)).resize((224, 224), Image.BILINEAR)
+        c = im.crop((x0, y0, x0 + w, y0 + h)).resize((size, size), Image.BILINEAR)
         if rng.random() < 0.5:
             c = c.transpose(Image.FLIP_LEFT_RIGHT)
-        out[i] = ((np.asarray(c, np.float32) / 255 - 0.498) / 0.502).transpose(2, 0, 1)
+        out[i] = norm(np.asarray(c, np.float32)).transpose(2, 0, 1)
     return (out, np.arange(n) % len(ims)) if sources else out
 
 
@@ -159,6 +167,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--calib-batches", type=int, default=4)
     ap.add_argument("--eval", type=int, default=400, help="evaluation crops")
     ap.add_argument("--distill-minutes", type=float, default=5, help="label-free distillation after the best recovery (0: none)")
+    ap.add_argument("--distill-feature-weight", type=float, default=1.0,
+                    help="finetune --feature-weight W: match the pruned layers' outputs too (0: logits only)")
     ap.add_argument("--distill-mix", type=float, default=0.0, help="finetune --mix ALPHA for the distillation (0: off)")
     ap.add_argument("--split", choices=["crops", "photos"], default="photos")
     ap.add_argument("--sources", action=argparse.BooleanOptionalAction, default=True,
@@ -222,6 +232,7 @@ def main(argv: list[str] | None = None) -> None:
     text += md(["MACs target", "config", "pruned", "prune time", "after --recover", "prune + recover time"], rows)
     if drows:
         mix = f" --mix {args.distill_mix:g}" if args.distill_mix else ""
+        mix += f" --feature-weight {args.distill_feature_weight:g}"
         text += (f"\n\nLabel-free distillation from the original ONNX after the best recovery (`finetune --teacher "
                  f"--minutes {args.distill_minutes:g}{mix}`, on 2048 crops of the calibration photos)\n\n")
         text += md(["MACs target", "config", "after --recover", "after distillation", "wall"], drows)

@@ -38,6 +38,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--mix", type=float, default=0.0, metavar="ALPHA",
                    help="without labels: train on mixtures of two images of a batch (weight ~ Beta(ALPHA, ALPHA)); "
                    "the teacher sees the same mixtures (default 0: off)")
+    p.add_argument("--feature-weight", type=float, default=1.0, metavar="W",
+                   help="without labels: also match the outputs of the layers that lost input channels to the teacher's "
+                   "(normalised MSE, weight W; 0: logits/outputs only)")
     common(p)
     return p
 
@@ -49,7 +52,8 @@ def run(args) -> str:
     r = api.finetune(args.model, data=args.data, output=args.output, teacher=args.teacher, recipe=args.recipe, epochs=args.epochs, lr=args.lr,
                    batch_size=args.batch_size, workers=args.workers, resume=args.resume, kd_alpha=args.kd_alpha,
                    kd_temperature=args.kd_temperature, max_steps=args.max_steps, minutes=args.minutes, keep_worse=args.keep_worse, device=args.device, seed=args.seed,
-                   progress=not args.quiet, bn_reinsert=args.bn_reinsert, mix=args.mix)
+                   progress=not args.quiet, bn_reinsert=args.bn_reinsert, mix=args.mix,
+                   feature_weight=args.feature_weight)
     if "teacher_after" in r:
         b, a = r["teacher_before"], r["teacher_after"]
         what = (f"agreement with the teacher {b['agreement']:.1f}% -> {a['agreement']:.1f}%, KL {b['kl']:.4f} -> {a['kl']:.4f}"

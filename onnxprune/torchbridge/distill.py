@@ -241,3 +241,67 @@ def eval_feeds(ds, names: list[str], static: int | None, batch: int = 32, max_ba
 
 def strip(feeds: list[dict]) -> list[dict]:
     return [{k: v for k, v in fd.items() if k != "__n__"} for fd in feeds]
+
+
+class BestOnHeldOut:
+    """Held-out early stopping for label-free distillation (a training-loop
+    hook). At the end of every epoch (a time-budgeted run's last, partial one
+    included) it measures how far the student is from the teacher on the
+    held-out samples (KL on the first logit output, else the summed
+    normalised MSE of the outputs) and keeps a copy of the student's tensors
+    where that was lowest; :meth:`restore` puts them back."""
+
+    def __init__(self, student, teacher, feeds: list[dict], names: list[str], n_out: int, device):
+        import torch
+
+        self.student, self.names, self.n_out, self.device = student, names, n_out, device
+        self.batches = []
+        with torch.no_grad():
+            for fd in feeds:
+                n = fd.get("__n__")
+                xs = [torch.from_numpy(fd[k]).to(device) for k in names]
+                t = [v[:n].float() for v in as_list(teacher(*xs))[:n_out]]
+                self.batches.append((xs, n, t))
+        self.gaps: list[float] = []
+        self.best, self.best_epoch, self.state, self.last_epoch = float("inf"), None, None, None
+
+    def gap(self) -> float:
+        import torch
+        import torch.nn.functional as F
+
+        was = self.student.training
+        self.student.eval()
+        kl = se = 0.0
+        var: dict[int, list] = {}
+        count = 0
+        with torch.no_grad():
+            for xs, n, t in self.batches:
+                s = [v[:n].float() for v in as_list(self.student(*xs))[: self.n_out]]
+                count += len(s[0])
+                if is_logits(t[0]):
+                    kl += float(F.kl_div(F.log_softmax(s[0], -1), F.log_softmax(t[0], -1), reduction="sum",
+                                         log_target=True))
+                    continue
+                for k, (a, b) in enumerate(zip(s, t)):
+                    if a.shape == b.shape:
+                        se += float(((a - b) ** 2).reshape(len(a), -1).mean(1).sum())
+                        var.setdefault(k, []).append(b.reshape(len(b), -1))
+        self.student.train(was)
+        if kl or not var:
+            return kl / max(count, 1)
+        return se / max(count, 1) / max(float(torch.cat([torch.cat(v) for v in var.values()], 1).var()), 1e-30)
+
+    def end_epoch(self, epoch: int, rec: dict) -> dict:
+        g = self.gap()
+        self.gaps.append(g)
+        self.last_epoch = epoch
+        if g < self.best:  # NaN never wins
+            self.best, self.best_epoch = g, epoch
+            self.state = {k: v.detach().clone() for k, v in self.student.state_dict().items()}
+        return {"held_out_gap": g}
+
+    def restore(self) -> int | None:
+        """Put the best epoch's tensors back; returns that epoch (None: never measured)."""
+        if self.state is not None and self.best_epoch != self.last_epoch:
+            self.student.load_state_dict(self.state)
+        return self.best_epoch

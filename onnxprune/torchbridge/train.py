@@ -33,9 +33,12 @@ from onnxprune.torchbridge import recipes as R
 from onnxprune.torchbridge.data import IMAGENET_MEAN, IMAGENET_STD, dataset_meta, image_folder
 from onnxprune.torchbridge import bnfold
 from onnxprune.torchbridge import distill as D
+from onnxprune.torchbridge import features as FT
 from onnxprune.torchbridge.importer import import_onnx, write_back
 
 log = logging.getLogger(__name__)
+
+EARLY_BATCHES = 8  # held-out batches (of 32) measured at the end of every epoch of label-free distillation
 
 
 @dataclass
@@ -55,6 +58,7 @@ class Options:
     minutes: float | None = None  # training time budget: the schedule is fitted to it
     keep_worse: bool = False  # label-free: write the trained weights even when they are further from the teacher
     mix: float = 0.0  # label-free: mix each image batch with a shuffled copy of itself (weight ~ Beta(mix, mix))
+    feature_weight: float = 1.0  # label-free: weight of matching the pruned layers' outputs to the teacher's (0: off)
     device: str | None = None
     seed: int = 0
     mean: tuple = IMAGENET_MEAN
@@ -191,13 +195,19 @@ def finetune(pruned: str, opts: Options) -> dict:
             raise
         size = None
     t0 = time.perf_counter()
-    imp = import_onnx(proto, seed=opts.seed)
+    # label-free: the outputs of the layers that lost input channels are matched to the teacher's too
+    tap_names = (FT.taps(proto, tproto) if tproto is not None and opts.feature_weight > 0 and not labelled else [])
+    n_out = len(proto.graph.output)
+    imp = import_onnx(FT.with_outputs(proto, tap_names) if tap_names else proto, seed=opts.seed)
     student = imp.module.to(device)
     info = imp.report()
     if main_proc:
         log.info("imported %s: %d trainable tensors (%d params), %d frozen", pruned, info["trainable_tensors"],
                  info["trainable_params"], len(info["frozen"]))
-    teacher = load_teacher(tproto, device) if tproto is not None else None
+    teacher = (load_teacher(FT.with_outputs(tproto, tap_names) if tap_names else tproto, device)
+               if tproto is not None else None)
+    if main_proc and tap_names:
+        log.info("matching %d intermediate values to the teacher's (weight %g)", len(tap_names), opts.feature_weight)
     micro = imp.static_batch or max(1, opts.batch_size // world)
     accum = max(1, math.ceil(opts.batch_size / (micro * world)))
     names = io.input_names(proto)
@@ -273,12 +283,16 @@ def finetune(pruned: str, opts: Options) -> dict:
         if mixup is not None:
             xs[0], y_soft = mixup(xs[0], y)
         outs = D.as_list(model(*xs))
+        outs, feats = outs[:n_out], outs[n_out:]
         logits = outs[0]
         if teacher is not None:
             with torch.no_grad():
                 t_outs = D.as_list(teacher(*xs))
+            t_outs, t_feats = t_outs[:n_out], t_outs[n_out:]
         if y is None:
-            return D.output_loss(outs, t_outs, opts.kd_temperature)
+            loss = D.output_loss(outs, t_outs, opts.kd_temperature)
+            fl = FT.feature_loss(feats, t_feats) if feats else None
+            return loss if fl is None else loss + opts.feature_weight * fl
         if mixup is not None:
             task = torch.sum(-y_soft * F.log_softmax(logits.float(), -1), -1).mean()
         else:
@@ -291,12 +305,21 @@ def finetune(pruned: str, opts: Options) -> dict:
         return (1 - opts.kd_alpha) * task + opts.kd_alpha * kd
 
     hooks = [h for h in (ema, ckpt if main_proc else None) if h is not None]
+    early = None
+    if not labelled and not distributed and ema is None:  # label-free: keep the epoch nearest the teacher on held-out data
+        few = min(opts.eval_batches or EARLY_BATCHES, EARLY_BATCHES)  # bounded time and memory per epoch
+        early = D.BestOnHeldOut(student, teacher, D.eval_feeds(eval_ds, names, imp.static_batch, max_batches=few),
+                                names, n_out, device)
+        hooks.append(early)
     t_train = time.perf_counter()
     run = L.fit(model, loader, opt, loss_fn, epochs=recipe.epochs, steps_per_epoch=steps_per_epoch, accum=accum,
                 max_steps=opts.max_steps, lr_at=lambda s, t: _lr_at(s, t, steps_per_epoch, lr, recipe),
                 clip_grad=recipe.clip_grad, amp=amp_dtype if use_amp else None, hooks=hooks, start_step=step,
                 start_epoch=start_epoch, budget_s=opts.minutes * 60 if opts.minutes else None, progress=opts.progress and main_proc)
     step, history = run.step, run.history
+    best_epoch = early.restore() if early is not None else None
+    if main_proc and early is not None and best_epoch is not None and best_epoch != run.epoch:
+        log.info("kept epoch %d of %d: nearest the teacher on the held-out samples", best_epoch, run.epoch)
     if ema is not None:
         ema.copy_to_module()
     n_bn = len(bns)
@@ -307,10 +330,14 @@ def finetune(pruned: str, opts: Options) -> dict:
               "micro_batch": micro, "accumulation": accum, "world_size": world, "device": str(device), "amp": use_amp,
               "steps": step, "history": history, "import": info, "kd": bool(teacher), "classes": n_classes,
               "data": data_desc, "labels": labelled, "bn_reinserted": n_bn,
-              "train_seconds": round(time.perf_counter() - t_train, 1)}
+              "train_seconds": round(time.perf_counter() - t_train, 1),
+              "features": {"values": tap_names, "weight": opts.feature_weight if tap_names else 0.0}}
+    if early is not None:
+        result["held_out_gaps"], result["best_epoch"] = early.gaps, best_epoch
     if main_proc:
         student.cpu()
         tuned = write_back(imp)
+        del tuned.graph.output[n_out:]  # the matched values were outputs for training only
         io.save(tuned, opts.output)
         if labelled:
             result["top1_before"] = evaluate_onnx(proto, opts.data, size, opts.mean, opts.std, opts.eval_batches)
