@@ -267,10 +267,10 @@ def test_label_free_distillation_mixes_every_step_with_the_given_alpha(tmp_path,
     assert rc == 0 and seen == [0.4] * 4
 
 
-def _with_outputs_run(proto, names, x):
+def _with_outputs_run(proto, values, x):
     from onnxprune.torchbridge import features as FT
 
-    sess = runtime.session(FT.with_outputs(proto, names))
+    sess = runtime.session(FT.with_outputs(proto, values))
     return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {sess.get_inputs()[0].name: x})))
 
 
@@ -279,10 +279,11 @@ def test_matched_values_are_the_outputs_of_layers_that_lost_input_channels(tmp_p
 
     teacher = onnx.load(cnn)
     student = prune(cnn, {"kinds": {"channels": 0.5}}).proto
-    names = FT.taps(student, teacher)
+    values = FT.taps(student, teacher)
+    names = list(values)
     assert 0 < len(names) <= FT.MAX_TAPS
     x = np.random.default_rng(1).standard_normal((2, 3, 32, 32)).astype(np.float32)
-    s, t = _with_outputs_run(student, names, x), _with_outputs_run(teacher, names, x)
+    s, t = _with_outputs_run(student, values, x), _with_outputs_run(teacher, values, x)
     assert all(s[n].shape == t[n].shape for n in names)  # the teacher's width
     w_s = {i.name: tuple(i.dims) for i in student.graph.initializer}
     w_t = {i.name: tuple(i.dims) for i in teacher.graph.initializer}
@@ -292,7 +293,7 @@ def test_matched_values_are_the_outputs_of_layers_that_lost_input_channels(tmp_p
     # a layer that lost output channels has another width: never matched
     narrowed = [nd.output[0] for nd in student.graph.node if nd.op_type == "Conv" and w_s[nd.input[1]][0] < w_t[nd.input[1]][0]]
     assert narrowed and not set(narrowed) & set(names)
-    assert FT.taps(teacher, teacher) == []  # nothing pruned: nothing to match
+    assert FT.taps(teacher, teacher) == {}  # nothing pruned: nothing to match
 
 
 def test_label_free_distillation_matches_the_pruned_layers_outputs(tmp_path, cnn, flat_images, monkeypatch):
@@ -306,7 +307,8 @@ def test_label_free_distillation_matches_the_pruned_layers_outputs(tmp_path, cnn
     pruned = str(tmp_path / "pruned.onnx")
     student = prune(cnn, {"kinds": {"channels": 0.5}}).proto
     io.save(student, pruned)
-    names = FT.taps(student, onnx.load(cnn))
+    values = FT.taps(student, onnx.load(cnn))
+    names = list(values)
     runs = {}
     for w in ("0", "1"):
         calls.clear()
@@ -332,13 +334,12 @@ def test_label_free_distillation_matches_the_pruned_layers_outputs(tmp_path, cnn
     mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
     x = np.stack([((np.asarray(Image.open(f).convert("RGB"), np.float32) / 255 - mean) / std).transpose(2, 0, 1)
                   for f in files]).astype(np.float32)
-    t = _with_outputs_run(onnx.load(cnn), names, x)
+    t = _with_outputs_run(onnx.load(cnn), values, x)
 
     def gap(path):
-        s = _with_outputs_run(onnx.load(path), names, x)
+        s = _with_outputs_run(onnx.load(path), values, x)
         return float(np.mean([np.mean((s[n] - t[n]) ** 2) / np.var(t[n]) for n in names]))
 
-    print("matched-value gap with / without the feature loss:", gap(out1), gap(out0))
     assert gap(out1) < 0.8 * gap(out0)
 
 
@@ -382,5 +383,4 @@ def test_label_free_distillation_writes_the_epoch_nearest_the_teacher(tmp_path, 
     gaps = rep["held_out_gaps"]
     assert len(gaps) == 4 and rep["best_epoch"] == 1 + int(np.argmin(gaps))
     assert [h["held_out_gap"] for h in rep["history"]] == gaps
-    print("held-out KL per epoch:", gaps, "written:", rep["teacher_after"]["kl"])
     assert rep["teacher_after"]["kl"] == pytest.approx(min(gaps), rel=1e-3)

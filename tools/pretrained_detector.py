@@ -36,7 +36,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 
 from common import md, pip_fetch, write_results  # noqa: E402
-from pretrained_recovery import CACHE as PHOTO_CACHE, crops as photo_crops, photo_files, run  # noqa: E402
+from pretrained_recovery import CACHE as PHOTO_CACHE, crops as photo_crops, logits as outputs, photo_files, run  # noqa: E402
 
 CACHE = os.path.join(HERE, ".cache", "detector")
 PACKAGE = "nudenet==3.4.2"
@@ -56,16 +56,6 @@ def model_path() -> str:
 def crops(files: list[str], n: int, rng) -> tuple[np.ndarray, np.ndarray]:
     """``n`` random resized crops (320 px, scale 0.3-1, RGB in [0, 1]) and the photo index of each."""
     return photo_crops(files, n, rng, sources=True, size=SIZE, scale=(0.3, 1.0), norm=lambda a: a / 255)
-
-
-def outputs(path: str, x: np.ndarray) -> np.ndarray:
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    s = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
-    name = s.get_inputs()[0].name
-    return np.concatenate([s.run(None, {name: x[i:i + 16]})[0] for i in range(0, len(x), 16)])
 
 
 def pearson(a: np.ndarray, b: np.ndarray) -> float:

@@ -231,10 +231,9 @@ def main(argv: list[str] | None = None) -> None:
             "original (%) / KL(original || pruned) on real-photo crops\n\n")
     text += md(["MACs target", "config", "pruned", "prune time", "after --recover", "prune + recover time"], rows)
     if drows:
-        mix = f" --mix {args.distill_mix:g}" if args.distill_mix else ""
-        mix += f" --feature-weight {args.distill_feature_weight:g}"
+        opts = (f" --mix {args.distill_mix:g}" if args.distill_mix else "") + f" --feature-weight {args.distill_feature_weight:g}"
         text += (f"\n\nLabel-free distillation from the original ONNX after the best recovery (`finetune --teacher "
-                 f"--minutes {args.distill_minutes:g}{mix}`, on 2048 crops of the calibration photos)\n\n")
+                 f"--minutes {args.distill_minutes:g}{opts}`, on 2048 crops of the calibration photos)\n\n")
         text += md(["MACs target", "config", "after --recover", "after distillation", "wall"], drows)
     text += (f"\n\n{len(files)} photos; split '{args.split}'; calibration {32 * args.calib_batches} crops, evaluation "
              f"{args.eval} crops (the original's mean top-1 probability on them: {conf.mean():.2f}); "

@@ -254,7 +254,7 @@ class BestOnHeldOut:
     def __init__(self, student, teacher, feeds: list[dict], names: list[str], n_out: int, device):
         import torch
 
-        self.student, self.names, self.n_out, self.device = student, names, n_out, device
+        self.student, self.n_out = student, n_out
         self.batches = []
         with torch.no_grad():
             for fd in feeds:
@@ -262,34 +262,37 @@ class BestOnHeldOut:
                 xs = [torch.from_numpy(fd[k]).to(device) for k in names]
                 t = [v[:n].float() for v in as_list(teacher(*xs))[:n_out]]
                 self.batches.append((xs, n, t))
+        self.logits = bool(self.batches) and is_logits(self.batches[0][2][0])
         self.gaps: list[float] = []
         self.best, self.best_epoch, self.state, self.last_epoch = float("inf"), None, None, None
 
     def gap(self) -> float:
+        """KL(teacher || student) per sample on the first logit output, else the
+        sum over outputs of MSE / var(teacher)."""
         import torch
         import torch.nn.functional as F
 
         was = self.student.training
         self.student.eval()
-        kl = se = 0.0
-        var: dict[int, list] = {}
-        count = 0
+        kl, count = 0.0, 0
+        se: dict[int, float] = {}
+        tt: dict[int, list] = {}
         with torch.no_grad():
             for xs, n, t in self.batches:
                 s = [v[:n].float() for v in as_list(self.student(*xs))[: self.n_out]]
-                count += len(s[0])
-                if is_logits(t[0]):
+                count += len(t[0])
+                if self.logits:
                     kl += float(F.kl_div(F.log_softmax(s[0], -1), F.log_softmax(t[0], -1), reduction="sum",
                                          log_target=True))
                     continue
                 for k, (a, b) in enumerate(zip(s, t)):
                     if a.shape == b.shape:
-                        se += float(((a - b) ** 2).reshape(len(a), -1).mean(1).sum())
-                        var.setdefault(k, []).append(b.reshape(len(b), -1))
+                        se[k] = se.get(k, 0.0) + float(((a - b) ** 2).reshape(len(a), -1).mean(1).sum())
+                        tt.setdefault(k, []).append(b.reshape(len(b), -1))
         self.student.train(was)
-        if kl or not var:
+        if self.logits:
             return kl / max(count, 1)
-        return se / max(count, 1) / max(float(torch.cat([torch.cat(v) for v in var.values()], 1).var()), 1e-30)
+        return sum(se[k] / max(count, 1) / max(float(torch.cat(tt[k]).var()), 1e-30) for k in se)
 
     def end_epoch(self, epoch: int, rec: dict) -> dict:
         g = self.gap()

@@ -59,17 +59,17 @@ def _compatible(a: tuple | None, b: tuple | None) -> bool:
     return all(x == y for x, y in zip(a[1], b[1]) if isinstance(x, int) and isinstance(y, int))
 
 
-def taps(student: onnx.ModelProto, teacher: onnx.ModelProto, limit: int = MAX_TAPS) -> list[str]:
-    """Value names to match: outputs of linear layers (Conv, Gemm, MatMul)
-    whose weight lost input channels but kept every output channel, so the
-    value has the teacher's width. Graph outputs are left to the output loss.
-    At most ``limit``, evenly spaced along the graph."""
+def taps(student: onnx.ModelProto, teacher: onnx.ModelProto, limit: int = MAX_TAPS) -> dict[str, int]:
+    """The values to match, name -> ONNX element type, in graph order: outputs
+    of linear layers (Conv, Gemm, MatMul) whose weight lost input channels but
+    kept every output channel, so the value has the teacher's width. Graph
+    outputs are left to the output loss. At most ``limit``, evenly spaced."""
     s_init, t_init = _init_shapes(student), _init_shapes(teacher)
     t_made = {o for n in teacher.graph.node for o in n.output}
     outputs = {o.name for o in student.graph.output}
     s_shape, t_shape = _shapes(student), _shapes(teacher)
     floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
-    found = []
+    found: list[tuple[str, int]] = []
     for node in student.graph.node:
         if len(node.input) < 2 or not node.output or node.output[0] in outputs or node.output[0] not in t_made:
             continue
@@ -82,21 +82,20 @@ def taps(student: onnx.ModelProto, teacher: onnx.ModelProto, limit: int = MAX_TA
         v = node.output[0]
         a = s_shape.get(v)
         if a is not None and a[0] in floats and _compatible(a, t_shape.get(v)):
-            found.append(v)
+            found.append((v, a[0]))
     if len(found) > limit:
         step = len(found) / limit
         found = [found[int(i * step + step / 2)] for i in range(limit)]
-    return found
+    return dict(found)
 
 
-def with_outputs(proto: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
-    """A copy of ``proto`` that also outputs ``names`` (after its own outputs)."""
+def with_outputs(proto: onnx.ModelProto, values: dict[str, int]) -> onnx.ModelProto:
+    """A copy of ``proto`` that also outputs ``values`` (name -> element type, as
+    :func:`taps` gives them), after its own outputs."""
     out = onnx.ModelProto()
     out.CopyFrom(proto)
-    known = _shapes(proto)
-    for n in names:
-        elem = known.get(n, (onnx.TensorProto.FLOAT, ()))[0]
-        out.graph.output.append(helper.make_tensor_value_info(n, elem, None))
+    for name, elem in values.items():
+        out.graph.output.append(helper.make_tensor_value_info(name, elem, None))
     return out
 
 

@@ -196,18 +196,18 @@ def finetune(pruned: str, opts: Options) -> dict:
         size = None
     t0 = time.perf_counter()
     # label-free: the outputs of the layers that lost input channels are matched to the teacher's too
-    tap_names = (FT.taps(proto, tproto) if tproto is not None and opts.feature_weight > 0 and not labelled else [])
+    matched = FT.taps(proto, tproto) if tproto is not None and opts.feature_weight > 0 and not labelled else {}
     n_out = len(proto.graph.output)
-    imp = import_onnx(FT.with_outputs(proto, tap_names) if tap_names else proto, seed=opts.seed)
+    imp = import_onnx(FT.with_outputs(proto, matched) if matched else proto, seed=opts.seed)
     student = imp.module.to(device)
     info = imp.report()
     if main_proc:
         log.info("imported %s: %d trainable tensors (%d params), %d frozen", pruned, info["trainable_tensors"],
                  info["trainable_params"], len(info["frozen"]))
-    teacher = (load_teacher(FT.with_outputs(tproto, tap_names) if tap_names else tproto, device)
+    teacher = (load_teacher(FT.with_outputs(tproto, matched) if matched else tproto, device)
                if tproto is not None else None)
-    if main_proc and tap_names:
-        log.info("matching %d intermediate values to the teacher's (weight %g)", len(tap_names), opts.feature_weight)
+    if main_proc and matched:
+        log.info("matching %d intermediate values to the teacher's (weight %g)", len(matched), opts.feature_weight)
     micro = imp.static_batch or max(1, opts.batch_size // world)
     accum = max(1, math.ceil(opts.batch_size / (micro * world)))
     names = io.input_names(proto)
@@ -305,11 +305,10 @@ def finetune(pruned: str, opts: Options) -> dict:
         return (1 - opts.kd_alpha) * task + opts.kd_alpha * kd
 
     hooks = [h for h in (ema, ckpt if main_proc else None) if h is not None]
-    early = None
+    early, held = None, None
     if not labelled and not distributed and ema is None:  # label-free: keep the epoch nearest the teacher on held-out data
-        few = min(opts.eval_batches or EARLY_BATCHES, EARLY_BATCHES)  # bounded time and memory per epoch
-        early = D.BestOnHeldOut(student, teacher, D.eval_feeds(eval_ds, names, imp.static_batch, max_batches=few),
-                                names, n_out, device)
+        held = D.eval_feeds(eval_ds, names, imp.static_batch, max_batches=opts.eval_batches)
+        early = D.BestOnHeldOut(student, teacher, held[:EARLY_BATCHES], names, n_out, device)  # bounded work per epoch
         hooks.append(early)
     t_train = time.perf_counter()
     run = L.fit(model, loader, opt, loss_fn, epochs=recipe.epochs, steps_per_epoch=steps_per_epoch, accum=accum,
@@ -331,7 +330,7 @@ def finetune(pruned: str, opts: Options) -> dict:
               "steps": step, "history": history, "import": info, "kd": bool(teacher), "classes": n_classes,
               "data": data_desc, "labels": labelled, "bn_reinserted": n_bn,
               "train_seconds": round(time.perf_counter() - t_train, 1),
-              "features": {"values": tap_names, "weight": opts.feature_weight if tap_names else 0.0}}
+              "features": {"values": list(matched), "weight": opts.feature_weight if matched else 0.0}}
     if early is not None:
         result["held_out_gaps"], result["best_epoch"] = early.gaps, best_epoch
     if main_proc:
@@ -345,7 +344,7 @@ def finetune(pruned: str, opts: Options) -> dict:
             if opts.teacher:
                 result["top1_teacher"] = evaluate_onnx(tproto, opts.data, size, opts.mean, opts.std, opts.eval_batches)
         else:
-            feeds = D.eval_feeds(eval_ds, names, imp.static_batch, max_batches=opts.eval_batches)
+            feeds = held if held is not None else D.eval_feeds(eval_ds, names, imp.static_batch, max_batches=opts.eval_batches)
             result["teacher_before"] = D.compare_onnx(proto, tproto, feeds)
             result["teacher_after"] = D.compare_onnx(tuned, tproto, feeds)
             gap0, gap1 = _teacher_gap(result["teacher_before"]), _teacher_gap(result["teacher_after"])
