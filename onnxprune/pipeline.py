@@ -170,8 +170,10 @@ class Job:
         import time
 
         from onnxprune.plan import damage
+        from onnxprune.plan.compensate import MeanShift
         from onnxprune.report import Progress
         from onnxprune.runtime import session
+        from onnxprune.runtime.capture import exposed
 
         if calib is None:
             raise UserError("scope 'damage' measures each candidate on calibration data: give --calib "
@@ -187,10 +189,22 @@ class Job:
         t_run = time.perf_counter()
         ref = [sess.run(None, fd) for fd in feeds]
         t_run = time.perf_counter() - t_run
-        del sess, original
+        del sess
+
+        # candidates are measured with the removed channels' mean contribution
+        # folded into their consumers' biases, as --recover gives it back
+        # (onnxprune.plan.compensate)
+        def values(names, original=original):  # the named values of the original model, batch by batch
+            s = exposed(original, names, threads, copy=False)  # a copy already, dropped after
+            ins = [i.name for i in s.get_inputs()]
+            for k in range(len(calib.batches)):
+                yield dict(zip(names, s.run(names, calib.feed(k, ins))))
+
+        shift = MeanShift(self.ctx, pool, values, every=[g for g in self.groups if not g.frozen])
+        del original
 
         def measure(keep) -> float:
-            with self.edited(keep, prune=True) as proto:
+            with self.edited(keep, prune=True, shifts=shift.shifts(keep)) as proto:
                 sess = session(proto, threads)
                 got = [sess.run(None, fd) for fd in feeds]
             return float(np.mean([damage.output_damage(r, g) for r, g in zip(ref, got)]))
@@ -385,11 +399,13 @@ class Job:
         return rows, stats
 
     @contextmanager
-    def edited(self, keep: dict[int, np.ndarray], zero: bool = False, prune: bool = False, consumer_only=frozenset()):
+    def edited(self, keep: dict[int, np.ndarray], zero: bool = False, prune: bool = False, consumer_only=frozenset(),
+               shifts=()):
         """Temporarily zero the removed channels (see :func:`rewrite.zero_removed`)
-        and/or rewrite by ``keep``; yields a full proto of the edited model, then
-        undoes every edit."""
-        from onnxprune.rewrite import Journal, apply_plan, zero_removed
+        and/or rewrite by ``keep``, then move layers' outputs by ``shifts``
+        (``[(node, per-channel shift)]``, :func:`rewrite.shift_output`); yields a
+        full proto of the edited model, then undoes every edit."""
+        from onnxprune.rewrite import Journal, apply_plan, shift_output, zero_removed
 
         j = Journal()
         try:
@@ -397,6 +413,8 @@ class Job:
                 zero_removed(self.ctx, [g for g in self.groups if g.id in keep], keep, j, consumer_only)
             if prune:
                 apply_plan(self.ctx, keep, j)
+            for node, shift in shifts:
+                shift_output(node, shift, j)
             yield io.full_proto(self.model)
         finally:
             j.undo()

@@ -276,3 +276,46 @@ def add_bias_after(node: ir.Node, bias: np.ndarray, journal: Journal | None = No
             graph.remove(add, safe=True)
         journal.record(undo)
     return add
+
+
+def shift_output(node: ir.Node, shift: np.ndarray, journal: Journal | None = None) -> bool:
+    """Add ``shift`` (one value per output channel) to what a Conv, Gemm or
+    MatMul produces, through its bias: the Conv's or Gemm's bias input (made
+    when missing; ``beta`` undone), a MatMul's following ``Add`` of a constant,
+    else a new ``Add``. Returns False (nothing changed) where the bias is not a
+    plain constant (e.g. quantized)."""
+    op = node.op_type
+    shift = np.asarray(shift, np.float64)
+    if op in ("Conv", "Gemm"):
+        beta = node.attributes.get("beta") if op == "Gemm" else None
+        scale = float(beta.value) if beta is not None else 1.0
+        b = node.inputs[2] if len(node.inputs) > 2 else None
+        if b is None:
+            w = node.inputs[1]
+            dt = w.const_value.numpy().dtype if w is not None and w.const_value is not None else np.dtype(np.float32)
+            set_input(node, 2, (shift / scale).astype(dt), "shift_b", journal)
+            return True
+        if b.const_value is None:
+            return False
+        old = b.const_value.numpy()
+        if not np.issubdtype(old.dtype, np.floating) or old.ndim and old.shape[-1] not in (1, len(shift)):
+            return False
+        new = old.astype(np.float64) + (shift / scale).reshape((1,) * max(old.ndim - 1, 0) + (-1,))
+        set_input(node, 2, new.astype(old.dtype), "shift_b", journal)
+        return True
+    if op != "MatMul":
+        return False
+    y = node.outputs[0]
+    uses = list(y.uses())
+    if len(uses) == 1 and uses[0].node.op_type == "Add" and not y.is_graph_output():
+        add, slot = uses[0].node, 1 - uses[0].idx
+        c = add.inputs[slot]
+        if c is not None and c.const_value is not None:
+            old = c.const_value.numpy()
+            if np.issubdtype(old.dtype, np.floating) and old.shape and old.shape[-1] == len(shift) \
+                    and old.size == len(shift):
+                set_input(add, slot, (old.astype(np.float64) + shift.reshape(old.shape)).astype(old.dtype), "shift_b",
+                          journal)
+                return True
+    add_bias_after(node, shift.astype(np.float32), journal)
+    return True

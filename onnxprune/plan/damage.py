@@ -23,7 +23,11 @@ still the cheapest; otherwise the next cheapest is re-measured, at most
 count for nothing, so a coarse step that would overshoot it (a group of two
 channels) does not win over finer ones by its size. The search stops as soon
 as the budget is met. The module is pure: measuring is the caller's (``measure(keep)``), and
-so is counting (``estimate(keep)``).
+so is counting (``estimate(keep)``). The pipeline measures each candidate with
+the removed channels' mean contribution folded into their consumers' biases
+(:mod:`onnxprune.plan.compensate`), as ``--recover`` gives it back: the damage
+it prices is what recovery cannot undo by a constant (on EfficientNet-Lite0 at
+70% of its MACs, 30.2% -> 46.8% top-1 agreement on new photos after recovery).
 """
 from __future__ import annotations
 

@@ -270,6 +270,9 @@ def recover_model(
                 _totals(f)
                 lam, held_before, held_after = _select(f, ridge) if hold else (None, 0.0, 0.0)
                 f.row.ridge = lam if lam is not None else (ridge if method == "ridge" else None)
+                if lam is not None and np.isinf(lam):  # cross-validation chose the bias alone
+                    f.row.ridge, f.row.method = None, "bias"
+                    f.row.reason = "bias only: no re-fit of the weights beat it on held-out sources"
                 Ws = _solve(f, method, ridge if lam is None else lam)
                 tot_y = sum(float(yy.sum()) for yy in f.yy)
                 before = sum(_sq_err(G, C, yy, W) for G, C, yy, W in zip(f.G, f.C, f.yy, f.w0))

@@ -5,6 +5,7 @@ held-out folds of calibration sources. Nothing here reads or edits a model.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -152,7 +153,14 @@ def _totals(fit: _Fit) -> None:
 
 
 def _ridge(G, C, W0, lam_rel: float):
+    """``min ||[X 1] W - Y||^2 + lam ||W - W0||^2`` over the weight rows (the
+    bias row unpenalised); ``lam_rel`` infinite: the weights stay ``W0`` and
+    only the bias moves (to its least-squares optimum)."""
     d = G.shape[0] - 1
+    if math.isinf(lam_rel):
+        W = W0.copy()
+        W[-1] += (C[-1] - G[-1] @ W0) / max(G[-1, -1], 1e-30)
+        return W
     lam = lam_rel * np.trace(G[:d, :d]) / max(d, 1)
     D = np.ones(d + 1)
     D[-1] = 0.0
@@ -202,6 +210,8 @@ def _select(fit: _Fit, ridge: float) -> tuple[float | None, float, float]:
     lam = min(errs, key=errs.get)
     if errs[ridge] <= errs[lam] * 1.01 + 1e-30:
         lam = ridge  # the given strength unless another is clearly better
+    if cv(math.inf) < errs[lam]:  # the weights as pruned, only the bias re-fitted, generalises better
+        lam = math.inf
     return lam, base, errs[lam]
 
 
