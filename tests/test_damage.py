@@ -249,3 +249,11 @@ def test_candidates_are_measured_on_samples_from_every_batch(tmp_path):
     m.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 16  # a static batch: whole batches
     feeds, n = Job.open(m)._damage_feeds(cal, 20)
     assert n == 32 and [float(fd["x"][0, 0, 0, 0]) for fd in feeds] == [0.0, 1.0]
+
+
+@pytest.mark.parametrize("seconds, samples", [(math.inf, D.SAMPLES), (0.0, D.MIN_SAMPLES)])
+def test_a_model_slower_than_the_run_budget_is_measured_on_fewer_samples(tmp_path, monkeypatch, seconds, samples):
+    monkeypatch.setattr(D, "RUN_SECONDS", seconds)  # 0: every model is "slow"
+    job = Job.open(_dead_cnn())
+    plan = job.plan(Ratios.from_dict({"target_macs": 0.9, "scope": "damage"}), _calib(tmp_path, n=64))
+    assert plan.target["samples"] == samples and plan.target["met"]

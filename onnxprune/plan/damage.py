@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 STEPS = 16  # a step removes 1/16 of a group's channels (1/8 left 65.5% agreement on Lite0 at 90% MACs, 1/16 69.5%)
 MAX_FRACTION = 7 / 8  # no group loses more than this (never emptied)
 SAMPLES = 32  # calibration samples each candidate is measured on (whole batches: at least this many)
+RUN_SECONDS = 0.5  # when the original takes longer than this on them, fewer samples ...
+MIN_SAMPLES = 16  # ... but not fewer than this (a ViT-S on 2 cores: 1.1 s for 32; the search ran 109 candidates)
 MAX_REMEASURE = 4  # stale candidates re-measured per step before the best fresh one is taken
 
 
@@ -189,4 +191,5 @@ def allocate(groups, order: dict[int, np.ndarray], measure, estimate, metric: st
     return keep_of(removed), info
 
 
-__all__ = ["allocate", "output_damage", "is_logits", "step_size", "STEPS", "MAX_FRACTION"]
+__all__ = ["allocate", "output_damage", "is_logits", "step_size", "STEPS", "MAX_FRACTION", "SAMPLES", "RUN_SECONDS",
+           "MIN_SAMPLES"]

@@ -42,8 +42,9 @@ What generalises is decided on data the fit did not see. Samples of one
 source (a ``source`` array in the calibration ``.npz``, else groups of
 look-alike images: crops of one photo) always fall in the same fold. The
 ridge strength of each layer is chosen by 2-fold cross-validation over
-sources, and a fit that does not beat the pruned weights on held-out sources
-is not applied (shrinking towards ``W0`` *is* the ridge). A quarter of the
+sources (infinite strength among the candidates: the pruned weights with only
+the bias re-fitted), and a fit that does not beat the pruned weights on
+held-out sources is not applied (shrinking towards ``W0`` *is* the ridge). A quarter of the
 sources (when there are at least 8) is kept out of every fit: on it the whole
 recovered model is compared with the pruned one, and if it is further from
 the original there, the pruned model is returned.
