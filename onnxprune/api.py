@@ -158,6 +158,20 @@ def resolve_plan(job: Job, ratios: Ratios | None = None, plan=None, calib=None, 
                     progress=progress)
 
 
+def _calib_hints(calib) -> dict:
+    """Input dims a calibration array file implies (:class:`onnxprune.io.Hint`):
+    a .npy, or an .npz's ``x``, for a model with one data input; an .npz's
+    other arrays for the inputs of their names (labels and sources aside)."""
+    if not isinstance(calib, str) or not calib.endswith((".npy", ".npz")):
+        return {}
+    out = {}
+    for k, shape in io.array_shapes(calib).items():
+        if k in ("y", "source") or len(shape) < 2 or min(shape) <= 0:
+            continue
+        out["" if k in ("", "x") else k] = io.Hint(list(shape))
+    return out
+
+
 def _shapes(ratios: Ratios | None, input_shapes) -> dict:
     """The input shapes a run fixes: the ratios' ``input_shapes``, overridden by the caller's."""
     return {**(ratios.input_shapes if ratios is not None else {}), **io.parse_input_shapes(input_shapes)}
@@ -258,7 +272,7 @@ def prune(
     if output is not None:
         io.refuse_overwrite(output, source, *([plan] if isinstance(plan, str) else []))
     shapes = _shapes(ratios if plan is None else None, input_shapes)
-    job = analyze(model, shapes)
+    job = analyze(model, {**_calib_hints(calib), **shapes})
     if isinstance(calib, str):
         calib = calibration(calib, job, calib_batches, calib_batch_size)
         say(f"calibration: {calib.source}, {len(calib.batches)} batches of {len(calib.batches[0])}")

@@ -81,6 +81,36 @@ def test_input_shape_errors_are_one_line(tmp_path):
         assert rc == 1 and len(err.strip().splitlines()) == 1 and msg in err, (spec, err)
 
 
+def test_calibration_arrays_give_the_dims_the_model_leaves_open(tmp_path):
+    onnx.save(detector(), str(tmp_path / "det.onnx"))
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "cal.npy", rng.standard_normal((32, 3, 32, 48)).astype(np.float32))
+    rc, out, err = cli(["det.onnx", "--ratios", '{"target_macs": 0.8}', "--calib", "cal.npy", "-o", "p.onnx", "--verify"],
+                       tmp_path)
+    assert rc == 0, err
+    assert "dims batch,3,32,48 taken from the calibration data" in out + err
+    sess = runtime.session(str(tmp_path / "p.onnx"))
+    assert [d if isinstance(d, int) else "sym" for d in sess.get_inputs()[0].shape] == ["sym", 3, 32, 48]
+    assert sess.run(None, {"images": np.zeros((2, 3, 32, 48), np.float32)})[0].shape == (2, 6, 32, 48)
+    # an .npz: the array named after the input; --input-shape wins over the data
+    np.savez(tmp_path / "cal.npz", images=rng.standard_normal((32, 3, 16, 16)).astype(np.float32))
+    rc, out, err = cli(["det.onnx", "--ratios", '{"default": 0.5}', "--calib", "cal.npz", "-o", "q.onnx",
+                        "--input-shape", "images:N,3,16,32"], tmp_path)
+    assert rc == 0, err
+    assert runtime.session(str(tmp_path / "q.onnx")).get_inputs()[0].shape[1:] == [3, 16, 32]
+    rc, out, err = cli(["det.onnx", "--ratios", '{"default": 0.5}', "--calib", "cal.npz", "-o", "r.onnx"], tmp_path)
+    assert rc == 0, err
+    assert runtime.session(str(tmp_path / "r.onnx")).get_inputs()[0].shape[1:] == [3, 16, 16]
+
+
+def test_calibration_dims_that_contradict_the_model_are_not_taken(tmp_path):
+    onnx.save(detector(hw="height, 48"), str(tmp_path / "det.onnx"))  # W known: 48
+    np.save(tmp_path / "cal.npy", np.zeros((32, 3, 32, 32), np.float32))
+    rc, out, err = cli(["det.onnx", "--ratios", '{"default": 0.5}', "--calib", "cal.npy", "-o", "p.onnx"], tmp_path)
+    assert rc == 1 and len(err.strip().splitlines()) == 1 and "--input-shape images:N,3,<size>,48" in err, err
+    assert not (tmp_path / "p.onnx").exists()
+
+
 def test_a_feed_the_original_cannot_run_is_the_users_error(tmp_path):
     """H, W that the upsample + concat cannot take (odd sizes): the original fails on that feed too."""
     onnx.save(detector(), str(tmp_path / "det.onnx"))

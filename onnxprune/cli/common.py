@@ -29,7 +29,7 @@ def default_ratios() -> str:
 def shape_opt(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input-shape", action="append", default=[], metavar="NAME:D1,D2,...",
                    help="fix an input's dims (repeatable), e.g. images:1,3,640,640; a name keeps a dim symbolic "
-                   "(N,3,640,640); needed when a dim other than the batch is dynamic")
+                   "(N,3,640,640); needed when a dim other than the batch is dynamic and no --calib array gives it")
 
 
 def shapes(args, ratios=None) -> dict:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from onnxprune.io.read import (
     read_proto,
     read_array,
+    array_shapes,
     read_model,
     check_graph,
     load,
@@ -44,6 +45,7 @@ from onnxprune.io.write import (
     refuse_overwrite,
 )
 from onnxprune.io.inputs import (
+    Hint,
     parse_input_shapes,
     set_input_shapes,
     data_inputs,
@@ -55,6 +57,7 @@ from onnxprune.io.inputs import (
 __all__ = [
     "read_proto",
     "read_array",
+    "array_shapes",
     "read_model",
     "check_graph",
     "load",
@@ -83,6 +86,7 @@ __all__ = [
     "release",
     "save_model",
     "refuse_overwrite",
+    "Hint",
     "parse_input_shapes",
     "set_input_shapes",
     "data_inputs",

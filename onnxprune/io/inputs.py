@@ -2,13 +2,24 @@
 their dims, the static batch."""
 from __future__ import annotations
 
+import logging
+
 import onnx
 import onnx_ir as ir
 
 from onnxprune.errors import UserError
 
+log = logging.getLogger(__name__)
+
 
 # -- input shapes -------------------------------------------------------------------------
+
+class Hint(list):
+    """Dims read from the calibration data, not given by the user: they fill an
+    input's unknown dims (the batch stays symbolic) and are dropped where they
+    contradict its known ones. Keyed by the input's name, or ``""`` for a model
+    with one data input."""
+
 
 def parse_input_shapes(specs) -> dict[str, list]:
     """``["x:1,3,640,640", "ids:N,128"]`` or ``{"x": [1, 3, 640, 640]}`` -> ``{name: dims}``;
@@ -36,7 +47,7 @@ def parse_input_shapes(specs) -> dict[str, list]:
             if isinstance(d, bool) or not (isinstance(d, int) and d > 0 or isinstance(d, str) and d.isidentifier() or d == -1):
                 raise UserError(f"input shape of {name!r}: dim {d!r} must be a positive integer or a name (symbolic)")
             row.append("batch" if d == -1 else d)
-        out[str(name)] = row
+        out[str(name)] = Hint(row) if isinstance(dims, Hint) else row
     return out
 
 
@@ -47,6 +58,7 @@ def set_input_shapes(model: ir.Model, shapes: dict[str, list]) -> None:
     g = model.graph
     inputs = {v.name: v for v in g.inputs if v.const_value is None}
     batch = _batch_name(inputs.values())
+    shapes = _with_hints(inputs, shapes)
     unknown = set(shapes) - set(inputs)
     if unknown:
         raise UserError(f"--input-shape names no input of this model: {', '.join(sorted(unknown))} "
@@ -76,6 +88,29 @@ def set_input_shapes(model: ir.Model, shapes: dict[str, list]) -> None:
                 raise UserError(f"input '{name}' has a dynamic dim {i} ({_dim_text(d)}): give its shape with "
                                 f"--input-shape {name}:{shown.replace('?', '<size>')}")
         v.shape = ir.Shape(fixed)
+
+
+def _with_hints(inputs: dict, shapes: dict) -> dict:
+    """``shapes`` with each :class:`Hint` resolved: kept (as the input's dims,
+    its known ones and the batch untouched) for an input the user gave no shape
+    and that has unknown dims, where it agrees with the known ones; else dropped."""
+    out = {k: v for k, v in shapes.items() if not isinstance(v, Hint)}
+    hints = {k: v for k, v in shapes.items() if isinstance(v, Hint)}
+    if "" in hints and len(inputs) == 1:
+        hints.setdefault(next(iter(inputs)), hints[""])
+    for name, want in hints.items():
+        v = inputs.get(name)
+        if not name or v is None or name in out or v.shape is None or len(v.shape) != len(want):
+            continue
+        dims = list(v.shape.dims)
+        known = lambda d: isinstance(d, int) and d > 0  # noqa: E731
+        if all(known(d) for d in dims[1:]) or any(known(d) and d != w for d, w in zip(dims[1:], want[1:])):
+            continue
+        fixed = [dims[0] if known(dims[0]) else _dim_text(dims[0])] + [d if known(d) else int(w) for d, w in zip(dims[1:], want[1:])]
+        out[name] = fixed
+        log.info("input '%s': dims %s taken from the calibration data (--input-shape chooses others)", name,
+                 ",".join(str(d) for d in fixed))
+    return out
 
 
 def _batch_name(inputs) -> str:

@@ -51,6 +51,26 @@ def read_array(path: str):
         raise UserError(f"{path}: not {kind} of numbers ({why})") from None
 
 
+def array_shapes(path: str) -> dict[str, tuple]:
+    """The shape of each array in a .npy (key ``""``) or .npz file, read from
+    the headers alone; ``{}`` when the file is not one (its reader says why)."""
+    try:
+        if path.endswith(".npy"):
+            return {"": tuple(np.load(path, mmap_mode="r", allow_pickle=False).shape)}
+        out = {}
+        with zipfile.ZipFile(path) as z:
+            for name in z.namelist():
+                if name.endswith(".npy"):
+                    with z.open(name) as f:
+                        version = np.lib.format.read_magic(f)
+                        shape, _, _ = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                                       else np.lib.format.read_array_header_2_0)(f)
+                    out[name[:-4]] = tuple(shape)
+        return out
+    except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile):
+        return {}
+
+
 def read_model(path: str) -> ir.Model:
     """Read ``path`` into onnx-ir with every large tensor memory-mapped (embedded
     weights are mapped in place, see :mod:`onnxprune.protowire`)."""
