@@ -10,6 +10,7 @@ prints what they return.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -172,6 +173,20 @@ def _calib_hints(calib) -> dict:
     return out
 
 
+def _hinted_dims(job: Job, hints: dict, shapes: dict) -> dict:
+    """The dims the analysis took from ``hints`` (the calibration arrays), as
+    input shapes for timing the original and the pruned file the same way."""
+    inputs = [v for v in job.model.graph.inputs if v.const_value is None]
+    out = {}
+    for v in inputs:
+        if v.name in shapes or v.shape is None or not (v.name in hints or "" in hints and len(inputs) == 1):
+            continue
+        dims = [d if isinstance(d, int) else str(getattr(d, "value", None) or "N") for d in v.shape.dims]
+        if all(isinstance(d, int) for d in dims[1:]):
+            out[v.name] = dims
+    return out
+
+
 def _shapes(ratios: Ratios | None, input_shapes) -> dict:
     """The input shapes a run fixes: the ratios' ``input_shapes``, overridden by the caller's."""
     return {**(ratios.input_shapes if ratios is not None else {}), **io.parse_input_shapes(input_shapes)}
@@ -272,7 +287,8 @@ def prune(
     if output is not None:
         io.refuse_overwrite(output, source, *([plan] if isinstance(plan, str) else []))
     shapes = _shapes(ratios if plan is None else None, input_shapes)
-    job = analyze(model, {**_calib_hints(calib), **shapes})
+    hints = _calib_hints(calib)
+    job = analyze(model, {**hints, **shapes})
     if isinstance(calib, str):
         calib = calibration(calib, job, calib_batches, calib_batch_size)
         say(f"calibration: {calib.source}, {len(calib.batches)} batches of {len(calib.batches[0])}")
@@ -280,6 +296,9 @@ def prune(
     latency_target = plan is None and ratios.target_latency is not None
     if (bench or latency_target) and runtime is None:
         runtime = Runtime(input_shapes=shapes or None)
+    hinted = _hinted_dims(job, hints, shapes) if runtime is not None else {}
+    if hinted:  # timed at the dims the analysis took from the calibration arrays
+        runtime = dataclasses.replace(runtime, input_shapes={**hinted, **(runtime.input_shapes or {})})
     if latency_target:
         say(f"latency search on {runtime.provider} (batch {runtime.key()['batch']}, {runtime.key()['threads']} threads) ...")
     # 1. plan

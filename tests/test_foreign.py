@@ -92,6 +92,12 @@ def test_calibration_arrays_give_the_dims_the_model_leaves_open(tmp_path):
     sess = runtime.session(str(tmp_path / "p.onnx"))
     assert [d if isinstance(d, int) else "sym" for d in sess.get_inputs()[0].shape] == ["sym", 3, 32, 48]
     assert sess.run(None, {"images": np.zeros((2, 3, 32, 48), np.float32)})[0].shape == (2, 6, 32, 48)
+    # timed the same way: the original and the pruned file at the calibration dims
+    rc, out, err = cli(["det.onnx", "--ratios", '{"target_macs": 0.8}', "--calib", "cal.npy", "-o", "b.onnx", "--bench",
+                        "--runs", "2", "--warmup", "1", "--batch", "2", "--report", "r.json"], tmp_path)
+    assert rc == 0, err
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert [r["macs"] for r in rep["latency"]] == [rep["before"]["macs"], rep["after"]["macs"]], rep["latency"]
     # an .npz: the array named after the input; --input-shape wins over the data
     np.savez(tmp_path / "cal.npz", images=rng.standard_normal((32, 3, 16, 16)).astype(np.float32))
     rc, out, err = cli(["det.onnx", "--ratios", '{"default": 0.5}', "--calib", "cal.npz", "-o", "q.onnx",
