@@ -126,3 +126,19 @@ def test_a_job_recovers_only_after_its_rewrite_and_saves_the_refitted_weights(tm
     out = {t.name: numpy_helper.to_array(t) for t in saved.graph.initializer}
     bias = node.input[2]
     assert bias in out and not np.array_equal(out[bias], pruned.get(bias, np.zeros_like(out[bias])))
+
+
+def test_npz_arrays_named_after_inputs_are_checked_against_their_dims(tmp_path, capsys):
+    m = onnx.load(DEFAULT, load_external_data=False)
+    inp = m.graph.input[0]
+    dims = [d.dim_value for d in inp.type.tensor_type.shape.dim][1:]
+    wrong = [dims[0], dims[1] + 1, dims[2]]
+    np.savez(tmp_path / "cal.npz", **{inp.name: np.zeros([32] + wrong, np.float32)})
+    rc, err = _run(capsys, [DEFAULT, "--ratios", '{"default": 0.3}', "--calib", tmp_path / "cal.npz", "--recover",
+                            "-o", tmp_path / "o.onnx"])
+    assert rc == 1 and len(err) == 1 and f"'{inp.name}' samples have shape {wrong}, the model takes {dims}" in err[0], err
+    assert not (tmp_path / "o.onnx").exists()
+    np.savez(tmp_path / "ok.npz", **{inp.name: np.random.default_rng(0).standard_normal([32] + dims).astype(np.float32)})
+    rc, err = _run(capsys, [DEFAULT, "--ratios", '{"default": 0.3}', "--calib", tmp_path / "ok.npz", "--recover",
+                            "-o", tmp_path / "o.onnx"])
+    assert rc == 0, err

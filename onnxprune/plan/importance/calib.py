@@ -209,6 +209,11 @@ def load(spec: str, proto: onnx.ModelProto, n_batches: int = 4, batch: int = 32,
             names = io.input_names(proto)
             src = _sources(spec, z)
             if all(n in z for n in names) and (len(names) > 1 or "x" not in z):
+                for i in io.data_inputs(proto):  # each array's samples against its input's dims
+                    want, got = io.input_dims(i)[1:], list(z[i.name].shape[1:])
+                    if len(want) != len(got) or any(w is not None and w != g for w, g in zip(want, got)):
+                        raise UserError(f"{spec}: '{i.name}' samples have shape {got}, the model takes "
+                                        f"{[w if w is not None else '?' for w in want]}")
                 return _named(spec, z, names, batch, n_batches, src)
             if "x" not in z:
                 raise UserError(f"{spec}: expected arrays 'x' (and optionally 'y'), or one array per input "
