@@ -177,9 +177,10 @@ def _hinted_dims(job: Job, hints: dict, shapes: dict) -> dict:
     """The dims the analysis took from ``hints`` (the calibration arrays), as
     input shapes for timing the original and the pruned file the same way."""
     inputs = [v for v in job.model.graph.inputs if v.const_value is None]
+    hinted = io.hints_by_input([v.name for v in inputs], hints)
     out = {}
     for v in inputs:
-        if v.name in shapes or v.shape is None or not (v.name in hints or "" in hints and len(inputs) == 1):
+        if v.name in shapes or v.shape is None or v.name not in hinted:
             continue
         dims = [d if isinstance(d, int) else str(getattr(d, "value", None) or "N") for d in v.shape.dims]
         if all(isinstance(d, int) for d in dims[1:]):

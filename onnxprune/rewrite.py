@@ -305,17 +305,31 @@ def shift_output(node: ir.Node, shift: np.ndarray, journal: Journal | None = Non
         return True
     if op != "MatMul":
         return False
+    found = matmul_bias(node, len(shift))
+    if found is not None:
+        add, slot, old = found
+        set_input(add, slot, (old.astype(np.float64) + shift.reshape(old.shape)).astype(old.dtype), "shift_b", journal)
+    else:
+        add_bias_after(node, shift.astype(np.float32), journal)
+    return True
+
+
+def matmul_bias(node: ir.Node, width: int, const=None) -> tuple[ir.Node, int, np.ndarray] | None:
+    """A MatMul's bias: the ``Add`` that alone reads its output and adds a float
+    constant of ``width`` entries along the last axis, as ``(the Add, the
+    constant's slot, its value)``, else None. ``const(value)`` reads a constant
+    (default: an initializer's array)."""
     y = node.outputs[0]
     uses = list(y.uses())
-    if len(uses) == 1 and uses[0].node.op_type == "Add" and not y.is_graph_output():
-        add, slot = uses[0].node, 1 - uses[0].idx
-        c = add.inputs[slot]
-        if c is not None and c.const_value is not None:
-            old = c.const_value.numpy()
-            if np.issubdtype(old.dtype, np.floating) and old.shape and old.shape[-1] == len(shift) \
-                    and old.size == len(shift):
-                set_input(add, slot, (old.astype(np.float64) + shift.reshape(old.shape)).astype(old.dtype), "shift_b",
-                          journal)
-                return True
-    add_bias_after(node, shift.astype(np.float32), journal)
-    return True
+    if len(uses) != 1 or y.is_graph_output() or uses[0].node.op_type != "Add":
+        return None
+    add, slot = uses[0].node, 1 - uses[0].idx
+    c = add.inputs[slot]
+    if const is not None:
+        arr = const(c)
+    else:
+        arr = c.const_value.numpy() if c is not None and c.const_value is not None else None
+    if arr is None or not np.issubdtype(arr.dtype, np.floating) or arr.size != width or not arr.shape \
+            or arr.shape[-1] != width:
+        return None
+    return add, slot, arr

@@ -46,6 +46,7 @@ from onnxprune.io.write import (
 )
 from onnxprune.io.inputs import (
     Hint,
+    hints_by_input,
     parse_input_shapes,
     set_input_shapes,
     data_inputs,
@@ -87,6 +88,7 @@ __all__ = [
     "save_model",
     "refuse_overwrite",
     "Hint",
+    "hints_by_input",
     "parse_input_shapes",
     "set_input_shapes",
     "data_inputs",

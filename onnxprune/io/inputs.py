@@ -95,12 +95,9 @@ def _with_hints(inputs: dict, shapes: dict) -> dict:
     its known ones and the batch untouched) for an input the user gave no shape
     and that has unknown dims, where it agrees with the known ones; else dropped."""
     out = {k: v for k, v in shapes.items() if not isinstance(v, Hint)}
-    hints = {k: v for k, v in shapes.items() if isinstance(v, Hint)}
-    if "" in hints and len(inputs) == 1:
-        hints.setdefault(next(iter(inputs)), hints[""])
-    for name, want in hints.items():
-        v = inputs.get(name)
-        if not name or v is None or name in out or v.shape is None or len(v.shape) != len(want):
+    for name, want in hints_by_input(list(inputs), shapes).items():
+        v = inputs[name]
+        if name in out or v.shape is None or len(v.shape) != len(want):
             continue
         dims = list(v.shape.dims)
         known = lambda d: isinstance(d, int) and d > 0  # noqa: E731
@@ -111,6 +108,15 @@ def _with_hints(inputs: dict, shapes: dict) -> dict:
         log.info("input '%s': dims %s taken from the calibration data (--input-shape chooses others)", name,
                  ",".join(str(d) for d in fixed))
     return out
+
+
+def hints_by_input(names: list[str], shapes: dict) -> dict[str, Hint]:
+    """The :class:`Hint` entries of ``shapes`` by the input they are for (the
+    one keyed ``""`` is the only input's)."""
+    hints = {k: v for k, v in shapes.items() if isinstance(v, Hint)}
+    if "" in hints and len(names) == 1:
+        hints.setdefault(names[0], hints[""])
+    return {k: v for k, v in hints.items() if k in names}
 
 
 def _batch_name(inputs) -> str:

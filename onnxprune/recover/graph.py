@@ -11,7 +11,7 @@ import onnx
 import onnx_ir as ir
 
 from onnxprune.recover.fit import LayerRow, _Fit
-from onnxprune.rewrite import Journal, add_bias_after, set_input
+from onnxprune.rewrite import Journal, add_bias_after, matmul_bias, set_input
 
 class _Graph:
     """Name-indexed, read-only view of an IR model (the nodes are live objects:
@@ -171,13 +171,9 @@ def _plan_fit(g: _Graph, orig: dict[str, str], name: str, ins, outs, max_feature
         row.reason = "MatMul weight with batch dimensions"
         return row
     bias_add, bias = None, np.zeros(w.shape[1])
-    y = node.outputs[0]
-    users = list(y.uses())
-    if len(users) == 1 and not y.is_graph_output() and users[0].node.op_type == "Add" and users[0].node.name:
-        add, slot = users[0].node, users[0].idx
-        c = g.const(add.inputs[1 - slot])
-        if c is not None and c.dtype == np.float32 and c.size == w.shape[1] and c.shape[-1] == w.shape[1]:
-            bias_add, bias = add, c.reshape(-1)
+    found = matmul_bias(node, w.shape[1], g.const)
+    if found is not None and found[0].name and found[2].dtype == np.float32:
+        bias_add, bias = found[0], found[2].reshape(-1)
     if w.shape[0] + 1 > max_features:
         row.reason = f"{w.shape[0]} features exceed max_features={max_features}"
         return row

@@ -13,7 +13,9 @@ written model is the student's own graph with the trained weights.
 from __future__ import annotations
 
 import onnx
-from onnx import helper, shape_inference
+from onnx import helper
+
+from onnxprune import io
 
 MAX_TAPS = 16  # values matched at most (evenly spaced along the graph)
 
@@ -21,9 +23,11 @@ MAX_TAPS = 16  # values matched at most (evenly spaced along the graph)
 def _shapes(proto: onnx.ModelProto) -> dict[str, tuple]:
     """name -> (elem_type, dims) for every value whose type shape inference knows
     (a symbolic dim is kept as its name)."""
+    work = onnx.ModelProto()
+    work.CopyFrom(proto)
     try:
-        inferred = shape_inference.infer_shapes(proto, strict_mode=False)
-    except Exception:  # a graph the checker's inference cannot read: no taps
+        inferred = io.infer(work)
+    except Exception:  # a graph shape inference cannot read: no taps
         return {}
     out = {}
     g = inferred.graph
