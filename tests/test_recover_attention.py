@@ -9,7 +9,11 @@ together for q.k^T (onnxprune/recover/attention.py).
     the joint fit is applied in both blocks (also the first, whose qkv reads
     unchanged inputs) and the recovered model is closer to the original on
     inputs no fit saw than with separate q/k fits;
-(c) nothing changes when no head lost dims.
+(c) nothing changes when no head lost dims;
+(d) the same where the logits are formed inside an op: the ONNX ``Attention``
+    op (3-D and 4-D q/k/v), onnxruntime's ``MultiHeadAttention`` (whose packed
+    bias the op adds to q and k itself) and its packed-weight ``Attention``
+    (the q/k/v projection inside the op is the re-fitted layer).
 """
 from __future__ import annotations
 
@@ -170,3 +174,132 @@ def test_no_head_lost_dims_nothing_changes(kinds):
     b, rows_b = recover(m, res.proto, res.analyzed.ctx, res.plan.keep, calib, **kw)
     assert not any(r.method == "qk-logits" for r in rows_b)
     assert a.SerializeToString() == b.SerializeToString()
+
+
+# --------------------------------------------------------------------------- (d)
+
+
+def _op_block(i, rng, nodes, inits, x, kind):
+    """x + proj(attention(q, k, v)) with separate q/k/v layers and the attention
+    in one op: ``attention3`` (ONNX Attention, 3-D), ``attention4`` (4-D),
+    ``mha`` (com.microsoft MultiHeadAttention with the q/k/v biases packed in the
+    op), ``packed`` (com.microsoft Attention: the q/k/v projection inside the op)."""
+    def low_rank():
+        return rng.standard_normal((D, 3)) @ rng.standard_normal((3, D)) + 0.1 * rng.standard_normal((D, D))
+
+    p = f"b{i}_"
+    inits += [_t(p + "wproj", rng.standard_normal((D, D)) / 4), _t(p + "bproj", 0.1 * rng.standard_normal(D))]
+    if kind == "packed":  # onnxruntime's Attention: the q/k/v projection inside the op
+        w = [low_rank() @ rng.standard_normal((D, D)) / (4 if c == "v" else 3) for c in "qkv"]
+        inits += [_t(p + "wqkv", np.concatenate(w, axis=1)),
+                  _t(p + "bqkv", np.concatenate([rng.standard_normal(D) for _ in "qkv"]))]
+        nodes += [helper.make_node("Attention", [x, p + "wqkv", p + "bqkv"], [p + "o"], name=p + "attn",
+                                   domain="com.microsoft", num_heads=H),
+                  helper.make_node("MatMul", [p + "o", p + "wproj"], [p + "proj0"], name=p + "proj"),
+                  helper.make_node("Add", [p + "proj0", p + "bproj"], [p + "proj1"], name=p + "proj_bias"),
+                  helper.make_node("Add", [x, p + "proj1"], [p + "out"], name=p + "residual")]
+        return p + "out"
+    ops, bias = {}, {}
+    for c in "qkv":
+        inits.append(_t(p + "w" + c, low_rank() @ rng.standard_normal((D, D)) / (4 if c == "v" else 3)))
+        bias[c] = rng.standard_normal(D)  # large: a bias the op adds must not be counted twice
+        nodes.append(helper.make_node("MatMul", [x, p + "w" + c], [p + c + "0"], name=p + c))
+        ops[c] = p + c + "0"
+        if kind != "mha":
+            inits.append(_t(p + "b" + c, bias[c]))
+            nodes.append(helper.make_node("Add", [ops[c], p + "b" + c], [p + c + "1"], name=p + c + "_bias"))
+            ops[c] = p + c + "1"
+    if kind == "attention4":
+        inits += [_t(p + "shape4", [0, T, H, DH], np.int64), _t(p + "shape3", [0, T, D], np.int64)]
+        for c in "qkv":
+            nodes += [helper.make_node("Reshape", [ops[c], p + "shape4"], [p + c + "4"], name=p + c + "_split"),
+                      helper.make_node("Transpose", [p + c + "4"], [p + c + "t"], name=p + c + "_perm", perm=[0, 2, 1, 3])]
+            ops[c] = p + c + "t"
+        nodes += [helper.make_node("Attention", [ops[c] for c in "qkv"], [p + "att4"], name=p + "attn"),
+                  helper.make_node("Transpose", [p + "att4"], [p + "attt"], name=p + "merge_perm", perm=[0, 2, 1, 3]),
+                  helper.make_node("Reshape", [p + "attt", p + "shape3"], [p + "o"], name=p + "merge")]
+    elif kind == "attention3":
+        nodes.append(helper.make_node("Attention", [ops[c] for c in "qkv"], [p + "o"], name=p + "attn",
+                                      q_num_heads=H, kv_num_heads=H))
+    else:
+        inits.append(_t(p + "bqkv", np.concatenate([bias["q"], bias["k"], bias["v"]])))
+        nodes.append(helper.make_node("MultiHeadAttention", [ops[c] for c in "qkv"] + [p + "bqkv"], [p + "o"],
+                                      name=p + "attn", domain="com.microsoft", num_heads=H))
+    nodes += [helper.make_node("MatMul", [p + "o", p + "wproj"], [p + "proj0"], name=p + "proj"),
+              helper.make_node("Add", [p + "proj0", p + "bproj"], [p + "proj1"], name=p + "proj_bias"),
+              helper.make_node("Add", [x, p + "proj1"], [p + "out"], name=p + "residual")]
+    return p + "out"
+
+
+def op_attention_model(kind, seed=0, blocks=2, stem=False):
+    """``stem``: the blocks' stream is made by a linear layer and read out by
+    another (so that its width can be pruned)."""
+    rng = np.random.default_rng(seed)
+    nodes, inits, x = [], [], "x"
+    if stem:
+        inits += [_t("w_stem", rng.standard_normal((D, D)) / 4), _t("w_head", rng.standard_normal((D, D)) / 4)]
+        nodes.append(helper.make_node("MatMul", ["x", "w_stem"], ["stream"], name="stem"))
+        x = "stream"
+    for i in range(blocks):
+        x = _op_block(i, rng, nodes, inits, x, kind)
+    if stem:
+        nodes.append(helper.make_node("MatMul", [x, "w_head"], ["head"], name="head"))
+        x = "head"
+    nodes.append(helper.make_node("Identity", [x], ["y"], name="out"))
+    g = helper.make_graph(nodes, "attn_op", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", T, D])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", T, D])], initializer=inits)
+    opsets = [helper.make_opsetid("", 23)] + ([helper.make_opsetid("com.microsoft", 1)] if kind in ("mha", "packed") else [])
+    m = helper.make_model(g, opset_imports=opsets)
+    m.ir_version = 10
+    onnx.checker.check_model(m, full_check=True)
+    return m
+
+
+@pytest.mark.parametrize("kind,op", [("attention3", "Attention"), ("attention4", "Attention"),
+                                     ("mha", "MultiHeadAttention"), ("packed", "Attention")])
+def test_logits_inside_attention_ops_refitted_jointly(kind, op):
+    m = op_attention_model(kind)
+    calib, held = _inputs(4, seed=1), _inputs(3, seed=2)
+    res = prune(m, {"kinds": {"head_dim": 0.5}, "scope": "local", "importance": "l2"})
+    assert any(len(k) < DH for k in res.plan.keep.values())
+    kw = dict(progress=False, rows_per_batch=512)
+    sep, _ = recover(m, res.proto, res.analyzed.ctx, res.plan.keep, calib, attention_logits=False, **kw)
+    joint, rows = recover(m, res.proto, res.analyzed.ctx, res.plan.keep, calib, **kw)
+    onnx.checker.check_model(joint, full_check=True)
+    print(format_rows(rows))
+    logit_rows = [r for r in rows if r.method == "qk-logits"]
+    assert [(r.node, r.op) for r in logit_rows] == [("b0_attn", op), ("b1_attn", op)]
+    for r in logit_rows:
+        assert r.status == "refit", format_rows(rows)
+        assert r.held_after < 0.8 * r.held_before, format_rows(rows)
+    # the first block's logits, low-rank at heart and read from the unchanged input, are nearly all kept
+    assert logit_rows[0].err_after < 0.05 * logit_rows[0].err_before
+    e_pruned, e_sep, e_joint = _rel(m, res.proto, held), _rel(m, sep, held), _rel(m, joint, held)
+    print(e_pruned, e_sep, e_joint)
+    assert e_sep < e_pruned, (e_pruned, e_sep)
+    # a bias counted twice (the op's own, or the layer's bias Add) costs more than this
+    assert e_joint < 0.45 * e_sep, (e_pruned, e_sep, e_joint)
+
+
+def test_packed_attention_refitted_as_a_consumer_of_the_pruned_stream():
+    """Embed channels go: the packed Attention reads the narrower stream, and
+    its q/k/v projection is re-fitted like any linear layer."""
+    m = op_attention_model("packed", stem=True)
+    calib, held = _inputs(4, seed=1), _inputs(3, seed=2)
+    res = prune(m, {"kinds": {"embed": 0.25}, "scope": "local", "importance": "l2"})
+    rec, rows = recover(m, res.proto, res.analyzed.ctx, res.plan.keep, calib, progress=False, rows_per_batch=512)
+    onnx.checker.check_model(rec, full_check=True)
+    print(format_rows(rows))
+    by = {r.node: r for r in rows}
+    for name, gain in (("b0_attn", 0.5), ("b1_attn", 1.0)):  # the first reads the stream where only the stem changed
+        assert by[name].op == "Attention" and by[name].inputs_kept == "12/16", format_rows(rows)
+        assert by[name].status == "refit" and by[name].held_after < gain * by[name].held_before, format_rows(rows)
+    s0, sp, sr = (runtime.session(p) for p in (m, res.proto, rec))
+    err = {"pruned": 0.0, "recovered": 0.0}
+    den = 0.0
+    for x in held:
+        y0 = s0.run(None, {"x": x})[0]
+        den += float((y0 ** 2).sum())
+        err["pruned"] += float(((sp.run(None, {"x": x})[0] - y0) ** 2).sum())
+        err["recovered"] += float(((sr.run(None, {"x": x})[0] - y0) ** 2).sum())
+    assert err["recovered"] < 0.8 * err["pruned"], err

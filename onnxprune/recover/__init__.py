@@ -76,7 +76,8 @@ from onnxprune.recover import attention
 from onnxprune.recover.check import _reverted, held_out_check
 from onnxprune.recover.fit import (LayerRow, _accumulate, _conv_rows, _dense_rows, _Fit, _folds, _select, _solve,
                                    _sq_err, _totals)
-from onnxprune.recover.graph import _Graph, _kept_maps, _levels, _output_names, _plan_fit, _write_back
+from onnxprune.recover.graph import (_Graph, _kept_maps, _levels, _output_names, _packed_sources, _plan_fit, _write_back,
+                                     is_packed_attention)
 from onnxprune.report import Progress
 from onnxprune.rewrite import Journal
 from onnxprune.runtime import session
@@ -104,7 +105,8 @@ def consumers(ctx, keep) -> list[str]:
 
 
 def downstream(ctx, keep) -> list[str]:
-    """Names of every linear layer (Conv, Gemm, MatMul with a constant weight)
+    """Names of every linear layer (Conv, Gemm, MatMul with a constant weight,
+    onnxruntime's packed-weight Attention for its q/k/v projection)
     whose input the pruning changed: the consumers of pruned channels and every
     linear layer after them in data flow (their inputs drift with the pruned
     model's activations), in graph order."""
@@ -123,7 +125,8 @@ def downstream(ctx, keep) -> list[str]:
         if not hit:
             continue
         changed.update(v.name for v in n.outputs)
-        if n.op_type in ("Conv", "Gemm", "MatMul") and len(n.inputs) > 1 and n.inputs[1] is not None \
+        if (n.op_type in ("Conv", "Gemm", "MatMul") or is_packed_attention(n)) and len(n.inputs) > 1 \
+                and n.inputs[1] is not None \
                 and (n.inputs[1].const_value is not None or n.inputs[1].producer() is not None
                      and n.inputs[1].producer().op_type == "DequantizeLinear"):
             if n.name in reads or (n.inputs[0] is not None and n.inputs[0].name in changed):
@@ -180,7 +183,7 @@ def recover_model(
     sources = getattr(batches, "sources", None)
     batches = list(getattr(batches, "batches", batches))
     journal = journal if journal is not None else Journal()
-    g, og = _Graph(model), _output_names(original)
+    g, og, packed = _Graph(model), _output_names(original), _packed_sources(original)
     ins, outs = _kept_maps(ctx, keep)
     if layers not in ("pruned", "all"):
         raise ValueError(f"layers must be 'pruned' or 'all', not {layers!r}")
@@ -192,7 +195,7 @@ def recover_model(
     rows: list[LayerRow] = []
     fits: list[_Fit] = []
     for name in names:
-        f = _plan_fit(g, og, name, ins, outs, max_features, method)
+        f = _plan_fit(g, og, name, ins, outs, max_features, method, packed=packed)
         if isinstance(f, LayerRow):
             rows.append(f)
         else:
@@ -393,12 +396,13 @@ def format_rows(rows: list[LayerRow]) -> str:
     """A plain-text table of the per-layer rows (for reports and the CLI): the
     relative error of each layer's output on the calibration data, and on
     held-out sources (cross-validated) where the ridge strength was chosen."""
-    head = (f"{'node':<36} {'op':<7} {'lvl':>3} {'in kept':>10} {'status':<8} {'err before':>10} {'err after':>10} "
+    w = max([7] + [len(r.op) for r in rows])
+    head = (f"{'node':<36} {'op':<{w}} {'lvl':>3} {'in kept':>10} {'status':<8} {'err before':>10} {'err after':>10} "
             f"{'held-out before':>15} {'held-out after':>14}  reason")
     lines = [head]
     for r in rows:
         cell = lambda v: "" if v is None else f"{v:.4f}"  # noqa: E731
-        lines.append(f"{r.node[:36]:<36} {r.op:<7} {r.level:>3} {r.inputs_kept[:10]:>10} {r.status:<8} "
+        lines.append(f"{r.node[:36]:<36} {r.op:<{w}} {r.level:>3} {r.inputs_kept[:10]:>10} {r.status:<8} "
                      f"{cell(r.err_before):>10} {cell(r.err_after):>10} {cell(r.held_before):>15} {cell(r.held_after):>14}  {r.reason}")
     return "\n".join(lines)
 

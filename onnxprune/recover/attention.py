@@ -18,17 +18,26 @@ matched to the column of its linear layer's output it is an affine copy of
 per-column scale, tokens in another order) leaves the pair to the separate
 fits. A head is re-fitted jointly only where that beats the separate fits on
 held-out calibration sources (the squared logit error over pairs of tokens).
-Self-attention only (q and k read the same input); the ONNX ``Attention`` op
-and fused onnxruntime attention kernels are not handled.
+The logits are found where they are formed (:func:`~onnxprune.recover.graph._logit_sites`):
+a q.k^T MatMul going to a Softmax (operands ``[..., tokens, d]`` and
+``[..., d, tokens]``), the ONNX ``Attention`` op (4-D ``[B, heads, tokens, d]``
+or 3-D ``[B, tokens, heads * d]`` q and k) and onnxruntime's
+``MultiHeadAttention`` with separate 3-D q/k/v, whose packed bias is added to
+q and k inside the op (the fit targets include it, and the written columns
+leave it to the op), and onnxruntime's packed-weight ``Attention``, whose q/k/v
+projection inside the op is itself the re-fitted layer (q and k: slices of its
+output, computed from the original's input). Self-attention only (q and k read
+the same input).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import numpy as np
+from onnx import helper, numpy_helper
 
 from onnxprune.recover.fit import LayerRow, _Fit, _logit_err, _logit_factor, _match_columns
-from onnxprune.recover.graph import _attention_linears, _attention_pairs
+from onnxprune.recover.graph import _attention_linears, _attention_pairs, is_packed_attention
 
 
 LAMBDAS = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)  # ridge strengths tried for the joint fit (relative, as for the layers)
@@ -47,6 +56,11 @@ class _Logits:
     scale: tuple = (1.0, 1.0)
     failed: str = ""
     folds: dict = field(default_factory=dict)  # fold -> [G, [Cq], [Ck], [Sq], [Sk]] per head
+    kind: str = "matmul"  # where the logits are formed (graph._logit_sites): k^T on the right for "matmul"
+    num_heads: int = 0  # heads packed in the last axis of 3-D operands (Attention / MultiHeadAttention)
+    bias: tuple = (None, None)  # q and k biases the op adds itself (MultiHeadAttention), original widths
+    layer_bias: tuple = (None, None)  # the original bias Adds of q's and k's MatMuls (their columns include them)
+    offset: tuple = (None, None)  # per operand column: what the operand adds to scale x its layer's column
 
     @property
     def level(self) -> int:
@@ -59,30 +73,77 @@ def extra_layers(g, names: list[str], outs) -> list[str]:
     ``outs``: node -> its OUT members' kept indices (:func:`~onnxprune.recover.graph._kept_maps`)."""
     linears = {n.name for n in g.g if n.name and n.op_type in ("MatMul", "Gemm") and len(n.inputs) > 1
                and g.const(n.inputs[1]) is not None}
-    lost = {name for name in linears if any(len(k) < w for _, _, k, w, _ in outs.get(name, []))}
-    return sorted((_attention_linears(g, linears) & lost) - set(names))
+    packed = {n.name for n in g.g if n.name and is_packed_attention(n)}
+    lost = {name for name in linears | packed if any(len(k) < w for _, _, k, w, _ in outs.get(name, []))}
+    return sorted(((_attention_linears(g, linears) | packed) & lost) - set(names))
+
+
+def _heads_and_bias(on, inits: dict):
+    """An attention op's head count and the q and k biases it adds itself:
+    ``(num_heads, (bq, bk))``, or a string saying why its logits are not re-fitted."""
+    attrs = {a.name: helper.get_attribute_value(a) for a in on.attribute}
+    if is_packed_attention(on):  # its bias is part of the layer (the fit's own bias row)
+        return int(attrs.get("num_heads", 0)), (None, None)
+    if on.op_type == "Attention":
+        nq, nkv = int(attrs.get("q_num_heads", 0)), int(attrs.get("kv_num_heads", 0))
+        if nq != nkv:
+            return "grouped-query Attention"
+        return nq, (None, None)
+    nh = int(attrs.get("num_heads", 0))
+    if len(on.input) > 3 and on.input[3]:
+        b = inits.get(on.input[3])
+        if b is None:
+            return "the MultiHeadAttention bias is not a constant"
+        return nh, (b, None)  # split into q and k once the widths are known (_map)
+    return nh, (None, None)
+
+
+def _layer_bias(fit: _Fit, onodes: dict, inits: dict):
+    """A MatMul layer's original bias (the Add after it, whose value its fitted
+    columns include; the captured output is the MatMul's own): full width,
+    0.0 when it has none, None when it cannot be read."""
+    if not fit.dense.get("matmul") or getattr(fit, "bias_add", None) is None:
+        return 0.0
+    add = onodes.get(fit.bias_add)
+    arrs = [inits[v] for v in add.input if v in inits] if add is not None else []
+    return arrs[0].reshape(-1).astype(np.float64) if len(arrs) == 1 else None
 
 
 def plan(g, fits: list[_Fit], original) -> list[_Logits]:
     """The attention logits of the pruned model ``g`` to re-fit jointly."""
     by_name = {f.row.node: f for f in fits}
     onodes = {n.name: n for n in original.graph.node if n.name}
+    inits = {t.name: numpy_helper.to_array(t) for t in original.graph.initializer}
     out = []
     for p in _attention_pairs(g, by_name):
         on = onodes.get(p["node"])
         fq, fk = by_name[p["q_fit"]], by_name[p["k_fit"]]
-        if on is None or len(on.input) != 2 or fq.row.level != fk.row.level \
-                or fq.dense.get("transA") or fk.dense.get("transA"):
+        if on is None or len(on.input) < 2 or (p["kind"] == "matmul") != (len(on.input) == 2) \
+                or fq.row.level != fk.row.level or fq.dense.get("transA") or fk.dense.get("transA"):
             continue
-        row = LayerRow(node=p["node"], op="MatMul", status="skipped", method="qk-logits", level=fq.row.level,
+        row = LayerRow(node=p["node"], op=on.op_type, status="skipped", method="qk-logits", level=fq.row.level,
                        inputs_kept="q.k^T")
-        out.append(_Logits(row=row, fq=fq, fk=fk, q_val=on.input[0], k_val=on.input[1]))
+        k_val = on.input[0] if p["kind"] == "packed" else on.input[1]  # packed: both from the op's input
+        lg = _Logits(row=row, fq=fq, fk=fk, q_val=on.input[0], k_val=k_val, kind=p["kind"])
+        lg.layer_bias = (_layer_bias(fq, onodes, inits), _layer_bias(fk, onodes, inits))
+        if any(b is None for b in lg.layer_bias):
+            lg.failed = "the bias of a q or k layer is not a constant of the original"
+        elif p["kind"] != "matmul":
+            got = _heads_and_bias(on, inits)
+            if isinstance(got, str):
+                lg.failed = got
+            else:
+                lg.num_heads, lg.bias = got
+        out.append(lg)
     return out
 
 
-def _rows(op: np.ndarray, rows: int, right: bool) -> np.ndarray | None:
-    """An operand ``[..., tokens, d]`` (``[..., d, tokens]`` on the right) as
-    ``[rows, heads * d]`` in the (sample, token) order of its linear layer's rows."""
+def _rows(op: np.ndarray, rows: int, right: bool, packed: bool = False) -> np.ndarray | None:
+    """An operand ``[..., tokens, d]`` (``[..., d, tokens]`` on the right;
+    ``packed``: 3-D ``[B, tokens, heads * d]``) as ``[rows, heads * d]`` in the
+    (sample, token) order of its linear layer's rows."""
+    if packed:
+        return op.reshape(rows, -1) if op.ndim == 3 and op.shape[0] * op.shape[1] == rows else None
     if right:
         op = np.swapaxes(op, -1, -2)
     tokens, d = op.shape[-2:]
@@ -92,14 +153,44 @@ def _rows(op: np.ndarray, rows: int, right: bool) -> np.ndarray | None:
     return op.reshape(b, h, tokens, d).transpose(0, 2, 1, 3).reshape(rows, h * d)
 
 
+def _operands(lg: _Logits, oq, ok, rows: int):
+    """The original q and k operands as ``[rows, heads * d]`` with the biases
+    the op adds itself, and the head dim; None when they do not line up."""
+    if lg.kind == "packed":  # q and k: slices of the op's own projection of its input
+        d = lg.fq.dense
+        x = oq.reshape(rows, -1) if oq.size % rows == 0 else None
+        nq = d["q"]
+        if x is None or not lg.num_heads or nq % lg.num_heads:
+            return None
+        return (x @ d["w"][:, :nq] + d["b"][:nq], x @ d["w"][:, nq:2 * nq] + d["b"][nq:2 * nq], nq // lg.num_heads)
+    packed = lg.kind != "matmul" and oq.ndim == 3
+    if packed and (not lg.num_heads or oq.shape[-1] % lg.num_heads):
+        return None
+    q, k = _rows(oq, rows, False, packed), _rows(ok, rows, lg.kind == "matmul", packed)
+    if q is None or k is None or q.shape != k.shape:
+        return None
+    bq, bk = lg.bias
+    if bq is not None and bk is None:  # MultiHeadAttention's packed bias [q | k | v]
+        if len(bq) < 2 * q.shape[1]:
+            return None
+        bq, bk = bq[:q.shape[1]], bq[q.shape[1]:2 * q.shape[1]]
+        lg.bias = (bq, bk)
+    if bq is not None:
+        q, k = q + bq, k + bk
+    return q, k, (oq.shape[-1] // lg.num_heads if packed else oq.shape[-1])
+
+
 def _map(lg: _Logits, yq, yk, oq, ok) -> None:
     """Which columns of the linear layers carry each head's q and k dims, and
     which heads lost dims (``lg.heads``); ``lg.failed`` says why not."""
     rq, rk = yq.reshape(-1, yq.shape[-1]), yk.reshape(-1, yk.shape[-1])
-    q, k = _rows(oq, len(rq), False), _rows(ok, len(rk), True)
-    if q is None or k is None or q.shape != k.shape:
+    if lg.kind == "packed":  # the layer's output is the projection inside the op
+        rq = rk = rq @ lg.fq.dense["w"] + lg.fq.dense["b"]
+    got = _operands(lg, oq, ok, len(rq)) if len(rq) == len(rk) else None
+    if got is None:
         lg.failed = "the q/k operands do not line up with their linear layers' rows"
         return
+    q, k, d = got
     take = slice(0, min(len(rq), 2048))
     mq, mk = _match_columns(q[take], rq[take]), _match_columns(k[take], rk[take])
     if mq is None or mk is None:
@@ -110,7 +201,11 @@ def _map(lg: _Logits, yq, yk, oq, ok) -> None:
         lg.failed = "q or k is scaled per column"
         return
     lg.scale = (float(np.mean(sq)), float(np.mean(sk)))
-    d = oq.shape[-1]
+    # what each operand column adds to scale x its layer's column (constant Adds
+    # on the way, the op's own bias): the pruned operand keeps it for its kept dims
+    bq, bk = (b if np.ndim(b) == 0 else b[c] for b, c in zip(lg.layer_bias, (cq, ck)))
+    lg.offset = (q[take].mean(0) - lg.scale[0] * (rq[take][:, cq].mean(0) + bq),
+                 k[take].mean(0) - lg.scale[1] * (rk[take][:, ck].mean(0) + bk))
     posq = {int(c): i for i, c in enumerate(lg.fq.kept_out)}
     posk = {int(c): i for i, c in enumerate(lg.fk.kept_out)}
     heads = []
@@ -122,7 +217,7 @@ def _map(lg: _Logits, yq, yk, oq, ok) -> None:
             lg.failed = f"head {h} keeps different q and k dims"
             return
         if 0 < len(jq) < d:
-            heads.append(([posq[int(qc[j])] for j in jq], [posk[int(kc[j])] for j in jk], h * d, d))
+            heads.append(([posq[int(qc[j])] for j in jq], [posk[int(kc[j])] for j in jk], h * d, d, jq))
     lg.heads = heads
     if not heads:
         lg.failed = "no head lost dims"
@@ -130,7 +225,7 @@ def _map(lg: _Logits, yq, yk, oq, ok) -> None:
 
 def accumulate(lg: _Logits, x, yq, yk, oq, ok, fold, rng, budget: int) -> None:
     """Add one batch: ``x`` the pruned model's input to q/k, ``yq``/``yk`` the
-    original linear layers' outputs, ``oq``/``ok`` the original q and k^T
+    original linear layers' outputs, ``oq``/``ok`` the original q and k
     operands; ``fold``: the fold of each sample (-1: kept out)."""
     if lg.failed:
         return
@@ -139,10 +234,11 @@ def accumulate(lg: _Logits, x, yq, yk, oq, ok, fold, rng, budget: int) -> None:
         if lg.failed:
             return
     X = x.reshape(-1, x.shape[-1])
-    q, k = _rows(oq, len(X), False), _rows(ok, len(X), True)
-    if q is None or k is None:
+    got = _operands(lg, oq, ok, len(X))
+    if got is None:
         lg.failed = "the q/k operands do not line up with the input rows"
         return
+    q, k, _ = got
     sample = np.arange(len(X)) // max(len(X) // len(fold), 1)
     take = np.arange(len(X)) if len(X) <= budget else np.sort(rng.choice(len(X), budget, replace=False))
     fb = fold[np.minimum(sample[take], len(fold) - 1)]
@@ -158,12 +254,18 @@ def accumulate(lg: _Logits, x, yq, yk, oq, ok, fold, rng, budget: int) -> None:
         st = lg.folds.setdefault(int(v), [0.0, [0.0] * len(lg.heads), [0.0] * len(lg.heads), [0.0] * len(lg.heads),
                                          [0.0] * len(lg.heads)])
         st[0] = st[0] + Xs.T @ Xs
-        for i, (_, _, c0, d) in enumerate(lg.heads):
+        for i, (_, _, c0, d, _) in enumerate(lg.heads):
             Tq, Tk = tq[s, c0:c0 + d].astype(np.float64), tk[s, c0:c0 + d].astype(np.float64)
             st[1][i] = st[1][i] + Xs.T @ Tq
             st[2][i] = st[2][i] + Xs.T @ Tk
             st[3][i] = st[3][i] + Tq.T @ Tq
             st[4][i] = st[4][i] + Tk.T @ Tk
+
+
+def _shift(lg: _Logits, side: int, c0: int, kept) -> np.ndarray:
+    """The kept dims' operand offsets in the units of the layer's output (the
+    intercept row of a head's columns that turns them into operand columns)."""
+    return lg.offset[side][[c0 + j for j in kept]] / lg.scale[side]
 
 
 def _full(fit: _Fit, W: np.ndarray, pos) -> np.ndarray:
@@ -198,10 +300,16 @@ def solve(lg: _Logits, final: dict, ridge: float) -> None:
     sums = {"pruned": 0.0, "written": 0.0, "base": 0.0}
     held = {"pruned": 0.0, "chosen": 0.0}
     joint, lams = 0, []
-    for i, (pq, pk, _, d) in enumerate(lg.heads):
+    for i, (pq, pk, c0, d, kept) in enumerate(lg.heads):
         r = len(pq)
-        cand = {"pruned": (_full(fq, fq.w0[0], pq), _full(fk, fk.w0[0], pk)),
-                "separate": (_full(fq, Wq, pq), _full(fk, Wk, pk))}
+        oq, ok = _shift(lg, 0, c0, kept), _shift(lg, 1, c0, kept)
+
+        def operand(cols, off):  # a layer's columns as operand columns (over the scale)
+            cols = cols.copy()
+            cols[-1] += off
+            return cols
+        cand = {c: (operand(_full(fq, Wa, pq), oq), operand(_full(fk, Wb, pk), ok))
+                for c, (Wa, Wb) in {"pruned": (fq.w0[0], fk.w0[0]), "separate": (Wq, Wk)}.items()}
         # both sides re-fitted on all the head's dims: the removed ones have no
         # pruned weights to shrink towards, so the strength is chosen here, on held-out folds
         zq, zk = np.zeros((cand["pruned"][0].shape[0], d)), np.zeros((cand["pruned"][1].shape[0], d))
@@ -225,8 +333,8 @@ def solve(lg: _Logits, final: dict, ridge: float) -> None:
         use = "joint" if err["joint"] < min(err["pruned"], err["separate"]) * (1 - 1e-6) else "separate"
         if use == "joint":
             joint += 1
-            _put(fq, Wq, pq, A)
-            _put(fk, Wk, pk, B)
+            _put(fq, Wq, pq, operand(A, -oq))
+            _put(fk, Wk, pk, operand(B, -ok))
         sums["pruned"] += on_calib["pruned"]
         sums["written"] += on_calib[use]
         sums["base"] += float(np.trace(tot[3][i] @ tot[4][i]))

@@ -111,7 +111,10 @@ def _dense_rows(fit: _Fit, x: np.ndarray, y: np.ndarray, rng, budget: int):
     if fit.dense.get("transA"):
         x = x.T
     X = x.reshape(-1, x.shape[-1])
-    Y = y.reshape(-1, y.shape[-1])[:, fit.kept_out]
+    if fit.dense.get("packed"):  # a packed Attention's projection, from the original's input
+        Y = y.reshape(-1, y.shape[-1]) @ fit.dense["w"][:, fit.kept_out] + fit.dense["b"][fit.kept_out]
+    else:
+        Y = y.reshape(-1, y.shape[-1])[:, fit.kept_out]
     if len(X) != len(Y):
         return None
     # the sample each row comes from: rows are [B, ...] flattened (tokens of a sample are consecutive)

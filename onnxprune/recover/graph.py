@@ -9,6 +9,7 @@ from collections import defaultdict
 import numpy as np
 import onnx
 import onnx_ir as ir
+from onnx import helper, numpy_helper
 
 from onnxprune.recover.fit import LayerRow, _Fit
 from onnxprune.rewrite import Journal, add_bias_after, matmul_bias, set_input
@@ -37,6 +38,31 @@ class _Graph:
 def _output_names(proto: onnx.ModelProto) -> dict[str, str]:
     """node name -> its first output's name, in a proto (the original model)."""
     return {n.name: n.output[0] for n in proto.graph.node if n.name and n.output}
+
+
+MS = "com.microsoft"
+
+
+def is_packed_attention(node) -> bool:
+    """onnxruntime's packed-weight ``Attention``: its q/k/v projection is inside the op."""
+    return node.op_type == "Attention" and node.domain == MS
+
+
+def _packed_sources(proto: onnx.ModelProto) -> dict:
+    """The original's packed-weight Attention nodes: name -> its input, weight
+    ``[C, q+k+v]``, bias, q width and head count. The projection inside the op
+    is the layer a re-fit reproduces (the target is computed from the input)."""
+    inits = {t.name: t for t in proto.graph.initializer}
+    out = {}
+    for n in proto.graph.node:
+        if not (is_packed_attention(n) and n.name and len(n.input) > 2 and n.input[1] in inits and n.input[2] in inits):
+            continue
+        w, b = numpy_helper.to_array(inits[n.input[1]]), numpy_helper.to_array(inits[n.input[2]])
+        attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+        sizes = attrs.get("qkv_hidden_sizes")
+        q = int(sizes[0]) if sizes is not None and len(sizes) else w.shape[-1] // 3
+        out[n.name] = dict(x=n.input[0], w=w, b=b.reshape(-1), q=q, heads=int(attrs.get("num_heads", 0)))
+    return out
 
 
 def _kept_maps(ctx, keep):
@@ -75,7 +101,32 @@ def _conv_geometry(g: _Graph, node, w: np.ndarray) -> dict | str:
                 pads=list(g.attr(node, "pads", [0, 0, 0, 0])), auto=auto)
 
 
-def _plan_fit(g: _Graph, orig: dict[str, str], name: str, ins, outs, max_features: int, method: str) -> _Fit | LayerRow:
+def _plan_packed(g: _Graph, src: dict | None, node, row: LayerRow, outs, max_features: int) -> _Fit | LayerRow:
+    """A packed-weight Attention as a linear layer: input 0 times the packed
+    weight plus the bias, the target computed from the original's input."""
+    w = g.const(node.inputs[1])
+    b = g.const(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
+    if src is None or w is None or b is None or w.ndim != 2 or w.dtype != np.float32:
+        row.reason = "packed Attention without a constant float32 weight and bias"
+        return row
+    ko = [(k, wd) for s, a, k, wd, _ in outs.get(node.name, []) if s == 1 and a == 1]
+    kept_out, width0 = ko[0] if ko else (np.arange(w.shape[1]), w.shape[1])
+    if len(kept_out) != w.shape[1] or width0 != src["w"].shape[1]:
+        row.reason = f"kept outputs ({len(kept_out)}) do not match the pruned weight ({w.shape[1]})"
+        return row
+    if w.shape[0] + 1 > max_features:
+        row.reason = f"{w.shape[0]} features exceed max_features={max_features}"
+        return row
+    row.outputs_kept = f"{len(kept_out)}/{width0}"
+    row.features = w.shape[0]
+    w0 = [np.vstack([w, b.reshape(1, -1)]).astype(np.float64)]
+    return _Fit(row=row, node=node, x_name=node.inputs[0].name, y_name=src["x"], kept_out=np.asarray(kept_out),
+                groups=[(slice(None), slice(None))], w0=w0, kind="dense",
+                dense=dict(packed=True, w=src["w"], b=src["b"], q=src["q"], heads=src["heads"]))
+
+
+def _plan_fit(g: _Graph, orig: dict[str, str], name: str, ins, outs, max_features: int, method: str,
+              packed: dict | None = None) -> _Fit | LayerRow:
     node = g.nodes.get(name)
     op = node.op_type if node is not None else "?"
     row = LayerRow(node=name, op=op, status="skipped", method=method)
@@ -87,6 +138,8 @@ def _plan_fit(g: _Graph, orig: dict[str, str], name: str, ins, outs, max_feature
         return row
     io_in = ins[name]
     row.inputs_kept = ", ".join(f"{len(k)}/{w}" for _, _, k, w, _ in io_in)
+    if is_packed_attention(node):
+        return _plan_packed(g, (packed or {}).get(name), node, row, outs, max_features)
     if op not in ("Conv", "Gemm", "MatMul"):
         row.reason = f"{op} is not re-fitted (only Conv, Gemm, MatMul)"
         return row
@@ -203,6 +256,10 @@ def _write_back(g: _Graph, fit: _Fit, Ws: list, journal: Journal) -> None:
         set_input(node, 2, f32(new_b), "recovered_b", journal)
         return
     W = Ws[0]
+    if fit.dense.get("packed"):
+        set_input(node, 1, f32(W[:-1]), "recovered_w", journal)
+        set_input(node, 2, f32(W[-1]), "recovered_b", journal)
+        return
     if fit.dense.get("matmul"):
         set_input(node, 1, f32(W[:-1]), "recovered_w", journal)
         bias = fit.dense["bias"] + W[-1]
@@ -267,25 +324,38 @@ def _reaches_softmax(value, hops: int = 4) -> bool:
     return False
 
 
-def _logit_matmuls(g: _Graph):
-    """The q.k^T MatMuls: two activations multiplied, the product going to a Softmax."""
+def _logit_sites(g: _Graph):
+    """Where attention logits are formed, as ``(node, q value, k value, kind)``:
+    a q.k^T MatMul of two activations going to a Softmax (``kind`` "matmul",
+    its right operand is k^T), the ONNX ``Attention`` op ("attention") and
+    onnxruntime's ``MultiHeadAttention`` with separate 3-D q/k/v ("mha")."""
     for n in g.g:
         if n.op_type == "MatMul" and len(n.inputs) == 2 and all(v is not None and g.const(v) is None for v in n.inputs) \
                 and _reaches_softmax(n.outputs[0]):
-            yield n
+            yield n, n.inputs[0], n.inputs[1], "matmul"
+        elif n.op_type == "Attention" and n.domain in ("", "ai.onnx") and len(n.inputs) >= 3 \
+                and all(v is not None for v in n.inputs[:3]):
+            yield n, n.inputs[0], n.inputs[1], "attention"
+        elif n.op_type == "MultiHeadAttention" and n.domain == "com.microsoft" and len(n.inputs) >= 3 \
+                and all(v is not None for v in n.inputs[:3]):
+            yield n, n.inputs[0], n.inputs[1], "mha"
 
 
 def _attention_linears(g: _Graph, names: set[str]) -> set[str]:
     """Of the linear layers ``names``, those whose output is a q or k of an attention's logits."""
-    return {x for n in _logit_matmuls(g) for x in (_linear_behind(g, v, names) for v in n.inputs) if x is not None}
+    return {x for n, q, k, _ in _logit_sites(g) for x in (_linear_behind(g, v, names) for v in (q, k)) if x is not None}
 
 
 def _attention_pairs(g: _Graph, fits: dict) -> list[dict]:
     """Self-attention logits whose q and k come from re-fitted linear layers
-    reading the same input: ``{"node", "q_fit", "k_fit"}`` per q.k^T MatMul."""
+    reading the same input: ``{"node", "q_fit", "k_fit", "kind"}`` per site
+    (:func:`_logit_sites`)."""
     names, out = set(fits), []
-    for n in _logit_matmuls(g):
-        q, k = (_linear_behind(g, v, names) for v in n.inputs)
+    for name, f in fits.items():  # packed Attention: q and k are both slices of its own projection
+        if f.dense.get("packed") and f.dense.get("heads"):
+            out.append({"node": name, "q_fit": name, "k_fit": name, "kind": "packed"})
+    for n, qv, kv, kind in _logit_sites(g):
+        q, k = (_linear_behind(g, v, names) for v in (qv, kv))
         if n.name and q is not None and k is not None and fits[q].x_name == fits[k].x_name and fits[q].kind == "dense":
-            out.append({"node": n.name, "q_fit": q, "k_fit": k})
+            out.append({"node": n.name, "q_fit": q, "k_fit": k, "kind": kind})
     return out
