@@ -8,6 +8,7 @@ bias-only candidate of the ridge strength (onnxprune/recover/fit.py).
     the consumer's bias the model is exact on inputs the means never saw, without
     it far off; the damage search measures its candidates so and spends the
     budget on exactly those channels;
+    the means are captured in shares when a model's activations are wide;
 (c) the ridge strength's candidates include the pruned weights with only the
     bias re-fitted, chosen when refitted weights do not carry over between folds.
 """
@@ -134,6 +135,35 @@ def test_constant_channels_pruned_with_their_mean_folded_in_are_exact(tmp_path):
     with job.edited(keep, prune=True) as p:
         assert D.output_damage(ref, runtime.session(p).run(None, {"x": x})) > 1e-3
     assert shift.shifts({}) == []  # nothing removed, nothing moved
+
+
+def test_means_captured_in_shares_when_the_activations_are_wide(tmp_path, monkeypatch):
+    """With a tiny capture budget every consumer input is captured in a pass of
+    its own, never all at once, and the shifts are the same."""
+    import onnxprune.plan.compensate as C
+
+    m = small_cnn(seed=6)
+    job = Job.open(m)
+    groups = [g for g in job.groups if not g.frozen]
+    calib = load_calib(_calib(tmp_path), job.data_proto(), n_batches=2)
+    asked = []
+
+    def values(names):
+        asked.append(list(names))
+        return _values(job, calib)(names)
+
+    whole = MeanShift(job.ctx, groups, values)
+    assert len(asked) == 1 and len(asked[0]) > 1
+    keep = {g.id: np.arange(g.width)[::2] for g in groups}
+    ref = whole.shifts(keep)
+    monkeypatch.setattr(C, "SAMPLE_BYTES", 1)
+    asked.clear()
+    parts = MeanShift(job.ctx, groups, values)
+    assert len(asked) > 1 and all(len(a) == 1 for a in asked), asked
+    got = parts.shifts(keep)
+    assert [n.name for n, _ in got] == [n.name for n, _ in ref] and len(ref) > 1
+    for (_, a), (_, b) in zip(got, ref):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
 
 
 def test_a_consumer_that_also_loses_outputs_gets_the_shift_of_the_outputs_it_keeps(tmp_path):

@@ -11,7 +11,9 @@ it folded in. Measured without it, a channel with a large mean and little
 variance looks expensive although recovery returns it almost for free, and
 the budget goes where recovery can do little.
 
-The means come from the original model on the calibration data, one pass.
+The means come from the original model on the calibration data, one pass
+(or one per share of :data:`SAMPLE_BYTES` of captured activations per sample:
+a wide model's consumer inputs are not all held at once).
 Nothing here edits a model: :meth:`MeanShift.shifts` says how much each
 layer's output moves, and the caller hands that to the rewriter
 (:func:`onnxprune.rewrite.shift_output`).
@@ -21,6 +23,8 @@ from __future__ import annotations
 import numpy as np
 
 from onnxprune.plan.importance.recon import consumers
+
+SAMPLE_BYTES = 32 << 20  # activations captured at once, per calibration sample (more: one pass per share)
 
 
 class MeanShift:
@@ -43,16 +47,18 @@ class MeanShift:
         self.layers: list[tuple] = []  # (node, rows [k, outputs], mean [k], [(group id, leaf map)], output maps)
         if not by_node:
             return
-        names = sorted({c.x.name for c, _ in by_node.values()})
+        values = {c.x.name: c.x for c, _ in by_node.values()}
+        names = sorted(values)
         sums: dict[str, np.ndarray] = {}
         counts: dict[str, int] = {}
         axis = {c.x.name: c.axis for c, _ in by_node.values()}
-        for vals in capture(names):
-            for n in names:
-                a = np.moveaxis(np.asarray(vals[n]), axis[n], -1)
-                a = a.reshape(-1, a.shape[-1]).astype(np.float64)
-                sums[n] = sums.get(n, 0) + a.sum(0)
-                counts[n] = counts.get(n, 0) + len(a)
+        for chunk in _chunks(names, {n: _sample_bytes(ctx, values[n]) for n in names}, SAMPLE_BYTES):
+            for vals in capture(chunk):
+                for n in chunk:
+                    a = np.moveaxis(np.asarray(vals[n]), axis[n], -1)
+                    a = a.reshape(-1, a.shape[-1])
+                    sums[n] = sums.get(n, 0) + a.sum(0, dtype=np.float64)
+                    counts[n] = counts.get(n, 0) + len(a)
         for c, lms in by_node.values():
             n = c.x.name
             if not counts.get(n) or len(sums[n]) != c.k:
@@ -83,6 +89,28 @@ class MeanShift:
                     stays &= (lm < 0) | np.isin(lm, keep[gid])
             out.append((node, (rows[gone].T @ mean[gone])[stays]))
         return out
+
+
+def _sample_bytes(ctx, value) -> int:
+    """Bytes of one sample of ``value`` (float32; the first axis is the batch;
+    an unknown dim counts as 64)."""
+    dims = ctx.dims(value)
+    if not dims:
+        return 4 << 20
+    return 4 * int(np.prod([d if isinstance(d, int) and d > 0 else 64 for d in dims[1:]]))
+
+
+def _chunks(names: list[str], size: dict, budget: int) -> list[list[str]]:
+    """``names`` in consecutive shares of at most ``budget`` bytes (a share
+    holds at least one name)."""
+    out, cur, total = [], [], 0
+    for n in names:
+        if cur and total + size[n] > budget:
+            out.append(cur)
+            cur, total = [], 0
+        cur.append(n)
+        total += size[n]
+    return out + ([cur] if cur else [])
 
 
 def _output_maps(ctx, node, width: int, groups) -> list[tuple]:
