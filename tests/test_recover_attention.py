@@ -303,3 +303,35 @@ def test_packed_attention_refitted_as_a_consumer_of_the_pruned_stream():
         err["pruned"] += float(((sp.run(None, {"x": x})[0] - y0) ** 2).sum())
         err["recovered"] += float(((sr.run(None, {"x": x})[0] - y0) ** 2).sum())
     assert err["recovered"] < 0.8 * err["pruned"], err
+
+
+def test_torch_dynamo_opset23_export_attention_op_refitted(tmp_path):
+    """timm's ViT through torch's dynamo exporter at opset 23:
+    scaled_dot_product_attention becomes the ONNX Attention op (4-D q/k/v
+    sliced from the fused qkv layer); the logits are re-fitted inside it."""
+    import warnings
+
+    torch = pytest.importorskip("torch")
+    timm = pytest.importorskip("timm")
+    from timm_models import randomize
+
+    warnings.filterwarnings("ignore")
+    net = randomize(timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2), seed=2).eval()
+    path = str(tmp_path / "vit23.onnx")
+    torch.onnx.export(net, (torch.randn(2, 3, 32, 32),), dynamo=True, opset_version=23,
+                      dynamic_shapes=({0: "batch"},)).save(path)
+    assert sum(n.op_type == "Attention" for n in onnx.load(path).graph.node) == 2
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "calib.npy", rng.standard_normal((64, 3, 32, 32)).astype(np.float32))
+    held = rng.standard_normal((32, 3, 32, 32)).astype(np.float32)
+    ratios = {"kinds": {"head_dim": 0.5}, "importance": "l2"}
+    out = {}
+    for joint in (False, True):
+        out[joint] = prune(path, ratios, calib=str(tmp_path / "calib.npy"), recover="ridge",
+                           recover_options={"attention_logits": joint})
+    rows = [r for r in out[True].recovery if r.method == "qk-logits"]
+    assert [r.op for r in rows] == ["Attention", "Attention"], format_rows(out[True].recovery)
+    assert all(r.status == "refit" and r.held_after < 0.8 * r.held_before for r in rows), format_rows(out[True].recovery)
+    y0 = runtime.session(onnx.load(path)).run(None, {"x": held})[0]
+    err = {j: float(((runtime.session(r.proto).run(None, {"x": held})[0] - y0) ** 2).sum()) for j, r in out.items()}
+    assert err[True] < err[False], err
