@@ -78,6 +78,25 @@ def extra_layers(g, names: list[str], outs) -> list[str]:
     return sorted(((_attention_linears(g, linears) | packed) & lost) - set(names))
 
 
+class _Initializers:
+    """The original's initializers by name, each read into numpy when asked for."""
+
+    def __init__(self, proto):
+        self._t = {t.name: t for t in proto.graph.initializer}
+        self._a: dict = {}
+
+    def __contains__(self, name) -> bool:
+        return name in self._t
+
+    def __getitem__(self, name):
+        if name not in self._a:
+            self._a[name] = numpy_helper.to_array(self._t[name])
+        return self._a[name]
+
+    def get(self, name, default=None):
+        return self[name] if name in self._t else default
+
+
 def _heads_and_bias(on, inits: dict):
     """An attention op's head count and the q and k biases it adds itself:
     ``(num_heads, (bq, bk))``, or a string saying why its logits are not re-fitted."""
@@ -113,7 +132,7 @@ def plan(g, fits: list[_Fit], original) -> list[_Logits]:
     """The attention logits of the pruned model ``g`` to re-fit jointly."""
     by_name = {f.row.node: f for f in fits}
     onodes = {n.name: n for n in original.graph.node if n.name}
-    inits = {t.name: numpy_helper.to_array(t) for t in original.graph.initializer}
+    inits = _Initializers(original)
     out = []
     for p in _attention_pairs(g, by_name):
         on = onodes.get(p["node"])
