@@ -135,8 +135,10 @@ def test_columns_are_matched_by_data_and_doubt_refuses():
 # --------------------------------------------------------------------------- (b)
 
 
-def test_head_dims_pruned_q_and_k_refitted_jointly():
-    m = attention_model()
+def _separate_and_joint(m):
+    """Half the head dims of ``m`` pruned, then recovered with q and k fitted
+    separately and jointly: (the prune result, held-out inputs, separate model,
+    its rows, joint model, its rows)."""
     calib, held = _inputs(4, seed=1), _inputs(3, seed=2)
     res = prune(m, {"kinds": {"head_dim": 0.5}, "scope": "local", "importance": "l2"})
     assert any(len(k) < DH for k in res.plan.keep.values())  # head dims did go
@@ -145,6 +147,12 @@ def test_head_dims_pruned_q_and_k_refitted_jointly():
     joint, rows = recover(m, res.proto, res.analyzed.ctx, res.plan.keep, calib, **kw)
     onnx.checker.check_model(joint, full_check=True)
     print(format_rows(rows))
+    return res, held, sep, rows_sep, joint, rows
+
+
+def test_head_dims_pruned_q_and_k_refitted_jointly():
+    m = attention_model()
+    res, held, sep, rows_sep, joint, rows = _separate_and_joint(m)
     logit_rows = [r for r in rows if r.method == "qk-logits"]
     assert [r.node for r in logit_rows] == ["b0_qk", "b1_qk"]
     assert not any(r.method == "qk-logits" for r in rows_sep)
@@ -259,14 +267,7 @@ def op_attention_model(kind, seed=0, blocks=2, stem=False):
                                      ("mha", "MultiHeadAttention"), ("packed", "Attention")])
 def test_logits_inside_attention_ops_refitted_jointly(kind, op):
     m = op_attention_model(kind)
-    calib, held = _inputs(4, seed=1), _inputs(3, seed=2)
-    res = prune(m, {"kinds": {"head_dim": 0.5}, "scope": "local", "importance": "l2"})
-    assert any(len(k) < DH for k in res.plan.keep.values())
-    kw = dict(progress=False, rows_per_batch=512)
-    sep, _ = recover(m, res.proto, res.analyzed.ctx, res.plan.keep, calib, attention_logits=False, **kw)
-    joint, rows = recover(m, res.proto, res.analyzed.ctx, res.plan.keep, calib, **kw)
-    onnx.checker.check_model(joint, full_check=True)
-    print(format_rows(rows))
+    res, held, sep, _, joint, rows = _separate_and_joint(m)
     logit_rows = [r for r in rows if r.method == "qk-logits"]
     assert [(r.node, r.op) for r in logit_rows] == [("b0_attn", op), ("b1_attn", op)]
     for r in logit_rows:
