@@ -144,15 +144,17 @@ def plan(g, fits: list[_Fit], original) -> list[_Logits]:
                        inputs_kept="q.k^T")
         k_val = on.input[0] if p["kind"] == "packed" else on.input[1]  # packed: both from the op's input
         lg = _Logits(row=row, fq=fq, fk=fk, q_val=on.input[0], k_val=k_val, kind=p["kind"])
-        lg.layer_bias = (_layer_bias(fq, onodes, inits), _layer_bias(fk, onodes, inits))
+        try:
+            lg.layer_bias = (_layer_bias(fq, onodes, inits), _layer_bias(fk, onodes, inits))
+            got = _heads_and_bias(on, inits) if p["kind"] != "matmul" else (0, (None, None))
+        except Exception as e:  # an unreadable constant: the separate fits stay
+            lg.layer_bias, got = (0.0, 0.0), f"could not read the attention's constants: {type(e).__name__}: {e}"
         if any(b is None for b in lg.layer_bias):
             lg.failed = "the bias of a q or k layer is not a constant of the original"
-        elif p["kind"] != "matmul":
-            got = _heads_and_bias(on, inits)
-            if isinstance(got, str):
-                lg.failed = got
-            else:
-                lg.num_heads, lg.bias = got
+        elif isinstance(got, str):
+            lg.failed = got
+        else:
+            lg.num_heads, lg.bias = got
         out.append(lg)
     return out
 

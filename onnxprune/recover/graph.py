@@ -57,7 +57,10 @@ def _packed_sources(proto: onnx.ModelProto) -> dict:
     for n in proto.graph.node:
         if not (is_packed_attention(n) and n.name and len(n.input) > 2 and n.input[1] in inits and n.input[2] in inits):
             continue
-        w, b = numpy_helper.to_array(inits[n.input[1]]), numpy_helper.to_array(inits[n.input[2]])
+        try:
+            w, b = numpy_helper.to_array(inits[n.input[1]]), numpy_helper.to_array(inits[n.input[2]])
+        except Exception:  # e.g. external data not loaded: the layer is reported as not re-fittable
+            continue
         attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
         sizes = attrs.get("qkv_hidden_sizes")
         q = int(sizes[0]) if sizes is not None and len(sizes) else w.shape[-1] // 3
