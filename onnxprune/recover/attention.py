@@ -57,7 +57,7 @@ class _Logits:
     failed: str = ""
     folds: dict = field(default_factory=dict)  # fold -> [G, [Cq], [Ck], [Sq], [Sk]] per head
     kind: str = "matmul"  # where the logits are formed (graph._logit_sites): k^T on the right for "matmul"
-    num_heads: int = 0  # heads packed in the last axis of 3-D operands (Attention / MultiHeadAttention)
+    num_heads: int = 0  # heads side by side in the last axis of 3-D operands (attention ops)
     bias: tuple = (None, None)  # q and k biases the op adds itself (MultiHeadAttention), original widths
     layer_bias: tuple = (None, None)  # the original bias Adds of q's and k's MatMuls (their columns include them)
     offset: tuple = (None, None)  # per operand column: what the operand adds to scale x its layer's column
@@ -159,11 +159,11 @@ def plan(g, fits: list[_Fit], original) -> list[_Logits]:
     return out
 
 
-def _rows(op: np.ndarray, rows: int, right: bool, packed: bool = False) -> np.ndarray | None:
+def _rows(op: np.ndarray, rows: int, right: bool, flat: bool = False) -> np.ndarray | None:
     """An operand ``[..., tokens, d]`` (``[..., d, tokens]`` on the right;
-    ``packed``: 3-D ``[B, tokens, heads * d]``) as ``[rows, heads * d]`` in the
+    ``flat``: 3-D ``[B, tokens, heads * d]``) as ``[rows, heads * d]`` in the
     (sample, token) order of its linear layer's rows."""
-    if packed:
+    if flat:
         return op.reshape(rows, -1) if op.ndim == 3 and op.shape[0] * op.shape[1] == rows else None
     if right:
         op = np.swapaxes(op, -1, -2)
@@ -184,10 +184,10 @@ def _operands(lg: _Logits, oq, ok, rows: int):
         if x is None or not lg.num_heads or nq % lg.num_heads:
             return None
         return (x @ d["w"][:, :nq] + d["b"][:nq], x @ d["w"][:, nq:2 * nq] + d["b"][nq:2 * nq], nq // lg.num_heads)
-    packed = lg.kind != "matmul" and oq.ndim == 3
-    if packed and (not lg.num_heads or oq.shape[-1] % lg.num_heads):
+    flat = lg.kind != "matmul" and oq.ndim == 3
+    if flat and (not lg.num_heads or oq.shape[-1] % lg.num_heads):
         return None
-    q, k = _rows(oq, rows, False, packed), _rows(ok, rows, lg.kind == "matmul", packed)
+    q, k = _rows(oq, rows, False, flat), _rows(ok, rows, lg.kind == "matmul", flat)
     if q is None or k is None or q.shape != k.shape:
         return None
     bq, bk = lg.bias
@@ -198,7 +198,7 @@ def _operands(lg: _Logits, oq, ok, rows: int):
         lg.bias = (bq, bk)
     if bq is not None:
         q, k = q + bq, k + bk
-    return q, k, (oq.shape[-1] // lg.num_heads if packed else oq.shape[-1])
+    return q, k, (oq.shape[-1] // lg.num_heads if flat else oq.shape[-1])
 
 
 def _map(lg: _Logits, yq, yk, oq, ok) -> None:
