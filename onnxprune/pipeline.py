@@ -186,17 +186,18 @@ class Job:
         threads = os.cpu_count() or 1
         original = self.data_proto()
         sess = session(original, threads)
-        t_run = time.perf_counter()
-        ref = [sess.run(None, fd) for fd in feeds]
-        t_run = time.perf_counter() - t_run
+
+        def reference(fds, sess=sess):  # the original's outputs on the feeds, and how long they took
+            t = time.perf_counter()
+            return [sess.run(None, fd) for fd in fds], time.perf_counter() - t
+
+        ref, t_run = reference(feeds)
         if t_run > damage.RUN_SECONDS and n > damage.MIN_SAMPLES:  # a slow model: fewer samples per candidate
             fewer, m = self._damage_feeds(calib, max(damage.MIN_SAMPLES, int(n * damage.RUN_SECONDS / t_run)))
             if m < n:
                 feeds, n = fewer, m
-                t_run = time.perf_counter()
-                ref = [sess.run(None, fd) for fd in feeds]
-                t_run = time.perf_counter() - t_run
-        del sess
+                ref, t_run = reference(feeds)
+        del sess, reference
 
         # candidates are measured with the removed channels' mean contribution
         # folded into their consumers' biases, as --recover gives it back

@@ -183,7 +183,7 @@ def recover_model(
     sources = getattr(batches, "sources", None)
     batches = list(getattr(batches, "batches", batches))
     journal = journal if journal is not None else Journal()
-    g, og, packed = _Graph(model), _output_names(original), _packed_sources(original)
+    g, og = _Graph(model), _output_names(original)
     ins, outs = _kept_maps(ctx, keep)
     if layers not in ("pruned", "all"):
         raise ValueError(f"layers must be 'pruned' or 'all', not {layers!r}")
@@ -194,6 +194,7 @@ def recover_model(
         names = sorted(set(names) | extra, key=lambda n: order.get(n, 1 << 30))
     rows: list[LayerRow] = []
     fits: list[_Fit] = []
+    packed = _packed_sources(original, names)
     for name in names:
         f = _plan_fit(g, og, name, ins, outs, max_features, method, packed=packed)
         if isinstance(f, LayerRow):

@@ -34,10 +34,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from onnxprune.recover.fit import LayerRow, _Fit, _logit_err, _logit_factor, _match_columns
-from onnxprune.recover.graph import _attention_linears, _attention_pairs, is_packed_attention
+from onnxprune.recover.graph import _attention_linears, _attention_pairs, _Initializers, is_packed_attention
 
 
 LAMBDAS = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)  # ridge strengths tried for the joint fit (relative, as for the layers)
@@ -76,25 +76,6 @@ def extra_layers(g, names: list[str], outs) -> list[str]:
     packed = {n.name for n in g.g if n.name and is_packed_attention(n)}
     lost = {name for name in linears | packed if any(len(k) < w for _, _, k, w, _ in outs.get(name, []))}
     return sorted(((_attention_linears(g, linears) | packed) & lost) - set(names))
-
-
-class _Initializers:
-    """The original's initializers by name, each read into numpy when asked for."""
-
-    def __init__(self, proto):
-        self._t = {t.name: t for t in proto.graph.initializer}
-        self._a: dict = {}
-
-    def __contains__(self, name) -> bool:
-        return name in self._t
-
-    def __getitem__(self, name):
-        if name not in self._a:
-            self._a[name] = numpy_helper.to_array(self._t[name])
-        return self._a[name]
-
-    def get(self, name, default=None):
-        return self[name] if name in self._t else default
 
 
 def _heads_and_bias(on, inits: dict):
@@ -205,9 +186,13 @@ def _map(lg: _Logits, yq, yk, oq, ok) -> None:
     """Which columns of the linear layers carry each head's q and k dims, and
     which heads lost dims (``lg.heads``); ``lg.failed`` says why not."""
     rq, rk = yq.reshape(-1, yq.shape[-1]), yk.reshape(-1, yk.shape[-1])
-    if lg.kind == "packed":  # the layer's output is the projection inside the op
+    if lg.kind == "packed":  # the layer's output is the projection inside the op; q and k are slices of it
         rq = rk = rq @ lg.fq.dense["w"] + lg.fq.dense["b"]
-    got = _operands(lg, oq, ok, len(rq)) if len(rq) == len(rk) else None
+        nq = lg.fq.dense["q"]
+        ok_heads = lg.num_heads and not nq % lg.num_heads
+        got = (rq[:, :nq], rq[:, nq:2 * nq], nq // lg.num_heads) if ok_heads else None
+    else:
+        got = _operands(lg, oq, ok, len(rq)) if len(rq) == len(rk) else None
     if got is None:
         lg.failed = "the q/k operands do not line up with their linear layers' rows"
         return
@@ -304,6 +289,14 @@ def _put(fit: _Fit, W: np.ndarray, pos, cols: np.ndarray) -> None:
         W[-1, pos] -= np.asarray(fit.dense["bias"])[pos]
 
 
+def _offset(cols: np.ndarray, off: np.ndarray) -> np.ndarray:
+    """A layer's columns (bias last) with ``off`` added to the bias row: as
+    operand columns over the scale (or back, with ``-off``)."""
+    out = cols.copy()
+    out[-1] += off
+    return out
+
+
 def solve(lg: _Logits, final: dict, ridge: float) -> None:
     """Re-fit q and k jointly per head where that beats the separate fits on
     held-out folds; ``final``: fit name -> its solution (the list of
@@ -324,12 +317,7 @@ def solve(lg: _Logits, final: dict, ridge: float) -> None:
     for i, (pq, pk, c0, d, kept) in enumerate(lg.heads):
         r = len(pq)
         oq, ok = _shift(lg, 0, c0, kept), _shift(lg, 1, c0, kept)
-
-        def operand(cols, off):  # a layer's columns as operand columns (over the scale)
-            cols = cols.copy()
-            cols[-1] += off
-            return cols
-        cand = {c: (operand(_full(fq, Wa, pq), oq), operand(_full(fk, Wb, pk), ok))
+        cand = {c: (_offset(_full(fq, Wa, pq), oq), _offset(_full(fk, Wb, pk), ok))
                 for c, (Wa, Wb) in {"pruned": (fq.w0[0], fk.w0[0]), "separate": (Wq, Wk)}.items()}
         # both sides re-fitted on all the head's dims: the removed ones have no
         # pruned weights to shrink towards, so the strength is chosen here, on held-out folds
@@ -354,8 +342,8 @@ def solve(lg: _Logits, final: dict, ridge: float) -> None:
         use = "joint" if err["joint"] < min(err["pruned"], err["separate"]) * (1 - 1e-6) else "separate"
         if use == "joint":
             joint += 1
-            _put(fq, Wq, pq, operand(A, -oq))
-            _put(fk, Wk, pk, operand(B, -ok))
+            _put(fq, Wq, pq, _offset(A, -oq))
+            _put(fk, Wk, pk, _offset(B, -ok))
         sums["pruned"] += on_calib["pruned"]
         sums["written"] += on_calib[use]
         sums["base"] += float(np.trace(tot[3][i] @ tot[4][i]))

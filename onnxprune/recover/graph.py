@@ -48,18 +48,41 @@ def is_packed_attention(node) -> bool:
     return node.op_type == "Attention" and node.domain == MS
 
 
-def _packed_sources(proto: onnx.ModelProto) -> dict:
-    """The original's packed-weight Attention nodes: name -> its input, weight
-    ``[C, q+k+v]``, bias, q width and head count. The projection inside the op
-    is the layer a re-fit reproduces (the target is computed from the input)."""
-    inits = {t.name: t for t in proto.graph.initializer}
+class _Initializers:
+    """A proto's initializers by name, each read into numpy when asked for."""
+
+    def __init__(self, proto: onnx.ModelProto):
+        self._t = {t.name: t for t in proto.graph.initializer}
+        self._a: dict = {}
+
+    def __contains__(self, name) -> bool:
+        return name in self._t
+
+    def __getitem__(self, name):
+        if name not in self._a:
+            self._a[name] = numpy_helper.to_array(self._t[name])
+        return self._a[name]
+
+    def get(self, name, default=None):
+        return self[name] if name in self._t else default
+
+
+def _packed_sources(proto: onnx.ModelProto, names) -> dict:
+    """The original's packed-weight Attention nodes among ``names``: name -> its
+    input, weight ``[C, q+k+v]``, bias, q width and head count. The projection
+    inside the op is the layer a re-fit reproduces (the target is computed from the input)."""
+    names = set(names)
+    nodes = [n for n in proto.graph.node if is_packed_attention(n) and n.name in names and len(n.input) > 2]
+    if not nodes:
+        return {}
+    inits = _Initializers(proto)
     out = {}
-    for n in proto.graph.node:
-        if not (is_packed_attention(n) and n.name and len(n.input) > 2 and n.input[1] in inits and n.input[2] in inits):
-            continue
+    for n in nodes:
         try:
-            w, b = numpy_helper.to_array(inits[n.input[1]]), numpy_helper.to_array(inits[n.input[2]])
+            w, b = inits.get(n.input[1]), inits.get(n.input[2])
         except Exception:  # e.g. external data not loaded: the layer is reported as not re-fittable
+            continue
+        if w is None or b is None:
             continue
         attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
         sizes = attrs.get("qkv_hidden_sizes")
@@ -339,7 +362,7 @@ def _logit_sites(g: _Graph):
         elif n.op_type == "Attention" and n.domain in ("", "ai.onnx") and len(n.inputs) >= 3 \
                 and all(v is not None for v in n.inputs[:3]):
             yield n, n.inputs[0], n.inputs[1], "attention"
-        elif n.op_type == "MultiHeadAttention" and n.domain == "com.microsoft" and len(n.inputs) >= 3 \
+        elif n.op_type == "MultiHeadAttention" and n.domain == MS and len(n.inputs) >= 3 \
                 and all(v is not None for v in n.inputs[:3]):
             yield n, n.inputs[0], n.inputs[1], "mha"
 
