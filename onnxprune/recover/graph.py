@@ -118,6 +118,58 @@ def _levels(g: _Graph, names: set[str]) -> dict[str, int]:
     return out
 
 
+def _residuals(original: onnx.ModelProto, g: _Graph, fits: list[_Fit], levels: dict[str, int]) -> dict[str, str]:
+    """fit node -> ``r``, for each layer whose output (its bias Add's, for a
+    MatMul) is read only by an ``Add`` whose other input ``r`` is computed: a
+    residual branch ``y + r``. Its target becomes the original's ``y + r``
+    minus the pruned model's ``r``, so the layer also takes up what the pruned
+    stream lost upstream (the sequential fit's error feedback). Only where
+    every layer re-fitted upstream of ``r`` is at a lower level (so the pruned
+    ``r`` is final when this layer is fitted), and ``r`` is the same value in
+    both models."""
+    inits = {t.name for t in original.graph.initializer}
+    const = {o for n in original.graph.node if n.op_type == "Constant" for o in n.output}
+    readers: dict[str, list] = defaultdict(list)
+    for n in original.graph.node:
+        for v in n.input:
+            if v:
+                readers[v].append(n)
+    graph_out = {o.name for o in original.graph.output}
+    by_name = {n.name: n for n in original.graph.node if n.name}
+    level_of: dict[str, int] = {}  # pruned value -> highest level of a re-fitted layer upstream of it (-1: none)
+    fitted = {f.row.node for f in fits}
+    for n in g.g:
+        up = max((level_of.get(v.name, -1) for v in n.inputs if v is not None), default=-1)
+        if n.name in fitted:
+            up = max(up, levels[n.name])
+        for o in n.outputs:
+            level_of[o.name] = up
+    pruned_readers: dict[str, list] = defaultdict(list)
+    for n in g.g:
+        for v in n.inputs:
+            if v is not None:
+                pruned_readers[v.name].append(n.name)
+    out = {}
+    for f in fits:
+        if f.dense.get("packed"):
+            continue
+        y = by_name[f.bias_add].output[0] if f.bias_add and f.bias_add in by_name else f.y_name
+        rd = readers.get(y, [])
+        if len(rd) != 1 or y in graph_out or rd[0].op_type != "Add" or rd[0].domain not in ("", "ai.onnx"):
+            continue
+        add = rd[0]
+        others = [v for v in add.input if v != y]
+        if len(add.input) != 2 or len(others) != 1:
+            continue
+        r = others[0]
+        if r in inits or r in const or r not in level_of or level_of[r] >= levels[f.row.node]:
+            continue
+        if add.name not in pruned_readers.get(r, []):
+            continue
+        out[f.row.node] = r
+    return out
+
+
 def _conv_geometry(g: _Graph, node, w: np.ndarray) -> dict | str:
     if w.ndim != 4:
         return "only 2-D convolutions are re-fitted"
