@@ -226,11 +226,12 @@ def test_planted_dead_channels_change_nothing(method):
             assert np.abs(w - a[base]).max() <= 1e-4 * (np.abs(a[base]).max() + 1e-6), t.name
 
 
-def residual_mlp(seed=0, hidden=32, width=16, shortcut=False):
+def residual_mlp(seed=0, hidden=32, width=16, shortcut=False, layer_scale=False):
     """x[N,6,8] -> embed MatMul 8->width = s0; block 0: MatMul + Add -> Relu ->
     MatMul (fc_b0), added to s0 (or, with ``shortcut``, to a MatMul fc_s of s0);
     block 1 the same with a hidden bias of 4 (its Relu never clips: a linear
-    block), added to the stream: the output y[N,6,width]."""
+    block), added to the stream: the output y[N,6,width]. ``layer_scale``: each
+    block's output multiplied by a constant per channel before the Add."""
     rng = np.random.default_rng(seed)
     nodes = [helper.make_node("MatMul", ["x", "win"], ["s0"], name="embed")]
     inits = [_t("win", rng.standard_normal((8, width)) / np.sqrt(8))]
@@ -247,18 +248,24 @@ def residual_mlp(seed=0, hidden=32, width=16, shortcut=False):
         nodes += [helper.make_node("MatMul", [s, f"a{i}"], [f"m{i}"], name=f"fc_a{i}"),
                   helper.make_node("Add", [f"m{i}", f"ab{i}"], [f"h{i}"], name=f"bias_a{i}"),
                   helper.make_node("Relu", [f"h{i}"], [f"r{i}"], name=f"relu{i}"),
-                  helper.make_node("MatMul", [f"r{i}", f"b{i}"], [f"o{i}"], name=f"fc_b{i}"),
-                  helper.make_node("Add", [f"o{i}", skip if i == 0 else s], [out], name=f"res{i}")]
+                  helper.make_node("MatMul", [f"r{i}", f"b{i}"], [f"o{i}"], name=f"fc_b{i}")]
+        branch = f"o{i}"
+        if layer_scale:
+            inits.append(_t(f"gamma{i}", rng.uniform(0.2, 2.0, width)))
+            nodes.append(helper.make_node("Mul", [branch, f"gamma{i}"], [f"ls{i}"], name=f"scale{i}"))
+            branch = f"ls{i}"
+        nodes.append(helper.make_node("Add", [branch, skip if i == 0 else s], [out], name=f"res{i}"))
         s = out
     return _model(nodes, inits, ["N", 6, 8], "y", ["N", 6, width])
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_residual_branch_takes_up_what_the_stream_lost(seed):
+@pytest.mark.parametrize("seed,layer_scale", [(0, False), (1, False), (2, False), (0, True), (1, True)])
+def test_residual_branch_takes_up_what_the_stream_lost(seed, layer_scale):
     # block 0 loses half its hidden units: what its re-fit cannot give back
-    # stays in the stream; block 1's last layer, added to that stream, is
-    # fitted to the original's sum minus the pruned stream and takes part of it up
-    m = residual_mlp(seed)
+    # stays in the stream; block 1's last layer, added to that stream (through
+    # a layer scale or not), is fitted to the original's sum minus the pruned
+    # stream and takes part of it up
+    m = residual_mlp(seed, layer_scale=layer_scale)
     calib = _batches((32, 6, 8), 4, seed=1)
     held = _batches((32, 6, 8), 2, seed=2)
     ratios = {"layers": {"fc_a0": 0.5}}
@@ -270,6 +277,39 @@ def test_residual_branch_takes_up_what_the_stream_lost(seed):
     e_pruned, e_plain, e_res = _rel(m, res.proto, held), _rel(m, plain, held), _rel(m, out, held)
     assert e_plain < 0.6 * e_pruned
     assert e_res < 0.93 * e_plain, (e_pruned, e_plain, e_res)
+
+
+@pytest.mark.parametrize("kind,shape,scale_shape", [("conv", (2, 6, 3, 3), (6, 1, 1)), ("conv", (2, 6, 3, 3), None),
+                                                     ("dense", (2, 4, 6), (6,)), ("dense", (2, 4, 6), (1,))])
+def test_stream_target_gives_the_original_sum(kind, shape, scale_shape):
+    # the target t of a layer with kept outputs k: scale * t + r_pruned is the
+    # original's scale * y + r on k (channels scaled by almost nothing excepted)
+    from types import SimpleNamespace
+
+    from onnxprune.recover import _with_stream_error
+
+    rng = np.random.default_rng(0)
+    axis = 1 if kind == "conv" else len(shape) - 1
+    kept = np.array([0, 2, 3, 5])
+    y, r_o = rng.standard_normal(shape).astype(np.float32), rng.standard_normal(shape).astype(np.float32)
+    r_p = np.take(r_o, kept, axis=axis) + 0.3 * rng.standard_normal(np.take(r_o, kept, axis=axis).shape).astype(np.float32)
+    scale = None if scale_shape is None else rng.uniform(0.1, 3.0, scale_shape)
+    if scale is not None and scale.size > 1:
+        scale.reshape(-1)[3] = 1e-9  # a channel the scale all but removes
+    t = _with_stream_error(SimpleNamespace(kind=kind, kept_out=kept), y, r_o, r_p, scale)
+    s = np.ones(shape[axis]) if scale is None else np.broadcast_to(scale.reshape(-1), (shape[axis],))
+    bshape = [1] * len(shape)
+    bshape[axis] = shape[axis]
+    s = s.reshape(bshape)
+    want = np.take(s * y + r_o, kept, axis=axis)
+    got = np.take(s * t, kept, axis=axis) + r_p
+    live = [i for i, k in enumerate(kept) if abs(s.reshape(-1)[k]) > 1e-6]
+    np.testing.assert_allclose(np.take(got, live, axis=axis), np.take(want, live, axis=axis), rtol=1e-4, atol=1e-4)
+    dead = [i for i, k in enumerate(kept) if abs(s.reshape(-1)[k]) <= 1e-6]
+    np.testing.assert_array_equal(np.take(np.take(t, kept, axis=axis), dead, axis=axis),
+                                  np.take(np.take(y, kept, axis=axis), dead, axis=axis))
+    removed = [i for i in range(shape[axis]) if i not in kept]  # not fitted: left as they were
+    np.testing.assert_array_equal(np.take(t, removed, axis=axis), np.take(y, removed, axis=axis))
 
 
 def test_residual_target_only_from_a_final_stream(monkeypatch):
@@ -293,7 +333,15 @@ def test_residual_target_only_from_a_final_stream(monkeypatch):
     _valid(out)
     by = {r.node: r for r in rows}
     assert {"fc_s", "fc_b0", "fc_b1"} <= {n for n, r in by.items() if r.status == "refit"}, format_rows(rows)
-    assert seen == {"fc_b0": "short", "fc_b1": "s1"}
+    assert {k: v[0] for k, v in seen.items()} == {"fc_b0": "short", "fc_b1": "s1"}
+    assert all(v[1] is None for v in seen.values())
+    seen.clear()
+    m = residual_mlp(0, layer_scale=True)  # the scale is read from the original, per channel
+    _run(m, {"default": 0.5}, calib)
+    gamma = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+    assert set(seen) == {"fc_b0", "fc_b1"}
+    for k, (r, scale) in seen.items():
+        np.testing.assert_array_equal(scale, gamma["gamma" + k[-1]])
 
 
 # --------------------------------------------------------------------------- (c)

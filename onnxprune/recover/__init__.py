@@ -251,7 +251,7 @@ def recover_model(
         for done, lvl in enumerate(sorted(by_level), 1):
             todo = by_level[lvl]
             t0 = time.perf_counter()
-            streams = {res[f.row.node] for f in todo if f.row.node in res}
+            streams = {res[f.row.node][0] for f in todo if f.row.node in res}
             x_names = sorted({f.x_name for f in todo} | streams)
             here = [lg for lg in logits if lg.level == lvl]
             y_names = sorted({f.y_name for f in todo} | {v for lg in here for v in (lg.q_val, lg.k_val)} | streams)
@@ -264,7 +264,8 @@ def recover_model(
                         continue
                     x, y = px[f.x_name][bi], oy[f.y_name][bi]
                     if f.row.node in res:
-                        y = _with_stream_error(f, y, oy[res[f.row.node]][bi], px[res[f.row.node]][bi])
+                        r, scale = res[f.row.node]
+                        y = _with_stream_error(f, y, oy[r][bi], px[r][bi], scale)
                     try:
                         got = (_conv_rows if f.kind == "conv" else _dense_rows)(f, x, y, rng, rows_per_batch)
                     except Exception as e:  # shape surprises: skip the layer, never crash
@@ -356,10 +357,12 @@ def recover_model(
     return rows
 
 
-def _with_stream_error(f: _Fit, y: np.ndarray, r_orig: np.ndarray, r_pruned: np.ndarray) -> np.ndarray:
+def _with_stream_error(f: _Fit, y: np.ndarray, r_orig: np.ndarray, r_pruned: np.ndarray,
+                       scale: np.ndarray | None = None) -> np.ndarray:
     """``y`` plus what the pruned stream ``r`` lacks (``r_orig - r_pruned`` on
-    the kept channels): the target of a layer added to a residual stream.
-    ``y`` unchanged where the shapes do not line up."""
+    the kept channels, over the layer scale ``scale`` between ``y`` and the
+    sum): the target of a layer added to a residual stream. ``y`` unchanged
+    where the shapes do not line up; channels scaled by almost nothing take up nothing."""
     axis = 1 if f.kind == "conv" else y.ndim - 1
     if r_orig.shape != y.shape:
         return y
@@ -368,6 +371,15 @@ def _with_stream_error(f: _Fit, y: np.ndarray, r_orig: np.ndarray, r_pruned: np.
     idx[axis] = f.kept_out
     if lost.shape != y[tuple(idx)].shape:
         return y
+    if scale is not None:
+        if scale.size not in (1, y.shape[axis]):
+            return y
+        s = np.broadcast_to(np.reshape(scale, -1), (y.shape[axis],))[f.kept_out]
+        big = np.abs(s) > 1e-3 * max(float(np.abs(s).max()), 1e-30)
+        inv = np.where(big, 1.0 / np.where(big, s, 1.0), 0.0)
+        shape = [1] * y.ndim
+        shape[axis] = len(inv)
+        lost = lost * inv.reshape(shape).astype(np.float32)
     y = np.array(y, dtype=np.float32)
     y[tuple(idx)] += lost
     return y

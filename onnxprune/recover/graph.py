@@ -118,17 +118,29 @@ def _levels(g: _Graph, names: set[str]) -> dict[str, int]:
     return out
 
 
-def _residuals(original: onnx.ModelProto, g: _Graph, fits: list[_Fit], levels: dict[str, int]) -> dict[str, str]:
-    """fit node -> ``r``, for each layer whose output (its bias Add's, for a
-    MatMul) is read only by an ``Add`` whose other input ``r`` is computed: a
-    residual branch ``y + r``. Its target becomes the original's ``y + r``
-    minus the pruned model's ``r``, so the layer also takes up what the pruned
-    stream lost upstream (the sequential fit's error feedback). Only where
-    every layer re-fitted upstream of ``r`` is at a lower level (so the pruned
-    ``r`` is final when this layer is fitted), and ``r`` is the same value in
-    both models."""
-    inits = {t.name for t in original.graph.initializer}
-    const = {o for n in original.graph.node if n.op_type == "Constant" for o in n.output}
+def _residuals(original: onnx.ModelProto, g: _Graph, fits: list[_Fit], levels: dict[str, int]) -> dict[str, tuple]:
+    """fit node -> ``(r, scale)``, for each layer whose output (its bias Add's,
+    for a MatMul) is read only by an ``Add`` whose other input ``r`` is
+    computed, directly or through a ``Mul`` by a constant per-channel ``scale``
+    (a layer scale: ConvNeXt, CaiT, DeiT III; else ``scale`` is None): a
+    residual branch ``scale * y + r``. Its target becomes the original's sum
+    minus the pruned model's ``r`` (over ``scale``), so the layer also takes
+    up what the pruned stream lost upstream (the sequential fit's error
+    feedback). Only where every layer re-fitted upstream of ``r`` is at a
+    lower level (so the pruned ``r`` is final when this layer is fitted), and
+    ``r`` is the same value in both models."""
+    inits = _Initializers(original)
+    const = {o: n for n in original.graph.node if n.op_type == "Constant" for o in n.output}
+
+    def constant(name):
+        if name in const:
+            a = [helper.get_attribute_value(a) for a in const[name].attribute if a.name == "value"]
+            return numpy_helper.to_array(a[0]) if a else None
+        try:
+            return inits.get(name)
+        except Exception:  # unreadable (e.g. external data not loaded): not a scale we can use
+            return None
+
     readers: dict[str, list] = defaultdict(list)
     for n in original.graph.node:
         for v in n.input:
@@ -155,6 +167,15 @@ def _residuals(original: onnx.ModelProto, g: _Graph, fits: list[_Fit], levels: d
             continue
         y = by_name[f.bias_add].output[0] if f.bias_add and f.bias_add in by_name else f.y_name
         rd = readers.get(y, [])
+        scale = None
+        if len(rd) == 1 and rd[0].op_type == "Mul" and rd[0].domain in ("", "ai.onnx") and len(rd[0].input) == 2 \
+                and y not in graph_out:
+            other = [v for v in rd[0].input if v != y]
+            scale = constant(other[0]) if len(other) == 1 else None
+            if scale is None or not _per_channel(scale, f):
+                continue
+            y = rd[0].output[0]
+            rd = readers.get(y, [])
         if len(rd) != 1 or y in graph_out or rd[0].op_type != "Add" or rd[0].domain not in ("", "ai.onnx"):
             continue
         add = rd[0]
@@ -166,8 +187,20 @@ def _residuals(original: onnx.ModelProto, g: _Graph, fits: list[_Fit], levels: d
             continue
         if add.name not in pruned_readers.get(r, []):
             continue
-        out[f.row.node] = r
+        out[f.row.node] = (r, None if scale is None else np.asarray(scale, np.float64).reshape(-1))
     return out
+
+
+def _per_channel(scale: np.ndarray, f: _Fit) -> bool:
+    """``scale`` multiplies ``f``'s output channel by channel (or is one number)."""
+    if scale.size == 1:
+        return True
+    if not np.issubdtype(scale.dtype, np.floating):
+        return False
+    shape = [int(d) for d in scale.shape]
+    if f.kind == "conv":  # [C, 1, 1] or [1, C, 1, 1] against NCHW
+        return len(shape) in (3, 4) and shape[-3] > 1 and all(d == 1 for i, d in enumerate(shape) if i != len(shape) - 3)
+    return shape[-1] > 1 and all(d == 1 for d in shape[:-1])  # [C], [1, 1, C] against the last axis
 
 
 def _conv_geometry(g: _Graph, node, w: np.ndarray) -> dict | str:
