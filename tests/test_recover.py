@@ -269,11 +269,15 @@ def test_residual_branch_takes_up_what_the_stream_lost(seed, layer_scale):
     calib = _batches((32, 6, 8), 4, seed=1)
     held = _batches((32, 6, 8), 2, seed=2)
     ratios = {"layers": {"fc_a0": 0.5}}
-    res, plain, _ = _run(m, ratios, calib, residual=False)
+    res, plain, rows0 = _run(m, ratios, calib, residual=False)
     _, out, rows = _run(m, ratios, calib)
     _valid(out)
     by = {r.node: r for r in rows}
     assert by["fc_b1"].status == "refit", format_rows(rows)
+    # the table marks the layers fitted to the sum, and only those
+    assert {r.node for r in rows if r.target == "stream"} == {"fc_b0", "fc_b1"}
+    assert "* fitted to the original's residual sum" in format_rows(rows)
+    assert not any(r.target for r in rows0) and "residual sum" not in format_rows(rows0)
     e_pruned, e_plain, e_res = _rel(m, res.proto, held), _rel(m, plain, held), _rel(m, out, held)
     assert e_plain < 0.6 * e_pruned
     assert e_res < 0.93 * e_plain, (e_pruned, e_plain, e_res)

@@ -227,6 +227,9 @@ def recover_model(
     # a layer whose output is added to a residual stream also takes up what the
     # pruned stream lost upstream (ridge only)
     res = _residuals(original, g, fits, levels) if method == "ridge" and residual else {}
+    for f in fits:
+        if f.row.node in res:
+            f.row.target = "stream"
     inits = {t.name for t in original.graph.initializer}
     in_names = [i.name for i in original.graph.input if i.name not in inits]
 
@@ -444,15 +447,21 @@ def held_out_text(h) -> str:
 def format_rows(rows: list[LayerRow]) -> str:
     """A plain-text table of the per-layer rows (for reports and the CLI): the
     relative error of each layer's output on the calibration data, and on
-    held-out sources (cross-validated) where the ridge strength was chosen."""
+    held-out sources (cross-validated) where the ridge strength was chosen; a
+    ``*`` marks the layers fitted to the residual sum (their errors are of that target)."""
     w = max([7] + [len(r.op) for r in rows])
     head = (f"{'node':<36} {'op':<{w}} {'lvl':>3} {'in kept':>10} {'status':<8} {'err before':>10} {'err after':>10} "
             f"{'held-out before':>15} {'held-out after':>14}  reason")
     lines = [head]
+    stream = False
     for r in rows:
         cell = lambda v: "" if v is None else f"{v:.4f}"  # noqa: E731
-        lines.append(f"{r.node[:36]:<36} {r.op:<{w}} {r.level:>3} {r.inputs_kept[:10]:>10} {r.status:<8} "
-                     f"{cell(r.err_before):>10} {cell(r.err_after):>10} {cell(r.held_before):>15} {cell(r.held_after):>14}  {r.reason}")
+        mark = "*" if r.target == "stream" and r.status != "skipped" else " "
+        stream |= mark == "*"
+        lines.append(f"{r.node[:36]:<36} {r.op:<{w}} {r.level:>3} {r.inputs_kept[:10]:>10} {r.status:<8}"
+                     f"{mark}{cell(r.err_before):>10} {cell(r.err_after):>10} {cell(r.held_before):>15} {cell(r.held_after):>14}  {r.reason}")
+    if stream:
+        lines.append("* fitted to the original's residual sum minus the pruned stream (takes up what the stream lost upstream)")
     return "\n".join(lines)
 
 

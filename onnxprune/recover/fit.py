@@ -35,6 +35,7 @@ class LayerRow:
     held_before: float | None = None  # the same errors on held-out sources (cross-validated)
     held_after: float | None = None
     seconds: float = 0.0
+    target: str = ""  # "stream": fitted to the residual sum minus the pruned stream (else its own output)
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
