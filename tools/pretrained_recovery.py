@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> None:
             entry = {}
             for rec in (False, True):
                 out = os.path.join(work, f"{name}_{t}_{'rec' if rec else 'pruned'}.onnx")
-                plan = os.path.join(work, f"{name}_{t}_plan.json")
+                plan = os.path.join(work, f"{name}_{t}_plan.json")  # --recover's plan, for --ablate-stream
                 extra = ["--recover", "--save-plan", plan] if rec else []
                 line, secs = run(model, "--ratios", ratios, "--calib", calib, "--calib-batches", str(args.calib_batches),
                                  *extra, "-o", out, "-q")

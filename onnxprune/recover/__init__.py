@@ -217,7 +217,7 @@ def recover_model(
             rows.append(f.row)
     if not fits:
         return rows
-    levels = _levels(g, {f.row.node for f in fits})
+    levels, value_level = _levels(g, {f.row.node for f in fits})
     by_level: dict[int, list[_Fit]] = defaultdict(list)
     for f in fits:
         f.row.level = levels[f.row.node]
@@ -226,7 +226,7 @@ def recover_model(
     logits = attention.plan(g, fits, original) if method == "ridge" and attention_logits else []
     # a layer whose output is added to a residual stream also takes up what the
     # pruned stream lost upstream (ridge only)
-    res = _residuals(original, g, fits, levels) if method == "ridge" and residual else {}
+    res = _residuals(original, g, fits, levels, value_level) if method == "ridge" and residual else {}
     for f in fits:
         if f.row.node in res:
             f.row.target = "stream"

@@ -104,8 +104,10 @@ def _kept_maps(ctx, keep):
     return ins, outs
 
 
-def _levels(g: _Graph, names: set[str]) -> dict[str, int]:
-    """Level of each consumer: 1 + the highest level of a consumer upstream of it."""
+def _levels(g: _Graph, names: set[str]) -> tuple[dict[str, int], dict[str, int]]:
+    """Level of each consumer (1 + the highest level of a consumer upstream of
+    it), and of each computed value (the highest level of a consumer upstream
+    of it; -1: none)."""
     lv: dict[str, int] = {}
     out: dict[str, int] = {}
     for n in g.g:
@@ -115,10 +117,11 @@ def _levels(g: _Graph, names: set[str]) -> dict[str, int]:
             up = up + 1
         for o in n.outputs:
             lv[o.name] = up
-    return out
+    return out, lv
 
 
-def _residuals(original: onnx.ModelProto, g: _Graph, fits: list[_Fit], levels: dict[str, int]) -> dict[str, tuple]:
+def _residuals(original: onnx.ModelProto, g: _Graph, fits: list[_Fit], levels: dict[str, int],
+               value_level: dict[str, int]) -> dict[str, tuple]:
     """fit node -> ``(r, scale)``, for each layer whose output (its bias Add's,
     for a MatMul) is read only by an ``Add`` whose other input ``r`` is
     computed, directly or through a ``Mul`` by a constant per-channel ``scale``
@@ -128,7 +131,8 @@ def _residuals(original: onnx.ModelProto, g: _Graph, fits: list[_Fit], levels: d
     up what the pruned stream lost upstream (the sequential fit's error
     feedback). Only where every layer re-fitted upstream of ``r`` is at a
     lower level (so the pruned ``r`` is final when this layer is fitted), and
-    ``r`` is the same value in both models."""
+    ``r`` is the same value in both models. ``levels``, ``value_level``: of
+    :func:`_levels` on the pruned model."""
     inits = _Initializers(original)
     const = {o: n for n in original.graph.node if n.op_type == "Constant" for o in n.output}
 
@@ -148,19 +152,6 @@ def _residuals(original: onnx.ModelProto, g: _Graph, fits: list[_Fit], levels: d
                 readers[v].append(n)
     graph_out = {o.name for o in original.graph.output}
     by_name = {n.name: n for n in original.graph.node if n.name}
-    level_of: dict[str, int] = {}  # pruned value -> highest level of a re-fitted layer upstream of it (-1: none)
-    fitted = {f.row.node for f in fits}
-    for n in g.g:
-        up = max((level_of.get(v.name, -1) for v in n.inputs if v is not None), default=-1)
-        if n.name in fitted:
-            up = max(up, levels[n.name])
-        for o in n.outputs:
-            level_of[o.name] = up
-    pruned_readers: dict[str, list] = defaultdict(list)
-    for n in g.g:
-        for v in n.inputs:
-            if v is not None:
-                pruned_readers[v.name].append(n.name)
     out = {}
     for f in fits:
         if f.dense.get("packed"):
@@ -182,10 +173,11 @@ def _residuals(original: onnx.ModelProto, g: _Graph, fits: list[_Fit], levels: d
         others = [v for v in add.input if v != y]
         if len(add.input) != 2 or len(others) != 1:
             continue
-        r = others[0]
-        if r in inits or r in const or r not in level_of or level_of[r] >= levels[f.row.node]:
+        r = others[0]  # computed (initializers have no level), final before this layer, read by the same Add
+        if r in const or value_level.get(r, levels[f.row.node]) >= levels[f.row.node]:
             continue
-        if add.name not in pruned_readers.get(r, []):
+        pruned_add = g.nodes.get(add.name)
+        if pruned_add is None or r not in {v.name for v in pruned_add.inputs if v is not None}:
             continue
         out[f.row.node] = (r, None if scale is None else np.asarray(scale, np.float64).reshape(-1))
     return out
