@@ -258,4 +258,4 @@ def test_tool_commands_parse_with_the_tools_own_parser(cmd):
         assert all(0 < float(t) <= 1 for t in args.targets.split(","))
     if hasattr(args, "models"):
         timm = pytest.importorskip("timm")
-        assert all(timm.is_model(m) for m in args.models.split(","))
+        assert all(timm.is_model(m) or m in getattr(mod, "LOCAL_MODELS", {}) for m in args.models.split(","))
