@@ -242,17 +242,19 @@ def main(argv: list[str] | None = None) -> None:
     os.makedirs(work, exist_ok=True)
     calib, evalx = os.path.join(work, "calib.npz" if args.sources else "calib.npy"), os.path.join(work, "eval.npy")
     train = os.path.join(work, "train.npy")
-    cx, src = crops(cal_files, 32 * args.calib_batches, rng, sources=True)
-    if args.sources:  # the photo of each crop: --recover holds out whole photos
-        np.savez(calib, x=cx, source=src)
-    else:
-        np.save(calib, cx)
-    draws = []  # further calibration draws (--draws): other crops of the calibration photos
-    for k in range(1, args.draws):
-        path = os.path.join(work, f"calib_draw{k}.npz" if args.sources else f"calib_draw{k}.npy")
-        dx, ds = crops(cal_files, 32 * args.calib_batches, np.random.default_rng(1000 + k), sources=True)
-        np.savez(path, x=dx, source=ds) if args.sources else np.save(path, dx)
-        draws.append(path)
+
+    def draw_calib(path: str, gen) -> str:  # calibration crops; with sources, the photo of each (held out whole)
+        x, src = crops(cal_files, 32 * args.calib_batches, gen, sources=True)
+        if args.sources:
+            np.savez(path, x=x, source=src)
+        else:
+            np.save(path, x)
+        return path
+
+    draw_calib(calib, rng)
+    # further calibration draws (--draws): other crops of the calibration photos
+    draws = [draw_calib(os.path.join(work, f"calib_draw{k}" + os.path.splitext(calib)[1]), np.random.default_rng(1000 + k))
+             for k in range(1, args.draws)]
     x_eval = crops(ev_files, args.eval, rng)
     np.save(evalx, x_eval)
     ref = logits(model, x_eval)

@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
         x = rng.standard_normal((args.images, 3, 224, 224)).astype(np.float32)
         batches = [x[i:i + 32] for i in range(0, len(x), 32)]
         orig = onnx.load(path)
-        for target in [float(t) for t in str(args.target).split(",")]:
+        for target in [float(t) for t in args.target.split(",")]:
             # what --recover does: its plan (recover.plan_defaults: l2, scope damage), the rewrite, the re-fit
             t0 = time.perf_counter()
             res = api.prune(path, {"target_macs": target}, calib=Calibration(batches, None, "random inputs"),
@@ -121,8 +121,7 @@ def main(argv: list[str] | None = None) -> None:
                      f"{stats['run_s']:.1f}", f"{stats['run_s'] / (f_o + f_p):.2f}", f"{stats['fit_s']:.1f}",
                      f"{t_rec:.1f}", refit, f"{wall:.0f}"]
             rows.append(cells)
-            key = name if target == 0.9 else f"{name}@{target}"
-            raw[key] = dict(target=target, layers=len(lrows), levels=stats["levels"], passes=stats["passes"],
+            raw[f"{name}@{target:g}"] = dict(target=target, layers=len(lrows), levels=stats["levels"], passes=stats["passes"],
                             prune_s=t_prune, forward_original_s=f_o, forward_pruned_s=f_p, run_s=stats["run_s"],
                             fit_s=stats["fit_s"], recover_s=t_rec, refit=refit, wall_s=wall)
             print(cells, flush=True)
