@@ -138,3 +138,31 @@ def test_a_subgraph_that_reads_an_outer_value_keeps_it_alive_until_it_runs():
         want = _full(m, ["h", "y", "b"], fd)
         assert np.allclose(first["h"][k], want["h"])
         assert np.allclose(later["y"][k], want["y"]) and np.allclose(later["b"][k], want["b"])
+
+
+# -- sessions whose weights are handed to ORT as arrays ----------------------------------------
+
+def test_a_session_on_weights_handed_over_as_arrays_computes_the_same(tmp_path):
+    """``io.session_parts``: a proto without the large tensors' bytes (they are
+    data-less external references) and those tensors as arrays, which
+    ``session(externals=...)`` hands to ORT; the outputs equal a session on the
+    full proto, also for weights read from a file's external data, and no
+    placeholder is ever read from disk."""
+    import onnx_ir as ir
+
+    from onnxprune import io
+
+    m = _chain(depth=3, width=64)  # 16 KB weights: above the inline limit
+    x = {"x": np.random.default_rng(1).standard_normal((5, 64)).astype(np.float32)}
+    want = session(m).run(None, x)[0]
+    in_memory = ir.serde.deserialize_model(onnx.ModelProto.FromString(m.SerializeToString()))
+    onnx.save(m, str(tmp_path / "m.onnx"), save_as_external_data=True, location="m.data", size_threshold=0)
+    for model in (in_memory, ir.load(str(tmp_path / "m.onnx"))):
+        proto, arrays = io.session_parts(model)
+        assert sorted(arrays) == ["W0", "W1", "W2"]
+        assert proto.ByteSize() < 4096  # the weights are not in it
+        assert all(t.data_location == TensorProto.EXTERNAL for t in proto.graph.initializer if t.name in arrays)
+        got = session(proto, externals=arrays).run(None, x)[0]
+        np.testing.assert_array_equal(got, want)
+    with pytest.raises(Exception):  # without the arrays the placeholders point at nothing
+        session(proto).run(None, x)

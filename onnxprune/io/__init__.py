@@ -37,6 +37,7 @@ from onnxprune.io.passes import (
 from onnxprune.io.write import (
     skeleton,
     full_proto,
+    session_parts,
     tensor_proto,
     to_proto,
     save,
@@ -81,6 +82,7 @@ __all__ = [
     "probe_batch_dims",
     "skeleton",
     "full_proto",
+    "session_parts",
     "tensor_proto",
     "to_proto",
     "save",

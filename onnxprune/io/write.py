@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 
@@ -48,6 +49,31 @@ def full_proto(model: ir.Model) -> onnx.ModelProto:
     """The model as a self-contained proto with every tensor's bytes (for an ORT
     session in memory or the torch import): one copy of the weights."""
     return _serialized(model, lambda v, t: ir.Tensor(t.numpy(), name=v.name) if isinstance(t, ir.ExternalTensor) else None)
+
+
+# numpy dtypes an ORT value can be made from without a copy (others stay inline in the proto)
+_ORT_DTYPES = frozenset("float32 float64 float16 int8 uint8 int16 uint16 int32 uint32 int64 uint64 bool".split())
+
+
+def session_parts(model: ir.Model) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """The model for an ORT session without serialising its weights: a proto
+    whose large tensors are data-less external references, and those tensors
+    as arrays (``{name: array}``), handed to ORT by
+    :func:`onnxprune.runtime.session` (``externals``) as they are. Serialising
+    a ViT-S's 88 MB of weights for every candidate of the damage search cost
+    as much as creating its session."""
+    arrays: dict[str, np.ndarray] = {}
+
+    def swap(v: ir.Value, t):
+        if t is None or isinstance(t, ir.StringTensor) or not (isinstance(t, ir.ExternalTensor) or _big(t)):
+            return None
+        a = t.numpy()
+        if a.dtype.name not in _ORT_DTYPES:  # bfloat16, float8, 4-bit: inline, with their bytes
+            return ir.Tensor(a, name=v.name) if isinstance(t, ir.ExternalTensor) else None
+        arrays[v.name] = np.ascontiguousarray(a)
+        return _placeholder(v, t)
+
+    return _serialized(model, swap), arrays
 
 
 def tensor_proto(value: ir.Value) -> onnx.TensorProto:

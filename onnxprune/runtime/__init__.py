@@ -16,10 +16,17 @@ PROVIDERS = {
 }
 
 
-def session(model: str | onnx.ModelProto, threads: int | None = 1, provider: str = "cpu"):
+def session(model: str | onnx.ModelProto, threads: int | None = 1, provider: str = "cpu",
+            externals: dict[str, np.ndarray] | None = None, mem_pattern: bool = True):
     """An ORT session on ``model`` (a path or a proto): ``threads`` intra-op threads
     (None: ORT's default), one inter-op thread, errors as exceptions only. A
-    provider other than the CPU must be available and actually used."""
+    provider other than the CPU must be available and actually used.
+    ``externals``: the arrays of initializers that ``model`` holds as data-less
+    external references (:func:`onnxprune.io.session_parts`); ORT takes them
+    as they are, and the session keeps them alive. ``mem_pattern`` False:
+    no memory pattern planned from the first run; a graph whose intermediate
+    values are also outputs (a ViT-S with its 12 GELU outputs read) ran twice
+    as slow with one."""
     import onnxruntime as ort
 
     wanted = PROVIDERS[provider]
@@ -31,8 +38,14 @@ def session(model: str | onnx.ModelProto, threads: int | None = 1, provider: str
         so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.log_severity_level = 4  # errors come back as exceptions; ORT would also print them
+    so.enable_mem_pattern = mem_pattern
+    values = []
+    if externals:
+        values = [ort.OrtValue.ortvalue_from_numpy(a) for a in externals.values()]
+        so.add_external_initializers(list(externals), values)
     data = model if isinstance(model, str) else model.SerializeToString()
     sess = ort.InferenceSession(data, so, providers=[p for p in wanted if p in have])
+    sess._onnxprune_externals = (externals, values)  # ORT may read them until the session goes
     used = sess.get_providers()[0]
     if used != wanted[0]:
         raise UserError(f"onnxruntime fell back from {wanted[0]} to {used}")
