@@ -30,7 +30,7 @@ from onnxprune.plan.compensate import MeanShift
 from onnxprune.plan.importance.calib import load as load_calib
 from onnxprune.recover.fit import _Fit, _ridge, _select
 from onnxprune.rewrite import Journal, shift_output
-from onnxprune.runtime.capture import capture
+from onnxprune.runtime.capture import capture, channel_sums
 from test_recover import _model, _t, small_cnn
 
 # ------------------------------------------------------------------ (a) shift_output
@@ -107,11 +107,16 @@ def _calib(tmp_path, seed=0):
     return str(p)
 
 
-def _values(job, calib):
-    """MeanShift's ``capture``: the named values of the original, batch by batch."""
-    def run(names):
+def _sums(job, calib):
+    """MeanShift's ``sums``, taken in numpy from the captured values (the reference for channel_sums)."""
+    def run(axes):
+        names = sorted(axes)
         got = capture(job.data_proto(), names, [calib.feed(k, ["x"]) for k in range(len(calib.batches))])
-        return [{n: got[n][k] for n in names} for k in range(len(calib.batches))]
+        out = {}
+        for n in names:
+            a = np.concatenate([np.moveaxis(v, axes[n][0], -1).reshape(-1, v.shape[axes[n][0]]) for v in got[n]])
+            out[n] = (a.sum(0, dtype=np.float64), len(a))
+        return out
     return run
 
 
@@ -124,7 +129,7 @@ def test_constant_channels_pruned_with_their_mean_folded_in_are_exact(tmp_path):
     job = Job.open(m)
     g = _head_group(job)
     calib = load_calib(_calib(tmp_path), job.data_proto(), n_batches=1)
-    shift = MeanShift(job.ctx, [g], _values(job, calib))
+    shift = MeanShift(job.ctx, [g], _sums(job, calib))
     keep = {g.id: np.setdiff1d(np.arange(12), const)}
     x = np.random.default_rng(9).standard_normal((8, 3, 16, 16)).astype(np.float32)  # not the calibration inputs
     ref = runtime.session(job.data_proto()).run(None, {"x": x})
@@ -137,33 +142,39 @@ def test_constant_channels_pruned_with_their_mean_folded_in_are_exact(tmp_path):
     assert shift.shifts({}) == []  # nothing removed, nothing moved
 
 
-def test_means_captured_in_shares_when_the_activations_are_wide(tmp_path, monkeypatch):
-    """With a tiny capture budget every consumer input is captured in a pass of
-    its own, never all at once, and the shifts are the same."""
-    import onnxprune.plan.compensate as C
-
+@pytest.mark.parametrize("opset", [11, 17])
+def test_channel_sums_in_the_graph_are_the_sums_of_the_captured_values(tmp_path, opset):
+    """The sums ORT takes inside the graph (ReduceSum as an attribute before
+    opset 13, an input after) equal numpy's over the captured activations,
+    for 4-D conv inputs (channel axis 1) and 2-D Gemm inputs alike, over
+    several batches; the shifts built on them are the same."""
     m = small_cnn(seed=6)
+    m.opset_import[0].version = opset
     job = Job.open(m)
     groups = [g for g in job.groups if not g.frozen]
-    calib = load_calib(_calib(tmp_path), job.data_proto(), n_batches=2)
-    asked = []
+    calib = load_calib(_calib(tmp_path), job.data_proto(), n_batches=3, batch=8)
+    assert len(calib.batches) == 3
+    feeds = [calib.feed(k, ["x"]) for k in range(3)]
+    asked = {}
 
-    def values(names):
-        asked.append(list(names))
-        return _values(job, calib)(names)
+    def in_graph(axes):
+        asked.update(axes)
+        return channel_sums(job.model, axes, feeds)
 
-    whole = MeanShift(job.ctx, groups, values)
-    assert len(asked) == 1 and len(asked[0]) > 1
+    fast = MeanShift(job.ctx, groups, in_graph)
+    ranks = {r for _, r in asked.values()}
+    assert {2, 4} <= ranks, asked
+    ref = _sums(job, calib)(asked)
+    got = channel_sums(job.model, asked, feeds)
+    for n in asked:
+        assert got[n][1] == ref[n][1] > 0
+        np.testing.assert_allclose(got[n][0], ref[n][0], rtol=1e-6, atol=1e-6)
+    slow = MeanShift(job.ctx, groups, _sums(job, calib))
     keep = {g.id: np.arange(g.width)[::2] for g in groups}
-    ref = whole.shifts(keep)
-    monkeypatch.setattr(C, "SAMPLE_BYTES", 1)
-    asked.clear()
-    parts = MeanShift(job.ctx, groups, values)
-    assert len(asked) > 1 and all(len(a) == 1 for a in asked), asked
-    got = parts.shifts(keep)
-    assert [n.name for n, _ in got] == [n.name for n, _ in ref] and len(ref) > 1
-    for (_, a), (_, b) in zip(got, ref):
-        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
+    a, b = fast.shifts(keep), slow.shifts(keep)
+    assert [n.name for n, _ in a] == [n.name for n, _ in b] and len(a) > 1
+    for (_, x), (_, y) in zip(a, b):
+        np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-9)
 
 
 def test_a_consumer_that_also_loses_outputs_gets_the_shift_of_the_outputs_it_keeps(tmp_path):
@@ -178,7 +189,7 @@ def test_a_consumer_that_also_loses_outputs_gets_the_shift_of_the_outputs_it_kee
     g2 = next(g for g in job.groups if g.width == 8 and any(t.node.name == "conv3" and t.slot == 1 for t in g.tensors))
     g3 = _head_group(job)
     calib = load_calib(_calib(tmp_path), job.data_proto(), n_batches=1)
-    shift = MeanShift(job.ctx, [g2], _values(job, calib),
+    shift = MeanShift(job.ctx, [g2], _sums(job, calib),
                       every=[g for g in job.groups if not g.frozen])
     sub = np.array([0, 1, 2, 3, 5, 8, 9, 11])  # conv3 keeps 8 of its 12 outputs
     keep = {g2.id: np.setdiff1d(np.arange(8), const), g3.id: sub}

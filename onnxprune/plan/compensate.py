@@ -12,8 +12,8 @@ variance looks expensive although recovery returns it almost for free, and
 the budget goes where recovery can do little.
 
 The means come from the original model on the calibration data, one pass
-(or one per share of :data:`SAMPLE_BYTES` of captured activations per sample:
-a wide model's consumer inputs are not all held at once).
+whose sums per channel are taken inside ONNX Runtime (the caller's
+``sums``, :func:`onnxprune.runtime.capture.channel_sums`).
 Nothing here edits a model: :meth:`MeanShift.shifts` says how much each
 layer's output moves, and the caller hands that to the rewriter
 (:func:`onnxprune.rewrite.shift_output`).
@@ -24,51 +24,42 @@ import numpy as np
 
 from onnxprune.plan.importance.recon import consumers
 
-SAMPLE_BYTES = 32 << 20  # activations captured at once, per calibration sample (more: one pass per share)
-
 
 class MeanShift:
     """Per consumer layer of the ``groups``' channels: its input's mean per
     position and the weight each position feeds each output with (summed
     over kernel taps; Gemm's ``alpha`` applied)."""
 
-    def __init__(self, ctx, groups, capture, every=()):
-        """``capture(names)``: yields ``{name: array}`` per calibration batch
-        for the named values of the original model. ``every``: all the
-        model's groups (a plan may also remove a consumer's output channels;
-        default ``groups``)."""
+    def __init__(self, ctx, groups, sums, every=()):
+        """``sums(axes)``: for ``axes`` (value name -> (channel axis, rank)) of
+        the original model, ``{name: (sum per channel, entries per channel)}``
+        over the calibration data. ``every``: all the model's groups (a plan
+        may also remove a consumer's output channels; default ``groups``)."""
         by_node: dict[int, list] = {}
         for g in groups:
             for c in consumers(ctx, g):
                 if c.node.op_type == "Conv" and c.groups != 1:
                     continue  # a grouped conv mixes per group: left out (rare where channels end)
+                if not ctx.dims(c.x):
+                    continue  # its rank unknown: no mean taken
                 lm = ctx.table.leaf_map(ctx.layouts[c.x][c.axis], g.space, c.k)
                 by_node.setdefault(id(c.node), [c, []])[1].append((g.id, lm))
         self.layers: list[tuple] = []  # (node, rows [k, outputs], mean [k], [(group id, leaf map)], output maps)
         if not by_node:
             return
-        values = {c.x.name: c.x for c, _ in by_node.values()}
-        names = sorted(values)
-        sums: dict[str, np.ndarray] = {}
-        counts: dict[str, int] = {}
-        axis = {c.x.name: c.axis for c, _ in by_node.values()}
-        for chunk in _chunks(names, {n: _sample_bytes(ctx, values[n]) for n in names}, SAMPLE_BYTES):
-            for vals in capture(chunk):
-                for n in chunk:
-                    a = np.moveaxis(np.asarray(vals[n]), axis[n], -1)
-                    a = a.reshape(-1, a.shape[-1])
-                    sums[n] = sums.get(n, 0) + a.sum(0, dtype=np.float64)
-                    counts[n] = counts.get(n, 0) + len(a)
+        got = sums({c.x.name: (c.axis, len(ctx.dims(c.x))) for c, _ in by_node.values()})
+        sums_of = {n: s for n, (s, _) in got.items()}
+        counts = {n: k for n, (_, k) in got.items()}
         for c, lms in by_node.values():
             n = c.x.name
-            if not counts.get(n) or len(sums[n]) != c.k:
+            if not counts.get(n) or len(sums_of[n]) != c.k:
                 continue
             w = c.w.astype(np.float64)
             if c.node.op_type == "Conv":
                 rows = w.sum(axis=tuple(range(2, w.ndim))).T  # [inputs, outputs]
             else:
                 rows = w * (float(ctx.attr(c.node, "alpha", 1.0)) if c.node.op_type == "Gemm" else 1.0)
-            self.layers.append((c.node, rows, sums[n] / counts[n], lms, _output_maps(ctx, c.node, rows.shape[1],
+            self.layers.append((c.node, rows, sums_of[n] / counts[n], lms, _output_maps(ctx, c.node, rows.shape[1],
                                                                                   every or groups)))
 
     def shifts(self, keep: dict) -> list[tuple]:
@@ -89,28 +80,6 @@ class MeanShift:
                     stays &= (lm < 0) | np.isin(lm, keep[gid])
             out.append((node, (rows[gone].T @ mean[gone])[stays]))
         return out
-
-
-def _sample_bytes(ctx, value) -> int:
-    """Bytes of one sample of ``value`` (float32; the first axis is the batch;
-    an unknown dim counts as 64)."""
-    dims = ctx.dims(value)
-    if not dims:
-        return 4 << 20
-    return 4 * int(np.prod([d if isinstance(d, int) and d > 0 else 64 for d in dims[1:]]))
-
-
-def _chunks(names: list[str], size: dict, budget: int) -> list[list[str]]:
-    """``names`` in consecutive shares of at most ``budget`` bytes (a share
-    holds at least one name)."""
-    out, cur, total = [], [], 0
-    for n in names:
-        if cur and total + size[n] > budget:
-            out.append(cur)
-            cur, total = [], 0
-        cur.append(n)
-        total += size[n]
-    return out + ([cur] if cur else [])
 
 
 def _output_maps(ctx, node, width: int, groups) -> list[tuple]:
