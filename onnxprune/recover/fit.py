@@ -166,10 +166,10 @@ def _ridge(G, C, W0, lam_rel: float):
         W[-1] += (C[-1] - G[-1] @ W0) / max(G[-1, -1], 1e-30)
         return W
     lam = lam_rel * np.trace(G[:d, :d]) / max(d, 1)
-    D = np.ones(d + 1)
-    D[-1] = 0.0
-    A = G + lam * np.diag(D)
-    rhs = C + lam * D[:, None] * W0
+    A = G.copy()
+    A[np.arange(d), np.arange(d)] += lam  # the bias row unpenalised
+    rhs = C.copy()
+    rhs[:d] += lam * W0[:d]
     try:
         W = np.linalg.solve(A, rhs)
         if not np.all(np.isfinite(W)):
@@ -189,12 +189,14 @@ def _select(fit: _Fit, ridge: float) -> tuple[float | None, float, float]:
     if len(folds) < 2:
         return None, base, base
     errs: dict[float, float] = {}
+    # per fold, per group: the statistics of the other folds (the fit's) and of this one (the check's)
+    split = [[(G - Gv, C - Cv, W0, Gv, Cv, yv) for G, C, W0, Gv, Cv, yv in zip(fit.G, fit.C, fit.w0, Gk, Ck, yk)]
+             for Gk, Ck, yk in folds]
 
     def cv(lam: float) -> float:
         if lam not in errs:
-            errs[lam] = sum(_sq_err(Gv, Cv, yv, _ridge(G - Gv, C - Cv, W0, lam))
-                            for Gk, Ck, yk in folds
-                            for G, C, W0, Gv, Cv, yv in zip(fit.G, fit.C, fit.w0, Gk, Ck, yk))
+            errs[lam] = sum(_sq_err(Gv, Cv, yv, _ridge(Gt, Ct, W0, lam))
+                            for fold in split for Gt, Ct, W0, Gv, Cv, yv in fold)
         return errs[lam]
 
     # coarse to fine over powers of ten around the given strength (each
