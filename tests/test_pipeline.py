@@ -297,3 +297,14 @@ def test_api_prune_refuses_to_overwrite_its_input_before_any_work(tmp_path, monk
     with pytest.raises(UserError, match="never overwrites"):
         api.prune(str(path), {"default": 0.5}, output=str(path))
     assert path.read_bytes() == before
+
+
+def test_symbolic_shape_inference_is_loaded_without_importing_torch():
+    """onnxruntime's symbolic shape inference (for shapes built at run time)
+    is loaded from its file: the package import would import torch, seconds
+    a run, wherever torch is installed."""
+    code = ("import sys; from onnxprune.io.passes import _symbolic_shape_inference as f; s = f(); "
+            "print(s.__name__, callable(s.infer_shapes), 'torch' in sys.modules)")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split() == ["SymbolicShapeInference", "True", "False"]

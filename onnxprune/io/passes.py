@@ -4,6 +4,8 @@ folded; the folding passes return how many values they changed), unknown dims
 filled in, symbolic batch dims probed."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -143,6 +145,29 @@ def _unknown(d) -> bool:
     return not isinstance(d, int) and (d.value is None or str(d.value).startswith("unk__"))
 
 
+def _symbolic_shape_inference():
+    """onnxruntime's ``SymbolicShapeInference``, loaded from its file: importing
+    it as ``onnxruntime.tools.symbolic_shape_infer`` runs that package's
+    ``__init__``, which imports torch when torch is installed (4-5 s a run)."""
+    import importlib.util
+    import sys
+
+    name = "onnxprune._ort_symbolic_shape_infer"
+    if name not in sys.modules:
+        import onnxruntime
+
+        path = os.path.join(os.path.dirname(onnxruntime.__file__), "tools", "symbolic_shape_infer.py")
+        if not os.path.exists(path):  # laid out otherwise: the package import
+            from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+            return SymbolicShapeInference
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules[name] = module
+    return sys.modules[name].SymbolicShapeInference
+
+
 def fill_unknown_dims(model: ir.Model) -> int:
     """Dims that ONNX shape inference left unknown, taken from onnxruntime's
     symbolic shape inference where it proves them: it propagates the *values*
@@ -159,9 +184,7 @@ def fill_unknown_dims(model: ir.Model) -> int:
     names = {str(d.value) for i in model.graph.inputs if i.shape is not None
              for d in i.shape.dims if not isinstance(d, int) and d.value}
     try:
-        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-
-        out = SymbolicShapeInference.infer_shapes(skeleton(model), auto_merge=True)
+        out = _symbolic_shape_inference().infer_shapes(skeleton(model), auto_merge=True)
     except Exception:  # an op it does not know, a skeleton it cannot read: keep ONNX's shapes
         return 0
     if out is None:
