@@ -173,7 +173,7 @@ class Job:
         from onnxprune.plan.compensate import MeanShift
         from onnxprune.report import Progress
         from onnxprune.runtime import session
-        from onnxprune.runtime.capture import exposed
+        from onnxprune.runtime.capture import channel_sums
 
         if calib is None:
             raise UserError("scope 'damage' measures each candidate on calibration data: give --calib "
@@ -184,8 +184,8 @@ class Job:
         pool = [g for g, r in scored if r > 0]  # a ratio of 0 written for a group keeps it whole
         feeds, n = self._damage_feeds(calib, damage.SAMPLES)
         threads = os.cpu_count() or 1
-        original = self.data_proto()
-        sess = session(original, threads)
+        proto, weights = io.session_parts(self.model)
+        sess = session(proto, threads, externals=weights)
 
         def reference(fds, sess=sess):  # the original's outputs on the feeds, and how long they took
             t = time.perf_counter()
@@ -197,24 +197,22 @@ class Job:
             if m < n:
                 feeds, n = fewer, m
                 ref, t_run = reference(feeds)
-        del sess, reference
+        del sess, reference, proto, weights
 
         # candidates are measured with the removed channels' mean contribution
         # folded into their consumers' biases, as --recover gives it back
         # (onnxprune.plan.compensate)
-        def values(names, original=original):  # the named values of the original model, batch by batch
-            s = exposed(original, names, threads, copy=False)  # a copy already, dropped after
-            ins = [i.name for i in s.get_inputs()]
-            for k in range(len(calib.batches)):
-                yield dict(zip(names, s.run(names, calib.feed(k, ins))))
+        def sums(axes):  # per channel, over the calibration data, of the original's values
+            ins = [i.name for i in io.data_inputs(self.skeleton())]
+            return channel_sums(self.model, axes, (calib.feed(k, ins) for k in range(len(calib.batches))), threads)
 
-        shift = MeanShift(self.ctx, pool, values, every=[g for g in self.groups if not g.frozen])
-        del original
+        shift = MeanShift(self.ctx, pool, sums, every=[g for g in self.groups if not g.frozen])
 
         def measure(keep) -> float:
-            with self.edited(keep, prune=True, shifts=shift.shifts(keep)) as proto:
-                sess = session(proto, threads)
+            with self.edited(keep, prune=True, shifts=shift.shifts(keep), parts=True) as (proto, weights):
+                sess = session(proto, threads, externals=weights)
                 got = [sess.run(None, fd) for fd in feeds]
+                del sess
             return float(np.mean([damage.output_damage(r, g) for r, g in zip(ref, got)]))
 
         order = {g.id: np.argsort(-scores.values[g.id], kind="stable") for g in pool}
@@ -224,10 +222,22 @@ class Job:
             bar = Progress(enabled=progress is not None)  # one throttled status line, not a line per candidate
             bar.show(f"scope damage: {len(pool)} groups, each candidate run on {n} calibration samples "
                      f"(~{t_run:.1f}s a run; the sensitivity pass alone is {len(pool)} runs)", force=True)
+            t_one = time.perf_counter()  # what one measurement costs: a candidate timed (the first group's first step)
+            first = [(g, g.width - damage.step_size(g.width, g.kind, ratios.round_to)) for g in pool]
+            first = [(g, k) for g, k in first if k >= 1]
+            if first:
+                g, k = first[0]
+                measure({g.id: np.sort(order[g.id][:k])})
+            t_one = time.perf_counter() - t_one
+            steps, expected = damage.planned_steps(pool, estimate, metric, target, ratios.round_to, t_one)
+            if steps != damage.STEPS:
+                bar.show(f"scope damage: steps of 1/{steps} of a group (steps of 1/{damage.STEPS} would take about "
+                         f"{expected[damage.STEPS]:.0f}s, over {damage.SEARCH_SECONDS:.0f}s)", force=True)
             keep, info = damage.allocate(pool, order, measure, estimate, metric, target, round_to=ratios.round_to,
-                                         progress=bar.show)
+                                         progress=bar.show, steps_to_width=steps)
             bar.show(f"scope damage: {info['measurements']} candidates measured", force=True)
-            return self._keep_plan(skeleton, scored, keep), {"samples": n, "seconds": time.perf_counter() - t0, **info}
+            return self._keep_plan(skeleton, scored, keep), {"samples": n, "seconds": time.perf_counter() - t0,
+                                                              "expected_seconds": expected[steps], **info}
 
         search.scored, search.skeleton, search.order = scored, skeleton, order
         return search
@@ -408,11 +418,12 @@ class Job:
 
     @contextmanager
     def edited(self, keep: dict[int, np.ndarray], zero: bool = False, prune: bool = False, consumer_only=frozenset(),
-               shifts=()):
+               shifts=(), parts: bool = False):
         """Temporarily zero the removed channels (see :func:`rewrite.zero_removed`)
         and/or rewrite by ``keep``, then move layers' outputs by ``shifts``
         (``[(node, per-channel shift)]``, :func:`rewrite.shift_output`); yields a
-        full proto of the edited model, then undoes every edit."""
+        full proto of the edited model (``parts``: the proto and its weights
+        apart, :func:`io.session_parts`, for a session only), then undoes every edit."""
         from onnxprune.rewrite import Journal, apply_plan, shift_output, zero_removed
 
         j = Journal()
@@ -423,7 +434,7 @@ class Job:
                 apply_plan(self.ctx, keep, j)
             for node, shift in shifts:
                 shift_output(node, shift, j)
-            yield io.full_proto(self.model)
+            yield io.session_parts(self.model) if parts else io.full_proto(self.model)
         finally:
             j.undo()
 

@@ -149,6 +149,39 @@ def test_no_group_is_emptied_and_an_unreachable_budget_says_so():
     assert len(keep[0]) == 8 - math.floor(D.MAX_FRACTION * 8) and len(keep[1]) >= 1
 
 
+def test_steps_are_as_fine_as_the_time_budget_allows():
+    # 4 groups of 64 channels, 1 MAC each; a budget of 3/4 of the MACs needs 64 channels gone:
+    # at 1/16 (4 channels a step) 16 steps, at 1/8 8, at 1/4 4; expected measurements:
+    # 4 (the sensitivity pass) + PER_STEP per step
+    gs = _groups(*[(64, "channels")] * 4)
+    est, total = _linear_estimate(gs, {g.id: 1.0 for g in gs})
+    want = {16: 4 + D.PER_STEP * 16, 8: 4 + D.PER_STEP * 8, 4: 4 + D.PER_STEP * 4}
+    steps, guess = D.planned_steps(gs, est, "macs", 0.75 * total, 1, seconds=1.0, budget=math.inf)
+    assert steps == 16 and guess == {16: pytest.approx(want[16])}
+    steps, guess = D.planned_steps(gs, est, "macs", 0.75 * total, 1, seconds=1.0, budget=want[8] + 0.5)
+    assert steps == 8 and guess == pytest.approx({16: want[16], 8: want[8]})
+    steps, guess = D.planned_steps(gs, est, "macs", 0.75 * total, 1, seconds=2.0, budget=want[8] + 0.5)
+    assert steps == 4 and guess[4] == pytest.approx(2.0 * want[4])  # twice as slow: the coarsest
+    steps, _ = D.planned_steps(gs, est, "macs", 0.0, 1, seconds=1e6, budget=1.0)
+    assert steps == D.STEP_CHOICES[-1]  # nothing fits: the coarsest, never a refusal
+
+
+def test_a_coarser_search_takes_fewer_measurements_and_still_meets_the_budget():
+    gs = _groups(*[(64, "channels")] * 4)
+    est, total = _linear_estimate(gs, {g.id: 1.0 for g in gs})
+    weight = {0: 1.0, 1: 2.0, 2: 3.0, 3: 4.0}
+
+    def measure(keep):
+        return sum(weight[g] * (64 - len(k)) ** 2 for g, k in keep.items())
+
+    order = {g.id: np.arange(64) for g in gs}
+    fine = D.allocate(gs, order, measure, est, "macs", 0.75 * total)[1]
+    coarse = D.allocate(gs, order, measure, est, "macs", 0.75 * total, steps_to_width=4)[1]
+    assert fine["step"] == "1/16" and coarse["step"] == "1/4"
+    assert fine["met"] and coarse["met"] and coarse["measurements"] < fine["measurements"]
+    assert D.step_size(64, "channels", 1, 4) == 16 and D.step_size(6, "heads", 1, 4) == 1
+
+
 # ------------------------------------------------------------------ (c) on a model
 
 
@@ -257,3 +290,12 @@ def test_a_model_slower_than_the_run_budget_is_measured_on_fewer_samples(tmp_pat
     job = Job.open(_dead_cnn())
     plan = job.plan(Ratios.from_dict({"target_macs": 0.9, "scope": "damage"}), _calib(tmp_path, n=64))
     assert plan.target["samples"] == samples and plan.target["met"]
+
+
+@pytest.mark.parametrize("seconds, step", [(math.inf, "1/16"), (0.0, "1/4")])
+def test_a_search_over_its_time_budget_takes_coarser_steps(tmp_path, monkeypatch, seconds, step):
+    monkeypatch.setattr(D, "SEARCH_SECONDS", seconds)  # 0: every search is too slow
+    job = Job.open(_dead_cnn())
+    plan = job.plan(Ratios.from_dict({"target_macs": 0.7, "scope": "damage"}), _calib(tmp_path, n=64))
+    assert plan.target["step"] == step and plan.target["met"]
+    assert plan.target["expected_seconds"] > 0

@@ -22,7 +22,10 @@ still the cheapest; otherwise the next cheapest is re-measured, at most
 ``MAX_REMEASURE`` times per step. Savings beyond what the budget still needs
 count for nothing, so a coarse step that would overshoot it (a group of two
 channels) does not win over finer ones by its size. The search stops as soon
-as the budget is met. The module is pure: measuring is the caller's (``measure(keep)``), and
+as the budget is met. Its cost is one ORT run per measurement, so a slow
+model gets a search sized to :data:`SEARCH_SECONDS`: fewer samples per
+candidate (down to :data:`MIN_SAMPLES`) and coarser steps
+(:func:`planned_steps`: 1/8 or 1/4 of a group; heads still one at a time). The module is pure: measuring is the caller's (``measure(keep)``), and
 so is counting (``estimate(keep)``). The pipeline measures each candidate with
 the removed channels' mean contribution folded into their consumers' biases
 (:mod:`onnxprune.plan.compensate`), as ``--recover`` gives it back: the damage
@@ -42,9 +45,14 @@ log = logging.getLogger(__name__)
 STEPS = 16  # a step removes 1/16 of a group's channels (1/8 left 65.5% agreement on Lite0 at 90% MACs, 1/16 69.5%)
 MAX_FRACTION = 7 / 8  # no group loses more than this (never emptied)
 SAMPLES = 32  # calibration samples each candidate is measured on (whole batches: at least this many)
-RUN_SECONDS = 0.5  # when the original takes longer than this on them, fewer samples ...
-MIN_SAMPLES = 16  # ... but not fewer than this (a ViT-S on 2 cores: 1.1 s for 32; the search ran 109 candidates)
+RUN_SECONDS = 0.35  # when the original takes longer than this on them, fewer samples ...
+MIN_SAMPLES = 8  # ... but not fewer than this (a ViT-S on 2 cores: 1.1 s for 32 samples; 218 candidates at 70% MACs)
 MAX_REMEASURE = 4  # stale candidates re-measured per step before the best fresh one is taken
+SEARCH_SECONDS = 90.0  # a search expected to take longer takes coarser steps ...
+STEP_CHOICES = (16, 8, 4)  # ... the finest of these that fits (planned_steps)
+PER_STEP = 2.0  # measurements per step expected (re-measurements included); with planned_steps' count of
+# steps, the ViT-S with a dense decoder at 90% / 70% MACs: 111 / 256 expected at 1/16, 98 / 218 measured;
+# at 1/4 for 70%: 123 expected, 124 to 170 measured
 
 
 def is_logits(a: np.ndarray) -> bool:
@@ -75,18 +83,43 @@ def output_damage(ref: list[np.ndarray], got: list[np.ndarray]) -> float:
     return num / den if den > 0 else (0.0 if num == 0 else math.inf)
 
 
-def step_size(width: int, kind: str, round_to: int) -> int:
-    """Channels one step of a group removes."""
+def step_size(width: int, kind: str, round_to: int, steps: int = STEPS) -> int:
+    """Channels one step of a group removes (``steps``: steps to the whole width)."""
     if kind == "heads":
         return 1
-    n = max(1, int(round(width / STEPS)))
+    n = max(1, int(round(width / steps)))
     if round_to > 1:
         n = max(round_to, int(round(n / round_to)) * round_to)
     return n
 
 
+def planned_steps(groups, estimate, metric: str, target: float, round_to: int, seconds: float,
+                  budget: float | None = None) -> tuple[int, dict[int, float]]:
+    """The finest step count of :data:`STEP_CHOICES` whose search is expected
+    to fit ``budget`` seconds (default :data:`SEARCH_SECONDS`) when one
+    measurement takes ``seconds`` (the coarsest when none does), and the expected seconds of each count tried.
+    Expected: the sensitivity pass (one measurement per group) plus
+    :data:`PER_STEP` measurements per step, as many steps as the budget takes
+    when every group gives the same share of it (the saving still needed
+    times the mean over groups of 1 / a step's saving). A slow model takes
+    coarser steps; a small CNN keeps the finest."""
+    budget = SEARCH_SECONDS if budget is None else budget
+    groups = [g for g in groups if g.width > 1]
+    before = estimate({})[metric]
+    need = max(before - target, 0.0)
+    guesses: dict[int, float] = {}
+    for steps in STEP_CHOICES:
+        saved = [before - estimate({g.id: np.arange(g.width - step_size(g.width, g.kind, round_to, steps))})[metric]
+                 for g in groups if g.width - step_size(g.width, g.kind, round_to, steps) >= 1]
+        saved = np.array([v for v in saved if v > 0], float)
+        guesses[steps] = seconds * (len(groups) + (PER_STEP * need * float(np.mean(1 / saved)) if len(saved) else 0.0))
+        if guesses[steps] <= budget:
+            return steps, guesses
+    return STEP_CHOICES[-1], guesses
+
+
 def allocate(groups, order: dict[int, np.ndarray], measure, estimate, metric: str, target: float,
-             round_to: int = 1, progress=None) -> tuple[dict[int, np.ndarray], dict]:
+             round_to: int = 1, progress=None, steps_to_width: int = STEPS) -> tuple[dict[int, np.ndarray], dict]:
     """The plan (group id -> kept indices) that meets ``target`` (an absolute
     count of ``metric``) with the least measured damage found by the greedy
     search. ``groups``: the prunable groups (``.id``, ``.width``, ``.kind``,
@@ -96,7 +129,7 @@ def allocate(groups, order: dict[int, np.ndarray], measure, estimate, metric: st
     groups = [g for g in groups if g.width > 1]
     removed = {g.id: 0 for g in groups}
     by_id = {g.id: g for g in groups}
-    steps = {g.id: step_size(g.width, g.kind, round_to) for g in groups}
+    steps = {g.id: step_size(g.width, g.kind, round_to, steps_to_width) for g in groups}
     cap = {g.id: min(g.width - 1, int(math.floor(MAX_FRACTION * g.width))) for g in groups}
 
     def keep_of(rem: dict[int, int]) -> dict[int, np.ndarray]:
@@ -186,10 +219,11 @@ def allocate(groups, order: dict[int, np.ndarray], measure, estimate, metric: st
                      f"({evals} measurements)")
         if trial(gid) is not None:
             heapq.heappush(heap, (s, gid, -1, d))  # its next step: as costly as this one until re-measured
-    info = {"measurements": evals, "steps": len(history), "damage": damage, "met": count <= target,
+    info = {"measurements": evals, "steps": len(history), "step": f"1/{steps_to_width}", "damage": damage,
+            "met": count <= target,
             "history": history}
     return keep_of(removed), info
 
 
-__all__ = ["allocate", "output_damage", "is_logits", "step_size", "STEPS", "MAX_FRACTION", "SAMPLES", "RUN_SECONDS",
-           "MIN_SAMPLES"]
+__all__ = ["allocate", "planned_steps", "output_damage", "is_logits", "step_size", "STEPS", "STEP_CHOICES",
+           "SEARCH_SECONDS", "PER_STEP", "MAX_FRACTION", "SAMPLES", "RUN_SECONDS", "MIN_SAMPLES"]
