@@ -41,12 +41,14 @@ def load_ratios(src) -> Ratios:
     return src if isinstance(src, Ratios) else Ratios.load(src)
 
 
-def calibration(spec, job: Job, batches: int = 4, batch_size: int = 32):
+def calibration(spec, job: Job, batches: int = 4, batch_size: int = 32, norm: str | None = None):
     """Calibration inputs for ``job`` from ``spec`` (a folder of images, ``.npy``/``.npz``,
-    or ``"synthetic"``); an already loaded :class:`~onnxprune.plan.importance.calib.Calibration` is returned as is."""
+    or ``"synthetic"``; images scaled by ``norm``, see
+    :func:`onnxprune.plan.importance.calib.parse_norm`); an already loaded
+    :class:`~onnxprune.plan.importance.calib.Calibration` is returned as is."""
     from onnxprune.plan.importance.calib import load
 
-    return load(spec, job.skeleton(), batches, batch_size) if isinstance(spec, str) else spec
+    return load(spec, job.skeleton(), batches, batch_size, norm=norm) if isinstance(spec, str) else spec
 
 
 @dataclass
@@ -231,6 +233,7 @@ def prune(
     recover_options: dict | None = None,
     calib_batches: int = 4,
     calib_batch_size: int = 32,
+    calib_norm: str | None = None,
 ) -> PruneResult:
     """Prune a model (a path, a proto or a :class:`Job` from :func:`analyze`); the
     input is never modified. The stages, in order, on one job:
@@ -239,7 +242,8 @@ def prune(
        replayed, else ``ratios`` make one. ``calib`` (a
        :class:`~onnxprune.plan.importance.calib.Calibration` or a spec string: a
        folder, ``.npy``/``.npz``, ``"synthetic"``, read as ``calib_batches`` batches of
-       ``calib_batch_size``) feeds data-driven criteria; a
+       ``calib_batch_size``; a folder's images scaled as ``calib_norm`` says, default
+       ImageNet's mean/std) feeds data-driven criteria; a
        ``target_latency`` is measured on ``runtime`` (default CPU), its points kept
        in ``latency_table``. A plan that removes nothing returns the model as it is
        (said in ``.notes``), or is a :class:`UserError` when a later stage or ``output`` was asked for.
@@ -291,7 +295,7 @@ def prune(
     hints = _calib_hints(calib)
     job = analyze(model, {**hints, **shapes})
     if isinstance(calib, str):
-        calib = calibration(calib, job, calib_batches, calib_batch_size)
+        calib = calibration(calib, job, calib_batches, calib_batch_size, calib_norm)
         say(f"calibration: {calib.source}, {len(calib.batches)} batches of {len(calib.batches[0])}")
     lap("analyse")
     latency_target = plan is None and ratios.target_latency is not None

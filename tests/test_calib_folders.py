@@ -1,6 +1,9 @@
 """Calibration images come from any folder layout a user has: an ImageFolder
 root (train/<class>/), one split of class folders, or a plain folder of photos
-(nested or not); a static-batch model gets as many samples as a dynamic one."""
+(nested or not); a static-batch model gets as many samples as a dynamic one.
+A folder of fewer photos than samples wanted gives several views of each
+(the centre crop first, then random resized crops), each sample's source its
+photo; ``--calib-norm`` scales the pixels as the model expects."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -44,8 +47,76 @@ def test_imagefolder_root_and_a_split_of_class_folders(tmp_path):
 
 def test_an_empty_folder_is_one_user_error(tmp_path):
     (tmp_path / "none").mkdir()
-    with pytest.raises(calib.UserError, match="0 images, fewer than one batch of 8"):
+    with pytest.raises(calib.UserError, match="no images under"):
         calib.load(str(tmp_path / "none"), DEFAULT, n_batches=2, batch=8)
+
+
+def _photos(folder, sizes):
+    """Photos with structure (smooth gradients and a bright square), of ``sizes`` (w, h)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, (w, h) in enumerate(sizes):
+        yy, xx = np.mgrid[0:h, 0:w]
+        a = np.stack([xx * 255 // w, yy * 255 // h, np.full_like(xx, 40 * i)], -1).astype(np.uint8)
+        a[h // 4:h // 2, w // 5:w // 2] = 250
+        Image.fromarray(a).save(str(folder / f"p{i}.png"))
+
+
+def test_a_few_photos_give_several_views_each_with_their_photo_as_source(tmp_path):
+    from onnxprune.torchbridge.data import transforms
+
+    sizes = [(300, 200), (180, 240), (256, 256)]
+    _photos(tmp_path / "few", sizes)
+    c = calib.load(str(tmp_path / "few"), DEFAULT, n_batches=2, batch=8)
+    assert c.n == 16 and c.batches[0].shape == (8, 3, 128, 128) and c.labels is None
+    x, src = np.concatenate(c.batches), np.concatenate(c.sources)
+    assert sorted(np.bincount(src).tolist()) == [5, 5, 6]  # every photo, each its own source
+    centre = transforms(128, train=False)
+    for k in range(3):  # each photo's centre crop comes first, exactly as evaluation preprocesses it
+        with Image.open(tmp_path / "few" / f"p{src[k]}.png") as im:
+            np.testing.assert_allclose(x[k], centre(im.convert("RGB")).numpy(), atol=1e-6)
+    for p in range(3):  # the further views of a photo are other crops, not copies
+        views = x[src == p]
+        assert min(np.abs(views[i] - views[j]).mean() for i in range(len(views)) for j in range(i)) > 1e-3
+    again = calib.load(str(tmp_path / "few"), DEFAULT, n_batches=2, batch=8)
+    assert np.array_equal(np.concatenate(again.batches), x)  # the same views every run
+    one = tmp_path / "one"
+    _photos(one, sizes[:1])
+    c1 = calib.load(str(one), DEFAULT, n_batches=1, batch=8)
+    assert c1.n == 8 and set(np.concatenate(c1.sources).tolist()) == {0}
+
+
+def test_many_photos_give_one_centre_crop_each(tmp_path):
+    _photos(tmp_path / "many", [(64 + 8 * i, 64) for i in range(20)])
+    c = calib.load(str(tmp_path / "many"), DEFAULT, n_batches=2, batch=8)
+    assert c.n == 16 and "16 images" in c.source and "views" not in c.source
+
+
+def test_calib_norm_scales_the_same_views(tmp_path):
+    _photos(tmp_path / "p", [(200, 150), (150, 200)])
+    got = {n: np.concatenate(calib.load(str(tmp_path / "p"), DEFAULT, n_batches=1, batch=8, norm=n).batches)
+           for n in ("unit", "raw", "inception", "imagenet", "0.5,0.25,0/0.5,0.5,2")}
+    u = got["unit"]
+    assert 0 <= u.min() and u.max() <= 1 and u.max() > 0.9
+    np.testing.assert_allclose(got["raw"], u * 255, rtol=1e-5, atol=1e-3)
+    np.testing.assert_allclose(got["inception"], u * 2 - 1, atol=1e-5)
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    np.testing.assert_allclose(got["imagenet"], (u - mean[:, None, None]) / std[:, None, None], atol=1e-4)
+    mine = (u - np.array([0.5, 0.25, 0])[:, None, None]) / np.array([0.5, 0.5, 2])[:, None, None]
+    np.testing.assert_allclose(got["0.5,0.25,0/0.5,0.5,2"], mine, atol=1e-5)
+    assert np.array_equal(got["imagenet"], np.concatenate(calib.load(str(tmp_path / "p"), DEFAULT, 1, 8).batches))
+
+
+@pytest.mark.parametrize("norm", ["bgr", "0.5,0.5/0.5,0.5,0.5", "0,0,0/1,0,1", "a,b,c/d,e,f"])
+def test_a_bad_calib_norm_is_one_user_error(tmp_path, norm):
+    _photos(tmp_path / "p", [(64, 64)])
+    with pytest.raises(calib.UserError, match="--calib-norm"):
+        calib.load(str(tmp_path / "p"), DEFAULT, n_batches=1, batch=4, norm=norm)
+
+
+def test_calib_norm_with_arrays_is_one_user_error(tmp_path):
+    np.save(tmp_path / "x.npy", np.zeros((8, 3, 128, 128), np.float32))
+    with pytest.raises(calib.UserError, match="--calib-norm applies to images read from a folder"):
+        calib.load(str(tmp_path / "x.npy"), DEFAULT, n_batches=1, batch=8, norm="unit")
 
 
 def test_a_static_batch_model_gets_the_same_number_of_samples(tmp_path):
@@ -55,3 +126,21 @@ def test_a_static_batch_model_gets_the_same_number_of_samples(tmp_path):
     np.save(tmp_path / "x.npy", x)
     c = calib.load(str(tmp_path / "x.npy"), m, n_batches=4, batch=8)
     assert c.n == 32 and all(len(b) == 2 for b in c.batches)
+
+
+def test_the_cli_takes_a_few_photos_and_their_norm(tmp_path, capsys, monkeypatch):
+    from onnxprune.cli import main
+
+    _photos(tmp_path / "p", [(200, 150), (150, 200), (160, 160)])
+    seen = []
+    load = calib.load
+    monkeypatch.setattr(calib, "load", lambda *a, **k: seen.append(k.get("norm")) or load(*a, **k))
+    out = tmp_path / "pruned.onnx"
+    rc = main([MODEL, "--ratios", '{"target_macs": 0.8}', "--calib", str(tmp_path / "p"), "--calib-norm", "unit",
+               "--recover", "-o", str(out), "-q"])
+    assert rc == 0 and out.exists() and seen == ["unit"]
+    capsys.readouterr()
+    rc = main([MODEL, "--ratios", '{"target_macs": 0.8}', "--calib", str(tmp_path / "p"), "--calib-norm", "bgr",
+               "-o", str(tmp_path / "b.onnx")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and len(err) == 1 and "--calib-norm 'bgr'" in err[0] and not (tmp_path / "b.onnx").exists()

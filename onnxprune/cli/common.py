@@ -44,8 +44,14 @@ def common(p: argparse.ArgumentParser) -> None:
 
 
 def calib_opts(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--calib", help="calibration data for data-driven importance: DIR (ImageFolder), FILE.npy/.npz "
-                   "(x, optional y labels, optional 'source': the photo or text each sample comes from), or 'synthetic'")
+    p.add_argument("--calib", help="calibration data for data-driven importance and --recover: DIR (a folder of "
+                   "images, or of class folders; fewer images than samples wanted give several crops of each), "
+                   "FILE.npy/.npz (x, optional y labels, optional 'source': the photo or text each sample comes "
+                   "from), or 'synthetic'")
+    p.add_argument("--calib-norm", metavar="NORM",
+                   help="how the model expects the pixels of --calib DIR images: imagenet (the default: ImageNet "
+                   "mean/std), inception ([-1, 1]: TF/Keras, EfficientNet-Lite), unit ([0, 1]: YOLO), raw ([0, 255]) "
+                   "or MEAN,MEAN,MEAN/STD,STD,STD on pixels in [0, 1]")
     p.add_argument("--calib-batches", type=int, default=4, help="calibration batches (default 4)")
     p.add_argument("--calib-batch-size", type=int, default=32, help="samples per batch (default 32; a static-batch model uses its own)")
 
@@ -90,4 +96,4 @@ def calib_data(args, job):
         return None
     from onnxprune import api
 
-    return api.calibration(args.calib, job, args.calib_batches, args.calib_batch_size)
+    return api.calibration(args.calib, job, args.calib_batches, args.calib_batch_size, args.calib_norm)

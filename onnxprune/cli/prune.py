@@ -65,7 +65,7 @@ def run(args) -> str:
     if args.bench or latency_target:
         rt = api.Runtime(args.provider, args.batch, args.threads, args.warmup, args.runs, shapes(args, ratios) or None)
     res = api.prune(model, ratios, calib=args.calib, calib_batches=args.calib_batches,
-                    calib_batch_size=args.calib_batch_size, plan=args.plan, input_shapes=args.input_shape,
+                    calib_batch_size=args.calib_batch_size, calib_norm=args.calib_norm, plan=args.plan, input_shapes=args.input_shape,
                     runtime=rt, latency_table=args.latency_table, recover=args.recover, verify=args.verify,
                     bench=args.bench or latency_target, output=out,
                     progress=None if args.quiet else (lambda m: say(args, m)))

@@ -1,9 +1,12 @@
 """Calibration input: ``--calib DIR | FILE.npy | FILE.npz | synthetic``.
 
 * ``DIR``: an ImageFolder root (``DIR/train`` if present, else ``DIR/val``,
-  else ``DIR`` itself), preprocessed exactly as fine-tuning evaluates
-  (resize + centre crop at the model's input size, ImageNet mean/std);
-  labels come with it.
+  else ``DIR`` itself) or any folder of images, preprocessed as fine-tuning
+  evaluates (resize + centre crop at the model's input size; ImageNet
+  mean/std unless ``norm`` says otherwise: :func:`parse_norm`); labels come
+  with class folders. Fewer images than samples wanted give several views of
+  each (further random resized crops, flipped half the time), each sample's
+  source its image.
 * ``FILE.npy``: an array ``[N, C, H, W]`` already preprocessed; ``FILE.npz``
   with ``x`` (and optionally ``y`` labels), or one array per model input named
   after it (multi-input models: token ids, masks, token types...). An array
@@ -80,11 +83,47 @@ def _sources(spec: str, z) -> np.ndarray | None:
     return src
 
 
-def _from_folder(spec: str, size: int, batch: int, n_batches: int, need: int, seed: int) -> Calibration:
+NORMS = {  # --calib-norm names: per-channel mean and std on pixels scaled to [0, 1]
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # torchvision, timm, most torch exports
+    "inception": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),  # pixels to [-1, 1]: TF/Keras Inception, EfficientNet-Lite
+    "unit": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),  # pixels in [0, 1]: YOLO, many detectors
+    "raw": ((0.0, 0.0, 0.0), (1 / 255, 1 / 255, 1 / 255)),  # pixels in [0, 255]
+}
+VIEW_SCALE = (0.25, 1.0)  # area of the photo a further view covers (random resized crop, flipped half the time)
+
+
+def parse_norm(spec: str | None) -> tuple[tuple, tuple]:
+    """``--calib-norm``: a name of :data:`NORMS` or ``M,M,M/S,S,S`` (mean and std
+    per channel on pixels in [0, 1]); None: ``imagenet``."""
+    if spec is None:
+        return NORMS["imagenet"]
+    if spec in NORMS:
+        return NORMS[spec]
+    try:
+        mean, std = (tuple(float(v) for v in part.split(",")) for part in spec.split("/"))
+    except ValueError:
+        mean = std = ()
+    if len(mean) != 3 or len(std) != 3 or not all(v > 0 for v in std):
+        raise UserError(f"--calib-norm {spec!r}: give one of {', '.join(NORMS)} or MEAN,MEAN,MEAN/STD,STD,STD "
+                        "(pixels in [0, 1], the std positive)")
+    return mean, std
+
+
+def _from_folder(spec: str, size: int, batch: int, n_batches: int, need: int, seed: int,
+                 norm: tuple[tuple, tuple]) -> Calibration:
     """Images from a folder: an ImageFolder root (train/ or val/ of class folders),
-    a split of class folders, or any folder of images (searched recursively)."""
-    from onnxprune.torchbridge.data import image_folder, transforms
-    from onnxprune.torchbridge.distill import FlatImages, image_files
+    a split of class folders, or any folder of images (searched recursively).
+    Each image gives its resize + centre crop; a folder of fewer images than
+    ``need`` gives further views of each (random resized crops covering
+    :data:`VIEW_SCALE` of it, flipped half the time) until there are ``need``,
+    and every sample's source is its image, so recovery holds out whole photos."""
+    import torch
+    from PIL import Image
+    from torchvision import transforms as T
+    from torchvision.datasets import ImageFolder
+
+    from onnxprune.torchbridge.data import transforms
+    from onnxprune.torchbridge.distill import IMAGE_EXT, image_files
 
     def has_classes(d: str) -> bool:
         subs = [s for s in os.listdir(d) if os.path.isdir(os.path.join(d, s))]
@@ -92,24 +131,43 @@ def _from_folder(spec: str, size: int, batch: int, n_batches: int, need: int, se
 
     split = next((s for s in ("train", "val") if os.path.isdir(os.path.join(spec, s)) and has_classes(os.path.join(spec, s))),
                  None)
-    if split is not None:
-        ds, what = image_folder(spec, split, size, train=False), f"{split}, "
-    elif has_classes(spec):
-        root, split = os.path.split(os.path.abspath(spec))
-        ds, what = image_folder(root, split, size, train=False), ""
+    labelled = split is not None or has_classes(spec)
+    if labelled:
+        samples = ImageFolder(os.path.join(spec, split) if split else spec).samples
+        paths, labels = [p for p, _ in samples], np.array([c for _, c in samples])
+        what = f"{split}, " if split else ""
     else:
-        ds, what = FlatImages(image_files(spec), transforms(size, train=False)), "no labels, "
-    if len(ds) < batch:
-        raise UserError(f"{spec}: {len(ds)} images, fewer than one batch of {batch}")
-    idx = np.random.default_rng(seed).permutation(len(ds))[:need]
-    try:
-        items = [ds[int(i)] for i in idx]
-    except OSError as e:  # PIL: not an image, truncated file
-        raise UserError(f"{spec}: cannot read an image ({str(e).splitlines()[0][:160]})") from None
-    x = np.stack([it[0].numpy() for it in items])
-    y = np.array([it[1] for it in items]) if len(items[0]) > 1 else None
+        paths, labels, what = image_files(spec), None, "no labels, "
+    if not paths:
+        raise UserError(f"no images under {spec} ({', '.join(IMAGE_EXT)})")
+    mean, std = norm
+    centre = transforms(size, train=False, mean=mean, std=std)
+    views = max(1, -(-need // len(paths)))
+    pick = np.random.default_rng(seed).permutation(len(paths))[:need]
+    other = T.Compose([T.RandomResizedCrop(size, scale=VIEW_SCALE), T.RandomHorizontalFlip(), T.ToTensor(),
+                       T.Normalize(mean, std)])
+    x = np.empty((min(need, len(pick) * views), 3, size, size), np.float32)
+    src = np.empty(len(x), np.int64)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for j, i in enumerate(pick):
+            try:
+                with Image.open(paths[i]) as im:
+                    im = im.convert("RGB")
+                    for v in range(views):  # sample k = v * len(pick) + j: every image's centre crop comes first
+                        k = v * len(pick) + j
+                        if k < len(x):
+                            x[k] = (centre if v == 0 else other)(im).numpy()
+                            src[k] = i
+            except OSError as e:  # PIL: not an image, truncated file
+                raise UserError(f"{paths[i]}: cannot read an image ({str(e).splitlines()[0][:160]})") from None
+    y = None if labels is None else labels[src]
     xs, ys = _chunks(x, y, batch, n_batches)
-    return _with_sources(Calibration(xs, ys, f"{spec} ({what}{len(xs) * batch} images)"))
+    n = len(xs) * batch
+    if views == 1:  # an image each: look-alike images share a source
+        return _with_sources(Calibration(xs, ys, f"{spec} ({what}{n} images)"))
+    return Calibration(xs, ys, f"{spec} ({what}{len(pick)} images, {views} views each: {n} samples)",
+                       sources=_split(src, batch, len(xs)))
 
 
 def _chunks(x: np.ndarray, y, batch: int, n_batches: int):
@@ -179,7 +237,8 @@ def _with_sources(cal: Calibration) -> Calibration:
     return cal
 
 
-def load(spec: str, proto: onnx.ModelProto, n_batches: int = 4, batch: int = 32, seed: int = 0) -> Calibration:
+def load(spec: str, proto: onnx.ModelProto, n_batches: int = 4, batch: int = 32, seed: int = 0,
+         norm: str | None = None) -> Calibration:
     static, dims = _input_shape(proto)
     if static is not None and static != batch:
         # a static-batch model takes exactly its batch: as many batches of it as give the same number of samples
@@ -188,17 +247,20 @@ def load(spec: str, proto: onnx.ModelProto, n_batches: int = 4, batch: int = 32,
         if not (spec.endswith(".npy") or spec.endswith(".npz")):
             raise UserError("image calibration needs an input [N, C, H, W] with static H, W; give a .npy/.npz")
     need = n_batches * batch
+    if norm is not None and (spec.endswith(".npy") or spec.endswith(".npz")):
+        raise UserError(f"--calib-norm applies to images read from a folder; {spec} is used as it is")
+    mean, std = parse_norm(norm)
     if spec == "synthetic":
         from onnxprune.torchbridge.data import GLYPHS, fonts_available, render_glyph, transforms
 
         rng = np.random.default_rng(seed)
         fonts = fonts_available()
-        tf = transforms(dims[2], train=False)
+        tf = transforms(dims[2], train=False, mean=mean, std=std)
         x = np.stack([tf(render_glyph(GLYPHS[int(rng.integers(10))], dims[2], rng, fonts)).numpy() for _ in range(need)])
         xs, ys = _chunks(x, None, batch, n_batches)
         return _with_sources(Calibration(xs, None, "synthetic glyphs"))
     if os.path.isdir(spec):
-        return _from_folder(spec, dims[2], batch, n_batches, need, seed)
+        return _from_folder(spec, dims[2], batch, n_batches, need, seed, (mean, std))
     if spec.endswith(".npy") or spec.endswith(".npz"):
         if not os.path.exists(spec):
             raise UserError(f"calibration file not found: {spec}")
