@@ -173,8 +173,11 @@ def test_token_mlp_matmul_3d_and_inserted_bias():
     _valid(out)
     by = {r.node: r for r in rows}
     assert by["fc2"].status == "refit" and by["fc2"].op == "MatMul"
-    # tokens flattened to rows; a quarter of the 128 samples kept out of every fit (the whole-model check)
-    assert by["fc2"].samples == (4 * 32 - 32) * 6
+    # tokens flattened to rows: once the whole-model check on a quarter of the 128 samples (kept out of
+    # every fit) has passed, recovery is done again on all of them
+    assert by["fc2"].samples == 4 * 32 * 6
+    _, _, first = _run(m, {"default": 0.5}, calib, refit_all=False)
+    assert {r.node: r for r in first}["fc2"].samples == (4 * 32 - 32) * 6
     # fc2 had no bias: recovery added one after it, keeping the output names
     assert any(n.op_type == "Add" and n.name.startswith("fc2__recover_bias") for n in out.graph.node)
     assert [o.name for o in out.graph.output] == ["y"]
@@ -461,6 +464,40 @@ def test_cli_recover_holds_out_sources_and_prints_the_check(tmp_path, capsys):
     fitted = [r for r in rows if r["status"] == "refit"]
     assert fitted and all(r["held_after"] < r["held_before"] for r in fitted)
     assert all(r["samples"] > 0 for r in fitted)
+
+
+def test_after_the_check_passes_recovery_is_done_again_on_every_source(monkeypatch):
+    """The whole-model check keeps a quarter of the sources out of every fit;
+    once it passes, the written model is recovered again on every source (the
+    same as a recovery that kept none out), unless the first pass was slow."""
+    import onnxprune.recover as R
+    from onnxprune.plan.importance.calib import Calibration
+
+    m = small_cnn()
+    xb = _batches((32, 3, 16, 16), 4, seed=1)
+    cal = Calibration(xb, None, "random", sources=[np.arange(32 * i, 32 * (i + 1)) % 10 for i in range(4)])
+    res = prune(m, {"default": 0.5, "importance": "l2"})
+
+    def rec(**kw):
+        stats: dict = {}
+        out, _ = recover(m, res.proto, res.analyzed.ctx, res.plan.keep, cal, progress=False, stats=stats, **kw)
+        _valid(out)
+        return runtime.session(out).run(None, {"x": x})[0], stats
+
+    x = _batches((16, 3, 16, 16), 1, seed=7)[0]
+    checked, st1 = rec(refit_all=False)
+    assert st1["held_out"] and not st1["held_out"]["worse"] and "refit_all" not in st1["held_out"]
+    again, st = rec()
+    every, st0 = rec(check_fraction=0.0)
+    assert st["held_out"]["refit_all"] is True and "then recovered again on every source" in R.held_out_text(st["held_out"])
+    assert st0.get("held_out") is None  # nothing kept out: no check, nothing done again
+    np.testing.assert_allclose(again, every, rtol=1e-5, atol=1e-5)
+    assert np.abs(again - checked).max() > 1e-4  # the kept-out sources changed the fits
+    assert st["passes"] == st1["passes"] + st0["passes"]
+    monkeypatch.setattr(R, "REFIT_ALL_SECONDS", 0.0)  # a first pass slower than this is not repeated
+    slow, st2 = rec()
+    np.testing.assert_array_equal(slow, checked)
+    assert st2["held_out"]["refit_all"] is False and "not recovered again" in R.held_out_text(st2["held_out"])
 
 
 def test_the_api_runs_the_recovery_stage(tmp_path):
