@@ -329,3 +329,36 @@ def test_whole_model_check_uses_only_kept_out_samples_and_says_which_is_closer()
     assert held_out_check(orig, pruned, _scaled_gemm(w, 0.9), [{"x": x2}], [fold], 1)["err_recovered"] == \
         pytest.approx(better["err_recovered"], rel=1e-4)
     assert held_out_check(orig, pruned, pruned, [{"x": x}], [np.zeros(16, int)], 1) is None  # nothing kept out
+
+
+def test_whole_model_check_weighs_each_output_channel_alike():
+    """A detector's one output [N, 4 boxes + classes, anchors]: the boxes
+    (large, untouched by the pruning) beside the class scores (small, what the
+    pruning and recovery changed). The verdict follows the scores, not the
+    noise on the boxes."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from onnxprune.recover import held_out_check
+
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((5, 6)).astype(np.float32)
+
+    def detector(scale, box_noise):
+        box = (1000 * np.eye(4, 6) + box_noise).astype(np.float32)
+        g = helper.make_graph([helper.make_node("MatMul", ["b", "x"], ["boxes"]),
+                               helper.make_node("MatMul", ["w", "x"], ["s"]),
+                               helper.make_node("Mul", ["s", "k"], ["scores"]),
+                               helper.make_node("Concat", ["boxes", "scores"], ["y"], axis=1)], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6, 7])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 9, 7])],
+                              [numpy_helper.from_array(w, "w"), numpy_helper.from_array(box, "b"),
+                               numpy_helper.from_array(np.array(scale * 1e-3, np.float32), "k")])
+        return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+    x = rng.standard_normal((16, 6, 7)).astype(np.float32)
+    fold = np.array([0, 1] * 6 + [-1] * 4)
+    orig, pruned = detector(1.0, 0.0), detector(0.5, 0.0)
+    rec = detector(0.9, 1e-3 * rng.standard_normal((4, 6)))  # scores much closer; the boxes moved by a hair
+    h = held_out_check(orig, pruned, rec, [{"x": x}], [fold], 1)
+    assert not h["worse"] and h["err_recovered"] < 0.5 * h["err_pruned"], h
+    assert held_out_check(orig, rec, pruned, [{"x": x}], [fold], 1)["worse"]  # and the other way round
