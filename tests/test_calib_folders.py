@@ -144,3 +144,46 @@ def test_the_cli_takes_a_few_photos_and_their_norm(tmp_path, capsys, monkeypatch
                "-o", str(tmp_path / "b.onnx")])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 1 and len(err) == 1 and "--calib-norm 'bgr'" in err[0] and not (tmp_path / "b.onnx").exists()
+
+
+def test_finetune_takes_the_norm_of_its_image_folder(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("onnx2torch")
+    from onnxprune.cli import main
+    from onnxprune.errors import UserError
+    from onnxprune.torchbridge import train
+
+    _photos(tmp_path / "p", [(64, 64)])
+    seen = []
+
+    def record(model, opts):
+        seen.append((opts.mean, opts.std))
+        raise UserError("stopped here")
+
+    monkeypatch.setattr(train, "finetune", record)
+    args = [MODEL, "--data", str(tmp_path / "p"), "--teacher", MODEL, "-o", str(tmp_path / "t.onnx")]
+    assert main(["finetune", *args, "--data-norm", "raw"]) == 1
+    assert main(["finetune", *args]) == 1
+    assert seen == [calib.NORMS["raw"], calib.NORMS["imagenet"]]
+    capsys.readouterr()
+    np.save(tmp_path / "x.npy", np.zeros((4, 3, 128, 128), np.float32))
+    for bad, says in ((["--data-norm", "bgr"], "--data-norm 'bgr'"),
+                      (["--data", str(tmp_path / "x.npy"), "--data-norm", "unit"], "--data-norm applies to images")):
+        assert main(["finetune", *args, *bad]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and says in err[0]
+    assert len(seen) == 2
+
+
+def test_gohsp_takes_the_norm_of_its_image_folder(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("onnx2torch")
+    from onnxprune.cli import main
+    from onnxprune.methods import gohsp
+
+    seen = []
+    real = gohsp.gohsp
+    monkeypatch.setattr(gohsp, "gohsp", lambda model, opts: seen.append(opts.norm) or real(model, opts))
+    args = ["gohsp", MODEL, "--data", str(tmp_path), "--ratios", '{"kinds": {"mlp": 0.5}}', "-o", str(tmp_path / "g.onnx")]
+    assert main([*args, "--data-norm", "bgr"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert seen == ["bgr"] and len(err) == 1 and "--data-norm 'bgr'" in err[0]
+    assert not (tmp_path / "g.onnx").exists()

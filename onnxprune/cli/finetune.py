@@ -14,6 +14,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="the ONNX model to train (e.g. the pruned one)")
     p.add_argument("--data", required=True, help="ImageFolder root with train/<class>/ and val/<class>/ (labelled), or, with "
                    "--teacher, unlabelled data: a folder of images (any layout) or FILE.npy / FILE.npz (one array per input name)")
+    p.add_argument("--data-norm", metavar="NORM",
+                   help="how the model expects the pixels of --data images: imagenet (the default), inception ([-1, 1]), "
+                   "unit ([0, 1]), raw ([0, 255]) or MEAN,MEAN,MEAN/STD,STD,STD on pixels in [0, 1] (as --calib-norm)")
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--teacher", help="unpruned ONNX model: distil from its logits")
     p.add_argument("--recipe", help="deit | convnext | resnet | mobilenet | swin (the Isomorphic Pruning paper's training recipes) | "
@@ -53,7 +56,7 @@ def run(args) -> str:
                    batch_size=args.batch_size, workers=args.workers, resume=args.resume, kd_alpha=args.kd_alpha,
                    kd_temperature=args.kd_temperature, max_steps=args.max_steps, minutes=args.minutes, keep_worse=args.keep_worse, device=args.device, seed=args.seed,
                    progress=not args.quiet, bn_reinsert=args.bn_reinsert, mix=args.mix,
-                   feature_weight=args.feature_weight)
+                   feature_weight=args.feature_weight, norm=args.data_norm)
     if "teacher_after" in r:
         b, a = r["teacher_before"], r["teacher_after"]
         what = (f"agreement with the teacher {b['agreement']:.1f}% -> {a['agreement']:.1f}%, KL {b['kl']:.4f} -> {a['kl']:.4f}"

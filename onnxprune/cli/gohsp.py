@@ -16,6 +16,8 @@ def parser() -> argparse.ArgumentParser:
                                 "toward head/column sparsity, hard pruning by the rewriter, fine-tuning.")
     p.add_argument("model")
     p.add_argument("--data", required=True, help="ImageFolder root with train/ and val/ (also the calibration data)")
+    p.add_argument("--data-norm", metavar="NORM", help="how the model expects the pixels of --data images: imagenet "
+                   "(the default), inception, unit, raw or MEAN,MEAN,MEAN/STD,STD,STD (as --calib-norm)")
     p.add_argument("--ratios", help="kind ratios: heads (mask), head_dim and mlp (columns)")
     p.add_argument("--plan", help="a plan file (--save-plan): its kept heads and columns are the ADMM targets")
     p.add_argument("--sparsity", type=float, help="one overall column sparsity for head_dim and mlp, distributed over "
@@ -59,7 +61,8 @@ def run(args) -> str:
                                        admm_epochs=args.admm_epochs, finetune_epochs=args.finetune_epochs,
                                        admm_interval=args.admm_interval, lr=args.lr, batch_size=args.batch_size,
                                        teacher=args.teacher, max_steps=args.max_steps, workers=args.workers, progress=not args.quiet,
-                                       sparsity=args.sparsity, admm_recipe=args.admm_recipe, plan=args.plan))
+                                       sparsity=args.sparsity, admm_recipe=args.admm_recipe, plan=args.plan,
+                                       norm=args.data_norm))
     if args.plot:
         plot_history(r["history"], args.plot, f"GOHSP rho={args.rho} lambda={args.lam}")
     h0, h1 = r["history"][0], r["history"][-1]

@@ -296,6 +296,7 @@ class GohspOptions:
     kd_alpha: float = 0.5
     kd_temperature: float = 4.0
     plan: str | dict | None = None  # a saved plan file: its kept heads/columns are the ADMM targets
+    norm: str | None = None  # how the model expects the pixels (calibration.parse_norm; None: ImageNet's)
 
 
 def _val_acc(module, loader, max_batches=None) -> float:
@@ -331,6 +332,9 @@ def gohsp(model: str, opts: GohspOptions) -> dict:
         raise UserError(f"unknown ADMM recipe '{opts.admm_recipe}' (paper or quick)")
     if opts.sparsity is not None and not 0.0 <= opts.sparsity < 1.0:
         raise UserError(f"sparsity must be in [0, 1), got {opts.sparsity}")
+    from onnxprune.plan.importance.calib import parse_norm
+
+    mean, std = parse_norm(opts.norm, "--data-norm")
     torch.manual_seed(opts.seed)
     t0 = time.perf_counter()
     proto = io.read_proto(model)
@@ -354,7 +358,7 @@ def gohsp(model: str, opts: GohspOptions) -> dict:
     a = api.analyze(model)
     normalised = a.data_proto()
     plan = api.resolve_plan(a, ratios, opts.plan,
-                            None if opts.plan is not None else api.calibration(opts.data, a, opts.calib_batches, 32))
+                            None if opts.plan is not None else api.calibration(opts.data, a, opts.calib_batches, 32, opts.norm))
     imp = import_onnx(normalised, seed=opts.seed)
     structs = build_structures(a, plan, imp)
     if not structs:
@@ -370,8 +374,8 @@ def gohsp(model: str, opts: GohspOptions) -> dict:
     module = imp.module
     meta = dataset_meta(opts.data)
     recipe = get_recipe("quick", hflip=0.0 if meta.get("hflip") is False else 0.5)
-    train_ds = image_folder(opts.data, "train", size, True, recipe)
-    val_ds = image_folder(opts.data, "val", size, False)
+    train_ds = image_folder(opts.data, "train", size, True, recipe, mean, std)
+    val_ds = image_folder(opts.data, "val", size, False, mean=mean, std=std)
     micro = imp.static_batch or opts.batch_size
     loader = torch.utils.data.DataLoader(train_ds, batch_size=micro, shuffle=True, drop_last=True, num_workers=opts.workers)
     val_loader = torch.utils.data.DataLoader(val_ds, batch_size=micro, shuffle=False, drop_last=imp.static_batch is not None)
@@ -423,7 +427,8 @@ def gohsp(model: str, opts: GohspOptions) -> dict:
     result = {"input": model, "output": opts.output, "ratios": rdict, "rho": opts.rho, "lambda": opts.lam, "lr": base_lr,
               "admm_recipe": opts.admm_recipe, "admm_kd": teacher is not None,
               "admm_steps": step, "interval": interval, "history": history, "soft_vs_hard_max_rel": soft_vs_hard,
-              "top1_soft": evaluate_onnx(soft, opts.data, size), "top1_hard": evaluate_onnx(hard, opts.data, size),
+              "top1_soft": evaluate_onnx(soft, opts.data, size, mean, std),
+              "top1_hard": evaluate_onnx(hard, opts.data, size, mean, std),
               "kept": {str(k): len(v) for k, v in keep.items()}, "macs": {"before": None, "after": None},
               "sparsity": opts.sparsity, "erdos_renyi": {str(k): v for k, v in er.items()} if er else None}
     from onnxprune.core import metrics
@@ -432,7 +437,7 @@ def gohsp(model: str, opts: GohspOptions) -> dict:
     if opts.finetune_epochs > 0:
         r = finetune(hard_path, Options(data=opts.data, output=opts.output, teacher=opts.teacher, recipe="quick",
                                         epochs=opts.finetune_epochs, lr=1e-3, batch_size=opts.batch_size, workers=opts.workers,
-                                        progress=opts.progress))
+                                        progress=opts.progress, mean=mean, std=std))
         result["top1_final"] = r["top1_after"]
         result["finetune_steps"] = r["steps"]
     else:

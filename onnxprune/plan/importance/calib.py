@@ -92,9 +92,9 @@ NORMS = {  # --calib-norm names: per-channel mean and std on pixels scaled to [0
 VIEW_SCALE = (0.25, 1.0)  # area of the photo a further view covers (random resized crop, flipped half the time)
 
 
-def parse_norm(spec: str | None) -> tuple[tuple, tuple]:
-    """``--calib-norm``: a name of :data:`NORMS` or ``M,M,M/S,S,S`` (mean and std
-    per channel on pixels in [0, 1]); None: ``imagenet``."""
+def parse_norm(spec: str | None, flag: str = "--calib-norm") -> tuple[tuple, tuple]:
+    """``--calib-norm`` (``flag`` in the error): a name of :data:`NORMS` or ``M,M,M/S,S,S``
+    (mean and std per channel on pixels in [0, 1]); None: ``imagenet``."""
     if spec is None:
         return NORMS["imagenet"]
     if spec in NORMS:
@@ -104,7 +104,7 @@ def parse_norm(spec: str | None) -> tuple[tuple, tuple]:
     except ValueError:
         mean = std = ()
     if len(mean) != 3 or len(std) != 3 or not all(v > 0 for v in std):
-        raise UserError(f"--calib-norm {spec!r}: give one of {', '.join(NORMS)} or MEAN,MEAN,MEAN/STD,STD,STD "
+        raise UserError(f"{flag} {spec!r}: give one of {', '.join(NORMS)} or MEAN,MEAN,MEAN/STD,STD,STD "
                         "(pixels in [0, 1], the std positive)")
     return mean, std
 
