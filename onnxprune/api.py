@@ -122,7 +122,8 @@ class PruneResult:
         lines = [format_rows(self.recovery)]
         if "run_s" in s:
             lines.append(f"recovery time: {s['run_s']:.1f}s in ONNX Runtime ({s['levels']} levels, "
-                         f"{s['passes']} partial passes), {s['fit_s']:.1f}s statistics and solves")
+                         f"{s['passes']} partial passes), {s['fit_s']:.1f}s statistics and solves"
+                         + (f" (both passes; the second, on every source: {s['refit_all_s']:.1f}s)" if "refit_all_s" in s else ""))
         lines.append(held_out_text(s.get("held_out")))
         return "\n".join(lines)
 

@@ -459,6 +459,8 @@ def test_cli_recover_holds_out_sources_and_prints_the_check(tmp_path, capsys):
     assert "held-out before" in text and "recovery time:" in text
     line = next(ln for ln in text.splitlines() if ln.startswith("held-out check ("))
     kept_out = int(line.split("(")[1].split(" samples")[0])
+    timing = next(ln for ln in text.splitlines() if ln.startswith("recovery time:"))
+    assert line.endswith("then recovered again on every source") and "the second, on every source: " in timing
     assert kept_out in (24, 25, 26)  # 2 whole sources of the 10 (samples alone would give 32 of 128)
     rows = json.loads(rep.read_text())["recovery"]
     fitted = [r for r in rows if r["status"] == "refit"]

@@ -26,6 +26,7 @@ import onnx
 
 from onnxprune import io
 from onnxprune.errors import UserError
+from onnxprune.torchbridge.data import IMAGENET_MEAN, IMAGENET_STD  # no torch at import
 
 
 @dataclass
@@ -84,7 +85,7 @@ def _sources(spec: str, z) -> np.ndarray | None:
 
 
 NORMS = {  # --calib-norm names: per-channel mean and std on pixels scaled to [0, 1]
-    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # torchvision, timm, most torch exports
+    "imagenet": (IMAGENET_MEAN, IMAGENET_STD),  # torchvision, timm, most torch exports
     "inception": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),  # pixels to [-1, 1]: TF/Keras Inception, EfficientNet-Lite
     "unit": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),  # pixels in [0, 1]: YOLO, many detectors
     "raw": ((0.0, 0.0, 0.0), (1 / 255, 1 / 255, 1 / 255)),  # pixels in [0, 255]
