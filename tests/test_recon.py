@@ -362,3 +362,13 @@ def test_whole_model_check_weighs_each_output_channel_alike():
     h = held_out_check(orig, pruned, rec, [{"x": x}], [fold], 1)
     assert not h["worse"] and h["err_recovered"] < 0.5 * h["err_pruned"], h
     assert held_out_check(orig, rec, pruned, [{"x": x}], [fold], 1)["worse"]  # and the other way round
+
+
+def test_a_pruned_model_that_already_matches_is_not_beaten_by_round_off():
+    """Pruning that removed nothing the outputs see (KL 0): a recovered model
+    differing by float round-off is not called worse; a real step away is."""
+    from onnxprune.recover.check import worse
+
+    assert not worse(1.8e-17, 0.0) and not worse(3e-7, 0.0)
+    assert worse(1e-3, 0.0) and worse(0.5, 0.4)
+    assert not worse(0.4 * (1 + 5e-4), 0.4)  # within the relative tie

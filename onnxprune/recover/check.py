@@ -12,6 +12,7 @@ from onnxprune.runtime import session
 log = logging.getLogger(__name__)
 
 TIE = 1e-3  # recovered within this (relative) of the pruned model's error or KL: not worse
+FLOOR = 1e-6  # ... nor within this (absolute: float32 round-off when the pruned model already matches)
 
 
 def _outputs(proto: onnx.ModelProto, feeds: list[dict], threads: int) -> list[list[np.ndarray]]:
@@ -65,8 +66,14 @@ def held_out_check(original, pruned, recovered, feeds: list[dict], fold_of: list
             res[f"kl_{name}"] = kl / total
     # the verdict: KL for a classifier's logits, else the relative output error
     key = "kl" if "kl_pruned" in res else "err"
-    res["worse"] = bool(res[f"{key}_recovered"] > res[f"{key}_pruned"] * (1 + TIE))
+    res["worse"] = worse(res[f"{key}_recovered"], res[f"{key}_pruned"])
     return res
+
+
+def worse(recovered: float, pruned: float) -> bool:
+    """The verdict on the recovered model's KL or error against the pruned one's:
+    worse only beyond :data:`TIE` (relative) and :data:`FLOOR` (absolute)."""
+    return bool(recovered > pruned * (1 + TIE) + FLOOR)
 
 
 def _log_softmax(z: np.ndarray) -> np.ndarray:
