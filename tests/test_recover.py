@@ -462,7 +462,10 @@ def test_cli_recover_holds_out_sources_and_prints_the_check(tmp_path, capsys):
     timing = next(ln for ln in text.splitlines() if ln.startswith("recovery time:"))
     assert line.endswith("then recovered again on every source") and "the second, on every source: " in timing
     assert kept_out in (24, 25, 26)  # 2 whole sources of the 10 (samples alone would give 32 of 128)
-    rows = json.loads(rep.read_text())["recovery"]
+    report = json.loads(rep.read_text())
+    rows, st = report["recovery"], report["recovery_stats"]
+    assert st["held_out"]["samples"] == kept_out and st["held_out"]["refit_all"] is True
+    assert st["run_s"] > 0 and st["passes"] > 0 and st["refit_all_s"] > 0
     fitted = [r for r in rows if r["status"] == "refit"]
     assert fitted and all(r["held_after"] < r["held_before"] for r in fitted)
     assert all(r["samples"] > 0 for r in fitted)
