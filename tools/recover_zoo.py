@@ -6,8 +6,8 @@ verify and help on graphs it was not tuned on?
 Each model is built by timm with random weights, its norms and layer scales
 drawn at random (timm's zero-initialised last norm of a residual branch would
 make every block an identity and recovery trivially exact), exported by the
-legacy torch exporter (opset 17, batch dynamic; 224 px for attention models,
-128 px for the rest) and run through the CLI exactly as a user runs it:
+legacy torch exporter (opset 17; ``--exporter dynamo``: torch.export), batch
+dynamic, 224 px for attention models, 128 px for the rest and run through the CLI exactly as a user runs it:
 
     onnxprune M.onnx --ratios '{"target_macs": T}' --calib PHOTOS/ --recover --verify -o P.onnx --report R.json
 
@@ -41,8 +41,9 @@ MODELS = ("resnet18,resnet50,resnext26ts,regnetx_002,repvgg_a0,densenet121,incep
 ATTENTION = ("deit", "vit", "levit", "mobilevit", "swin")
 
 
-def export(name: str, path: str) -> int:
-    """The timm model with random weights and random norms, exported; returns its input size."""
+def export(name: str, path: str, dynamo: bool = False) -> int:
+    """The timm model with random weights and random norms, exported (``dynamo``: by
+    torch.export, else the legacy TorchScript exporter); returns its input size."""
     import timm
     import torch
 
@@ -66,8 +67,13 @@ def export(name: str, path: str) -> int:
             if leaf == "gamma" or pname.split(".")[-2:-1] in (["ls1"], ["ls2"]) or leaf.startswith("layer_scale"):
                 p.uniform_(0.1, 0.5, generator=g)
     tmp = path + ".tmp"
-    torch.onnx.export(m, torch.randn(1, 3, size, size), tmp, input_names=["x"], output_names=["y"],
-                      dynamic_axes={"x": {0: "b"}, "y": {0: "b"}}, opset_version=17, dynamo=False)
+    x = torch.randn(2, 3, size, size)
+    if dynamo:
+        torch.onnx.export(m, (x,), tmp, input_names=["x"], output_names=["y"], dynamo=True, external_data=False,
+                          dynamic_shapes={"x": {0: torch.export.Dim("b", min=1, max=1024)}})
+    else:
+        torch.onnx.export(m, x, tmp, input_names=["x"], output_names=["y"],
+                          dynamic_axes={"x": {0: "b"}, "y": {0: "b"}}, opset_version=17, dynamo=False)
     os.replace(tmp, path)
     return size
 
@@ -85,13 +91,13 @@ def photos_folder() -> str:
     return folder
 
 
-def run_one(name: str, target: float, calib: str) -> dict:
-    path = os.path.join(CACHE, f"{name}.onnx")
+def run_one(name: str, target: float, calib: str, dynamo: bool = False) -> dict:
+    path = os.path.join(CACHE, f"{name}{'.dynamo' if dynamo else ''}.onnx")
     try:
-        export(name, path)
+        export(name, path, dynamo)
     except Exception as e:  # an exporter failure is not ours: reported, not counted
         return {"model": name, "export": f"{type(e).__name__}: {str(e)[:120]}"}
-    out, rep = os.path.join(CACHE, f"{name}.pruned.onnx"), os.path.join(CACHE, f"{name}.json")
+    out, rep = path[:-5] + ".pruned.onnx", path[:-5] + ".json"
     for f in (out, rep):
         if os.path.exists(f):
             os.remove(f)
@@ -119,13 +125,16 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default=MODELS)
     ap.add_argument("--target", type=float, default=0.7, help="target_macs")
-    ap.add_argument("--out", default=os.path.join(HERE, "results", "recover_zoo.md"))
+    ap.add_argument("--exporter", choices=["legacy", "dynamo"], default="legacy",
+                    help="torch.onnx.export's TorchScript exporter (opset 17) or torch.export (dynamo=True)")
+    ap.add_argument("--out", help="default: tools/results/recover_zoo.md (recover_zoo_dynamo.md with --exporter dynamo)")
     args = ap.parse_args(argv)
+    args.out = args.out or os.path.join(HERE, "results", "recover_zoo" + ("_dynamo" if args.exporter == "dynamo" else "") + ".md")
     os.makedirs(CACHE, exist_ok=True)
     calib = photos_folder()
     rows, raw = [], []
     for name in args.models.split(","):
-        r = run_one(name, args.target, calib)
+        r = run_one(name, args.target, calib, args.exporter == "dynamo")
         raw.append(r)
         print(json.dumps(r, default=str), flush=True)
         if "export" in r:
@@ -146,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
     text = (md(["model", "run", "MACs", "oracle (zero-contribution)", "recovery rows refit / kept / skipped",
                 "held-out output error, pruned -> recovered", "prune + recover + verify"], rows)
             + f"\n\n{ok} of {len(tried)} exported models ran, verified and recovered; `target_macs` {args.target}; timm, random weights with "
-            "random norms and layer scales, legacy torch export; `--calib` a folder of 12 photos, the check on the "
+            f"random norms and layer scales, {args.exporter} torch export; `--calib` a folder of 12 photos, the check on the "
             f"photos kept out of every fit; CPU {os.cpu_count()} cores\n")
     write_results(args.out, text, raw)
     if ok < len(tried):
