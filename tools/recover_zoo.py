@@ -121,14 +121,18 @@ def run_one(name: str, target: float, calib: str, dynamo: bool = False) -> dict:
     return r
 
 
-def main(argv: list[str] | None = None) -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default=MODELS)
     ap.add_argument("--target", type=float, default=0.7, help="target_macs")
     ap.add_argument("--exporter", choices=["legacy", "dynamo"], default="legacy",
                     help="torch.onnx.export's TorchScript exporter (opset 17) or torch.export (dynamo=True)")
     ap.add_argument("--out", help="default: tools/results/recover_zoo.md (recover_zoo_dynamo.md with --exporter dynamo)")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
     args.out = args.out or os.path.join(HERE, "results", "recover_zoo" + ("_dynamo" if args.exporter == "dynamo" else "") + ".md")
     os.makedirs(CACHE, exist_ok=True)
     calib = photos_folder()
