@@ -517,12 +517,9 @@ def finetune(model: str, norm: str | None = None, **options) -> dict:
     (options: :class:`onnxprune.torchbridge.train.Options`; ``norm``: how the
     model expects the pixels of folder images, as ``calib_norm`` of :func:`prune`)."""
     if norm is not None:
-        from onnxprune.plan.importance.calib import parse_norm
+        from onnxprune.plan.importance.calib import folder_norm
 
-        data = str(options.get("data", ""))
-        if data.endswith(".npy") or data.endswith(".npz"):
-            raise UserError(f"--data-norm applies to images read from a folder; {data} is used as it is")
-        options["mean"], options["std"] = parse_norm(norm, "--data-norm")
+        options["mean"], options["std"] = folder_norm(str(options.get("data", "")), norm, "--data-norm")
     try:
         from onnxprune.torchbridge.train import Options, finetune as run
     except ImportError as e:

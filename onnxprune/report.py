@@ -208,15 +208,6 @@ def oracle_table(rows) -> str:
         ["set", "kind", "groups", "removed", "max rel err", "status"])
 
 
-def _plain(v):
-    """numpy scalars and nested containers as JSON types."""
-    if isinstance(v, dict):
-        return {str(k): _plain(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_plain(x) for x in v]
-    return v.item() if hasattr(v, "item") and not isinstance(v, (str, bytes)) else v
-
-
 def prune_report(res) -> dict:
     """The JSON report of one prune run (an :class:`onnxprune.api.PruneResult`):
     what went in, the plan per group, params/MACs, checks, oracle rows, budget,
@@ -240,7 +231,7 @@ def prune_report(res) -> dict:
         "recovery": [r.as_dict() for r in res.recovery],
         # time split (run_s: ONNX Runtime, fit_s: statistics and solves, refit_all_s: the second pass) and
         # held_out: the whole-model check on kept-out calibration sources
-        "recovery_stats": _plain(res.recovery_stats),
+        "recovery_stats": dict(res.recovery_stats),
         "notes": list(res.notes),
         "seconds": round(res.seconds, 3),
     }

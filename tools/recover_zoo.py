@@ -6,7 +6,7 @@ verify and help on graphs it was not tuned on?
 Each model is built by timm with random weights, its norms and layer scales
 drawn at random (timm's zero-initialised last norm of a residual branch would
 make every block an identity and recovery trivially exact), exported by the
-legacy torch exporter (opset 17; ``--exporter dynamo``: torch.export), batch
+legacy torch exporter through ``onnxprune.api.export_timm`` (opset 17; ``--exporter dynamo``: torch.export, opset 20), batch
 dynamic, 224 px for attention models, 128 px for the rest and run through the CLI exactly as a user runs it:
 
     onnxprune M.onnx --ratios '{"target_macs": T}' --calib PHOTOS/ --recover --verify -o P.onnx --report R.json
@@ -47,6 +47,8 @@ def export(name: str, path: str, dynamo: bool = False) -> int:
     import timm
     import torch
 
+    from onnxprune import api
+
     size = 224 if name.startswith(ATTENTION) else 128
     if os.path.exists(path):
         return size
@@ -67,13 +69,7 @@ def export(name: str, path: str, dynamo: bool = False) -> int:
             if leaf == "gamma" or pname.split(".")[-2:-1] in (["ls1"], ["ls2"]) or leaf.startswith("layer_scale"):
                 p.uniform_(0.1, 0.5, generator=g)
     tmp = path + ".tmp"
-    x = torch.randn(2, 3, size, size)
-    if dynamo:
-        torch.onnx.export(m, (x,), tmp, input_names=["x"], output_names=["y"], dynamo=True, external_data=False,
-                          dynamic_shapes={"x": {0: torch.export.Dim("b", min=1, max=1024)}})
-    else:
-        torch.onnx.export(m, x, tmp, input_names=["x"], output_names=["y"],
-                          dynamic_axes={"x": {0: "b"}, "y": {0: "b"}}, opset_version=17, dynamo=False)
+    api.export_timm(name, tmp, exporter="dynamo" if dynamo else "legacy", dynamic_batch=True, img_size=size, model=m)
     os.replace(tmp, path)
     return size
 

@@ -110,6 +110,14 @@ def parse_norm(spec: str | None, flag: str = "--calib-norm") -> tuple[tuple, tup
     return mean, std
 
 
+def folder_norm(spec: str, norm: str | None, flag: str = "--calib-norm") -> tuple[tuple, tuple]:
+    """:func:`parse_norm` for data ``spec``; a norm given for arrays (``.npy``/``.npz``,
+    used as they are) is a user error."""
+    if norm is not None and (spec.endswith(".npy") or spec.endswith(".npz")):
+        raise UserError(f"{flag} applies to images read from a folder; {spec} is used as it is")
+    return parse_norm(norm, flag)
+
+
 def _from_folder(spec: str, size: int, batch: int, n_batches: int, need: int, seed: int,
                  norm: tuple[tuple, tuple]) -> Calibration:
     """Images from a folder: an ImageFolder root (train/ or val/ of class folders),
@@ -248,9 +256,7 @@ def load(spec: str, proto: onnx.ModelProto, n_batches: int = 4, batch: int = 32,
         if not (spec.endswith(".npy") or spec.endswith(".npz")):
             raise UserError("image calibration needs an input [N, C, H, W] with static H, W; give a .npy/.npz")
     need = n_batches * batch
-    if norm is not None and (spec.endswith(".npy") or spec.endswith(".npz")):
-        raise UserError(f"--calib-norm applies to images read from a folder; {spec} is used as it is")
-    mean, std = parse_norm(norm)
+    mean, std = folder_norm(spec, norm)
     if spec == "synthetic":
         from onnxprune.torchbridge.data import GLYPHS, fonts_available, render_glyph, transforms
 
