@@ -390,3 +390,66 @@ def test_qdq_grouped_conv_with_a_quantized_bias_is_named_and_pruned_like_its_flo
     rows = verify(q, Ratios.from_dict({"default": 0.5}))
     tested = [r for r in rows if r.max_rel_err is not None]
     assert tested and all(r.status == "PASS" for r in tested)
+
+
+def svtr_like() -> onnx.ModelProto:
+    """Paddle2ONNX's SVTR attention (PP-OCR's recogniser): the feature map
+    flattened by a Reshape whose target is ``Concat(Slice(Shape(x), 0, 2), -1)``
+    (ONNX shape inference gives up on it), then qkv split by a Reshape whose
+    target is computed at run time from the token count, behind int32 Casts:
+    ``Concat(Cast(0), Cast(Slice(Cast(Shape(t)), 1, 2)), Cast(3), Cast(heads),
+    Cast(head dim))``. C 24 = 4 heads of 6, 10 tokens."""
+    C, H, D, T = 24, 4, 6, 10
+    return model(f"""g (float[batch, {C}, 1, {T}] x) => (float[batch, {T}, {C}] y) {{
+  s0 = Shape(x)
+  s1 = Slice(s0, z1, two1)
+  tgt = Concat <axis=0> (s1, m1)
+  f = Reshape(x, tgt)
+  t = Transpose <perm=[0,2,1]> (f)
+  [qkv_mm] q0 = MatMul(t, wqkv)
+  qkv = Add(q0, bqkv)
+  ts = Shape(qkv)
+  ts32 = Cast <to=6> (ts)
+  tn = Slice(ts32, one1, two1)
+  c0 = Cast <to=7> (zero32)
+  c1 = Cast <to=7> (tn)
+  c2 = Cast <to=7> (three32)
+  c3 = Cast <to=7> (heads32)
+  c4 = Cast <to=7> (dim32)
+  tgt2 = Concat <axis=0> (c0, c1, c2, c3, c4)
+  r = Reshape(qkv, tgt2)
+  p = Transpose <perm=[2,0,3,1,4]> (r)
+  q = Gather <axis=0> (p, i0)
+  k = Gather <axis=0> (p, i1)
+  v = Gather <axis=0> (p, i2)
+  kt = Transpose <perm=[0,1,3,2]> (k)
+  a0 = MatMul(q, kt)
+  a1 = Mul(a0, scale)
+  a = Softmax <axis=-1> (a1)
+  o = MatMul(a, v)
+  ot = Transpose <perm=[0,2,1,3]> (o)
+  tgt3 = Concat <axis=0> (c0, c1, cdim)
+  o2 = Reshape(ot, tgt3)
+  [proj] y0 = MatMul(o2, wproj)
+  y = Add(y0, bproj)
+}}""", {"z1": np.array([0], np.int64), "one1": np.array([1], np.int64), "two1": np.array([2], np.int64),
+        "m1": np.array([-1], np.int64), "wqkv": W(C, 3 * C), "bqkv": W(3 * C),
+        "zero32": np.array([0], np.int32), "three32": np.array([3], np.int32), "heads32": np.array([H], np.int32),
+        "dim32": np.array([D], np.int32), "cdim": np.array([C], np.int64), "i0": np.array(0, np.int64),
+        "i1": np.array(1, np.int64), "i2": np.array(2, np.int64), "scale": np.array(D ** -0.5, np.float32),
+        "wproj": W(C, C), "bproj": W(C)}, opset=12)  # PP-OCRv4's opset: ONNX infers neither Reshape's shape
+
+
+def test_paddle_svtr_attention_gets_heads_and_head_dims_pruned():
+    """Shapes that only onnxruntime's symbolic inference proves make the
+    run-time Reshape targets foldable: heads and head dims become prunable
+    groups (they were frozen: 'Reshape target computed at run time') and
+    pass the oracle."""
+    m = svtr_like()
+    job = Job.open(m)
+    live = {g.kind: g.width for g in job.groups if not g.frozen}
+    assert live.get("heads") == 4 and live.get("head_dim") == 6, [(g.kind, g.width, g.frozen) for g in job.groups]
+    rows = verify(m, Ratios.from_dict({"kinds": {"heads": 0.25, "head_dim": 0.34}}))
+    checked = [r for r in rows if r.max_rel_err is not None]
+    assert {r.kind for r in checked} >= {"heads", "head_dim"}
+    assert all(r.status == "PASS" for r in checked)

@@ -133,12 +133,17 @@ def normalised(model: ir.Model) -> ir.Model:
         if not normalize(model):
             break
         inferred = infer_into(model)
-    fill_unknown_dims(model)
+    if fill_unknown_dims(model):  # sizes it proved can fold more shape arithmetic (Paddle2ONNX's Reshape targets)
+        for _ in range(12):
+            if not normalize(model):
+                break
+            inferred = infer_into(model)
+            fill_unknown_dims(model)
     model.graph.meta["dim_tokens"] = probe_batch_dims(inferred)
     return model
 
 
-BUILT_SHAPES = {"Expand", "Where", "Tile", "ConstantOfShape", "Range"}
+BUILT_SHAPES = {"Expand", "Where", "Tile", "ConstantOfShape", "Range", "Reshape"}
 
 
 def _unknown(d) -> bool:
@@ -168,6 +173,24 @@ def _symbolic_shape_inference():
     return sys.modules[name].SymbolicShapeInference
 
 
+def _data_free(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """``proto`` with its data-less (external) initializers turned into graph
+    inputs of the same type and shape: onnxruntime's symbolic inference reads
+    an initializer's values wherever it can compute on them (a bias added to a
+    shape-derived value), and a placeholder has none to read."""
+    keep, moved = [], []
+    for t in proto.graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            moved.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+        else:
+            keep.append(t)
+    if moved:
+        del proto.graph.initializer[:]
+        proto.graph.initializer.extend(keep)
+        proto.graph.input.extend(moved)
+    return proto
+
+
 def fill_unknown_dims(model: ir.Model) -> int:
     """Dims that ONNX shape inference left unknown, taken from onnxruntime's
     symbolic shape inference where it proves them: it propagates the *values*
@@ -176,7 +199,7 @@ def fill_unknown_dims(model: ir.Model) -> int:
     Only sizes and the inputs' own dim names are taken. Returns how many dims
     were filled (0 when nothing was unknown or the inference failed)."""
     todo = [v for node in model.graph for v in node.outputs
-            if v.shape is not None and any(_unknown(d) for d in v.shape.dims)]
+            if v.shape is None or any(_unknown(d) for d in v.shape.dims)]
     # only where shapes are built from run-time values (masks, tiled or expanded
     # tensors); elsewhere ONNX's inference is as good and the import costs seconds
     if not any(v.producer().op_type in BUILT_SHAPES for v in todo):
@@ -184,7 +207,7 @@ def fill_unknown_dims(model: ir.Model) -> int:
     names = {str(d.value) for i in model.graph.inputs if i.shape is not None
              for d in i.shape.dims if not isinstance(d, int) and d.value}
     try:
-        out = _symbolic_shape_inference().infer_shapes(skeleton(model), auto_merge=True)
+        out = _symbolic_shape_inference().infer_shapes(_data_free(skeleton(model)), auto_merge=True)
     except Exception:  # an op it does not know, a skeleton it cannot read: keep ONNX's shapes
         return 0
     if out is None:
@@ -193,9 +216,10 @@ def fill_unknown_dims(model: ir.Model) -> int:
     filled = 0
     for v in todo:
         sh = found.get(v.name)
-        if sh is None or len(sh.dim) != len(v.shape):
+        if sh is None or (v.shape is not None and len(sh.dim) != len(v.shape)) or (
+                v.shape is None and not any(d.HasField("dim_value") or d.dim_param for d in sh.dim)):
             continue
-        dims = list(v.shape.dims)
+        dims = list(v.shape.dims) if v.shape is not None else [ir.SymbolicDim(None)] * len(sh.dim)
         for k, (ours, theirs) in enumerate(zip(dims, sh.dim)):
             if not _unknown(ours):
                 continue
@@ -258,7 +282,7 @@ def fold_static_shapes(model: ir.Model) -> int:
             if sel and all(isinstance(d, int) for d in sel):
                 val = [np.array(sel, dtype=np.int64)]
             elif node.outputs[0].uses():
-                _fold_shape_selects(g, node, sel)
+                folded += _fold_shape_selects(g, node, sel)
                 continue
         elif node.op_type in FOLDABLE and all(v is None or v.const_value is not None for v in node.inputs):
             ins = [v.const_value.numpy() if v is not None else None for v in node.inputs]
@@ -291,26 +315,46 @@ def _replace_with_constants(g: ir.Graph, node: ir.Node, vals) -> None:
     g.remove(node, safe=True)
 
 
-def _fold_shape_selects(g: ir.Graph, shape_node: ir.Node, dims) -> None:
-    """``Gather``/``Slice`` picking only static elements out of a partly dynamic Shape."""
-    for use in list(shape_node.outputs[0].uses()):
+def _fold_shape_selects(g: ir.Graph, shape_node: ir.Node, dims) -> int:
+    """``Gather``/``Slice`` picking only static elements out of a partly dynamic
+    Shape, also behind integer ``Cast``s of it (Paddle2ONNX casts shapes to
+    int32 and back). Returns how many nodes were folded."""
+    return _fold_selects(g, shape_node.outputs[0], dims, np.dtype(np.int64))
+
+
+def _fold_selects(g: ir.Graph, value: ir.Value, dims, dtype) -> int:
+    folded = 0
+    for use in list(value.uses()):
         user = use.node
         if use.idx != 0 or user.outputs[0].is_graph_output():
             continue
         picked = None
+        if user.op_type == "Cast":
+            to = user.attributes.get("to")
+            try:
+                t = ir.DataType(to.value).numpy() if to is not None else None
+            except Exception:
+                t = None
+            if t is not None and np.issubdtype(t, np.integer):
+                folded += _fold_selects(g, user.outputs[0], dims, np.dtype(t))
+            continue
         if user.op_type == "Gather" and user.inputs[1].const_value is not None:
             idx = user.inputs[1].const_value.numpy()
             flat = [dims[int(i)] for i in idx.reshape(-1)]
             if all(isinstance(d, int) for d in flat):
-                picked = np.array(flat, dtype=np.int64).reshape(idx.shape)
+                picked = np.array(flat, dtype=dtype).reshape(idx.shape)
         elif user.op_type == "Slice" and len(user.inputs) in (3, 4, 5) and all(v is None or v.const_value is not None for v in user.inputs[1:]):
             st, en = (int(user.inputs[i].const_value.numpy().reshape(-1)[0]) for i in (1, 2))
+            if len(user.inputs) > 3 and user.inputs[3] is not None and int(user.inputs[3].const_value.numpy().reshape(-1)[0]) not in (0, -1):
+                continue  # a shape is 1-D: any other axis is not a valid Slice
             steps = user.inputs[4].const_value.numpy().reshape(-1)[0] if len(user.inputs) > 4 and user.inputs[4] is not None else 1
             flat = list(dims)[slice(st, min(en, len(dims) + 1), int(steps))]
             if flat and all(isinstance(d, int) for d in flat):
-                picked = np.array(flat, dtype=np.int64)
+                picked = np.array(flat, dtype=dtype)
         if picked is not None:
             _replace_with_constants(g, user, [picked])
+            folded += 1
+    return folded
 
 
 def normalize(model: ir.Model) -> int:
