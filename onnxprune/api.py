@@ -152,14 +152,15 @@ def load_plan(src, job: Job) -> Plan:
 
 
 def resolve_plan(job: Job, ratios: Ratios | None = None, plan=None, calib=None, runtime=None,
-                 latency_table: str | None = None, progress=None) -> Plan:
+                 latency_table: str | None = None, progress=None, recovered: bool = True) -> Plan:
     """The one place a run gets its plan: ``plan`` (a plan file path, JSON text,
     dict or :class:`Plan`) replayed on ``job``, or the plan ``ratios`` make
-    (budgets, latency targets and data-driven criteria included)."""
+    (budgets, latency targets and data-driven criteria included; ``recovered``:
+    whether recovery follows, see :meth:`Job.plan`)."""
     if plan is not None:
         return plan if isinstance(plan, Plan) else load_plan(plan, job)
     return job.plan(ratios if ratios is not None else Ratios(), calib, runtime=runtime, latency_table=latency_table,
-                    progress=progress)
+                    progress=progress, recovered=recovered)
 
 
 def _calib_hints(calib) -> dict:
@@ -308,7 +309,8 @@ def prune(
     if latency_target:
         say(f"latency search on {runtime.provider} (batch {runtime.key()['batch']}, {runtime.key()['threads']} threads) ...")
     # 1. plan
-    the_plan = resolve_plan(job, ratios if plan is None else None, plan, calib, runtime, latency_table, progress)
+    the_plan = resolve_plan(job, ratios if plan is None else None, plan, calib, runtime, latency_table, progress,
+                            recovered=recover is not None)
     if not the_plan.keep and (output is not None or verify or recover is not None or bench):
         raise UserError(f"nothing to prune: {why_nothing(job, the_plan)}")
     t = the_plan.target or {}

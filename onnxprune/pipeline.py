@@ -112,11 +112,13 @@ class Job:
                 for g in self.groups if not g.frozen and g.width > 1}
 
     def plan(self, ratios: Ratios, calib=None, scores=None, runtime=None, latency_table: str | None = None,
-             progress=None) -> Plan:
+             progress=None, recovered: bool = True) -> Plan:
         """The plan ``ratios`` make on this model (a budget is solved here). A
         ``target_latency`` is met by timing candidates on ``runtime``
         (:class:`onnxprune.plan.latency.Runtime`; default: CPU), measured points
-        kept in ``latency_table`` (a JSON file) when given."""
+        kept in ``latency_table`` (a JSON file) when given. ``recovered``: the
+        plan will be recovered (scope ``damage`` then measures its candidates
+        with the means recovery gives back; otherwise as they will be written)."""
         if isinstance(calib, str):
             from onnxprune.plan.importance.calib import load as load_calib
 
@@ -124,11 +126,11 @@ class Job:
         if scores is None:
             scores = self.scores(ratios, calib)
         if ratios.target_latency is not None:
-            return self._latency_plan(ratios, calib, scores, runtime, latency_table, progress)
+            return self._latency_plan(ratios, calib, scores, runtime, latency_table, progress, recovered)
         if ratios.scope == "cost" and not scores.unit:
             scores.unit = self.unit_costs(ratios.target[0] if ratios.target else "macs")
         if ratios.scope == "damage":
-            plan = self._damage_plan(ratios, calib, scores, progress)
+            plan = self._damage_plan(ratios, calib, scores, progress, recovered)
         elif ratios.target is None:
             plan = make_plan(self.ctx, self.groups, ratios, scores=scores)
         else:
@@ -143,7 +145,7 @@ class Job:
         plan.ratios_given = ratios.to_dict()
         return plan
 
-    def _damage_plan(self, ratios: Ratios, calib, scores, progress) -> Plan:
+    def _damage_plan(self, ratios: Ratios, calib, scores, progress, recovered: bool = True) -> Plan:
         """Scope ``damage`` (:mod:`onnxprune.plan.damage`): candidates rewritten in
         memory and measured against the original on calibration samples."""
         from onnxprune.plan.budget import parse_target
@@ -153,7 +155,7 @@ class Job:
         metric, requested = ratios.target
         est = self.estimator
         target = parse_target(requested, est.before[metric], metric)
-        search = self._damage_search(ratios, calib, scores, progress)
+        search = self._damage_search(ratios, calib, scores, progress, recovered)
         plan, info = search(est.estimate, metric, target.value)
         achieved = est.estimate(plan.keep)[metric]
         plan.target = {"metric": metric, "requested": requested, "target": target.value, "achieved": achieved,
@@ -163,10 +165,12 @@ class Job:
             log.warning("target_%s: not reached with scope 'damage' (every group at its limit)", metric)
         return plan
 
-    def _damage_search(self, ratios: Ratios, calib, scores, progress):
+    def _damage_search(self, ratios: Ratios, calib, scores, progress, recovered: bool = True):
         """``search(estimate, metric, target) -> (plan, info)``: the greedy of
         :func:`onnxprune.plan.damage.allocate` on this model's groups, each
-        candidate measured on calibration samples (prepared once here)."""
+        candidate measured on calibration samples (prepared once here), with
+        the removed channels' means folded back when the plan will be
+        ``recovered``, else as it will be written."""
         import time
 
         from onnxprune.plan import damage
@@ -206,10 +210,10 @@ class Job:
             ins = [i.name for i in io.data_inputs(self.skeleton())]
             return channel_sums(self.model, axes, (calib.feed(k, ins) for k in range(len(calib.batches))), threads)
 
-        shift = MeanShift(self.ctx, pool, sums, every=[g for g in self.groups if not g.frozen])
+        shift = MeanShift(self.ctx, pool, sums, every=[g for g in self.groups if not g.frozen]) if recovered else None
 
         def measure(keep) -> float:
-            with self.edited(keep, prune=True, shifts=shift.shifts(keep), parts=True) as (proto, weights):
+            with self.edited(keep, prune=True, shifts=shift.shifts(keep) if shift else (), parts=True) as (proto, weights):
                 sess = session(proto, threads, externals=weights)
                 got = [sess.run(None, fd) for fd in feeds]
                 del sess
@@ -236,7 +240,8 @@ class Job:
             keep, info = damage.allocate(pool, order, measure, estimate, metric, target, round_to=ratios.round_to,
                                          progress=bar.show, steps_to_width=steps)
             bar.show(f"scope damage: {info['measurements']} candidates measured", force=True)
-            return self._keep_plan(skeleton, scored, keep), {"samples": n, "seconds": time.perf_counter() - t0,
+            return self._keep_plan(skeleton, scored, keep), {"samples": n, "compensated": recovered,
+                                                              "seconds": time.perf_counter() - t0,
                                                               "expected_seconds": expected[steps], **info}
 
         search.scored, search.skeleton, search.order = scored, skeleton, order
@@ -277,7 +282,7 @@ class Job:
         feed = {k: np.concatenate([fd[k][:per] for fd in batches])[:want] for k in names}
         return [feed], len(next(iter(feed.values())))
 
-    def _latency_plan(self, ratios: Ratios, calib, scores, runtime, table, progress) -> Plan:
+    def _latency_plan(self, ratios: Ratios, calib, scores, runtime, table, progress, recovered: bool = True) -> Plan:
         from onnxprune.plan import latency
         from onnxprune.runtime.bench import bench
 
@@ -290,14 +295,15 @@ class Job:
 
         def macs_plan_at(f: float):
             inner.target_macs = f
-            p = self.plan(inner, calib, scores)
+            p = self.plan(inner, calib, scores, recovered=recovered)
             return p, self.counts(p)["macs"] / macs0
 
         plan_at = macs_plan_at
         digest = latency.model_key(original)
         keyed = {k: v for k, v in inner.to_dict().items() if k not in ("target_latency", "target_macs")}
         if inner.scope == "damage":  # damage per predicted millisecond, the budget then met by measuring
-            plan_at = self._damage_ms_path(inner, calib, scores, rt, table, progress, macs0, original, digest)
+            plan_at = self._damage_ms_path(inner, calib, scores, rt, table, progress, macs0, original, digest,
+                                           recovered)
             keyed["search"] = "predicted ms"
 
         def measure(p: Plan) -> tuple[float, float, float]:
@@ -357,14 +363,15 @@ class Job:
             full, ref = cached
         return latency.NodeModel(self.estimator, full, ref, ref_work)
 
-    def _damage_ms_path(self, ratios: Ratios, calib, scores, rt, table, progress, macs0: float, original, digest: str):
+    def _damage_ms_path(self, ratios: Ratios, calib, scores, rt, table, progress, macs0: float, original, digest: str,
+                        recovered: bool = True):
         """``plan_at(f)`` for the latency search under scope ``damage``: the plan
         after the damage search's steps (damage per *predicted* millisecond
         saved, :meth:`latency_model`) up to a predicted time of ``f`` of the
         original's. One greedy run serves every ``f`` it went past; a lower
         ``f`` runs it again, further."""
         model = self.latency_model(rt, table, progress, original, digest)
-        search = self._damage_search(ratios, calib, scores, progress)
+        search = self._damage_search(ratios, calib, scores, progress, recovered)
         ms0 = model.before_ms
         if ms0 <= 0:
             raise UserError("latency model: no node of this model could be timed alone")

@@ -213,6 +213,37 @@ def test_the_damage_search_spends_the_budget_on_channels_their_mean_replaces(tmp
     assert plan.target["met"] and plan.target["damage"] < 1e-9
 
 
+def test_without_recovery_the_damage_search_prices_the_plan_as_it_is_written(tmp_path):
+    """The means folded back are what ``--recover`` writes: a plain prune's
+    search measures candidates without them, so the damage it reports is the
+    written model's (the constant channels are no longer free), and the API
+    passes whether recovery follows."""
+    from onnxprune import api
+
+    m, const = _constant_cnn()
+    calib_path = _calib(tmp_path)
+    job = Job.open(m)
+    g = _head_group(job)
+    live = np.setdiff1d(np.arange(12), const)
+    frac = job.estimator.estimate({g.id: live})["macs"] / job.estimator.before["macs"]
+    ratios = Ratios.from_dict({"target_macs": frac, "scope": "damage", "importance": "l2"})
+    calib = load_calib(calib_path, job.skeleton())
+    plan = job.plan(ratios, calib, recovered=False)
+    assert plan.target["compensated"] is False and plan.target["met"]
+    feeds, _ = job._damage_feeds(calib, D.SAMPLES)
+    sess = runtime.session(job.data_proto())
+    ref = [sess.run(None, fd) for fd in feeds]
+    with job.edited(plan.keep, prune=True) as proto:
+        s2 = runtime.session(proto)
+        got = [s2.run(None, fd) for fd in feeds]
+    written = float(np.mean([D.output_damage(r, q) for r, q in zip(ref, got)]))
+    assert written > 1e-6  # removing the constant channels is not free as written
+    assert plan.target["damage"] == pytest.approx(written, rel=1e-6)
+    plain = api.prune(m, ratios=ratios.to_dict(), calib=calib_path, progress=False)
+    recovered = api.prune(m, ratios=ratios.to_dict(), calib=calib_path, recover="bias", progress=False)
+    assert plain.plan.target["compensated"] is False and recovered.plan.target["compensated"] is True
+
+
 # ------------------------------------------------------------------ (c) bias-only candidate
 
 
