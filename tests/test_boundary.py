@@ -282,3 +282,35 @@ def test_oracle_names_an_original_whose_outputs_are_not_finite(tmp_path, capsys)
         assert rc == 1 and err.strip().startswith("onnxprune: error: the original model's outputs are not finite on "), err
         assert len(err.strip().splitlines()) == 1 and "FAIL" not in out
         assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_shape_inference_leaves_no_file_in_the_working_directory(tmp_path, monkeypatch):
+    """onnxruntime's symbolic shape inference, when some shape stays unknown (a
+    custom op here), saves ``sym_shape_infer_temp.onnx`` and its weights into
+    the working directory: loading a model must write nothing there, and keeps
+    the shapes it did infer."""
+    from onnxprune.pipeline import Job
+
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["a"], name="conv"),
+             helper.make_node("Mystery", ["a"], ["u"], name="custom", domain="my.ops"),
+             helper.make_node("Shape", ["u"], ["s"]),
+             helper.make_node("Slice", ["s", "z", "one"], ["s1"]),
+             helper.make_node("Concat", ["s1", "m1"], ["tgt"], axis=0),
+             helper.make_node("Reshape", ["u", "tgt"], ["f"]),
+             helper.make_node("MatMul", ["f", "w2"], ["y"], name="fc")]
+    inits = [numpy_helper.from_array(rng.standard_normal((8, 8, 1)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), "b1"),
+             numpy_helper.from_array(np.array([0], np.int64), "z"), numpy_helper.from_array(np.array([1], np.int64), "one"),
+             numpy_helper.from_array(np.array([-1], np.int64), "m1"),
+             numpy_helper.from_array(rng.standard_normal((32, 32)).astype(np.float32), "w2")]
+    g = helper.make_graph(nodes, "m", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8, 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 12), helper.make_opsetid("my.ops", 1)])
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    job = Job.open(m)
+    assert os.listdir(work) == []
+    conv = next(n for n in job.model.graph if n.name == "conv")
+    assert conv.outputs[0].shape is not None and list(conv.outputs[0].shape)[1:] == [8, 4]

@@ -68,6 +68,8 @@ BAD = [
     (["gohsp", "MODEL", "--data", "nowhere"], "--ratios"),
     (["gohsp", "MODEL", "--data", "nowhere", "--sparsity", "1.5"], "[0, 1)"),
     (["gohsp", "MODEL", "--data", "nowhere", "--ratios", '{"target_latency": "50%"}'], "not a target"),
+    (["gohsp", "MODEL", "--data", "nowhere", "--ratios", "{not json"], "ratios are not valid JSON"),
+    (["gohsp", "MODEL", "--data", "nowhere", "--ratios", "missing.json"], "cannot read ratios file"),
     (["MODEL", "--ratios", '{"target_latency": "50%", "target_macs": 0.5}'], "not both"),
     (["MODEL", "--ratios", '{"target_latency": "soon"}'], "target_latency must be"),
 ]

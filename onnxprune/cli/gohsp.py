@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 
 from onnxprune.cli.common import check_paths, common
 from onnxprune.errors import UserError
@@ -51,11 +50,7 @@ def run(args) -> str:
     check_paths(args.model, args.output, args.teacher)
     if args.ratios is None and args.sparsity is None and args.plan is None:
         raise UserError("gohsp needs --ratios (heads, head_dim, mlp), --sparsity, or --plan")
-    text = args.ratios or "{}"
-    if not text.lstrip().startswith("{"):
-        with open(text) as fh:
-            text = fh.read()
-    rd = json.loads(text)
+    rd = api.read_json(args.ratios or "{}", "ratios")  # a file or inline JSON; a bad one is the user's error
     api.load_ratios(rd)  # validate
     r = gohsp(args.model, GohspOptions(data=args.data, output=args.output, ratios=rd, rho=args.rho, lam=args.lam,
                                        admm_epochs=args.admm_epochs, finetune_epochs=args.finetune_epochs,

@@ -5,6 +5,7 @@ filled in, symbolic batch dims probed."""
 from __future__ import annotations
 
 import os
+import tempfile
 
 import numpy as np
 import onnx
@@ -173,6 +174,34 @@ def _symbolic_shape_inference():
     return sys.modules[name].SymbolicShapeInference
 
 
+def _symbolic_shapes(proto: onnx.ModelProto) -> onnx.ModelProto | None:
+    """onnxruntime's symbolic shape inference of ``proto``, as far as it gets.
+    Its ``infer_shapes`` saves ``sym_shape_infer_temp.onnx`` (and a weights
+    file) into the working directory whenever some shape stays unknown, then
+    raises; the same steps are run here without that, keeping what was
+    inferred. A version laid out otherwise runs ``infer_shapes`` in a
+    temporary directory."""
+    S = _symbolic_shape_inference()
+    try:
+        sym = S(2**31 - 1, True, False, 0)  # int_max, auto_merge, guess_output_rank, verbose
+        steps = (sym._preprocess, sym._infer_impl, sym._update_output_from_vi)
+    except (AttributeError, TypeError):
+        sym = None
+    if sym is None:
+        here = os.getcwd()
+        with tempfile.TemporaryDirectory() as tmp:
+            os.chdir(tmp)
+            try:
+                return S.infer_shapes(proto, auto_merge=True)
+            finally:
+                os.chdir(here)
+    steps[0](proto)
+    while sym.run_:
+        steps[1]()
+    steps[2]()
+    return sym.out_mp_
+
+
 def _data_free(proto: onnx.ModelProto) -> onnx.ModelProto:
     """``proto`` with its data-less (external) initializers turned into graph
     inputs of the same type and shape: onnxruntime's symbolic inference reads
@@ -207,7 +236,7 @@ def fill_unknown_dims(model: ir.Model) -> int:
     names = {str(d.value) for i in model.graph.inputs if i.shape is not None
              for d in i.shape.dims if not isinstance(d, int) and d.value}
     try:
-        out = _symbolic_shape_inference().infer_shapes(_data_free(skeleton(model)), auto_merge=True)
+        out = _symbolic_shapes(_data_free(skeleton(model)))
     except Exception:  # an op it does not know, a skeleton it cannot read: keep ONNX's shapes
         return 0
     if out is None:

@@ -26,10 +26,10 @@ as the budget is met. Its cost is one ORT run per measurement, so a slow
 model gets a search sized to :data:`SEARCH_SECONDS`: fewer samples per
 candidate (down to :data:`MIN_SAMPLES`) and coarser steps
 (:func:`planned_steps`: 1/8 or 1/4 of a group; heads still one at a time). The module is pure: measuring is the caller's (``measure(keep)``), and
-so is counting (``estimate(keep)``). The pipeline measures each candidate with
-the removed channels' mean contribution folded into their consumers' biases
-(:mod:`onnxprune.plan.compensate`), as ``--recover`` gives it back: the damage
-it prices is what recovery cannot undo by a constant (on EfficientNet-Lite0 at
+so is counting (``estimate(keep)``). When ``--recover`` follows, the pipeline
+measures each candidate with the removed channels' mean contribution folded
+into their consumers' biases (:mod:`onnxprune.plan.compensate`), as recovery
+gives it back: the damage it prices is what recovery cannot undo by a constant (on EfficientNet-Lite0 at
 70% of its MACs, 30.2% -> 46.8% top-1 agreement on new photos after recovery).
 """
 from __future__ import annotations
