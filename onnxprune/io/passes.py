@@ -129,19 +129,25 @@ def to_ir(proto: onnx.ModelProto, input_shapes: dict | None = None) -> ir.Model:
 def normalised(model: ir.Model) -> ir.Model:
     """Normalise and fold until nothing changes, inferring shapes after each round;
     then probe symbolic batch dims. Works in place; returns ``model``."""
-    inferred = infer_into(model)
-    for _ in range(12):  # folding can make shapes static, which lets more fold
+    inferred = _fold_rounds(model, infer_into(model), refill=False)
+    if fill_unknown_dims(model):  # sizes it proved can fold more shape arithmetic (Paddle2ONNX's Reshape targets)
+        inferred = _fold_rounds(model, inferred, refill=True)
+    model.graph.meta["dim_tokens"] = probe_batch_dims(inferred)
+    return model
+
+
+def _fold_rounds(model: ir.Model, inferred: onnx.ModelProto, refill: bool) -> onnx.ModelProto:
+    """Normalise and fold until nothing changes (folding can make shapes static,
+    which lets more fold), inferring shapes after each round; with ``refill``,
+    the sizes only onnxruntime's symbolic inference proves are taken again after
+    each (ONNX's inference drops them). Returns the last inferred skeleton."""
+    for _ in range(12):
         if not normalize(model):
             break
         inferred = infer_into(model)
-    if fill_unknown_dims(model):  # sizes it proved can fold more shape arithmetic (Paddle2ONNX's Reshape targets)
-        for _ in range(12):
-            if not normalize(model):
-                break
-            inferred = infer_into(model)
+        if refill:
             fill_unknown_dims(model)
-    model.graph.meta["dim_tokens"] = probe_batch_dims(inferred)
-    return model
+    return inferred
 
 
 BUILT_SHAPES = {"Expand", "Where", "Tile", "ConstantOfShape", "Range", "Reshape"}
@@ -182,12 +188,7 @@ def _symbolic_shapes(proto: onnx.ModelProto) -> onnx.ModelProto | None:
     inferred. A version laid out otherwise runs ``infer_shapes`` in a
     temporary directory."""
     S = _symbolic_shape_inference()
-    try:
-        sym = S(2**31 - 1, True, False, 0)  # int_max, auto_merge, guess_output_rank, verbose
-        steps = (sym._preprocess, sym._infer_impl, sym._update_output_from_vi)
-    except (AttributeError, TypeError):
-        sym = None
-    if sym is None:
+    if not all(hasattr(S, m) for m in ("_preprocess", "_infer_impl", "_update_output_from_vi")):
         here = os.getcwd()
         with tempfile.TemporaryDirectory() as tmp:
             os.chdir(tmp)
@@ -195,10 +196,11 @@ def _symbolic_shapes(proto: onnx.ModelProto) -> onnx.ModelProto | None:
                 return S.infer_shapes(proto, auto_merge=True)
             finally:
                 os.chdir(here)
-    steps[0](proto)
+    sym = S(2**31 - 1, True, False, 0)  # int_max, auto_merge, guess_output_rank, verbose
+    sym._preprocess(proto)
     while sym.run_:
-        steps[1]()
-    steps[2]()
+        sym._infer_impl()
+    sym._update_output_from_vi()
     return sym.out_mp_
 
 
@@ -311,7 +313,7 @@ def fold_static_shapes(model: ir.Model) -> int:
             if sel and all(isinstance(d, int) for d in sel):
                 val = [np.array(sel, dtype=np.int64)]
             elif node.outputs[0].uses():
-                folded += _fold_shape_selects(g, node, sel)
+                folded += _fold_selects(g, node.outputs[0], sel, np.dtype(np.int64))
                 continue
         elif node.op_type in FOLDABLE and all(v is None or v.const_value is not None for v in node.inputs):
             ins = [v.const_value.numpy() if v is not None else None for v in node.inputs]
@@ -344,14 +346,11 @@ def _replace_with_constants(g: ir.Graph, node: ir.Node, vals) -> None:
     g.remove(node, safe=True)
 
 
-def _fold_shape_selects(g: ir.Graph, shape_node: ir.Node, dims) -> int:
-    """``Gather``/``Slice`` picking only static elements out of a partly dynamic
-    Shape, also behind integer ``Cast``s of it (Paddle2ONNX casts shapes to
-    int32 and back). Returns how many nodes were folded."""
-    return _fold_selects(g, shape_node.outputs[0], dims, np.dtype(np.int64))
-
-
 def _fold_selects(g: ir.Graph, value: ir.Value, dims, dtype) -> int:
+    """``Gather``/``Slice`` picking only static elements out of ``value``, a
+    partly dynamic shape ``dims`` (a Shape's output), also behind integer
+    ``Cast``s of it (Paddle2ONNX casts shapes to int32 and back); ``dtype``:
+    ``value``'s. Returns how many nodes were folded."""
     folded = 0
     for use in list(value.uses()):
         user = use.node
@@ -374,7 +373,8 @@ def _fold_selects(g: ir.Graph, value: ir.Value, dims, dtype) -> int:
                 picked = np.array(flat, dtype=dtype).reshape(idx.shape)
         elif user.op_type == "Slice" and len(user.inputs) in (3, 4, 5) and all(v is None or v.const_value is not None for v in user.inputs[1:]):
             st, en = (int(user.inputs[i].const_value.numpy().reshape(-1)[0]) for i in (1, 2))
-            if len(user.inputs) > 3 and user.inputs[3] is not None and int(user.inputs[3].const_value.numpy().reshape(-1)[0]) not in (0, -1):
+            axes = user.inputs[3] if len(user.inputs) > 3 else None
+            if axes is not None and int(axes.const_value.numpy().reshape(-1)[0]) not in (0, -1):
                 continue  # a shape is 1-D: any other axis is not a valid Slice
             steps = user.inputs[4].const_value.numpy().reshape(-1)[0] if len(user.inputs) > 4 and user.inputs[4] is not None else 1
             flat = list(dims)[slice(st, min(en, len(dims) + 1), int(steps))]

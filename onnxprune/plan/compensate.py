@@ -7,8 +7,9 @@ the layer's bias can carry (for a Conv, summed over the kernel taps: exact
 away from zero padding). ``--recover`` gives at least that back (the bias row
 of its ridge fit is never shrunk; ``--recover bias`` is exactly this plus the
 drift of the layers above), so scope ``damage`` measures every candidate with
-it folded in when recovery follows (a plain prune is measured as written). Measured without it, a channel with a large mean and little
-variance looks expensive although recovery returns it almost for free, and
+it folded in when recovery follows (a plain prune is measured as written).
+Measured without it, a channel with a large mean and little variance looks
+expensive although recovery returns it almost for free, and
 the budget goes where recovery can do little.
 
 The means come from the original model on the calibration data, one pass

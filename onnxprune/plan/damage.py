@@ -29,8 +29,8 @@ candidate (down to :data:`MIN_SAMPLES`) and coarser steps
 so is counting (``estimate(keep)``). When ``--recover`` follows, the pipeline
 measures each candidate with the removed channels' mean contribution folded
 into their consumers' biases (:mod:`onnxprune.plan.compensate`), as recovery
-gives it back: the damage it prices is what recovery cannot undo by a constant (on EfficientNet-Lite0 at
-70% of its MACs, 30.2% -> 46.8% top-1 agreement on new photos after recovery).
+gives it back: the damage it prices is what recovery cannot undo by a
+constant (on EfficientNet-Lite0 at 70% of its MACs, 30.2% -> 46.8% top-1 agreement on new photos after recovery).
 """
 from __future__ import annotations
 
