@@ -118,3 +118,25 @@ def test_recover_refits_separate_q_and_k_projections_jointly(tmp_path):
     for r in logits:
         assert r.status == "refit" and r.outputs_kept == "4/4 heads", format_rows(rows)
         assert r.err_after < 0.6 * r.err_before and r.held_after < r.held_before, format_rows(rows)
+
+
+def test_recover_from_an_npz_of_named_inputs_feeds_every_input(tmp_path, capsys):
+    """`--recover` from an .npz with one array per input (token ids, mask, token
+    types): every level of the sequential calibration runs with all three
+    inputs, including those only the embeddings read (once, a run asked for
+    token_type_ids after it had been dropped and stopped with an internal error)."""
+    path = str(tmp_path / "cls.onnx")
+    _export(path, "legacy", "sdpa", classifier=True)
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "calib.npz", input_ids=rng.integers(0, 100, (64, SEQ)),
+             attention_mask=(rng.random((64, SEQ)) > 0.2).astype(np.int64),
+             token_type_ids=rng.integers(0, 2, (64, SEQ)), source=np.arange(64) // 4)
+    shapes = [a for n in NAMES for a in ("--input-shape", f"{n}:N,{SEQ}")]
+    rc = main([path, "--ratios", '{"kinds": {"embed": 0.25, "heads": 0.5, "mlp": 0.5}}', "--calib",
+               str(tmp_path / "calib.npz"), "--calib-batch-size", "16", "--recover", "-o", str(tmp_path / "p.onnx"),
+               "--report", str(tmp_path / "r.json"), "-q"] + shapes)
+    assert rc == 0, capsys.readouterr().err
+    rep = json.loads((tmp_path / "r.json").read_text())
+    refit = [r for r in rep["recovery"] if r["status"] == "refit"]
+    assert len(refit) >= 4, rep["recovery"]
+    assert rep["recovery_stats"]["held_out"]["samples"] > 0

@@ -208,7 +208,8 @@ def recover_model(
     threads = threads or (os.cpu_count() or 1)
     given = batches
     sources = getattr(batches, "sources", None)
-    batches = list(getattr(batches, "batches", batches))
+    # a Calibration: its feed dicts for a multi-input model (token ids, masks, ...), else its first-input arrays
+    batches = list(getattr(batches, "inputs", None) or getattr(batches, "batches", batches))
     journal = journal if journal is not None else Journal()
     g, og = _Graph(model), _output_names(original)
     ins, outs = _kept_maps(ctx, keep)
