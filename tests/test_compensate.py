@@ -244,6 +244,37 @@ def test_without_recovery_the_damage_search_prices_the_plan_as_it_is_written(tmp
     assert plain.plan.target["compensated"] is False and recovered.plan.target["compensated"] is True
 
 
+@pytest.mark.parametrize("slow", [False, True])
+def test_a_slow_model_takes_the_means_from_the_first_batches_that_hold_the_damage_samples(tmp_path, monkeypatch, slow):
+    """The means folded into candidates come from the whole calibration, except
+    on a model slow enough to get fewer samples per candidate: there from the
+    first batches that hold damage.SAMPLES samples (a ViT-S pass over 128
+    samples cost 10 s of a 3-minute budget)."""
+    from onnxprune.runtime import capture as cap
+
+    m, _ = _constant_cnn()
+    p = tmp_path / "calib.npy"
+    np.save(p, np.random.default_rng(0).standard_normal((64, 3, 16, 16)).astype(np.float32))
+    job = Job.open(m)
+    calib = load_calib(str(p), job.skeleton(), n_batches=8, batch=8)
+    assert len(calib.batches) == 8
+    seen = []
+    real = cap.channel_sums
+
+    def counting(model, axes, feeds, threads=1):
+        feeds = list(feeds)
+        seen.append(len(feeds))
+        return real(model, axes, feeds, threads)
+
+    monkeypatch.setattr(cap, "channel_sums", counting)
+    if slow:
+        monkeypatch.setattr(D, "RUN_SECONDS", 0.0)  # any model is slow: MIN_SAMPLES per candidate
+    plan = job.plan(Ratios.from_dict({"target_macs": 0.8, "scope": "damage", "importance": "l2"}), calib)
+    assert plan.target["met"] and seen
+    assert set(seen) == ({-(-D.SAMPLES // 8)} if slow else {8})
+    assert (-(-D.SAMPLES // 8) < 8) and plan.target["compensated"] is True
+
+
 # ------------------------------------------------------------------ (c) bias-only candidate
 
 

@@ -529,3 +529,31 @@ def test_the_api_runs_the_recovery_stage(tmp_path):
         prune(m, {"default": 0.5}, recover="ridge")
     with pytest.raises(UserError, match="recover must be one of"):
         prune(m, {"default": 0.5}, calib=calib, recover="lasso")
+
+
+@pytest.mark.parametrize("scale_shape,budget", [(None, 5), ((6,), 5), ((1,), 100), ((6,), 100)])
+def test_dense_rows_take_the_stream_error_on_the_sampled_rows_alone(scale_shape, budget):
+    # what the dense path adds after sampling equals the sampled rows of the whole target
+    from types import SimpleNamespace
+
+    from onnxprune.recover import _stream_inverse, _with_stream_error
+    from onnxprune.recover.fit import _dense_rows
+
+    rng = np.random.default_rng(1)
+    kept = np.array([0, 2, 3, 5])
+    x = rng.standard_normal((3, 4, 7)).astype(np.float32)
+    y, r_o = rng.standard_normal((3, 4, 6)).astype(np.float32), rng.standard_normal((3, 4, 6)).astype(np.float32)
+    r_p = r_o[..., kept] + 0.5 * rng.standard_normal((3, 4, 4)).astype(np.float32)
+    scale = None if scale_shape is None else rng.uniform(0.1, 3.0, scale_shape)
+    f = SimpleNamespace(kind="dense", kept_out=kept, dense={})
+    ok, inv = _stream_inverse(f, y, r_o, r_p, scale)
+    assert ok
+    rows, sample = _dense_rows(f, x, y, np.random.default_rng(7), budget, (r_o, r_p, inv))
+    whole, sample_w = _dense_rows(f, x, _with_stream_error(f, y, r_o, r_p, scale), np.random.default_rng(7), budget)
+    np.testing.assert_array_equal(sample, sample_w)
+    np.testing.assert_array_equal(rows[0][0], whole[0][0])
+    np.testing.assert_allclose(rows[0][1], whole[0][1], rtol=1e-6, atol=1e-6)
+    assert len(rows[0][1]) == min(budget, 12)
+    plain, _ = _dense_rows(f, x, y, np.random.default_rng(7), budget)
+    assert np.abs(plain[0][1] - rows[0][1]).max() > 0.1  # the stream error was added
+    assert _stream_inverse(f, y, r_o[:, :3], r_p, scale) == (False, None)  # shapes that do not line up

@@ -285,11 +285,19 @@ def recover_model(
                     if f.row.status == "skipped" and f.row.reason:
                         continue
                     x, y = px[f.x_name][bi], oy[f.y_name][bi]
+                    stream = None
                     if f.row.node in res:
                         r, scale = res[f.row.node]
-                        y = _with_stream_error(f, y, oy[r][bi], px[r][bi], scale)
+                        if f.kind == "conv":
+                            y = _with_stream_error(f, y, oy[r][bi], px[r][bi], scale)
+                        else:  # added to the sampled rows only
+                            ok, inv = _stream_inverse(f, y, oy[r][bi], px[r][bi], scale)
+                            stream = (oy[r][bi], px[r][bi], inv) if ok else None
                     try:
-                        got = (_conv_rows if f.kind == "conv" else _dense_rows)(f, x, y, rngs[f.row.node], rows_per_batch)
+                        if f.kind == "conv":
+                            got = _conv_rows(f, x, y, rngs[f.row.node], rows_per_batch)
+                        else:
+                            got = _dense_rows(f, x, y, rngs[f.row.node], rows_per_batch, stream)
                     except Exception as e:  # shape surprises: skip the layer, never crash
                         got, f.row.reason = None, f"could not build regression rows: {type(e).__name__}: {e}"
                     if got is None:
@@ -416,29 +424,48 @@ def _refit_all(original, model, ctx, keep, batches, rows, journal, stats, thread
     return rows2
 
 
+def _stream_inverse(f: _Fit, y: np.ndarray, r_orig: np.ndarray, r_pruned: np.ndarray,
+                    scale: np.ndarray | None = None):
+    """How what the pruned stream ``r`` lacks reaches the target of a layer
+    whose output ``y`` is added to it: ``(True, inv)`` with ``inv`` the inverse
+    of the layer scale between ``y`` and the sum per kept channel (None: no
+    scale; channels scaled by almost nothing take up nothing), or ``(False,
+    None)`` where the shapes do not line up."""
+    axis = 1 if f.kind == "conv" else y.ndim - 1
+    if r_orig.shape != y.shape:
+        return False, None
+    want = list(y.shape)
+    want[axis] = len(f.kept_out)
+    if list(r_pruned.shape) != want:
+        return False, None
+    if scale is None:
+        return True, None
+    if scale.size not in (1, y.shape[axis]):
+        return False, None
+    s = np.broadcast_to(np.reshape(scale, -1), (y.shape[axis],))[f.kept_out]
+    big = np.abs(s) > 1e-3 * max(float(np.abs(s).max()), 1e-30)
+    inv = np.where(big, 1.0 / np.where(big, s, 1.0), 0.0).astype(np.float32)
+    shape = [1] * y.ndim
+    shape[axis] = len(inv)
+    return True, (inv if f.kind != "conv" else inv.reshape(shape))
+
+
 def _with_stream_error(f: _Fit, y: np.ndarray, r_orig: np.ndarray, r_pruned: np.ndarray,
                        scale: np.ndarray | None = None) -> np.ndarray:
     """``y`` plus what the pruned stream ``r`` lacks (``r_orig - r_pruned`` on
     the kept channels, over the layer scale ``scale`` between ``y`` and the
-    sum): the target of a layer added to a residual stream. ``y`` unchanged
-    where the shapes do not line up; channels scaled by almost nothing take up nothing."""
-    axis = 1 if f.kind == "conv" else y.ndim - 1
-    if r_orig.shape != y.shape:
+    sum): the target of a layer added to a residual stream (a dense layer's
+    rows get it after sampling, in :func:`fit._dense_rows`). ``y`` unchanged
+    where the shapes do not line up."""
+    ok, inv = _stream_inverse(f, y, r_orig, r_pruned, scale)
+    if not ok:
         return y
+    axis = 1 if f.kind == "conv" else y.ndim - 1
     lost = np.take(r_orig, f.kept_out, axis=axis) - r_pruned
+    if inv is not None:
+        lost = lost * inv
     idx = [slice(None)] * y.ndim
     idx[axis] = f.kept_out
-    if lost.shape != y[tuple(idx)].shape:
-        return y
-    if scale is not None:
-        if scale.size not in (1, y.shape[axis]):
-            return y
-        s = np.broadcast_to(np.reshape(scale, -1), (y.shape[axis],))[f.kept_out]
-        big = np.abs(s) > 1e-3 * max(float(np.abs(s).max()), 1e-30)
-        inv = np.where(big, 1.0 / np.where(big, s, 1.0), 0.0)
-        shape = [1] * y.ndim
-        shape[axis] = len(inv)
-        lost = lost * inv.reshape(shape).astype(np.float32)
     y = np.array(y, dtype=np.float32)
     y[tuple(idx)] += lost
     return y

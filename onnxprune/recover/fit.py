@@ -108,22 +108,35 @@ def _conv_rows(fit: _Fit, x: np.ndarray, y: np.ndarray, rng, budget: int):
     return rows, b
 
 
-def _dense_rows(fit: _Fit, x: np.ndarray, y: np.ndarray, rng, budget: int):
+def _dense_rows(fit: _Fit, x: np.ndarray, y: np.ndarray, rng, budget: int, stream=None):
+    """Sampled input rows and the matching target rows. ``stream``: ``(r_orig,
+    r_pruned, inv)`` of a layer added to a residual stream (see
+    ``recover._stream_inverse``): what the pruned stream lacks is added to the
+    sampled targets. Rows are sampled first, so only they are copied."""
     if fit.dense.get("transA"):
         x = x.T
     X = x.reshape(-1, x.shape[-1])
-    if fit.dense.get("packed"):  # a packed Attention's projection, from the original's input
-        Y = y.reshape(-1, y.shape[-1]) @ fit.dense["w"][:, fit.kept_out] + fit.dense["b"][fit.kept_out]
-    else:
-        Y = y.reshape(-1, y.shape[-1])[:, fit.kept_out]
-    if len(X) != len(Y):
+    Yall = y.reshape(-1, y.shape[-1])
+    if len(X) != len(Yall):
         return None
     # the sample each row comes from: rows are [B, ...] flattened (tokens of a sample are consecutive)
     per = len(X) // x.shape[0] if not fit.dense.get("transA") and x.ndim > 1 and len(X) % x.shape[0] == 0 else len(X)
     sample = np.arange(len(X)) // max(per, 1)
+    take = None
     if len(X) > budget:
         take = np.sort(rng.choice(len(X), budget, replace=False))
-        X, Y, sample = X[take], Y[take], sample[take]
+        X, Yall, sample = X[take], Yall[take], sample[take]
+    if fit.dense.get("packed"):  # a packed Attention's projection, from the original's input
+        Y = Yall @ fit.dense["w"][:, fit.kept_out] + fit.dense["b"][fit.kept_out]
+    else:
+        Y = Yall[:, fit.kept_out]
+    if stream is not None:
+        r_orig, r_pruned, inv = stream
+        ro, rp = r_orig.reshape(-1, r_orig.shape[-1]), r_pruned.reshape(-1, r_pruned.shape[-1])
+        if take is not None:
+            ro, rp = ro[take], rp[take]
+        lost = ro[:, fit.kept_out] - rp
+        Y = Y + (lost if inv is None else lost * inv)
     return [(X, Y)], sample
 
 
