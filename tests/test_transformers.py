@@ -209,7 +209,7 @@ def test_onnx_attention_op_opset23(tmp_path):
 
 
 def test_target_macs_half_of_deit_base(deit_base, tmp_path):
-    """Issue 4: a budget of 50% MACs on deit_base lands within 1%, counted independently."""
+    """A budget of 50% MACs on deit_base lands within 1%, counted independently."""
     res = prune(deit_base, {"target_macs": "50%", "kinds": {"embed": 0.5, "heads": 0.5, "head_dim": 0.25, "mlp": 0.5}})
     out = str(tmp_path / "half.onnx")
     onnx.save(res.proto, out)

@@ -1,4 +1,4 @@
-"""Issue 14's failing case, small: fine-tuning a BN-folded CNN pruned to chance.
+"""The failing case, small: fine-tuning a BN-folded CNN pruned to chance.
 
     python tools/bn_collapse.py [--train-epochs 8] [--ft-epochs 3] [--per-class 100] [--arms off,off-lr1e-4,auto]
 
@@ -115,7 +115,8 @@ def main() -> None:
         losses = [round(h["loss"], 3) for h in rep["history"]]
         rows.append([arm, " ".join(ARMS[arm]), f"{acc0:.1f}", f"{acc1:.1f}", f"{acc2:.1f}",
                      f"{(acc2 - acc1) / max(acc0 - acc1, 1e-9):.0%}", " / ".join(map(str, losses)), f"{secs:.0f}s"])
-        raw["arms"][arm] = {"top1": acc2, "losses": losses, "seconds": secs, "lr": rep["lr"], "bn": rep["bn_reinserted"], "line": line}
+        raw["arms"][arm] = {"top1": acc2, "losses": losses, "seconds": secs, "lr": rep["lr"], "bn": rep["bn_reinserted"], "line": line,
+                           "device": rep["device"], "train_seconds": rep["train_seconds"]}
         print(rows[-1], flush=True)
     head = ["arm", "finetune options", "top-1 trained", "top-1 pruned", "top-1 after", "drop recovered", "loss per epoch", "wall"]
     text = md(head, rows)
@@ -123,7 +124,8 @@ def main() -> None:
             if args.reference else f"timm resnet18, synthetic glyphs 10 classes at 32 px, {10 * args.per_class} train / 500 val "
             f"images; trained {args.train_epochs} epochs in PyTorch")
     text += (f"\n\n{what}; BN folded by export; pruned {RATIOS}; "
-             f"`onnxprune finetune --teacher --recipe quick --epochs {args.ft_epochs} --batch-size 64`; CPU {os.cpu_count()} cores\n")
+             f"`onnxprune finetune --teacher --recipe quick --epochs {args.ft_epochs} --batch-size 64`; trained on "
+             f"{', '.join(sorted({a['device'] for a in raw['arms'].values()}))}; CPU {os.cpu_count()} cores\n")
     write_results(args.out, text, raw)
 
 

@@ -10,7 +10,7 @@ legacy one for parity). Each family (original + its pruned variants) is timed
 with ``onnxprune.bench``: runs interleaved, order rotated every round, ORT with
 as many intra-op threads as CPU cores. Speed-up is median latency of the
 original over median latency of the pruned model; "efficiency" is speed-up
-divided by MACs reduction (issue 4's goal: at least 0.8).
+divided by MACs reduction (the goal: at least 0.8).
 """
 from __future__ import annotations
 
