@@ -557,3 +557,22 @@ def test_dense_rows_take_the_stream_error_on_the_sampled_rows_alone(scale_shape,
     plain, _ = _dense_rows(f, x, y, np.random.default_rng(7), budget)
     assert np.abs(plain[0][1] - rows[0][1]).max() > 0.1  # the stream error was added
     assert _stream_inverse(f, y, r_o[:, :3], r_p, scale) == (False, None)  # shapes that do not line up
+
+
+def test_a_conv_transpose_that_loses_input_channels_gets_a_skipped_row_with_its_reason():
+    # recovery writes no regression for ConvTranspose: the report says so instead of leaving it out
+    from test_rules import W, make
+
+    m = make("""[c1] a = Conv <pads=[1,1,1,1]> (x, w1, b1)
+  r = Relu(a)
+  [ct] t = ConvTranspose <strides=[2,2]> (r, wt, bt)
+  s = Relu(t)
+  [c3] y = Conv (s, w3, b3)""", {"w1": W(8, 3, 3, 3), "b1": W(8), "wt": W(8, 6, 2, 2), "bt": W(6), "w3": W(4, 6, 1, 1),
+                                 "b3": W(4)}, out="float[1,4,16,16] y")
+    res = prune(m, {"kinds": {"channels": 0.5}, "scope": "local"})
+    calib = [np.random.default_rng(i).standard_normal((1, 3, 8, 8)).astype(np.float32) for i in range(8)]
+    _, rows = recover(m, res.proto, res.analyzed.ctx, res.plan.keep, calib, progress=False)
+    ct = [r for r in rows if r.node == "ct"]
+    assert len(ct) == 1 and ct[0].status == "skipped" and "ConvTranspose" in ct[0].reason, format_rows(rows)
+    assert any(r.node == "c3" for r in rows), format_rows(rows)  # the conv after it still is a row
+    assert "ConvTranspose is not re-fitted" in format_rows(rows)

@@ -231,6 +231,11 @@ def recover_model(
         else:
             fits.append(f)
             rows.append(f.row)
+    kinds = {n.name: n.op_type for n in g.g}
+    for name in consumers(ctx, keep):  # read pruned channels, but no regression is written for them here
+        if kinds.get(name) == "ConvTranspose":
+            rows.append(LayerRow(node=name, op="ConvTranspose", status="skipped",
+                                 reason="ConvTranspose is not re-fitted: it keeps its weights for the channels left"))
     if not fits:
         return rows
     levels, value_level = _levels(g, {f.row.node for f in fits})
