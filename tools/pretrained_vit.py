@@ -64,7 +64,7 @@ def per_crop(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def compare(ref: np.ndarray, got: np.ndarray) -> dict:
     """Pearson per crop (mean and median over crops), over every pixel of every crop pooled, and the mean
-    absolute difference of the maps. The mean per crop is dominated by crops whose original map is nearly
+    absolute difference of the maps. The mean per crop is pulled down by crops whose original map is nearly
     flat (a texture, the sky): there small absolute changes are most of what is left to correlate."""
     pc = per_crop(ref, got)
     return {"pearson": float(pc.mean()), "median": float(np.median(pc)),
