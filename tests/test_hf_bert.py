@@ -140,3 +140,44 @@ def test_recover_from_an_npz_of_named_inputs_feeds_every_input(tmp_path, capsys)
     refit = [r for r in rep["recovery"] if r["status"] == "refit"]
     assert len(refit) >= 4, rep["recovery"]
     assert rep["recovery_stats"]["held_out"]["samples"] > 0
+
+
+def test_groups_recon_cannot_score_take_activation_from_the_same_pass_over_the_data(tmp_path, monkeypatch):
+    """BERT's q and k head dims end in q.k^T (no constant weight): recon
+    leaves them to activation. Their activations are summed in recon's own
+    pass over the calibration data (one capture session), and equal what a
+    separate activation pass gives."""
+    import onnx
+
+    import onnxprune.plan.importance.criteria as C
+    from onnxprune.api import analyze
+    from onnxprune.plan.importance.calib import Calibration
+
+    path = str(tmp_path / "bert.onnx")
+    _export(path, "dynamo", "eager")  # static batch 2, sequence 16
+    m = onnx.load(path)
+    job = analyze(m)
+    rng = np.random.default_rng(0)
+    feeds = [{"input_ids": rng.integers(0, 100, (2, SEQ)), "attention_mask": np.ones((2, SEQ), np.int64),
+              "token_type_ids": np.zeros((2, SEQ), np.int64)} for _ in range(4)]
+    cal = Calibration([f["input_ids"] for f in feeds], None, "test", feeds)
+    sessions = []
+    real = C._capture
+
+    def counted(proto, names, calib, threads=None):
+        sessions.append(list(names))
+        yield from real(proto, names, calib, threads)
+
+    monkeypatch.setattr(C, "_capture", counted)
+    rc = C.score_groups(job.ctx, job.groups, {"default": "recon"}, proto=m, calib=cal)
+    live = [g for g in job.groups if not g.frozen]
+    fell = [g for g in live if rc.used[g.id] == "activation"]
+    assert fell and any(rc.used[g.id] == "recon" for g in live), rc.used
+    assert {g.kind for g in fell} == {"head_dim"}
+    assert all(rc.notes[g.id] == "no linear consumer where the channels end; activation used" for g in fell)
+    assert len(sessions) == 1
+    sessions.clear()
+    act = C.score_groups(job.ctx, fell, {"default": "activation"}, proto=m, calib=cal)
+    assert len(sessions) == 1
+    for g in fell:
+        np.testing.assert_allclose(rc.values[g.id], act.values[g.id], rtol=1e-12)

@@ -372,3 +372,71 @@ def test_a_pruned_model_that_already_matches_is_not_beaten_by_round_off():
     assert not worse(1.8e-17, 0.0) and not worse(3e-7, 0.0)
     assert worse(1e-3, 0.0) and worse(0.5, 0.4)
     assert not worse(0.4 * (1 + 5e-4), 0.4)  # within the relative tie
+
+
+def _explicit_sequential(states, width):
+    """The greedy of recon.sequential with every rank-one update applied at once (the definition)."""
+    states = [(H.copy(), W.astype(np.float64).copy(), pos, e) for H, W, pos, e in states]
+    alive, score, level = np.ones(width, bool), np.zeros(width), 0.0
+    for _ in range(width - 1):
+        cost = np.zeros(width)
+        for H, W, pos, e in states:
+            v = pos >= 0
+            cost[v] += (W[pos[v]] ** 2).sum(1) / np.diag(H)[pos[v]] / e
+        cost[~alive] = np.inf
+        ch = int(np.argmin(cost))
+        level = max(level, float(cost[ch]))
+        score[ch], alive[ch] = level, False
+        for H, W, pos, _ in states:
+            p = pos[ch]
+            if p < 0:
+                continue
+            h = H[:, p].copy()
+            W -= np.outer(h / h[p], W[p])
+            H -= np.outer(h, h) / h[p]
+            W[p], H[p, :], H[:, p], H[p, p] = 0.0, 0.0, 0.0, 1.0
+    score[alive] = level * 2 + 1e-12
+    return score
+
+
+def test_sequential_with_held_back_updates_equals_the_explicit_greedy():
+    from onnxprune.plan.importance import recon
+
+    rng = np.random.default_rng(3)
+    width = 3 * recon.FLUSH + 5  # several blocks of held-back updates and a partial one
+
+    def state(k, pos, out):
+        x = rng.normal(size=(4 * k, k)) @ rng.normal(size=(k, k)) * 0.3 + rng.normal(size=(4 * k, k))
+        H = np.linalg.inv(np.cov(x.T) + 1e-3 * np.eye(k))
+        W = rng.normal(size=(k, out))
+        return H, W, pos, float((W ** 2).sum())
+
+    full = state(width, np.arange(width), 7)
+    half_pos = np.full(width, -1)
+    half_pos[::2] = np.arange((width + 1) // 2)  # a consumer that reads every other channel
+    half = state((width + 1) // 2, half_pos, 11)
+    got = recon.sequential([full, half], width)
+    want = _explicit_sequential([full, half], width)
+    np.testing.assert_allclose(got, want, rtol=1e-7)
+    np.testing.assert_array_equal(np.argsort(got, kind="stable"), np.argsort(want, kind="stable"))
+
+
+@pytest.mark.parametrize("k", [24, 600])  # float64 products, float32 products
+def test_input_sums_give_the_covariance_of_rows_far_from_zero(k):
+    """The covariance of inputs whose mean is a hundred times their spread (a
+    layer after a ReLU with a large offset) matches float64 numpy: the rows are
+    centred before they are multiplied, even in float32."""
+    from onnxprune.plan.importance import recon
+
+    rng = np.random.default_rng(0)
+    batches = [(100.0 + rng.normal(size=(2, 300, k)) @ rng.normal(size=(k, k)) / np.sqrt(k)).astype(np.float32)
+               for _ in range(3)]
+    st = recon._Stats(k)
+    for b in batches:
+        st.add(b, 2, rng)
+    rows = np.concatenate([b.reshape(-1, k) for b in batches]).astype(np.float64)
+    second, cov = st.moments()
+    np.testing.assert_allclose(cov, np.cov(rows.T, bias=True), rtol=1e-3, atol=1e-4 * np.diag(cov).mean())
+    np.testing.assert_allclose(second, rows.T @ rows / len(rows), rtol=1e-5)
+    assert st.n == len(rows)
+

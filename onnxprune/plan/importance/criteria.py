@@ -240,42 +240,78 @@ def score_groups(ctx: Analysis, groups: list[Group], spec: dict, seed: int = 0, 
                     want[g.id] = "l2"
                 out.values[g.id] = s
     if "recon" in needs:
-        from onnxprune.plan.importance.recon import recon_scores
+        from onnxprune.plan.importance.recon import consumers, recon_scores
 
         todo = [g for g in live if want[g.id] == "recon"]
-        vals, notes = recon_scores(ctx, todo, proto, calib, _capture, seed)
+        # groups recon cannot score (no linear layer where they end) get activation, summed with the other
+        # data criteria in recon's own pass over the data
+        early = {g.id: ("activation" if c == "recon" and not consumers(ctx, g) else c)
+                 for g in live for c in [want[g.id]]}
+        data = _DataScores(ctx, live, early, calib, out) \
+            if any(c in ("activation", "gohsp") for c in early.values()) else None
+        want.update({gid: "l2" for gid, c in early.items() if c == "l2"})  # nothing to capture: l2, noted
+
+        def capture(proto_, names, calib_):
+            for k, vals in _capture(proto_, sorted(set(names) | set(data.names if data else ())), calib_):
+                if data is not None:
+                    data.add(k, vals)
+                yield k, vals
+
+        vals, notes = recon_scores(ctx, todo, proto, calib, capture, seed)
         out.values.update(vals)
+        if data is not None:
+            data.finish()
+        later = []
         for gid, why in notes.items():
+            if early[gid] == "l2":  # nothing to capture either: l2, noted by _DataScores
+                want[gid] = "l2"
+                continue
             out.notes[gid] = f"{why}; activation used"
             want[gid] = "activation"
-    if any(c in ("activation", "gohsp") for c in want.values()):
+            if data is None or gid not in data.sites:  # recon found no signal where it expected one
+                later.append(gid)
+        if later:
+            _data_scores(ctx, [g for g in live if g.id in later], want, proto, calib, out)
+    elif any(c in ("activation", "gohsp") for c in want.values()):
         _data_scores(ctx, live, want, proto, calib, out)
     out.used = want
     return out
 
 
-def _data_scores(ctx, live, want, proto, calib, out: Scores) -> None:
-    sites = {}
-    for g in live:
-        if want[g.id] == "activation":
-            sites[g.id] = _activation_site(ctx, g)
-        elif want[g.id] == "gohsp":
-            sites[g.id] = _av_site(ctx, g)
-        if sites.get(g.id) is None and g.id in sites:
-            del sites[g.id]
-            out.notes[g.id] = f"no {'activation' if want[g.id] == 'activation' else 'attention output'} to capture; l2 used"
-            want[g.id] = "l2"
-            out.values[g.id] = magnitude(ctx, g, "l2")
-    names = sorted({v.name for v, _ in sites.values()})
-    acc: dict[int, np.ndarray] = {}
-    for k, vals in _capture(proto, names, calib):
+class _DataScores:
+    """``activation`` and ``gohsp`` scores, summed batch by batch from the
+    captured values :attr:`names` (:meth:`add`), finished by :meth:`finish`.
+    Groups with nothing to capture get ``l2`` (noted) when it is made."""
+
+    def __init__(self, ctx, live, want, calib, out: Scores):
+        self.ctx, self.want, self.calib, self.out = ctx, want, calib, out
+        self.live = [g for g in live if want[g.id] in ("activation", "gohsp")]
+        self.sites = {}
+        for g in self.live:
+            site = _activation_site(ctx, g) if want[g.id] == "activation" else _av_site(ctx, g)
+            if site is None:
+                out.notes[g.id] = f"no {'activation' if want[g.id] == 'activation' else 'attention output'} to capture; l2 used"
+                want[g.id] = "l2"
+                out.values[g.id] = magnitude(ctx, g, "l2")
+            else:
+                self.sites[g.id] = site
+        self.names = sorted({v.name for v, _ in self.sites.values()})
+        self.acc: dict[int, np.ndarray] = {}
+        self.seen: set[int] = set()
+
+    def add(self, k: int, vals: dict) -> None:
+        """The values of calibration batch ``k`` (each batch counted once)."""
+        if k in self.seen:
+            return
+        self.seen.add(k)
+        calib, ctx, acc = self.calib, self.ctx, self.acc
         B = len(calib.batches[k])
-        for g in live:
-            if g.id not in sites:
+        for g in self.live:
+            if g.id not in self.sites:
                 continue
-            v, ax = sites[g.id]
+            v, ax = self.sites[g.id]
             arr = vals[v.name].astype(np.float64)
-            if want[g.id] == "activation":
+            if self.want[g.id] == "activation":
                 lm = ctx.table.leaf_map(ctx.layouts[v][ax], g.space, arr.shape[ax])
                 per = np.abs(np.moveaxis(arr, ax, 0)).reshape(arr.shape[ax], -1).mean(1)
                 acc[g.id] = acc.get(g.id, 0) + _per_channel(per, lm, g.width, "mean") / len(calib.batches)
@@ -285,23 +321,33 @@ def _data_scores(ctx, live, want, proto, calib, out: Scores) -> None:
                     raise RuntimeError(f"cannot separate the batch from axis 0 of {v.name} ({n0} vs batch {B})")
                 summed = arr.reshape(B, n0 // B, *arr.shape[1:]).sum(0)
                 acc[g.id] = acc.get(g.id, 0) + summed
-    for g in live:
-        if g.id not in sites:
-            continue
-        if want[g.id] == "activation":
-            out.values[g.id] = acc[g.id]
-            continue
-        v, ax = sites[g.id]
-        summed = acc[g.id]
-        if ax == 0:
-            lm = ctx.table.leaf_map(ctx.layouts[v][0], g.space, summed.shape[0] * len(calib.batches[0]))[: summed.shape[0]]
-        else:
-            lm = ctx.table.leaf_map(ctx.layouts[v][ax], g.space, summed.shape[ax])
-        vecs = np.stack([np.take(summed, np.where(lm == h)[0], axis=ax).ravel() for h in range(g.width)])
-        s, P, it = gohsp_scores(vecs)
-        out.values[g.id] = s
-        out.gohsp[g.id] = {"P": P.round(8).tolist(), "stationary": s.tolist(), "iterations": it, "value": v.name,
-                           "samples": calib.n, "negatives_clamped": True}
+
+    def finish(self) -> None:
+        ctx, calib, out, acc = self.ctx, self.calib, self.out, self.acc
+        for g in self.live:
+            if g.id not in self.sites:
+                continue
+            if self.want[g.id] == "activation":
+                out.values[g.id] = acc[g.id]
+                continue
+            v, ax = self.sites[g.id]
+            summed = acc[g.id]
+            if ax == 0:
+                lm = ctx.table.leaf_map(ctx.layouts[v][0], g.space, summed.shape[0] * len(calib.batches[0]))[: summed.shape[0]]
+            else:
+                lm = ctx.table.leaf_map(ctx.layouts[v][ax], g.space, summed.shape[ax])
+            vecs = np.stack([np.take(summed, np.where(lm == h)[0], axis=ax).ravel() for h in range(g.width)])
+            s, P, it = gohsp_scores(vecs)
+            out.values[g.id] = s
+            out.gohsp[g.id] = {"P": P.round(8).tolist(), "stationary": s.tolist(), "iterations": it, "value": v.name,
+                               "samples": calib.n, "negatives_clamped": True}
+
+
+def _data_scores(ctx, live, want, proto, calib, out: Scores) -> None:
+    acc = _DataScores(ctx, live, want, calib, out)
+    for k, vals in _capture(proto, acc.names, calib):
+        acc.add(k, vals)
+    acc.finish()
 
 
 def _taylor_arrays(proto, calib, which: set) -> dict[str, dict[str, np.ndarray]]:
