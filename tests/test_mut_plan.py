@@ -146,14 +146,16 @@ def test_recovery_plan_defaults_only_what_was_not_written():
     r, said = plan_defaults(Ratios.from_dict({"default": 0.3}))
     assert (r.importance, r.scope, r.default) == ("recon", "isomorphic", 0.3)
     assert said == "--recover: importance recon (set them in the ratios to override)"
+    mixed = {"default": "l2", "mlp": "recon", "heads": "recon", "head_dim": "recon"}  # a transformer's kinds by recon
+    line = "--recover: importance l2 (mlp, heads, head_dim: recon), scope damage (set them in the ratios to override)"
     r, said = plan_defaults(Ratios.from_dict({"target_macs": 0.5}))
-    assert (r.importance, r.scope) == ("l2", "damage")
-    assert said == "--recover: importance l2, scope damage (set them in the ratios to override)"
+    assert (r.importance, r.scope, said) == (mixed, "damage", line)
     r, said = plan_defaults(Ratios.from_dict({"target_latency": 0.5}))  # damage per predicted millisecond
-    assert (r.importance, r.scope) == ("l2", "damage")
-    assert said == "--recover: importance l2, scope damage (set them in the ratios to override)"
+    assert (r.importance, r.scope, said) == (mixed, "damage", line)
     r, said = plan_defaults(Ratios.from_dict({"target_params": 0.5, "scope": "damage"}))
-    assert (r.importance, r.scope, said) == ("l2", "damage", "--recover: importance l2 (set them in the ratios to override)")
+    assert (r.importance, r.scope, said) == (mixed, "damage",
+                                             "--recover: importance l2 (mlp, heads, head_dim: recon) (set them in the ratios to override)")
+    assert r.importance_spec == mixed
     r, said = plan_defaults(Ratios.from_dict({"target_params": 0.5, "scope": "cost"}))
     assert (r.importance, r.scope) == ("recon", "cost")
     r, said = plan_defaults(Ratios.from_dict({"target_macs": 0.5, "importance": "l1", "scope": "local"}))

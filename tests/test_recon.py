@@ -250,7 +250,8 @@ def test_recovery_refits_the_layers_after_the_pruned_one():
 
 def test_recover_defaults_to_measured_damage_under_a_budget(tmp_path, capsys):
     r, note = plan_defaults(Ratios.from_dict({"target_macs": 0.5}))
-    assert (r.importance, r.scope) == ("l2", "damage") and "l2" in note and "damage" in note
+    assert (r.importance, r.scope) == ({"default": "l2", "mlp": "recon", "heads": "recon", "head_dim": "recon"},
+                                       "damage") and "damage" in note
     r, note = plan_defaults(Ratios.from_dict({"default": 0.3}))
     assert (r.importance, r.scope) == ("recon", "isomorphic")
     r, note = plan_defaults(Ratios.from_dict({"target_macs": 0.5, "importance": "l2", "scope": "isomorphic"}))
@@ -267,9 +268,9 @@ def test_recover_defaults_to_measured_damage_under_a_budget(tmp_path, capsys):
     rc = main([str(src), "--ratios", '{"target_macs": 0.7}', "--calib", str(tmp_path / "c.npy"), "--calib-batch-size", "16",
                "--recover", "-o", str(out), "--report", str(rep)])
     assert rc == 0
-    assert "--recover: importance l2, scope damage" in capsys.readouterr().out
+    assert "--recover: importance l2 (mlp, heads, head_dim: recon), scope damage" in capsys.readouterr().out
     r = json.load(open(rep))
-    assert r["ratios"]["importance"] == "l2" and r["ratios"]["scope"] == "damage"
+    assert r["ratios"]["importance"]["default"] == "l2" and r["ratios"]["scope"] == "damage"
     assert r["after"]["macs"] <= 0.8 * r["before"]["macs"] and r["recovery"]  # a tiny model: coarse steps
 
 

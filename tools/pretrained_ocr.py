@@ -19,8 +19,9 @@ with the system fonts; Pillow's built-in font when none are), other photos
 behind the text.
 
 For each MACs target the CLI is run as a user would, once without and once
-with ``--recover`` (``--ratios '{"target_macs": T, "importance": "l2",
-"scope": "damage"}'``, what ``--recover`` uses under a budget; without
+with ``--recover`` (``--ratios '{"target_macs": T, "importance": I,
+"scope": "damage"}'``, what ``--recover`` uses under a budget, ``I`` its
+ranks: ``onnxprune.recover.DAMAGE_IMPORTANCE``; without
 ``--recover`` the damage search measures candidates as they will be written,
 with it as recovery will start from them, so the two plans differ). The
 budgets spend little on the attention blocks (40 tokens cost few MACs), so one
@@ -47,6 +48,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 
 from common import md, wheel_file, write_results  # noqa: E402
+from onnxprune.recover import DAMAGE_IMPORTANCE  # noqa: E402
 from pretrained_recovery import CACHE as PHOTO_CACHE, logits as outputs, photo_files, run  # noqa: E402
 
 CACHE = os.path.join(HERE, ".cache", "ocr")
@@ -191,7 +193,7 @@ def main(argv: list[str] | None = None) -> None:
     base = compare(ref, ref, truth, chars)
     print(f"original: {base['read']:.1f}% of the evaluation lines read exactly", flush=True)
     rows, raw = [], {"model": PACKAGE + "/" + MEMBER, "original_read": base["read"], "results": {}}
-    plans = [(f"{t:.0%}", f'{{"target_macs": {t}, "importance": "l2", "scope": "damage"}}')  # --recover's plan
+    plans = [(f"{t:.0%}", json.dumps({"target_macs": t, "importance": DAMAGE_IMPORTANCE, "scope": "damage"}))  # --recover's plan
              for t in [float(v) for v in args.targets.split(",")]]
     if args.attention:
         plans.append(("attention", ATTENTION))

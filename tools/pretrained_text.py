@@ -18,7 +18,7 @@ held-out check keeps whole modules out.
 
 For each MACs target the CLI is run as a user would: ``onnxprune
 minilm.onnx --ratios '{"target_macs": T}' --calib calib.npz [--recover] -o
-out.onnx``; the plain prune takes the plan ``--recover`` makes (``l2`` ranks,
+out.onnx``; the plain prune takes the plan ``--recover`` makes (``recon`` ranks for MLP units, heads and head dims,
 scope ``damage``), written out. Measured on the evaluation sentences, on
 the sentence embeddings (the mask-weighted mean of the token states, as
 sentence-transformers pools them, normalised): the cosine similarity of
@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> None:
             f"(legacy exporter, opset 17, {args.seq} tokens); sentence embeddings (mean-pooled, normalised) of "
             f"{len(et)} docstring sentences of modules that did not calibrate: cosine similarity with the original's, "
             "mean / worst 5% / % of sentences whose nearest neighbour among the others is the original's\n\n")
-    text += md(["MACs target", "pruned (l2, damage)", "prune time", "after --recover", "prune + recover time"], rows)
+    text += md(["MACs target", "pruned (--recover's plan)", "prune time", "after --recover", "prune + recover time"], rows)
     text += (f"\n\nCalibration: {len(ct)} sentences of {len(CALIB_MODULES)} modules ({', '.join(CALIB_MODULES)}), "
              f"each module a source; evaluation: {len(EVAL_MODULES)} other modules; CPU {os.cpu_count()} cores\n")
     write_results(args.out, text, raw)

@@ -16,7 +16,8 @@ half evaluate (new scenes). Crops are random resized crops (224 px, scale
 For each MACs target the CLI is run as a user would: ``onnxprune
 vit_s_focus.onnx --ratios '{"target_macs": T}' --calib calib.npz
 [--recover] -o out.onnx``; the plain prune's plan is the one ``--recover``
-makes (``l2`` ranks, scope ``damage``), written out. Measured on the
+makes (scope ``damage``; ``recon`` ranks for MLP units, heads and head dims, ``l2`` for
+the rest), written out. Measured on the
 evaluation crops in ONNX Runtime: the Pearson correlation of the output map
 with the original's per crop (mean over crops; the checked bar is 0.97 at
 90% MACs and 0.90 at 70%), the mean absolute difference of the maps, and the
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
             f"`{PACKAGE}`), {SIZE} px, on crops of photos that did not calibrate: Pearson correlation of the output map "
             "with the original's, mean over crops / median over crops / every pixel of every crop pooled; the mean "
             "absolute difference of the maps (they lie in [0, 1])\n\n")
-    text += md(["MACs target", "pruned (l2, damage)", "prune time", "after --recover", "prune + recover time"], rows)
+    text += md(["MACs target", "pruned (--recover's plan)", "prune time", "after --recover", "prune + recover time"], rows)
     text += (f"\n\n{len(files)} photos, half calibrate ({32 * args.calib_batches} crops), the other half evaluate "
              f"({args.eval} crops); the original's map on them: mean {ref.mean():.3f}, std {ref.std():.3f}; "
              f"CPU {os.cpu_count()} cores\n")

@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
         orig = onnx.load(path)
         ref = outputs(orig, ev, threads) if args.photos else None
         for target in [float(t) for t in args.target.split(",")]:
-            # what --recover does: its plan (recover.plan_defaults: l2, scope damage), the rewrite, the re-fit
+            # what --recover does: its plan (recover.plan_defaults: scope damage, its ranks), the rewrite, the re-fit
             t0 = time.perf_counter()
             res = api.prune(path, {"target_macs": target}, calib=calib, recover="ridge")
             wall = time.perf_counter() - t0
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
     inputs = (f"{args.images} 224-px crops of half the photos (calibration) and 200 of the other half (evaluation)"
               if args.photos else f"{args.images} random 224-px inputs")
     text = (f"`--recover` (ridge, all layers after the pruning), {inputs} in batches of 32, "
-            f"planned as --recover plans it (l2, scope damage), random weights, {threads} CPU threads\n\n")
+            f"planned as --recover plans it (scope damage; recon ranks for MLP units, heads and head dims), random weights, {threads} CPU threads\n\n")
     head = ["model", "target_macs", "layers", "levels", "prune s (the --recover plan: scope damage)", "forward original s",
             "forward pruned s", "recovery ORT passes s", "passes / (fwd orig + fwd pruned)", "statistics + solves s",
             "recovery total s", "layers re-fitted", "wall s (the whole prune + recover call)"]

@@ -498,14 +498,22 @@ def recover_result(res, original, batches, **kw) -> tuple[onnx.ModelProto, list[
     return recover(original, res.proto, res.analyzed.ctx, res.plan.keep, batches, **kw)
 
 
+DAMAGE_IMPORTANCE = {"default": "l2", "mlp": "recon", "heads": "recon", "head_dim": "recon"}  # ranks under scope damage
+
+
 def plan_defaults(ratios):
     """The ratios a recovery run plans with. Under a MACs/params budget or a
     latency target: ``scope`` ``damage`` (the budget goes where the measured
     output damage per MAC, or per predicted millisecond, saved is lowest,
-    :mod:`onnxprune.plan.damage`) with channels ranked by ``l2`` inside each
-    group (``recon`` ranks fit the calibration images and generalised worse
-    there). Otherwise ``importance`` ``recon`` (the error left after the
-    re-fit). Fields the user wrote are kept. Returns the ratios (a copy) and a line saying what was
+    :mod:`onnxprune.plan.damage`), with ranks inside each group from
+    :data:`DAMAGE_IMPORTANCE`: ``recon`` (the error left once the consumers
+    are re-fitted) for a transformer's MLP units, heads and head dims, ``l2``
+    for convolution channels and residual streams. On real weights and new
+    data (docs/recovery.md) ``recon`` ranks kept a ViT-S's maps and a BERT
+    encoder's embeddings closer to the original's after recovery than ``l2``;
+    on a BN-folded CNN (channels and streams) they fit the calibration photos
+    and kept fewer top-1 answers on new ones. Otherwise ``importance`` ``recon``. Fields the user
+    wrote are kept. Returns the ratios (a copy) and a line saying what was
     defaulted ("" when nothing)."""
     from onnxprune.plan import Ratios
 
@@ -514,11 +522,27 @@ def plan_defaults(ratios):
     if "scope" not in ratios.given and (ratios.target is not None or ratios.target_latency is not None):
         r.scope = "damage"
     if "importance" not in ratios.given:
-        r.importance = "l2" if r.scope == "damage" else "recon"
-        said.append(f"importance {r.importance}")
+        if r.scope == "damage":
+            r.importance = dict(DAMAGE_IMPORTANCE)
+            said.append(f"importance {importance_text(r.importance)}")
+        else:
+            r.importance = "recon"
+            said.append("importance recon")
     if r.scope != ratios.scope:
         said.append(f"scope {r.scope}")
     return r, ("--recover: " + ", ".join(said) + " (set them in the ratios to override)") if said else ""
+
+
+def importance_text(spec) -> str:
+    """``{"default": "l2", "mlp": "recon", "heads": "recon"}`` as ``l2 (mlp, heads: recon)``."""
+    if not isinstance(spec, dict):
+        return str(spec)
+    other: dict[str, list[str]] = {}
+    for kind, crit in spec.items():
+        if kind != "default" and crit != spec.get("default", "l2"):
+            other.setdefault(crit, []).append(kind)
+    rest = "; ".join(f"{', '.join(kinds)}: {crit}" for crit, kinds in other.items())
+    return spec.get("default", "l2") + (f" ({rest})" if rest else "")
 
 
 def held_out_text(h) -> str:
