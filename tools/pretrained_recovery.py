@@ -197,15 +197,17 @@ def run(*args) -> tuple[str, float]:
     return p.stdout.strip().splitlines()[-1], time.perf_counter() - t0
 
 
-def plain_and_recovered(model: str, target: float, cache: str, *args):
+def plain_and_recovered(model: str, target: float, cache: str, *args, importance=None):
     """The CLI on ``model`` at ``target_macs``: a plain prune with the plan ``--recover`` makes under a budget
     (scope ``damage``, ranks from ``onnxprune.recover.DAMAGE_IMPORTANCE``, written out), then ``--recover``
-    with its defaults; ``args`` go to both.
+    with its defaults; ``args`` go to both. ``importance``: ranks written for both instead.
     Yields ``(recovered, output path, seconds, last line)`` for each."""
     for rec in (False, True):
         out = os.path.join(cache, f"{target}_{'rec' if rec else 'pruned'}.onnx")
         ratios = {"target_macs": target} if rec else \
             {"target_macs": target, "importance": DAMAGE_IMPORTANCE, "scope": "damage"}
+        if importance is not None:
+            ratios = {"target_macs": target, "importance": importance, "scope": "damage"}
         line, secs = run(model, "--ratios", json.dumps(ratios), *args, *(["--recover"] if rec else []), "-o", out, "-q")
         yield rec, out, secs, line
 

@@ -175,6 +175,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--calib", type=int, default=128, help="calibration sentences")
     ap.add_argument("--eval", type=int, default=400, help="evaluation sentences")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "pretrained_text.md"))
+    ap.add_argument("--importance", help="ranks for both runs instead of --recover's (e.g. l2), scope damage")
     return ap
 
 
@@ -192,7 +193,7 @@ def main(argv: list[str] | None = None) -> None:
     for t in [float(v) for v in args.targets.split(",")]:
         cells, entry = [f"{t:.0%}"], {}
         for rec, out, secs, line in plain_and_recovered(model, t, CACHE, "--calib", calib, "--calib-batches",
-                                                        str(args.calib // 32)):
+                                                        str(args.calib // 32), importance=args.importance):
             m = compare(ref, embeddings(out, feeds))
             cells += [f"{m['cosine']:.4f} / {m['cosine_p5']:.4f} / {m['neighbour']:.1f}", f"{secs:.0f}s"]
             entry["recovered" if rec else "pruned"] = {**m, "seconds": secs, "line": line}
@@ -203,7 +204,9 @@ def main(argv: list[str] | None = None) -> None:
             f"(legacy exporter, opset 17, {args.seq} tokens); sentence embeddings (mean-pooled, normalised) of "
             f"{len(et)} docstring sentences of modules that did not calibrate: cosine similarity with the original's, "
             "mean / worst 5% / % of sentences whose nearest neighbour among the others is the original's\n\n")
-    text += md(["MACs target", "pruned (--recover's plan)", "prune time", "after --recover", "prune + recover time"], rows)
+    how = f"{args.importance} ranks, scope damage" if args.importance else "--recover's plan"
+    text += md(["MACs target", f"pruned ({how})", "prune time",
+                "after --recover" + (f" ({how})" if args.importance else ""), "prune + recover time"], rows)
     text += (f"\n\nCalibration: {len(ct)} sentences of {len(CALIB_MODULES)} modules ({', '.join(CALIB_MODULES)}), "
              f"each module a source; evaluation: {len(EVAL_MODULES)} other modules; CPU {os.cpu_count()} cores\n")
     write_results(args.out, text, raw)

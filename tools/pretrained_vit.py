@@ -78,6 +78,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--calib-batches", type=int, default=4)
     ap.add_argument("--eval", type=int, default=200, help="evaluation crops")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "pretrained_vit.md"))
+    ap.add_argument("--importance", help="ranks for both runs instead of --recover's (e.g. l2), scope damage")
     return ap
 
 
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     for t in [float(v) for v in args.targets.split(",")]:
         cells, entry = [f"{t:.0%}"], {}
         for rec, out, secs, line in plain_and_recovered(model, t, CACHE, "--calib", calib, "--calib-batches",
-                                                        str(args.calib_batches)):
+                                                        str(args.calib_batches), importance=args.importance):
             m = compare(ref, outputs(out, x_eval))
             cells += [f"{m['pearson']:.3f} / {m['median']:.3f} / {m['pooled']:.3f} / {m['mad']:.3f}", f"{secs:.0f}s"]
             entry["recovered" if rec else "pruned"] = {**m, "seconds": secs, "line": line}
@@ -106,7 +107,9 @@ def main(argv: list[str] | None = None) -> None:
             f"`{PACKAGE}`), {SIZE} px, on crops of photos that did not calibrate: Pearson correlation of the output map "
             "with the original's, mean over crops / median over crops / every pixel of every crop pooled; the mean "
             "absolute difference of the maps (they lie in [0, 1])\n\n")
-    text += md(["MACs target", "pruned (--recover's plan)", "prune time", "after --recover", "prune + recover time"], rows)
+    how = f"{args.importance} ranks, scope damage" if args.importance else "--recover's plan"
+    text += md(["MACs target", f"pruned ({how})", "prune time",
+                "after --recover" + (f" ({how})" if args.importance else ""), "prune + recover time"], rows)
     text += (f"\n\n{len(files)} photos, half calibrate ({32 * args.calib_batches} crops), the other half evaluate "
              f"({args.eval} crops); the original's map on them: mean {ref.mean():.3f}, std {ref.std():.3f}; "
              f"CPU {os.cpu_count()} cores\n")
