@@ -174,6 +174,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--attention", action=argparse.BooleanOptionalAction, default=True,
                     help=f"also the plan {ATTENTION}: heads and head dims, which the MACs targets leave alone")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "pretrained_ocr.md"))
+    ap.add_argument("--importance", help="ranks for the budget rows instead of --recover's (e.g. l2), scope damage")
     return ap
 
 
@@ -193,7 +194,8 @@ def main(argv: list[str] | None = None) -> None:
     base = compare(ref, ref, truth, chars)
     print(f"original: {base['read']:.1f}% of the evaluation lines read exactly", flush=True)
     rows, raw = [], {"model": PACKAGE + "/" + MEMBER, "original_read": base["read"], "results": {}}
-    plans = [(f"{t:.0%}", json.dumps({"target_macs": t, "importance": DAMAGE_IMPORTANCE, "scope": "damage"}))  # --recover's plan
+    ranks = args.importance or DAMAGE_IMPORTANCE
+    plans = [(f"{t:.0%}", json.dumps({"target_macs": t, "importance": ranks, "scope": "damage"}))  # --recover's plan
              for t in [float(v) for v in args.targets.split(",")]]
     if args.attention:
         plans.append(("attention", ATTENTION))
