@@ -91,6 +91,7 @@ def parser() -> argparse.ArgumentParser:
                     help="calibrate on photo crops and report the Pearson correlation with the original on crops of "
                          "other photos")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "recover_speed.md"))
+    ap.add_argument("--importance", help="ranks written in the ratios instead of --recover's (e.g. l2)")
     return ap
 
 
@@ -153,7 +154,8 @@ def main(argv: list[str] | None = None) -> None:
         for target in [float(t) for t in args.target.split(",")]:
             # what --recover does: its plan (recover.plan_defaults: scope damage, its ranks), the rewrite, the re-fit
             t0 = time.perf_counter()
-            res = api.prune(path, {"target_macs": target}, calib=calib, recover="ridge")
+            ratios = {"target_macs": target, **({"importance": args.importance} if args.importance else {})}
+            res = api.prune(path, ratios, calib=calib, recover="ridge")
             wall = time.perf_counter() - t0
             t_prune, t_rec = res.timings["analyse"] + res.timings["plan"], res.timings["recover"]
             stats, lrows = res.recovery_stats, res.recovery
