@@ -204,12 +204,17 @@ def plain_and_recovered(model: str, target: float, cache: str, *args, importance
     Yields ``(recovered, output path, seconds, last line)`` for each."""
     for rec in (False, True):
         out = os.path.join(cache, f"{target}_{'rec' if rec else 'pruned'}.onnx")
-        ratios = {"target_macs": target} if rec else \
-            {"target_macs": target, "importance": DAMAGE_IMPORTANCE, "scope": "damage"}
-        if importance is not None:
-            ratios = {"target_macs": target, "importance": importance, "scope": "damage"}
+        plan = {"importance": DAMAGE_IMPORTANCE if importance is None else importance, "scope": "damage"}
+        ratios = {"target_macs": target, **({} if rec and importance is None else plan)}
         line, secs = run(model, "--ratios", json.dumps(ratios), *args, *(["--recover"] if rec else []), "-o", out, "-q")
         yield rec, out, secs, line
+
+
+def plan_columns(importance=None) -> list[str]:
+    """The table head of :func:`plain_and_recovered`'s runs, naming the ranks when they were written."""
+    how = f"{importance} ranks, scope damage" if importance else "--recover's plan"
+    return ["MACs target", f"pruned ({how})", "prune time",
+            "after --recover" + (f" ({how})" if importance else ""), "prune + recover time"]
 
 
 def model_and_photos() -> tuple[str, list[str]]:

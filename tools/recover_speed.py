@@ -180,7 +180,9 @@ def main(argv: list[str] | None = None) -> None:
     inputs = (f"{args.images} 224-px crops of half the photos (calibration) and 200 of the other half (evaluation)"
               if args.photos else f"{args.images} random 224-px inputs")
     text = (f"`--recover` (ridge, all layers after the pruning), {inputs} in batches of 32, "
-            f"planned as --recover plans it (scope damage; recon ranks for MLP units, heads and head dims), random weights, {threads} CPU threads\n\n")
+            f"planned as --recover plans it (scope damage; "
+            f"{args.importance + ' ranks' if args.importance else 'recon ranks for MLP units, heads and head dims'}), "
+            f"random weights, {threads} CPU threads\n\n")
     head = ["model", "target_macs", "layers", "levels", "prune s (the --recover plan: scope damage)", "forward original s",
             "forward pruned s", "recovery ORT passes s", "passes / (fwd orig + fwd pruned)", "statistics + solves s",
             "recovery total s", "layers re-fitted", "wall s (the whole prune + recover call)"]

@@ -240,13 +240,13 @@ def score_groups(ctx: Analysis, groups: list[Group], spec: dict, seed: int = 0, 
                     want[g.id] = "l2"
                 out.values[g.id] = s
     if "recon" in needs:
-        from onnxprune.plan.importance.recon import consumers, recon_scores
+        from onnxprune.plan.importance.recon import consumer_plans, recon_scores
 
         todo = [g for g in live if want[g.id] == "recon"]
+        plans = consumer_plans(ctx, todo)
         # groups recon cannot score (no linear layer where they end) get activation, summed with the other
         # data criteria in recon's own pass over the data
-        early = {g.id: ("activation" if c == "recon" and not consumers(ctx, g) else c)
-                 for g in live for c in [want[g.id]]}
+        early = {**want, **{g.id: "activation" for g in todo if g.id not in plans}}
         data = _DataScores(ctx, live, early, calib, out) \
             if any(c in ("activation", "gohsp") for c in early.values()) else None
         want.update({gid: "l2" for gid, c in early.items() if c == "l2"})  # nothing to capture: l2, noted
@@ -257,14 +257,13 @@ def score_groups(ctx: Analysis, groups: list[Group], spec: dict, seed: int = 0, 
                     data.add(k, vals)
                 yield k, vals
 
-        vals, notes = recon_scores(ctx, todo, proto, calib, capture, seed)
+        vals, notes = recon_scores(ctx, todo, proto, calib, capture, seed, plans=plans)
         out.values.update(vals)
         if data is not None:
             data.finish()
         later = []
         for gid, why in notes.items():
             if early[gid] == "l2":  # nothing to capture either: l2, noted by _DataScores
-                want[gid] = "l2"
                 continue
             out.notes[gid] = f"{why}; activation used"
             want[gid] = "activation"
