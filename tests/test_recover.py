@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import math
 import pathlib
 
 import numpy as np
@@ -559,20 +560,73 @@ def test_dense_rows_take_the_stream_error_on_the_sampled_rows_alone(scale_shape,
     assert _stream_inverse(f, y, r_o[:, :3], r_p, scale) == (False, None)  # shapes that do not line up
 
 
-def test_a_conv_transpose_that_loses_input_channels_gets_a_skipped_row_with_its_reason():
-    # recovery writes no regression for ConvTranspose: the report says so instead of leaving it out
+@pytest.mark.parametrize("k,attrs", [
+    (2, "strides=[2,2]"),
+    (4, "strides=[2,2], pads=[1,1,1,1]"),
+    (3, "strides=[2,2], pads=[1,0,1,0], output_padding=[1,1]"),
+    (5, "strides=[3,3], pads=[2,1,0,2]"),
+    (3, "pads=[1,1,1,1]"),
+], ids=["k2s2", "k4s2p1", "k3s2-output-padding", "k5s3-uneven-pads", "k3s1"])
+def test_a_conv_transpose_that_loses_input_channels_is_refitted_from_the_ones_kept(k, attrs):
+    """A ConvTranspose is fitted as the stride-1 Conv it equals on its zero-interleaved
+    input (kernel flipped, channel axes swapped) and written back transposed: where
+    the removed channels are scaled copies of kept ones (a Relu keeps them so), the
+    re-fit gives the original's outputs back on inputs no fit saw, for strides,
+    uneven pads and output_padding alike."""
     from test_rules import W, make
 
-    m = make("""[c1] a = Conv <pads=[1,1,1,1]> (x, w1, b1)
+    rng = np.random.default_rng(3)
+    w1, b1, wt, bt = rng.standard_normal((8, 3, 3, 3)), rng.standard_normal(8), rng.standard_normal((8, 6, k, k)), W(6)
+    for j, i in ((5, 0), (6, 1), (7, 2)):  # r_j = 0.1 r_i, read by small weights: the lowest l2, pruned first
+        w1[j], b1[j], wt[j] = 0.1 * w1[i], 0.1 * b1[i], 0.1 * wt[j]
+    m = make(f"""[c1] a = Conv <pads=[1,1,1,1]> (x, w1, b1)
   r = Relu(a)
-  [ct] t = ConvTranspose <strides=[2,2]> (r, wt, bt)
-  s = Relu(t)
-  [c3] y = Conv (s, w3, b3)""", {"w1": W(8, 3, 3, 3), "b1": W(8), "wt": W(8, 6, 2, 2), "bt": W(6), "w3": W(4, 6, 1, 1),
-                                 "b3": W(4)}, out="float[1,4,16,16] y")
-    res = prune(m, {"kinds": {"channels": 0.5}, "scope": "local"})
-    calib = [np.random.default_rng(i).standard_normal((1, 3, 8, 8)).astype(np.float32) for i in range(8)]
-    _, rows = recover(m, res.proto, res.analyzed.ctx, res.plan.keep, calib, progress=False)
+  [ct] y = ConvTranspose <{attrs}> (r, wt, bt)""", {"w1": w1.astype(np.float32), "b1": b1.astype(np.float32),
+                                                  "wt": wt.astype(np.float32), "bt": bt}, out="float[1,6,H,W] y")
+    res = prune(m, {"kinds": {"channels": 0.375}, "scope": "local", "importance": "l2"})
+    assert sorted(set(range(8)) - set(next(iter(res.plan.keep.values())).tolist())) == [5, 6, 7]
+    calib = [np.random.default_rng(i).standard_normal((1, 3, 8, 8)).astype(np.float32) for i in range(12)]
+    rec, rows = recover(m, res.proto, res.analyzed.ctx, res.plan.keep, calib, progress=False, ridge=1e-9,
+                        ridge_select=False)
     ct = [r for r in rows if r.node == "ct"]
-    assert len(ct) == 1 and ct[0].status == "skipped" and "ConvTranspose" in ct[0].reason, format_rows(rows)
-    assert any(r.node == "c3" for r in rows), format_rows(rows)  # the conv after it still is a row
-    assert "ConvTranspose is not re-fitted" in format_rows(rows)
+    assert len(ct) == 1 and ct[0].status == "refit" and ct[0].err_after < 1e-4 < ct[0].err_before, format_rows(rows)
+    x = np.random.default_rng(99).standard_normal((1, 3, 8, 8)).astype(np.float32)
+    ref, pruned, got = (runtime.session(p).run(None, {"x": x})[0] for p in (m, res.proto, rec))
+    err = lambda a: float(np.linalg.norm(a - ref) / np.linalg.norm(ref))  # noqa: E731
+    assert err(got) < 1e-5 and err(pruned) > 1e-3, (err(got), err(pruned))
+
+
+def test_blocked_normal_equations_of_a_conv_transpose_solve_like_the_dense_ones():
+    """The per-phase statistics (rows zero outside their phase's taps) give the same
+    ridge solutions, errors and held-out splits as the dense Gram matrix of the same
+    rows, for every strength, the bias-only one included."""
+    from types import SimpleNamespace
+
+    from onnxprune.recover.fit import _accumulate, _Blocks, _ridge, _sq_err, _totals, tap_blocks
+
+    geo = {"k": (4, 3), "up": (2, 3), "pads": [2, 1, 2, 1]}
+    blocks = tap_blocks(5, geo)
+    d = 5 * 4 * 3
+    assert sorted(np.concatenate(blocks).tolist()) == list(range(d))  # every tap in exactly one phase
+    rng = np.random.default_rng(0)
+    phase = rng.integers(0, len(blocks), 400)
+    X = np.zeros((400, d), np.float32)
+    for p, cols in enumerate(blocks):
+        X[np.ix_(phase == p, cols)] = rng.standard_normal((int((phase == p).sum()), len(cols)))
+    Y = (X @ rng.standard_normal((d, 3)) + 0.3 * rng.standard_normal((400, 3))).astype(np.float32)
+    fold = rng.integers(0, 2, 400)
+    blocked = SimpleNamespace(conv={"blocks": blocks}, folds={}, n=0)
+    dense = SimpleNamespace(conv={}, folds={}, n=0)
+    _accumulate(blocked, [(X, Y, phase)], fold)
+    _accumulate(dense, [(X, Y)], fold)
+    for f in (blocked, dense):
+        _totals(f)
+    assert isinstance(blocked.G[0], _Blocks)
+    W0 = rng.standard_normal((d + 1, 3))
+    for lam in (1e-4, 1e-1, 10.0, math.inf):
+        wb, wd = _ridge(blocked.G[0], blocked.C[0], W0, lam), _ridge(dense.G[0], dense.C[0], W0, lam)
+        np.testing.assert_allclose(wb, wd, rtol=1e-6, atol=1e-8)
+        assert _sq_err(blocked.G[0], blocked.C[0], blocked.yy[0], wb) == pytest.approx(
+            _sq_err(dense.G[0], dense.C[0], dense.yy[0], wd), rel=1e-8)
+    held = blocked.G[0] - blocked.folds[1][0][0]  # what a fit on fold 0 sees
+    np.testing.assert_allclose(held @ W0, (dense.G[0] - dense.folds[1][0][0]) @ W0, rtol=1e-8, atol=1e-8)

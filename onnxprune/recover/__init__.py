@@ -139,7 +139,7 @@ def downstream(ctx, keep) -> list[str]:
         if not hit:
             continue
         changed.update(v.name for v in n.outputs)
-        if (n.op_type in ("Conv", "Gemm", "MatMul") or is_packed_attention(n)) and len(n.inputs) > 1 \
+        if (n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul") or is_packed_attention(n)) and len(n.inputs) > 1 \
                 and n.inputs[1] is not None \
                 and (n.inputs[1].const_value is not None or n.inputs[1].producer() is not None
                      and n.inputs[1].producer().op_type == "DequantizeLinear"):
@@ -231,11 +231,6 @@ def recover_model(
         else:
             fits.append(f)
             rows.append(f.row)
-    kinds = {n.name: n.op_type for n in g.g}
-    for name in consumers(ctx, keep):  # read pruned channels, but no regression is written for them here
-        if kinds.get(name) == "ConvTranspose":
-            rows.append(LayerRow(node=name, op="ConvTranspose", status="skipped",
-                                 reason="ConvTranspose is not re-fitted: it keeps its weights for the channels left"))
     if not fits:
         return rows
     levels, value_level = _levels(g, {f.row.node for f in fits})
@@ -311,7 +306,7 @@ def recover_model(
                     rws, sample = got
                     fb = fold_of[bi][np.minimum(sample, len(fold_of[bi]) - 1)]
                     if not np.all(fb >= 0):  # samples kept out for the whole-model check
-                        rws, fb = [(X[fb >= 0], Y[fb >= 0]) for X, Y in rws], fb[fb >= 0]
+                        rws, fb = [tuple(a[fb >= 0] for a in r) for r in rws], fb[fb >= 0]
                     _accumulate(f, rws, fb if hold else np.zeros(len(fb), int))
                 for lg in here:
                     fold = fold_of[bi] if hold else np.where(fold_of[bi] >= 0, 0, -1)

@@ -11,7 +11,7 @@ import onnx
 import onnx_ir as ir
 from onnx import helper, numpy_helper
 
-from onnxprune.recover.fit import LayerRow, _Fit
+from onnxprune.recover.fit import LayerRow, _Fit, tap_blocks
 from onnxprune.rewrite import Journal, add_bias_after, matmul_bias, set_input
 
 class _Graph:
@@ -204,6 +204,28 @@ def _conv_geometry(g: _Graph, node, w: np.ndarray) -> dict | str:
                 pads=list(g.attr(node, "pads", [0, 0, 0, 0])), auto=auto)
 
 
+def _transposed_geometry(g: _Graph, node, w: np.ndarray) -> dict | str:
+    """A ConvTranspose as the stride-1 Conv it equals on its input with ``s - 1``
+    zeros between neighbours (``up``: the strides), the kernel flipped and its
+    two channel axes swapped: ``pads`` of that Conv are ``k - 1 - pad`` (plus
+    ``output_padding`` at the end)."""
+    if w.ndim != 4:
+        return "only 2-D convolutions are re-fitted"
+    auto = g.attr(node, "auto_pad", "NOTSET")
+    auto = auto.decode() if isinstance(auto, bytes) else auto
+    if auto != "NOTSET" or g.attr(node, "output_shape", None) is not None:
+        return "ConvTranspose with auto_pad or output_shape is not re-fitted"
+    if any(d != 1 for d in g.attr(node, "dilations", [1, 1])):
+        return "dilated ConvTranspose is not re-fitted"
+    kh, kw = w.shape[2:]
+    pt, pl, pb, pr = list(g.attr(node, "pads", [0, 0, 0, 0]))
+    oh, ow = list(g.attr(node, "output_padding", [0, 0]))
+    pads = [kh - 1 - pt, kw - 1 - pl, kh - 1 - pb + oh, kw - 1 - pr + ow]
+    if min(pads) < 0:
+        return "ConvTranspose pads wider than its kernel are not re-fitted"
+    return dict(k=(kh, kw), s=[1, 1], d=[1, 1], pads=pads, auto="NOTSET", up=tuple(g.attr(node, "strides", [1, 1])))
+
+
 def _plan_packed(g: _Graph, src: dict | None, node, row: LayerRow, outs, max_features: int) -> _Fit | LayerRow:
     """A packed-weight Attention as a linear layer: input 0 times the packed
     weight plus the bias, the target computed from the original's input."""
@@ -243,8 +265,8 @@ def _plan_fit(g: _Graph, orig: dict[str, str], name: str, ins, outs, max_feature
     row.inputs_kept = ", ".join(f"{len(k)}/{w}" for _, _, k, w, _ in io_in)
     if is_packed_attention(node):
         return _plan_packed(g, (packed or {}).get(name), node, row, outs, max_features)
-    if op not in ("Conv", "Gemm", "MatMul"):
-        row.reason = f"{op} is not re-fitted (only Conv, Gemm, MatMul)"
+    if op not in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
+        row.reason = f"{op} is not re-fitted (only Conv, ConvTranspose, Gemm, MatMul)"
         return row
     wslot = 1
     if any(s != 1 for s, *_ in io_in):
@@ -258,7 +280,7 @@ def _plan_fit(g: _Graph, orig: dict[str, str], name: str, ins, outs, max_feature
         row.reason = f"weight dtype {w.dtype} (only float32)"
         return row
     # surviving output channels (indices of the original's output axis)
-    out_axis = {"Conv": 0, "Gemm": 0 if g.attr(node, "transB", 0) else 1, "MatMul": w.ndim - 1}[op]
+    out_axis = {"Conv": 0, "ConvTranspose": 1, "Gemm": 0 if g.attr(node, "transB", 0) else 1, "MatMul": w.ndim - 1}[op]
     ko = [(k, wd) for s, a, k, wd, _ in outs.get(name, []) if s == wslot and a == out_axis]
     width_now = w.shape[out_axis]
     kept_out, width0 = ko[0] if ko else (np.arange(width_now), width_now)
@@ -267,6 +289,29 @@ def _plan_fit(g: _Graph, orig: dict[str, str], name: str, ins, outs, max_feature
         return row
     row.outputs_kept = f"{len(kept_out)}/{width0}"
     fit_kw = dict(row=row, node=node, x_name=node.inputs[0].name, y_name=orig[name], kept_out=np.asarray(kept_out))
+    if op == "ConvTranspose":  # fitted as the Conv it equals (_transposed_geometry), written back transposed
+        if int(g.attr(node, "group", 1)) != 1:
+            row.reason = "grouped ConvTranspose is not re-fitted"
+            return row
+        geo = _transposed_geometry(g, node, w)
+        if isinstance(geo, str):
+            row.reason = geo
+            return row
+        wc = np.flip(w.transpose(1, 0, 2, 3), (2, 3))  # [outputs, inputs, kh, kw]
+        m = wc.shape[0]
+        b = g.const(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else np.zeros(m, np.float32)
+        if b is None:
+            row.reason = "ConvTranspose bias is not a constant"
+            return row
+        d = wc[0].size
+        if d + 1 > max_features:
+            row.reason = f"{d} features exceed max_features={max_features}"
+            return row
+        row.features = d
+        w0 = [np.vstack([wc.reshape(m, -1).T, b[None]]).astype(np.float64)]
+        if method == "ridge" and max(geo["up"]) > 1:  # the normal equations split by output phase
+            geo["blocks"] = tap_blocks(wc.shape[1], geo)
+        return _Fit(groups=[(slice(None), slice(None))], w0=w0, kind="conv", conv=geo, **fit_kw)
     if op == "Conv":
         grp = int(g.attr(node, "group", 1))
         m, cpg = w.shape[:2]
@@ -346,6 +391,12 @@ def _write_back(g: _Graph, fit: _Fit, Ws: list, journal: Journal) -> None:
     """Hand the fitted weights of ``fit`` to the rewriter (undoable through ``journal``)."""
     node = g.nodes[fit.row.node]
     f32 = lambda a: np.asarray(a, np.float32)  # noqa: E731
+    if fit.kind == "conv" and node.op_type == "ConvTranspose":  # back from the Conv it was fitted as
+        w = g.const(node.inputs[1])
+        wc = Ws[0][:-1].T.reshape(w.shape[1], w.shape[0], *w.shape[2:])
+        set_input(node, 1, f32(np.flip(wc, (2, 3)).transpose(1, 0, 2, 3)), "recovered_w", journal)
+        set_input(node, 2, f32(Ws[0][-1]), "recovered_b", journal)
+        return
     if fit.kind == "conv":
         w = g.const(node.inputs[1])
         m = w.shape[0]
