@@ -1,6 +1,6 @@
 """Closed-form recovery after pruning, without labels.
 
-Every *consumer of pruned channels* (a Conv, Gemm or MatMul with a constant
+Every *consumer of pruned channels* (a Conv, ConvTranspose, Gemm or MatMul with a constant
 weight whose input axis lost channels) is re-fitted, layer by layer in graph
 order, so that from its **kept** inputs it reproduces what the **original**
 layer produced on its surviving outputs:
@@ -22,7 +22,11 @@ layer produced on its surviving outputs:
 
 A Conv is a linear regression over sampled output positions: the rows are
 im2col patches of the kept input channels (per group for grouped convs), the
-columns the layer's output channels. Gemm (``transA``/``transB``, ``alpha``/
+columns the layer's output channels. A ConvTranspose is the stride-1 Conv it
+equals on its input with ``stride - 1`` zeros between neighbours (kernel
+flipped, channel axes swapped); an output phase reads only its share of the
+taps, so its normal equations are kept and solved per block of those taps
+(:func:`onnxprune.recover.fit.tap_blocks`). Gemm (``transA``/``transB``, ``alpha``/
 ``beta``) and MatMul are regressions on their input rows; a 3-D MatMul input
 (tokens) is flattened to rows. A MatMul's bias is the constant of the ``Add``
 that follows it; a MatMul without one gets a new ``Add`` when its bias moves.
@@ -119,7 +123,7 @@ def consumers(ctx, keep) -> list[str]:
 
 
 def downstream(ctx, keep) -> list[str]:
-    """Names of every linear layer (Conv, Gemm, MatMul with a constant weight,
+    """Names of every linear layer (Conv, ConvTranspose, Gemm, MatMul with a constant weight,
     onnxruntime's packed-weight Attention for its q/k/v projection)
     whose input the pruning changed: the consumers of pruned channels and every
     linear layer after them in data flow (their inputs drift with the pruned
