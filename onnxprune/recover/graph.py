@@ -209,21 +209,26 @@ def _transposed_geometry(g: _Graph, node, w: np.ndarray) -> dict | str:
     zeros between neighbours (``up``: the strides), the kernel flipped and its
     two channel axes swapped: ``pads`` of that Conv are ``k - 1 - pad`` (plus
     ``output_padding`` at the end)."""
-    if w.ndim != 4:
-        return "only 2-D convolutions are re-fitted"
-    auto = g.attr(node, "auto_pad", "NOTSET")
-    auto = auto.decode() if isinstance(auto, bytes) else auto
-    if auto != "NOTSET" or g.attr(node, "output_shape", None) is not None:
+    geo = _conv_geometry(g, node, w)
+    if isinstance(geo, str):
+        return geo
+    if geo["auto"] != "NOTSET" or g.attr(node, "output_shape", None) is not None:
         return "ConvTranspose with auto_pad or output_shape is not re-fitted"
-    if any(d != 1 for d in g.attr(node, "dilations", [1, 1])):
+    if any(d != 1 for d in geo["d"]):
         return "dilated ConvTranspose is not re-fitted"
-    kh, kw = w.shape[2:]
-    pt, pl, pb, pr = list(g.attr(node, "pads", [0, 0, 0, 0]))
+    (kh, kw), (pt, pl, pb, pr) = geo["k"], geo["pads"]
     oh, ow = list(g.attr(node, "output_padding", [0, 0]))
     pads = [kh - 1 - pt, kw - 1 - pl, kh - 1 - pb + oh, kw - 1 - pr + ow]
     if min(pads) < 0:
         return "ConvTranspose pads wider than its kernel are not re-fitted"
-    return dict(k=(kh, kw), s=[1, 1], d=[1, 1], pads=pads, auto="NOTSET", up=tuple(g.attr(node, "strides", [1, 1])))
+    return {**geo, "s": [1, 1], "pads": pads, "up": tuple(geo["s"])}
+
+
+def _swap_flip(w: np.ndarray) -> np.ndarray:
+    """A ConvTranspose kernel ``[inputs, outputs, kh, kw]`` as the Conv kernel
+    ``[outputs, inputs, kh, kw]`` it equals (channel axes swapped, taps flipped),
+    and back: the map is its own inverse."""
+    return np.ascontiguousarray(np.flip(w.transpose(1, 0, 2, 3), (2, 3)))
 
 
 def _plan_packed(g: _Graph, src: dict | None, node, row: LayerRow, outs, max_features: int) -> _Fit | LayerRow:
@@ -289,42 +294,24 @@ def _plan_fit(g: _Graph, orig: dict[str, str], name: str, ins, outs, max_feature
         return row
     row.outputs_kept = f"{len(kept_out)}/{width0}"
     fit_kw = dict(row=row, node=node, x_name=node.inputs[0].name, y_name=orig[name], kept_out=np.asarray(kept_out))
-    if op == "ConvTranspose":  # fitted as the Conv it equals (_transposed_geometry), written back transposed
-        if int(g.attr(node, "group", 1)) != 1:
+    if op in ("Conv", "ConvTranspose"):
+        grp = int(g.attr(node, "group", 1))
+        if op == "ConvTranspose" and grp != 1:
             row.reason = "grouped ConvTranspose is not re-fitted"
             return row
-        geo = _transposed_geometry(g, node, w)
+        geo = (_transposed_geometry if op == "ConvTranspose" else _conv_geometry)(g, node, w)
         if isinstance(geo, str):
             row.reason = geo
             return row
-        wc = np.flip(w.transpose(1, 0, 2, 3), (2, 3))  # [outputs, inputs, kh, kw]
-        m = wc.shape[0]
-        b = g.const(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else np.zeros(m, np.float32)
-        if b is None:
-            row.reason = "ConvTranspose bias is not a constant"
-            return row
-        d = wc[0].size
-        if d + 1 > max_features:
-            row.reason = f"{d} features exceed max_features={max_features}"
-            return row
-        row.features = d
-        w0 = [np.vstack([wc.reshape(m, -1).T, b[None]]).astype(np.float64)]
-        if method == "ridge" and max(geo["up"]) > 1:  # the normal equations split by output phase
-            geo["blocks"] = tap_blocks(wc.shape[1], geo)
-        return _Fit(groups=[(slice(None), slice(None))], w0=w0, kind="conv", conv=geo, **fit_kw)
-    if op == "Conv":
-        grp = int(g.attr(node, "group", 1))
+        if op == "ConvTranspose":  # fitted as the Conv it equals, written back transposed (_write_back)
+            w = _swap_flip(w)
         m, cpg = w.shape[:2]
         if m % grp:
             row.reason = "group does not divide the output channels"
             return row
-        geo = _conv_geometry(g, node, w)
-        if isinstance(geo, str):
-            row.reason = geo
-            return row
         b = g.const(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else np.zeros(m, np.float32)
         if b is None:
-            row.reason = "Conv bias is not a constant"
+            row.reason = f"{op} bias is not a constant"
             return row
         if cpg == 1 and grp > 1:
             row.reason = "depthwise: one input per output channel (re-fitting it did not generalise on held-out data in our runs)"
@@ -340,6 +327,8 @@ def _plan_fit(g: _Graph, orig: dict[str, str], name: str, ins, outs, max_feature
             row.reason = f"{d} features per group exceed max_features={max_features}"
             return row
         row.features = d
+        if method == "ridge" and max(geo.get("up", (1,))) > 1:  # the normal equations split by output phase
+            geo["blocks"] = tap_blocks(cpg, geo)
         return _Fit(groups=groups, w0=w0, kind="conv", conv=geo, **fit_kw)
     if op == "Gemm":
         ta, tb = int(g.attr(node, "transA", 0)), int(g.attr(node, "transB", 0))
@@ -391,14 +380,9 @@ def _write_back(g: _Graph, fit: _Fit, Ws: list, journal: Journal) -> None:
     """Hand the fitted weights of ``fit`` to the rewriter (undoable through ``journal``)."""
     node = g.nodes[fit.row.node]
     f32 = lambda a: np.asarray(a, np.float32)  # noqa: E731
-    if fit.kind == "conv" and node.op_type == "ConvTranspose":  # back from the Conv it was fitted as
-        w = g.const(node.inputs[1])
-        wc = Ws[0][:-1].T.reshape(w.shape[1], w.shape[0], *w.shape[2:])
-        set_input(node, 1, f32(np.flip(wc, (2, 3)).transpose(1, 0, 2, 3)), "recovered_w", journal)
-        set_input(node, 2, f32(Ws[0][-1]), "recovered_b", journal)
-        return
     if fit.kind == "conv":
-        w = g.const(node.inputs[1])
+        transposed = node.op_type == "ConvTranspose"  # fitted as the Conv it equals
+        w = _swap_flip(g.const(node.inputs[1])) if transposed else g.const(node.inputs[1])
         m = w.shape[0]
         new_w = np.empty_like(w)
         new_b = np.empty(m, np.float64)
@@ -406,7 +390,7 @@ def _write_back(g: _Graph, fit: _Fit, Ws: list, journal: Journal) -> None:
             mg = new_w[osl].shape[0]
             new_w[osl] = W[:-1].T.reshape(mg, *w.shape[1:])
             new_b[osl] = W[-1]
-        set_input(node, 1, f32(new_w), "recovered_w", journal)
+        set_input(node, 1, f32(_swap_flip(new_w) if transposed else new_w), "recovered_w", journal)
         set_input(node, 2, f32(new_b), "recovered_b", journal)
         return
     W = Ws[0]
