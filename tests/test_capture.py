@@ -104,9 +104,13 @@ def test_exposed_returns_intermediate_values_computed_by_hand():
     n_out = len(model.graph.output)
     got = exposed(model, ["a0", "m1"]).run(["a0", "m1"], {"x": x})
     assert np.allclose(got[0], a0, atol=1e-5) and np.allclose(got[1], m1, atol=1e-5)
-    assert len(model.graph.output) == n_out  # a copy gained the outputs
+    assert len(model.graph.output) == n_out  # a copy was cut down
+    before = len(model.graph.node)
     exposed(model, ["a0", "a0"], copy=False)
-    assert [o.name for o in model.graph.output] == ["y", "a0"]  # the model itself, each value once
+    assert [o.name for o in model.graph.output] == ["a0"]  # the model itself, each value once
+    made = {o for n in model.graph.node for o in n.output}
+    assert "a0" in made and "m1" not in made and len(model.graph.node) < before  # nothing after a0 runs
+    assert {t.name for t in model.graph.initializer} == {"W0"}  # nor keeps its weights
 
 
 def test_a_subgraph_that_reads_an_outer_value_keeps_it_alive_until_it_runs():
@@ -166,3 +170,25 @@ def test_a_session_on_weights_handed_over_as_arrays_computes_the_same(tmp_path):
         np.testing.assert_array_equal(got, want)
     with pytest.raises(Exception):  # without the arrays the placeholders point at nothing
         session(proto).run(None, x)
+
+
+def test_exposed_keeps_what_a_branch_reads_from_outside_and_drops_the_rest():
+    """A value read only inside an If's branch is still computed; a side branch nothing asked for is not."""
+    then_g = helper.make_graph([helper.make_node("Identity", ["v"], ["t"])], "then", [],
+                               [helper.make_tensor_value_info("t", TensorProto.FLOAT, ["N", 4])])
+    else_g = helper.make_graph([helper.make_node("Neg", ["x"], ["e"])], "else", [],
+                               [helper.make_tensor_value_info("e", TensorProto.FLOAT, ["N", 4])])
+    nodes = [helper.make_node("Add", ["x", "c"], ["v"], name="add"),
+             helper.make_node("If", ["cond"], ["y"], then_branch=then_g, else_branch=else_g, name="if"),
+             helper.make_node("Mul", ["x", "c"], ["side"], name="side")]
+    g = helper.make_graph(nodes, "branch", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4]),
+                                            helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4]),
+                           helper.make_tensor_value_info("side", TensorProto.FLOAT, ["N", 4])],
+                          [numpy_helper.from_array(np.full(4, 2.0, np.float32), "c")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    (y,) = exposed(model, ["y"]).run(["y"], {"x": x, "cond": np.array(True)})
+    assert np.allclose(y, x + 2.0)
+    exposed(model, ["y"], copy=False)
+    assert [n.name for n in model.graph.node] == ["add", "if"]
