@@ -189,9 +189,12 @@ def noise_floor(model: str, x: np.ndarray, ref: np.ndarray, sure: np.ndarray, re
         return scores(ref, logits(path, x), sure)
 
 
+CLI = [sys.executable, "-m", "onnxprune"]  # how the tools call the CLI (pretrained_vit.py --search-samples changes it)
+
+
 def run(*args) -> tuple[str, float]:
     t0 = time.perf_counter()
-    p = subprocess.run([sys.executable, "-m", "onnxprune", *args], capture_output=True, text=True)
+    p = subprocess.run([*CLI, *args], capture_output=True, text=True)
     if p.returncode:
         raise SystemExit(f"onnxprune {' '.join(args)} failed:\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}")
     return p.stdout.strip().splitlines()[-1], time.perf_counter() - t0

