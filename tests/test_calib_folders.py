@@ -187,3 +187,47 @@ def test_gohsp_takes_the_norm_of_its_image_folder(tmp_path, capsys, monkeypatch)
     err = capsys.readouterr().err.strip().splitlines()
     assert seen == ["bgr"] and len(err) == 1 and "--data-norm 'bgr'" in err[0]
     assert not (tmp_path / "g.onnx").exists()
+
+
+def _identity(dims):
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, dims)
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    return helper.make_model(helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g", [x], [y]))
+
+
+@pytest.mark.parametrize("dims, shape", [
+    (["N", 3, 48, 320], (3, 48, 320)),  # a text-line recogniser: wide, not square
+    (["N", 1, 64, 256], (1, 64, 256)),  # grey
+    (["N", 48, 48, 3], (48, 48, 3)),  # channels last (Keras, tf2onnx)
+])
+def test_images_take_the_inputs_layout(tmp_path, dims, shape):
+    """Synthetic and folder calibration cut images to the input as it is: H and W
+    apart, one grey channel, channels last. Photos of one flat colour each come
+    back as exactly that colour in every pixel, channel by channel (grey: its
+    luminance), normalised."""
+    _photos(tmp_path / "few", [(300, 200), (180, 240)])
+    model = _identity(dims)
+    for spec in ("synthetic", str(tmp_path / "few")):
+        c = calib.load(spec, model, n_batches=2, batch=4)
+        assert c.batches[0].shape == (4, *shape) and c.n == 8
+        assert np.isfinite(np.concatenate(c.batches)).all() and np.concatenate(c.batches).std() > 0.05
+    flat = {"red": (200, 100, 30), "blue": (20, 90, 240)}
+    (tmp_path / "flat").mkdir()
+    for name, rgb in flat.items():
+        Image.fromarray(np.full((150, 260, 3), rgb, np.uint8)).save(str(tmp_path / "flat" / f"{name}.png"))
+    c = calib.load(str(tmp_path / "flat"), model, n_batches=1, batch=4, norm="unit")
+    x, src = np.concatenate(c.batches), np.concatenate(c.sources)
+    names = sorted(flat)  # image_files order
+    for k in range(len(x)):
+        rgb = np.array(flat[names[src[k]]], np.float32) / 255
+        want = rgb if shape[0] != 1 else np.array([rgb @ [0.299, 0.587, 0.114]])
+        got = x[k].reshape(-1, len(want)) if shape[-1] in (1, 3) and shape[0] not in (1, 3) else \
+            x[k].reshape(len(want), -1).T
+        np.testing.assert_allclose(got, np.broadcast_to(want, got.shape), atol=3e-3)
+
+
+def test_an_input_that_is_no_image_is_one_user_error():
+    with pytest.raises(calib.UserError, match=r"\[N, H, W, C\].*give a .npy/.npz"):
+        calib.load("synthetic", _identity(["N", 3, "H", "W"]), n_batches=2, batch=4)

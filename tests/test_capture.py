@@ -192,3 +192,32 @@ def test_exposed_keeps_what_a_branch_reads_from_outside_and_drops_the_rest():
     assert np.allclose(y, x + 2.0)
     exposed(model, ["y"], copy=False)
     assert [n.name for n in model.graph.node] == ["add", "if"]
+
+
+def test_initializers_listed_as_inputs_go_with_the_nodes_that_read_them():
+    """Old exporters (IR < 4) list every initializer as a graph input too. Cutting
+    the graph to a value that does not read one must drop the input with the
+    initializer, or ORT asks for it as a feed (opset-9 CenterFace under the
+    damage search). Both the cut session and the in-graph channel sums run."""
+    import onnx_ir as ir
+
+    from onnxprune.runtime.capture import channel_sums
+
+    w = numpy_helper.from_array(np.full(4, 3.0, np.float32), "w")
+    unused = numpy_helper.from_array(np.array(7, np.int64), "bn.num_batches_tracked")
+    nodes = [helper.make_node("Mul", ["x", "w"], ["a"], name="mul"),
+             helper.make_node("Cast", ["bn.num_batches_tracked"], ["n"], to=TensorProto.FLOAT, name="cast"),
+             helper.make_node("Add", ["a", "n"], ["y"], name="add")]
+    g = helper.make_graph(nodes, "ir3", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4]),
+                                         helper.make_tensor_value_info("w", TensorProto.FLOAT, [4]),
+                                         helper.make_tensor_value_info("bn.num_batches_tracked", TensorProto.INT64, [])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], [w, unused])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 9)], ir_version=3)
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    sess = exposed(model, ["a"])
+    assert [i.name for i in sess.get_inputs()] == ["x"]
+    (a,) = sess.run(["a"], {"x": x})
+    assert np.allclose(a, x * 3.0)
+    sums = channel_sums(ir.serde.deserialize_model(model), {"a": (1, 2)}, [{"x": x}])
+    total, count = sums["a"]
+    assert np.allclose(total, (x * 3.0).sum(0)) and count == 2

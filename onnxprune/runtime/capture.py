@@ -229,8 +229,14 @@ def _trim(proto: onnx.ModelProto, outputs: list[str], externals: dict | None = N
         g.node.extend(kept)
     inits = [t for t in g.initializer if t.name in need]
     if len(inits) < len(g.initializer):
+        # an initializer listed as a graph input too (IR < 4 exporters) goes with it, or ORT would ask for it
+        gone = {t.name for t in g.initializer} - need
         del g.initializer[:]
         g.initializer.extend(inits)
+        ins = [i for i in g.input if i.name not in gone]
+        if len(ins) < len(g.input):
+            del g.input[:]
+            g.input.extend(ins)
     have = {o.name: o for o in g.output}
     del g.output[:]
     g.output.extend(have.get(o) or helper.make_empty_tensor_value_info(o) for o in dict.fromkeys(outputs))

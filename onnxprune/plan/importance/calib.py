@@ -118,20 +118,82 @@ def folder_norm(spec: str, norm: str | None, flag: str = "--calib-norm") -> tupl
     return parse_norm(norm, flag)
 
 
-def _from_folder(spec: str, size: int, batch: int, n_batches: int, need: int, seed: int,
+@dataclass(frozen=True)
+class ImageLayout:
+    """How an image input lays its pixels out: ``[N, C, H, W]`` or, channels
+    last (Keras, tf2onnx), ``[N, H, W, C]``; ``C`` is 1 (grey) or 3 (RGB)."""
+
+    channels: int
+    height: int
+    width: int
+    last: bool = False
+
+    @property
+    def plain(self) -> bool:
+        """An RGB square ``[N, 3, S, S]``: timm's evaluation transform as it is."""
+        return self.channels == 3 and self.height == self.width and not self.last
+
+
+def image_layout(dims: list) -> ImageLayout | None:
+    """The layout of an input with dims ``[N, C, H, W]`` or ``[N, H, W, C]`` (static
+    C in 1 or 3, static H and W; channels first when both readings fit), else None."""
+    if len(dims) != 4:
+        return None
+    _, a, b, c = dims
+    if a in (1, 3) and b and c:
+        return ImageLayout(a, b, c)
+    if c in (1, 3) and a and b:
+        return ImageLayout(c, a, b, last=True)
+    return None
+
+
+def _views(lay: ImageLayout, mean, std):
+    """``(centre, other)``: PIL image -> array in the model's layout; ``centre``
+    resizes the image to cover the input (timm's crop fraction) and cuts its
+    centre, ``other`` is a random resized crop covering :data:`VIEW_SCALE` of it,
+    flipped half the time."""
+    from torchvision import transforms as T
+
+    from onnxprune.torchbridge.data import transforms
+
+    size = (lay.height, lay.width)
+    mode = "RGB" if lay.channels == 3 else "L"
+    norm = [T.ToTensor(), T.Normalize(*((mean, std) if lay.channels == 3 else (mean[:1], std[:1])))]  # grey: the first channel's
+    if lay.plain:
+        centre = transforms(lay.height, train=False, mean=mean, std=std)
+    else:
+        pct = 1.0 if max(size) <= 64 else 0.875  # timm's crop fraction (transforms)
+        cover = [int(round(v / pct)) for v in size]
+
+        def resize(im):  # the smallest scaling of the image that covers the crop's surround
+            k = max(cover[0] / im.height, cover[1] / im.width)
+            return im.convert(mode).resize((max(cover[1], round(im.width * k)), max(cover[0], round(im.height * k))))
+
+        centre = T.Compose([T.Lambda(resize), T.CenterCrop(size), *norm])
+    other = T.Compose([T.Lambda(lambda im: im.convert(mode)), T.RandomResizedCrop(size, scale=VIEW_SCALE),
+                       T.RandomHorizontalFlip(), *norm])
+
+    def arrays(tf):
+        def f(im):
+            a = tf(im).numpy()
+            return a.transpose(1, 2, 0) if lay.last else a
+        return f
+
+    return arrays(centre), arrays(other)
+
+
+def _from_folder(spec: str, lay: ImageLayout, batch: int, n_batches: int, need: int, seed: int,
                  norm: tuple[tuple, tuple]) -> Calibration:
     """Images from a folder: an ImageFolder root (train/ or val/ of class folders),
-    a split of class folders, or any folder of images (searched recursively).
-    Each image gives its resize + centre crop; a folder of fewer images than
+    a split of class folders, or any folder of images (searched recursively),
+    each cut to the input's layout (``lay``). Each image gives its resize + centre crop; a folder of fewer images than
     ``need`` gives further views of each (random resized crops covering
     :data:`VIEW_SCALE` of it, flipped half the time) until there are ``need``,
     and every sample's source is its image, so recovery holds out whole photos."""
     import torch
     from PIL import Image
-    from torchvision import transforms as T
     from torchvision.datasets import ImageFolder
 
-    from onnxprune.torchbridge.data import transforms
     from onnxprune.torchbridge.distill import IMAGE_EXT, image_files
 
     def has_classes(d: str) -> bool:
@@ -150,12 +212,11 @@ def _from_folder(spec: str, size: int, batch: int, n_batches: int, need: int, se
     if not paths:
         raise UserError(f"no images under {spec} ({', '.join(IMAGE_EXT)})")
     mean, std = norm
-    centre = transforms(size, train=False, mean=mean, std=std)
+    centre, other = _views(lay, mean, std)
     views = max(1, -(-need // len(paths)))
     pick = np.random.default_rng(seed).permutation(len(paths))[:need]
-    other = T.Compose([T.RandomResizedCrop(size, scale=VIEW_SCALE), T.RandomHorizontalFlip(), T.ToTensor(),
-                       T.Normalize(mean, std)])
-    x = np.empty((min(need, len(pick) * views), 3, size, size), np.float32)
+    shape = (lay.height, lay.width, lay.channels) if lay.last else (lay.channels, lay.height, lay.width)
+    x = np.empty((min(need, len(pick) * views), *shape), np.float32)
     src = np.empty(len(x), np.int64)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -166,7 +227,7 @@ def _from_folder(spec: str, size: int, batch: int, n_batches: int, need: int, se
                     for v in range(views):  # sample k = v * len(pick) + j: every image's centre crop comes first
                         k = v * len(pick) + j
                         if k < len(x):
-                            x[k] = (centre if v == 0 else other)(im).numpy()
+                            x[k] = (centre if v == 0 else other)(im)
                             src[k] = i
             except OSError as e:  # PIL: not an image, truncated file
                 raise UserError(f"{paths[i]}: cannot read an image ({str(e).splitlines()[0][:160]})") from None
@@ -174,7 +235,7 @@ def _from_folder(spec: str, size: int, batch: int, n_batches: int, need: int, se
     xs, ys = _chunks(x, y, batch, n_batches)
     n = len(xs) * batch
     if views == 1:  # an image each: look-alike images share a source
-        return _with_sources(Calibration(xs, ys, f"{spec} ({what}{n} images)"))
+        return _with_sources(Calibration(xs, ys, f"{spec} ({what}{n} images)"), lay.last)
     return Calibration(xs, ys, f"{spec} ({what}{len(pick)} images, {views} views each: {n} samples)",
                        sources=_split(src, batch, len(xs)))
 
@@ -233,12 +294,14 @@ def look_alike_sources(x: np.ndarray, threshold: float = 0.8, limit: int = 4096)
         t *= 0.85
 
 
-def _with_sources(cal: Calibration) -> Calibration:
-    """Fill ``cal.sources`` from look-alike images when the data did not name them."""
+def _with_sources(cal: Calibration, last: bool = False) -> Calibration:
+    """Fill ``cal.sources`` from look-alike images when the data did not name them
+    (``last``: the images are ``[N, H, W, C]``)."""
     if cal.sources is not None or cal.inputs is not None:
         return cal
     sizes = [len(b) for b in cal.batches]
-    ids = look_alike_sources(np.concatenate(cal.batches))
+    x = np.concatenate(cal.batches)
+    ids = look_alike_sources(x.transpose(0, 3, 1, 2) if last and x.ndim == 4 else x)
     if ids is None:
         return cal
     cal.sources = [ids[sum(sizes[:i]):sum(sizes[:i + 1])] for i in range(len(sizes))]
@@ -252,22 +315,24 @@ def load(spec: str, proto: onnx.ModelProto, n_batches: int = 4, batch: int = 32,
     if static is not None and static != batch:
         # a static-batch model takes exactly its batch: as many batches of it as give the same number of samples
         n_batches, batch = max(1, -(-n_batches * batch // static)), static
-    if len(dims) != 4 or not dims[2] or not dims[3]:
-        if not (spec.endswith(".npy") or spec.endswith(".npz")):
-            raise UserError("image calibration needs an input [N, C, H, W] with static H, W; give a .npy/.npz")
+    lay = image_layout(dims)
+    if lay is None and not (spec.endswith(".npy") or spec.endswith(".npz")):
+        raise UserError("image calibration needs an input [N, C, H, W] or [N, H, W, C] with C 1 or 3 and static H, W "
+                        f"(this one: {[d if d else '?' for d in dims]}); give a .npy/.npz")
     need = n_batches * batch
     mean, std = folder_norm(spec, norm)
     if spec == "synthetic":
-        from onnxprune.torchbridge.data import GLYPHS, fonts_available, render_glyph, transforms
+        from onnxprune.torchbridge.data import GLYPHS, fonts_available, render_glyph
 
         rng = np.random.default_rng(seed)
         fonts = fonts_available()
-        tf = transforms(dims[2], train=False, mean=mean, std=std)
-        x = np.stack([tf(render_glyph(GLYPHS[int(rng.integers(10))], dims[2], rng, fonts)).numpy() for _ in range(need)])
+        tf = _views(lay, mean, std)[0]
+        side = max(lay.height, lay.width)
+        x = np.stack([tf(render_glyph(GLYPHS[int(rng.integers(10))], side, rng, fonts)) for _ in range(need)])
         xs, ys = _chunks(x, None, batch, n_batches)
-        return _with_sources(Calibration(xs, None, "synthetic glyphs"))
+        return _with_sources(Calibration(xs, None, "synthetic glyphs"), lay.last)
     if os.path.isdir(spec):
-        return _from_folder(spec, dims[2], batch, n_batches, need, seed, (mean, std))
+        return _from_folder(spec, lay, batch, n_batches, need, seed, (mean, std))
     if spec.endswith(".npy") or spec.endswith(".npz"):
         if not os.path.exists(spec):
             raise UserError(f"calibration file not found: {spec}")
@@ -294,5 +359,6 @@ def load(spec: str, proto: onnx.ModelProto, n_batches: int = 4, batch: int = 32,
         src = _sources(spec, z) if spec.endswith(".npz") else None
         if src is not None and len(src) != len(x):
             raise UserError(f"{spec}: 'source' has {len(src)} entries for {len(x)} samples")
-        return _with_sources(Calibration(xs, ys, f"{spec} ({len(xs) * batch} samples)", sources=_split(src, batch, len(xs))))
+        return _with_sources(Calibration(xs, ys, f"{spec} ({len(xs) * batch} samples)", sources=_split(src, batch, len(xs))),
+                             lay is not None and lay.last)
     raise UserError(f"--calib {spec!r}: not a directory, .npy/.npz file or 'synthetic'")
