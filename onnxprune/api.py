@@ -124,7 +124,10 @@ class PruneResult:
             lines.append(f"recovery time: {s['run_s']:.1f}s in ONNX Runtime ({s['levels']} levels, "
                          f"{s['passes']} partial passes), {s['fit_s']:.1f}s statistics and solves"
                          + (f" (both passes; the second, on every source: {s['refit_all_s']:.1f}s)" if "refit_all_s" in s else ""))
-        lines.append(held_out_text(s.get("held_out")))
+        if any(r.status in ("refit", "kept") for r in self.recovery):
+            lines.append(held_out_text(s.get("held_out")))
+        else:
+            lines.append("no layer was re-fitted (the reasons above): the pruned weights stay")
         return "\n".join(lines)
 
     def report(self) -> dict:

@@ -453,3 +453,39 @@ def test_paddle_svtr_attention_gets_heads_and_head_dims_pruned():
     checked = [r for r in rows if r.max_rel_err is not None]
     assert {r.kind for r in checked} >= {"heads", "head_dim"}
     assert all(r.status == "PASS" for r in checked)
+
+
+def test_recover_on_a_qdq_model_names_why_nothing_was_refitted(tmp_path):
+    """A QDQ model's weights come out of DequantizeLinear: recovery (which fits
+    float weights) re-fits none of them, says so per layer and in one warning,
+    and reports no held-out check it never ran."""
+    from onnxprune.api import prune
+    from onnxprune.recover.graph import QUANTIZED
+
+    f = model("""g (float[1, 3, 8, 8] x) => (float[1, 4] y) {
+  [c1] a = Conv <pads=[1,1,1,1]> (x, w1, b1)
+  r = Relu(a)
+  [c2] b = Conv <pads=[1,1,1,1]> (r, w2, b2)
+  p = GlobalAveragePool(b)
+  q = Flatten(p)
+  [fc] y = Gemm <transB=1> (q, w3, b3)
+}""", {"w1": W(16, 3, 3, 3), "b1": W(16), "w2": W(16, 16, 3, 3), "b2": W(16), "w3": W(4, 16), "b3": W(4)})
+    q = _qdq(tmp_path, f)
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "calib.npy", rng.standard_normal((16, 3, 8, 8)).astype(np.float32))
+    import logging
+
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda rec: seen.append(rec.getMessage())
+    logging.getLogger("onnxprune.recover").addHandler(handler)
+    try:
+        res = prune(q, {"default": 0.5}, calib=str(tmp_path / "calib.npy"), calib_batches=2, calib_batch_size=8,
+                    recover="ridge")
+    finally:
+        logging.getLogger("onnxprune.recover").removeHandler(handler)
+    consumers = [r for r in res.recovery if r.node in ("c2", "fc")]
+    assert consumers and all(r.status == "skipped" and r.reason == QUANTIZED for r in consumers)
+    assert any("re-fitted no layer" in m and "DequantizeLinear" in m for m in seen), seen
+    text = res.recovery_text()
+    assert "no layer was re-fitted" in text and "held-out check" not in text

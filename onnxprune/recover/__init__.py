@@ -81,7 +81,7 @@ from __future__ import annotations
 import logging
 import time
 import zlib
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 import numpy as np
 import onnx
@@ -236,6 +236,9 @@ def recover_model(
             fits.append(f)
             rows.append(f.row)
     if not fits:
+        if rows:
+            top = Counter(r.reason for r in rows).most_common(1)[0]
+            log.warning("--recover re-fitted no layer: %s (%d of %d layers)", top[0], top[1], len(rows))
         return rows
     levels, value_level = _levels(g, {f.row.node for f in fits})
     by_level: dict[int, list[_Fit]] = defaultdict(list)

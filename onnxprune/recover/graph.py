@@ -255,6 +255,9 @@ def _plan_packed(g: _Graph, src: dict | None, node, row: LayerRow, outs, max_fea
                 dense=dict(packed=True, w=src["w"], b=src["b"], q=src["q"], heads=src["heads"]))
 
 
+QUANTIZED = "a quantized weight (DequantizeLinear): recovery fits float weights; prune and recover the float model, then quantize"
+
+
 def _plan_fit(g: _Graph, orig: dict[str, str], name: str, ins, outs, max_features: int, method: str,
               packed: dict | None = None) -> _Fit | LayerRow:
     node = g.nodes.get(name)
@@ -279,7 +282,9 @@ def _plan_fit(g: _Graph, orig: dict[str, str], name: str, ins, outs, max_feature
         return row
     w = g.const(node.inputs[1]) if len(node.inputs) > 1 else None
     if w is None or g.const(node.inputs[0]) is not None:
-        row.reason = "weight is not a constant initializer (or the data input is)"
+        wp = node.inputs[1].producer() if len(node.inputs) > 1 and node.inputs[1] is not None else None
+        row.reason = (QUANTIZED if wp is not None and wp.op_type == "DequantizeLinear" else
+                      "weight is not a constant initializer (or the data input is)")
         return row
     if w.dtype != np.float32:
         row.reason = f"weight dtype {w.dtype} (only float32)"
