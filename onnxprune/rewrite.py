@@ -206,6 +206,35 @@ def zero_removed(ctx: Analysis, groups: list[Group], keep: dict[int, np.ndarray]
             v.const_value = ir.Tensor(arr, name=v.name)
 
 
+def unnamed_node_names(nodes) -> list[str]:
+    """Names for the unnamed ones of ``nodes`` (``(name, op_type, first output)``
+    triples, in graph order): the op and the first output, ``Conv:538``, made
+    unique against every name in use. Deterministic, so an original model and
+    its pruned copy (the same values) get the same names."""
+    taken = {n for n, _, _ in nodes if n}
+    out = []
+    for name, op, first in nodes:
+        if name:
+            continue
+        new = f"{op}:{first}"
+        while new in taken:
+            new += "_"
+        taken.add(new)
+        out.append(new)
+    return out
+
+
+def name_nodes(graph: ir.Graph) -> int:
+    """Name the unnamed nodes of ``graph`` (:func:`unnamed_node_names`): recovery
+    and its report address layers by name, and old exporters name none. Returns
+    how many were named."""
+    todo = [n for n in graph if not n.name]
+    names = unnamed_node_names([(n.name, n.op_type, n.outputs[0].name if n.outputs else "") for n in graph])
+    for n, name in zip(todo, names):
+        n.name = name
+    return len(todo)
+
+
 def _fresh(graph: ir.Graph, base: str) -> str:
     taken = set(graph.initializers) | {v.name for n in graph for v in (*n.inputs, *n.outputs) if v is not None}
     name = base

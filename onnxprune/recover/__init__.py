@@ -95,7 +95,7 @@ from onnxprune.recover.fit import (LayerRow, _accumulate, _conv_rows, _dense_row
 from onnxprune.recover.graph import (_Graph, _kept_maps, _levels, _output_names, _packed_sources, _plan_fit, _residuals,
                                      _write_back, is_packed_attention)
 from onnxprune.report import Progress
-from onnxprune.rewrite import Journal
+from onnxprune.rewrite import Journal, name_nodes, unnamed_node_names
 from onnxprune.runtime import session
 from onnxprune.runtime.capture import Frontier
 
@@ -120,6 +120,20 @@ def consumers(ctx, keep) -> list[str]:
             seen.setdefault(m.node.name, None)
     order = {n.name: i for i, n in enumerate(ctx.graph)}
     return sorted(seen, key=lambda n: order.get(n, 1 << 30))
+
+
+def _named(original: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``original`` whose unnamed nodes carry the names
+    :func:`onnxprune.rewrite.name_nodes` gives the pruned model's."""
+    if all(n.name for n in original.graph.node):
+        return original
+    p = onnx.ModelProto()
+    p.CopyFrom(original)
+    names = iter(unnamed_node_names([(n.name, n.op_type, n.output[0] if n.output else "") for n in p.graph.node]))
+    for n in p.graph.node:
+        if not n.name:
+            n.name = next(names)
+    return p
 
 
 def downstream(ctx, keep) -> list[str]:
@@ -215,6 +229,11 @@ def recover_model(
     # a Calibration: its feed dicts for a multi-input model (token ids, masks, ...), else its first-input arrays
     batches = list(getattr(batches, "inputs", None) or getattr(batches, "batches", batches))
     journal = journal if journal is not None else Journal()
+    if any(not n.name for n in model.graph):  # old exporters name no node: layers are addressed by name
+        name_nodes(model.graph)
+        if ctx.graph is not model.graph:  # the analysis of the same pruned graph (the API's recover())
+            name_nodes(ctx.graph)
+        original = _named(original)
     g, og = _Graph(model), _output_names(original)
     ins, outs = _kept_maps(ctx, keep)
     if layers not in ("pruned", "all"):
