@@ -23,7 +23,7 @@ from onnxprune.core.analysis import Analysis, run_analysis
 from onnxprune.core.registry import Registry
 from onnxprune.rules import default_registry
 from onnxprune.core.groups import Group, build_groups, isomorphic_sets
-from onnxprune.validate.checks import feed_text, runs, validate
+from onnxprune.validate.checks import feed_text, run_failure, validate
 from onnxprune.errors import UserError
 from onnxprune.plan import Plan, Ratios, compute_scores, make_plan, plannable
 
@@ -482,9 +482,11 @@ class Job:
             if isinstance(e, UserError):
                 raise
             original = self.source or self._original
-            if original is not None and not runs(original, self._feed_model()):
+            why = run_failure(original, self._feed_model()) if original is not None else None
+            if why is not None:
                 raise UserError("the original model cannot run on the validation input either "
-                                f"({feed_text(self._feed_model())}): give its input shape with --input-shape NAME:d1,d2,...") from None
+                                f"({feed_text(self._feed_model())}: {why}); if it takes other sizes, give its input "
+                                "shape with --input-shape NAME:d1,d2,...") from None
             raise RuntimeError(f"pruned model failed validation: {e}") from e
 
     def _feed_model(self) -> onnx.ModelProto:

@@ -206,33 +206,43 @@ def zero_removed(ctx: Analysis, groups: list[Group], keep: dict[int, np.ndarray]
             v.const_value = ir.Tensor(arr, name=v.name)
 
 
-def unnamed_node_names(nodes) -> list[str]:
-    """Names for the unnamed ones of ``nodes`` (``(name, op_type, first output)``
-    triples, in graph order): the op and the first output, ``Conv:538``, made
-    unique against every name in use. Deterministic, so an original model and
-    its pruned copy (the same values) get the same names."""
+def unique_node_names(nodes) -> list[str]:
+    """A unique name per node of ``nodes`` (``(name, op_type, first output)``
+    triples, in graph order): its own, unless it has none or an earlier node
+    took it; then the op and the first output, ``Conv:538``, made unique against
+    every name in use. Deterministic, so an original model and its pruned copy
+    (the same values) get the same names."""
     taken = {n for n, _, _ in nodes if n}
-    out = []
+    seen, out = set(), []
     for name, op, first in nodes:
-        if name:
-            continue
-        new = f"{op}:{first}"
-        while new in taken:
-            new += "_"
-        taken.add(new)
-        out.append(new)
+        if not name or name in seen:
+            name = f"{op}:{first}"
+            while name in taken:
+                name += "_"
+            taken.add(name)
+        seen.add(name)
+        out.append(name)
     return out
 
 
+def needs_names(names) -> bool:
+    """Whether some node of a graph has no name or shares one (``names``: its nodes' names)."""
+    names = list(names)
+    return not all(names) or len(set(names)) < len(names)
+
+
 def name_nodes(graph: ir.Graph) -> int:
-    """Name the unnamed nodes of ``graph`` (:func:`unnamed_node_names`): recovery
-    and its report address layers by name, and old exporters name none. Returns
-    how many were named."""
-    todo = [n for n in graph if not n.name]
-    names = unnamed_node_names([(n.name, n.op_type, n.outputs[0].name if n.outputs else "") for n in graph])
-    for n, name in zip(todo, names):
-        n.name = name
-    return len(todo)
+    """Give every node of ``graph`` a unique name (:func:`unique_node_names`):
+    recovery and its report address layers by name, and old exporters name
+    none (some name two nodes alike). Returns how many were renamed."""
+    nodes = list(graph)
+    names = unique_node_names([(n.name, n.op_type, n.outputs[0].name if n.outputs else "") for n in nodes])
+    changed = 0
+    for n, name in zip(nodes, names):
+        if n.name != name:
+            n.name = name
+            changed += 1
+    return changed
 
 
 def _fresh(graph: ir.Graph, base: str) -> str:

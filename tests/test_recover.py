@@ -19,6 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxprune import runtime
 from onnxprune.api import prune
+from onnxprune.errors import UserError
 from onnxprune.recover import LayerRow, format_rows, recover
 
 MODELS = pathlib.Path(__file__).resolve().parent.parent / "models"
@@ -652,3 +653,23 @@ def test_a_model_whose_nodes_have_no_names_is_recovered_like_a_named_one():
     assert _rel(bare, out_bare, held) < 0.5 * _rel(bare, res.proto, held)
     assert abs(_rel(bare, out_bare, held) - _rel(named, out_named, held)) < 1e-6
     assert bare.SerializeToString() == bare_bytes  # the original is not renamed
+
+
+def test_node_names_are_made_unique_the_same_way_for_the_original_and_its_copy():
+    from onnxprune.rewrite import needs_names, unique_node_names
+
+    nodes = [("a", "Conv", "x1"), ("", "Relu", "x2"), ("a", "Conv", "x3"), ("Relu:x2", "Add", "x4"), ("", "Gemm", "y")]
+    names = unique_node_names(nodes)
+    assert names == ["a", "Relu:x2_", "Conv:x3", "Relu:x2", "Gemm:y"]  # a name in use is never taken
+    assert len(set(names)) == len(names) and unique_node_names(nodes) == names
+    assert needs_names(n for n, _, _ in nodes) and not needs_names(names)
+
+
+def test_a_file_onnxruntime_refuses_is_refused_with_its_reason(tmp_path):
+    """Two nodes with one name: onnxruntime refuses the original, and the error
+    says why instead of only suggesting an input shape."""
+    m = small_cnn()
+    for n in m.graph.node:
+        n.name = "layer"
+    with pytest.raises(UserError, match="two nodes with same node name"):
+        prune(m, {"default": 0.5})

@@ -95,7 +95,7 @@ from onnxprune.recover.fit import (LayerRow, _accumulate, _conv_rows, _dense_row
 from onnxprune.recover.graph import (_Graph, _kept_maps, _levels, _output_names, _packed_sources, _plan_fit, _residuals,
                                      _write_back, is_packed_attention)
 from onnxprune.report import Progress
-from onnxprune.rewrite import Journal, name_nodes, unnamed_node_names
+from onnxprune.rewrite import Journal, name_nodes, needs_names, unique_node_names
 from onnxprune.runtime import session
 from onnxprune.runtime.capture import Frontier
 
@@ -123,16 +123,15 @@ def consumers(ctx, keep) -> list[str]:
 
 
 def _named(original: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of ``original`` whose unnamed nodes carry the names
-    :func:`onnxprune.rewrite.name_nodes` gives the pruned model's."""
-    if all(n.name for n in original.graph.node):
+    """A copy of ``original`` whose unnamed (or twice-named) nodes carry the
+    names :func:`onnxprune.rewrite.name_nodes` gives the pruned model's."""
+    if not needs_names(n.name for n in original.graph.node):
         return original
     p = onnx.ModelProto()
     p.CopyFrom(original)
-    names = iter(unnamed_node_names([(n.name, n.op_type, n.output[0] if n.output else "") for n in p.graph.node]))
-    for n in p.graph.node:
-        if not n.name:
-            n.name = next(names)
+    names = unique_node_names([(n.name, n.op_type, n.output[0] if n.output else "") for n in p.graph.node])
+    for n, name in zip(p.graph.node, names):
+        n.name = name
     return p
 
 
@@ -229,7 +228,7 @@ def recover_model(
     # a Calibration: its feed dicts for a multi-input model (token ids, masks, ...), else its first-input arrays
     batches = list(getattr(batches, "inputs", None) or getattr(batches, "batches", batches))
     journal = journal if journal is not None else Journal()
-    if any(not n.name for n in model.graph):  # old exporters name no node: layers are addressed by name
+    if needs_names(n.name for n in model.graph):  # old exporters name no node: layers are addressed by name
         name_nodes(model.graph)
         if ctx.graph is not model.graph:  # the analysis of the same pruned graph (the API's recover())
             name_nodes(ctx.graph)

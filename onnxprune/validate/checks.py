@@ -2,6 +2,8 @@
 per batch size (:func:`validate`). The zero-contribution oracle is :mod:`.oracle`."""
 from __future__ import annotations
 
+import re
+
 import onnx
 
 from onnxprune import io, runtime
@@ -32,12 +34,15 @@ def validate(model: str | onnx.ModelProto, batches=(1, 2), feed_model: onnx.Mode
     return out
 
 
-def runs(model, feed_model: onnx.ModelProto) -> bool:
+def run_failure(model, feed_model: onnx.ModelProto) -> str | None:
+    """Why onnxruntime cannot run ``model`` on a random input shaped like
+    ``feed_model``'s (its message's first line, without ORT's prefix), or None when it runs."""
     try:
         runtime.session(model).run(None, runtime.random_inputs(feed_model, batch=1))
-        return True
-    except Exception:
-        return False
+        return None
+    except Exception as e:  # noqa: BLE001 - any refusal is the answer
+        msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        return re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", msg)[:300]
 
 
 def run_error(path: str, input_shapes: dict | None = None) -> str | None:
