@@ -673,3 +673,30 @@ def test_a_file_onnxruntime_refuses_is_refused_with_its_reason(tmp_path):
         n.name = "layer"
     with pytest.raises(UserError, match="two nodes with same node name"):
         prune(m, {"default": 0.5})
+
+
+def _seq_first(w):
+    """x[N, T, 4] -> MatMul w -> Transpose -> y[T, N, 3] (a CTC recogniser's sequence-first output)."""
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+             helper.make_node("Transpose", ["h"], ["y"], perm=[1, 0, 2], name="tr")]
+    return _model(nodes, [_t("w", w)], ["N", 5, 4], "y", [5, "N", 3])
+
+
+def test_the_held_out_check_finds_the_batch_axis_of_a_sequence_first_output():
+    """A [T, N, C] output used to be skipped (its axis 0 is not the batch), so the
+    check compared nothing and called an error of 0 'not worse'; now it compares
+    per sample on the batch axis, and says so when no output holds the samples."""
+    from onnxprune.recover import held_out_text
+    from onnxprune.recover.check import batch_axis, held_out_check
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((4, 3))
+    orig, pruned, rec = _seq_first(w), _seq_first(w * 0.5), _seq_first(w * 0.9)
+    feeds = [{"x": rng.standard_normal((8, 5, 4)).astype(np.float32)}]
+    fold = [np.array([-1, -1, -1, 0, 0, 1, 1, -1])]
+    h = held_out_check(orig, pruned, rec, feeds, fold, 1)
+    assert h["outputs"] == 1 and h["samples"] == 4
+    assert h["err_pruned"] == pytest.approx(0.5, rel=1e-4) and h["err_recovered"] == pytest.approx(0.1, rel=1e-3)
+    assert not h["worse"] and held_out_check(orig, rec, pruned, feeds, fold, 1)["worse"]
+    assert batch_axis((5, 8, 3), 8) == 1 and batch_axis((8, 8), 8) == 0 and batch_axis((5, 3), 8) is None
+    assert "nothing compared" in held_out_text({**h, "outputs": 0})

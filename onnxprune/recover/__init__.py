@@ -570,6 +570,9 @@ def held_out_text(h) -> str:
     """One line on the whole model against the original on calibration sources no fit saw."""
     if not h:
         return "held-out check: fewer than 8 calibration sources, none kept out (the per-layer held-out errors still apply)"
+    if h.get("outputs") == 0:
+        return ("held-out check: no float output holds the samples on one axis, nothing compared (the per-layer "
+                "held-out errors still apply)")
     agree = (f"; top-1 agreement {h['agree_pruned']:.1f}% -> {h['agree_recovered']:.1f}%, "
              f"KL {h['kl_pruned']:.3g} -> {h['kl_recovered']:.3g}" if "agree_pruned" in h else "")
     kept = " (worse: kept the pruned weights)" if h["worse"] else ""

@@ -22,7 +22,8 @@ def _outputs(proto: onnx.ModelProto, feeds: list[dict], threads: int) -> list[li
 
 def held_out_check(original, pruned, recovered, feeds: list[dict], fold_of: list[np.ndarray], threads: int) -> dict | None:
     """The whole model on the samples no fit saw (fold -1): relative error of
-    the outputs against the original's (per sample on axis 0; the root of the
+    the float outputs against the original's (per sample on the batch axis,
+    :func:`batch_axis`; the root of the
     mean, over every output's channels on axis 1, of each channel's relative
     squared error, so a small channel, a detector's class scores beside its
     boxes, counts as much as a large one) and,
@@ -46,8 +47,10 @@ def held_out_check(original, pruned, recovered, feeds: list[dict], fold_of: list
         for r_b, g_b, f in zip(ref, got, fold_of):
             sel = f < 0
             for k, (r, g) in enumerate(zip(r_b, g_b)):
-                if r.ndim == 0 or r.shape[0] != len(f) or r.shape != g.shape:
+                ax = batch_axis(r.shape, len(f))
+                if ax is None or r.shape != g.shape or not np.issubdtype(r.dtype, np.floating):
                     continue
+                r, g = np.moveaxis(r, ax, 0), np.moveaxis(g, ax, 0)  # sequence-first outputs: [T, N, C]
                 r, g = r[sel].astype(np.float64), g[sel].astype(np.float64)
                 axes = (0,) + tuple(range(2, r.ndim))  # per channel on axis 1 (a 1-D output: one)
                 for c, (e, t) in enumerate(zip(np.atleast_1d(((g - r) ** 2).sum(axis=axes)),
@@ -61,6 +64,7 @@ def held_out_check(original, pruned, recovered, feeds: list[dict], fold_of: list
                     kl += float((np.exp(lr) * (lr - lg)).sum())
         rel = [num[k] / den[k] for k in num if den[k] > 0]
         res[f"err_{name}"] = float(np.sqrt(np.mean(rel))) if rel else 0.0
+        res["outputs"] = len({k for k, _ in num})
         if total:
             res[f"agree_{name}"] = 100.0 * agree / total
             res[f"kl_{name}"] = kl / total
@@ -68,6 +72,18 @@ def held_out_check(original, pruned, recovered, feeds: list[dict], fold_of: list
     key = "kl" if "kl_pruned" in res else "err"
     res["worse"] = worse(res[f"{key}_recovered"], res[f"{key}_pruned"])
     return res
+
+
+def batch_axis(shape: tuple, n: int) -> int | None:
+    """The axis of an output of ``shape`` that holds the ``n`` samples of a feed:
+    axis 0, else the one other axis of that size (a CTC recogniser's ``[T, N,
+    classes]``), else None (nothing to compare per sample)."""
+    if not shape:
+        return None
+    if shape[0] == n:
+        return 0
+    axes = [a for a, d in enumerate(shape) if d == n]
+    return axes[0] if len(axes) == 1 else None
 
 
 def worse(recovered: float, pruned: float) -> bool:
