@@ -11,6 +11,12 @@ exported with its own `export(format='onnx')`. Each file is pruned in a subproce
 crash is recorded, not fatal. Per file: source, producer, opset, input shape used, groups
 (prunable/frozen), the main frozen reasons, MACs before/after, validation, the oracle verdict (or the
 one-line refusal) and the time.
+
+    python tools/foreign_table.py --recover 0.9 [--only ...]   # -> tools/results/foreign_recover.md
+
+runs ``--recover`` with its defaults at that ``target_macs`` instead, calibrated on ``--calib synthetic``
+(glyph images cut to each input's layout): whether each file recovers without a traceback, its recovery
+rows (refit / kept / skipped) and the held-out check's output error, pruned -> recovered.
 """
 from __future__ import annotations
 
@@ -183,6 +189,52 @@ def run_one(path: str, shapes: list, ratio: float, tmp: str) -> dict:
     return res
 
 
+def run_recover(path: str, shapes: list, target: float, tmp: str) -> dict:
+    """``--recover`` with its defaults under a MACs budget, calibrated on synthetic images in the input's
+    layout: whether it runs, and what the held-out check says."""
+    out, rep = os.path.join(tmp, "out.onnx"), os.path.join(tmp, "rep.json")
+    if os.path.exists(rep):
+        os.remove(rep)
+    cmd = [PY, "-m", "onnxprune", path, "--ratios", json.dumps({"target_macs": target}), "--calib", "synthetic",
+           "--recover", "-o", out, "--report", rep, "-q"]
+    for s in shapes:
+        cmd += ["--input-shape", s]
+    t = time.perf_counter()
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=dict(os.environ, PYTHONPATH=ROOT))
+        rc, err, out_text = p.returncode, p.stderr, p.stdout
+    except subprocess.TimeoutExpired:
+        rc, err, out_text = -9, "timeout after 900 s", ""
+    res = {"rc": rc, "seconds": round(time.perf_counter() - t, 1),
+           "command": "onnxprune " + " ".join(f"'{c}'" if c.startswith("{") else c for c in cmd[3:])}
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    res["stderr"] = lines
+    res["traceback"] = "Traceback" in err or "this is a bug" in err
+    if rc or not os.path.exists(rep):
+        res["refusal"] = lines[-1] if lines else f"exit {rc}"
+        return res
+    r = json.load(open(rep))
+    rows = r.get("recovery") or []
+    res["rows"] = {k: sum(1 for x in rows if x["status"] == k) for k in ("refit", "kept", "skipped", "reverted")}
+    res["held_out"] = (r.get("recovery_stats") or {}).get("held_out")
+    res["macs"] = r["after"]["macs"] / r["before"]["macs"] if r["before"]["macs"] else None
+    res["verdict_line"] = ([ln for ln in out_text.strip().splitlines() if ln.strip()] or [""])[-1].split(" | ")[0]
+    return res
+
+
+def recover_row(src: str, h: dict, shapes: list, res: dict) -> list:
+    if "refusal" in res:
+        return [src, ", ".join(shapes) or ", ".join(h["inputs"]) + " (stored)", "-", "-",
+                "refused: " + res["refusal"].replace("|", "/"), "-", f"{res['seconds']:.0f}s"]
+    ho = res["held_out"] or {}
+    check = (f"{ho['err_pruned']:.3g} -> {ho['err_recovered']:.3g}" + (" (worse: pruned kept)" if ho.get("worse") else "")
+             if ho else "no check (too few sources)")
+    rows = res["rows"]
+    return [src, ", ".join(shapes) or ", ".join(h["inputs"]) + " (stored)", f"{res['macs']:.3f}x",
+            f"{rows['refit']} / {rows['kept']} / {rows['skipped']}" + (f" ({rows['reverted']} fits reverted)" if rows["reverted"] else ""),
+            res["verdict_line"], check, f"{res['seconds']:.0f}s"]
+
+
 def fmt_reasons(res: dict, n=3) -> str:
     return "; ".join(f"{k} ×{v}" for k, v in res.get("reasons", [])[:n]) or "-"
 
@@ -195,8 +247,13 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--ratio", type=float, default=0.3)
     ap.add_argument("--only", nargs="*", help="run only files whose source contains one of these")
-    ap.add_argument("--out", default=os.path.join(HERE, "results", "foreign_table.md"))
+    ap.add_argument("--recover", type=float, metavar="TARGET_MACS",
+                    help="instead: --recover with its defaults at this target_macs on synthetic calibration images "
+                         "(writes tools/results/foreign_recover.md unless --out)")
+    ap.add_argument("--out")
     args = ap.parse_args()
+    if args.out is None:
+        args.out = os.path.join(HERE, "results", "foreign_recover.md" if args.recover else "foreign_table.md")
 
     jobs, notes = [], []
     for spec, member, shapes, what in PACKAGED:
@@ -213,6 +270,26 @@ def main() -> None:
         jobs = [j for j in jobs if any(s in j[0] for s in args.only)]
 
     raw, rows = [], []
+    if args.recover:
+        with tempfile.TemporaryDirectory() as tmp:
+            for src, path, shapes, what in jobs:
+                h = header(path)
+                res = run_recover(path, shapes, args.recover, tmp)
+                raw.append({"source": src, "what": what, "file": os.path.relpath(path, ROOT), "input_shape": shapes, **h, **res})
+                rows.append(recover_row(src, h, shapes, res))
+                print(" | ".join(map(str, rows[-1])), flush=True)
+        head = ["source (package==version/path)", "input shape", "MACs", "recovery rows refit / kept / skipped", "verdict",
+                "held-out output error, pruned -> recovered", "time"]
+        bad = [r["source"] for r in raw if r["traceback"]]
+        text = (f"# Files from other tools: `--recover` at target_macs {args.recover}, `--calib synthetic`\n\n"
+                + md(head, rows) + "\n\n"
+                + f"{len(raw) - len(bad)} of {len(raw)} runs ended without a traceback or 'this is a bug'"
+                + (f" (with one: {', '.join(bad)})" if bad else "")
+                + "; synthetic glyph images cut to each input's layout (H and W apart, grey, channels last); the check "
+                "holds out groups of look-alike images; CPU " + str(os.cpu_count()) + " cores\n"
+                + "".join(f"- {n}\n" for n in notes))
+        write_results(args.out, text, {"target_macs": args.recover, "rows": raw, "notes": notes})
+        return
     with tempfile.TemporaryDirectory() as tmp:
         for src, path, shapes, what in jobs:
             h = header(path)
