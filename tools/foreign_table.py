@@ -243,7 +243,7 @@ def si(x: float) -> str:
     return f"{x / 1e9:.3f}G" if x >= 1e8 else f"{x / 1e6:.1f}M" if x >= 1e5 else f"{x / 1e3:.1f}k"
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser()
     ap.add_argument("--ratio", type=float, default=0.3)
     ap.add_argument("--only", nargs="*", help="run only files whose source contains one of these")
@@ -251,7 +251,11 @@ def main() -> None:
                     help="instead: --recover with its defaults at this target_macs on synthetic calibration images "
                          "(writes tools/results/foreign_recover.md unless --out)")
     ap.add_argument("--out")
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = parser().parse_args()
     if args.out is None:
         args.out = os.path.join(HERE, "results", "foreign_recover.md" if args.recover else "foreign_table.md")
 
