@@ -299,3 +299,33 @@ def test_a_search_over_its_time_budget_takes_coarser_steps(tmp_path, monkeypatch
     plan = job.plan(Ratios.from_dict({"target_macs": 0.7, "scope": "damage"}), _calib(tmp_path, n=64))
     assert plan.target["step"] == step and plan.target["met"]
     assert plan.target["expected_seconds"] > 0
+
+
+def test_an_unreachable_budget_warns_only_when_something_was_pruned(tmp_path):
+    """A budget the groups cannot reach is said in a warning; a plan that removes
+    nothing at all is refused by the caller in one line, with no warning before it."""
+    import logging
+
+    from onnx import TensorProto, helper
+
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda rec: seen.append(rec.getMessage())
+    logging.getLogger("onnxprune.pipeline").addHandler(handler)
+    try:
+        calib = _calib(tmp_path)
+        plan = Job.open(_dead_cnn()).plan(Ratios.from_dict({"target_macs": 0.01, "scope": "damage"}), calib)
+        assert not plan.target["met"] and plan.keep
+        assert any("not reached with scope 'damage'" in m for m in seen), seen
+        seen.clear()
+        # one conv straight to the graph output: its channels are frozen, nothing can go
+        w = onnx.numpy_helper.from_array(np.ones((4, 3, 1, 1), np.float32), "w")
+        g = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], name="conv")], "m",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 16, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 16, 16])], [w])
+        frozen = Job.open(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
+        plan = frozen.plan(Ratios.from_dict({"target_macs": 0.5, "scope": "damage"}), calib)
+        assert not plan.target["met"] and not any(len(k) < 4 for k in plan.keep.values())
+        assert not any("not reached" in m for m in seen), seen
+    finally:
+        logging.getLogger("onnxprune.pipeline").removeHandler(handler)
