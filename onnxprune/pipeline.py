@@ -161,8 +161,7 @@ class Job:
         plan.target = {"metric": metric, "requested": requested, "target": target.value, "achieved": achieved,
                        "before": est.before[metric], "error": (achieved - target.value) / target.value,
                        "scope": "damage", **info}
-        if not info["met"] and any(len(k) < g.width for g in self.groups for k in [plan.keep.get(g.id)] if k is not None):
-            # (a plan that removes nothing is refused in one line by the caller: no warning before it)
+        if not info["met"] and plan.keep:  # a plan that removes nothing is refused in one line by the caller
             log.warning("target_%s: not reached with scope 'damage' (every group at its limit)", metric)
         return plan
 

@@ -153,18 +153,25 @@ def reason_key(r: str) -> str:
     return re.sub(r"\d+", "#", r)
 
 
-def run_one(path: str, shapes: list, ratio: float, tmp: str) -> dict:
-    out, rep = os.path.join(tmp, "out.onnx"), os.path.join(tmp, "rep.json")
-    cmd = prune_verify_cmd(PY, path, ratio, out, rep, shapes)
-    env = dict(os.environ, PYTHONPATH=ROOT)
+def _onnxprune(cmd: list) -> tuple[dict, str, str]:
+    """Run an onnxprune command line in a subprocess (a crash or a hang is recorded, not fatal):
+    ``({"rc", "seconds", "command"}, stderr, stdout)``."""
     t = time.perf_counter()
     try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=dict(os.environ, PYTHONPATH=ROOT))
         rc, err, out_text = p.returncode, p.stderr, p.stdout
     except subprocess.TimeoutExpired:
         rc, err, out_text = -9, "timeout after 900 s", ""
     res = {"rc": rc, "seconds": round(time.perf_counter() - t, 1),
            "command": "onnxprune " + " ".join(f"'{c}'" if c.startswith("{") else c for c in cmd[3:])}
+    return res, err, out_text
+
+
+def run_one(path: str, shapes: list, ratio: float, tmp: str) -> dict:
+    out, rep = os.path.join(tmp, "out.onnx"), os.path.join(tmp, "rep.json")
+    cmd = prune_verify_cmd(PY, path, ratio, out, rep, shapes)
+    res, err, out_text = _onnxprune(cmd)
+    rc = res["rc"]
     if "Traceback" in err:
         res["traceback"] = err.strip().splitlines()[-1]
     verdict_line = ([ln for ln in out_text.strip().splitlines() if ln.strip()] or [""])[-1]
@@ -199,14 +206,8 @@ def run_recover(path: str, shapes: list, target: float, tmp: str) -> dict:
            "--recover", "-o", out, "--report", rep, "-q"]
     for s in shapes:
         cmd += ["--input-shape", s]
-    t = time.perf_counter()
-    try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=dict(os.environ, PYTHONPATH=ROOT))
-        rc, err, out_text = p.returncode, p.stderr, p.stdout
-    except subprocess.TimeoutExpired:
-        rc, err, out_text = -9, "timeout after 900 s", ""
-    res = {"rc": rc, "seconds": round(time.perf_counter() - t, 1),
-           "command": "onnxprune " + " ".join(f"'{c}'" if c.startswith("{") else c for c in cmd[3:])}
+    res, err, out_text = _onnxprune(cmd)
+    rc = res["rc"]
     lines = [ln for ln in err.strip().splitlines() if ln.strip()]
     res["stderr"] = lines
     res["traceback"] = "Traceback" in err or "this is a bug" in err

@@ -228,8 +228,7 @@ def recover_model(
     # a Calibration: its feed dicts for a multi-input model (token ids, masks, ...), else its first-input arrays
     batches = list(getattr(batches, "inputs", None) or getattr(batches, "batches", batches))
     journal = journal if journal is not None else Journal()
-    if needs_names(n.name for n in model.graph):  # old exporters name no node: layers are addressed by name
-        name_nodes(model.graph)
+    if name_nodes(model.graph):  # old exporters name no node: layers are addressed by name
         if ctx.graph is not model.graph:  # the analysis of the same pruned graph (the API's recover())
             name_nodes(ctx.graph)
         original = _named(original)

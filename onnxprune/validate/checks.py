@@ -2,8 +2,6 @@
 per batch size (:func:`validate`). The zero-contribution oracle is :mod:`.oracle`."""
 from __future__ import annotations
 
-import re
-
 import onnx
 
 from onnxprune import io, runtime
@@ -36,13 +34,17 @@ def validate(model: str | onnx.ModelProto, batches=(1, 2), feed_model: onnx.Mode
 
 def run_failure(model, feed_model: onnx.ModelProto) -> str | None:
     """Why onnxruntime cannot run ``model`` on a random input shaped like
-    ``feed_model``'s (its message's first line, without ORT's prefix), or None when it runs."""
+    ``feed_model``'s (one line), or None when it runs."""
     try:
         runtime.session(model).run(None, runtime.random_inputs(feed_model, batch=1))
         return None
     except Exception as e:  # noqa: BLE001 - any refusal is the answer
-        msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        return re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", msg)[:300]
+        return _one_line(e)
+
+
+def _one_line(e: Exception) -> str:
+    """onnxruntime's refusal as one line of at most 300 characters."""
+    return " ".join(str(e).split())[:300] or type(e).__name__
 
 
 def run_error(path: str, input_shapes: dict | None = None) -> str | None:
@@ -65,7 +67,7 @@ def run_error(path: str, input_shapes: dict | None = None) -> str | None:
     try:
         runtime.session(path).run(None, runtime.random_inputs(feed, batch=1))
     except Exception as e:
-        return " ".join(str(e).split())[:300] or type(e).__name__
+        return _one_line(e)
     return None
 
 
