@@ -14,8 +14,9 @@ from collections import defaultdict
 import numpy as np
 import onnx_ir as ir
 
-from onnxprune.core.analysis import Analysis, dq_parts
+from onnxprune.core.analysis import Analysis
 from onnxprune.core.groups import Group
+from onnxprune.core.quant import BIAS_TYPES, Dequantized, dq_constant, dq_parts
 
 log = logging.getLogger(__name__)
 
@@ -321,8 +322,8 @@ def shift_output(node: ir.Node, shift: np.ndarray, journal: Journal | None = Non
     """Add ``shift`` (one value per output channel) to what a Conv, Gemm or
     MatMul produces, through its bias: the Conv's or Gemm's bias input (made
     when missing; ``beta`` undone), a MatMul's following ``Add`` of a constant,
-    else a new ``Add``. Returns False (nothing changed) where the bias is not a
-    plain constant (e.g. quantized)."""
+    else a new ``Add``; a QDQ model's int32 bias on its own grid. Returns False
+    (nothing changed) where the bias is neither a plain nor a quantized constant."""
     op = node.op_type
     shift = np.asarray(shift, np.float64)
     if op in ("Conv", "Gemm"):
@@ -334,8 +335,15 @@ def shift_output(node: ir.Node, shift: np.ndarray, journal: Journal | None = Non
             dt = w.const_value.numpy().dtype if w is not None and w.const_value is not None else np.dtype(np.float32)
             set_input(node, 2, (shift / scale).astype(dt), "shift_b", journal)
             return True
-        if b.const_value is None:
-            return False
+        if b.const_value is None:  # a quantized bias moves on its own grid (its scale kept)
+            dq = dq_constant(b, lambda v: v.const_value.numpy() if v is not None and v.const_value is not None
+                             and v.name in node.graph.initializers else None, BIAS_TYPES)
+            if not isinstance(dq, Dequantized) or dq.q.ndim != 1 or dq.q.size not in (1, len(shift)) \
+                    or dq.q.size != len(shift) and np.any(shift != shift[0]):
+                return False
+            q, _ = dq.quantize(dq.value().astype(np.float64) + shift[:dq.q.size] / scale, dq.scale)
+            set_input(dq.node, 0, q, "shift_bq", journal)
+            return True
         old = b.const_value.numpy()
         if not np.issubdtype(old.dtype, np.floating) or old.ndim and old.shape[-1] not in (1, len(shift)):
             return False

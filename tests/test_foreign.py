@@ -455,12 +455,9 @@ def test_paddle_svtr_attention_gets_heads_and_head_dims_pruned():
     assert all(r.status == "PASS" for r in checked)
 
 
-def test_recover_on_a_qdq_model_names_why_nothing_was_refitted(tmp_path):
-    """A QDQ model's weights come out of DequantizeLinear: recovery (which fits
-    float weights) re-fits none of them, says so per layer and in one warning,
-    and reports no held-out check it never ran."""
-    from onnxprune.api import prune
-    from onnxprune.recover.graph import QUANTIZED
+def _qdq_pair(tmp_path, per_channel=True, weight_type="QInt8"):
+    """A small float CNN and its QDQ version from onnxruntime's static quantizer."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     f = model("""g (float[1, 3, 8, 8] x) => (float[1, 4] y) {
   [c1] a = Conv <pads=[1,1,1,1]> (x, w1, b1)
@@ -470,7 +467,99 @@ def test_recover_on_a_qdq_model_names_why_nothing_was_refitted(tmp_path):
   q = Flatten(p)
   [fc] y = Gemm <transB=1> (q, w3, b3)
 }""", {"w1": W(16, 3, 3, 3), "b1": W(16), "w2": W(16, 16, 3, 3), "b2": W(16), "w3": W(4, 16), "b3": W(4)})
-    q = _qdq(tmp_path, f)
+    onnx.save(f, str(tmp_path / "f.onnx"))
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter([{"x": np.random.default_rng(k).standard_normal((1, 3, 8, 8)).astype(np.float32)}
+                            for k in range(4)])
+
+        def get_next(self):
+            return next(self.it, None)
+
+    quantize_static(str(tmp_path / "f.onnx"), str(tmp_path / "q.onnx"), Reader(), quant_format=QuantFormat.QDQ,
+                    per_channel=per_channel, weight_type=getattr(QuantType, weight_type),
+                    activation_type=QuantType.QUInt8)
+    return f, onnx.load(str(tmp_path / "q.onnx"))
+
+
+def _outputs(m: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    s = runtime.session(m)
+    return np.concatenate([s.run(None, {"x": x[i:i + 1]})[0] for i in range(len(x))])
+
+
+@pytest.mark.parametrize("per_channel,weight_type", [(True, "QInt8"), (False, "QUInt8")])
+def test_recover_on_a_qdq_model_refits_and_writes_back_on_the_quantized_grid(tmp_path, per_channel, weight_type):
+    """A QDQ model's layers are fitted on their dequantized weights and written
+    back quantized: integer weights of the same type (per channel or per
+    tensor, zero points kept), int32 biases whose scale is still the input's
+    times the weight's, and outputs closer to the quantized original's on new
+    inputs than the plain prune's."""
+    from onnxprune.api import prune
+
+    _, q = _qdq_pair(tmp_path, per_channel, weight_type)
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "calib.npy", rng.standard_normal((32, 3, 8, 8)).astype(np.float32))
+    res = prune(q, {"default": 0.5}, calib=str(tmp_path / "calib.npy"), calib_batches=4, calib_batch_size=8,
+                recover="ridge")
+    rows = {r.node: r for r in res.recovery}
+    assert rows["c2"].status == "refit" and rows["fc"].status == "refit", res.recovery_text()
+    assert rows["c2"].inputs_kept == "8/16", rows["c2"].inputs_kept  # the kept channels, read at the DequantizeLinear
+
+    def inits(m):
+        return {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+
+    plain = prune(q, plan=res.plan)  # the same plan, not recovered
+    before, pruned, after = inits(q), inits(plain.proto), inits(res.proto)
+    wtype = np.int8 if weight_type == "QInt8" else np.uint8
+    for w in ("w2_quantized", "w3_quantized"):
+        assert after[w].dtype == wtype and after[w].shape == pruned[w].shape
+        assert not np.array_equal(after[w], pruned[w]), w  # the fit was written, not the pruned weight left
+        zp = w.replace("quantized", "zero_point")
+        assert after[zp].dtype == wtype and np.array_equal(after[zp], pruned[zp])
+    assert not any(t.data_type == onnx.TensorProto.FLOAT and len(t.dims) >= 2 for t in res.proto.graph.initializer)
+    for b, x, w in (("b2_quantized", "r_scale", "w2_scale"), ("b3_quantized", "p_scale", "w3_scale")):
+        assert after[b].dtype == np.int32
+        rel = after[b + "_scale"].astype(np.float64) / (after[x].astype(np.float64) * after[w])
+        assert np.allclose(rel, 1.0, rtol=1e-5), (b, rel)
+    assert np.allclose(before["b2_quantized_scale"] / (before["r_scale"] * before["w2_scale"]), 1.0, rtol=1e-5)
+    # closer to the quantized original on inputs no fit saw: the model's output, and c2's own output
+    # channels (each against the original channel it kept: fc's pruned weight columns say which)
+    x = np.random.default_rng(7).standard_normal((48, 3, 8, 8)).astype(np.float32)
+    ref = _outputs(q, x)
+    err = lambda m: float(np.linalg.norm(_outputs(m, x) - ref) / np.linalg.norm(ref))  # noqa: E731
+    assert err(res.proto) < 0.5 * err(plain.proto), (err(res.proto), err(plain.proto))
+    kept = [next(j for j in range(16) if np.array_equal(col, before["w3_quantized"][:, j]))
+            for col in pruned["w3_quantized"].T]
+
+    def c2_out(m):
+        m = onnx.ModelProto.FromString(m.SerializeToString())
+        m.graph.output.append(onnx.ValueInfoProto(name="b"))
+        s = runtime.session(m)
+        return np.concatenate([s.run(["b"], {"x": x[i:i + 1]})[0] for i in range(len(x))])
+
+    b0 = c2_out(q)[:, kept]
+    c2_err = lambda m: float(np.linalg.norm(c2_out(m) - b0) / np.linalg.norm(b0))  # noqa: E731
+    assert c2_err(res.proto) < c2_err(plain.proto), (c2_err(res.proto), c2_err(plain.proto))
+
+
+def test_recover_on_a_qdq_model_it_cannot_write_back_names_why(tmp_path):
+    """Weights quantized per *input* channel: a re-fit could not keep their
+    biases' scales tied to them, so recovery leaves them, says why per layer
+    and in one warning, and reports no held-out check it never ran."""
+    from onnxprune.api import prune
+    from onnxprune.recover.graph import QUANTIZED
+
+    _, q = _qdq_pair(tmp_path)
+    inits = {t.name: t for t in q.graph.initializer}
+    for n in q.graph.node:  # c2's and fc's weights: scales along the input axis instead
+        if n.op_type == "DequantizeLinear" and n.input[0] in ("w2_quantized", "w3_quantized"):
+            width = numpy_helper.to_array(inits[n.input[0]]).shape[1]
+            for name, arr in ((n.input[1], np.full(width, 0.01, np.float32)), (n.input[2], np.zeros(width, np.int8))):
+                inits[name].CopyFrom(numpy_helper.from_array(arr, name))
+            del n.attribute[:]
+            n.attribute.append(onnx.helper.make_attribute("axis", 1))
+    onnx.checker.check_model(q, full_check=True)
     rng = np.random.default_rng(0)
     np.save(tmp_path / "calib.npy", rng.standard_normal((16, 3, 8, 8)).astype(np.float32))
     import logging
@@ -485,7 +574,23 @@ def test_recover_on_a_qdq_model_names_why_nothing_was_refitted(tmp_path):
     finally:
         logging.getLogger("onnxprune.recover").removeHandler(handler)
     consumers = [r for r in res.recovery if r.node in ("c2", "fc")]
-    assert consumers and all(r.status == "skipped" and r.reason == QUANTIZED for r in consumers)
-    assert any("re-fitted no layer" in m and "DequantizeLinear" in m for m in seen), seen
+    assert len(consumers) == 2 and all(r.status == "skipped" and "per input channel" in r.reason
+                                       and r.reason.endswith(QUANTIZED) for r in consumers), res.recovery_text()
+    assert any("re-fitted no layer" in m and "per input channel" in m for m in seen), seen
     text = res.recovery_text()
     assert "no layer was re-fitted" in text and "held-out check" not in text
+
+
+def test_a_qdq_model_meets_its_macs_target_in_the_written_file(tmp_path):
+    """The budget counts a QDQ layer's work through its weight's integer
+    tensor (where the analysis binds the channels): the file written holds
+    the MACs the plan promised, as the float model's does."""
+    from onnxprune.api import prune
+    from onnxprune.core.metrics import count
+
+    f, q = _qdq_pair(tmp_path)
+    for m in (f, q):
+        res = prune(m, {"target_macs": 0.6})
+        got = count(res.proto)
+        assert got == res.after, (got, res.after)
+        assert abs(got["macs"] / count(m)["macs"] - 0.6) < 0.05, got

@@ -33,6 +33,7 @@ import onnx_ir as ir
 
 from onnxprune.core import dims as D
 from onnxprune.core.members import IN, OUT, PARAM, AttrMember, ShapeMember, TensorMember
+from onnxprune.core.quant import dq_node, dq_parts
 from onnxprune.core.registry import DEFAULT_DOMAINS, Registry
 from onnxprune.core.space import LayoutError, Space, SpaceTable
 
@@ -74,7 +75,7 @@ class Analysis:
             return None
         if v.const_value is not None:
             return v.const_value.numpy()
-        dq = dequantized(v)
+        dq = dq_node(v)
         if dq is None:
             return None
         q, scale, zp, axis = dq_parts(dq)
@@ -111,7 +112,7 @@ class Analysis:
         v = node.inputs[slot] if slot < len(node.inputs) else None
         if v is None:
             return None
-        if dequantized(v) is not None:
+        if dq_node(v) is not None:
             return self._quantized_layout(node, slot, v)
         if v in self.layouts:
             # a space that can no longer be pruned is a plain extent from here on
@@ -157,7 +158,7 @@ class Analysis:
         scale and zero point when they are per channel along that axis."""
         if space is None or slot >= len(node.inputs) or node.inputs[slot] is None:
             return
-        dq = dequantized(node.inputs[slot])
+        dq = dq_node(node.inputs[slot])
         if dq is None:
             self.tensors.append(TensorMember(node, slot, axis, space, role))
             return
@@ -219,36 +220,6 @@ class Analysis:
         except LayoutError as e:
             self.freeze([a, b], node, f"{e}{what}")
             return self.table.find(a)
-
-
-def dequantized(v: ir.Value | None) -> ir.Node | None:
-    """The DequantizeLinear node that makes ``v`` from a constant (a QDQ weight), or None."""
-    if v is None or v.const_value is not None:
-        return None
-    n = v.producer()
-    if n is None or n.op_type != "DequantizeLinear" or n.domain not in ("", "ai.onnx", "com.microsoft"):
-        return None
-    if n.inputs[0] is None or n.inputs[0].const_value is None:
-        return None
-    if any(x is not None and x.const_value is None for x in n.inputs[1:]):
-        return None
-    return n
-
-
-def dq_parts(dq: ir.Node):
-    """(integer tensor, scale, zero point, axis) of a constant DequantizeLinear,
-    scale and zero point shaped to broadcast against the tensor."""
-    q = dq.inputs[0].const_value.numpy()
-    scale = dq.inputs[1].const_value.numpy().astype(np.float32)
-    zp = dq.inputs[2].const_value.numpy().astype(np.float32) if len(dq.inputs) > 2 and dq.inputs[2] is not None else np.zeros((), np.float32)
-    a = dq.attributes.get("axis")
-    axis = (a.value if a is not None else 1) % max(q.ndim, 1)
-    if scale.ndim == 1 and scale.size > 1:
-        shape = [1] * q.ndim
-        shape[axis] = scale.size
-        scale = scale.reshape(shape)
-        zp = zp.reshape(shape) if zp.size > 1 else zp
-    return q, scale, zp, axis
 
 
 Rule = Callable[["RuleContext", ir.Node], None]
@@ -338,7 +309,7 @@ class RuleContext:
     @staticmethod
     def quantized_weight(v: ir.Value | None) -> ir.Node | None:
         """The DequantizeLinear making ``v`` from constants (a QDQ weight), or None."""
-        return dequantized(v)
+        return dq_node(v)
 
     # declare
     def set_layout(self, v: ir.Value | None, lay) -> None:

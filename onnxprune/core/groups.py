@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 
 import onnx_ir as ir
 
-from onnxprune.core.analysis import Analysis, dequantized
+from onnxprune.core.analysis import Analysis
+from onnxprune.core.quant import dq_node
 from onnxprune.core.members import IN, OUT, AttrMember, ShapeMember, TensorMember
 from onnxprune.core.space import ATOM, Space
 
@@ -64,7 +65,7 @@ def _conv_weight(node):
     """A Conv's constant weight, also where a DequantizeLinear feeds it (QDQ
     models: its quantized input), else None."""
     v = node.inputs[1] if len(node.inputs) > 1 else None
-    dq = dequantized(v)
+    dq = dq_node(v)
     return dq.inputs[0].const_value if dq is not None else (v.const_value if v is not None else None)
 
 

@@ -17,6 +17,7 @@ import numpy as np
 
 from onnxprune.core import metrics
 from onnxprune.core.analysis import Analysis
+from onnxprune.core.quant import dq_node
 from onnxprune.core.space import ATOM, CONCAT, FIXED, Space
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,9 @@ class Estimator:
                     elif io_ == "in":
                         space = members.get((id(node), slot, axis))
                         v = node.inputs[slot] if slot < len(node.inputs) else None
+                        dq = dq_node(v) if space is None else None
+                        if dq is not None:  # a QDQ weight: the analysis binds its channels to the integer tensor
+                            space = members.get((id(dq), 0, axis))
                     else:
                         v = node.outputs[slot]
                     if space is None and v is not None:

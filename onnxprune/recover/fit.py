@@ -63,6 +63,7 @@ class _Fit:
     yy: list = field(default_factory=list)  # per group, per output channel sum of Y^2
     n: int = 0
     folds: dict = field(default_factory=dict)  # fold -> (G, C, yy) lists: the same statistics per fold of sources
+    quant: dict = field(default_factory=dict)  # "w" / "b": a QDQ model's quantized constant (core.quant.Dequantized)
 
 
 # --------------------------------------------------------------------------- regression rows

@@ -11,6 +11,7 @@ import onnx
 import onnx_ir as ir
 from onnx import helper, numpy_helper
 
+from onnxprune.core.quant import BIAS_TYPES, Dequantized, dq_constant
 from onnxprune.recover.fit import LayerRow, _Fit, tap_blocks
 from onnxprune.rewrite import Journal, add_bias_after, matmul_bias, set_input
 
@@ -125,7 +126,8 @@ def _residuals(original: onnx.ModelProto, g: _Graph, fits: list[_Fit], levels: d
     """fit node -> ``(r, scale)``, for each layer whose output (its bias Add's,
     for a MatMul) is read only by an ``Add`` whose other input ``r`` is
     computed, directly or through a ``Mul`` by a constant per-channel ``scale``
-    (a layer scale: ConvNeXt, CaiT, DeiT III; else ``scale`` is None): a
+    (a layer scale: ConvNeXt, CaiT, DeiT III; else ``scale`` is None) and a
+    QDQ model's QuantizeLinear -> DequantizeLinear pair (taken as the identity it rounds to): a
     residual branch ``scale * y + r``. Its target becomes the original's sum
     minus the pruned model's ``r`` (over ``scale``), so the layer also takes
     up what the pruned stream lost upstream (the sequential fit's error
@@ -167,6 +169,11 @@ def _residuals(original: onnx.ModelProto, g: _Graph, fits: list[_Fit], levels: d
                 continue
             y = rd[0].output[0]
             rd = readers.get(y, [])
+        if len(rd) == 1 and rd[0].op_type == "QuantizeLinear" and y not in graph_out:  # a QDQ model's y -> Q -> DQ
+            dq = readers.get(rd[0].output[0], [])
+            if len(dq) == 1 and dq[0].op_type == "DequantizeLinear" and rd[0].output[0] not in graph_out:
+                y = dq[0].output[0]
+                rd = readers.get(y, [])
         if len(rd) != 1 or y in graph_out or rd[0].op_type != "Add" or rd[0].domain not in ("", "ai.onnx"):
             continue
         add = rd[0]
@@ -255,7 +262,20 @@ def _plan_packed(g: _Graph, src: dict | None, node, row: LayerRow, outs, max_fea
                 dense=dict(packed=True, w=src["w"], b=src["b"], q=src["q"], heads=src["heads"]))
 
 
-QUANTIZED = "a quantized weight (DequantizeLinear): recovery fits float weights; prune and recover the float model, then quantize"
+QUANTIZED = "prune and recover the float model, then quantize"  # the advice where a quantized layer cannot be written back
+
+
+def _bias(g: _Graph, value, quant: dict) -> np.ndarray | str | None:
+    """A bias input's float values: an initializer, or an int32 constant behind a
+    DequantizeLinear (recorded in ``quant["b"]``); a reason when it is neither."""
+    b = g.const(value)
+    if b is not None:
+        return b
+    dq = dq_constant(value, g.const, BIAS_TYPES)
+    if isinstance(dq, Dequantized):
+        quant["b"] = dq
+        return dq.value()
+    return dq
 
 
 def _plan_fit(g: _Graph, orig: dict[str, str], name: str, ins, outs, max_features: int, method: str,
@@ -281,24 +301,39 @@ def _plan_fit(g: _Graph, orig: dict[str, str], name: str, ins, outs, max_feature
         row.reason = "the constant is the first operand"
         return row
     w = g.const(node.inputs[1]) if len(node.inputs) > 1 else None
+    quant: dict = {}  # "w" / "b": a Dequantized constant (a QDQ model's), fitted in float, written back quantized
+    if w is None and len(node.inputs) > 1 and g.const(node.inputs[0]) is None:
+        dq = dq_constant(node.inputs[1], g.const)
+        if isinstance(dq, str):
+            row.reason = f"{dq}: {QUANTIZED}"
+            return row
+        if dq is not None:
+            w, quant["w"] = dq.value(), dq
     if w is None or g.const(node.inputs[0]) is not None:
-        wp = node.inputs[1].producer() if len(node.inputs) > 1 and node.inputs[1] is not None else None
-        row.reason = (QUANTIZED if wp is not None and wp.op_type == "DequantizeLinear" else
-                      "weight is not a constant initializer (or the data input is)")
+        row.reason = "weight is not a constant initializer (or the data input is)"
         return row
     if w.dtype != np.float32:
         row.reason = f"weight dtype {w.dtype} (only float32)"
         return row
+    if "w" in quant:  # the analysis sees a quantized weight's channels at its DequantizeLinear's integer input
+        name_w, wslot = quant["w"].node.name, 0
+        row.inputs_kept = ", ".join(f"{len(k)}/{wd}" for s, _, k, wd, _ in ins.get(name_w, []) if s == 0)
+    else:
+        name_w = name
     # surviving output channels (indices of the original's output axis)
     out_axis = {"Conv": 0, "ConvTranspose": 1, "Gemm": 0 if g.attr(node, "transB", 0) else 1, "MatMul": w.ndim - 1}[op]
-    ko = [(k, wd) for s, a, k, wd, _ in outs.get(name, []) if s == wslot and a == out_axis]
+    ko = [(k, wd) for s, a, k, wd, _ in outs.get(name_w, []) if s == wslot and a == out_axis]
     width_now = w.shape[out_axis]
     kept_out, width0 = ko[0] if ko else (np.arange(width_now), width_now)
     if len(kept_out) != width_now:
         row.reason = f"kept outputs ({len(kept_out)}) do not match the pruned weight ({width_now})"
         return row
     row.outputs_kept = f"{len(kept_out)}/{width0}"
-    fit_kw = dict(row=row, node=node, x_name=node.inputs[0].name, y_name=orig[name], kept_out=np.asarray(kept_out))
+    if "w" in quant and not quant["w"].per_tensor and quant["w"].axis != out_axis:
+        row.reason = f"a quantized weight with scales per input channel: {QUANTIZED}"
+        return row
+    fit_kw = dict(row=row, node=node, x_name=node.inputs[0].name, y_name=orig[name], kept_out=np.asarray(kept_out),
+                  quant=quant)
     if op in ("Conv", "ConvTranspose"):
         grp = int(g.attr(node, "group", 1))
         if op == "ConvTranspose" and grp != 1:
@@ -314,9 +349,10 @@ def _plan_fit(g: _Graph, orig: dict[str, str], name: str, ins, outs, max_feature
         if m % grp:
             row.reason = "group does not divide the output channels"
             return row
-        b = g.const(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else np.zeros(m, np.float32)
-        if b is None:
-            row.reason = f"{op} bias is not a constant"
+        b = _bias(g, node.inputs[2], quant) if len(node.inputs) > 2 and node.inputs[2] is not None \
+            else np.zeros(m, np.float32)
+        if not isinstance(b, np.ndarray):
+            row.reason = f"{op} bias is not a constant" + (f" ({b})" if b else "")
             return row
         if cpg == 1 and grp > 1:
             row.reason = "depthwise: one input per output channel (re-fitting it did not generalise on held-out data in our runs)"
@@ -341,11 +377,11 @@ def _plan_fit(g: _Graph, orig: dict[str, str], name: str, ins, outs, max_feature
         W = (w.T if tb else w) * alpha  # [K, N]
         n_out = W.shape[1]
         if len(node.inputs) > 2 and node.inputs[2] is not None:
-            c = g.const(node.inputs[2])
-            if c is None:
-                row.reason = "Gemm C is not a constant"
+            c = _bias(g, node.inputs[2], quant)
+            if not isinstance(c, np.ndarray):
+                row.reason = "Gemm C is not a constant" + (f" ({c})" if c else "")
                 return row
-            if c.size not in (1, n_out) or (c.ndim == 2 and c.shape[0] != 1):
+            if c.size not in (1, n_out) or (c.ndim == 2 and c.shape[0] != 1) or ("b" in quant and c.size != n_out):
                 row.reason = f"Gemm C of shape {list(c.shape)} is not a per-output bias"
                 return row
             bias = np.broadcast_to(c.reshape(-1), (n_out,)) * beta
@@ -381,13 +417,44 @@ def _plan_fit(g: _Graph, orig: dict[str, str], name: str, ins, outs, max_feature
     return fit
 
 
+def _put_weight(node, fit: _Fit, w: np.ndarray, journal: Journal) -> np.ndarray | None:
+    """Write ``node``'s weight ``w`` (float, the stored layout); a quantized one
+    on its own grid (:mod:`onnxprune.core.quant`), returning how its scales
+    changed (new / old) for the bias to follow."""
+    dq = fit.quant.get("w")
+    if dq is None:
+        set_input(node, 1, np.asarray(w, np.float32), "recovered_w", journal)
+        return None
+    q, scale = dq.quantize(w)
+    set_input(dq.node, 0, q, "recovered_wq", journal)
+    set_input(dq.node, 1, scale, "recovered_ws", journal)
+    return scale.astype(np.float64) / np.where(dq.scale == 0, 1.0, dq.scale.astype(np.float64))
+
+
+def _put_bias(node, slot: int, fit: _Fit, b: np.ndarray, ratio: np.ndarray | None, journal: Journal) -> None:
+    """Write ``node``'s bias ``b``; a quantized bias keeps its scale times its
+    weight's change of scale (``ratio``), so bias scale = input scale x weight
+    scale holds where it held."""
+    dq = fit.quant.get("b")
+    if dq is None:
+        set_input(node, slot, np.asarray(b, np.float32), "recovered_b", journal)
+        return
+    scale = dq.scale.astype(np.float64)
+    if ratio is not None and (ratio.size == 1 or ratio.size == scale.size):
+        scale = scale * (ratio.reshape(()) if ratio.size == 1 else ratio.reshape(scale.shape))
+    q, scale = dq.quantize(np.asarray(b, np.float64).reshape(dq.q.shape), scale)
+    set_input(dq.node, 0, q, "recovered_bq", journal)
+    set_input(dq.node, 1, scale, "recovered_bs", journal)
+
+
 def _write_back(g: _Graph, fit: _Fit, Ws: list, journal: Journal) -> None:
     """Hand the fitted weights of ``fit`` to the rewriter (undoable through ``journal``)."""
     node = g.nodes[fit.row.node]
     f32 = lambda a: np.asarray(a, np.float32)  # noqa: E731
     if fit.kind == "conv":
         transposed = node.op_type == "ConvTranspose"  # fitted as the Conv it equals
-        w = _swap_flip(g.const(node.inputs[1])) if transposed else g.const(node.inputs[1])
+        w = fit.quant["w"].value() if "w" in fit.quant else g.const(node.inputs[1])
+        w = _swap_flip(w) if transposed else w
         m = w.shape[0]
         new_w = np.empty_like(w)
         new_b = np.empty(m, np.float64)
@@ -395,8 +462,8 @@ def _write_back(g: _Graph, fit: _Fit, Ws: list, journal: Journal) -> None:
             mg = new_w[osl].shape[0]
             new_w[osl] = W[:-1].T.reshape(mg, *w.shape[1:])
             new_b[osl] = W[-1]
-        set_input(node, 1, f32(_swap_flip(new_w) if transposed else new_w), "recovered_w", journal)
-        set_input(node, 2, f32(new_b), "recovered_b", journal)
+        ratio = _put_weight(node, fit, _swap_flip(new_w) if transposed else new_w, journal)
+        _put_bias(node, 2, fit, new_b, ratio, journal)
         return
     W = Ws[0]
     if fit.dense.get("packed"):
@@ -404,7 +471,7 @@ def _write_back(g: _Graph, fit: _Fit, Ws: list, journal: Journal) -> None:
         set_input(node, 2, f32(W[-1]), "recovered_b", journal)
         return
     if fit.dense.get("matmul"):
-        set_input(node, 1, f32(W[:-1]), "recovered_w", journal)
+        _put_weight(node, fit, W[:-1], journal)
         bias = fit.dense["bias"] + W[-1]
         if fit.bias_add is not None:
             add = g.nodes[fit.bias_add]
@@ -416,12 +483,12 @@ def _write_back(g: _Graph, fit: _Fit, Ws: list, journal: Journal) -> None:
         return
     tb, alpha, beta = fit.dense["transB"], fit.dense["alpha"], fit.dense["beta"]
     Wk = W[:-1] / alpha
-    set_input(node, 1, f32(Wk.T if tb else Wk), "recovered_w", journal)
+    ratio = _put_weight(node, fit, Wk.T if tb else Wk, journal)
     bias = W[-1] / beta
     if len(node.inputs) > 2 and node.inputs[2] is not None:
-        c = g.const(node.inputs[2])
+        c = fit.quant["b"].q if "b" in fit.quant else g.const(node.inputs[2])
         bias = bias.reshape(c.shape) if c.size == bias.size else bias.reshape(1, -1) if c.ndim == 2 else bias
-    set_input(node, 2, f32(bias), "recovered_b", journal)
+    _put_bias(node, 2, fit, bias, ratio, journal)
 
 
 # ops an attention operand passes through between its linear layer and the

@@ -31,6 +31,7 @@ import numpy as np
 from onnxprune.core.analysis import Analysis
 from onnxprune.core.groups import Group
 from onnxprune.core.members import IN
+from onnxprune.core.quant import Dequantized, dq_constant
 
 MAX_GRAM_BYTES = 1 << 30
 MAX_ROWS = 8192  # sampled rows (positions x samples) per consumer per batch
@@ -280,12 +281,21 @@ def consumers(ctx: Analysis, g: Group) -> list[_Consumer]:
     """The linear layers where ``g``'s channels end (see the module docstring)."""
     out, seen = [], set()
     for m in g.tensors:
-        node = m.node
-        if m.role != IN or m.slot != 1 or node.op_type not in ("Conv", "Gemm", "MatMul") or id(node) in seen:
+        node, w = m.node, None
+        if m.role == IN and m.slot == 0 and node.op_type == "DequantizeLinear":  # a QDQ model's weight
+            uses = list(node.outputs[0].uses())
+            if len(uses) != 1 or uses[0].idx != 1:
+                continue
+            dq = dq_constant(node.outputs[0], ctx.const)
+            node = uses[0].node
+            w = dq.value() if isinstance(dq, Dequantized) else None
+        elif m.role != IN or m.slot != 1:
+            continue
+        if node.op_type not in ("Conv", "Gemm", "MatMul") or id(node) in seen:
             continue
         seen.add(id(node))
         x = node.inputs[0]
-        w = ctx.const(m.value)
+        w = ctx.const(m.value) if w is None else w
         if x is None or x.const_value is not None or w is None or not np.issubdtype(w.dtype, np.floating):
             continue
         if _carries(ctx, node.outputs[0], g.space):
