@@ -594,3 +594,52 @@ def test_a_qdq_model_meets_its_macs_target_in_the_written_file(tmp_path):
         got = count(res.proto)
         assert got == res.after, (got, res.after)
         assert abs(got["macs"] / count(m)["macs"] - 0.6) < 0.05, got
+
+
+def test_a_qdq_vit_recovers_its_linear_layers_and_says_why_not_its_logits(tmp_path):
+    """A vision transformer quantized by onnxruntime (QDQ): with head dims
+    gone, --recover re-fits its MatMul layers on their integer grid and moves
+    the output toward the quantized original on new inputs (the layers that
+    write into the residual stream take up its loss); the joint q/k
+    logit fit is found and refused with its reason (the activation quantizers'
+    ranges), not silently left out."""
+    import logging as _logging
+    import pathlib
+
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    from onnxprune.api import prune
+
+    src = pathlib.Path(__file__).resolve().parent.parent / "models" / "ref_vit.onnx"
+    f = onnx.load(str(src))
+    name = f.graph.input[0].name
+    shape = [d.dim_value or 1 for d in f.graph.input[0].type.tensor_type.shape.dim]
+    x = np.random.default_rng(0).standard_normal([48] + shape[1:]).astype(np.float32)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter([{name: x[i:i + 8]} for i in range(0, 32, 8)])
+
+        def get_next(self):
+            return next(self.it, None)
+
+    _logging.getLogger().setLevel(_logging.ERROR)
+    quantize_static(str(src), str(tmp_path / "q.onnx"), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8)
+    q = onnx.load(str(tmp_path / "q.onnx"))
+    np.save(tmp_path / "calib.npy", x[:32])
+    res = prune(q, {"kinds": {"head_dim": 0.25}}, calib=str(tmp_path / "calib.npy"), calib_batches=4,
+                calib_batch_size=8, recover="ridge")
+    refit = [r for r in res.recovery if r.status == "refit" and r.op == "MatMul" and r.method != "qk-logits"]
+    assert len(refit) >= 8, res.recovery_text()
+    assert sum(r.target == "stream" for r in refit) >= 4  # branches into the residual Adds, past their Q -> DQ pairs
+    logits = [r for r in res.recovery if r.method == "qk-logits"]
+    assert logits and all(r.status == "skipped" and "activation quantizers" in r.reason for r in logits)
+    assert any(t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 2 for t in res.proto.graph.initializer)
+    assert not any(t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 2 for t in res.proto.graph.initializer)
+    plain = prune(q, plan=res.plan)
+    s_q, s_p, s_r = (runtime.session(m) for m in (q, plain.proto, res.proto))
+    new = x[32:]
+    ref = s_q.run(None, {name: new})[0]
+    err = lambda s: float(np.linalg.norm(s.run(None, {name: new})[0] - ref) / np.linalg.norm(ref))  # noqa: E731
+    assert err(s_r) < 0.5 * err(s_p), (err(s_r), err(s_p))

@@ -88,6 +88,7 @@ import onnx
 import onnx_ir as ir
 
 from onnxprune import io
+from onnxprune.core.quant import dq_node
 from onnxprune.recover import attention
 from onnxprune.recover.check import _reverted, held_out_check
 from onnxprune.recover.fit import (LayerRow, _accumulate, _conv_rows, _dense_rows, _Fit, _folds, _select, _solve,
@@ -158,8 +159,7 @@ def downstream(ctx, keep) -> list[str]:
         changed.update(v.name for v in n.outputs)
         if (n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul") or is_packed_attention(n)) and len(n.inputs) > 1 \
                 and n.inputs[1] is not None \
-                and (n.inputs[1].const_value is not None or n.inputs[1].producer() is not None
-                     and n.inputs[1].producer().op_type == "DequantizeLinear"):
+                and (n.inputs[1].const_value is not None or dq_node(n.inputs[1]) is not None):
             if n.name in reads or (n.inputs[0] is not None and n.inputs[0].name in changed):
                 out.append(n.name)
     return out

@@ -11,7 +11,7 @@ import onnx
 import onnx_ir as ir
 from onnx import helper, numpy_helper
 
-from onnxprune.core.quant import BIAS_TYPES, Dequantized, dq_constant
+from onnxprune.core.quant import BIAS_TYPES, Dequantized, dq_constant, dq_node, dq_parts
 from onnxprune.recover.fit import LayerRow, _Fit, tap_blocks
 from onnxprune.rewrite import Journal, add_bias_after, matmul_bias, set_input
 
@@ -29,6 +29,15 @@ class _Graph:
         if value is None or value.name not in self.g.initializers or value.const_value is None:
             return None
         return value.const_value.numpy()
+
+    def constant(self, value: ir.Value | None) -> np.ndarray | None:
+        """An initializer, or a QDQ model's DequantizeLinear of initializers, as floats."""
+        a = self.const(value)
+        dq = dq_node(value) if a is None else None
+        if dq is not None:
+            q, scale, zero, _ = dq_parts(dq)
+            a = (q.astype(np.float32) - zero) * scale
+        return a
 
     @staticmethod
     def attr(node: ir.Node, name: str, default=None):
@@ -493,33 +502,36 @@ def _write_back(g: _Graph, fit: _Fit, Ws: list, journal: Journal) -> None:
 
 # ops an attention operand passes through between its linear layer and the
 # q.k^T MatMul (reshapes, head splits, a constant scale or bias): per-token affine
-_PASS = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Split", "Slice", "Gather", "Identity", "Mul", "Div", "Add"}
+_PASS = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Split", "Slice", "Gather", "Identity", "Mul", "Div", "Add",
+         "QuantizeLinear", "DequantizeLinear"}  # a QDQ model's activation quantizers: the identity they round to
 # between the logits and their Softmax: scale, mask, casts
-_TO_SOFTMAX = {"Mul", "Div", "Add", "Sub", "Where", "Cast", "Reshape"}
+_TO_SOFTMAX = {"Mul", "Div", "Add", "Sub", "Where", "Cast", "Reshape", "QuantizeLinear", "DequantizeLinear"}
 
 
 def _linear_behind(g: _Graph, value, fits: set[str], hops: int = 12) -> str | None:
     """The re-fitted linear layer an attention operand is a per-token affine
     function of (through :data:`_PASS` ops), or None."""
-    for _ in range(hops):
+    while hops > 0:
         p = value.producer() if value is not None else None
         if p is None or p.op_type not in _PASS and p.name not in fits:
             return None
         if p.name in fits:
             return p.name
+        hops -= p.op_type not in ("QuantizeLinear", "DequantizeLinear")  # a QDQ model's pairs do not count
         if p.op_type in ("Mul", "Div", "Add"):
-            consts = [v for v in p.inputs if g.const(v) is not None]
-            if len(consts) != 1:
+            arrays = [g.constant(v) for v in p.inputs]  # a QDQ model's constants come dequantized
+            consts = [a for a in arrays if a is not None]
+            if len(consts) != 1 or len(p.inputs) != 2:
                 return None
-            if p.op_type != "Add" and consts[0].const_value.numpy().size != 1:
+            if p.op_type != "Add" and consts[0].size != 1:
                 return None  # a per-column scale would weigh the dims of q.k^T unevenly
-            value = next(v for v in p.inputs if g.const(v) is None)
+            value = p.inputs[0] if arrays[1] is not None else p.inputs[1]
         else:
             value = p.inputs[0]
     return None
 
 
-def _reaches_softmax(value, hops: int = 4) -> bool:
+def _reaches_softmax(value, hops: int = 8) -> bool:  # 4 ops, each maybe followed by a QDQ pair
     frontier = [value]
     for _ in range(hops):
         nxt = []
