@@ -352,6 +352,7 @@ def prune(
     original = job.data_proto() if recover is not None else None
     # 3. rewrite
     job.rewrite(the_plan)
+    _count_written(res, job)
     lap("rewrite")
     # 4. recover
     if recover is not None:
@@ -373,6 +374,31 @@ def prune(
         lap("bench")
     res.seconds = time.perf_counter() - t0
     return res
+
+
+COUNT_TOLERANCE = 0.005  # relative: the budget's estimate and the rewritten model's own count agree to this
+
+
+def _count_written(res: PruneResult, job: Job) -> None:
+    """``res.after`` becomes the rewritten model's own count (the terms read
+    from its graph, not the budget's estimate of the plan); where the two
+    differ, a warning says so: the estimate missed some layer's change (the
+    budget was then spent against the wrong count)."""
+    from onnxprune.core.metrics import count
+
+    try:
+        counted = count(io.skeleton(job.model))
+    except Exception as e:  # a graph the cost terms cannot read as rewritten: the estimate stands
+        log.debug("counting the rewritten model failed: %s", e)
+        return
+    off = {k: (res.after[k], counted[k]) for k in counted
+           if abs(counted[k] - res.after[k]) > COUNT_TOLERANCE * max(res.after[k], 1)}
+    if off:
+        msg = ("the pruned model's own count differs from the budget's estimate: " +
+               ", ".join(f"{k} {e:,} estimated, {c:,} counted" for k, (e, c) in off.items()))
+        res.notes.append(msg)
+        log.warning(msg)
+    res.after = counted
 
 
 def _bench_pruned(res: PruneResult, reference, rt: Runtime, progress: bool, say) -> list:

@@ -338,3 +338,33 @@ def test_estimate_when_layer_shapes_need_folding():
     assert est.before == {"params": _params(8) + 64, "macs": _macs(8) + 128}
     assert est.estimate({g.id: np.arange(4)}) == {"params": _params(4) + 64, "macs": _macs(4) + 128}
     assert metrics.count(api.prune(m, {"default": 0.5}).proto) == {"params": _params(4) + 64, "macs": _macs(4) + 128}
+
+
+def test_the_result_reports_the_written_models_own_count_and_warns_when_the_estimate_missed(monkeypatch):
+    """PruneResult.after is counted on the rewritten graph; an estimate that
+    missed a layer's change (a budget spent against the wrong count) is said
+    in one warning and a note, not reported as the result."""
+    from onnxprune.core.metrics import count
+
+    m = _chain()
+    res = api.prune(m, {"default": 0.5})
+    assert res.after == count(res.proto) and res.after["macs"] == 80 * 4  # 4 of a's 8 channels kept
+    assert not any("count differs" in n for n in res.notes)
+    real = Estimator.estimate
+
+    def off(self, keep):  # an estimate that misses half of every pruned channel's saving
+        got, full = real(self, keep), real(self, {})
+        return {k: (got[k] + full[k]) // 2 for k in got}
+
+    monkeypatch.setattr(Estimator, "estimate", off)
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda rec: seen.append(rec.getMessage())
+    logging.getLogger("onnxprune.api").addHandler(handler)
+    try:
+        res = api.prune(m, {"default": 0.5})
+    finally:
+        logging.getLogger("onnxprune.api").removeHandler(handler)
+    assert res.after == count(res.proto) and res.after["macs"] == 320
+    assert any("macs 480 estimated, 320 counted" in n for n in res.notes), res.notes
+    assert any("count differs" in s for s in seen), seen
