@@ -609,6 +609,7 @@ def test_a_qdq_vit_recovers_its_linear_layers_and_says_why_not_its_logits(tmp_pa
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     from onnxprune.api import prune
+    from onnxprune.core.metrics import count
 
     src = pathlib.Path(__file__).resolve().parent.parent / "models" / "ref_vit.onnx"
     f = onnx.load(str(src))
@@ -627,12 +628,18 @@ def test_a_qdq_vit_recovers_its_linear_layers_and_says_why_not_its_logits(tmp_pa
     quantize_static(str(src), str(tmp_path / "q.onnx"), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                     weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8)
     q = onnx.load(str(tmp_path / "q.onnx"))
+    sig = lambda a: sorted((g.kind, g.width, g.set_name) for g in a.groups if not g.frozen)  # noqa: E731
+    assert sig(Job.open(q)) == sig(Job.open(f)) and any(k == "mlp" for k, _, _ in sig(Job.open(f)))
     np.save(tmp_path / "calib.npy", x[:32])
-    res = prune(q, {"kinds": {"head_dim": 0.25}}, calib=str(tmp_path / "calib.npy"), calib_batches=4,
+    res = prune(q, {"kinds": {"head_dim": 0.25, "mlp": 0.25}}, calib=str(tmp_path / "calib.npy"), calib_batches=4,
                 calib_batch_size=8, recover="ridge")
+    assert res.after["params"] < 0.85 * count(q)["params"]  # the MLPs pruned too (a QDQ MLP is kind mlp)
     refit = [r for r in res.recovery if r.status == "refit" and r.op == "MatMul" and r.method != "qk-logits"]
     assert len(refit) >= 8, res.recovery_text()
-    assert sum(r.target == "stream" for r in refit) >= 4  # branches into the residual Adds, past their Q -> DQ pairs
+    streams = [r for r in refit if r.target == "stream"]  # branches into the residual Adds, past their Q -> DQ pairs
+    assert 4 <= len(streams) < len(refit)  # not every layer: the bias Add behind a MatMul's Q -> DQ is its own
+    float_adds = lambda m: sum(n.op_type == "Add" for n in m.graph.node)  # noqa: E731
+    assert float_adds(res.proto) == float_adds(q)  # biases re-fitted in their own Adds, no new float Add
     logits = [r for r in res.recovery if r.method == "qk-logits"]
     assert logits and all(r.status == "skipped" and "activation quantizers" in r.reason for r in logits)
     assert any(t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 2 for t in res.proto.graph.initializer)

@@ -140,11 +140,20 @@ def _kind(g: Group) -> str:
         return "head_dim"
     if "residual" in tags:
         return "embed"
-    outs = {m.node.op_type for m in g.tensors if m.role == OUT}
-    ins = {m.node.op_type for m in g.tensors if m.role == IN}
+    outs = {_layer_op(m.node) for m in g.tensors if m.role == OUT}
+    ins = {_layer_op(m.node) for m in g.tensors if m.role == IN}
     if outs and ins and outs <= LINEAR and ins <= LINEAR:
         return "mlp"
     return "channels"
+
+
+def _layer_op(node) -> str:
+    """The op a member's tensor feeds: a QDQ weight's DequantizeLinear stands for the layer reading it."""
+    if node.op_type == "DequantizeLinear":
+        uses = list(node.outputs[0].uses())
+        if len(uses) == 1:
+            return uses[0].node.op_type
+    return node.op_type
 
 
 def _assign_sets(ctx: Analysis, groups: list[Group]) -> None:

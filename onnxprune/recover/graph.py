@@ -11,7 +11,7 @@ import onnx
 import onnx_ir as ir
 from onnx import helper, numpy_helper
 
-from onnxprune.core.quant import BIAS_TYPES, Dequantized, dq_constant, dq_node, dq_parts
+from onnxprune.core.quant import BIAS_TYPES, WEIGHT_TYPES, Dequantized, dq_constant, dq_node, dq_parts
 from onnxprune.recover.fit import LayerRow, _Fit, tap_blocks
 from onnxprune.rewrite import Journal, add_bias_after, matmul_bias, set_input
 
@@ -414,6 +414,11 @@ def _plan_fit(g: _Graph, orig: dict[str, str], name: str, ins, outs, max_feature
     found = matmul_bias(node, w.shape[1], g.const)
     if found is not None and found[0].name and found[2].dtype == np.float32:
         bias_add, bias = found[0], found[2].reshape(-1)
+    elif "w" in quant:
+        got = _quantized_bias_add(g, node, w.shape[1])
+        if got is not None:
+            bias_add, quant["b"] = got
+            bias = quant["b"].value().reshape(-1).astype(np.float64)
     if w.shape[0] + 1 > max_features:
         row.reason = f"{w.shape[0]} features exceed max_features={max_features}"
         return row
@@ -424,6 +429,27 @@ def _plan_fit(g: _Graph, orig: dict[str, str], name: str, ins, outs, max_feature
     fit = _Fit(groups=[(slice(None), slice(None))], w0=w0, kind="dense", dense=dict(matmul=True, bias=bias), **fit_kw)
     fit.bias_add = bias_add.name if bias_add is not None else None
     return fit
+
+
+def _quantized_bias_add(g: _Graph, node, width: int):
+    """A QDQ MatMul's bias: ``MatMul -> QuantizeLinear -> DequantizeLinear ->
+    Add(DequantizeLinear of constants)``, each read once, the constant
+    ``width`` wide along the last axis: ``(the Add, the constant as a
+    Dequantized)``, else None."""
+    v = node.outputs[0]
+    for op in ("QuantizeLinear", "DequantizeLinear"):
+        uses = list(v.uses())
+        if len(uses) != 1 or v.is_graph_output() or uses[0].node.op_type != op or uses[0].idx != 0:
+            return None
+        v = uses[0].node.outputs[0]
+    uses = list(v.uses())
+    if len(uses) != 1 or v.is_graph_output() or uses[0].node.op_type != "Add" or not uses[0].node.name:
+        return None
+    add = uses[0].node
+    dq = dq_constant(add.inputs[1 - uses[0].idx], g.const, WEIGHT_TYPES + BIAS_TYPES)
+    if not isinstance(dq, Dequantized) or dq.q.size != width or dq.q.shape[-1] != width:
+        return None
+    return add, dq
 
 
 def _put_weight(node, fit: _Fit, w: np.ndarray, journal: Journal) -> np.ndarray | None:
@@ -482,7 +508,12 @@ def _write_back(g: _Graph, fit: _Fit, Ws: list, journal: Journal) -> None:
     if fit.dense.get("matmul"):
         _put_weight(node, fit, W[:-1], journal)
         bias = fit.dense["bias"] + W[-1]
-        if fit.bias_add is not None:
+        if fit.bias_add is not None and "b" in fit.quant:  # behind the MatMul's own Q -> DQ: on its grid
+            dq = fit.quant["b"]
+            q, scale = dq.quantize(bias.reshape(dq.q.shape))
+            set_input(dq.node, 0, q, "recovered_bq", journal)
+            set_input(dq.node, 1, scale, "recovered_bs", journal)
+        elif fit.bias_add is not None:
             add = g.nodes[fit.bias_add]
             slot = 1 if add.inputs[0] is node.outputs[0] else 0
             c = g.const(add.inputs[slot])
