@@ -33,7 +33,7 @@ import onnx_ir as ir
 
 from onnxprune.core import dims as D
 from onnxprune.core.members import IN, OUT, PARAM, AttrMember, ShapeMember, TensorMember
-from onnxprune.core.quant import dq_node, dq_parts
+from onnxprune.core.quant import dq_node, dq_parts, dq_value
 from onnxprune.core.registry import DEFAULT_DOMAINS, Registry
 from onnxprune.core.space import LayoutError, Space, SpaceTable
 
@@ -75,11 +75,7 @@ class Analysis:
             return None
         if v.const_value is not None:
             return v.const_value.numpy()
-        dq = dq_node(v)
-        if dq is None:
-            return None
-        q, scale, zp, axis = dq_parts(dq)
-        return ((q.astype(np.float32) - zp) * scale).astype(np.float32)
+        return dq_value(v)
 
     @staticmethod
     def dims(v: ir.Value) -> list[int | None] | None:

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 import onnx_ir as ir
 
 from onnxprune.core.analysis import Analysis
-from onnxprune.core.quant import dq_node
 from onnxprune.core.members import IN, OUT, AttrMember, ShapeMember, TensorMember
+from onnxprune.core.quant import dq_node
 from onnxprune.core.space import ATOM, Space
 
 APPROX_TAGS = {"norm", "reduced"}

@@ -46,6 +46,15 @@ def dq_parts(dq: ir.Node):
     return q, scale, zp, axis
 
 
+def dq_value(v: ir.Value | None) -> np.ndarray | None:
+    """The float32 values of ``v`` when a DequantizeLinear of constants makes it (:func:`dq_node`), else None."""
+    dq = dq_node(v)
+    if dq is None:
+        return None
+    q, scale, zp, _ = dq_parts(dq)
+    return ((q.astype(np.float32) - zp) * scale).astype(np.float32)
+
+
 WEIGHT_TYPES = (np.int8, np.uint8, np.int16, np.uint16)
 BIAS_TYPES = (np.int32,)
 

@@ -11,7 +11,7 @@ import onnx
 import onnx_ir as ir
 from onnx import helper, numpy_helper
 
-from onnxprune.core.quant import BIAS_TYPES, WEIGHT_TYPES, Dequantized, dq_constant, dq_node, dq_parts
+from onnxprune.core.quant import BIAS_TYPES, WEIGHT_TYPES, Dequantized, dq_constant, dq_value
 from onnxprune.recover.fit import LayerRow, _Fit, tap_blocks
 from onnxprune.rewrite import Journal, add_bias_after, matmul_bias, set_input
 
@@ -33,11 +33,7 @@ class _Graph:
     def constant(self, value: ir.Value | None) -> np.ndarray | None:
         """An initializer, or a QDQ model's DequantizeLinear of initializers, as floats."""
         a = self.const(value)
-        dq = dq_node(value) if a is None else None
-        if dq is not None:
-            q, scale, zero, _ = dq_parts(dq)
-            a = (q.astype(np.float32) - zero) * scale
-        return a
+        return dq_value(value) if a is None else a
 
     @staticmethod
     def attr(node: ir.Node, name: str, default=None):
@@ -460,10 +456,17 @@ def _put_weight(node, fit: _Fit, w: np.ndarray, journal: Journal) -> np.ndarray 
     if dq is None:
         set_input(node, 1, np.asarray(w, np.float32), "recovered_w", journal)
         return None
-    q, scale = dq.quantize(w)
-    set_input(dq.node, 0, q, "recovered_wq", journal)
-    set_input(dq.node, 1, scale, "recovered_ws", journal)
+    scale = _requantize(dq, w, None, "recovered_w", journal)
     return scale.astype(np.float64) / np.where(dq.scale == 0, 1.0, dq.scale.astype(np.float64))
+
+
+def _requantize(dq: Dequantized, values: np.ndarray, scale: np.ndarray | None, tag: str, journal: Journal) -> np.ndarray:
+    """Hand ``values`` (floats, the constant's shape) to the rewriter on ``dq``'s grid
+    (:meth:`Dequantized.quantize`: ``scale`` given, or chosen to hold them); returns the scales written."""
+    q, scale = dq.quantize(np.asarray(values, np.float64).reshape(dq.q.shape), scale)
+    set_input(dq.node, 0, q, tag + "q", journal)
+    set_input(dq.node, 1, scale, tag + "s", journal)
+    return scale
 
 
 def _put_bias(node, slot: int, fit: _Fit, b: np.ndarray, ratio: np.ndarray | None, journal: Journal) -> None:
@@ -477,9 +480,7 @@ def _put_bias(node, slot: int, fit: _Fit, b: np.ndarray, ratio: np.ndarray | Non
     scale = dq.scale.astype(np.float64)
     if ratio is not None and (ratio.size == 1 or ratio.size == scale.size):
         scale = scale * (ratio.reshape(()) if ratio.size == 1 else ratio.reshape(scale.shape))
-    q, scale = dq.quantize(np.asarray(b, np.float64).reshape(dq.q.shape), scale)
-    set_input(dq.node, 0, q, "recovered_bq", journal)
-    set_input(dq.node, 1, scale, "recovered_bs", journal)
+    _requantize(dq, b, scale, "recovered_b", journal)
 
 
 def _write_back(g: _Graph, fit: _Fit, Ws: list, journal: Journal) -> None:
@@ -509,10 +510,7 @@ def _write_back(g: _Graph, fit: _Fit, Ws: list, journal: Journal) -> None:
         _put_weight(node, fit, W[:-1], journal)
         bias = fit.dense["bias"] + W[-1]
         if fit.bias_add is not None and "b" in fit.quant:  # behind the MatMul's own Q -> DQ: on its grid
-            dq = fit.quant["b"]
-            q, scale = dq.quantize(bias.reshape(dq.q.shape))
-            set_input(dq.node, 0, q, "recovered_bq", journal)
-            set_input(dq.node, 1, scale, "recovered_bs", journal)
+            _requantize(fit.quant["b"], bias, None, "recovered_b", journal)
         elif fit.bias_add is not None:
             add = g.nodes[fit.bias_add]
             slot = 1 if add.inputs[0] is node.outputs[0] else 0

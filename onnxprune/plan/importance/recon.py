@@ -31,7 +31,6 @@ import numpy as np
 from onnxprune.core.analysis import Analysis
 from onnxprune.core.groups import Group
 from onnxprune.core.members import IN
-from onnxprune.core.quant import Dequantized, dq_constant
 
 MAX_GRAM_BYTES = 1 << 30
 MAX_ROWS = 8192  # sampled rows (positions x samples) per consumer per batch
@@ -286,9 +285,8 @@ def consumers(ctx: Analysis, g: Group) -> list[_Consumer]:
             uses = list(node.outputs[0].uses())
             if len(uses) != 1 or uses[0].idx != 1:
                 continue
-            dq = dq_constant(node.outputs[0], ctx.const)
+            w = ctx.const(node.outputs[0])  # read dequantized
             node = uses[0].node
-            w = dq.value() if isinstance(dq, Dequantized) else None
         elif m.role != IN or m.slot != 1:
             continue
         if node.op_type not in ("Conv", "Gemm", "MatMul") or id(node) in seen:
