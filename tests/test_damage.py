@@ -329,3 +329,114 @@ def test_an_unreachable_budget_warns_only_when_something_was_pruned(tmp_path):
         assert not any("not reached" in m for m in seen), seen
     finally:
         logging.getLogger("onnxprune.pipeline").removeHandler(handler)
+
+
+# ------------------------------------------------------------------ (d) candidates zeroed in one session
+
+REF_VIT = __import__("pathlib").Path(__file__).resolve().parent.parent / "models" / "ref_vit.onnx"
+
+
+def _vit_search(tmp_path, recovered=True):
+    from onnxprune.plan.importance.calib import load as load_calib
+
+    p = tmp_path / "vit_calib.npy"
+    np.save(p, np.random.default_rng(4).standard_normal((32, 3, 64, 64)).astype(np.float32))
+    job = Job.open(str(REF_VIT))
+    calib = load_calib(str(p), job.skeleton())
+    ratios = Ratios.from_dict({"target_macs": 0.8, "scope": "damage"})
+    return job, job._damage_search(ratios, calib, job.scores(ratios, calib), None, recovered)
+
+
+@pytest.mark.parametrize("recovered", [True, False], ids=["means-folded", "as-written"])
+def test_a_candidate_zeroed_in_one_session_measures_what_the_rewritten_candidate_does(tmp_path, recovered):
+    """Heads, head dims and MLP channels of a small ViT zeroed in the original's
+    one session (their consumers' biases moved by the removed means) give the
+    damage of the model rewritten without them, candidate after candidate; a
+    plan touching the residual stream (not exact: LayerNorm sees the removed
+    channels) is not one it covers."""
+    job, search = _vit_search(tmp_path, recovered)
+    fed = search.fed
+    assert fed is not None
+    rng = np.random.default_rng(0)
+    kinds = {g.kind for g in job.groups if g.id in fed.probe}
+    assert {"heads", "head_dim", "mlp"} <= kinds
+    seen = set()
+    for trial in range(6):
+        pool = [g for g in job.groups if g.id in fed.probe]
+        picked = rng.choice(len(pool), size=1 + trial % 4, replace=False)
+        keep = {pool[i].id: np.sort(rng.choice(pool[i].width, max(1, pool[i].width * (1 + trial % 3) // 4),
+                                               replace=False)) for i in picked}
+        seen |= {pool[i].kind for i in picked}
+        zeroed, written = fed(keep), search.rewritten(keep)
+        assert zeroed is not None and written > 1e-6
+        assert zeroed == pytest.approx(written, rel=1e-4), (trial, keep)
+    assert len(seen) >= 2
+    embed = next(g for g in job.groups if g.kind == "embed")
+    assert not fed.covers({embed.id: np.arange(100)})
+
+
+def test_zeroed_candidates_of_a_cnn_whose_consumers_lose_outputs_and_have_no_bias(tmp_path):
+    """conv3 both reads conv2's removed channels (its bias moves by their means)
+    and loses outputs; neither it nor the classifier has a bias (one is made
+    for every candidate alike): zeroed and rewritten still agree."""
+    from onnxprune.plan.importance.calib import load as load_calib
+    from test_recover import small_cnn
+
+    m = small_cnn(seed=6)
+    for node in m.graph.node:
+        if node.name in ("conv3", "fc"):
+            del node.input[2]
+    kept = [t for t in m.graph.initializer if t.name not in ("b3", "b4")]
+    del m.graph.initializer[:]
+    m.graph.initializer.extend(kept)
+    job = Job.open(m)
+    calib = load_calib(_calib(tmp_path, n=32), job.skeleton())
+    ratios = Ratios.from_dict({"target_macs": 0.8, "scope": "damage", "importance": "l2"})
+    search = job._damage_search(ratios, calib, job.scores(ratios, calib), None, True)
+    fed = search.fed
+    pool = [g for g in job.groups if g.id in fed.probe]
+    assert len(pool) >= 2
+    rng = np.random.default_rng(1)
+    for trial in range(4):
+        keep = {g.id: np.sort(rng.choice(g.width, g.width // 2 + trial % 2, replace=False)) for g in pool}
+        zeroed, written = fed(keep), search.rewritten(keep)
+        assert zeroed is not None and written > 1e-6
+        assert zeroed == pytest.approx(written, rel=1e-4), trial
+
+
+def test_the_search_takes_the_same_plan_zeroed_or_rewritten_and_says_which(tmp_path, monkeypatch):
+    from onnxprune.plan.importance.calib import load as load_calib
+
+    p = tmp_path / "vit_calib.npy"
+    np.save(p, np.random.default_rng(4).standard_normal((32, 3, 64, 64)).astype(np.float32))
+    plans = {}
+    for forced in (True, False):
+        monkeypatch.setattr(D, "ZEROED", forced)
+        job = Job.open(str(REF_VIT))
+        plans[forced] = job.plan(Ratios.from_dict({"target_macs": 0.7, "scope": "damage"}),
+                                 load_calib(str(p), job.skeleton()))
+    assert plans[True].target["candidates"] == "zeroed" and plans[False].target["candidates"] == "rewritten"
+    assert plans[True].target["met"] and plans[True].target["steps"] > 3
+    assert {k: list(v) for k, v in plans[True].keep.items()} == {k: list(v) for k, v in plans[False].keep.items()}
+    assert plans[True].target["damage"] == pytest.approx(plans[False].target["damage"], rel=1e-3)
+
+
+def test_a_zeroed_session_that_disagrees_with_the_rewritten_model_is_not_used(tmp_path, monkeypatch):
+    """The probe (every exact group one channel short) is measured both ways
+    before the search: a zeroing that misses a tensor gives another damage, and
+    the search rewrites every candidate instead."""
+    from onnxprune import rewrite
+    from onnxprune.plan.importance.calib import load as load_calib
+
+    real = rewrite.zero_removed
+
+    def misses_heads(ctx, groups, keep, journal=None, consumer_only=frozenset()):
+        real(ctx, [g for g in groups if g.kind != "heads"], keep, journal, consumer_only)
+
+    monkeypatch.setattr(rewrite, "zero_removed", misses_heads)
+    monkeypatch.setattr(D, "ZEROED", True)
+    p = tmp_path / "vit_calib.npy"
+    np.save(p, np.random.default_rng(4).standard_normal((32, 3, 64, 64)).astype(np.float32))
+    job = Job.open(str(REF_VIT))
+    plan = job.plan(Ratios.from_dict({"target_macs": 0.8, "scope": "damage"}), load_calib(str(p), job.skeleton()))
+    assert plan.target["candidates"] == "rewritten" and plan.target["met"]

@@ -55,16 +55,19 @@ def full_proto(model: ir.Model) -> onnx.ModelProto:
 _ORT_DTYPES = frozenset("float32 float64 float16 int8 uint8 int16 uint16 int32 uint32 int64 uint64 bool".split())
 
 
-def session_parts(model: ir.Model) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+def session_parts(model: ir.Model, fed=frozenset()) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
     """The model for an ORT session without serialising its weights: a proto
     whose large tensors are data-less external references, and those tensors
     as arrays (``{name: array}``), handed to ORT by
     :func:`onnxprune.runtime.session` (``externals``) as they are. Serialising
     a ViT-S's 88 MB of weights for every candidate of the damage search cost
-    as much as creating its session."""
+    as much as creating its session. ``fed``: initializers that become graph
+    inputs instead (neither in the proto nor in the arrays; every run feeds them)."""
     arrays: dict[str, np.ndarray] = {}
 
     def swap(v: ir.Value, t):
+        if t is not None and v.name in fed:
+            return _placeholder(v, t)  # dropped below: no bytes serialised
         if t is None or isinstance(t, ir.StringTensor) or not (isinstance(t, ir.ExternalTensor) or _big(t)):
             return None
         a = t.numpy()
@@ -73,7 +76,25 @@ def session_parts(model: ir.Model) -> tuple[onnx.ModelProto, dict[str, np.ndarra
         arrays[v.name] = np.ascontiguousarray(a)
         return _placeholder(v, t)
 
-    return _serialized(model, swap), arrays
+    proto = _serialized(model, swap)
+    if fed:
+        _as_inputs(proto.graph, fed)
+    return proto, arrays
+
+
+def _as_inputs(graph: onnx.GraphProto, names) -> None:
+    """Initializers ``names`` of ``graph`` become graph inputs of their type and shape."""
+    kept = []
+    for t in graph.initializer:
+        if t.name in names:
+            graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+        else:
+            kept.append(t)
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    infos = [vi for vi in graph.value_info if vi.name not in names]
+    del graph.value_info[:]
+    graph.value_info.extend(infos)
 
 
 def tensor_proto(value: ir.Value) -> onnx.TensorProto:

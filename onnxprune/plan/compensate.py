@@ -63,10 +63,13 @@ class MeanShift:
             self.layers.append((c.node, rows, sums_of[n] / counts[n], lms, _output_maps(ctx, c.node, rows.shape[1],
                                                                                   every or groups)))
 
-    def shifts(self, keep: dict) -> list[tuple]:
+    def shifts(self, keep: dict, unpruned: bool = False) -> list[tuple]:
         """``[(node, shift)]``: how much each layer's output (per output channel)
         must move so that, on average, it still gets what the channels removed
-        by ``keep`` (group id -> kept indices) gave it."""
+        by ``keep`` (group id -> kept indices) gave it. ``unpruned``: for the
+        model with the removed channels zeroed instead of cut out, every layer,
+        each shift as wide as the layer's whole output (0 on the channels the
+        plan removes, and on every channel of a layer that lost no input)."""
         out = []
         for node, rows, mean, lms, outs in self.layers:
             gone = np.zeros(len(mean), bool)
@@ -74,12 +77,15 @@ class MeanShift:
                 if gid in keep:
                     gone |= (lm >= 0) & ~np.isin(lm, keep[gid])
             if not gone.any():
+                if unpruned:
+                    out.append((node, np.zeros(rows.shape[1])))
                 continue
             stays = np.ones(rows.shape[1], bool)  # output channels the plan keeps
             for gid, lm in outs:
                 if gid in keep:
                     stays &= (lm < 0) | np.isin(lm, keep[gid])
-            out.append((node, (rows[gone].T @ mean[gone])[stays]))
+            shift = rows[gone].T @ mean[gone]
+            out.append((node, np.where(stays, shift, 0.0) if unpruned else shift[stays]))
         return out
 
 

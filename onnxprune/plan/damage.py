@@ -52,6 +52,7 @@ MIN_SAMPLES = 6  # ... but not fewer than this. A ViT-S with a dense decoder on 
 MAX_REMEASURE = 4  # stale candidates re-measured per step before the best fresh one is taken
 SEARCH_SECONDS = 90.0  # a search expected to take longer takes coarser steps ...
 STEP_CHOICES = (16, 8, 4)  # ... the finest of these that fits (planned_steps)
+ZEROED = None  # candidates zeroed in one session (see Job._fed_runs): None, when faster than rewritten; True/False: forced
 PER_STEP = 2.0  # measurements per step expected (re-measurements included); with planned_steps' count of
 # steps, the ViT-S with a dense decoder at 90% / 70% MACs: 111 / 256 expected at 1/16, 98 / 218 measured;
 # at 1/4 for 70%: 123 expected, 124 to 170 measured
