@@ -31,6 +31,9 @@ measures each candidate with the removed channels' mean contribution folded
 into their consumers' biases (:mod:`onnxprune.plan.compensate`), as recovery
 gives it back: the damage it prices is what recovery cannot undo by a
 constant (on EfficientNet-Lite0 at 70% of its MACs, 30.2% -> 46.8% top-1 agreement on new photos after recovery).
+Where it is faster and gives the same damage on a probe, the pipeline runs
+candidates of exact groups in one session of the original with the removed
+channels zeroed instead of rewriting each (``Job._fed_runs``; :data:`ZEROED`).
 """
 from __future__ import annotations
 
@@ -47,8 +50,9 @@ MAX_FRACTION = 7 / 8  # no group loses more than this (never emptied)
 SAMPLES = 32  # calibration samples each candidate is measured on (whole batches: at least this many)
 RUN_SECONDS = 0.35  # when the original takes longer than this on them, fewer samples ...
 MIN_SAMPLES = 6  # ... but not fewer than this. A ViT-S with a dense decoder on 2 cores (1.9 s for 32 samples),
-# Pearson per crop on new photos after --recover and the whole call: 6 samples 0.974 / 163 s at 90% MACs,
-# 0.915 / 171 s at 70%; 8 samples 0.983 / 172 s and 0.915 / 184 s (tools/pretrained_vit.py); 4: worse, more candidates
+# Pearson per crop on new photos after --recover and the whole call (candidates rewritten, before they were
+# zeroed in one session): 6 samples 0.974 / 163 s at 90% MACs, 0.915 / 171 s at 70%; 8 samples 0.983 / 172 s
+# and 0.915 / 184 s (tools/pretrained_vit.py); 4: worse, more candidates
 MAX_REMEASURE = 4  # stale candidates re-measured per step before the best fresh one is taken
 SEARCH_SECONDS = 90.0  # a search expected to take longer takes coarser steps ...
 STEP_CHOICES = (16, 8, 4)  # ... the finest of these that fits (planned_steps)
