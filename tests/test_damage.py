@@ -440,3 +440,48 @@ def test_a_zeroed_session_that_disagrees_with_the_rewritten_model_is_not_used(tm
     job = Job.open(str(REF_VIT))
     plan = job.plan(Ratios.from_dict({"target_macs": 0.8, "scope": "damage"}), load_calib(str(p), job.skeleton()))
     assert plan.target["candidates"] == "rewritten" and plan.target["met"]
+
+
+@pytest.mark.parametrize("gain, chosen", [(1e9, "zeroed"), (0.0, "rewritten")])
+def test_zeroed_candidates_are_chosen_only_when_clearly_faster(tmp_path, monkeypatch, gain, chosen):
+    """Left to itself (ZEROED None) the search zeroes candidates only when the
+    probe's zeroed run takes at most ZEROED_GAIN of the rewritten run's time:
+    near-equal times would pick either from one call to the next. The plan
+    records the timings that decided."""
+    from onnxprune.plan.importance.calib import load as load_calib
+
+    monkeypatch.setattr(D, "ZEROED", None)
+    monkeypatch.setattr(D, "ZEROED_GAIN", gain)
+    p = tmp_path / "vit_calib.npy"
+    np.save(p, np.random.default_rng(4).standard_normal((32, 3, 64, 64)).astype(np.float32))
+    job = Job.open(str(REF_VIT))
+    plan = job.plan(Ratios.from_dict({"target_macs": 0.8, "scope": "damage"}), load_calib(str(p), job.skeleton()))
+    assert plan.target["candidates"] == chosen and plan.target["met"]
+    assert set(plan.target["timings"]) == {"candidate", "rewritten", "zeroed"}
+    assert all(t > 0 for t in plan.target["timings"].values())
+
+
+def test_the_timings_that_steer_the_search_are_the_fastest_of_several_runs(tmp_path, monkeypatch):
+    """The probe is run TIMINGS times each way (one run's time moves between runs)."""
+    from onnxprune.plan.importance.calib import load as load_calib
+
+    real, probes = Job._fed_runs, []
+
+    def counted(self, *args):
+        runs = real(self, *args)
+
+        def wrapped(keep):
+            if keep is runs.probe:
+                probes.append(keep)
+            return runs(keep)
+
+        wrapped.covers, wrapped.probe, wrapped.use = runs.covers, runs.probe, runs.use
+        return wrapped
+
+    monkeypatch.setattr(Job, "_fed_runs", counted)
+    monkeypatch.setattr(D, "TIMINGS", 3)
+    p = tmp_path / "vit_calib.npy"
+    np.save(p, np.random.default_rng(4).standard_normal((32, 3, 64, 64)).astype(np.float32))
+    job = Job.open(str(REF_VIT))
+    plan = job.plan(Ratios.from_dict({"target_macs": 0.8, "scope": "damage"}), load_calib(str(p), job.skeleton()))
+    assert len(probes) == 3 and plan.target["met"]

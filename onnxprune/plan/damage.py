@@ -57,6 +57,10 @@ MAX_REMEASURE = 4  # stale candidates re-measured per step before the best fresh
 SEARCH_SECONDS = 90.0  # a search expected to take longer takes coarser steps ...
 STEP_CHOICES = (16, 8, 4)  # ... the finest of these that fits (planned_steps)
 ZEROED = None  # candidates zeroed in one session (see Job._fed_runs): None, when faster than rewritten; True/False: forced
+ZEROED_GAIN = 0.85  # "faster": the zeroed probe takes at most this share of the rewritten one's time (near-equal
+# times chose either way from run to run on EfficientNet-Lite0, and the two give different near-ties to the greedy)
+TIMINGS = 2  # every timing that steers the search (one candidate; the probe each way) is the fastest of this many
+# runs: single runs of one Lite0 probe took 0.51 s and 0.66 s in two calls, close to the 1/16 steps' time limit
 PER_STEP = 2.0  # measurements per step expected (re-measurements included); with planned_steps' count of
 # steps, the ViT-S with a dense decoder at 90% / 70% MACs: 111 / 256 expected at 1/16, 98 / 218 measured;
 # at 1/4 for 70%: 123 expected, 124 to 170 measured
@@ -233,4 +237,5 @@ def allocate(groups, order: dict[int, np.ndarray], measure, estimate, metric: st
 
 
 __all__ = ["allocate", "planned_steps", "output_damage", "is_logits", "step_size", "STEPS", "STEP_CHOICES",
-           "SEARCH_SECONDS", "PER_STEP", "MAX_FRACTION", "SAMPLES", "RUN_SECONDS", "MIN_SAMPLES"]
+           "SEARCH_SECONDS", "PER_STEP", "ZEROED", "ZEROED_GAIN", "TIMINGS", "MAX_FRACTION", "SAMPLES",
+           "RUN_SECONDS", "MIN_SAMPLES"]
