@@ -31,9 +31,11 @@ measures each candidate with the removed channels' mean contribution folded
 into their consumers' biases (:mod:`onnxprune.plan.compensate`), as recovery
 gives it back: the damage it prices is what recovery cannot undo by a
 constant (on EfficientNet-Lite0 at 70% of its MACs, 30.2% -> 46.8% top-1 agreement on new photos after recovery).
-Where it is faster and gives the same damage on a probe, the pipeline runs
-candidates of exact groups in one session of the original with the removed
-channels zeroed instead of rewriting each (``Job._fed_runs``; :data:`ZEROED`).
+Where it is clearly faster (:data:`ZEROED_GAIN`) and gives the same damage on
+a probe, the pipeline runs candidates of exact groups in one session of the
+original with the removed channels zeroed instead of rewriting each
+(``Job._fed_runs``; :data:`ZEROED`). Every timing that steers the search is the
+fastest of :data:`TIMINGS` runs, so that one machine writes one plan.
 """
 from __future__ import annotations
 
