@@ -26,6 +26,7 @@ import sys
 import time
 
 import numpy as np
+import onnxruntime as ort
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import md, write_results  # noqa: E402
@@ -114,7 +115,8 @@ def main(argv: list[str] | None = None) -> None:
             "that did not calibrate\n\n" + md(head, rows) +
             f"\n\n{len(files)} photos, half calibrate ({len(x)} crops, also the quantizer's calibration), the other half "
             f"evaluate ({len(x_eval)} crops); the float original against the quantized one: {cell(float_ref)}; "
-            f"quantizing takes {q_secs:.0f}s (in the float route's time); CPU 2 cores")
+            f"quantizing takes {q_secs:.0f}s (in the float route's time); onnxruntime {ort.__version__} (its "
+            "quantizer's output changes between versions); CPU 2 cores")
     write_results(args.out, text, raw)
 
 
