@@ -30,15 +30,15 @@ from onnxprune.plan import Plan, Ratios, compute_scores, make_plan, plannable
 log = logging.getLogger(__name__)
 
 
-def _fastest(fn, *args):
-    """``fn(*args)`` run :data:`damage.TIMINGS <onnxprune.plan.damage.TIMINGS>`
-    times: the last result and the fastest run's seconds."""
+def _fastest(fn, *args, times: int | None = None):
+    """``fn(*args)`` run ``times`` times (default :data:`damage.TIMINGS
+    <onnxprune.plan.damage.TIMINGS>`): the last result and the fastest run's seconds."""
     import time
 
     from onnxprune.plan import damage
 
     best, out = float("inf"), None
-    for _ in range(max(damage.TIMINGS, 1)):
+    for _ in range(max(damage.TIMINGS if times is None else times, 1)):
         t0 = time.perf_counter()
         out = fn(*args)
         best = min(best, time.perf_counter() - t0)
@@ -206,17 +206,18 @@ class Job:
         proto, weights = io.session_parts(self.model)
         sess = session(proto, threads, externals=weights)
 
-        def reference(fds, sess=sess):  # the original's outputs on the feeds, and how long they took (the
-            # fastest of damage.TIMINGS runs: a fresh session's first run is slower, and EfficientNet-Lite0's
-            # 32 samples sit near RUN_SECONDS: a single run gave 30, 31 or 32 samples from call to call)
-            return _fastest(lambda: [sess.run(None, fd) for fd in fds])
+        def reference(fds, times=None, sess=sess):  # the original's outputs on the feeds, and how long they
+            # took (the fastest of damage.TIMINGS runs: a fresh session's first run is slower, and
+            # EfficientNet-Lite0's 32 samples sit near RUN_SECONDS: a single run gave 30, 31 or 32 samples
+            # from call to call)
+            return _fastest(lambda: [sess.run(None, fd) for fd in fds], times=times)
 
         ref, t_run = reference(feeds)
         if t_run > damage.RUN_SECONDS and n > damage.MIN_SAMPLES:  # a slow model: fewer samples per candidate
             fewer, m = self._damage_feeds(calib, max(damage.MIN_SAMPLES, int(n * damage.RUN_SECONDS / t_run)))
             if m < n:
                 feeds, n = fewer, m
-                ref, t_run = reference(feeds)
+                ref, t_run = reference(feeds, times=1)  # the time only shown: one run
         del sess, reference, proto, weights
 
         # candidates are measured with the removed channels' mean contribution

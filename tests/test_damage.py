@@ -336,6 +336,16 @@ def test_an_unreachable_budget_warns_only_when_something_was_pruned(tmp_path):
 REF_VIT = __import__("pathlib").Path(__file__).resolve().parent.parent / "models" / "ref_vit.onnx"
 
 
+def _vit_damage_plan(tmp_path, target):
+    """``Job.plan`` of the reference ViT under scope damage at ``target_macs`` ``target``."""
+    from onnxprune.plan.importance.calib import load as load_calib
+
+    p = tmp_path / "vit_calib.npy"
+    np.save(p, np.random.default_rng(4).standard_normal((32, 3, 64, 64)).astype(np.float32))
+    job = Job.open(str(REF_VIT))
+    return job.plan(Ratios.from_dict({"target_macs": target, "scope": "damage"}), load_calib(str(p), job.skeleton()))
+
+
 def _vit_search(tmp_path, recovered=True):
     from onnxprune.plan.importance.calib import load as load_calib
 
@@ -405,16 +415,10 @@ def test_zeroed_candidates_of_a_cnn_whose_consumers_lose_outputs_and_have_no_bia
 
 
 def test_the_search_takes_the_same_plan_zeroed_or_rewritten_and_says_which(tmp_path, monkeypatch):
-    from onnxprune.plan.importance.calib import load as load_calib
-
-    p = tmp_path / "vit_calib.npy"
-    np.save(p, np.random.default_rng(4).standard_normal((32, 3, 64, 64)).astype(np.float32))
     plans = {}
     for forced in (True, False):
         monkeypatch.setattr(D, "ZEROED", forced)
-        job = Job.open(str(REF_VIT))
-        plans[forced] = job.plan(Ratios.from_dict({"target_macs": 0.7, "scope": "damage"}),
-                                 load_calib(str(p), job.skeleton()))
+        plans[forced] = _vit_damage_plan(tmp_path, 0.7)
     assert plans[True].target["candidates"] == "zeroed" and plans[False].target["candidates"] == "rewritten"
     assert plans[True].target["met"] and plans[True].target["steps"] > 3
     assert {k: list(v) for k, v in plans[True].keep.items()} == {k: list(v) for k, v in plans[False].keep.items()}
@@ -426,7 +430,6 @@ def test_a_zeroed_session_that_disagrees_with_the_rewritten_model_is_not_used(tm
     before the search: a zeroing that misses a tensor gives another damage, and
     the search rewrites every candidate instead."""
     from onnxprune import rewrite
-    from onnxprune.plan.importance.calib import load as load_calib
 
     real = rewrite.zero_removed
 
@@ -435,10 +438,7 @@ def test_a_zeroed_session_that_disagrees_with_the_rewritten_model_is_not_used(tm
 
     monkeypatch.setattr(rewrite, "zero_removed", misses_heads)
     monkeypatch.setattr(D, "ZEROED", True)
-    p = tmp_path / "vit_calib.npy"
-    np.save(p, np.random.default_rng(4).standard_normal((32, 3, 64, 64)).astype(np.float32))
-    job = Job.open(str(REF_VIT))
-    plan = job.plan(Ratios.from_dict({"target_macs": 0.8, "scope": "damage"}), load_calib(str(p), job.skeleton()))
+    plan = _vit_damage_plan(tmp_path, 0.8)
     assert plan.target["candidates"] == "rewritten" and plan.target["met"]
 
 
@@ -448,14 +448,9 @@ def test_zeroed_candidates_are_chosen_only_when_clearly_faster(tmp_path, monkeyp
     probe's zeroed run takes at most ZEROED_GAIN of the rewritten run's time:
     near-equal times would pick either from one call to the next. The plan
     records the timings that decided."""
-    from onnxprune.plan.importance.calib import load as load_calib
-
     monkeypatch.setattr(D, "ZEROED", None)
     monkeypatch.setattr(D, "ZEROED_GAIN", gain)
-    p = tmp_path / "vit_calib.npy"
-    np.save(p, np.random.default_rng(4).standard_normal((32, 3, 64, 64)).astype(np.float32))
-    job = Job.open(str(REF_VIT))
-    plan = job.plan(Ratios.from_dict({"target_macs": 0.8, "scope": "damage"}), load_calib(str(p), job.skeleton()))
+    plan = _vit_damage_plan(tmp_path, 0.8)
     assert plan.target["candidates"] == chosen and plan.target["met"]
     assert set(plan.target["timings"]) == {"candidate", "rewritten", "zeroed"}
     assert all(t > 0 for t in plan.target["timings"].values())
@@ -463,8 +458,6 @@ def test_zeroed_candidates_are_chosen_only_when_clearly_faster(tmp_path, monkeyp
 
 def test_the_timings_that_steer_the_search_are_the_fastest_of_several_runs(tmp_path, monkeypatch):
     """The probe is run TIMINGS times each way (one run's time moves between runs)."""
-    from onnxprune.plan.importance.calib import load as load_calib
-
     real, probes = Job._fed_runs, []
 
     def counted(self, *args):
@@ -480,8 +473,5 @@ def test_the_timings_that_steer_the_search_are_the_fastest_of_several_runs(tmp_p
 
     monkeypatch.setattr(Job, "_fed_runs", counted)
     monkeypatch.setattr(D, "TIMINGS", 3)
-    p = tmp_path / "vit_calib.npy"
-    np.save(p, np.random.default_rng(4).standard_normal((32, 3, 64, 64)).astype(np.float32))
-    job = Job.open(str(REF_VIT))
-    plan = job.plan(Ratios.from_dict({"target_macs": 0.8, "scope": "damage"}), load_calib(str(p), job.skeleton()))
+    plan = _vit_damage_plan(tmp_path, 0.8)
     assert len(probes) == 3 and plan.target["met"]
