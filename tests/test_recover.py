@@ -507,6 +507,38 @@ def test_after_the_check_passes_recovery_is_done_again_on_every_source(monkeypat
     assert st2["held_out"]["refit_all"] is False and "not recovered again" in R.held_out_text(st2["held_out"])
 
 
+def test_the_whole_model_check_reads_both_frontiers_and_matches_running_the_models(monkeypatch):
+    """The check takes the original's and the recovered model's outputs from
+    recovery's frontiers (only the pruned model runs again from the input, and
+    the recovered proto on one sample); its numbers are those of running the
+    three models on the kept-out samples."""
+    import onnxprune.recover.check as C
+    from onnxprune.plan.importance.calib import Calibration
+    from onnxprune.recover.fit import _folds
+
+    m = small_cnn()
+    xb = _batches((32, 3, 16, 16), 4, seed=1)
+    src = [np.arange(32 * i, 32 * (i + 1)) % 10 for i in range(4)]
+    cal = Calibration(xb, None, "random", sources=src)
+    res = prune(m, {"default": 0.5, "importance": "l2"})
+    runs = []
+    real = C._outputs
+    monkeypatch.setattr(C, "_outputs", lambda proto, feeds, threads: runs.append(sum(len(f["x"]) for f in feeds))
+                        or real(proto, feeds, threads))
+    stats: dict = {}
+    out, _ = recover(m, res.proto, res.analyzed.ctx, res.plan.keep, cal, progress=False, stats=stats, refit_all=False)
+    got = stats["held_out"]
+    feeds = [{"x": b} for b in xb]
+    fold = _folds(feeds, src, 0, reserve=0.25)
+    assert runs == [got["samples"]] and 0 < got["samples"] < 128  # the pruned model only, on the kept-out samples
+    runs.clear()
+    want = C.held_out_check(m, res.proto, out, feeds, fold, 1)
+    assert len(runs) == 3 and got["outputs"] == want["outputs"] == 1
+    for k in ("err_pruned", "err_recovered", "agree_pruned", "agree_recovered", "kl_pruned", "kl_recovered"):
+        assert got[k] == pytest.approx(want[k], rel=1e-4, abs=1e-6), k
+    assert got["err_recovered"] < got["err_pruned"]
+
+
 def test_the_api_runs_the_recovery_stage(tmp_path):
     from onnxprune.errors import UserError
 

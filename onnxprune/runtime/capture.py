@@ -188,8 +188,9 @@ class Frontier:
         return reads
 
     def _evict(self) -> None:
-        """Drop held values that no node still to run reads."""
-        live = self._pending_reads()
+        """Drop held values that no node still to run reads, except the graph's
+        outputs (asked for at the end: recovery's whole-model check)."""
+        live = self._pending_reads() | {o.name for o in self.model.graph.outputs}
         for k in list(self.held):
             if k not in live:
                 arrays = self.held.pop(k)
