@@ -276,6 +276,8 @@ class Job:
                 agree = d_fed is not None and abs(d_fed - d_edit) <= 1e-3 * abs(d_edit) + 1e-9
                 faster = t_fed <= damage.ZEROED_GAIN * t_edit
                 fed.use = agree and (faster if damage.ZEROED is None else damage.ZEROED)
+                if fed.use:
+                    fed.prepare()
                 timings.update(rewritten=t_edit, zeroed=t_fed)
                 log.debug("scope damage: the probe rewritten %.3fs (damage %.6g), zeroed in one session %.3fs (%s): "
                           "candidates %s", t_edit, d_edit, t_fed, d_fed, "zeroed" if fed.use else "rewritten")
@@ -289,6 +291,11 @@ class Job:
                                          progress=bar.show, steps_to_width=steps)
             bar.show(f"scope damage: {info['measurements']} candidates measured", force=True)
             zeroed = fed is not None and fed.use
+            part = fed.resume() if zeroed else None
+            if part is not None:
+                info["partial_runs"] = part.runs
+                log.debug("scope damage: %d candidates run from a later node (%d starting points, %d used)",
+                          part.runs, len(part.cross), len(part.sessions))
             return self._keep_plan(skeleton, scored, keep), {"samples": n, "compensated": recovered,
                                                               "candidates": "zeroed" if zeroed else "rewritten",
                                                               "timings": timings,
@@ -316,6 +323,7 @@ class Job:
         an edit that is not an in-place change of initializers."""
         from onnxprune.plan import damage
         from onnxprune.runtime import session
+        from onnxprune.runtime.capture import Resume
 
         exact = {g.id for g in pool if g.exact}
         graph = self.model.graph
@@ -337,19 +345,55 @@ class Job:
                 return None
             proto, weights = io.session_parts(self.model, fed=changed)
         sess = session(proto, threads, externals=weights)
-        del proto
+        resume = None
+
+        def prepare() -> None:  # once zeroed candidates are chosen: they run from the first node their edits
+            # reach, from the values the unedited model left there (runtime.capture.Resume); the first such run
+            # is checked against the whole model's
+            nonlocal resume
+            with self.edited({}, zero=True, shifts=shifts({}), read=changed) as (arrays, now):
+                base = dict(arrays) if now == names and len(arrays) == len(changed) else None
+            if base is not None and damage.RESUME:
+                try:
+                    resume = Resume(proto, weights, base, feeds, threads)
+                except Exception as e:  # noqa: BLE001 - any surprise: every candidate runs the whole model
+                    log.debug("scope damage: no partial runs (%s)", e)
+
+        def whole(arrays):
+            return [sess.run(None, {**fd, **arrays}) for fd in feeds]
 
         def runs(keep) -> float | None:
+            nonlocal resume
             with self.edited(keep, zero=True, shifts=shifts(keep), read=changed) as (arrays, now):
                 if now != names or len(arrays) != len(changed):
                     return None
-                got = [sess.run(None, {**fd, **arrays}) for fd in feeds]
+                start = None
+                if resume is not None and resume.ok:
+                    start = resume.start(resume.changed(arrays))
+                got = None
+                if start is not None:
+                    try:
+                        got = resume.run(start, arrays)
+                    except Exception as e:  # noqa: BLE001 - a piece ORT refuses: the whole model, from now on
+                        log.debug("scope damage: a partial run failed (%s): no partial runs", e)
+                        resume, start = None, None
+                if got is None:
+                    got = whole(arrays)
+                if start is not None and not resume.checked:  # the first partial run against the whole model
+                    resume.checked = True
+                    full = whole(arrays)
+                    d_full, d_part = (np.mean([damage.output_damage(r, g) for r, g in zip(ref, o)]) for o in (full, got))
+                    if not abs(d_part - d_full) <= 1e-3 * abs(d_full) + 1e-9:
+                        log.debug("scope damage: a partial run gave damage %s, the whole model %s: no partial runs",
+                                  d_part, d_full)
+                        resume, got = None, full
             if not all(np.all(np.isfinite(y)) for out in got for y in out if np.issubdtype(y.dtype, np.floating)):
                 return None  # a normalisation inside the zeroed channels (0/0): the rewritten model decides
             return float(np.mean([damage.output_damage(r, g) for r, g in zip(ref, got)]))
 
         runs.covers = lambda keep: all(gid in exact for gid in keep)
         runs.use, runs.probe = False, probe
+        runs.resume, runs.prepare = (lambda: resume), prepare
         return runs
 
     @staticmethod

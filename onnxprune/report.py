@@ -192,7 +192,8 @@ def target_text(t: dict) -> str:
         return (f"target_{t['metric']} {t['requested']}: {human(t['target'])} wanted, {human(t['achieved'])} "
                 f"reached{met}; scope damage: {t['steps']} steps chosen by measured output damage "
                 f"({t['damage']:.4g} on {t['samples']} calibration samples), {t['measurements']} candidates "
-                f"measured in {t['seconds']:.0f}s")
+                f"measured in {t['seconds']:.0f}s"
+                + (f" ({t['partial_runs']} run from the first node they edit)" if t.get("partial_runs") else ""))
     used = t["ratios_used"]
     parts = [f"default {used['default']:.4f}"] if used.get("default") else []
     for key in ("kinds", "sets", "layers"):

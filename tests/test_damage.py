@@ -385,6 +385,49 @@ def test_a_candidate_zeroed_in_one_session_measures_what_the_rewritten_candidate
     assert not fed.covers({embed.id: np.arange(100)})
 
 
+def test_zeroed_candidates_run_from_the_first_node_their_edits_reach(tmp_path):
+    """Once zeroed candidates are chosen, each runs from the last starting point
+    before the first node its edits reach, fed the values the unedited model
+    left there: every group's first step gives the damage of the rewritten
+    model, and later groups start later."""
+    job, search = _vit_search(tmp_path)
+    fed = search.fed
+    fed.use = True
+    fed.prepare()
+    part = fed.resume()
+    assert part is not None and part.ok and len(part.cross) >= 4
+    pool = [g for g in job.groups if g.id in fed.probe]
+    starts = []
+    for g in pool:
+        keep = {g.id: np.arange(g.width - max(1, g.width // 4), g.width)}
+        with job.edited(keep, zero=True, read=list(part.base)) as (arrays, _):
+            starts.append(part.start(part.changed(arrays)))
+        runs = part.runs
+        zeroed, written = fed(keep), search.rewritten(keep)
+        assert part.runs == runs + (starts[-1] is not None)
+        assert zeroed == pytest.approx(written, rel=1e-4), g.set_name
+    assert part.checked and sum(s is not None for s in starts) >= len(pool) - 2
+    assert len({s for s in starts if s is not None}) >= 4  # the deeper the group, the later its start
+
+
+def test_a_partial_run_that_disagrees_with_the_whole_model_turns_partial_runs_off(tmp_path, monkeypatch):
+    """The first partial run is checked against the whole model's; when they
+    differ, that candidate and every later one run the whole model."""
+    from onnxprune.runtime.capture import Resume
+
+    real = Resume.run
+    monkeypatch.setattr(Resume, "run", lambda self, c, arrays: [[o * 1.5 for o in out] for out in real(self, c, arrays)])
+    job, search = _vit_search(tmp_path)
+    fed = search.fed
+    fed.use = True
+    fed.prepare()
+    g = [g for g in job.groups if g.id in fed.probe][-1]
+    keep = {g.id: np.arange(g.width // 2)}
+    assert fed.resume() is not None
+    assert fed(keep) == pytest.approx(search.rewritten(keep), rel=1e-4)
+    assert fed.resume() is None
+
+
 def test_zeroed_candidates_of_a_cnn_whose_consumers_lose_outputs_and_have_no_bias(tmp_path):
     """conv3 both reads conv2's removed channels (its bias moves by their means)
     and loses outputs; neither it nor the classifier has a bias (one is made
@@ -423,6 +466,11 @@ def test_the_search_takes_the_same_plan_zeroed_or_rewritten_and_says_which(tmp_p
     assert plans[True].target["met"] and plans[True].target["steps"] > 3
     assert {k: list(v) for k, v in plans[True].keep.items()} == {k: list(v) for k, v in plans[False].keep.items()}
     assert plans[True].target["damage"] == pytest.approx(plans[False].target["damage"], rel=1e-3)
+    from onnxprune.report import target_text  # zeroed candidates run from the first node they edit, and it says so
+
+    assert plans[True].target["partial_runs"] > plans[True].target["measurements"] // 2
+    assert "partial_runs" not in plans[False].target
+    assert f"({plans[True].target['partial_runs']} run from the first node they edit)" in target_text(plans[True].target)
 
 
 def test_a_zeroed_session_that_disagrees_with_the_rewritten_model_is_not_used(tmp_path, monkeypatch):
@@ -469,6 +517,7 @@ def test_the_timings_that_steer_the_search_are_the_fastest_of_several_runs(tmp_p
             return runs(keep)
 
         wrapped.covers, wrapped.probe, wrapped.use = runs.covers, runs.probe, runs.use
+        wrapped.prepare, wrapped.resume = runs.prepare, runs.resume
         return wrapped
 
     monkeypatch.setattr(Job, "_fed_runs", counted)

@@ -61,6 +61,7 @@ STEP_CHOICES = (16, 8, 4)  # ... the finest of these that fits (planned_steps)
 ZEROED = None  # candidates zeroed in one session (see Job._fed_runs): None, when faster than rewritten; True/False: forced
 ZEROED_GAIN = 0.85  # "faster": the zeroed probe takes at most this share of the rewritten one's time (near-equal
 # times chose either way from run to run on EfficientNet-Lite0, and the two give different near-ties to the greedy)
+RESUME = True  # zeroed candidates run from the first node their edits reach (runtime.capture.Resume)
 TIMINGS = 2  # every timing that steers the search (one candidate; the probe each way) is the fastest of this many
 # runs: single runs of one Lite0 probe took 0.51 s and 0.66 s in two calls, close to the 1/16 steps' time limit
 PER_STEP = 2.0  # measurements per step expected (re-measurements included); with planned_steps' count of
@@ -239,5 +240,5 @@ def allocate(groups, order: dict[int, np.ndarray], measure, estimate, metric: st
 
 
 __all__ = ["allocate", "planned_steps", "output_damage", "is_logits", "step_size", "STEPS", "STEP_CHOICES",
-           "SEARCH_SECONDS", "PER_STEP", "ZEROED", "ZEROED_GAIN", "TIMINGS", "MAX_FRACTION", "SAMPLES",
+           "SEARCH_SECONDS", "PER_STEP", "ZEROED", "RESUME", "ZEROED_GAIN", "TIMINGS", "MAX_FRACTION", "SAMPLES",
            "RUN_SECONDS", "MIN_SAMPLES"]

@@ -315,4 +315,128 @@ def capture(proto: onnx.ModelProto | ir.Model, names: list[str], feeds: list[dic
         return {k: list(v) for k, v in f.get(list(names)).items()}
 
 
-__all__ = ["Frontier", "capture", "channel_sums", "exposed"]
+class Resume:
+    """Runs of a model whose initializers ``watched`` are graph inputs, fed per
+    run (the damage search's zeroed candidates), that start at the first node
+    reading an input that differs from the unedited one, from the values the
+    unedited model left there: a candidate that edits a ViT's eighth block
+    runs blocks 8 to 12 and the decoder, not the whole model. ``proto`` (with
+    ``externals``, :func:`onnxprune.io.session_parts`) is the model as fed,
+    ``base`` the unedited arrays of ``watched``, ``feeds`` the data (one dict
+    per batch). At most ``cuts`` starting points (the first readers of the
+    watched inputs, evenly picked), each a session made on first use; the
+    unedited values crossing them are computed once and held when they take
+    at most ``budget`` bytes (else :attr:`ok` is False and every run is the
+    caller's). Outputs are the graph's, in order."""
+
+    def __init__(self, proto: onnx.ModelProto, externals: dict, base: dict[str, np.ndarray], feeds: list[dict],
+                 threads: int, cuts: int = 16, budget: int = 512 << 20):
+        g = proto.graph
+        self.proto, self.externals, self.threads, self.feeds = proto, externals, threads, feeds
+        self.outputs = [o.name for o in g.output]
+        nodes = list(g.node)
+        reads = [_node_reads(n) for n in nodes]
+        self.first: dict[str, int] = {}
+        last: dict[str, int] = {}
+        for i, r in enumerate(reads):
+            for v in r:
+                self.first.setdefault(v, i)
+                last[v] = i
+        for o in self.outputs:
+            last[o] = len(nodes)
+        made = {o: i for i, n in enumerate(nodes) for o in n.output if o}
+        starts = sorted({self.first[w] for w in base if w in self.first})
+        pick = sorted({starts[int(round(k))] for k in np.linspace(0, len(starts) - 1, min(cuts, len(starts)))}) \
+            if starts else []
+        # the values made before a starting point and read at or after it (what a run from there is fed)
+        self.cross = {c: vs for c in pick for vs in [sorted(v for v, i in made.items() if i < c and last.get(v, -1) >= c)]
+                      if vs}  # none: the start of the model
+        self.held: dict[int, list[dict]] = {}
+        self.sessions: dict[int, tuple] = {}
+        self.base = base
+        self.ok = False
+        self.checked = False  # the caller's: a first run compared with the whole model's
+        self.runs = 0
+        self.nodes = nodes
+        if not self.cross:
+            return
+        # the crossing values' sizes from one sample first (a dynamic batch), so the held values stay
+        # within the budget: the starting points whose values weigh most go first
+        samples = sum(len(next(iter(fd.values()))) for fd in feeds)
+        one = self._values({v for vs in self.cross.values() for v in vs}, [{k: a[:1] for k, a in feeds[0].items()}])
+        size = {v: a.nbytes * samples for v, a in one[0].items()} if one else None
+        if size is not None:
+            while self.cross and sum(size[v] for v in {v for vs in self.cross.values() for v in vs}) > budget:
+                del self.cross[max(self.cross, key=lambda c: sum(size[v] for v in self.cross[c]))]
+        wanted = {v for vs in self.cross.values() for v in vs}
+        got = self._values(wanted, feeds) if wanted else None
+        if not got or sum(a.nbytes for d in got for a in d.values()) > budget:
+            return
+        for c, vs in self.cross.items():
+            self.held[c] = [{v: d[v] for v in vs} for d in got]
+        self.ok = True
+
+    def _values(self, wanted: set[str], feeds: list[dict]) -> list[dict] | None:
+        """The unedited model's values ``wanted`` on each of ``feeds`` (None when it cannot run them:
+        a static batch fed one sample)."""
+        names = sorted(wanted)
+        full = onnx.ModelProto()
+        full.CopyFrom(self.proto)
+        ext = _trim(full, names, self.externals)
+        sess = session(full, self.threads, externals=ext, mem_pattern=False)
+        ins = [i.name for i in sess.get_inputs()]
+        try:
+            return [dict(zip(names, sess.run(names, {k: {**fd, **self.base}[k] for k in ins}))) for fd in feeds]
+        except Exception:  # noqa: BLE001 - e.g. a static batch: the caller decides without sizes
+            return None
+
+    def changed(self, arrays: dict[str, np.ndarray]) -> list[str]:
+        """The names of ``arrays`` whose values differ from the unedited ones."""
+        b = self.base
+        return [k for k, a in arrays.items()
+                if not (a is b[k] or a.shape == b[k].shape and a.dtype == b[k].dtype and np.array_equal(a, b[k]))]
+
+    def start(self, changed) -> int | None:
+        """The starting point for a run whose inputs ``changed`` differ from
+        the unedited ones: the last one at or before the first node reading
+        any of them (None: none, the whole model runs)."""
+        first = min((self.first[c] for c in changed if c in self.first), default=None)
+        if not self.ok or first is None:
+            return None
+        at = [c for c in self.cross if c <= first]
+        return max(at) if at else None
+
+    def run(self, c: int, arrays: dict[str, np.ndarray]) -> list[list[np.ndarray]]:
+        """The outputs on every feed of the model fed ``arrays`` (the watched
+        inputs), run from starting point ``c``."""
+        if c not in self.sessions:
+            self.sessions[c] = self._session(c)
+        sess, ins = self.sessions[c]
+        self.runs += 1
+        out = []
+        for fd, held in zip(self.feeds, self.held[c]):
+            every = {**fd, **arrays, **held}
+            out.append(sess.run(self.outputs, {k: every[k] for k in ins}))
+        return out
+
+    def _session(self, c: int):
+        """A session of the nodes from ``c`` on (those the outputs need), fed the values crossing ``c``."""
+        src = self.proto.graph
+        p = onnx.ModelProto()
+        p.CopyFrom(self.proto)
+        g = p.graph
+        del g.node[:]
+        g.node.extend(src.node[c:])
+        example = self.held[c][0]
+        g.input.extend(helper.make_tensor_value_info(v, helper.np_dtype_to_tensor_dtype(a.dtype), [None] * a.ndim)
+                       for v, a in example.items())
+        ext = _trim(p, self.outputs, self.externals)
+        need = {v for n in g.node for v in _node_reads(n)} | set(self.outputs)
+        ins = [i for i in g.input if i.name in need]
+        del g.input[:]
+        g.input.extend(ins)
+        sess = session(p, self.threads, externals=ext)
+        return sess, [i.name for i in sess.get_inputs()]
+
+
+__all__ = ["Frontier", "Resume", "capture", "channel_sums", "exposed"]
