@@ -410,6 +410,39 @@ def test_zeroed_candidates_run_from_the_first_node_their_edits_reach(tmp_path):
     assert len({s for s in starts if s is not None}) >= 4  # the deeper the group, the later its start
 
 
+def test_after_the_search_moves_on_its_candidates_start_from_the_new_plan(tmp_path):
+    """The search tells the zeroed runs each plan it moves to (``settled``):
+    the values after that plan's first edit are computed anew once, and a
+    candidate adding a step to a deeper group starts at that group, not at the
+    plan's first edit, with the damage of the rewritten model."""
+    job, search = _vit_search(tmp_path)
+    fed = search.fed
+    fed.use = True
+    fed.prepare()
+    part = fed.resume()
+    pool = [g for g in job.groups if g.id in fed.probe]
+    step = {g.id: np.arange(g.width - max(1, g.width // 4), g.width) for g in pool}
+
+    def start_of(keep):
+        with job.edited(keep, zero=True, read=list(part.base)) as (arrays, _):
+            return part.start(part.changed(arrays))
+
+    early, late = pool[0], pool[-1]
+    state = {early.id: step[early.id]}
+    both = {**state, late.id: step[late.id]}
+    s_early, s_late = start_of(state), start_of({late.id: step[late.id]})
+    assert s_early is not None and s_late > s_early
+    assert fed(both) == pytest.approx(search.rewritten(both), rel=1e-4) and part.last_start == s_early
+    fed.settle(state)
+    assert part.rebased == 1
+    runs = part.runs
+    assert fed(both) == pytest.approx(search.rewritten(both), rel=1e-4)
+    assert part.runs == runs + 1 and part.last_start == s_late
+    fed.settle({})  # back to the unedited model: the values it left
+    assert part.rebased == 2
+    assert fed(state) == pytest.approx(search.rewritten(state), rel=1e-4) and part.last_start == s_early
+
+
 def test_a_partial_run_that_disagrees_with_the_whole_model_turns_partial_runs_off(tmp_path, monkeypatch):
     """The first partial run is checked against the whole model's; when they
     differ, that candidate and every later one run the whole model."""
@@ -524,3 +557,21 @@ def test_the_timings_that_steer_the_search_are_the_fastest_of_several_runs(tmp_p
     monkeypatch.setattr(D, "TIMINGS", 3)
     plan = _vit_damage_plan(tmp_path, 0.8)
     assert len(probes) == 3 and plan.target["met"]
+
+
+def test_the_original_is_timed_again_only_where_a_second_run_could_change_the_sample_count(tmp_path, monkeypatch):
+    """The original's first timed run decides how many samples a candidate is
+    measured on; it is run again (the fastest of TIMINGS) only where a run
+    twice as fast could give a count other than the fewest."""
+    import onnxprune.pipeline as P
+
+    calls, real = [], P._fastest
+    monkeypatch.setattr(D, "TIMINGS", 3)
+    monkeypatch.setattr(P, "_fastest", lambda fn, *a, times=None: calls.append(times) or real(fn, *a, times=times))
+    monkeypatch.setattr(D, "RUN_SECONDS", 1e-9)  # any model is clearly slow: one run, then the fewer samples' run
+    slow = _vit_damage_plan(tmp_path, 0.8)
+    assert calls[:2] == [1, 1] and slow.target["samples"] == D.MIN_SAMPLES
+    calls.clear()
+    monkeypatch.setattr(D, "RUN_SECONDS", 1e3)  # any model is fast: timed again, all the samples kept
+    fast = _vit_damage_plan(tmp_path, 0.8)
+    assert calls[:2] == [1, D.TIMINGS - 1] and fast.target["samples"] == 32

@@ -133,12 +133,14 @@ def planned_steps(groups, estimate, metric: str, target: float, round_to: int, s
 
 
 def allocate(groups, order: dict[int, np.ndarray], measure, estimate, metric: str, target: float,
-             round_to: int = 1, progress=None, steps_to_width: int = STEPS) -> tuple[dict[int, np.ndarray], dict]:
+             round_to: int = 1, progress=None, steps_to_width: int = STEPS, settled=None) -> tuple[dict[int, np.ndarray], dict]:
     """The plan (group id -> kept indices) that meets ``target`` (an absolute
     count of ``metric``) with the least measured damage found by the greedy
     search. ``groups``: the prunable groups (``.id``, ``.width``, ``.kind``,
     ``.set_name``); ``order[id]``: its channels, most important first;
-    ``measure(keep)``: the damage of a plan; ``estimate(keep)``: its counts.
+    ``measure(keep)``: the damage of a plan; ``estimate(keep)``: its counts;
+    ``settled(keep)``, when given: told each plan the search moves to (every
+    later candidate is that plan and one more step).
     Returns the plan and an info dict (measurements, damage, the steps taken)."""
     groups = [g for g in groups if g.width > 1]
     removed = {g.id: 0 for g in groups}
@@ -226,6 +228,8 @@ def allocate(groups, order: dict[int, np.ndarray], measure, estimate, metric: st
                 new_count, at = estimate(keep_of(t))[metric], -1  # a smaller step than measured
         damage = d if at == state else damage + max(s, 0.0) * (count - new_count)
         removed, count, state = t, new_count, state + 1
+        if settled is not None and count > target:
+            settled(keep_of(removed))
         history.append({"group": gid, "set": by_id[gid].set_name, "removed": removed[gid], "width": by_id[gid].width,
                         metric: count, "damage": damage})
         if progress:

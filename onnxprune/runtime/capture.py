@@ -344,7 +344,7 @@ class Resume:
                 last[v] = i
         for o in self.outputs:
             last[o] = len(nodes)
-        made = {o: i for i, n in enumerate(nodes) for o in n.output if o}
+        made = self.made = {o: i for i, n in enumerate(nodes) for o in n.output if o}
         starts = sorted({self.first[w] for w in base if w in self.first})
         pick = sorted({starts[int(round(k))] for k in np.linspace(0, len(starts) - 1, min(cuts, len(starts)))}) \
             if starts else []
@@ -356,7 +356,8 @@ class Resume:
         self.base = base
         self.ok = False
         self.checked = False  # the caller's: a first run compared with the whole model's
-        self.runs = 0
+        self.runs = self.rebased = 0
+        self.last_start: int | None = None  # where the last run started
         self.nodes = nodes
         if not self.cross:
             return
@@ -390,8 +391,41 @@ class Resume:
         except Exception:  # noqa: BLE001 - e.g. a static batch: the caller decides without sizes
             return None
 
+    def rebase(self, arrays: dict[str, np.ndarray]) -> None:
+        """Make ``arrays`` the base runs start from (the damage search's current
+        plan): the held values after the first node reading a changed array are
+        computed anew by one run from the starting point before it."""
+        diff = self.changed(arrays)
+        first = min((self.first[c] for c in diff if c in self.first), default=None)
+        if first is None:
+            self.base = dict(arrays)
+            return
+        c0 = self.start(diff)
+        later = [c for c in self.cross if c > first]
+        wanted = sorted({v for c in later for v in self.cross[c] if self.made[v] >= (c0 or 0)})
+        if wanted:
+            key = ("values", c0)
+            if key not in self.sessions:
+                self.sessions[key] = self._session(c0, wanted) if c0 is not None else self._whole(wanted)
+            sess, ins = self.sessions[key]
+            got = []
+            for b, fd in enumerate(self.feeds):
+                every = {**fd, **arrays, **(self.held[c0][b] if c0 is not None else {})}
+                got.append(dict(zip(wanted, sess.run(wanted, {k: every[k] for k in ins}))))
+            self.rebased += 1
+            for c in later:
+                self.held[c] = [{v: g.get(v, h[v]) for v in h} for g, h in zip(got, self.held[c])]
+        self.base = dict(arrays)
+
+    def _whole(self, names: list[str]):
+        full = onnx.ModelProto()
+        full.CopyFrom(self.proto)
+        ext = _trim(full, names, self.externals)
+        sess = session(full, self.threads, externals=ext, mem_pattern=False)
+        return sess, [i.name for i in sess.get_inputs()]
+
     def changed(self, arrays: dict[str, np.ndarray]) -> list[str]:
-        """The names of ``arrays`` whose values differ from the unedited ones."""
+        """The names of ``arrays`` whose values differ from the base's (at first the unedited ones)."""
         b = self.base
         return [k for k, a in arrays.items()
                 if not (a is b[k] or a.shape == b[k].shape and a.dtype == b[k].dtype and np.array_equal(a, b[k]))]
@@ -413,14 +447,16 @@ class Resume:
             self.sessions[c] = self._session(c)
         sess, ins = self.sessions[c]
         self.runs += 1
+        self.last_start = c
         out = []
         for fd, held in zip(self.feeds, self.held[c]):
             every = {**fd, **arrays, **held}
             out.append(sess.run(self.outputs, {k: every[k] for k in ins}))
         return out
 
-    def _session(self, c: int):
-        """A session of the nodes from ``c`` on (those the outputs need), fed the values crossing ``c``."""
+    def _session(self, c: int, outputs: list[str] | None = None):
+        """A session of the nodes from ``c`` on (those ``outputs``, default the
+        graph's, need), fed the values crossing ``c``."""
         src = self.proto.graph
         p = onnx.ModelProto()
         p.CopyFrom(self.proto)
@@ -430,12 +466,13 @@ class Resume:
         example = self.held[c][0]
         g.input.extend(helper.make_tensor_value_info(v, helper.np_dtype_to_tensor_dtype(a.dtype), [None] * a.ndim)
                        for v, a in example.items())
-        ext = _trim(p, self.outputs, self.externals)
-        need = {v for n in g.node for v in _node_reads(n)} | set(self.outputs)
+        outputs = self.outputs if outputs is None else outputs
+        ext = _trim(p, outputs, self.externals)
+        need = {v for n in g.node for v in _node_reads(n)} | set(outputs)
         ins = [i for i in g.input if i.name in need]
         del g.input[:]
         g.input.extend(ins)
-        sess = session(p, self.threads, externals=ext)
+        sess = session(p, self.threads, externals=ext, mem_pattern=outputs is self.outputs)
         return sess, [i.name for i in sess.get_inputs()]
 
 
