@@ -34,8 +34,12 @@ constant (on EfficientNet-Lite0 at 70% of its MACs, 30.2% -> 46.8% top-1 agreeme
 Where it is clearly faster (:data:`ZEROED_GAIN`) and gives the same damage on
 a probe, the pipeline runs candidates of exact groups in one session of the
 original with the removed channels zeroed instead of rewriting each
-(``Job._fed_runs``; :data:`ZEROED`). Every timing that steers the search is the
-fastest of :data:`TIMINGS` runs, so that one machine writes one plan.
+(``Job._fed_runs``; :data:`ZEROED`); each zeroed candidate then runs from the
+first node its edits reach, fed the values the search's current plan left
+there (:class:`onnxprune.runtime.capture.Resume`, :data:`RESUME`; ``allocate``
+tells it each plan it moves to). Every timing that steers the search is the
+fastest of :data:`TIMINGS` runs, so that one machine writes one plan (one run
+where a second could not change the outcome).
 """
 from __future__ import annotations
 
