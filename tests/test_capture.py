@@ -57,8 +57,11 @@ def test_values_equal_a_full_run_and_each_node_runs_once():
         ref = _full(model, asked, fd)
         for name in asked:
             np.testing.assert_allclose(got[name][bi], ref[name], rtol=1e-6, atol=1e-6)
-    # the frontier only holds what nodes still to run read: here nothing
-    assert f.held == {}
+    # the frontier only holds what nodes still to run read (here nothing) and the graph's outputs
+    assert list(f.held) == ["y"]
+    n = f.nodes_run
+    np.testing.assert_array_equal(f.get(["y"])["y"][0], got["y"][0])
+    assert f.nodes_run == n  # asked for again: held, not run again
 
 
 def test_an_edit_between_requests_is_seen_downstream():
