@@ -553,7 +553,7 @@ def test_the_timings_that_steer_the_search_are_the_fastest_of_several_runs(tmp_p
             return runs(keep)
 
         wrapped.covers, wrapped.probe, wrapped.use = runs.covers, runs.probe, runs.use
-        wrapped.prepare, wrapped.resume = runs.prepare, runs.resume
+        wrapped.prepare, wrapped.resume, wrapped.settle = runs.prepare, runs.resume, runs.settle
         return wrapped
 
     monkeypatch.setattr(Job, "_fed_runs", counted)
