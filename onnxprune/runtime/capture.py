@@ -358,7 +358,6 @@ class Resume:
         self.checked = False  # the caller's: a first run compared with the whole model's
         self.runs = self.rebased = 0
         self.last_start: int | None = None  # where the last run started
-        self.nodes = nodes
         if not self.cross:
             return
         # the crossing values' sizes from one sample first (a dynamic batch), so the held values stay
@@ -381,13 +380,13 @@ class Resume:
         """The unedited model's values ``wanted`` on each of ``feeds`` (None when it cannot run them:
         a static batch fed one sample)."""
         names = sorted(wanted)
-        full = onnx.ModelProto()
-        full.CopyFrom(self.proto)
-        ext = _trim(full, names, self.externals)
-        sess = session(full, self.threads, externals=ext, mem_pattern=False)
-        ins = [i.name for i in sess.get_inputs()]
+        sess, ins = self._whole(names)
         try:
-            return [dict(zip(names, sess.run(names, {k: {**fd, **self.base}[k] for k in ins}))) for fd in feeds]
+            out = []
+            for fd in feeds:
+                every = {**fd, **self.base}
+                out.append(dict(zip(names, sess.run(names, {k: every[k] for k in ins}))))
+            return out
         except Exception:  # noqa: BLE001 - e.g. a static batch: the caller decides without sizes
             return None
 
@@ -418,6 +417,7 @@ class Resume:
         self.base = dict(arrays)
 
     def _whole(self, names: list[str]):
+        """A session of the whole model computing only ``names`` (exposed values)."""
         full = onnx.ModelProto()
         full.CopyFrom(self.proto)
         ext = _trim(full, names, self.externals)
