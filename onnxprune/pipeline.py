@@ -10,6 +10,7 @@ and writing the result. Nothing re-reads the input file.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import tempfile
 from contextlib import contextmanager
@@ -279,13 +280,32 @@ class Job:
                 d_edit, t_edit = _fastest(measure, fed.probe)
                 d_fed, t_fed = _fastest(fed, fed.probe)
                 agree = d_fed is not None and abs(d_fed - d_edit) <= 1e-3 * abs(d_edit) + 1e-9
-                faster = t_fed <= damage.ZEROED_GAIN * t_edit
+                t_zero = t_fed
+                if agree and damage.ZEROED is None and damage.ZEROED_GAIN * t_edit < t_fed <= 2 * t_edit:
+                    # the probe edits every group, so it runs the whole model; a candidate runs from the first
+                    # node its edit reaches (Resume): one at mid depth is timed, as zeroed candidates would run
+                    mid = [g for g in pool if g.id in fed.probe]
+                    g = mid[len(mid) // 2] if mid else None
+                    if g is not None and g.width - damage.step_size(g.width, g.kind, ratios.round_to) >= 1:
+                        fed.prepare()
+                        if fed.resume() is not None:
+                            keep = {g.id: np.sort(order[g.id][:g.width - damage.step_size(g.width, g.kind,
+                                                                                           ratios.round_to)])}
+                            fed(keep)  # the first partial run is checked against the whole model's, untimed
+                            t_part = _fastest(fed, keep)[1] if fed.resume() is not None else math.inf
+                            timings["zeroed_from_mid_depth"] = t_part
+                            t_zero = min(t_fed, t_part)
+                faster = t_zero <= damage.ZEROED_GAIN * t_edit
                 fed.use = agree and (faster if damage.ZEROED is None else damage.ZEROED)
                 if fed.use:
                     fed.prepare()
+                else:
+                    fed.discard()
                 timings.update(rewritten=t_edit, zeroed=t_fed)
-                log.debug("scope damage: the probe rewritten %.3fs (damage %.6g), zeroed in one session %.3fs (%s): "
-                          "candidates %s", t_edit, d_edit, t_fed, d_fed, "zeroed" if fed.use else "rewritten")
+                log.debug("scope damage: the probe rewritten %.3fs (damage %.6g), zeroed in one session %.3fs (%s)%s: "
+                          "candidates %s", t_edit, d_edit, t_fed, d_fed,
+                          f", a candidate at mid depth zeroed {timings['zeroed_from_mid_depth']:.3f}s"
+                          if "zeroed_from_mid_depth" in timings else "", "zeroed" if fed.use else "rewritten")
                 if fed.use:
                     t_one = t_fed
             steps, expected = damage.planned_steps(pool, estimate, metric, target, ratios.round_to, t_one)
@@ -302,6 +322,7 @@ class Job:
                 info["partial_runs"] = part.runs
                 log.debug("scope damage: %d candidates run from a later node (%d starting points, %d sessions; "
                           "the values moved on %d times)", part.runs, len(part.cross), len(part.sessions), part.rebased)
+                fed.discard()  # its sessions and held values go before recovery needs the memory
             return self._keep_plan(skeleton, scored, keep), {"samples": n, "compensated": recovered,
                                                               "candidates": "zeroed" if zeroed else "rewritten",
                                                               "timings": timings,
@@ -351,12 +372,15 @@ class Job:
                 return None
             proto, weights = io.session_parts(self.model, fed=changed)
         sess = session(proto, threads, externals=weights)
-        resume = None
+        resume, prepared = None, False
 
         def prepare() -> None:  # once zeroed candidates are chosen: they run from the first node their edits
             # reach, from the values the unedited model left there (runtime.capture.Resume); the first such run
             # is checked against the whole model's
-            nonlocal resume
+            nonlocal resume, prepared
+            if prepared:  # once: a Resume that failed its check stays off
+                return
+            prepared = True
             with self.edited({}, zero=True, shifts=shifts({}), read=changed) as (arrays, now):
                 base = dict(arrays) if now == names and len(arrays) == len(changed) else None
             if base is not None and damage.RESUME:
@@ -412,7 +436,12 @@ class Job:
                     log.debug("scope damage: partial runs could not move on (%s): no partial runs", e)
                     resume = None
 
-        runs.resume, runs.prepare, runs.settle = (lambda: resume), prepare, settle
+        def discard() -> None:  # rewritten candidates chosen, or the search over: the held values go (a later
+            # search prepares anew)
+            nonlocal resume, prepared
+            resume, prepared = None, False
+
+        runs.resume, runs.prepare, runs.settle, runs.discard = (lambda: resume), prepare, settle, discard
         return runs
 
     @staticmethod

@@ -443,6 +443,36 @@ def test_after_the_search_moves_on_its_candidates_start_from_the_new_plan(tmp_pa
     assert fed(state) == pytest.approx(search.rewritten(state), rel=1e-4) and part.last_start == s_early
 
 
+@pytest.mark.parametrize("mid, chosen", [(0.5, "zeroed"), (0.95, "rewritten")])
+def test_zeroed_candidates_are_timed_as_they_would_run_from_mid_depth(tmp_path, monkeypatch, mid, chosen):
+    """The probe edits every group, so its zeroed run is of the whole model,
+    while a zeroed candidate runs from the first node it edits: when the whole
+    zeroed run is not clearly faster than the rewritten one, a candidate at mid
+    depth is timed as it would run, and that decides (timings scripted: a
+    rewritten run 1 s, the whole zeroed one 0.9 s)."""
+    from onnxprune import pipeline as P
+
+    monkeypatch.setattr(D, "RUN_SECONDS", math.inf)
+    monkeypatch.setattr(D, "SEARCH_SECONDS", math.inf)
+    monkeypatch.setattr(D, "ZEROED", None)
+    job, search = _vit_search(tmp_path)
+    fed = search.fed
+
+    def scripted(fn, keep, times=None):
+        return fn(keep), (1.0 if fn is not fed else 0.9 if keep is fed.probe else mid)
+
+    monkeypatch.setattr(P, "_fastest", scripted)
+    from onnxprune.plan.budget import parse_target
+
+    metric, requested = Ratios.from_dict({"target_macs": 0.8}).target
+    target = parse_target(requested, job.estimator.before[metric], metric)
+    _, info = search(job.estimator.estimate, metric, target.value)
+    assert info["met"] and info["candidates"] == chosen
+    assert info["timings"]["zeroed_from_mid_depth"] == mid and info["timings"]["zeroed"] == 0.9
+    assert ("partial_runs" in info) == (chosen == "zeroed")
+    assert fed.resume() is None  # the held values go with the search
+
+
 def test_a_partial_run_that_disagrees_with_the_whole_model_turns_partial_runs_off(tmp_path, monkeypatch):
     """The first partial run is checked against the whole model's; when they
     differ, that candidate and every later one run the whole model."""
@@ -536,7 +566,8 @@ def test_zeroed_candidates_are_chosen_only_when_clearly_faster(tmp_path, monkeyp
     monkeypatch.setattr(D, "ZEROED_GAIN", gain)
     plan = _vit_damage_plan(tmp_path, 0.8)
     assert plan.target["candidates"] == chosen and plan.target["met"]
-    assert set(plan.target["timings"]) == {"candidate", "rewritten", "zeroed"}
+    assert {"candidate", "rewritten", "zeroed"} <= set(plan.target["timings"]) <= {
+        "candidate", "rewritten", "zeroed", "zeroed_from_mid_depth"}
     assert all(t > 0 for t in plan.target["timings"].values())
 
 
@@ -554,6 +585,7 @@ def test_the_timings_that_steer_the_search_are_the_fastest_of_several_runs(tmp_p
 
         wrapped.covers, wrapped.probe, wrapped.use = runs.covers, runs.probe, runs.use
         wrapped.prepare, wrapped.resume, wrapped.settle = runs.prepare, runs.resume, runs.settle
+        wrapped.discard = runs.discard
         return wrapped
 
     monkeypatch.setattr(Job, "_fed_runs", counted)

@@ -37,7 +37,9 @@ original with the removed channels zeroed instead of rewriting each
 (``Job._fed_runs``; :data:`ZEROED`); each zeroed candidate then runs from the
 first node its edits reach, fed the values the search's current plan left
 there (:class:`onnxprune.runtime.capture.Resume`, :data:`RESUME`; ``allocate``
-tells it each plan it moves to). Every timing that steers the search is the
+tells it each plan it moves to); since the probe runs the whole model, a zeroed
+probe that is not clearly faster is followed by a candidate at mid depth,
+timed as it would run. Every timing that steers the search is the
 fastest of :data:`TIMINGS` runs, so that one machine writes one plan (one run
 where a second could not change the outcome).
 """

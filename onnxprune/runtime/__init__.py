@@ -17,7 +17,7 @@ PROVIDERS = {
 
 
 def session(model: str | onnx.ModelProto, threads: int | None = 1, provider: str = "cpu",
-            externals: dict[str, np.ndarray] | None = None, mem_pattern: bool = True):
+            externals: dict[str, np.ndarray] | None = None, mem_pattern: bool = True, arena: bool = True):
     """An ORT session on ``model`` (a path or a proto): ``threads`` intra-op threads
     (None: ORT's default), one inter-op thread, errors as exceptions only. A
     provider other than the CPU must be available and actually used.
@@ -39,6 +39,7 @@ def session(model: str | onnx.ModelProto, threads: int | None = 1, provider: str
     so.inter_op_num_threads = 1
     so.log_severity_level = 4  # errors come back as exceptions; ORT would also print them
     so.enable_mem_pattern = mem_pattern
+    so.enable_cpu_mem_arena = arena
     values = []
     if externals:
         values = [ort.OrtValue.ortvalue_from_numpy(a) for a in externals.values()]
