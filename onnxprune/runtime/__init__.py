@@ -26,7 +26,9 @@ def session(model: str | onnx.ModelProto, threads: int | None = 1, provider: str
     as they are, and the session keeps them alive. ``mem_pattern`` False:
     no memory pattern planned from the first run; a graph whose intermediate
     values are also outputs (a ViT-S with its 12 GELU outputs read) ran twice
-    as slow with one."""
+    as slow with one. ``arena`` False: no CPU memory arena, which a session
+    keeps at its largest run's size while it lives (the damage search's ~20
+    partial-run sessions of a ViT-S held 1.6 GB more with one)."""
     import onnxruntime as ort
 
     wanted = PROVIDERS[provider]

@@ -472,6 +472,7 @@ class Resume:
         ins = [i for i in g.input if i.name in need]
         del g.input[:]
         g.input.extend(ins)
+        # many sessions live at once, each run now and then: no arena kept at its largest run's size
         sess = session(p, self.threads, externals=ext, mem_pattern=outputs is self.outputs, arena=False)
         return sess, [i.name for i in sess.get_inputs()]
 
