@@ -276,7 +276,8 @@ class Job:
             if fed is not None:
                 # the zeroed model in one session stands in for the rewritten one only where both give the
                 # same damage on the probe (every exact group of the pool one channel short), and only when
-                # it is clearly faster (a CNN's convolutions ran 3x slower on fed weights: EfficientNet-Lite0)
+                # it is clearly faster (a CNN's convolutions lose prepacked kernels on fed weights: EfficientNet-Lite0's
+                # whole zeroed probe is about as slow as a rewritten one)
                 d_edit, t_edit = _fastest(measure, fed.probe)
                 d_fed, t_fed = _fastest(fed, fed.probe)
                 agree = d_fed is not None and abs(d_fed - d_edit) <= 1e-3 * abs(d_edit) + 1e-9
