@@ -285,17 +285,15 @@ class Job:
                 if agree and damage.ZEROED is None and damage.ZEROED_GAIN * t_edit < t_fed <= 2 * t_edit:
                     # the probe edits every group, so it runs the whole model; a candidate runs from the first
                     # node its edit reaches (Resume): one at mid depth is timed, as zeroed candidates would run
-                    mid = [g for g in pool if g.id in fed.probe]
-                    g = mid[len(mid) // 2] if mid else None
-                    if g is not None and g.width - damage.step_size(g.width, g.kind, ratios.round_to) >= 1:
-                        fed.prepare()
-                        if fed.resume() is not None:
-                            keep = {g.id: np.sort(order[g.id][:g.width - damage.step_size(g.width, g.kind,
-                                                                                           ratios.round_to)])}
-                            fed(keep)  # the first partial run is checked against the whole model's, untimed
-                            t_part = _fastest(fed, keep)[1] if fed.resume() is not None else math.inf
-                            timings["zeroed_from_mid_depth"] = t_part
-                            t_zero = min(t_fed, t_part)
+                    mid = [(g, k) for g, k in first if g.id in fed.probe]  # first steps, in graph order
+                    fed.prepare()
+                    if mid and fed.resume() is not None:
+                        g, k = mid[len(mid) // 2]
+                        keep = {g.id: np.sort(order[g.id][:k])}
+                        fed(keep)  # the first partial run is checked against the whole model's, untimed
+                        t_part = _fastest(fed, keep)[1] if fed.resume() is not None else math.inf
+                        timings["zeroed_from_mid_depth"] = t_part
+                        t_zero = min(t_fed, t_part)
                 faster = t_zero <= damage.ZEROED_GAIN * t_edit
                 fed.use = agree and (faster if damage.ZEROED is None else damage.ZEROED)
                 if fed.use:
