@@ -286,7 +286,8 @@ class Job:
                     # the probe edits every group, so it runs the whole model; a candidate runs from the first
                     # node its edit reaches (Resume): one at mid depth is timed, as zeroed candidates would run
                     mid = [(g, k) for g, k in first if g.id in fed.probe]  # first steps, in graph order
-                    fed.prepare()
+                    if mid:
+                        fed.prepare()
                     if mid and fed.resume() is not None:
                         g, k = mid[len(mid) // 2]
                         keep = {g.id: np.sort(order[g.id][:k])}
