@@ -665,6 +665,48 @@ def test_blocked_normal_equations_of_a_conv_transpose_solve_like_the_dense_ones(
     np.testing.assert_allclose(held @ W0, (dense.G[0] - dense.folds[1][0][0]) @ W0, rtol=1e-8, atol=1e-8)
 
 
+def test_wide_row_products_in_float32_give_the_float64_statistics_and_leave_kept_out_rows_out():
+    """Inputs of FLOAT32_FROM features or more are multiplied in float32 around
+    the first rows' mean: the sums (and the ridge solutions from them) match
+    float64 products of the raw rows, even where the inputs sit far from zero;
+    rows of fold -1 (kept out for the whole-model check) are in no fold's sums."""
+    from types import SimpleNamespace
+
+    from onnxprune.recover.fit import FLOAT32_FROM, _accumulate, _ridge, _totals
+
+    rng = np.random.default_rng(3)
+    d, m = FLOAT32_FROM + 20, 7
+    offset = rng.uniform(-40, 40, d)  # far from zero: uncentred float32 products would cancel
+    batches = []
+    for b in range(3):
+        X = (rng.standard_normal((500, d)) * rng.uniform(0.2, 2, d) + offset).astype(np.float32)
+        Y = (X @ rng.standard_normal((d, m)) * 0.05 + 2).astype(np.float32)
+        batches.append((X, Y, rng.integers(-1, 2, 500)))
+    fit = SimpleNamespace(conv={}, folds={}, shift={}, n=0)
+    for X, Y, fold in batches:
+        _accumulate(fit, [(X, Y)], fold)
+    _totals(fit)
+    assert fit.n == sum(int((f >= 0).sum()) for _, _, f in batches)
+    for k in (0, 1):
+        Xk = np.concatenate([X[f == k] for X, _, f in batches]).astype(np.float64)
+        Yk = np.concatenate([Y[f == k] for _, Y, f in batches]).astype(np.float64)
+        Xa = np.hstack([Xk, np.ones((len(Xk), 1))])
+        G, C, yy = (a[0] for a in fit.folds[k])
+        assert G[-1, -1] == len(Xk)  # kept-out rows not counted
+        np.testing.assert_allclose(G[-1], Xa.T @ Xa[:, -1], rtol=1e-6)
+        mu = G[-1, :-1] / len(Xk)
+        cov, want = G[:-1, :-1] / len(Xk) - np.outer(mu, mu), np.cov(Xk.T, bias=True)
+        assert np.abs(cov - want).max() < 1e-5 * np.abs(want).max()
+        np.testing.assert_allclose(C, Xa.T @ Yk, rtol=1e-5, atol=1e-5 * np.abs(Xa.T @ Yk).max())
+        np.testing.assert_allclose(yy, (Yk * Yk).sum(0), rtol=1e-9)
+    Xall = np.concatenate([X[f >= 0] for X, _, f in batches]).astype(np.float64)
+    Yall = np.concatenate([Y[f >= 0] for _, Y, f in batches]).astype(np.float64)
+    Xa = np.hstack([Xall, np.ones((len(Xall), 1))])
+    W0 = rng.standard_normal((d + 1, m)) * 0.05
+    got, want = _ridge(fit.G[0], fit.C[0], W0, 1e-2), _ridge(Xa.T @ Xa, Xa.T @ Yall, W0, 1e-2)
+    assert np.abs(Xa @ got - Xa @ want).max() < 1e-3 * np.abs(Yall - Yall.mean(0)).max()
+
+
 def test_a_model_whose_nodes_have_no_names_is_recovered_like_a_named_one():
     """Old exporters (torch 1.2, opset 9) name no node, and recovery addresses
     layers by name: every layer used to collapse into one row, 'node not found'.

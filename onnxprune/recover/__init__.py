@@ -329,10 +329,8 @@ def recover_model(
                         f.row.reason = f.row.reason or "input/output shapes do not match a linear layer"
                         continue
                     rws, sample = got
-                    fb = fold_of[bi][np.minimum(sample, len(fold_of[bi]) - 1)]
-                    if not np.all(fb >= 0):  # samples kept out for the whole-model check
-                        rws, fb = [tuple(a[fb >= 0] for a in r) for r in rws], fb[fb >= 0]
-                    _accumulate(f, rws, fb if hold else np.zeros(len(fb), int))
+                    fb = fold_of[bi][np.minimum(sample, len(fold_of[bi]) - 1)]  # -1: kept out for the whole-model check
+                    _accumulate(f, rws, fb if hold else np.where(fb >= 0, 0, -1))
                 for lg in here:
                     fold = fold_of[bi] if hold else np.where(fold_of[bi] >= 0, 0, -1)
                     try:
