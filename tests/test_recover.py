@@ -167,6 +167,20 @@ def test_cnn_recovery_is_valid_and_closer(method):
     assert m.SerializeToString() == m_bytes  # nor is the original
 
 
+def test_activations_that_overflow_skip_their_fits_instead_of_failing():
+    """Calibration inputs far outside the model's range (here 1e38 times the
+    usual scale) overflow float32 activations to inf: the layers whose sums
+    are not finite are skipped with that reason, the rest of the run goes on,
+    and the written model is valid (the SVD of a NaN matrix used to stop the run)."""
+    m = small_cnn()
+    calib = [np.clip(x, -3, 3) * np.float32(1e38) for x in _batches((16, 3, 16, 16), 4, seed=1)]
+    assert all(np.all(np.isfinite(x)) for x in calib)  # finite inputs; the first conv's sums overflow
+    res, out, rows = _run(m, {"default": 0.5}, calib)
+    reasons = [r.reason for r in rows if r.status == "skipped"]
+    assert any("not finite" in r for r in reasons), [(r.node, r.status, r.reason) for r in rows]
+    _valid(out)
+
+
 def test_token_mlp_matmul_3d_and_inserted_bias():
     m = token_mlp()
     calib = _batches((32, 6, 8), 4, seed=1)

@@ -54,6 +54,60 @@ def test_bad_calibration_data_is_one_line(tmp_path, capsys, case, words):
     assert not (tmp_path / "o.onnx").exists()
 
 
+@pytest.mark.parametrize("case,words", [
+    ("nan_named", "NaN or infinite"),
+    ("inf_x", "NaN or infinite"),
+    ("nan_npy", "NaN or infinite"),
+    ("short_source", "'source' has 5 entries for 8 samples"),
+    ("strings", "not numbers"),
+])
+def test_calibration_arrays_with_bad_values_are_one_line(tmp_path, capsys, case, words):
+    """NaN or infinite inputs, a 'source' array that does not give one id per
+    sample, arrays that are no numbers: refused before anything runs."""
+    x = np.random.default_rng(0).standard_normal((8, 3, 128, 128)).astype(np.float32)
+    bad = x.copy()
+    bad[2, 1, 5, 5] = np.nan if case != "inf_x" else np.inf
+    spec = tmp_path / ("x.npy" if case == "nan_npy" else "x.npz")
+    if case == "nan_npy":
+        np.save(spec, bad)
+    elif case == "inf_x":
+        np.savez(spec, x=bad)
+    elif case == "short_source":
+        np.savez(spec, input=x, source=np.arange(5))
+    elif case == "strings":
+        np.savez(spec, input=np.full(x.shape, "a"))
+    else:
+        np.savez(spec, input=bad)
+    rc, err = _run(capsys, [DEFAULT, "--ratios", '{"default": 0.3}', "--calib", spec, "--calib-batch-size", 4,
+                            "--recover", "-o", tmp_path / "o.onnx"])
+    assert rc == 1 and err and err[-1].startswith("onnxprune: error: ") and words in err[-1], err
+    assert "this is a bug" not in err[-1]
+    assert not (tmp_path / "o.onnx").exists()
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float16, np.int32])
+def test_calibration_arrays_of_another_number_type_are_converted(tmp_path, capsys, dtype):
+    """An array named after a float input, saved as float64 (numpy's default),
+    float16 or integers, is given to the model as the float32 it takes."""
+    x = np.random.default_rng(0).standard_normal((8, 3, 128, 128)) * 3
+    np.savez(tmp_path / "x.npz", input=x.astype(dtype))
+    rc, err = _run(capsys, [DEFAULT, "--ratios", '{"default": 0.3}', "--calib", tmp_path / "x.npz", "--calib-batch-size", 4,
+                            "--recover", "-o", tmp_path / "o.onnx"])
+    assert rc == 0, err
+    assert (tmp_path / "o.onnx").exists()
+
+
+def test_float_token_ids_are_refused_in_one_line(tmp_path):
+    """Token ids saved as floats for an integer input are not silently truncated."""
+    from onnxprune.errors import UserError
+    from onnxprune.plan.importance.calib import _as_input
+
+    with pytest.raises(UserError, match="the model takes int64"):
+        _as_input("t.npz", "input_ids", np.array([[1.0, 2.5]]), np.dtype(np.int64))
+    got = _as_input("t.npz", "input_ids", np.array([[1, 2]], np.int32), np.dtype(np.int64))
+    assert got.dtype == np.int64 and got.tolist() == [[1, 2]]
+
+
 def test_pickled_training_data_is_one_line(tmp_path, capsys):
     pytest.importorskip("onnx2torch")
     _pickled(tmp_path / "x.npy")

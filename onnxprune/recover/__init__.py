@@ -91,7 +91,7 @@ from onnxprune import io
 from onnxprune.core.quant import dq_node
 from onnxprune.recover import attention
 from onnxprune.recover.check import _reverted, held_out_check
-from onnxprune.recover.fit import (LayerRow, _accumulate, _conv_rows, _dense_rows, _Fit, _folds, _select, _solve,
+from onnxprune.recover.fit import (LayerRow, _accumulate, _conv_rows, _dense_rows, _Fit, _folds, _select, _solve, finite,
                                    _sq_err, _totals)
 from onnxprune.recover.graph import (_Graph, _kept_maps, _levels, _output_names, _packed_sources, _plan_fit, _residuals,
                                      _write_back, is_packed_attention)
@@ -330,7 +330,8 @@ def recover_model(
                         continue
                     rws, sample = got
                     fb = fold_of[bi][np.minimum(sample, len(fold_of[bi]) - 1)]  # -1: kept out for the whole-model check
-                    _accumulate(f, rws, fb if hold else np.where(fb >= 0, 0, -1))
+                    with np.errstate(over="ignore", invalid="ignore"):  # overflowing activations: see finite()
+                        _accumulate(f, rws, fb if hold else np.where(fb >= 0, 0, -1))
                 for lg in here:
                     fold = fold_of[bi] if hold else np.where(fold_of[bi] >= 0, 0, -1)
                     try:
@@ -344,6 +345,10 @@ def recover_model(
             for f in todo:
                 if f.row.reason or not f.folds:
                     f.row.status = "skipped"
+                    continue
+                if not finite(f):
+                    f.row.status, f.row.reason = "skipped", "activations not finite on the calibration data (overflow or NaN)"
+                    f.folds = {}
                     continue
                 _totals(f)
                 lam, held_before, held_after = _select(f, ridge) if hold else (None, 0.0, 0.0)

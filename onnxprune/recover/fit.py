@@ -284,6 +284,20 @@ def _accumulate_blocks(fit: _Fit, X, Y, phase, gi: int, G: list, C: list, yy: li
     yy[gi] += (Y * Y).sum(0)
 
 
+def finite(fit: _Fit) -> bool:
+    """Whether the layer's statistics are all finite numbers (activations that
+    overflow on the calibration data, e.g. inputs far outside the range the
+    model was trained on, give inf/NaN sums: nothing to solve)."""
+    for G, C, yy in fit.folds.values():
+        for g in G:
+            parts = [*g.parts, g.border, np.array([g.corner])] if isinstance(g, _Blocks) else [g]
+            if not all(np.all(np.isfinite(a)) for a in parts):
+                return False
+        if not all(np.all(np.isfinite(a)) for a in (*C, *yy)):
+            return False
+    return True
+
+
 def _totals(fit: _Fit) -> None:
     """``fit.G, fit.C, fit.yy``: the statistics of all folds together."""
     parts = list(fit.folds.values())

@@ -56,10 +56,40 @@ def _input_shape(proto: onnx.ModelProto) -> tuple[int | None, list]:
     return d[0], d
 
 
-def _named(spec: str, z, names: list[str], batch: int, n_batches: int, src=None) -> "Calibration":
+def _as_input(spec: str, name: str, a: np.ndarray, want) -> np.ndarray:
+    """Array ``a`` given for input ``name`` in the input's element type ``want``
+    (a numpy dtype; None: as it is): floats of another width and integers for a
+    float input are converted, floats for an integer or boolean input (token
+    ids, masks) are refused; NaN or infinite values are refused."""
+    if a.dtype.kind not in "biuf":
+        raise UserError(f"{spec}: '{name}' holds {a.dtype} values, not numbers")
+    if a.dtype.kind == "f" and not np.all(np.isfinite(a)):
+        raise UserError(f"{spec}: '{name}' holds {int(np.size(a) - np.count_nonzero(np.isfinite(a)))} NaN or infinite values")
+    if want is None or a.dtype == want:
+        return a
+    if np.dtype(want).kind in "biu" and a.dtype.kind == "f":
+        raise UserError(f"{spec}: '{name}' holds {a.dtype} values; the model takes {np.dtype(want)} (ids or masks)")
+    return a.astype(want)
+
+
+def _elem_types(proto: onnx.ModelProto) -> dict:
+    out = {}
+    for i in io.data_inputs(proto):
+        try:
+            out[i.name] = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type))
+        except (KeyError, TypeError, ValueError):  # no or an unusual element type: the array as it is
+            out[i.name] = None
+    return out
+
+
+def _named(spec: str, z, names: list[str], batch: int, n_batches: int, src=None, types: dict | None = None) -> "Calibration":
     n = {len(z[k]) for k in names}
     if len(n) != 1:
         raise UserError(f"{spec}: the input arrays have different sample counts {sorted(n)}")
+    total = next(iter(n))
+    if src is not None and len(src) != total:
+        raise UserError(f"{spec}: 'source' has {len(src)} entries for {total} samples")
+    z = {k: _as_input(spec, k, np.asarray(z[k]), (types or {}).get(k)) for k in names}
     count = min(n_batches, n.pop() // batch)
     if not count:
         raise UserError(f"{spec}: fewer samples than one batch of {batch}")
@@ -348,13 +378,14 @@ def load(spec: str, proto: onnx.ModelProto, n_batches: int = 4, batch: int = 32,
                     if len(want) != len(got) or any(w is not None and w != g for w, g in zip(want, got)):
                         raise UserError(f"{spec}: '{i.name}' samples have shape {got}, the model takes "
                                         f"{[w if w is not None else '?' for w in want]}")
-                return _named(spec, z, names, batch, n_batches, src)
+                return _named(spec, z, names, batch, n_batches, src, _elem_types(proto))
             if "x" not in z:
                 raise UserError(f"{spec}: expected arrays 'x' (and optionally 'y'), or one array per input "
                                 f"({', '.join(names)})")
             x, y = z["x"], z["y"] if "y" in z else None
         if list(x.shape[1:]) != [d for d in dims[1:]] and all(d is not None for d in dims[1:]):
             raise UserError(f"{spec}: samples have shape {list(x.shape[1:])}, the model takes {dims[1:]}")
+        x = _as_input(spec, "x" if spec.endswith(".npz") else "the array", np.asarray(x), None)
         xs, ys = _chunks(x, y, batch, n_batches)
         src = _sources(spec, z) if spec.endswith(".npz") else None
         if src is not None and len(src) != len(x):
