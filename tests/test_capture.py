@@ -226,15 +226,14 @@ def test_initializers_listed_as_inputs_go_with_the_nodes_that_read_them():
     assert np.allclose(total, (x * 3.0).sum(0)) and count == 2
 
 
-def test_a_conv_output_exposed_while_its_weights_are_fed_makes_a_session(capfd):
+def test_a_session_error_prints_nothing_and_raises(capfd):
     """Two Convs whose weights and biases are graph inputs (the damage search
     feeds them per candidate), added and rectified, with the first Conv's output
     also a graph output: onnxruntime's full optimisation level refuses the graph
-    ("Failed to find node output ... producing output: c") and used to print an
-    'EP Error' banner on stdout while retrying; the session comes from the
-    extended level instead, gives the unoptimised values, and prints nothing."""
-    import onnxruntime as ort
-
+    ("Failed to find node output ... producing output: c"). The error comes back
+    as an exception for the caller (the damage search then runs whole models)
+    and nothing is printed: ORT's provider fallback printed an 'EP Error' banner
+    on stdout and retried the same CPU provider."""
     rng = np.random.default_rng(0)
     shapes = {"w": (16, 8, 3, 3), "b": (16,), "w2": (16, 8, 1, 1), "b2": (16,)}
     nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", pads=[1, 1, 1, 1]),
@@ -246,13 +245,11 @@ def test_a_conv_output_exposed_while_its_weights_are_fed_makes_a_session(capfd):
     outs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, None), helper.make_empty_tensor_value_info("c")]
     m = helper.make_model(helper.make_graph(nodes, "g", ins, outs), opset_imports=[helper.make_opsetid("", 17)])
     m.ir_version = 8
+    with pytest.raises(Exception, match="producing output: c"):
+        session(m)
+    out, err = capfd.readouterr()
+    assert "EP Error" not in out + err and not out.strip()
+    del m.graph.output[1]  # the same graph without the exposed value makes a session that runs
     feed = {"x": rng.standard_normal((1, 8, 8, 8)).astype(np.float32)}
     feed.update({k: rng.standard_normal(v).astype(np.float32) for k, v in shapes.items()})
-    got = session(m).run(None, feed)
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    want = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, feed)
-    for a, b in zip(got, want):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
-    out, err = capfd.readouterr()
-    assert "EP Error" not in out + err
+    assert np.all(np.isfinite(session(m).run(None, feed)[0]))

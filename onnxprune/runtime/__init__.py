@@ -48,19 +48,12 @@ def session(model: str | onnx.ModelProto, threads: int | None = 1, provider: str
         so.add_external_initializers(list(externals), values)
     data = model if isinstance(model, str) else model.SerializeToString()
     providers = [p for p in wanted if p in have]
-    try:  # no fallback: ORT would print its error and retry on the same CPU provider
-        sess = ort.InferenceSession(data, so, providers=providers, enable_fallback=0)
-    except Exception as first:  # noqa: BLE001 - tried once more below, else raised as it was
-        # onnxruntime's full (layout) optimisations lose a Conv's output that is also a graph output when
-        # the Conv and its Add partner read their weights as graph inputs (the damage search's fed runs
-        # of a ResNet): the extended level, which computes the same values, takes such a graph
-        if so.graph_optimization_level != ort.GraphOptimizationLevel.ORT_ENABLE_ALL:
-            raise
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-        try:
-            sess = ort.InferenceSession(data, so, providers=providers, enable_fallback=0)
-        except Exception:  # noqa: BLE001 - the first error is the one to report
-            raise first from None
+    # no fallback: on an error ORT would print a banner on stdout and retry on the same CPU provider.
+    # (Its full optimisation level refuses some graphs whose intermediate values are exposed: a Conv
+    # output read by an Add whose two Convs take their weights as graph inputs, as the damage search's
+    # partial runs of a ResNet do; those runs then fall back to whole ones. Making them at the extended
+    # level instead took a ResNet-50's --recover from 205 s to 242 s in tools/recover_zoo.py.)
+    sess = ort.InferenceSession(data, so, providers=providers, enable_fallback=0)
     sess._onnxprune_externals = (externals, values)  # ORT may read them until the session goes
     used = sess.get_providers()[0]
     if used != wanted[0]:
