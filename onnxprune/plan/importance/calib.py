@@ -86,13 +86,13 @@ def _named(spec: str, z, names: list[str], batch: int, n_batches: int, src=None,
     n = {len(z[k]) for k in names}
     if len(n) != 1:
         raise UserError(f"{spec}: the input arrays have different sample counts {sorted(n)}")
-    total = next(iter(n))
+    total = n.pop()
     if src is not None and len(src) != total:
         raise UserError(f"{spec}: 'source' has {len(src)} entries for {total} samples")
-    z = {k: _as_input(spec, k, np.asarray(z[k]), (types or {}).get(k)) for k in names}
-    count = min(n_batches, n.pop() // batch)
+    count = min(n_batches, total // batch)
     if not count:
         raise UserError(f"{spec}: fewer samples than one batch of {batch}")
+    z = {k: _as_input(spec, k, np.asarray(z[k][:count * batch]), (types or {}).get(k)) for k in names}  # the samples used
     inputs = [{k: np.ascontiguousarray(z[k][i * batch:(i + 1) * batch]) for k in names} for i in range(count)]
     return Calibration([b[names[0]] for b in inputs], None, f"{spec} ({count * batch} samples, inputs {', '.join(names)})", inputs,
                        _split(src, batch, count))
@@ -385,7 +385,7 @@ def load(spec: str, proto: onnx.ModelProto, n_batches: int = 4, batch: int = 32,
             x, y = z["x"], z["y"] if "y" in z else None
         if list(x.shape[1:]) != [d for d in dims[1:]] and all(d is not None for d in dims[1:]):
             raise UserError(f"{spec}: samples have shape {list(x.shape[1:])}, the model takes {dims[1:]}")
-        x = _as_input(spec, "x" if spec.endswith(".npz") else "the array", np.asarray(x), None)
+        _as_input(spec, "x" if spec.endswith(".npz") else "the array", np.asarray(x[:n_batches * batch]), None)  # the samples used
         xs, ys = _chunks(x, y, batch, n_batches)
         src = _sources(spec, z) if spec.endswith(".npz") else None
         if src is not None and len(src) != len(x):
