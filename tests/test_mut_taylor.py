@@ -252,6 +252,7 @@ def _refit_error(r, w, drop):
 def test_recon_cheapest_channel_is_the_least_squares_refit(monkeypatch):
     monkeypatch.setattr(recon, "RIDGE", 0.0)
     monkeypatch.setattr(recon, "SHRINK", 0.0)
+    monkeypatch.setattr(recon, "ROWS_PER_FEATURE", 1 << 30)  # both batches are read (one has 10 rows per feature)
     rng = np.random.default_rng(9)
     w = {"w1": rng.standard_normal((5, 6)), "b1": rng.standard_normal(5), "w2": rng.standard_normal((3, 5))}
     m = _tiny("""g (float[50,6] x) => (float[50,3] y) {
@@ -287,3 +288,43 @@ def test_recon_samples_rows_with_the_seed(monkeypatch):
     default = C.score_groups(a.ctx, a.groups, {"channels": "recon", "mlp": "l2"}, proto=m, calib=cal).values[g.id]
     np.testing.assert_array_equal(default, C.score_groups(a.ctx, a.groups, {"channels": "recon", "mlp": "l2"}, 0,
                                                           proto=m, calib=cal).values[g.id])
+
+
+def test_recon_reads_batches_only_until_every_covariance_has_enough_rows(monkeypatch):
+    """fc2 reads 5 features and each batch gives 50 rows: at 8 rows per feature the first batch is
+    enough and the other three are never run; at 25 rows per feature (125 rows) three are run. The
+    scores are then those of the batches read."""
+    rng = np.random.default_rng(4)
+    w = {"w1": rng.standard_normal((5, 6)), "b1": rng.standard_normal(5), "w2": rng.standard_normal((3, 5))}
+    m = _tiny("""g (float[50,6] x) => (float[50,3] y) {
+  [fc1] h = Gemm <transB=1> (x, w1, b1)
+  r = Relu(h)
+  [fc2] y = Gemm <transB=1> (r, w2)
+}""", w)
+    xs = [rng.standard_normal((50, 6)).astype(np.float32) for _ in range(4)]
+    a = analyze(m)
+    (g,) = [g for g in a.groups if not g.frozen]
+    ran = []
+    capture = C._capture
+
+    def counted(*args, **kw):
+        for k, vals in capture(*args, **kw):
+            ran.append(k)
+            yield k, vals
+
+    monkeypatch.setattr(C, "_capture", counted)
+
+    def scores(batches):
+        ran.clear()
+        s = C.score_groups(a.ctx, a.groups, {"default": "recon"}, proto=m, calib=Calibration(batches, None, "test"))
+        return s.values[g.id], list(ran)
+
+    monkeypatch.setattr(recon, "ROWS_PER_FEATURE", 8)
+    s4, read = scores(xs)
+    assert read == [0]
+    np.testing.assert_array_equal(s4, scores(xs[:1])[0])
+    monkeypatch.setattr(recon, "ROWS_PER_FEATURE", 25)
+    s4, read = scores(xs)
+    assert read == [0, 1, 2]
+    np.testing.assert_array_equal(s4, scores(xs[:3])[0])
+    assert not np.allclose(s4, scores(xs[:1])[0])

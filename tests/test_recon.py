@@ -82,6 +82,7 @@ def test_recon_costs_equal_a_brute_force_refit(monkeypatch):
 
     monkeypatch.setattr(recon, "RIDGE", 0.0)  # the formula itself; the default adds a 1e-4 relative ridge
     monkeypatch.setattr(recon, "SHRINK", 0.0)  # and shrinks the covariance by (k / samples)^2
+    monkeypatch.setattr(recon, "ROWS_PER_FEATURE", 1 << 30)  # every batch is read (one has 8 rows per feature)
     m, w1, b1, w2 = _mlp()
     cal = _calib()
     job = analyze(m)
@@ -94,7 +95,11 @@ def test_recon_costs_equal_a_brute_force_refit(monkeypatch):
     assert int(np.argmin(got)) in PAIR
 
 
-def test_recon_removes_a_redundant_channel_where_magnitude_removes_the_small_one():
+def test_recon_removes_a_redundant_channel_where_magnitude_removes_the_small_one(monkeypatch):
+    import onnxprune.plan.importance.recon as recon
+
+    # all 256 rows: the pair differs by 1% of its variance, under the shrinkage 64 rows would leave, (8/64)^2
+    monkeypatch.setattr(recon, "ROWS_PER_FEATURE", 1 << 30)
     m, *_ = _mlp()
     cal = _calib()
     job = analyze(m)
