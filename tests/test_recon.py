@@ -337,6 +337,31 @@ def test_whole_model_check_uses_only_kept_out_samples_and_says_which_is_closer()
     assert held_out_check(orig, pruned, pruned, [{"x": x}], [np.zeros(16, int)], 1) is None  # nothing kept out
 
 
+def test_whole_model_check_leaves_out_what_the_original_overflows_and_refuses_a_model_that_is_not_finite():
+    """A kept-out sample on which the original itself overflows (inf) is compared without those
+    values, counted and said; a recovered model that gives NaN where the original gives numbers is
+    infinitely far (worse), not 'equal' (NaN compares false)."""
+    from onnxprune.recover import held_out_check, held_out_text
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((6, 5)).astype(np.float32)
+    x = rng.standard_normal((16, 6)).astype(np.float32)
+    fold = np.array([0, 1] * 6 + [-1] * 4)
+    orig, pruned, rec = (_scaled_gemm(w, a * 1e10) for a in (1.0, 0.5, 0.9))
+    x_bad = x.copy()
+    x_bad[15] = 1e30  # 1e40 after the Gemm: inf in float32, in every model
+    h = held_out_check(orig, pruned, rec, [{"x": x_bad}], [fold], 1)
+    clean = held_out_check(orig, pruned, rec, [{"x": x[:15]}], [fold[:15]], 1)  # the same without that sample
+    assert h["nonfinite"] == 5 and not clean.get("nonfinite")
+    for key in ("err_pruned", "err_recovered", "kl_pruned", "kl_recovered", "agree_pruned"):
+        assert h[key] == pytest.approx(clean[key], rel=1e-6), key
+    assert h["err_recovered"] == pytest.approx(0.1, rel=1e-3) and not h["worse"]
+    assert "not finite in 5 values" in held_out_text(h) and "not finite" not in held_out_text(clean)
+    nan = held_out_check(orig, pruned, _scaled_gemm(w, float("nan")), [{"x": x}], [fold], 1)
+    assert nan["err_recovered"] == np.inf and nan["kl_recovered"] == np.inf and nan["worse"]
+    assert nan["agree_recovered"] == 0.0
+
+
 def test_whole_model_check_weighs_each_output_channel_alike():
     """A detector's one output [N, 4 boxes + classes, anchors]: the boxes
     (large, untouched by the pruning) beside the class scores (small, what the
@@ -378,6 +403,7 @@ def test_a_pruned_model_that_already_matches_is_not_beaten_by_round_off():
     assert not worse(1.8e-17, 0.0) and not worse(3e-7, 0.0)
     assert worse(1e-3, 0.0) and worse(0.5, 0.4)
     assert not worse(0.4 * (1 + 5e-4), 0.4)  # within the relative tie
+    assert worse(float("nan"), 0.4) and not worse(0.4, float("nan"))  # not a number: infinitely far
 
 
 def _explicit_sequential(states, width):

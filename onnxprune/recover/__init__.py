@@ -603,8 +603,10 @@ def held_out_text(h) -> str:
     again = ("; then recovered again on every source" if h.get("refit_all") else
              f"; not recovered again on every source (the first pass took over {REFIT_ALL_SECONDS:.0f}s)"
              if h.get("refit_all") is False else "")
+    odd = (f"; the original's own outputs were not finite in {h['nonfinite']} values (overflow on these inputs?), "
+           "compared without them" if h.get("nonfinite") else "")
     return (f"held-out check ({h['samples']} samples from sources no fit saw): output error vs the original "
-            f"{h['err_pruned']:.4f} pruned -> {h['err_recovered']:.4f} recovered{agree}{kept}{again}")
+            f"{h['err_pruned']:.4f} pruned -> {h['err_recovered']:.4f} recovered{agree}{kept}{again}{odd}")
 
 
 def format_rows(rows: list[LayerRow]) -> str:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import math
 
 import numpy as np
 import onnx
@@ -64,17 +65,30 @@ def held_out_check(original, pruned, recovered, feeds: list[dict], fold_of: list
                     continue
                 r, g = np.moveaxis(r, ax, 0), np.moveaxis(g, ax, 0)  # sequence-first outputs: [T, N, C]
                 r, g = r[sel].astype(np.float64), g[sel].astype(np.float64)
+                # values the original itself does not give as numbers (overflow on these inputs) are left
+                # out and counted; a model that is not finite where the original is, is infinitely far
+                ok = np.isfinite(r)
+                if name == "pruned":
+                    res["nonfinite"] = res.get("nonfinite", 0) + int(ok.size - np.count_nonzero(ok))
+                with np.errstate(invalid="ignore", over="ignore"):
+                    sq = np.where(ok, np.where(np.isfinite(g), (g - r) ** 2, np.inf), 0.0)
+                    r0 = np.where(ok, r, 0.0)
                 axes = (0,) + tuple(range(2, r.ndim))  # per channel on axis 1 (a 1-D output: one)
-                for c, (e, t) in enumerate(zip(np.atleast_1d(((g - r) ** 2).sum(axis=axes)),
-                                               np.atleast_1d((r**2).sum(axis=axes)))):
+                for c, (e, t) in enumerate(zip(np.atleast_1d(sq.sum(axis=axes)),
+                                               np.atleast_1d((r0**2).sum(axis=axes)))):
                     num[(k, c)] = num.get((k, c), 0.0) + float(e)
                     den[(k, c)] = den.get((k, c), 0.0) + float(t)
                 if k == 0 and r.ndim == 2 and r.shape[1] > 1:  # logits: agreement and KL(original || model)
-                    agree += int((r.argmax(1) == g.argmax(1)).sum())
+                    rows = ok.all(1)  # samples whose original logits are numbers
+                    r, g = r[rows], g[rows]
+                    fin = np.isfinite(g).all(1)
+                    agree += int((r[fin].argmax(1) == g[fin].argmax(1)).sum())
                     total += len(r)
-                    lr, lg = _log_softmax(r), _log_softmax(g)
+                    if not fin.all():
+                        kl = math.inf
+                    lr, lg = _log_softmax(r[fin]), _log_softmax(g[fin])
                     kl += float((np.exp(lr) * (lr - lg)).sum())
-        rel = [num[k] / den[k] for k in num if den[k] > 0]
+        rel = [num[k] / den[k] if den[k] > 0 else math.inf for k in num if den[k] > 0 or math.isinf(num[k])]
         res[f"err_{name}"] = float(np.sqrt(np.mean(rel))) if rel else 0.0
         res["outputs"] = len({k for k, _ in num})
         if total:
@@ -108,7 +122,9 @@ def batch_axis(shape: tuple, n: int) -> int | None:
 
 def worse(recovered: float, pruned: float) -> bool:
     """The verdict on the recovered model's KL or error against the pruned one's:
-    worse only beyond :data:`TIE` (relative) and :data:`FLOOR` (absolute)."""
+    worse only beyond :data:`TIE` (relative) and :data:`FLOOR` (absolute); an
+    error that is not a number counts as infinite (worse than any finite one)."""
+    recovered, pruned = (math.inf if math.isnan(v) else v for v in (recovered, pruned))
     return bool(recovered > pruned * (1 + TIE) + FLOOR)
 
 
