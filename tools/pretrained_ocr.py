@@ -175,11 +175,20 @@ def parser() -> argparse.ArgumentParser:
                     help=f"also the plan {ATTENTION}: heads and head dims, which the MACs targets leave alone")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "pretrained_ocr.md"))
     ap.add_argument("--importance", help="ranks for the budget rows instead of --recover's (e.g. l2), scope damage")
+    ap.add_argument("--recon-rows-per-feature", type=int,
+                    help="rows per feature after which the recon ranks stop reading calibration batches "
+                         "(onnxprune.plan.importance.recon.ROWS_PER_FEATURE) instead of the default")
     return ap
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
+    if args.recon_rows_per_feature:
+        import pretrained_recovery
+
+        pretrained_recovery.CLI = [sys.executable, "-c", "import sys; from onnxprune.plan.importance import recon; "
+                                   f"recon.ROWS_PER_FEATURE = {int(args.recon_rows_per_feature)}; "
+                                   "from onnxprune.cli import main; sys.exit(main(sys.argv[1:]))"]
     os.makedirs(PHOTO_CACHE, exist_ok=True)
     model, photos = model_path(), photo_files()
     chars = charset(model)
