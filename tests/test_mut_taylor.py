@@ -249,17 +249,23 @@ def _refit_error(r, w, drop):
     return ((a @ fit - y) ** 2).sum() / (y ** 2).sum()
 
 
-def test_recon_cheapest_channel_is_the_least_squares_refit(monkeypatch):
-    monkeypatch.setattr(recon, "RIDGE", 0.0)
-    monkeypatch.setattr(recon, "SHRINK", 0.0)
-    monkeypatch.setattr(recon, "ROWS_PER_FEATURE", 1 << 30)  # both batches are read (one has 10 rows per feature)
-    rng = np.random.default_rng(9)
+def _two_gemms(rng):
+    """x [50, 6] -> Gemm (5 hidden, bias) -> Relu -> Gemm (3): the model and its weights drawn from ``rng``."""
     w = {"w1": rng.standard_normal((5, 6)), "b1": rng.standard_normal(5), "w2": rng.standard_normal((3, 5))}
     m = _tiny("""g (float[50,6] x) => (float[50,3] y) {
   [fc1] h = Gemm <transB=1> (x, w1, b1)
   r = Relu(h)
   [fc2] y = Gemm <transB=1> (r, w2)
 }""", w)
+    return m, w
+
+
+def test_recon_cheapest_channel_is_the_least_squares_refit(monkeypatch):
+    monkeypatch.setattr(recon, "RIDGE", 0.0)
+    monkeypatch.setattr(recon, "SHRINK", 0.0)
+    monkeypatch.setattr(recon, "ROWS_PER_FEATURE", 1 << 30)  # both batches are read (one has 10 rows per feature)
+    rng = np.random.default_rng(9)
+    m, w = _two_gemms(rng)
     w = {k: np.asarray(v, np.float32).astype(np.float64) for k, v in w.items()}
     xs = [rng.standard_normal((50, 6)).astype(np.float32) for _ in range(2)]
     a = analyze(m)
@@ -295,12 +301,7 @@ def test_recon_reads_batches_only_until_every_covariance_has_enough_rows(monkeyp
     enough and the other three are never run; at 25 rows per feature (125 rows) three are run. The
     scores are then those of the batches read."""
     rng = np.random.default_rng(4)
-    w = {"w1": rng.standard_normal((5, 6)), "b1": rng.standard_normal(5), "w2": rng.standard_normal((3, 5))}
-    m = _tiny("""g (float[50,6] x) => (float[50,3] y) {
-  [fc1] h = Gemm <transB=1> (x, w1, b1)
-  r = Relu(h)
-  [fc2] y = Gemm <transB=1> (r, w2)
-}""", w)
+    m, w = _two_gemms(rng)
     xs = [rng.standard_normal((50, 6)).astype(np.float32) for _ in range(4)]
     a = analyze(m)
     (g,) = [g for g in a.groups if not g.frozen]

