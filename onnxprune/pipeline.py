@@ -31,6 +31,11 @@ from onnxprune.plan import Plan, Ratios, compute_scores, make_plan, plannable
 log = logging.getLogger(__name__)
 
 
+def _plan_key(keep: dict) -> tuple:
+    """A plan (group id -> kept indices) as a dict key."""
+    return tuple(sorted((gid, np.asarray(k, np.int64).tobytes()) for gid, k in keep.items()))
+
+
 def _fastest(fn, *args, times: int | None = None):
     """``fn(*args)`` run ``times`` times (default :data:`damage.TIMINGS
     <onnxprune.plan.damage.TIMINGS>`): the last result and the fastest run's seconds."""
@@ -264,15 +269,12 @@ class Job:
             bar = Progress(enabled=progress is not None)  # one throttled status line, not a line per candidate
             bar.show(f"scope damage: {len(pool)} groups, each candidate run on {n} calibration samples "
                      f"(~{t_run:.1f}s a run; the sensitivity pass alone is {len(pool)} runs)", force=True)
-            # what one measurement costs: a candidate timed (the first group's first step); every timing that
-            # decides the search is the fastest of damage.TIMINGS runs (one run's time moves between runs)
+            # what one measurement costs: the zeroed probe's run where candidates are zeroed, else a candidate
+            # timed (the first group's first step); every timing that decides the search is the fastest of
+            # damage.TIMINGS runs (one run's time moves between runs)
             t_one, timings = 0.0, {}
             first = [(g, g.width - damage.step_size(g.width, g.kind, ratios.round_to)) for g in pool]
             first = [(g, k) for g, k in first if k >= 1]
-            if first:
-                g, k = first[0]
-                _, t_one = _fastest(measure, {g.id: np.sort(order[g.id][:k])})
-                timings["candidate"] = t_one
             if fed is not None:
                 # the zeroed model in one session stands in for the rewritten one only where both give the
                 # same damage on the probe (every exact group of the pool one channel short), and only when
@@ -308,6 +310,10 @@ class Job:
                           if "zeroed_from_mid_depth" in timings else "", "zeroed" if fed.use else "rewritten")
                 if fed.use:
                     t_one = t_fed
+            if first and not (fed is not None and fed.use):
+                g, k = first[0]
+                _, t_one = _fastest(measure, {g.id: np.sort(order[g.id][:k])})
+                timings["candidate"] = t_one
             steps, expected = damage.planned_steps(pool, estimate, metric, target, ratios.round_to, t_one)
             if steps != damage.STEPS:
                 bar.show(f"scope damage: steps of 1/{steps} of a group (steps of 1/{damage.STEPS} would take about "
@@ -321,7 +327,8 @@ class Job:
             if part is not None:
                 info["partial_runs"] = part.runs
                 log.debug("scope damage: %d candidates run from a later node (%d starting points, %d sessions; "
-                          "the values moved on %d times)", part.runs, len(part.cross), len(part.sessions), part.rebased)
+                          "the values moved on %d times, %d of them taken from the step's own run)", part.runs,
+                          len(part.cross), len(part.sessions), part.rebased + part.reused, part.reused)
                 fed.discard()  # its sessions and held values go before recovery needs the memory
             return self._keep_plan(skeleton, scored, keep), {"samples": n, "compensated": recovered,
                                                               "candidates": "zeroed" if zeroed else "rewritten",
@@ -403,7 +410,7 @@ class Job:
                 got = None
                 if start is not None:
                     try:
-                        got = resume.run(start, arrays)
+                        got = resume.run(start, arrays, key=_plan_key(keep))
                     except Exception as e:  # noqa: BLE001 - a piece ORT refuses: the whole model, from now on
                         log.debug("scope damage: a partial run failed (%s): no partial runs", e)
                         resume, start = None, None
@@ -431,7 +438,7 @@ class Job:
                 if now != names or len(arrays) != len(changed):
                     return
                 try:
-                    resume.rebase(arrays)
+                    resume.rebase(arrays, key=_plan_key(keep))
                 except Exception as e:  # noqa: BLE001 - a piece ORT refuses: the whole model, from now on
                     log.debug("scope damage: partial runs could not move on (%s): no partial runs", e)
                     resume = None

@@ -327,10 +327,15 @@ class Resume:
     watched inputs, evenly picked), each a session made on first use; the
     unedited values crossing them are computed once and held when they take
     at most ``budget`` bytes (else :attr:`ok` is False and every run is the
-    caller's). Outputs are the graph's, in order."""
+    caller's). Outputs are the graph's, in order. A run given a ``key`` (the
+    caller's name for its arrays) also returns the values it made that cross
+    the later starting points, and keeps them (the latest runs', up to
+    ``recent_budget`` bytes): when the base then moves to those arrays
+    (:meth:`rebase` with the same key, the damage search taking the step it
+    just measured), they are the new held values and nothing runs again."""
 
     def __init__(self, proto: onnx.ModelProto, externals: dict, base: dict[str, np.ndarray], feeds: list[dict],
-                 threads: int, cuts: int = 16, budget: int = 512 << 20):
+                 threads: int, cuts: int = 16, budget: int = 512 << 20, recent_budget: int = 256 << 20):
         g = proto.graph
         self.proto, self.externals, self.threads, self.feeds = proto, externals, threads, feeds
         self.outputs = [o.name for o in g.output]
@@ -356,7 +361,9 @@ class Resume:
         self.base = base
         self.ok = False
         self.checked = False  # the caller's: a first run compared with the whole model's
-        self.runs = self.rebased = 0
+        self.runs = self.rebased = self.reused = 0
+        self.recent: dict = {}  # key -> (start, per feed {crossing value: array}) of the latest keyed runs
+        self.recent_budget = recent_budget
         self.last_start: int | None = None  # where the last run started
         if not self.cross:
             return
@@ -390,10 +397,13 @@ class Resume:
         except Exception:  # noqa: BLE001 - e.g. a static batch: the caller decides without sizes
             return None
 
-    def rebase(self, arrays: dict[str, np.ndarray]) -> None:
+    def rebase(self, arrays: dict[str, np.ndarray], key=None) -> None:
         """Make ``arrays`` the base runs start from (the damage search's current
         plan): the held values after the first node reading a changed array are
-        computed anew by one run from the starting point before it."""
+        the ones the run keyed ``key`` made, when it was one of the latest and
+        started where these arrays start; else computed anew by one run from
+        the starting point before it."""
+        kept, self.recent = self.recent.pop(key, None) if key is not None else None, {}
         diff = self.changed(arrays)
         first = min((self.first[c] for c in diff if c in self.first), default=None)
         if first is None:
@@ -402,11 +412,15 @@ class Resume:
         c0 = self.start(diff)
         later = [c for c in self.cross if c > first]
         wanted = sorted({v for c in later for v in self.cross[c] if self.made[v] >= (c0 or 0)})
-        if wanted:
-            key = ("values", c0)
-            if key not in self.sessions:
-                self.sessions[key] = self._session(c0, wanted) if c0 is not None else self._whole(wanted)
-            sess, ins = self.sessions[key]
+        if wanted and kept is not None and kept[0] == c0 and c0 is not None and set(wanted) <= set(kept[1][0]):
+            self.reused += 1
+            for c in later:
+                self.held[c] = [{v: g.get(v, h[v]) for v in h} for g, h in zip(kept[1], self.held[c])]
+        elif wanted:
+            at = ("values", c0)
+            if at not in self.sessions:
+                self.sessions[at] = self._session(c0, wanted) if c0 is not None else self._whole(wanted)
+            sess, ins = self.sessions[at]
             got = []
             for b, fd in enumerate(self.feeds):
                 every = {**fd, **arrays, **(self.held[c0][b] if c0 is not None else {})}
@@ -440,18 +454,33 @@ class Resume:
         at = [c for c in self.cross if c <= first]
         return max(at) if at else None
 
-    def run(self, c: int, arrays: dict[str, np.ndarray]) -> list[list[np.ndarray]]:
+    def after(self, c: int) -> list[str]:
+        """The values a run from starting point ``c`` makes that cross a later one."""
+        return sorted({v for c2, vs in self.cross.items() if c2 > c for v in vs if self.made[v] >= c})
+
+    def run(self, c: int, arrays: dict[str, np.ndarray], key=None) -> list[list[np.ndarray]]:
         """The outputs on every feed of the model fed ``arrays`` (the watched
-        inputs), run from starting point ``c``."""
-        if c not in self.sessions:
-            self.sessions[c] = self._session(c)
-        sess, ins = self.sessions[c]
+        inputs), run from starting point ``c``; with a ``key``, the values it
+        makes that cross later starting points are kept under it (see :meth:`rebase`)."""
+        extra = self.after(c) if key is not None else []
+        if (c, bool(extra)) not in self.sessions:
+            self.sessions[(c, bool(extra))] = self._session(c, self.outputs + extra if extra else None)
+        sess, ins = self.sessions[(c, bool(extra))]
         self.runs += 1
         self.last_start = c
-        out = []
+        out, made = [], []
+        names = self.outputs + extra
         for fd, held in zip(self.feeds, self.held[c]):
             every = {**fd, **arrays, **held}
-            out.append(sess.run(self.outputs, {k: every[k] for k in ins}))
+            got = sess.run(names, {k: every[k] for k in ins})
+            out.append(got[: len(self.outputs)])
+            made.append(dict(zip(extra, got[len(self.outputs):])))
+        if extra:
+            self.recent.pop(key, None)
+            self.recent[key] = (c, made)
+            size = lambda e: sum(a.nbytes for d in e[1] for a in d.values())  # noqa: E731
+            while sum(size(e) for e in self.recent.values()) > self.recent_budget:
+                del self.recent[next(iter(self.recent))]  # the oldest first
         return out
 
     def _session(self, c: int, outputs: list[str] | None = None):
@@ -466,6 +495,7 @@ class Resume:
         example = self.held[c][0]
         g.input.extend(helper.make_tensor_value_info(v, helper.np_dtype_to_tensor_dtype(a.dtype), [None] * a.ndim)
                        for v, a in example.items())
+        run = outputs is None or outputs[: len(self.outputs)] == self.outputs
         outputs = self.outputs if outputs is None else outputs
         ext = _trim(p, outputs, self.externals)
         need = {v for n in g.node for v in _node_reads(n)} | set(outputs)
@@ -473,7 +503,7 @@ class Resume:
         del g.input[:]
         g.input.extend(ins)
         # many sessions live at once, each run now and then: no arena kept at its largest run's size
-        sess = session(p, self.threads, externals=ext, mem_pattern=outputs is self.outputs, arena=False)
+        sess = session(p, self.threads, externals=ext, mem_pattern=run, arena=False)
         return sess, [i.name for i in sess.get_inputs()]
 
 
