@@ -253,3 +253,39 @@ def test_a_session_error_prints_nothing_and_raises(capfd):
     feed = {"x": rng.standard_normal((1, 8, 8, 8)).astype(np.float32)}
     feed.update({k: rng.standard_normal(v).astype(np.float32) for k, v in shapes.items()})
     assert np.all(np.isfinite(session(m).run(None, feed)[0]))
+
+
+def test_partial_runs_move_on_with_the_values_a_measured_run_made():
+    """Resume: a keyed run from a starting point keeps the values it made at
+    the later ones (here one that is also a graph output); moving the base to
+    its arrays takes them over without a run, and a later run from there
+    computes what the whole edited model does."""
+    from onnxprune.runtime.capture import Resume
+
+    model = _chain(depth=3)
+    g = model.graph
+    base = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+    g.input.extend(helper.make_tensor_value_info(k, TensorProto.FLOAT, list(a.shape)) for k, a in base.items())
+    del g.initializer[:]
+    g.output.append(helper.make_tensor_value_info("a1", TensorProto.FLOAT, ["N", 8]))
+    feeds = _feeds(2)
+    r = Resume(model, {}, base, feeds, threads=1)
+    assert r.ok and sorted(r.cross) == [3, 6] and r.cross[6] == ["a1"]
+
+    def whole(arrays):
+        return [_full(model, ["y", "a1"], {**fd, **arrays}) for fd in feeds]
+
+    one = {**base, "W1": base["W1"] * 0.5}
+    assert r.start(r.changed(one)) == 3
+    got = r.run(3, one, key="one")
+    for out, ref in zip(got, whole(one)):
+        np.testing.assert_allclose(out[0], ref["y"], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(out[1], ref["a1"], rtol=1e-5, atol=1e-6)
+    r.rebase(one, key="one")
+    assert (r.reused, r.rebased) == (1, 0)
+    two = {**one, "W2": base["W2"] * -1.0}
+    assert r.start(r.changed(two)) == 6
+    for out, ref in zip(r.run(6, two), whole(two)):
+        np.testing.assert_allclose(out[0], ref["y"], rtol=1e-5, atol=1e-6)
+    r.rebase({**base}, key="not run")  # back to the unedited model: no kept run of that name, one run
+    assert (r.reused, r.rebased) == (1, 1)

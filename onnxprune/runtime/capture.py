@@ -463,18 +463,18 @@ class Resume:
         inputs), run from starting point ``c``; with a ``key``, the values it
         makes that cross later starting points are kept under it (see :meth:`rebase`)."""
         extra = self.after(c) if key is not None else []
+        names = self.outputs + [v for v in extra if v not in self.outputs]  # a graph output may cross too
         if (c, bool(extra)) not in self.sessions:
-            self.sessions[(c, bool(extra))] = self._session(c, self.outputs + extra if extra else None)
+            self.sessions[(c, bool(extra))] = self._session(c, names if extra else None)
         sess, ins = self.sessions[(c, bool(extra))]
         self.runs += 1
         self.last_start = c
         out, made = [], []
-        names = self.outputs + extra
         for fd, held in zip(self.feeds, self.held[c]):
             every = {**fd, **arrays, **held}
-            got = sess.run(names, {k: every[k] for k in ins})
-            out.append(got[: len(self.outputs)])
-            made.append(dict(zip(extra, got[len(self.outputs):])))
+            got = dict(zip(names, sess.run(names, {k: every[k] for k in ins})))
+            out.append([got[o] for o in self.outputs])
+            made.append({v: got[v] for v in extra})
         if extra:
             self.recent.pop(key, None)
             self.recent[key] = (c, made)
