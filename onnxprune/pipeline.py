@@ -31,6 +31,9 @@ from onnxprune.plan import Plan, Ratios, compute_scores, make_plan, plannable
 log = logging.getLogger(__name__)
 
 
+WARM_GAIN = 1.5  # a warm run is taken to be at most this much faster than a session's first (cold) one
+
+
 def _plan_key(keep: dict) -> tuple:
     """A plan (group id -> kept indices) as a dict key."""
     return tuple(sorted((gid, np.asarray(k, np.int64).tobytes()) for gid, k in keep.items()))
@@ -219,9 +222,10 @@ class Job:
             return _fastest(lambda: [sess.run(None, fd) for fd in fds], times=times)
 
         ref, t_run = reference(feeds, times=1)
-        if damage.TIMINGS > 1 and 2 * n * damage.RUN_SECONDS >= (damage.MIN_SAMPLES + 1) * t_run:
-            # more runs only where one could change the count: a model so slow that a run twice as fast
-            # would still get the fewest samples (a ViT-S with a dense decoder: 3.4 s on 32) is not run again
+        if damage.TIMINGS > 1 and WARM_GAIN * n * damage.RUN_SECONDS >= (damage.MIN_SAMPLES + 1) * t_run:
+            # more runs only where one could change the count: a model so slow that a run WARM_GAIN times as
+            # fast would still get the fewest samples (a ViT-S with a dense decoder: 3.2 s on 32, 3.1 s warm)
+            # is not run again
             ref, t_again = reference(feeds, times=damage.TIMINGS - 1)
             t_run = min(t_run, t_again)
         if t_run > damage.RUN_SECONDS and n > damage.MIN_SAMPLES:  # a slow model: fewer samples per candidate
@@ -357,6 +361,7 @@ class Job:
         an edit that is not an in-place change of initializers."""
         from onnxprune.plan import damage
         from onnxprune.runtime import session
+        from onnxprune.rewrite import ZeroMemo
         from onnxprune.runtime.capture import Resume
 
         exact = {g.id for g in pool if g.exact}
@@ -380,6 +385,7 @@ class Job:
             proto, weights = io.session_parts(self.model, fed=changed)
         sess = session(proto, threads, externals=weights)
         resume, prepared = None, False
+        memo = ZeroMemo()  # candidate after candidate zeroes the current plan again: its tensors are kept
 
         def prepare() -> None:  # once zeroed candidates are chosen: they run from the first node their edits
             # reach, from the values the unedited model left there (runtime.capture.Resume); the first such run
@@ -401,7 +407,7 @@ class Job:
 
         def runs(keep) -> float | None:
             nonlocal resume
-            with self.edited(keep, zero=True, shifts=shifts(keep), read=changed) as (arrays, now):
+            with self.edited(keep, zero=True, shifts=shifts(keep), read=changed, memo=memo) as (arrays, now):
                 if now != names or len(arrays) != len(changed):
                     return None
                 start = None
@@ -434,7 +440,7 @@ class Job:
             nonlocal resume
             if resume is None or not resume.ok:
                 return
-            with self.edited(keep, zero=True, shifts=shifts(keep), read=changed) as (arrays, now):
+            with self.edited(keep, zero=True, shifts=shifts(keep), read=changed, memo=memo) as (arrays, now):
                 if now != names or len(arrays) != len(changed):
                     return
                 try:
@@ -445,8 +451,8 @@ class Job:
 
         def discard() -> None:  # rewritten candidates chosen, or the search over: the held values go (a later
             # search prepares anew)
-            nonlocal resume, prepared
-            resume, prepared = None, False
+            nonlocal resume, prepared, memo
+            resume, prepared, memo = None, False, ZeroMemo()
 
         runs.resume, runs.prepare, runs.settle, runs.discard = (lambda: resume), prepare, settle, discard
         return runs
@@ -629,20 +635,20 @@ class Job:
 
     @contextmanager
     def edited(self, keep: dict[int, np.ndarray], zero: bool = False, prune: bool = False, consumer_only=frozenset(),
-               shifts=(), parts: bool = False, read=None):
+               shifts=(), parts: bool = False, read=None, memo=None):
         """Temporarily zero the removed channels (see :func:`rewrite.zero_removed`)
         and/or rewrite by ``keep``, then move layers' outputs by ``shifts``
         (``[(node, per-channel shift)]``, :func:`rewrite.shift_output`); yields a
         full proto of the edited model (``parts``: the proto and its weights
         apart, :func:`io.session_parts`, for a session only; ``read``: names of
         initializers, for their arrays ``{name: array}`` and the names of every
-        initializer then), then undoes every edit."""
+        initializer then; ``memo``: a :class:`rewrite.ZeroMemo` the zeroing reuses), then undoes every edit."""
         from onnxprune.rewrite import Journal, apply_plan, shift_output, zero_removed
 
         j = Journal()
         try:
             if zero:
-                zero_removed(self.ctx, [g for g in self.groups if g.id in keep], keep, j, consumer_only)
+                zero_removed(self.ctx, [g for g in self.groups if g.id in keep], keep, j, consumer_only, memo)
             if prune:
                 apply_plan(self.ctx, keep, j)
             for node, shift in shifts:

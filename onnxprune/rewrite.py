@@ -172,11 +172,39 @@ def apply_plan(ctx: Analysis, keep: dict[int, np.ndarray], journal: Journal | No
     return changed
 
 
+class ZeroMemo:
+    """Zeroed tensors kept across calls of :func:`zero_removed` (the damage
+    search zeroes the same plan plus one step candidate after candidate): an
+    edit of a tensor object at the same positions gives back the tensor object
+    made the first time, so unchanged tensors stay the same objects and are
+    not copied again. The latest edits are kept, up to ``budget`` bytes."""
+
+    def __init__(self, budget: int = 256 << 20) -> None:
+        self.budget, self.bytes, self.hits = budget, 0, 0
+        self._made: dict = {}  # (id of the tensor edited, positions, axis, fill) -> (that tensor, the edited one)
+
+    def get(self, src, pos: np.ndarray, axis: int, fill: str, make):
+        key = (id(src), pos.tobytes(), axis, fill)
+        got = self._made.get(key)
+        if got is not None and got[0] is src:  # the same object (an id is reused only after it is gone)
+            self.hits += 1
+            self._made[key] = self._made.pop(key)  # the latest last
+            return got[1]
+        out = make()
+        self._made[key] = (src, out)
+        self.bytes += out.nbytes
+        while self.bytes > self.budget and len(self._made) > 1:
+            _, old = self._made.pop(next(iter(self._made)))
+            self.bytes -= old.nbytes
+        return out
+
+
 def zero_removed(ctx: Analysis, groups: list[Group], keep: dict[int, np.ndarray], journal=None,
-                 consumer_only=frozenset()) -> None:
+                 consumer_only=frozenset(), memo: ZeroMemo | None = None) -> None:
     """Zero the removed channels of ``groups`` in every member tensor, in place,
     undoable through ``journal``. Groups in ``consumer_only`` (that have consumer
-    members) are zeroed only where they are read."""
+    members) are zeroed only where they are read. ``memo``: tensors zeroed
+    before at the same positions are taken from it (:class:`ZeroMemo`)."""
     t = ctx.table
     for g in groups:
         if g.id not in keep:
@@ -191,20 +219,26 @@ def zero_removed(ctx: Analysis, groups: list[Group], keep: dict[int, np.ndarray]
             pos = np.nonzero(np.isin(lm, removed))[0]
             if not len(pos):
                 continue
-            arr = v.const_value.numpy().copy()
-            idx = [slice(None)] * arr.ndim
-            idx[m.axis] = pos
-            if m.node.op_type == "DequantizeLinear" and m.slot == 0:
-                # a quantized weight is 0 where it equals its zero point
-                _, _, zp, _ = dq_parts(m.node)
-                arr[tuple(idx)] = np.broadcast_to(zp, arr.shape)[tuple(idx)].astype(arr.dtype)
-            else:
-                # a removed channel must output 0: a divisor or exponent becomes 1, not 0 (0/0)
-                neutral = 1 if m.node.op_type in ("Div", "Pow") and m.slot == 1 else 0
-                arr[tuple(idx)] = neutral
+            quant = m.node.op_type == "DequantizeLinear" and m.slot == 0
+            # a removed channel must output 0: a divisor or exponent becomes 1, not 0 (0/0)
+            neutral = 1 if m.node.op_type in ("Div", "Pow") and m.slot == 1 else 0
+
+            def zeroed(v=v, m=m, pos=pos, quant=quant, neutral=neutral):
+                arr = v.const_value.numpy().copy()
+                idx = [slice(None)] * arr.ndim
+                idx[m.axis] = pos
+                if quant:  # a quantized weight is 0 where it equals its zero point
+                    _, _, zp, _ = dq_parts(m.node)
+                    arr[tuple(idx)] = np.broadcast_to(zp, arr.shape)[tuple(idx)].astype(arr.dtype)
+                else:
+                    arr[tuple(idx)] = neutral
+                return ir.Tensor(arr, name=v.name)
+
+            src = v.const_value
+            new = memo.get(src, pos, m.axis, "zp" if quant else str(neutral), zeroed) if memo is not None else zeroed()
             if journal is not None:
-                journal.record(lambda v=v, old=v.const_value: setattr(v, "const_value", old))
-            v.const_value = ir.Tensor(arr, name=v.name)
+                journal.record(lambda v=v, old=src: setattr(v, "const_value", old))
+            v.const_value = new
 
 
 def unique_node_names(nodes) -> list[str]:

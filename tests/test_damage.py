@@ -580,8 +580,8 @@ def test_a_zeroed_session_that_disagrees_with_the_rewritten_model_is_not_used(tm
 
     real = rewrite.zero_removed
 
-    def misses_heads(ctx, groups, keep, journal=None, consumer_only=frozenset()):
-        real(ctx, [g for g in groups if g.kind != "heads"], keep, journal, consumer_only)
+    def misses_heads(ctx, groups, keep, journal=None, consumer_only=frozenset(), memo=None):
+        real(ctx, [g for g in groups if g.kind != "heads"], keep, journal, consumer_only, memo)
 
     monkeypatch.setattr(rewrite, "zero_removed", misses_heads)
     monkeypatch.setattr(D, "ZEROED", True)
@@ -644,3 +644,29 @@ def test_the_original_is_timed_again_only_where_a_second_run_could_change_the_sa
     monkeypatch.setattr(D, "RUN_SECONDS", 1e3)  # any model is fast: timed again, all the samples kept
     fast = _vit_damage_plan(tmp_path, 0.8)
     assert calls[:2] == [1, D.TIMINGS - 1] and fast.target["samples"] == 32
+
+
+@pytest.mark.parametrize("run_seconds, again", [(0.125, False), (0.16, True)])
+def test_a_slow_model_is_timed_again_only_where_a_warm_run_could_give_more_than_the_fewest_samples(
+        tmp_path, monkeypatch, run_seconds, again):
+    """The original's first run (scripted: 1 s on 32 samples) is that of a
+    fresh session; it is run again only where a warm run, up to WARM_GAIN
+    times as fast, could give more than MIN_SAMPLES (here RUN_SECONDS 0.16:
+    32 x 0.16 x 1.5 = 7.7 s of samples at 1 s; 0.125: 6.0)."""
+    import onnxprune.pipeline as P
+
+    calls, real = [], P._fastest
+
+    def scripted(fn, *a, times=None):
+        out, t = real(fn, *a, times=times)
+        if a:  # a candidate or the probe: as measured
+            return out, t
+        calls.append(times)  # the original's reference runs
+        return out, 1.0
+
+    monkeypatch.setattr(D, "TIMINGS", 3)
+    monkeypatch.setattr(D, "RUN_SECONDS", run_seconds)
+    monkeypatch.setattr(P, "_fastest", scripted)
+    plan = _vit_damage_plan(tmp_path, 0.8)
+    assert calls == ([1, D.TIMINGS - 1, 1] if again else [1, 1])
+    assert plan.target["samples"] == max(D.MIN_SAMPLES, int(32 * run_seconds))

@@ -377,6 +377,49 @@ def test_zero_removed_by_hand(consumer_only):
     assert snapshot(io.full_proto(a.model)) == snap
 
 
+def test_zero_removed_with_a_memo_makes_the_same_tensors_once_and_undoes_to_the_original():
+    """The damage search zeroes one plan again and again: with a ZeroMemo a
+    second zeroing at the same channels gives back the very tensor objects
+    made the first time (the same values as without it), another keep gets its
+    own values, and undo restores the original tensors every time."""
+    from onnxprune.rewrite import ZeroMemo
+
+    m, w = _div_model()
+    a = analyze(m)
+    (g,) = live(a)
+    snap = snapshot(io.full_proto(a.model))
+    memo = ZeroMemo()
+    inits = a.model.graph.initializers
+
+    def zeroed(keep):
+        j = Journal()
+        zero_removed(a.ctx, a.groups, {g.id: keep}, j, memo=memo)
+        got = {k: inits[k].const_value for k in ("w1", "b1", "sc", "w2")}
+        vals = {k: t.numpy().copy() for k, t in got.items()}
+        j.undo()
+        assert snapshot(io.full_proto(a.model)) == snap
+        return got, vals
+
+    first, v1 = zeroed(np.array([0, 2, 3, 6]))
+    hits = memo.hits
+    again, v2 = zeroed(np.array([0, 2, 3, 6]))
+    assert memo.hits == hits + 4 and all(again[k] is first[k] for k in first)
+    other, v3 = zeroed(np.array([1, 2, 3]))
+    assert all(other[k] is not first[k] for k in first)
+    memo = ZeroMemo(budget=w["w2"].nbytes)  # past its budget the oldest tensors go: values made anew
+    _, v4 = zeroed(np.array([0, 2, 3, 6]))
+    zeroed(np.array([1, 2, 3]))
+    _, v5 = zeroed(np.array([0, 2, 3, 6]))
+    assert memo.bytes <= w["w2"].nbytes + w["sc"].nbytes and len(memo._made) < 8
+    for keep, vals in ((np.array([0, 2, 3, 6]), v2), (np.array([1, 2, 3]), v3), (np.array([0, 2, 3, 6]), v4),
+                       (np.array([0, 2, 3, 6]), v5)):
+        gone = np.setdiff1d(np.arange(8), keep)
+        w1, b1, sc, w2 = w["w1"].copy(), w["b1"].copy(), w["sc"].copy(), w["w2"].copy()
+        w1[gone], b1[gone], sc[:, gone], w2[:, gone] = 0, 0, 1, 0
+        for k, ref in (("w1", w1), ("b1", b1), ("sc", sc), ("w2", w2)):
+            np.testing.assert_array_equal(vals[k], ref, err_msg=k)
+
+
 def test_zero_removed_pow_exponent_and_mul_scale():
     w = {"w1": W(4, 3, 1, 1), "e": np.full((1, 4, 1, 1), 2.0, np.float32), "s": W(1, 4, 1, 1), "w2": W(4, 4, 1, 1)}
     m = make("""[c1] a = Conv (x, w1)
