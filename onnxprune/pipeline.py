@@ -31,9 +31,6 @@ from onnxprune.plan import Plan, Ratios, compute_scores, make_plan, plannable
 log = logging.getLogger(__name__)
 
 
-WARM_GAIN = 1.5  # a warm run is taken to be at most this much faster than a session's first (cold) one
-
-
 def _plan_key(keep: dict) -> tuple:
     """A plan (group id -> kept indices) as a dict key."""
     return tuple(sorted((gid, np.asarray(k, np.int64).tobytes()) for gid, k in keep.items()))
@@ -222,8 +219,8 @@ class Job:
             return _fastest(lambda: [sess.run(None, fd) for fd in fds], times=times)
 
         ref, t_run = reference(feeds, times=1)
-        if damage.TIMINGS > 1 and WARM_GAIN * n * damage.RUN_SECONDS >= (damage.MIN_SAMPLES + 1) * t_run:
-            # more runs only where one could change the count: a model so slow that a run WARM_GAIN times as
+        if damage.TIMINGS > 1 and damage.WARM_GAIN * n * damage.RUN_SECONDS >= (damage.MIN_SAMPLES + 1) * t_run:
+            # more runs only where one could change the count: a model so slow that a run damage.WARM_GAIN times as
             # fast would still get the fewest samples (a ViT-S with a dense decoder: 3.2 s on 32, 3.1 s warm)
             # is not run again
             ref, t_again = reference(feeds, times=damage.TIMINGS - 1)

@@ -410,27 +410,34 @@ def test_zeroed_candidates_run_from_the_first_node_their_edits_reach(tmp_path):
     assert len({s for s in starts if s is not None}) >= 4  # the deeper the group, the later its start
 
 
+def _settling(tmp_path):
+    """A small ViT's search with zeroed candidates prepared, and two plans:
+    a step of the first group (``state``) and that plus a step of the last
+    (``both``); also the last group's step alone."""
+    job, search = _vit_search(tmp_path)
+    fed = search.fed
+    fed.use = True
+    fed.prepare()
+    pool = [g for g in job.groups if g.id in fed.probe]
+    step = {g.id: np.arange(g.width - max(1, g.width // 4), g.width) for g in pool}
+    early, late = pool[0], pool[-1]
+    state = {early.id: step[early.id]}
+    return job, search, fed.resume(), state, {**state, late.id: step[late.id]}, {late.id: step[late.id]}
+
+
 def test_after_the_search_moves_on_its_candidates_start_from_the_new_plan(tmp_path):
     """The search tells the zeroed runs each plan it moves to (``settled``):
     the values after that plan's first edit are computed anew once, and a
     candidate adding a step to a deeper group starts at that group, not at the
     plan's first edit, with the damage of the rewritten model."""
-    job, search = _vit_search(tmp_path)
+    job, search, part, state, both, late_step = _settling(tmp_path)
     fed = search.fed
-    fed.use = True
-    fed.prepare()
-    part = fed.resume()
-    pool = [g for g in job.groups if g.id in fed.probe]
-    step = {g.id: np.arange(g.width - max(1, g.width // 4), g.width) for g in pool}
 
     def start_of(keep):
         with job.edited(keep, zero=True, read=list(part.base)) as (arrays, _):
             return part.start(part.changed(arrays))
 
-    early, late = pool[0], pool[-1]
-    state = {early.id: step[early.id]}
-    both = {**state, late.id: step[late.id]}
-    s_early, s_late = start_of(state), start_of({late.id: step[late.id]})
+    s_early, s_late = start_of(state), start_of(late_step)
     assert s_early is not None and s_late > s_early
     assert fed(both) == pytest.approx(search.rewritten(both), rel=1e-4) and part.last_start == s_early
     fed.settle(state)
@@ -448,16 +455,8 @@ def test_moving_on_to_a_step_just_measured_takes_the_values_its_run_made(tmp_pat
     made at the later starting points become the held ones, with no run of
     its own, and equal what a run for them computes; a step the search did not
     measure, or one measured before the base last moved, is run anew."""
-    job, search = _vit_search(tmp_path)
+    _, search, part, state, both, _ = _settling(tmp_path)
     fed = search.fed
-    fed.use = True
-    fed.prepare()
-    part = fed.resume()
-    pool = [g for g in job.groups if g.id in fed.probe]
-    step = {g.id: np.arange(g.width - max(1, g.width // 4), g.width) for g in pool}
-    early, late = pool[0], pool[-1]
-    state = {early.id: step[early.id]}
-    both = {**state, late.id: step[late.id]}
     unedited = {c: [dict(h) for h in held] for c, held in part.held.items()}
     fed(state)
     runs = part.runs

@@ -73,6 +73,8 @@ ZEROED_GAIN = 0.85  # "faster": the zeroed probe takes at most this share of the
 RESUME = True  # zeroed candidates run from the first node their edits reach (runtime.capture.Resume)
 TIMINGS = 2  # every timing that steers the search (one candidate; the probe each way) is the fastest of this many
 # runs: single runs of one Lite0 probe took 0.51 s and 0.66 s in two calls, close to the 1/16 steps' time limit
+WARM_GAIN = 1.5  # a warm run is taken to be at most this much faster than a session's first (cold) one: the
+# original's first timed run is repeated only where a run that much faster could give more than MIN_SAMPLES
 PER_STEP = 2.0  # measurements per step expected (re-measurements included); with planned_steps' count of
 # steps, the ViT-S with a dense decoder at 90% / 70% MACs: 111 / 256 expected at 1/16, 98 / 218 measured;
 # at 1/4 for 70%: 123 expected, 124 to 170 measured
@@ -254,4 +256,4 @@ def allocate(groups, order: dict[int, np.ndarray], measure, estimate, metric: st
 
 __all__ = ["allocate", "planned_steps", "output_damage", "is_logits", "step_size", "STEPS", "STEP_CHOICES",
            "SEARCH_SECONDS", "PER_STEP", "ZEROED", "RESUME", "ZEROED_GAIN", "TIMINGS", "MAX_FRACTION", "SAMPLES",
-           "RUN_SECONDS", "MIN_SAMPLES"]
+           "RUN_SECONDS", "MIN_SAMPLES", "WARM_GAIN"]
