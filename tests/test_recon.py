@@ -8,6 +8,8 @@ channel: magnitude removes the small unique one, ``recon`` one of the pair.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import onnx
 import pytest
@@ -472,3 +474,52 @@ def test_input_sums_give_the_covariance_of_rows_far_from_zero(k):
     np.testing.assert_allclose(second, rows.T @ rows / len(rows), rtol=1e-5)
     assert st.n == len(rows)
 
+
+
+def _grid_errors(fit, grid):
+    """Held-out error of each strength of ``grid``, by brute force over the folds."""
+    from onnxprune.recover.fit import _ridge, _sq_err
+
+    out = {}
+    for lam in grid:
+        e = 0.0
+        for Gv, Cv, yv in fit.folds.values():
+            for G, C, W0, g, c, y in zip(fit.G, fit.C, fit.w0, Gv, Cv, yv):
+                e += _sq_err(g, c, y, _ridge(G - g, C - c, W0, lam))
+        out[lam] = e
+    return out
+
+
+@pytest.mark.parametrize("noise,rows,strong", [(0.01, 200, False), (5.0, 20, True)])
+def test_held_out_search_finds_the_grid_best_from_any_start(monkeypatch, noise, rows, strong):
+    """The downhill walk over powers of ten lands on the best strength of the
+    whole grid (within the 1% the given strength is preferred by) whether it
+    starts at the default strength or at fit.SELECT_FROM; where the best lies
+    at 1 or above, the start at 1 tries fewer strengths."""
+    import onnxprune.recover.fit as fit_mod
+
+    rng = np.random.default_rng(3)
+    d, m_out = 30, 4
+    w = rng.standard_normal((d, m_out))
+    fit = _dense_fit(d, m_out)
+    for b in range(4):
+        x = rng.standard_normal((rows, d))
+        _accumulate(fit, [(x, x @ w + noise * rng.standard_normal((rows, m_out)))], np.full(rows, b % 2))
+    _totals(fit)
+    grid = [10.0 ** k for k in range(-6, 2)]
+    errs = _grid_errors(fit, grid)
+    best = min(errs, key=errs.get)
+    tried = {}
+    real = fit_mod._ridge
+    for start in (1e-2, 1.0):
+        calls = []
+        monkeypatch.setattr(fit_mod, "SELECT_FROM", start)
+        monkeypatch.setattr(fit_mod, "_ridge", lambda G, C, W0, lam: calls.append(lam) or real(G, C, W0, lam))
+        lam, _, held = _select(fit, 1e-2)
+        assert lam is not None and not math.isinf(lam)
+        assert held <= errs[best] * 1.01 + 1e-12, (start, lam, best)
+        tried[start] = len({v for v in calls if not math.isinf(v)})
+    if strong:  # few noisy rows: a strong ridge is best, and the start at 1 is nearer
+        assert best >= 1.0 and tried[1.0] < tried[1e-2]
+    else:  # many clean rows: a weak one, below the default (the walk goes down from either start)
+        assert best <= 1e-3

@@ -25,7 +25,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxprune import runtime
 from onnxprune.api import prune
 from onnxprune.recover import format_rows, recover
-from onnxprune.recover.fit import _logit_err, _logit_factor, _match_columns
+from onnxprune.recover.fit import _logit_err, _logit_factor, _logit_factors, _match_columns
 
 T, D, H, DH = 10, 16, 2, 8  # tokens, width, heads, head dim
 
@@ -122,6 +122,31 @@ def test_logit_factor_error_matches_pairs_and_beats_a_subset():
         assert np.isclose(_logit_err(*stats, a, b), direct, rtol=1e-6)
         subset = float((((xa @ wq[:, :r]) @ (xa @ wk[:, :r]).T - target) ** 2).sum())
         assert direct < 0.5 * subset, (r, direct, subset)
+
+
+def test_logit_factors_of_several_heads_are_each_heads_best():
+    """The heads of one layer share the input statistics and are factored in
+    one solve: each head's pair is still its own best rank-r fit (the error
+    of the Eckart-Young truncation, computed here apart, head by head), with
+    heads of different widths and ranks side by side."""
+    rng = np.random.default_rng(5)
+    n, d = 300, 10
+    xa = np.hstack([rng.standard_normal((n, d)) * rng.uniform(0.3, 2, d), np.ones((n, 1))])
+    G = xa.T @ xa
+    heads, stats, best = [], [], []
+    for h, r in ((4, 2), (6, 3), (3, 3)):
+        tq, tk = xa @ rng.standard_normal((d + 1, h)), xa @ rng.standard_normal((d + 1, h))
+        Cq, Ck = xa.T @ tq, xa.T @ tk
+        heads.append((Cq, Ck, np.zeros((d + 1, h)), np.zeros((d + 1, h)), r))
+        stats.append((G, Cq, Ck, tq.T @ tq, tk.T @ tk))
+        L = np.linalg.cholesky(G)  # the logits' error in the whitened input space: the tail of the singular values
+        s = np.linalg.svd(L.T @ np.linalg.solve(G, Cq) @ np.linalg.solve(G, Ck).T @ L, compute_uv=False)
+        best.append(float((s[r:] ** 2).sum()))
+    pairs = _logit_factors(G, heads, 1e-12)
+    assert len(pairs) == 3
+    for (a, b), st, (_, _, _, _, r), e in zip(pairs, stats, heads, best):
+        assert a.shape == b.shape == (d + 1, r)
+        assert np.isclose(_logit_err(*st, a, b), e, rtol=1e-5, atol=1e-8 * float(np.trace(st[3] @ st[4])))
 
 
 def test_columns_are_matched_by_data_and_doubt_refuses():

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from onnx import helper
 
-from onnxprune.recover.fit import LayerRow, _Fit, _logit_err, _logit_factor, _match_columns
+from onnxprune.recover.fit import LayerRow, _Fit, _logit_err, _logit_factors, _match_columns
 from onnxprune.recover.graph import _attention_linears, _attention_pairs, _Initializers, is_packed_attention
 
 
@@ -320,26 +320,36 @@ def solve(lg: _Logits, final: dict, ridge: float) -> None:
     sums = {"pruned": 0.0, "written": 0.0, "base": 0.0}
     held = {"pruned": 0.0, "chosen": 0.0}
     joint, lams = 0, []
+    heads = []  # per head: its candidates, zero weights to shrink towards, held-out errors, errors per strength
     for i, (pq, pk, c0, d, kept) in enumerate(lg.heads):
-        r = len(pq)
         oq, ok = _shift(lg, 0, c0, kept), _shift(lg, 1, c0, kept)
         cand = {c: (_offset(_full(fq, Wa, pq), oq), _offset(_full(fk, Wb, pk), ok))
                 for c, (Wa, Wb) in {"pruned": (fq.w0[0], fk.w0[0]), "separate": (Wq, Wk)}.items()}
         # both sides re-fitted on all the head's dims: the removed ones have no
         # pruned weights to shrink towards, so the strength is chosen here, on held-out folds
         zq, zk = np.zeros((cand["pruned"][0].shape[0], d)), np.zeros((cand["pruned"][1].shape[0], d))
-        err = {c: 0.0 for c in cand}
-        by_lam = {}
-        for f in folds if len(folds) > 1 else []:  # fit on the other folds, measure on this one
-            for c, (a, b) in cand.items():
-                err[c] += _logit_err(f[0], f[1][i], f[2][i], f[3][i], f[4][i], a, b)
-            G, Cq, Ck = tot[0] - f[0], tot[1][i] - f[1][i], tot[2][i] - f[2][i]
-            for lam in LAMBDAS:
-                A, B = _logit_factor(G, Cq, Ck, zq, zk, lam, r)
-                by_lam[lam] = by_lam.get(lam, 0.0) + _logit_err(f[0], f[1][i], f[2][i], f[3][i], f[4][i], A, B)
-        lam = min(by_lam, key=by_lam.get) if by_lam else ridge
-        err["joint"] = by_lam.get(lam, 0.0)
-        A, B = _logit_factor(tot[0], tot[1][i], tot[2][i], zq, zk, lam, r)
+        heads.append({"cand": cand, "zero": (zq, zk), "r": len(pq), "err": {c: 0.0 for c in cand}, "by_lam": {},
+                      "shift": (oq, ok)})
+    for f in folds if len(folds) > 1 else []:  # fit on the other folds, measure on this one
+        for i, h in enumerate(heads):
+            for c, (a, b) in h["cand"].items():
+                h["err"][c] += _logit_err(f[0], f[1][i], f[2][i], f[3][i], f[4][i], a, b)
+        G = tot[0] - f[0]
+        for lam in LAMBDAS:  # every head of the layer at once: they share the input statistics
+            pairs = _logit_factors(G, [(tot[1][i] - f[1][i], tot[2][i] - f[2][i], *h["zero"], h["r"])
+                                       for i, h in enumerate(heads)], lam)
+            for i, (h, (A, B)) in enumerate(zip(heads, pairs)):
+                h["by_lam"][lam] = h["by_lam"].get(lam, 0.0) + _logit_err(f[0], f[1][i], f[2][i], f[3][i], f[4][i], A, B)
+    for h in heads:
+        h["lam"] = min(h["by_lam"], key=h["by_lam"].get) if h["by_lam"] else ridge
+    for lam in {h["lam"] for h in heads}:  # each head's fit on every fold, at its strength
+        at = [i for i, h in enumerate(heads) if h["lam"] == lam]
+        pairs = _logit_factors(tot[0], [(tot[1][i], tot[2][i], *heads[i]["zero"], heads[i]["r"]) for i in at], lam)
+        for i, AB in zip(at, pairs):
+            heads[i]["fit"] = AB
+    for i, ((pq, pk, c0, d, kept), h) in enumerate(zip(lg.heads, heads)):
+        cand, err, lam, (A, B), (oq, ok) = h["cand"], h["err"], h["lam"], h["fit"], h["shift"]
+        err["joint"] = h["by_lam"].get(lam, 0.0)
         on_calib = {c: _logit_err(tot[0], tot[1][i], tot[2][i], tot[3][i], tot[4][i], a, b)
                     for c, (a, b) in {**cand, "joint": (A, B)}.items()}
         if len(folds) < 2:
