@@ -10,7 +10,6 @@ and writing the result. Nothing re-reads the input file.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import tempfile
 from contextlib import contextmanager
@@ -270,8 +269,9 @@ class Job:
             bar = Progress(enabled=progress is not None)  # one throttled status line, not a line per candidate
             bar.show(f"scope damage: {len(pool)} groups, each candidate run on {n} calibration samples "
                      f"(~{t_run:.1f}s a run; the sensitivity pass alone is {len(pool)} runs)", force=True)
-            # what one measurement costs: the zeroed probe's run where candidates are zeroed, else a candidate
-            # timed (the first group's first step); every timing that decides the search is the fastest of
+            # what one measurement costs: a zeroed candidate at mid depth where candidates are zeroed and run
+            # from their first edited node (else the zeroed probe's whole run), else a rewritten candidate timed
+            # (the first group's first step); every timing that decides the search is the fastest of
             # damage.TIMINGS runs (one run's time moves between runs)
             t_one, timings = 0.0, {}
             first = [(g, g.width - damage.step_size(g.width, g.kind, ratios.round_to)) for g in pool]
@@ -284,24 +284,33 @@ class Job:
                 d_edit, t_edit = _fastest(measure, fed.probe)
                 d_fed, t_fed = _fastest(fed, fed.probe)
                 agree = d_fed is not None and abs(d_fed - d_edit) <= 1e-3 * abs(d_edit) + 1e-9
-                t_zero = t_fed
-                if agree and damage.ZEROED is None and damage.ZEROED_GAIN * t_edit < t_fed <= 2 * t_edit:
-                    # the probe edits every group, so it runs the whole model; a candidate runs from the first
-                    # node its edit reaches (Resume): one at mid depth is timed, as zeroed candidates would run
+                t_zero, t_part = t_fed, None
+
+                def from_mid_depth():  # the probe edits every group, so it runs the whole model; a zeroed
+                    # candidate runs from the first node its edit reaches (Resume): one at mid depth is timed, as
+                    # zeroed candidates run (the search's expected time: an average candidate, not the whole model)
                     mid = [(g, k) for g, k in first if g.id in fed.probe]  # first steps, in graph order
                     if mid:
                         fed.prepare()
-                    if mid and fed.resume() is not None:
-                        g, k = mid[len(mid) // 2]
-                        keep = {g.id: np.sort(order[g.id][:k])}
-                        fed(keep)  # the first partial run is checked against the whole model's, untimed
-                        t_part = _fastest(fed, keep)[1] if fed.resume() is not None else math.inf
-                        timings["zeroed_from_mid_depth"] = t_part
-                        t_zero = min(t_fed, t_part)
+                    if not mid or fed.resume() is None:
+                        return None
+                    g, k = mid[len(mid) // 2]
+                    keep = {g.id: np.sort(order[g.id][:k])}
+                    fed(keep)  # the first partial run is checked against the whole model's, untimed
+                    if fed.resume() is None:
+                        return None
+                    timings["zeroed_from_mid_depth"] = _fastest(fed, keep)[1]
+                    return timings["zeroed_from_mid_depth"]
+
+                if agree and damage.ZEROED is None and damage.ZEROED_GAIN * t_edit < t_fed <= 2 * t_edit:
+                    t_part = from_mid_depth()
+                    t_zero = min(t_fed, t_part) if t_part is not None else t_fed
                 faster = t_zero <= damage.ZEROED_GAIN * t_edit
                 fed.use = agree and (faster if damage.ZEROED is None else damage.ZEROED)
                 if fed.use:
                     fed.prepare()
+                    if t_part is None:
+                        t_part = from_mid_depth()
                 else:
                     fed.discard()
                 timings.update(rewritten=t_edit, zeroed=t_fed)
@@ -310,7 +319,7 @@ class Job:
                           f", a candidate at mid depth zeroed {timings['zeroed_from_mid_depth']:.3f}s"
                           if "zeroed_from_mid_depth" in timings else "", "zeroed" if fed.use else "rewritten")
                 if fed.use:
-                    t_one = t_fed
+                    t_one = t_part if t_part is not None else t_fed
             if first and not (fed is not None and fed.use):
                 g, k = first[0]
                 _, t_one = _fastest(measure, {g.id: np.sort(order[g.id][:k])})
@@ -335,7 +344,8 @@ class Job:
                                                               "candidates": "zeroed" if zeroed else "rewritten",
                                                               "timings": timings,
                                                               "seconds": time.perf_counter() - t0,
-                                                              "expected_seconds": expected[steps], **info}
+                                                              "expected_seconds": expected[steps],
+                                                              "expected_by_steps": expected, **info}
 
         search.scored, search.skeleton, search.order = scored, skeleton, order
         search.fed, search.rewritten = fed, rewritten

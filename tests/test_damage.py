@@ -156,14 +156,32 @@ def test_steps_are_as_fine_as_the_time_budget_allows():
     gs = _groups(*[(64, "channels")] * 4)
     est, total = _linear_estimate(gs, {g.id: 1.0 for g in gs})
     want = {16: 4 + D.PER_STEP * 16, 8: 4 + D.PER_STEP * 8, 4: 4 + D.PER_STEP * 4}
-    steps, guess = D.planned_steps(gs, est, "macs", 0.75 * total, 1, seconds=1.0, budget=math.inf)
+    steps, guess = D.planned_steps(gs, est, "macs", 0.75 * total, 1, seconds=1.0, budget=math.inf, min_steps=0)
     assert steps == 16 and guess == {16: pytest.approx(want[16])}
-    steps, guess = D.planned_steps(gs, est, "macs", 0.75 * total, 1, seconds=1.0, budget=want[8] + 0.5)
+    steps, guess = D.planned_steps(gs, est, "macs", 0.75 * total, 1, seconds=1.0, budget=want[8] + 0.5, min_steps=0)
     assert steps == 8 and guess == pytest.approx({16: want[16], 8: want[8]})
-    steps, guess = D.planned_steps(gs, est, "macs", 0.75 * total, 1, seconds=2.0, budget=want[8] + 0.5)
+    steps, guess = D.planned_steps(gs, est, "macs", 0.75 * total, 1, seconds=2.0, budget=want[8] + 0.5, min_steps=0)
     assert steps == 4 and guess[4] == pytest.approx(2.0 * want[4])  # twice as slow: the coarsest
-    steps, _ = D.planned_steps(gs, est, "macs", 0.0, 1, seconds=1e6, budget=1.0)
+    steps, _ = D.planned_steps(gs, est, "macs", 0.0, 1, seconds=1e6, budget=1.0, min_steps=0)
     assert steps == D.STEP_CHOICES[-1]  # nothing fits: the coarsest, never a refusal
+
+
+def test_a_budget_is_not_spent_in_too_few_coarse_steps():
+    """A step count that would meet the budget in fewer than min_steps steps
+    gives way to the next finer one when that is expected within OVER
+    budgets (the clock reading a little slow does not halve the resolution);
+    further over, the time budget wins."""
+    gs = _groups(*[(64, "channels")] * 4)  # as above: 16 / 8 / 4 steps at 1/16 / 1/8 / 1/4
+    est, total = _linear_estimate(gs, {g.id: 1.0 for g in gs})
+    want = {16: 4 + D.PER_STEP * 16, 8: 4 + D.PER_STEP * 8, 4: 4 + D.PER_STEP * 4}
+    fits_8 = want[8] + 0.5  # 1/8 fits, 1/16 (36 s) within OVER budgets (41 s)
+    assert D.planned_steps(gs, est, "macs", 0.75 * total, 1, seconds=1.0, budget=fits_8, min_steps=8)[0] == 8
+    assert D.planned_steps(gs, est, "macs", 0.75 * total, 1, seconds=1.0, budget=fits_8, min_steps=9)[0] == 16
+    fits_4 = want[4] + 0.5  # 1/4 fits (4 steps), 1/8 (20 s) within OVER budgets (24.5 s): 1/8, not 1/16
+    assert D.planned_steps(gs, est, "macs", 0.75 * total, 1, seconds=1.0, budget=fits_4, min_steps=5)[0] == 8
+    tight = want[8] / D.OVER - 0.5  # 1/8 just over OVER budgets: the coarse step stays
+    assert D.planned_steps(gs, est, "macs", 0.75 * total, 1, seconds=1.0, budget=tight, min_steps=5)[0] == 4
+    assert D.MIN_STEPS > 4  # the default floor
 
 
 def test_a_coarser_search_takes_fewer_measurements_and_still_meets_the_budget():
@@ -503,6 +521,35 @@ def test_zeroed_candidates_are_timed_as_they_would_run_from_mid_depth(tmp_path, 
     assert info["timings"]["zeroed_from_mid_depth"] == mid and info["timings"]["zeroed"] == 0.9
     assert ("partial_runs" in info) == (chosen == "zeroed")
     assert fed.resume() is None  # the held values go with the search
+
+
+def test_the_search_is_sized_by_a_candidate_at_mid_depth_not_the_whole_probe(tmp_path, monkeypatch):
+    """Zeroed candidates clearly faster than rewritten ones (timings scripted:
+    rewritten 1 s, the whole zeroed probe 0.5 s): each runs from the first node
+    its edit reaches, so the search is sized by a candidate at mid depth timed
+    as it runs (0.2 s here), not by the probe's whole-model run."""
+    from onnxprune import pipeline as P
+
+    monkeypatch.setattr(D, "RUN_SECONDS", math.inf)
+    monkeypatch.setattr(D, "ZEROED", None)
+    job, search = _vit_search(tmp_path)
+    fed = search.fed
+
+    def scripted(fn, keep, times=None):
+        return fn(keep), (1.0 if fn is not fed else 0.5 if keep is fed.probe else 0.2)
+
+    monkeypatch.setattr(P, "_fastest", scripted)
+    sized = []
+    real = D.planned_steps
+    monkeypatch.setattr(D, "planned_steps", lambda *a, **k: sized.append(a[5]) or real(*a, **k))
+    from onnxprune.plan.budget import parse_target
+
+    metric, requested = Ratios.from_dict({"target_macs": 0.8}).target
+    target = parse_target(requested, job.estimator.before[metric], metric)
+    _, info = search(job.estimator.estimate, metric, target.value)
+    assert info["met"] and info["candidates"] == "zeroed"
+    assert info["timings"]["zeroed_from_mid_depth"] == 0.2 and sized == [0.2]
+    assert info["expected_by_steps"][int(info["step"].split("/")[1])] == pytest.approx(info["expected_seconds"])
 
 
 def test_a_partial_run_that_disagrees_with_the_whole_model_turns_partial_runs_off(tmp_path, monkeypatch):

@@ -25,10 +25,13 @@ channels) does not win over finer ones by its size. The search stops as soon
 as the budget is met. Its cost is one ORT run per measurement, so a slow
 model gets a search sized to :data:`SEARCH_SECONDS`: fewer samples per
 candidate (down to :data:`MIN_SAMPLES`) and coarser steps
-(:func:`planned_steps`: 1/8 or 1/4 of a group; heads still one at a time). The module is pure: measuring is the caller's (``measure(keep)``), and
-so is counting (``estimate(keep)``). When ``--recover`` follows, the pipeline
-measures each candidate with the removed channels' mean contribution folded
-into their consumers' biases (:mod:`onnxprune.plan.compensate`), as recovery
+(:func:`planned_steps`: 1/8 or 1/4 of a group; heads still one at a time), but
+not so coarse that the budget is met in fewer than :data:`MIN_STEPS` steps
+while a finer search is expected within :data:`OVER` budgets. The module is
+pure: measuring is the caller's (``measure(keep)``), and so is counting
+(``estimate(keep)``). When ``--recover`` follows, the pipeline measures each
+candidate with the removed channels' mean contribution folded into their
+consumers' biases (:mod:`onnxprune.plan.compensate`), as recovery
 gives it back: the damage it prices is what recovery cannot undo by a
 constant (on EfficientNet-Lite0 at 70% of its MACs, 30.2% -> 46.8% top-1 agreement on new photos after recovery).
 Where it is clearly faster (:data:`ZEROED_GAIN`) and gives the same damage on
@@ -65,8 +68,12 @@ MIN_SAMPLES = 6  # ... but not fewer than this. A ViT-S with a dense decoder on 
 # zeroed in one session): 6 samples 0.974 / 163 s at 90% MACs, 0.915 / 171 s at 70%; 8 samples 0.983 / 172 s
 # and 0.915 / 184 s (tools/pretrained_vit.py); 4: worse, more candidates
 MAX_REMEASURE = 4  # stale candidates re-measured per step before the best fresh one is taken
-SEARCH_SECONDS = 90.0  # a search expected to take longer takes coarser steps ...
-STEP_CHOICES = (16, 8, 4)  # ... the finest of these that fits (planned_steps)
+SEARCH_SECONDS = 60.0  # a search expected to take longer takes coarser steps ...
+STEP_CHOICES = (16, 8, 4)  # ... the finest of these that fits (planned_steps). Expected from a zeroed candidate at
+# mid depth where candidates run from their first edit (the whole probe's run expected about 1.9x the real time):
+# the ViT-S with a dense decoder at 90% of its MACs expects 79 s at 1/16 and 52 s at 1/8 (44 s real), at 70% 77 s
+# at 1/4 (75 s real); EfficientNet-Lite0 at 70% 50 s at 1/16 (54 s real); tools/search_budget.py. A budget the
+# whole --recover call can afford on the ViT-S (its recovery takes about 70 s)
 ZEROED = None  # candidates zeroed in one session (see Job._fed_runs): None, when faster than rewritten; True/False: forced
 ZEROED_GAIN = 0.85  # "faster": the zeroed probe takes at most this share of the rewritten one's time (near-equal
 # times chose either way from run to run on EfficientNet-Lite0, and the two give different near-ties to the greedy)
@@ -75,6 +82,10 @@ TIMINGS = 2  # every timing that steers the search (one candidate; the probe eac
 # runs: single runs of one Lite0 probe took 0.51 s and 0.66 s in two calls, close to the 1/16 steps' time limit
 WARM_GAIN = 1.5  # a warm run is taken to be at most this much faster than a session's first (cold) one: the
 # original's first timed run is repeated only where a run that much faster could give more than MIN_SAMPLES
+MIN_STEPS = 24  # a step count expected to meet the budget in fewer steps than this is too coarse ...
+OVER = 2.0  # ... and gives way to the next finer one expected within this many SEARCH_SECONDS (the ViT-S with a dense
+# decoder at 90% of its MACs: 21 steps expected at 1/4, 38 at 1/8; the clock chose either from run to run, and the
+# 1/4 plan kept 0.963 Pearson per crop on new photos after --recover, the 1/8 one 0.986; tools/search_budget.py)
 PER_STEP = 2.0  # measurements per step expected (re-measurements included); with planned_steps' count of
 # steps, the ViT-S with a dense decoder at 90% / 70% MACs: 111 / 256 expected at 1/16, 98 / 218 measured;
 # at 1/4 for 70%: 123 expected, 124 to 170 measured
@@ -119,7 +130,7 @@ def step_size(width: int, kind: str, round_to: int, steps: int = STEPS) -> int:
 
 
 def planned_steps(groups, estimate, metric: str, target: float, round_to: int, seconds: float,
-                  budget: float | None = None) -> tuple[int, dict[int, float]]:
+                  budget: float | None = None, min_steps: int | None = None) -> tuple[int, dict[int, float]]:
     """The finest step count of :data:`STEP_CHOICES` whose search is expected
     to fit ``budget`` seconds (default :data:`SEARCH_SECONDS`) when one
     measurement takes ``seconds`` (the coarsest when none does), and the expected seconds of each count tried.
@@ -127,20 +138,31 @@ def planned_steps(groups, estimate, metric: str, target: float, round_to: int, s
     :data:`PER_STEP` measurements per step, as many steps as the budget takes
     when every group gives the same share of it (the saving still needed
     times the mean over groups of 1 / a step's saving). A slow model takes
-    coarser steps; a small CNN keeps the finest."""
+    coarser steps; a small CNN keeps the finest. A count that would meet the
+    budget in fewer than ``min_steps`` (default :data:`MIN_STEPS`) steps gives
+    way to the next finer one where that is expected within :data:`OVER`
+    budgets: a small budget is not spent in a few coarse steps because the
+    clock read a little slow."""
     budget = SEARCH_SECONDS if budget is None else budget
+    min_steps = MIN_STEPS if min_steps is None else min_steps
     groups = [g for g in groups if g.width > 1]
     before = estimate({})[metric]
     need = max(before - target, 0.0)
     guesses: dict[int, float] = {}
+    chosen = STEP_CHOICES[-1]
     for steps in STEP_CHOICES:
         saved = [before - estimate({g.id: np.arange(g.width - step_size(g.width, g.kind, round_to, steps))})[metric]
                  for g in groups if g.width - step_size(g.width, g.kind, round_to, steps) >= 1]
         saved = np.array([v for v in saved if v > 0], float)
-        guesses[steps] = seconds * (len(groups) + (PER_STEP * need * float(np.mean(1 / saved)) if len(saved) else 0.0))
+        count = need * float(np.mean(1 / saved)) if len(saved) else 0.0
+        guesses[steps] = seconds * (len(groups) + PER_STEP * count)
         if guesses[steps] <= budget:
-            return steps, guesses
-    return STEP_CHOICES[-1], guesses
+            chosen = steps
+            break
+    at = STEP_CHOICES.index(chosen)
+    if at > 0 and count < min_steps and guesses[STEP_CHOICES[at - 1]] <= OVER * budget:
+        chosen = STEP_CHOICES[at - 1]
+    return chosen, guesses
 
 
 def allocate(groups, order: dict[int, np.ndarray], measure, estimate, metric: str, target: float,
@@ -255,5 +277,5 @@ def allocate(groups, order: dict[int, np.ndarray], measure, estimate, metric: st
 
 
 __all__ = ["allocate", "planned_steps", "output_damage", "is_logits", "step_size", "STEPS", "STEP_CHOICES",
-           "SEARCH_SECONDS", "PER_STEP", "ZEROED", "RESUME", "ZEROED_GAIN", "TIMINGS", "MAX_FRACTION", "SAMPLES",
-           "RUN_SECONDS", "MIN_SAMPLES", "WARM_GAIN"]
+           "SEARCH_SECONDS", "PER_STEP", "MIN_STEPS", "OVER", "ZEROED", "RESUME", "ZEROED_GAIN", "TIMINGS",
+           "MAX_FRACTION", "SAMPLES", "RUN_SECONDS", "MIN_SAMPLES", "WARM_GAIN"]
