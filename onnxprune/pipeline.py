@@ -344,6 +344,7 @@ class Job:
                                                               "candidates": "zeroed" if zeroed else "rewritten",
                                                               "timings": timings,
                                                               "seconds": time.perf_counter() - t0,
+                                                              "measurement_seconds": t_one,
                                                               "expected_seconds": expected[steps],
                                                               "expected_by_steps": expected, **info}
 

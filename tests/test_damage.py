@@ -549,6 +549,7 @@ def test_the_search_is_sized_by_a_candidate_at_mid_depth_not_the_whole_probe(tmp
     _, info = search(job.estimator.estimate, metric, target.value)
     assert info["met"] and info["candidates"] == "zeroed"
     assert info["timings"]["zeroed_from_mid_depth"] == 0.2 and sized == [0.2]
+    assert info["measurement_seconds"] == 0.2
     assert info["expected_by_steps"][int(info["step"].split("/")[1])] == pytest.approx(info["expected_seconds"])
 
 

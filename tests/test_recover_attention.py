@@ -25,7 +25,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxprune import runtime
 from onnxprune.api import prune
 from onnxprune.recover import format_rows, recover
-from onnxprune.recover.fit import _logit_err, _logit_factor, _logit_factors, _match_columns
+from onnxprune.recover.fit import _logit_err, _logit_factors, _match_columns
 
 T, D, H, DH = 10, 16, 2, 8  # tokens, width, heads, head dim
 
@@ -114,10 +114,10 @@ def test_logit_factor_error_matches_pairs_and_beats_a_subset():
     stats = (xa.T @ xa, xa.T @ tq, xa.T @ tk, tq.T @ tq, tk.T @ tk)
     target = tq @ tk.T
     zero = np.zeros((d + 1, h))
-    a, b = _logit_factor(stats[0], stats[1], stats[2], zero, zero, 1e-9, h)
+    [(a, b)] = _logit_factors(stats[0], [(stats[1], stats[2], zero, zero, h)], 1e-9)
     assert _logit_err(*stats, a, b) < 1e-9 * float((target ** 2).sum())
     for r in (4, 2):
-        a, b = _logit_factor(stats[0], stats[1], stats[2], zero, zero, 1e-9, r)
+        [(a, b)] = _logit_factors(stats[0], [(stats[1], stats[2], zero, zero, r)], 1e-9)
         direct = float((((xa @ a) @ (xa @ b).T - target) ** 2).sum())
         assert np.isclose(_logit_err(*stats, a, b), direct, rtol=1e-6)
         subset = float((((xa @ wq[:, :r]) @ (xa @ wk[:, :r]).T - target) ** 2).sum())

@@ -39,7 +39,7 @@ CACHE = os.path.join(HERE, ".cache", "ridge_select")
 
 
 def vit_inputs():
-    """The ViT's path, its calibration file and (eval inputs, the original's outputs, a score)."""
+    """The ViT's path, its calibration file, eval inputs and (the score's name, the score of a model's outputs)."""
     import pretrained_vit as pv
     from pretrained_recovery import logits as outputs
 
@@ -51,7 +51,7 @@ def vit_inputs():
     np.savez(calib, x=cx, source=src)
     x_eval, _ = pv.crops(files[1::2], 200, rng)
     ref = outputs(model, x_eval)
-    return model, calib, x_eval, ref, ("Pearson per crop", lambda got: pv.compare(ref, got)["pearson"])
+    return model, calib, x_eval, ("Pearson per crop", lambda got: pv.compare(ref, got)["pearson"])
 
 
 def lite0_inputs():
@@ -63,9 +63,8 @@ def lite0_inputs():
     calib = os.path.join(CACHE, "lite0_calib.npz")
     np.savez(calib, x=cx, source=src)
     x_eval = pr.crops(files[1::2], 400, rng)
-    x_eval = x_eval[0] if isinstance(x_eval, tuple) else x_eval
     ref = pr.logits(model, x_eval)
-    return model, calib, x_eval, ref, ("top-1 agreement", lambda got: float((got.argmax(1) == ref.argmax(1)).mean()))
+    return model, calib, x_eval, ("top-1 agreement", lambda got: float((got.argmax(1) == ref.argmax(1)).mean()))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -82,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     from onnxprune import api
     from onnxprune.cli import main as cli
 
-    model, calib, x_eval, ref, (metric, score) = (vit_inputs if args.model == "vit" else lite0_inputs)()
+    model, calib, x_eval, (metric, score) = (vit_inputs if args.model == "vit" else lite0_inputs)()
     plan = os.path.join(CACHE, f"{args.model}_{args.target}_plan.json")
     if not os.path.exists(plan):
         tmp = os.path.join(CACHE, "plan_run.onnx")

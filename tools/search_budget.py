@@ -61,15 +61,14 @@ def main(argv: list[str] | None = None) -> None:
                 plan = api.resolve_plan(job, ratios, calib=cal)
                 wall = time.perf_counter() - t0
                 info = plan.target
-                tm = info.get("timings", {})
-                one = tm.get("zeroed_from_mid_depth", tm.get("zeroed") if info.get("candidates") == "zeroed"
-                             else tm.get("candidate"))
+                one = info.get("measurement_seconds")
                 exp = ", ".join(f"1/{k}: {v:.0f}s" for k, v in info.get("expected_by_steps", {}).items())
                 rows.append([name, f"{t:.0%}", run + 1, info.get("candidates"), f"{one:.3f}s" if one else "-", exp,
                              info.get("step"), f"{info['seconds']:.0f}s", info.get("measurements"), f"{wall:.0f}s"])
                 raw["results"].append({"model": name, "target": t, "run": run + 1, "wall": wall,
-                                       **{k: info.get(k) for k in ("candidates", "timings", "expected_by_steps", "step",
-                                                                   "seconds", "measurements", "samples")}})
+                                       **{k: info.get(k) for k in ("candidates", "timings", "measurement_seconds",
+                                                                   "expected_by_steps", "step", "seconds",
+                                                                   "measurements", "samples")}})
                 print(rows[-1], flush=True)
     text = (f"The damage search's budget (SEARCH_SECONDS = {damage.SEARCH_SECONDS:.0f} s): per model and MACs target "
             "(the plan stage of --recover only), how candidates ran, the time one measurement was taken to cost, the "

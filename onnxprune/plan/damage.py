@@ -149,18 +149,19 @@ def planned_steps(groups, estimate, metric: str, target: float, round_to: int, s
     before = estimate({})[metric]
     need = max(before - target, 0.0)
     guesses: dict[int, float] = {}
+    counts: dict[int, float] = {}  # steps the budget is expected to take
     chosen = STEP_CHOICES[-1]
     for steps in STEP_CHOICES:
         saved = [before - estimate({g.id: np.arange(g.width - step_size(g.width, g.kind, round_to, steps))})[metric]
                  for g in groups if g.width - step_size(g.width, g.kind, round_to, steps) >= 1]
         saved = np.array([v for v in saved if v > 0], float)
-        count = need * float(np.mean(1 / saved)) if len(saved) else 0.0
-        guesses[steps] = seconds * (len(groups) + PER_STEP * count)
+        counts[steps] = need * float(np.mean(1 / saved)) if len(saved) else 0.0
+        guesses[steps] = seconds * (len(groups) + PER_STEP * counts[steps])
         if guesses[steps] <= budget:
             chosen = steps
             break
     at = STEP_CHOICES.index(chosen)
-    if at > 0 and count < min_steps and guesses[STEP_CHOICES[at - 1]] <= OVER * budget:
+    if at > 0 and counts[chosen] < min_steps and guesses[STEP_CHOICES[at - 1]] <= OVER * budget:
         chosen = STEP_CHOICES[at - 1]
     return chosen, guesses
 

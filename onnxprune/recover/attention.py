@@ -6,7 +6,7 @@ column; the logits then lose the removed dims' share of q.k^T outright. Here,
 per head, both sides are fitted on all of the head's original dims (targets:
 the original model's q and k operands, inputs: the pruned model's), their
 bilinear form ``Wq Wk^T`` is reduced to the kept rank in the metric of the
-input statistics (:func:`onnxprune.recover.fit._logit_factor`), and the two
+input statistics (:func:`onnxprune.recover.fit._logit_factors`), and the two
 factors become the head's kept q and k columns. The values and the output
 projection are re-fitted afterwards as usual, from the pruned model's
 activations with these logits in place.

@@ -449,18 +449,14 @@ def _logit_err(G, Cq, Ck, Sq, Sk, A, Bk) -> float:
     return float(max(e, 0.0))
 
 
-def _logit_factor(G, Cq, Ck, Wq0, Wk0, lam_rel: float, r: int):
-    """The rank-``r`` pair ``(A, Bk)`` ([d+1, r] each, bias last row) whose
-    bilinear form is closest to the original logits: each side's full
-    least-squares re-fit (ridge, shrinking towards ``Wq0``/``Wk0``, [d+1, m]),
-    their product reduced to rank ``r`` in the whitened input space."""
-    return _logit_factors(G, [(Cq, Ck, Wq0, Wk0, r)], lam_rel)[0]
-
-
 def _logit_factors(G, heads, lam_rel: float) -> list:
-    """:func:`_logit_factor` for every head of one layer at once (``heads``:
-    ``[(Cq, Ck, Wq0, Wk0, r)]``, all read the same input, so they share ``G``):
-    one factorisation and one solve each way for all of them, not per head."""
+    """Per head of one layer (``heads``: ``[(Cq, Ck, Wq0, Wk0, r)]``), the
+    rank-``r`` pair ``(A, Bk)`` ([d+1, r] each, bias last row) whose bilinear
+    form is closest to the original logits: each side's full least-squares
+    re-fit (ridge, shrinking towards ``Wq0``/``Wk0``, [d+1, m]), their product
+    reduced to rank ``r`` in the whitened input space. The heads read the same
+    input, so they share ``G``: one factorisation and one solve each way for
+    all of them, not per head."""
     d = G.shape[0] - 1
     lam = lam_rel * np.trace(G[:d, :d]) / max(d, 1)
     D = np.ones(d + 1)
