@@ -65,6 +65,12 @@ def _set_const(value: ir.Value, tensor, journal: Journal | None) -> None:
     value.shape = ir.Shape(tensor.shape)
 
 
+def _c_order(a) -> np.ndarray:
+    """``a`` as a C-ordered array of the same rank (``np.ascontiguousarray``
+    turns a scalar into a 1-element vector, which breaks shape arithmetic)."""
+    return np.require(a, requirements="C")
+
+
 def _sliced(src, sl: dict[int, np.ndarray], en: dict[int, int], name: str):
     """The tensor ``src`` sliced along axes and with flat entries replaced; lazy
     for large tensors (computed when written, so the weights are never held
@@ -82,7 +88,7 @@ def _sliced(src, sl: dict[int, np.ndarray], en: dict[int, int], name: str):
             for i, val in en.items():
                 new[i] = val
             new = new.reshape(shape)
-        return ir.Tensor(np.ascontiguousarray(new), name=name)
+        return ir.Tensor(_c_order(new), name=name)
 
     if en or src.nbytes <= 4096:
         return compute()
@@ -290,7 +296,7 @@ def _fresh(graph: ir.Graph, base: str) -> str:
 
 def _initializer(graph: ir.Graph, array: np.ndarray, base: str, journal: Journal | None) -> ir.Value:
     name = _fresh(graph, base)
-    tensor = ir.Tensor(np.ascontiguousarray(array), name=name)
+    tensor = ir.Tensor(_c_order(array), name=name)
     v = ir.Value(name=name, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
     graph.register_initializer(v)
     if journal is not None:
@@ -307,7 +313,7 @@ def set_input(node: ir.Node, slot: int, array: np.ndarray, tag: str, journal: Jo
     alone = (old is not None and old.name in graph.initializers and len(old.uses()) == 1
              and not old.is_graph_input() and not old.is_graph_output())
     if alone:
-        _set_const(old, ir.Tensor(np.ascontiguousarray(array), name=old.name), journal)
+        _set_const(old, ir.Tensor(_c_order(array), name=old.name), journal)
         return
     new = _initializer(graph, array, f"{node.name or (old.name if old is not None else 'node')}__{tag}", journal)
     if slot >= len(node.inputs):

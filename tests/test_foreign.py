@@ -313,6 +313,82 @@ def test_bert_encoder_with_mask_gets_heads_pruned(tmp_path, exporter):
         assert rc == 1 and "--input-shape input_ids:N,<size>" in err, err
 
 
+# -- torch's nn.MultiheadAttention through the legacy exporter, dynamic batch (torchvision's ViT) --
+def _mha_vit(tmp_path, batch_first: bool) -> str:
+    import torch
+    import torch.nn as nn
+
+    class Block(nn.Module):
+        def __init__(s, C=32, H=4):
+            super().__init__()
+            s.ln1, s.ln2 = nn.LayerNorm(C), nn.LayerNorm(C)
+            s.attn = nn.MultiheadAttention(C, H, batch_first=batch_first)
+            s.f1, s.f2 = nn.Linear(C, 2 * C), nn.Linear(2 * C, C)
+
+        def forward(s, x):
+            h = s.ln1(x)
+            x = x + s.attn(h, h, h, need_weights=False)[0]
+            return x + s.f2(torch.nn.functional.gelu(s.f1(s.ln2(x))))
+
+    class ViT(nn.Module):
+        def __init__(s, C=32):
+            super().__init__()
+            s.C = C
+            s.embed = nn.Conv2d(3, C, 8, 8)
+            s.blocks = nn.Sequential(Block(C), Block(C))
+            s.head = nn.Linear(C, 10)
+
+        def forward(s, x):  # torchvision's patch flattening: sizes read from the input
+            n, _, h, w = x.shape
+            t = s.embed(x).reshape(n, s.C, (h // 8) * (w // 8)).permute(0, 2, 1)
+            if not batch_first:
+                t = t.transpose(0, 1)
+            t = s.blocks(t)
+            return s.head(t.mean(1 if batch_first else 0))
+
+    torch.manual_seed(0)
+    path = str(tmp_path / f"mha_{batch_first}.onnx")
+    torch.onnx.export(ViT().eval(), (torch.randn(2, 3, 32, 32),), path, dynamo=False, opset_version=17,
+                      input_names=["x"], dynamic_axes={"x": {0: "n"}})  # not named "batch"
+    return path
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_torch_multihead_attention_from_the_legacy_exporter_gets_heads_head_dims_and_stream_pruned(tmp_path, batch_first):
+    """The legacy export folds the heads into the batch ([L, N, E] -> [L, N * H, E / H],
+    N read at run time times a constant H) and reads the patch grid's sizes from the
+    input: heads, head dims and the residual stream all stay prunable, the constant H
+    follows the heads kept, and the pruned file runs at any batch size."""
+    import onnxruntime as ort
+
+    path = _mha_vit(tmp_path, batch_first)
+    job = Job.open(path)
+    kinds = {}
+    for g in job.groups:
+        if not g.frozen:
+            kinds[g.kind] = kinds.get(g.kind, 0) + 1
+    assert kinds.get("heads") == 2 and kinds.get("head_dim") == 2 and kinds.get("embed") == 1, kinds
+    out = tmp_path / "p.onnx"
+    rc, _, err = cli([path, "--ratios", '{"default": 0, "kinds": {"heads": 0.5, "head_dim": 0.25}}', "-o", str(out),
+                      "--verify", "--report", str(tmp_path / "r.json")], tmp_path)
+    assert rc == 0, err
+    rep = json.loads((tmp_path / "r.json").read_text())
+    kept = [g["width_after"] for g in rep["groups"] if g["kind"] == "heads"]
+    assert len(kept) == 2 and sum(kept) == 4 and min(kept) >= 1, kept
+    checked = [r for r in rep["oracle"] if r["max_rel_err"] is not None]
+    assert checked and all(r["status"] == "PASS" for r in checked)
+    x = np.random.default_rng(1).standard_normal((3, 3, 32, 32)).astype(np.float32)
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    whole = sess.run(None, {"x": x})[0]
+    alone = np.concatenate([sess.run(None, {"x": x[i:i + 1]})[0] for i in range(3)])
+    np.testing.assert_allclose(whole, alone, rtol=1e-4, atol=1e-5)
+    # the scalar H of each block's "batch * H" now spells its heads kept; no 4 is left
+    pruned = onnx.load(str(out))
+    scalars = {int(numpy_helper.to_array(i)) for i in pruned.graph.initializer
+               if numpy_helper.to_array(i).ndim == 0 and numpy_helper.to_array(i).dtype.kind == "i"}
+    assert set(kept) <= scalars and 4 not in scalars, (kept, scalars)
+
+
 def _qdq(tmp_path, m: onnx.ModelProto) -> onnx.ModelProto:
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 

@@ -245,8 +245,8 @@ class SpaceAlgebra:
     def split(self, s: Space, sizes: list[int], origin: str = "") -> list[Space]:
         return self._t.split(s, sizes, origin)
 
-    def factor(self, s: Space, sizes: list[int], origin: str = "") -> list[Space]:
-        return self._t.factor(s, sizes, origin)
+    def factor(self, s: Space, sizes: list[int], origin: str = "", scales: list[int] | None = None) -> list[Space]:
+        return self._t.factor(s, sizes, origin, scales)
 
     def tag(self, s: Space | None, tag: str) -> None:
         self._t.tag(s, tag)

@@ -220,15 +220,21 @@ class SpaceTable:
             out.append(self.concat(part, origin))
         return out
 
-    def factor(self, s: Space, sizes: list[int], origin: str = "") -> list[Space]:
-        """View ``s`` as a row-major product of the given extents (a Reshape split)."""
+    def factor(self, s: Space, sizes: list[int], origin: str = "", scales: list[int] | None = None) -> list[Space]:
+        """View ``s`` as a row-major product of the given extents (a Reshape split).
+        ``scales[j]``, for a dynamic extent (``None``): the static factor it
+        carries (``12 * batch``: the legacy exporter folds the heads into the
+        batch, ``[L, batch, E] -> [L, 12 * batch, E / 12]``); it is taken from
+        the leading factor of the next static part."""
         dynamic = s.size is None or any(n is None for n in sizes)
         if not dynamic and prod(sizes) != s.size:
             raise LayoutError(f"factors {sizes} do not multiply to {s.size}")
         r = self.find(s)
         if dynamic and r.kind != PRODUCT:
             raise LayoutError("channels merged with a dynamic dimension")
+        scales = list(scales) if scales is not None else [1] * len(sizes)
         real = [n for n in sizes if n != 1]
+        extra = [m or 1 for n, m in zip(sizes, scales) if n != 1]
         if len(real) <= 1:
             return [r if n != 1 else self.fixed(1) for n in sizes]
         if r.kind == FIXED:
@@ -243,21 +249,28 @@ class SpaceTable:
             return [next(it) if n != 1 else self.fixed(1) for n in sizes]
         if r.kind == PRODUCT:
             kids = [self.find(c) for c in r.children]
-            if [k.size for k in kids] == real:
+            if [k.size for k in kids] == real and all(m == 1 for m in extra):
                 it = iter(kids)
                 return [next(it) if n != 1 else self.fixed(1) for n in sizes]
             # regroup: e.g. product(A, B) viewed as (A, b1, b2) when B factors
-            out: list[Space] = []
-            j = 0
+            out: list[list[Space]] = []
+            j, carry = 0, 1  # carry: the static factor the last dynamic extent still needs
             for k in kids:
                 need = k.size
                 take = []
                 if k.size is None:  # a dynamic extent stays whole
-                    if j >= len(real) or real[j] is not None:
+                    if j >= len(real) or real[j] is not None or carry != 1:
                         raise LayoutError("reshape crosses factor borders")
-                    out.append(k)
+                    out.append([k])
+                    carry = extra[j]
                     j += 1
                     continue
+                lead = carry
+                if carry != 1:
+                    if need % carry:
+                        raise LayoutError("reshape crosses factor borders")
+                    need //= carry
+                    carry = 1
                 while need > 1 and j < len(real):
                     if real[j] is None or need % real[j] != 0:
                         raise LayoutError("reshape crosses factor borders")
@@ -266,8 +279,14 @@ class SpaceTable:
                     j += 1
                 if need != 1:
                     raise LayoutError("reshape crosses factor borders")
-                out.extend(self.factor(k, take, origin))
-            it = iter(out)
+                pieces = self.factor(k, [lead] + take, origin) if lead != 1 else self.factor(k, take, origin)
+                if lead != 1:  # the leading piece joins the dynamic extent before it
+                    out[-1].append(pieces[0])
+                    pieces = pieces[1:]
+                out.extend([p] for p in pieces)
+            if carry != 1 or j != len(real):
+                raise LayoutError("reshape crosses factor borders")
+            it = iter(self.product(p, origin) for p in out)
             return [next(it) if n != 1 else self.fixed(1) for n in sizes]
         raise LayoutError("reshape of a concatenated axis")
 

@@ -20,7 +20,8 @@ PROBES = (7, 11)
 
 def probe_batch_dims(proto: onnx.ModelProto) -> dict[str, list]:
     """For a model with one symbolic input dim (the batch), infer shapes with it
-    set to 7 and to 11: a dim that comes out as 7k and 11k is ``k * batch``.
+    set to 7 and to 11: a dim that comes out as 7k and 11k is ``k * batch``
+    (the graph inputs too, so a shape read from the input names the same batch).
     ``proto`` is a skeleton (weights external), so each probe is cheap.
     Returns ``{value name: [(k, ("batch",)) | (n, ()) | None, ...]}``."""
     syms = {d.dim_param for i in proto.graph.input for d in i.type.tensor_type.shape.dim if d.dim_param or not d.HasField("dim_value")}
@@ -39,7 +40,7 @@ def probe_batch_dims(proto: onnx.ModelProto) -> dict[str, list]:
         except Exception:
             return {}
         probes.append({vi.name: [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
-                       for vi in list(p.graph.value_info) + list(p.graph.output)})
+                       for vi in list(p.graph.input) + list(p.graph.value_info) + list(p.graph.output)})
     out: dict[str, list] = {}
     (a, b), (pa, pb) = probes, PROBES
     for name, da in a.items():

@@ -8,6 +8,8 @@ through run-time ``Shape -> Gather -> Concat`` chains where they are built.
 """
 from __future__ import annotations
 
+from math import prod
+
 import onnx_ir as ir
 
 from onnxprune.core.analysis import Refusal, RuleContext
@@ -84,6 +86,16 @@ def shape_vector(ctx: RuleContext, node: ir.Node, slot: int):
         if c is None or a is None or b is None or not len(c) == len(a) == len(b):
             return None
         return [(x if cc[1] else y) if cc[0] == "const" else ("unknown",) for cc, x, y in zip(c, a, b)]
+    if op == "Mul":  # a dynamic dim times a constant: the legacy exporter's batch * heads
+        a, b = shape_vector(ctx, p, 0), shape_vector(ctx, p, 1)
+        if a is None or b is None or len(a) != 1 or len(b) != 1:
+            return None
+        (x,), (y,) = a, b
+        if x[0] == "const":
+            x, y = y, x
+        if x[0] == "dim" and y[0] == "const":
+            return [("scaled", x, y)]
+        return [("unknown",)]
     if op == "Gather" and int(ctx.attr(p, "axis", 0)) == 0:
         data, idx = shape_vector(ctx, p, 0), ctx.const(p.inputs[1])
         if data is None or idx is None:
@@ -123,8 +135,27 @@ def bind_shape(ctx: RuleContext, node: ir.Node, slot: int, out_lay, what: str) -
             ss = src[e[2]] if e[2] < len(src) else None
             if ss is None or not ctx.spaces.same(ss, s):
                 ctx.freeze([s], node, f"{what} size read from another tensor")
+        elif e[0] == "scaled" and _bind_scaled(ctx, e, s):
+            continue
         else:
             ctx.freeze([s], node, f"{what} size computed at run time")
+
+
+def _bind_scaled(ctx: RuleContext, e, s) -> bool:
+    """A target entry ``dim * c`` (``batch * heads``) on an axis laid out as
+    ``s``: when ``s`` is a dynamic extent times tracked parts that ``c`` spells,
+    ``c`` becomes a shape member of those parts. Whether it could bind."""
+    _, (_, src, axis), (_, c, cnode, cslot, cidx) = e
+    dims = ctx.dims(src)
+    if cnode is None or dims is None or axis >= len(dims) or dims[axis] is not None:
+        return False
+    r = ctx.spaces.find(s)
+    kids = [ctx.spaces.find(k) for k in r.children] if r.kind == "product" else []
+    static = [k for k in kids if k.size is not None]
+    if len(kids) - len(static) != 1 or not static or c != prod(k.size for k in static):
+        return False
+    ctx.shape_entry(cnode, cslot, cidx, [ctx.spaces.product(static, origin=cnode.name)])
+    return True
 
 
 def _reshape_out_tokens(ctx: RuleContext, node: ir.Node, tin: list[Token]):
@@ -173,7 +204,8 @@ def reshape_layout(ctx: RuleContext, node, lay, tin, tout):
         if len(ja) == 1:
             out[ja[0]] = merged
         else:
-            parts = ctx.spaces.factor(merged, [size(tout[j]) for j in ja], origin=node.name)
+            parts = ctx.spaces.factor(merged, [size(tout[j]) for j in ja], origin=node.name,
+                                      scales=[tout[j][0] if tout[j][1] else 1 for j in ja])
             for j, p in zip(ja, parts):
                 out[j] = p
     return out
