@@ -212,6 +212,24 @@ def test_an_original_with_nan_outputs_is_the_users_error():
     O.require_finite_original(Job.open(_two()), 2)
 
 
+def test_outputs_that_do_not_depend_on_the_input_are_the_users_error():
+    """A zero-initialised head makes every check pass vacuously (0 vs 0): refused, named."""
+    def head(w2, b2):
+        return _make("""[c1] h = Conv (x, w1, b1)
+  r = Relu(h)
+  [c2] y = Conv (r, w2, b2)""", {"w1": (8, 3, 1, 1), "b1": (8,), "w2": w2, "b2": b2},
+                     inp="float[N,3,8,8] x", out="float[N,4,8,8] y")
+
+    for b2 in (np.zeros(4, np.float32), np.arange(4, dtype=np.float32)):  # zero, and constant per channel
+        with pytest.raises(UserError) as e:
+            O.oracle(Job.open(head(np.zeros((4, 8, 1, 1), np.float32), b2)), Ratios.from_dict({"default": 0.5}))
+        assert str(e.value).startswith("the original model's outputs are constant on the oracle's random input "
+                                       "(x [2, 3, 8, 8], standard normal): y does not depend on the input"), str(e.value)
+    rows = O.oracle(Job.open(head((4, 8, 1, 1), (4,))), Ratios.from_dict({"default": 0.5}))  # a trained-like head
+    assert rows and {r.status for r in rows} == {"PASS"}
+    O.require_signal(Job.open(_two()), 2)  # outputs that vary pass silently
+
+
 def test_rel_err_computes_in_float64():
     # int8 100 - (-100) would wrap around in int8
     assert O.rel_err([np.array([100], np.int8)], [np.array([-100], np.int8)]) == 2.0
@@ -253,7 +271,9 @@ def test_the_checks_compare_zeroed_with_zeroed_and_pruned(monkeypatch):
     assert b0.shape == b1.shape == (6, 3, 3, 3) and b0.all()
     seen.clear()
     rows = O.oracle(job, plan=plan, batch=1)
-    assert all(f == {"x": (1, 3, 8, 8)} for *_, f in seen) and len(seen) == 2 * len(rows)
+    # two runs per row, and two of the original when the checks came out exactly 0 (require_signal)
+    signal = rows[-1].max_rel_err == 0.0
+    assert all(f == {"x": (1, 3, 8, 8)} for *_, f in seen) and len(seen) == 2 * len(rows) + 2 * signal
     assert [r.status for r in rows] == ["PASS"] * 3
 
 

@@ -181,7 +181,25 @@ def oracle(job, ratios: Ratios | None = None, per_set: bool = True, plan: Plan |
         rows.append(OracleRow("all exact groups", "*", len(gs), removed(gs), err, "PASS" if err <= TOLERANCE else "FAIL"))
     if any(r.max_rel_err is not None and np.isnan(r.max_rel_err) for r in rows):
         require_finite_original(job, batch)
+    if exact and err == 0.0:  # no float noise at all: do the outputs see anything?
+        require_signal(job, batch)
     return rows
+
+
+def require_signal(job, batch: int) -> None:
+    """A check passes vacuously when the original's outputs do not depend on
+    its input (an untrained classifier head initialised to zero: every output
+    0 whatever was removed): say so instead of passing."""
+    with job.edited({}) as original:
+        feeds = runtime.random_inputs(original, batch=batch, seed=1)
+        names = compared_values(original, _unquantize_activations(original))
+        outs = _run(original, names, feeds)
+        other = _run(original, names, runtime.random_inputs(original, batch=batch, seed=2))
+    if all(np.array_equal(y, z) for y, z in zip(outs, other)):
+        shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in feeds.items())
+        raise UserError(f"the original model's outputs are constant on the oracle's random input ({shapes}, "
+                        f"standard normal): {', '.join(names)} {'does' if len(names) == 1 else 'do'} not depend on the input (untrained weights, "
+                        "a zero-initialised head?), so the oracle cannot see the removed channels")
 
 
 def require_finite_original(job, batch: int) -> None:
