@@ -607,6 +607,104 @@ def test_dense_rows_take_the_stream_error_on_the_sampled_rows_alone(scale_shape,
     assert _stream_inverse(f, y, r_o[:, :3], r_p, scale) == (False, None)  # shapes that do not line up
 
 
+def test_dense_rows_name_the_sample_of_each_row_whichever_axis_holds_the_batch():
+    """Held-out sources stay out of the fits only if each row is given its own
+    sample: batch first, sequence first (torch's nn.MultiheadAttention without
+    batch_first), and 2-D inputs flattened from either."""
+    from types import SimpleNamespace
+
+    from onnxprune.recover.fit import _dense_rows, _row_samples
+
+    B, L, C = 3, 5, 4
+    tag = np.arange(B, dtype=np.float32)  # each sample's rows carry its index in the first feature
+    bf = np.broadcast_to(tag[:, None, None], (B, L, C)).copy()
+    sf = np.ascontiguousarray(bf.transpose(1, 0, 2))  # [L, B, C]
+    f = SimpleNamespace(kind="dense", kept_out=np.arange(C), dense={})
+    for x in (bf, sf):
+        rows, sample = _dense_rows(f, x, x, np.random.default_rng(0), 100, None, B)
+        np.testing.assert_array_equal(sample, rows[0][0][:, 0].astype(int))
+    flat_sf = sf.reshape(L * B, C)  # [L * B, C], as out_proj's Gemm reads it
+    f2 = SimpleNamespace(kind="dense", kept_out=np.arange(C), dense={"src_dims": [L, None, 2, C // 2]})
+    rows, sample = _dense_rows(f2, flat_sf, flat_sf, np.random.default_rng(0), 100, None, B)
+    np.testing.assert_array_equal(sample, rows[0][0][:, 0].astype(int))
+    flat_bf = bf.reshape(B * L, C)
+    for dims in (None, [None, L, C], [B, L, C]):
+        g = SimpleNamespace(kind="dense", kept_out=np.arange(C), dense={"src_dims": dims})
+        np.testing.assert_array_equal(_row_samples(g, flat_bf, B * L, B), np.repeat(np.arange(B), L))
+    np.testing.assert_array_equal(_row_samples(f, np.zeros((B, C)), B, B), np.arange(B))  # a classifier's [B, C]
+
+
+def test_a_dense_layer_reading_a_flattened_sequence_first_tensor_knows_its_source_dims(tmp_path):
+    import torch
+
+    from onnxprune.io import load
+    from onnxprune.recover.graph import _source_dims
+
+    class M(torch.nn.Module):
+        def __init__(s):
+            super().__init__()
+            s.mha = torch.nn.MultiheadAttention(8, 2)
+
+        def forward(s, x):  # [L, N, E]
+            return s.mha(x, x, x, need_weights=False)[0]
+
+    path = str(tmp_path / "m.onnx")
+    torch.onnx.export(M().eval(), (torch.randn(5, 2, 8),), path, dynamo=False, opset_version=17, input_names=["x"],
+                      dynamic_axes={"x": {1: "n"}})
+    g = load(path, {"x": [5, 3, 8]}).graph  # the batch on axis 1, given as --input-shape x:5,3,8 gives it
+    gemm = [n for n in g if n.op_type == "Gemm"]
+    assert len(gemm) == 1
+    assert _source_dims(gemm[0].inputs[0]) == [5, 3, 2, 4]  # [L, N, heads, head dim], flattened to [L * N, E]
+    assert _source_dims(gemm[0].outputs[0]) is None  # not flattened from a wider tensor
+
+
+def test_sequence_first_layers_put_each_row_in_its_own_samples_fold(tmp_path, monkeypatch):
+    """torch's nn.MultiheadAttention without batch_first: in_proj reads [L, N, E], out_proj
+    a [L * N, E] Gemm. Every row of theirs lands in the fold of the sample it came from:
+    per batch, L times the classifier's count per fold (one row per sample)."""
+    import torch
+
+    import onnxprune.recover as R
+
+    class M(torch.nn.Module):
+        def __init__(s):
+            super().__init__()
+            s.embed = torch.nn.Conv2d(3, 16, 4, 4)
+            s.mha = torch.nn.MultiheadAttention(16, 4)
+            s.fc = torch.nn.Linear(16, 5)
+
+        def forward(s, x):
+            t = s.embed(x).flatten(2).permute(2, 0, 1)  # [L, N, E]
+            t = t + s.mha(t, t, t, need_weights=False)[0]
+            return s.fc(t.mean(0))
+
+    torch.manual_seed(0)
+    path = str(tmp_path / "m.onnx")
+    torch.onnx.export(M().eval(), (torch.randn(2, 3, 16, 16),), path, dynamo=False, opset_version=17,
+                      input_names=["x"], dynamic_axes={"x": {0: "n"}})
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "c.npz", x=rng.standard_normal((64, 3, 16, 16)).astype(np.float32), source=np.arange(64) // 4)
+    seen = []
+    real = R._accumulate
+
+    def spy(fit, rows, fold):
+        seen.append((fit.row.node, {int(v): int((fold == v).sum()) for v in np.unique(fold)}))
+        return real(fit, rows, fold)
+
+    monkeypatch.setattr(R, "_accumulate", spy)
+    res = prune(path, {"default": 0, "kinds": {"heads": 0.5, "embed": 0.25}}, calib=str(tmp_path / "c.npz"),
+                recover="ridge")
+    assert res.recovery_stats["held_out"]
+    by_node = {}
+    for node, counts in seen:
+        by_node.setdefault(node, []).append(counts)
+    fc = by_node.pop("/fc/Gemm")  # the classifier: one row per sample
+    assert set(by_node) == {"/mha/MatMul", "/mha/Gemm"} and any(-1 in c for c in fc)
+    L = 16
+    for node, calls in by_node.items():  # one call per batch, in the same order
+        assert calls == [{k: L * v for k, v in c.items()} for c in fc], (node, calls, fc)
+
+
 @pytest.mark.parametrize("k,attrs", [
     (2, "strides=[2,2]"),
     (4, "strides=[2,2], pads=[1,1,1,1]"),

@@ -322,7 +322,7 @@ def recover_model(
                         if f.kind == "conv":
                             got = _conv_rows(f, x, y, rngs[f.row.node], rows_per_batch)
                         else:
-                            got = _dense_rows(f, x, y, rngs[f.row.node], rows_per_batch, stream)
+                            got = _dense_rows(f, x, y, rngs[f.row.node], rows_per_batch, stream, len(fold_of[bi]))
                     except Exception as e:  # shape surprises: skip the layer, never crash
                         got, f.row.reason = None, f"could not build regression rows: {type(e).__name__}: {e}"
                     if got is None:

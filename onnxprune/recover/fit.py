@@ -196,20 +196,40 @@ class _Blocks:
         return W
 
 
-def _dense_rows(fit: _Fit, x: np.ndarray, y: np.ndarray, rng, budget: int, stream=None):
-    """Sampled input rows and the matching target rows. ``stream``: ``(r_orig,
-    r_pruned, inv)`` of a layer added to a residual stream (see
-    ``recover._stream_inverse``): what the pruned stream lacks is added to the
-    sampled targets. Rows are sampled first, so only they are copied."""
+def _row_samples(fit: _Fit, x: np.ndarray, rows: int, batch: int | None) -> np.ndarray:
+    """The calibration sample each regression row of a dense layer comes from
+    (``batch`` samples in this batch), so that held-out sources stay out of the
+    fits. Rows are ``x``'s leading axes flattened: ``[B, tokens, ...]``, or
+    sequence first ``[tokens, B, ...]`` (torch's ``nn.MultiheadAttention`` and
+    ``nn.Transformer`` without ``batch_first``); a 2-D input is read through the
+    dims of the tensor it was flattened from (``fit.dense["src_dims"]``, None
+    for a symbol: the batch)."""
+    r = np.arange(rows)
+    if fit.dense.get("transA") or x.ndim < 2:
+        return np.zeros(rows, np.int64)
+    if batch is None:
+        batch = x.shape[0]
+    lead = list(x.shape[:-1]) if x.ndim >= 3 else fit.dense.get("src_dims") or [x.shape[0]]
+    if batch < 1 or rows % batch:
+        return r // max(rows // max(x.shape[0], 1), 1)
+    if len(lead) >= 2 and lead[0] not in (batch, None) and lead[1] in (batch, None) and rows % (lead[0] * batch) == 0:
+        return (r // (rows // (lead[0] * batch))) % batch  # sequence first
+    return r // (rows // batch)
+
+
+def _dense_rows(fit: _Fit, x: np.ndarray, y: np.ndarray, rng, budget: int, stream=None, batch: int | None = None):
+    """Sampled input rows and the matching target rows, and the sample each
+    comes from (:func:`_row_samples`). ``stream``: ``(r_orig, r_pruned, inv)``
+    of a layer added to a residual stream (see ``recover._stream_inverse``):
+    what the pruned stream lacks is added to the sampled targets. Rows are
+    sampled first, so only they are copied."""
     if fit.dense.get("transA"):
         x = x.T
     X = x.reshape(-1, x.shape[-1])
     Yall = y.reshape(-1, y.shape[-1])
     if len(X) != len(Yall):
         return None
-    # the sample each row comes from: rows are [B, ...] flattened (tokens of a sample are consecutive)
-    per = len(X) // x.shape[0] if not fit.dense.get("transA") and x.ndim > 1 and len(X) % x.shape[0] == 0 else len(X)
-    sample = np.arange(len(X)) // max(per, 1)
+    sample = _row_samples(fit, x, len(X), batch)
     take = None
     if len(X) > budget:
         take = np.sort(rng.choice(len(X), budget, replace=False))

@@ -401,7 +401,8 @@ def _plan_fit(g: _Graph, orig: dict[str, str], name: str, ins, outs, max_feature
         row.features = W.shape[0]
         w0 = [np.vstack([W, bias[None]]).astype(np.float64)]
         return _Fit(groups=[(slice(None), slice(None))], w0=w0, kind="dense",
-                    dense=dict(transA=ta, transB=tb, alpha=alpha, beta=beta), **fit_kw)
+                    dense=dict(transA=ta, transB=tb, alpha=alpha, beta=beta, src_dims=_source_dims(node.inputs[0])),
+                    **fit_kw)
     # MatMul with a constant right operand
     if w.ndim != 2:
         row.reason = "MatMul weight with batch dimensions"
@@ -422,9 +423,31 @@ def _plan_fit(g: _Graph, orig: dict[str, str], name: str, ins, outs, max_feature
     # the target is the original MatMul's own output (before its bias Add): the
     # fitted bias row is then added to the pruned bias
     w0 = [np.vstack([w, np.zeros((1, w.shape[1]))]).astype(np.float64)]
-    fit = _Fit(groups=[(slice(None), slice(None))], w0=w0, kind="dense", dense=dict(matmul=True, bias=bias), **fit_kw)
+    fit = _Fit(groups=[(slice(None), slice(None))], w0=w0, kind="dense",
+               dense=dict(matmul=True, bias=bias, src_dims=_source_dims(node.inputs[0])), **fit_kw)
     fit.bias_add = bias_add.name if bias_add is not None else None
     return fit
+
+
+def _source_dims(value, hops: int = 6) -> list | None:
+    """For a dense layer's 2-D input: the dims (None for a symbol) of the 3-D or
+    wider tensor it was flattened from by a Reshape or Flatten (through
+    Identity, Cast and QDQ pairs), which say where the batch was; else None."""
+    if value is None or value.shape is None or len(value.shape) != 2:
+        return None
+    v = value
+    for _ in range(hops):
+        p = v.producer()
+        if p is None or not p.inputs or p.inputs[0] is None:
+            return None
+        src = p.inputs[0]
+        if p.op_type in ("Reshape", "Flatten"):
+            if src.shape is not None and len(src.shape) >= 3:
+                return [d if isinstance(d, int) else None for d in src.shape.dims]
+        elif p.op_type not in ("Identity", "Cast", "QuantizeLinear", "DequantizeLinear"):
+            return None
+        v = src
+    return None
 
 
 def _quantized_bias_add(g: _Graph, node, width: int):
