@@ -361,3 +361,57 @@ def test_torch_dynamo_opset23_export_attention_op_refitted(tmp_path):
     y0 = runtime.session(onnx.load(path)).run(None, {"x": held})[0]
     err = {j: float(((runtime.session(r.proto).run(None, {"x": held})[0] - y0) ** 2).sum()) for j, r in out.items()}
     assert err[True] < err[False], err
+
+
+def test_torch_multihead_attention_sequence_first_logits_refitted(tmp_path):
+    """torch's nn.MultiheadAttention through the legacy exporter: q and k are
+    columns of one packed in_proj read as [tokens, B, E] (sequence first), the
+    logits' operands [B, heads, tokens, d]. The rows are matched in the
+    layer's order and the logits re-fitted jointly."""
+    import warnings
+
+    torch = pytest.importorskip("torch")
+    warnings.filterwarnings("ignore")
+
+    class Block(torch.nn.Module):
+        def __init__(s, C=32, H=4):
+            super().__init__()
+            s.ln = torch.nn.LayerNorm(C)
+            s.attn = torch.nn.MultiheadAttention(C, H)
+            s.f1, s.f2 = torch.nn.Linear(C, 2 * C), torch.nn.Linear(2 * C, C)
+
+        def forward(s, x):
+            h = s.ln(x)
+            x = x + s.attn(h, h, h, need_weights=False)[0]
+            return x + s.f2(torch.nn.functional.gelu(s.f1(x)))
+
+    class M(torch.nn.Module):
+        def __init__(s, C=32):
+            super().__init__()
+            s.embed = torch.nn.Conv2d(3, C, 4, 4)
+            s.blocks = torch.nn.Sequential(Block(C), Block(C))
+            s.head = torch.nn.Linear(C, 10)
+
+        def forward(s, x):
+            t = s.embed(x).flatten(2).permute(2, 0, 1)  # [L, N, E]
+            return s.head(s.blocks(t).mean(0))
+
+    torch.manual_seed(0)
+    path = str(tmp_path / "mha.onnx")
+    torch.onnx.export(M().eval(), (torch.randn(2, 3, 16, 16),), path, dynamo=False, opset_version=17,
+                      input_names=["x"], dynamic_axes={"x": {0: "n"}})
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "calib.npy", rng.standard_normal((64, 3, 16, 16)).astype(np.float32))
+    held = rng.standard_normal((32, 3, 16, 16)).astype(np.float32)
+    ratios = {"default": 0, "kinds": {"head_dim": 0.5}, "importance": "l2"}
+    out = {}
+    for joint in (False, True):
+        out[joint] = prune(path, ratios, calib=str(tmp_path / "calib.npy"), recover="ridge",
+                           recover_options={"attention_logits": joint})
+    rows = [r for r in out[True].recovery if r.method == "qk-logits"]
+    assert len(rows) == 2, format_rows(out[True].recovery)
+    assert all(r.status == "refit" and r.held_after < 0.9 * r.held_before for r in rows), format_rows(out[True].recovery)
+    y0 = runtime.session(onnx.load(path)).run(None, {"x": held})[0]
+    err = {j: float(((runtime.session(r.proto).run(None, {"x": held})[0] - y0) ** 2).sum()) for j, r in out.items()}
+    print(err)
+    assert err[True] < err[False], err

@@ -16,7 +16,9 @@ data, not from the layout: each column of the original q (and k) operand is
 matched to the column of its linear layer's output it is an affine copy of
 (:func:`~onnxprune.recover.fit._match_columns`); any doubt (a dead column, a
 per-column scale, tokens in another order) leaves the pair to the separate
-fits. A head is re-fitted jointly only where that beats the separate fits on
+fits. A layer whose rows run sequence first (``[tokens, B, C]``: torch's
+``nn.MultiheadAttention``, whose q and k are columns of one packed in_proj) is
+matched with the operands' rows put in that order. A head is re-fitted jointly only where that beats the separate fits on
 held-out calibration sources (the squared logit error over pairs of tokens).
 The logits are found where they are formed (:func:`~onnxprune.recover.graph._logit_sites`):
 a q.k^T MatMul going to a Softmax (operands ``[..., tokens, d]`` and
@@ -61,6 +63,7 @@ class _Logits:
     bias: tuple = (None, None)  # q and k biases the op adds itself (MultiHeadAttention), original widths
     layer_bias: tuple = (None, None)  # the original bias Adds of q's and k's MatMuls (their columns include them)
     offset: tuple = (None, None)  # per operand column: what the operand adds to scale x its layer's column
+    seq_tokens: int = 0  # the layer's rows are [tokens, B] (sequence first: nn.MultiheadAttention): its token count
 
     @property
     def level(self) -> int:
@@ -185,6 +188,11 @@ def _operands(lg: _Logits, oq, ok, rows: int):
         lg.bias = (bq, bk)
     if bq is not None:
         q, k = q + bq, k + bk
+    t = lg.seq_tokens
+    if t:  # the operands' (sample, token) rows in the layer's (token, sample) order
+        if rows % t:
+            return None
+        q, k = (a.reshape(rows // t, t, -1).transpose(1, 0, 2).reshape(rows, -1) for a in (q, k))
     return q, k, (oq.shape[-1] // lg.num_heads if flat else oq.shape[-1])
 
 
@@ -205,6 +213,14 @@ def _map(lg: _Logits, yq, yk, oq, ok) -> None:
     q, k, d = got
     take = slice(0, min(len(rq), 2048))
     mq, mk = _match_columns(q[take], rq[take]), _match_columns(k[take], rk[take])
+    if (mq is None or mk is None) and lg.kind == "matmul" and yq.ndim == 3 and yq.shape[0] != yq.shape[1]:
+        lg.seq_tokens = yq.shape[0]  # sequence first ([tokens, B, C]): the operands' rows in that order
+        got = _operands(lg, oq, ok, len(rq))
+        if got is not None:
+            q, k, d = got
+            mq, mk = _match_columns(q[take], rq[take]), _match_columns(k[take], rk[take])
+        if mq is None or mk is None:
+            lg.seq_tokens = 0
     if mq is None or mk is None:
         lg.failed = "the q/k operand columns are not affine copies of their linear layers' outputs"
         return
@@ -251,7 +267,10 @@ def accumulate(lg: _Logits, x, yq, yk, oq, ok, fold, rng, budget: int) -> None:
         lg.failed = "the q/k operands do not line up with the input rows"
         return
     q, k, _ = got
-    sample = np.arange(len(X)) // max(len(X) // len(fold), 1)
+    if lg.seq_tokens:  # rows [tokens, B]
+        sample = np.arange(len(X)) % max(len(X) // lg.seq_tokens, 1)
+    else:
+        sample = np.arange(len(X)) // max(len(X) // len(fold), 1)
     take = np.arange(len(X)) if len(X) <= budget else np.sort(rng.choice(len(X), budget, replace=False))
     fb = fold[np.minimum(sample[take], len(fold) - 1)]
     Xa = np.empty((len(take), X.shape[1] + 1))
