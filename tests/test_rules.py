@@ -528,6 +528,92 @@ def test_separate_qkv_attention():
     assert init(res.proto, "s4").tolist() == [1, 5, 2, 4] and init(res.proto, "s3").tolist() == [1, 5, 8]
 
 
+# -- attention written as Einsum (MaxViT) ------------------------------------------------------
+EINSUM_ATTENTION = """[q] q0 = MatMul(x, wq)
+  [k] k0 = MatMul(x, wk)
+  [v] v0 = MatMul(x, wv)
+  q1 = Reshape(q0, s4)
+  k1 = Reshape(k0, s4)
+  v1 = Reshape(v0, s4)
+  q2 = Transpose <perm=[0,2,1,3]> (q1)
+  k2 = Transpose <perm=[0,2,1,3]> (k1)
+  v2 = Transpose <perm=[0,2,1,3]> (v1)
+  s0 = Einsum <equation="B H I D, B H J D -> B H I J"> (q2, k2)
+  p = Softmax <axis=-1> (s0)
+  o0 = Einsum <equation="bhij,bhjd->bhid"> (p, v2)
+  o1 = Transpose <perm=[0,2,1,3]> (o0)
+  o2 = Reshape(o1, s3)
+  [proj] y = MatMul(o2, wo)"""
+
+
+def _einsum_attention():
+    return make(EINSUM_ATTENTION, {"wq": W(8, 12), "wk": W(8, 12), "wv": W(8, 12), "wo": W(12, 8),
+                                   "s4": I64(1, 5, 3, 4), "s3": I64(1, 5, 12)},
+                out="float[1,5,8] y", inp="float[1,5,8] x", opset=17)
+
+
+def test_einsum_attention_ties_indices_and_prunes_heads_and_head_dims():
+    m = _einsum_attention()
+    a = analyze(m)
+    # as with MatMul: q and k share head dims (index D), v's head dim is its own; heads tie through B H
+    assert sorted((g.kind, g.width) for g in prunable(a)) == [("head_dim", 4), ("head_dim", 4), ("heads", 3)]
+    rows = assert_oracle(m, {"kinds": {"heads": 0.34, "head_dim": 0.5}})
+    assert {r.kind for r in rows} >= {"heads", "head_dim"}
+    res = pruned(m, {"kinds": {"heads": 0.34}})
+    assert init(res.proto, "s4").tolist() == [1, 5, 2, 4] and init(res.proto, "s3").tolist() == [1, 5, 8]
+
+
+def test_einsum_macs_are_the_product_of_every_index_and_follow_the_pruning():
+    from onnxprune.core.metrics import count
+
+    m = _einsum_attention()
+    before = count(m)["macs"]
+    # three projections and the output: 5 x 8 x 12 each; the two Einsums: 3 heads x 5 x 5 x 4 each
+    assert before == 4 * 5 * 8 * 12 + 2 * 3 * 5 * 5 * 4
+    res = pruned(m, {"kinds": {"heads": 0.34}})  # one head of three goes
+    assert count(res.proto)["macs"] == 4 * 5 * 8 * 8 + 2 * 2 * 5 * 5 * 4
+    from onnxprune.pipeline import Job
+
+    job = Job.open(m)  # the plan-level estimate (what budgets are met with) scales the Einsums too
+    assert job.counts(job.plan(Ratios.from_dict({"kinds": {"heads": 0.34}})))["macs"] == count(res.proto)["macs"]
+
+
+def test_einsum_it_cannot_follow_is_frozen_with_its_reason():
+    from onnxprune.core.dims import einsum_terms
+
+    assert einsum_terms("B H I D, B H J D -> B H I J", 2) == (["BHID", "BHJD"], "BHIJ")
+    for eq, n in [("...id,...jd->...ij", 2), ("bhid,bhjd", 2), ("bhii,bhjd->bhij", 2), ("bhid,bhjd->bhix", 2),
+                  ("bhid->bhid", 2)]:
+        assert einsum_terms(eq, n) is None, eq
+    m = make(EINSUM_ATTENTION.replace('"B H I D, B H J D -> B H I J"', '"...id,...jd->...ij"'),
+             {"wq": W(8, 12), "wk": W(8, 12), "wv": W(8, 12), "wo": W(12, 8), "s4": I64(1, 5, 3, 4),
+              "s3": I64(1, 5, 12)}, out="float[1,5,8] y", inp="float[1,5,8] x")
+    a = analyze(m)
+    frozen = [r for g in a.groups for r in g.frozen]
+    assert any("Einsum with an ellipsis, an implicit output or a repeated index" in r for r in frozen), frozen
+    assert not any(g.kind == "heads" for g in prunable(a))
+
+
+@pytest.mark.parametrize("opset,split", [(18, "Split <axis=-1, num_outputs=3> (qkv)"), (13, "Split <axis=-1> (qkv)")])
+def test_an_equal_split_of_a_packed_qkv_gets_its_sizes_and_prunes(opset, split):
+    """A packed projection split in three equal parts without sizes (dynamo's MaxViT):
+    q/k and v lose different head dims, so the Split is given explicit sizes at load."""
+    body = EINSUM_ATTENTION.replace("""[q] q0 = MatMul(x, wq)
+  [k] k0 = MatMul(x, wk)
+  [v] v0 = MatMul(x, wv)""", f"""[qkv] qkv = MatMul(x, w)
+  q0, k0, v0 = {split}""")
+    m = make(body, {"w": W(8, 36), "wo": W(12, 8), "s4": I64(1, 5, 3, 4), "s3": I64(1, 5, 12)},
+             out="float[1,5,8] y", inp="float[1,5,8] x", opset=opset)
+    a = analyze(m)
+    assert sorted((g.kind, g.width) for g in prunable(a)) == [("head_dim", 4), ("head_dim", 4), ("heads", 3)]
+    assert not any("equal Split" in r for g in a.groups for r in g.frozen)
+    assert_oracle(m, {"kinds": {"head_dim": 0.5}})
+    res = pruned(m, {"kinds": {"head_dim": 0.5}})
+    sp = next(n for n in res.proto.graph.node if n.op_type == "Split")
+    assert init(res.proto, sp.input[1]).tolist() == [6, 6, 6]  # 3 heads x 2 dims kept, each of q, k, v
+    assert not any(at.name == "num_outputs" for at in sp.attribute)
+
+
 # -- the oracle when zeroing makes a run-time normaliser divide 0 by 0 ---------------------------
 def test_oracle_survives_run_time_normalisation_of_zeroed_channels():
     """h / sum_spatial(h) per channel (ConViT normalises each head's attention this way): a

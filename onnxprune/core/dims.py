@@ -107,4 +107,18 @@ def axis_groups(tin: list[Token], tout: list[Token]):
     return groups
 
 
-__all__ = ["Token", "ONE", "tokens", "tprod", "divides", "tdiv", "size", "axis_groups"]
+def einsum_terms(equation: str, n_inputs: int):
+    """``"bhid,bhjd->bhij"`` as ``(["bhid", "bhjd"], "bhij")`` (spaces ignored), or
+    None for what the rules do not follow: an ellipsis, an implicit output, an
+    index repeated within one operand, an output index no input has."""
+    eq = equation.replace(" ", "")
+    if "..." in eq or "->" not in eq:
+        return None
+    lhs, out = eq.split("->")
+    ins = lhs.split(",")
+    if len(ins) != n_inputs or any(len(set(t)) != len(t) for t in ins + [out]) or set(out) - set("".join(ins)):
+        return None
+    return ins, out
+
+
+__all__ = ["Token", "ONE", "tokens", "tprod", "divides", "tdiv", "size", "axis_groups", "einsum_terms"]

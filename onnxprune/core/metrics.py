@@ -131,9 +131,28 @@ def terms(proto: onnx.ModelProto) -> list[Term]:
             a, y = shapes.get(n.input[xslot]), shapes.get(n.output[0])
             if a and y:
                 f = _axes(y, "out", 0) + _axes(a, "in", xslot, [len(a) - 1])
+        elif op == "Einsum":
+            f = _einsum_factors(n, shapes)
         if f is not None:
             out.append(Term(k, "macs", tuple(f)))
     return out
+
+
+def _einsum_factors(n: onnx.NodeProto, shapes: dict) -> list[Factor] | None:
+    """An Einsum's MACs: the product of every index's size (each multiply-add
+    once), each index counted at its first operand axis."""
+    from onnxprune.core.dims import einsum_terms
+
+    eq = next((a.s.decode() for a in n.attribute if a.name == "equation"), "")
+    got = einsum_terms(eq, len(n.input))
+    ins = [shapes.get(x) for x in n.input]
+    if got is None or any(s is None or len(s) != len(t) for s, t in zip(ins, got[0])):
+        return None
+    seen: dict[str, Factor] = {}
+    for slot, (shape, t) in enumerate(zip(ins, got[0])):
+        for axis, c in enumerate(t):
+            seen.setdefault(c, Factor(shape[axis], ("in", slot, axis)))
+    return list(seen.values())
 
 
 def _ms_terms(k: int, n: onnx.NodeProto, shapes: dict, inits: dict) -> list[Term]:

@@ -388,12 +388,53 @@ def _fold_selects(g: ir.Graph, value: ir.Value, dims, dtype) -> int:
 
 
 def normalize(model: ir.Model) -> int:
-    """:func:`weights_as_initializers`, the attention scale pinned, static shapes folded.
-    Returns the number of folds: the one change that can make more shapes static
-    (the other two passes have nothing left to do on a second round)."""
+    """:func:`weights_as_initializers`, the attention scale pinned, equal Splits
+    given their sizes, static shapes folded. Returns the number of folds: the one
+    change that can make more shapes static (the other passes have nothing left
+    to do on a second round)."""
     weights_as_initializers(model)
     pin_attention_scale(model)
+    explicit_splits(model)
     return fold_static_shapes(model)
+
+
+def explicit_splits(model: ir.Model) -> int:
+    """Give every equal ``Split`` (no sizes: ``num_outputs`` from opset 18, or
+    nothing before) its sizes as a constant input, where its outputs' extents
+    on the split axis are static: a packed q/k/v split in three whose parts are
+    pruned to different widths needs them (dynamo's MaxViT). Returns how many."""
+    opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
+    if opset < 13:  # sizes were an attribute then: left as they are
+        return 0
+    changed = 0
+    for node in model.graph:
+        if node.op_type != "Split" or node.domain not in ("", "ai.onnx") or "split" in node.attributes:
+            continue
+        if len(node.inputs) > 1 and node.inputs[1] is not None:
+            continue
+        x = node.inputs[0]
+        axis = node.attributes.get("axis")
+        rank = len(x.shape) if x is not None and x.shape is not None else None
+        if rank is None:
+            continue
+        a = (axis.value if axis is not None else 0) % rank
+        sizes = []
+        for o in node.outputs:
+            d = o.shape.dims[a] if o.shape is not None and len(o.shape) == rank else None
+            sizes.append(d if isinstance(d, int) else None)
+        if None in sizes:
+            continue
+        t = ir.Tensor(np.array(sizes, np.int64), name=f"{node.name or x.name}__split_sizes")
+        v = ir.Value(name=t.name, shape=ir.Shape([len(sizes)]), type=ir.TensorType(ir.DataType.INT64), const_value=t)
+        if v.name in model.graph.initializers:
+            continue
+        model.graph.register_initializer(v)
+        if len(node.inputs) < 2:
+            node.resize_inputs(2)
+        node.replace_input_with(1, v)
+        node.attributes.pop("num_outputs", None)
+        changed += 1
+    return changed
 
 
 def weights_as_initializers(model: ir.Model, constants: bool = True) -> int:

@@ -1,11 +1,12 @@
-"""Gemm and MatMul: a constant operand's output axis is a new group and its
-contracted axis joins the other operand's group; activation x activation
-MatMuls (attention) tie the contracted axes and carry the rest through."""
+"""Gemm, MatMul and Einsum: a constant operand's output axis is a new group and
+its contracted axis joins the other operand's group; activation x activation
+MatMuls and Einsums (attention) tie the contracted axes and carry the rest through."""
 from __future__ import annotations
 
 import onnx_ir as ir
 
 from onnxprune.core.analysis import IN, OUT, PARAM, RuleContext
+from onnxprune.core.dims import einsum_terms
 from onnxprune.core.registry import Registry
 
 RULES = Registry()
@@ -126,3 +127,33 @@ def _batch(ctx: RuleContext, node, la, lb, const_batch, const_slot):
         else:
             out.append(None)
     return tuple(out)
+
+
+@RULES.rule("Einsum")
+def einsum(ctx: RuleContext, node: ir.Node) -> None:
+    """Activation x activation Einsum (MaxViT's attention, ``BGHID,BGHJD->BGHIJ``):
+    axes with the same index are tied, the output's axes carry their index's
+    space. As for MatMul, indices every operand and the output share are heads,
+    the others head dims (what the tags mean only for attention). A constant
+    operand (a layer written as an Einsum) is not followed."""
+    eq = ctx.attr(node, "equation")
+    terms = einsum_terms(eq.decode() if isinstance(eq, bytes) else str(eq), len(node.inputs))
+    if terms is None:
+        ctx.freeze_node(node, "Einsum with an ellipsis, an implicit output or a repeated index")
+        return
+    if any(v is None or ctx.const(v) is not None for v in node.inputs):
+        ctx.freeze_node(node, "Einsum with a constant operand")
+        return
+    ins, out = terms
+    lays = [ctx.layout(node, i) for i in range(len(node.inputs))]
+    if any(lay is None or len(lay) != len(t) for lay, t in zip(lays, ins)):
+        ctx.freeze_node(node, "unknown rank")
+        return
+    space: dict[str, object] = {}
+    for lay, t in zip(lays, ins):
+        for s, c in zip(lay, t):
+            space[c] = ctx.tie(space[c], s, node, f" (Einsum index {c})") if c in space else s
+    shared = set(out).intersection(*map(set, ins))
+    for c, s in space.items():
+        ctx.spaces.tag(s, "heads" if c in shared else "head_dim")
+    ctx.set_layout(node.outputs[0], [space[c] for c in out])
