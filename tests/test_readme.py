@@ -235,7 +235,8 @@ def test_slow_usage_line_runs(stage, capsys, key):
 
 TOOLS = {"tools/pretrained_recovery.py", "tools/recover_speed.py", "tools/latency_budget.py", "tools/latency_agreement.py",
          "tools/bn_collapse.py", "tools/attention_recovery.py", "tools/recover_zoo.py", "tools/pretrained_ocr.py",
-         "tools/pretrained_vit.py", "tools/pretrained_text.py", "tools/foreign_table.py", "tools/qdq_recovery.py"}
+         "tools/pretrained_vit.py", "tools/pretrained_text.py", "tools/foreign_table.py", "tools/qdq_recovery.py",
+         "tools/torchvision_table.py"}
 
 
 def _tool(path: str):
