@@ -528,6 +528,30 @@ def test_separate_qkv_attention():
     assert init(res.proto, "s4").tolist() == [1, 5, 2, 4] and init(res.proto, "s3").tolist() == [1, 5, 8]
 
 
+# -- a spatial grid read in other factors (MaxViT's grid partition, dynamo) ----------------------
+def test_a_reshape_regrouping_spatial_factors_lets_channels_through():
+    """[1, C, 2, 3, 2, 3] -> [1, C, 3, 2, 3, 2]: neither 2 nor 3 divides the other, yet the spatial
+    axes pair up as runs of equal products (2 x 3 <-> 3 x 2); the channel axis passes straight."""
+    from onnxprune.core.dims import axis_groups
+
+    assert axis_groups([(1, ("b",)), (8, ()), (2, ()), (3, ()), (2, ()), (3, ())],
+                       [(1, ("b",)), (8, ()), (3, ()), (2, ()), (3, ()), (2, ())]) == [([0], [0]), ([1], [1]), ([2, 3], [2, 3]), ([4, 5], [4, 5])]
+    assert axis_groups([(5, ())], [(2, ()), (3, ())]) is None  # products that never meet
+    m = make("""[c1] h = Conv <pads=[1,1,1,1]> (x, w1, b1)
+  r = Relu(h)
+  g = Reshape(r, s6)
+  t = Reshape(g, s6b)
+  u = Reshape(t, s4)
+  [c2] y = Conv (u, w2, b2)""", {"w1": W(8, 3, 3, 3), "b1": W(8), "w2": W(4, 8, 1, 1), "b2": W(4),
+                                 "s6": I64(1, 8, 2, 3, 2, 3), "s6b": I64(1, 8, 3, 2, 3, 2), "s4": I64(1, 8, 6, 6)},
+             inp="float[1,3,6,6] x", out="float[1,4,6,6] y")
+    a = analyze(m)
+    assert [(g.kind, g.width) for g in prunable(a)] == [("channels", 8)], [(g.kind, g.frozen) for g in a.groups]
+    assert_oracle(m)
+    res = pruned(m)
+    assert init(res.proto, "s6b").tolist() == [1, 4, 3, 2, 3, 2] and init(res.proto, "s4").tolist() == [1, 4, 6, 6]
+
+
 # -- attention written as Einsum (MaxViT) ------------------------------------------------------
 EINSUM_ATTENTION = """[q] q0 = MatMul(x, wq)
   [k] k0 = MatMul(x, wk)

@@ -91,11 +91,14 @@ def axis_groups(tin: list[Token], tout: list[Token]):
         pa, pb = a[i][1], b[j][1]
         i, j = i + 1, j + 1
         while pa != pb:
-            if divides(pa, pb) and i < len(a):
+            # the side whose product divides the other's, else (an 8 x 7 grid read as
+            # 7 x 8: neither divides) the side with the smaller static factor, takes its next axis
+            grow_a = divides(pa, pb) or (not divides(pb, pa) and pa[1] == pb[1] and pa[0] < pb[0])
+            if grow_a and i < len(a):
                 pa = tprod([pa, a[i][1]])
                 ia.append(a[i][0])
                 i += 1
-            elif divides(pb, pa) and j < len(b):
+            elif not grow_a and j < len(b) and (divides(pb, pa) or (pa[1] == pb[1] and pb[0] < pa[0])):
                 pb = tprod([pb, b[j][1]])
                 ja.append(b[j][0])
                 j += 1
