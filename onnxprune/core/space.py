@@ -279,7 +279,7 @@ class SpaceTable:
                     j += 1
                 if need != 1:
                     raise LayoutError("reshape crosses factor borders")
-                pieces = self.factor(k, [lead] + take, origin) if lead != 1 else self.factor(k, take, origin)
+                pieces = self.factor(k, [lead] * (lead != 1) + take, origin)
                 if lead != 1:  # the leading piece joins the dynamic extent before it
                     out[-1].append(pieces[0])
                     pieces = pieces[1:]

@@ -15,7 +15,7 @@ import onnx_ir as ir
 from onnxprune.core.analysis import Refusal, RuleContext
 from onnxprune.core.registry import Registry
 from onnxprune.core.dims import Token, axis_groups, divides, size, tdiv, tprod
-from onnxprune.core.space import LayoutError, Space
+from onnxprune.core.space import PRODUCT, LayoutError, Space
 
 RULES = Registry()
 
@@ -150,7 +150,7 @@ def _bind_scaled(ctx: RuleContext, e, s) -> bool:
     if cnode is None or dims is None or axis >= len(dims) or dims[axis] is not None:
         return False
     r = ctx.spaces.find(s)
-    kids = [ctx.spaces.find(k) for k in r.children] if r.kind == "product" else []
+    kids = [ctx.spaces.find(k) for k in r.children] if r.kind == PRODUCT else []
     static = [k for k in kids if k.size is not None]
     if len(kids) - len(static) != 1 or not static or c != prod(k.size for k in static):
         return False
