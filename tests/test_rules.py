@@ -1156,3 +1156,47 @@ def test_every_rule_has_a_small_graph_test(rule_dispatches):
     ran = rule_dispatches()
     untested = sorted(e.describe() for e in entries if (e.domain, e.op_type, e.since) not in ran)
     assert len(entries) > 30 and untested == []
+
+
+# -- values a subgraph reads -------------------------------------------------------------
+def if_branch_model(reads: str):
+    """c1 -> Relu -> c2 -> Relu (r) -> c3 -> y, and an If whose branches read an
+    activation of the main graph (``reads="activation"``: a Conv of ``r``, added
+    to ``y``) or a weight (``"weight"``: c1's weight, in a Conv of the input,
+    output ``t``)."""
+    if reads == "activation":
+        out, body, tail = "float[1,4,8,8]", "Conv (r, w4)", "y = Add(z, t)"
+    else:
+        out, body, tail = "float[1,8,8,8]", "Conv <pads=[1,1,1,1]> (x, w1)", "y = Identity(z)"
+    extra = "" if reads == "activation" else f", {out} t"
+    inits = {"w1": W(8, 3, 3, 3), "w2": W(6, 8, 1, 1), "w3": W(4, 6, 1, 1), "w4": W(4, 6, 1, 1), "c": np.array(True)}
+    m = onnx.parser.parse_model(f"""<ir_version: 8, opset_import: ["" : 17]>
+g (float[1,3,8,8] x) => (float[1,4,8,8] y{extra}) {{
+  [c1] h = Conv <pads=[1,1,1,1]> (x, w1)
+  a = Relu(h)
+  [c2] h2 = Conv (a, w2)
+  r = Relu(h2)
+  [c3] z = Conv (r, w3)
+  [branch] t = If (c) <then_branch = g1 () => ({out} t1) {{ t1 = {body} }},
+                       else_branch = g2 () => ({out} t2) {{ t2 = {body} }}>
+  {tail}
+}}""")
+    for name, arr in inits.items():
+        m.graph.initializer.append(numpy_helper.from_array(np.asarray(arr), name))
+    onnx.checker.check_model(m, full_check=True)
+    return m
+
+
+@pytest.mark.parametrize("reads", ["activation", "weight"])
+def test_values_a_subgraph_reads_are_frozen_and_the_rest_prunes_exactly(reads):
+    m = if_branch_model(reads)
+    a = analyze(m)
+    read, free = (group_of(a, "c2"), group_of(a, "c1")) if reads == "activation" else \
+        (group_of(a, "c1"), group_of(a, "c2"))
+    assert not free.frozen  # what no subgraph reads still prunes
+    assert read.frozen and any("read inside a subgraph at If 'branch'" in r for r in read.frozen)
+    assert_oracle(m)
+    res = pruned(m)
+    assert set(res.plan.keep) == {free.id}
+    untouched = "c3" if reads == "activation" else "c1"  # its weight or its input is read inside the branch
+    np.testing.assert_array_equal(weight(res.proto, untouched), init(m, "w3" if reads == "activation" else "w1"))

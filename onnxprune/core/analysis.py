@@ -364,9 +364,43 @@ def run_analysis(model: ir.Model, rules: Registry) -> Analysis:
                 r = ctx.rank(o)
                 if r is not None:
                     ctx.layouts[o] = (None,) * r
+    _freeze_subgraph_reads(ctx, g)
     for v in g.outputs:
         ctx.freeze(ctx.spaces_of(v), None, f"reaches graph output '{v.name}'")
     return ctx
+
+
+def _inner_reads(graph: ir.Graph, out: set) -> None:
+    """Every value a node of ``graph`` (or of a graph nested in it) reads, into ``out``."""
+    for node in graph:
+        out.update(v for v in node.inputs if v is not None)
+        for attr in node.attributes.values():
+            for sub in _subgraphs(attr):
+                _inner_reads(sub, out)
+
+
+def _subgraphs(attr) -> list:
+    if attr.type == ir.AttributeType.GRAPH:
+        return [attr.value]
+    if attr.type == ir.AttributeType.GRAPHS:
+        return list(attr.value)
+    return []
+
+
+def _freeze_subgraph_reads(ctx: Analysis, g: ir.Graph) -> None:
+    """A value of the main graph that a subgraph reads (an ``If`` branch or a
+    ``Loop`` body using an outer activation or weight) is read by nodes no rule
+    saw: every space on it, and on every member tensor it is, is frozen."""
+    for node in g:
+        reads: set = set()
+        for attr in node.attributes.values():
+            for sub in _subgraphs(attr):
+                _inner_reads(sub, reads)
+        if not reads:
+            continue
+        why = "read inside a subgraph"
+        ctx.freeze([s for v in reads if v in ctx.layouts for s in ctx.layouts[v]], node, why)
+        ctx.freeze([m.space for m in ctx.tensors if m.value in reads], node, why)
 
 
 __all__ = ["Analysis", "RuleContext", "Refusal", "run_analysis", "IN", "OUT", "PARAM"]
