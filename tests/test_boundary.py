@@ -203,6 +203,9 @@ MALFORMED = {
     "declared_dtype": (lambda m: _as_input(m, "w1", TensorProto.INT64, [8, 3, 3, 3]), "initializer 'w1' is FLOAT[8,3,3,3] but declared INT64"),
     "declared_dims": (lambda m: _as_input(m, "b1", TensorProto.FLOAT, [9]), "initializer 'b1' is FLOAT[8] but declared FLOAT[9]"),
     "op_dtype": (lambda m: setattr(_init(m, "b1"), "data_type", TensorProto.INT32), "input 'b1' is tensor(int32)"),
+    "ir_version_2": (lambda m: setattr(m, "ir_version", 2), "IR version 2 with opset imports is not a valid model"),
+    "ir_version_3_loose_initializer": (lambda m: setattr(m, "ir_version", 3),
+                                       "IR version 3 needs every initializer among the graph inputs; 'w1' is not"),
 }
 
 
@@ -219,6 +222,43 @@ def test_a_file_onnxruntime_cannot_run_is_the_files_fault(tmp_path, capsys):
     onnx.save(_with(lambda m: _set_dims(_init(m, "w1"), [3, 8, 3, 3])), str(tmp_path / "m.onnx"))
     assert_refused(capsys, tmp_path, [tmp_path / "m.onnx", "--ratios", RATIOS, "-o", tmp_path / "out.onnx"],
             "the model does not run in onnxruntime either")
+
+
+@pytest.mark.parametrize("ir", [3, 7])
+def test_weights_listed_among_the_inputs_are_pruned_as_constants(tmp_path, capsys, ir):
+    """IR 3 (and torch's ``keep_initializers_as_inputs``) lists every initializer
+    among the graph inputs: the pruned model has them as constants only, each
+    once and pruned (no unused full-size input beside it), and is IR 4 at least."""
+    m = _with(lambda m: [setattr(m, "ir_version", ir)] + [m.graph.input.append(
+        helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))) for t in m.graph.initializer])
+    m.graph.output[0].CopyFrom(helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8]))
+    onnx.checker.check_model(m, full_check=True)
+    onnx.save(m, str(tmp_path / "m.onnx"))
+    rc, out, err = cli(capsys, tmp_path / "m.onnx", "--ratios", RATIOS, "--verify", "-o", tmp_path / "out.onnx")
+    assert rc == 0 and "PASS" in out, (out, err)
+    got = onnx.load(str(tmp_path / "out.onnx"))
+    assert got.ir_version == max(ir, 4)
+    onnx.checker.check_model(got, full_check=True)
+    assert [i.name for i in got.graph.input] == ["x"]
+    assert {t.name: list(t.dims) for t in got.graph.initializer} == {"w1": [4, 3, 3, 3], "b1": [4], "w2": [4, 4, 3, 3]}
+
+
+def test_a_float16_model_takes_its_calibration_in_float16(tmp_path, capsys):
+    """Images (here the built-in synthetic ones) are float32; a float16 model's
+    input gets them as float16, and --recover says which layers it leaves as
+    they are (its fits are float32 only)."""
+    m = model()
+    m.graph.input[0].type.tensor_type.elem_type = TensorProto.FLOAT16
+    m.graph.output[0].type.tensor_type.elem_type = TensorProto.FLOAT16
+    for t in m.graph.initializer:
+        t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float16), t.name))
+    onnx.save(m, str(tmp_path / "m.onnx"))
+    rc, out, err = cli(capsys, tmp_path / "m.onnx", "--ratios", RATIOS, "--recover", "--calib", "synthetic",
+                       "-o", tmp_path / "out.onnx")
+    assert rc == 0, (out, err)
+    assert "weight dtype float16 (only float32)" in out + err
+    got = onnx.load(str(tmp_path / "out.onnx"))
+    assert got.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT16
 
 
 # -- outputs ---------------------------------------------------------------------------------

@@ -130,6 +130,7 @@ def to_ir(proto: onnx.ModelProto, input_shapes: dict | None = None) -> ir.Model:
 def normalised(model: ir.Model) -> ir.Model:
     """Normalise and fold until nothing changes, inferring shapes after each round;
     then probe symbolic batch dims. Works in place; returns ``model``."""
+    weights_not_inputs(model)
     inferred = _fold_rounds(model, infer_into(model), refill=False)
     if fill_unknown_dims(model):  # sizes it proved can fold more shape arithmetic (Paddle2ONNX's Reshape targets)
         inferred = _fold_rounds(model, inferred, refill=True)
@@ -435,6 +436,25 @@ def explicit_splits(model: ir.Model) -> int:
         node.attributes.pop("num_outputs", None)
         changed += 1
     return changed
+
+
+def weights_not_inputs(model: ir.Model) -> int:
+    """Initializers that are graph inputs too (IR 3 wanted every initializer
+    there; torch's ``keep_initializers_as_inputs``) stop being inputs: a weight
+    a caller could override is not a constant a rule may read, and a pruned
+    model would keep every original weight as an unused input beside its
+    pruned copy. Such a model is then IR 4 at least (the version that let
+    initializers be constants only). Returns how many inputs went."""
+    g = model.graph
+    inits = g.initializers
+    keep = [v for v in g.inputs if inits.get(v.name) is not v]
+    gone = len(g.inputs) - len(keep)
+    if gone:
+        g.inputs.clear()
+        g.inputs.extend(keep)
+    if model.ir_version is not None and model.ir_version < 4:
+        model.ir_version = 4
+    return gone
 
 
 def weights_as_initializers(model: ir.Model, constants: bool = True) -> int:

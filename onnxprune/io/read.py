@@ -120,6 +120,15 @@ def check_graph(proto: onnx.ModelProto) -> None:
     type that contradicts an initializer, a cycle."""
     from onnxprune.io.protowire import all_tensors
 
+    if proto.ir_version < 3 and len(proto.opset_import):
+        raise UserError(f"IR version {proto.ir_version} with opset imports is not a valid model (IR 3 and later "
+                        "name their opsets): save it again with a current onnx")
+    if proto.ir_version < 4:
+        declared = {i.name for i in proto.graph.input}
+        loose = [t.name for t in proto.graph.initializer if t.name not in declared]
+        if loose:
+            raise UserError(f"IR version {proto.ir_version} needs every initializer among the graph inputs; "
+                            f"{loose[0]!r} is not: save it again with a current onnx")
     for t in all_tensors(proto):
         _check_tensor(t)
     g = proto.graph

@@ -341,6 +341,16 @@ def _with_sources(cal: Calibration, last: bool = False) -> Calibration:
 
 def load(spec: str, proto: onnx.ModelProto, n_batches: int = 4, batch: int = 32, seed: int = 0,
          norm: str | None = None) -> Calibration:
+    cal = _load(spec, proto, n_batches, batch, seed, norm)
+    if cal.inputs is None:  # one input: its samples in its element type (a float16 model takes float16)
+        name = io.data_inputs(proto)[0].name
+        want = _elem_types(proto).get(name)
+        cal.batches = [_as_input(spec, name, b, want) for b in cal.batches]
+    return cal
+
+
+def _load(spec: str, proto: onnx.ModelProto, n_batches: int, batch: int, seed: int,
+          norm: str | None) -> Calibration:
     static, dims = _input_shape(proto)
     if static is not None and static != batch:
         # a static-batch model takes exactly its batch: as many batches of it as give the same number of samples
