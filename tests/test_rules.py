@@ -1164,6 +1164,27 @@ def if_branch_model(reads: str):
     activation of the main graph (``reads="activation"``: a Conv of ``r``, added
     to ``y``) or a weight (``"weight"``: c1's weight, in a Conv of the input,
     output ``t``)."""
+    if reads == "loop":  # a Loop body (once) reading r from the main graph; its scan output stacks one step
+        inits = {"w1": W(8, 3, 3, 3), "w2": W(6, 8, 1, 1), "w3": W(4, 6, 1, 1), "w4": W(4, 6, 1, 1),
+                 "n": np.array(1, np.int64), "c": np.array(True), "ax": I64(0)}
+        m = onnx.parser.parse_model("""<ir_version: 8, opset_import: ["" : 17]>
+g (float[1,3,8,8] x) => (float[1,4,8,8] y) {
+  [c1] h = Conv <pads=[1,1,1,1]> (x, w1)
+  a = Relu(h)
+  [c2] h2 = Conv (a, w2)
+  r = Relu(h2)
+  [c3] z = Conv (r, w3)
+  [branch] s = Loop (n, c) <body = b (int64 i, bool ci) => (bool co, float[1,4,8,8] t1) {
+      co = Identity(ci)
+      t1 = Conv (r, w4)
+  }>
+  t = Squeeze(s, ax)
+  y = Add(z, t)
+}""")
+        for name, arr in inits.items():
+            m.graph.initializer.append(numpy_helper.from_array(np.asarray(arr), name))
+        onnx.checker.check_model(m, full_check=True)
+        return m
     if reads == "activation":
         out, body, tail = "float[1,4,8,8]", "Conv (r, w4)", "y = Add(z, t)"
     else:
@@ -1187,16 +1208,17 @@ g (float[1,3,8,8] x) => (float[1,4,8,8] y{extra}) {{
     return m
 
 
-@pytest.mark.parametrize("reads", ["activation", "weight"])
+@pytest.mark.parametrize("reads", ["activation", "weight", "loop"])
 def test_values_a_subgraph_reads_are_frozen_and_the_rest_prunes_exactly(reads):
     m = if_branch_model(reads)
     a = analyze(m)
-    read, free = (group_of(a, "c2"), group_of(a, "c1")) if reads == "activation" else \
-        (group_of(a, "c1"), group_of(a, "c2"))
+    read, free = (group_of(a, "c1"), group_of(a, "c2")) if reads == "weight" else \
+        (group_of(a, "c2"), group_of(a, "c1"))
     assert not free.frozen  # what no subgraph reads still prunes
-    assert read.frozen and any("read inside a subgraph at If 'branch'" in r for r in read.frozen)
+    op = "Loop" if reads == "loop" else "If"
+    assert read.frozen and any(f"read inside a subgraph at {op} 'branch'" in r for r in read.frozen)
     assert_oracle(m)
     res = pruned(m)
     assert set(res.plan.keep) == {free.id}
-    untouched = "c3" if reads == "activation" else "c1"  # its weight or its input is read inside the branch
-    np.testing.assert_array_equal(weight(res.proto, untouched), init(m, "w3" if reads == "activation" else "w1"))
+    untouched = "c1" if reads == "weight" else "c3"  # its weight or its input is read inside the branch
+    np.testing.assert_array_equal(weight(res.proto, untouched), init(m, "w1" if reads == "weight" else "w3"))
