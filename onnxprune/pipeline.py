@@ -311,6 +311,11 @@ class Job:
                     fed.prepare()
                     if t_part is None:
                         t_part = from_mid_depth()
+                    if t_part is not None and t_part >= t_fed:  # partial runs no faster than the whole zeroed
+                        # model (ORT's extended level, which a piece may need, can cost more than it saves)
+                        fed.resume().ok = False
+                        t_part = None
+                        timings["partial_runs_off"] = True
                 else:
                     fed.discard()
                 timings.update(rewritten=t_edit, zeroed=t_fed)

@@ -255,6 +255,37 @@ def test_a_session_error_prints_nothing_and_raises(capfd):
     assert np.all(np.isfinite(session(m).run(None, feed)[0]))
 
 
+def test_partial_runs_of_a_graph_the_full_level_refuses_run_at_the_extended_one():
+    """The graph above with a third Conv after the Relu, every weight and bias
+    fed: a run from the second Conv is fed ``c``, which the piece before it
+    must expose, and onnxruntime's full level refuses that piece. Resume makes
+    its sessions at the extended level instead, and a partial run gives what
+    the whole model gives."""
+    from onnxprune.runtime.capture import Resume
+
+    rng = np.random.default_rng(0)
+    shapes = {"w": (16, 8, 3, 3), "b": (16,), "w2": (16, 8, 1, 1), "b2": (16,), "w3": (4, 16, 1, 1), "b3": (4,)}
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["x", "w2", "b2"], ["d"], name="conv2"),
+             helper.make_node("Add", ["c", "d"], ["s"], name="add"),
+             helper.make_node("Relu", ["s"], ["r"], name="relu"),
+             helper.make_node("Conv", ["r", "w3", "b3"], ["y"], name="conv3")]
+    ins = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, 8, 8])]
+    ins += [helper.make_tensor_value_info(k, TensorProto.FLOAT, list(v)) for k, v in shapes.items()]
+    m = helper.make_model(helper.make_graph(nodes, "g", ins, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]),
+                          opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    base = {k: rng.standard_normal(v).astype(np.float32) for k, v in shapes.items()}
+    feeds = [{"x": rng.standard_normal((2, 8, 8, 8)).astype(np.float32)} for _ in range(2)]
+    r = Resume(m, {}, base, feeds, threads=1)
+    assert r.ok and r.extended and 1 in r.cross and r.cross[1] == ["c"]
+    edited = {**base, "w2": base["w2"] * -0.5}
+    assert r.start(r.changed(edited)) == 1
+    whole = session(m)
+    for out, fd in zip(r.run(1, edited), feeds):
+        np.testing.assert_allclose(out[0], whole.run(None, {**fd, **edited})[0], rtol=1e-5, atol=1e-5)
+
+
 def test_partial_runs_move_on_with_the_values_a_measured_run_made():
     """Resume: a keyed run from a starting point keeps the values it made at
     the later ones (here one that is also a graph output); moving the base to

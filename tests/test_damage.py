@@ -553,6 +553,36 @@ def test_the_search_is_sized_by_a_candidate_at_mid_depth_not_the_whole_probe(tmp
     assert info["expected_by_steps"][int(info["step"].split("/")[1])] == pytest.approx(info["expected_seconds"])
 
 
+def test_partial_runs_no_faster_than_the_whole_zeroed_model_are_turned_off(tmp_path, monkeypatch):
+    """Timings scripted: rewritten 1 s, the whole zeroed probe 0.5 s, a
+    candidate at mid depth run from its first edit 0.6 s (a piece at ORT's
+    extended level can cost more than it saves): candidates are zeroed, run
+    whole, and the search is sized by the whole run."""
+    from onnxprune import pipeline as P
+    from onnxprune.runtime.capture import Resume
+
+    monkeypatch.setattr(D, "RUN_SECONDS", math.inf)
+    monkeypatch.setattr(D, "ZEROED", None)
+    job, search = _vit_search(tmp_path)
+    fed = search.fed
+    partial = []
+    real = Resume.run
+    monkeypatch.setattr(Resume, "run", lambda self, *a, **kw: partial.append(1) or real(self, *a, **kw))
+
+    def scripted(fn, keep, times=None):
+        return fn(keep), (1.0 if fn is not fed else 0.5 if keep is fed.probe else 0.6)
+
+    monkeypatch.setattr(P, "_fastest", scripted)
+    from onnxprune.plan.budget import parse_target
+
+    metric, requested = Ratios.from_dict({"target_macs": 0.8}).target
+    target = parse_target(requested, job.estimator.before[metric], metric)
+    _, info = search(job.estimator.estimate, metric, target.value)
+    assert info["met"] and info["candidates"] == "zeroed"
+    assert info["timings"]["partial_runs_off"] and info["measurement_seconds"] == 0.5
+    assert len(partial) <= 2 < info["measurements"]  # the candidate at mid depth (checked, then timed): no other
+
+
 def test_a_partial_run_that_disagrees_with_the_whole_model_turns_partial_runs_off(tmp_path, monkeypatch):
     """The first partial run is checked against the whole model's; when they
     differ, that candidate and every later one run the whole model."""

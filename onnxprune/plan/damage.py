@@ -43,7 +43,9 @@ there (:class:`onnxprune.runtime.capture.Resume`, :data:`RESUME`; ``allocate``
 tells it each plan it moves to, and when that is the step just measured, the
 values its run made at the later starting points are taken over, with no run
 of their own: on the ViT-S with a dense decoder at 70% of its MACs, 40 of 41
-moves, the search 95 s -> 72 s, the plan the same); since the probe runs the whole model, a zeroed
+moves, the search 95 s -> 72 s, the plan the same; pieces that ONNX Runtime's full optimisation level
+refuses, as dynamo's MaxViT's, run at its extended level, and partial runs are kept only where a
+candidate at mid depth is faster so than the whole model); since the probe runs the whole model, a zeroed
 probe that is not clearly faster is followed by a candidate at mid depth,
 timed as it would run. Every timing that steers the search is the
 fastest of :data:`TIMINGS` runs, so that one machine writes one plan (one run

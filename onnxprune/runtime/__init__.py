@@ -17,7 +17,8 @@ PROVIDERS = {
 
 
 def session(model: str | onnx.ModelProto, threads: int | None = 1, provider: str = "cpu",
-            externals: dict[str, np.ndarray] | None = None, mem_pattern: bool = True, arena: bool = True):
+            externals: dict[str, np.ndarray] | None = None, mem_pattern: bool = True, arena: bool = True,
+            extended: bool = False):
     """An ORT session on ``model`` (a path or a proto): ``threads`` intra-op threads
     (None: ORT's default), one inter-op thread, errors as exceptions only. A
     provider other than the CPU must be available and actually used.
@@ -28,7 +29,9 @@ def session(model: str | onnx.ModelProto, threads: int | None = 1, provider: str
     values are also outputs (a ViT-S with its 12 GELU outputs read) ran twice
     as slow with one. ``arena`` False: no CPU memory arena, which a session
     keeps at its largest run's size while it lives (the damage search's ~20
-    partial-run sessions of a ViT-S held 1.6 GB more with one)."""
+    partial-run sessions of a ViT-S held 1.6 GB more with one). ``extended``:
+    ORT's extended optimisation level instead of its full one (no layout
+    transformations; see below)."""
     import onnxruntime as ort
 
     wanted = PROVIDERS[provider]
@@ -42,6 +45,8 @@ def session(model: str | onnx.ModelProto, threads: int | None = 1, provider: str
     so.log_severity_level = 4  # errors come back as exceptions; ORT would also print them
     so.enable_mem_pattern = mem_pattern
     so.enable_cpu_mem_arena = arena
+    if extended:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     values = []
     if externals:
         values = [ort.OrtValue.ortvalue_from_numpy(a) for a in externals.values()]
@@ -51,8 +56,9 @@ def session(model: str | onnx.ModelProto, threads: int | None = 1, provider: str
     # no fallback: on an error ORT would print a banner on stdout and retry on the same CPU provider.
     # (Its full optimisation level refuses some graphs whose intermediate values are exposed: a Conv
     # output read by an Add whose two Convs take their weights as graph inputs, as the damage search's
-    # partial runs of a ResNet do; those runs then fall back to whole ones. Making them at the extended
-    # level instead took a ResNet-50's --recover from 205 s to 242 s in tools/recover_zoo.py.)
+    # partial runs of a ResNet or of dynamo's MaxViT do; runtime.capture.Resume then makes its pieces at
+    # the extended level, and the search keeps them only where a candidate at mid depth runs faster
+    # so than the whole model does at the full level.)
     sess = ort.InferenceSession(data, so, providers=providers, enable_fallback=0)
     sess._onnxprune_externals = (externals, values)  # ORT may read them until the session goes
     used = sess.get_providers()[0]

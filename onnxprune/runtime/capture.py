@@ -16,6 +16,7 @@ removes.
 """
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -26,6 +27,8 @@ import onnx_ir as ir
 from onnx import helper
 
 from onnxprune.runtime import session
+
+log = logging.getLogger(__name__)
 
 
 def _subgraph_reads(g: onnx.GraphProto) -> set[str]:
@@ -365,6 +368,7 @@ class Resume:
         self.recent: dict = {}  # key -> (start, per feed {crossing value: array}) of the latest keyed runs
         self.recent_budget = recent_budget
         self.last_start: int | None = None  # where the last run started
+        self.extended = False  # sessions at ORT's extended optimisation level (see _made)
         if not self.cross:
             return
         # the crossing values' sizes from one sample first (a dynamic batch), so the held values stay
@@ -435,8 +439,20 @@ class Resume:
         full = onnx.ModelProto()
         full.CopyFrom(self.proto)
         ext = _trim(full, names, self.externals)
-        sess = session(full, self.threads, externals=ext, mem_pattern=False)
+        sess = self._made(full, ext, mem_pattern=False)
         return sess, [i.name for i in sess.get_inputs()]
+
+    def _made(self, proto: onnx.ModelProto, externals: dict | None, **kw):
+        """A session of ``proto``; where ORT's full optimisation level refuses it
+        (an exposed Conv output that its layout transformation fused away:
+        dynamo's MaxViT), at the extended level, from then on for every piece."""
+        if not self.extended:
+            try:
+                return session(proto, self.threads, externals=externals, **kw)
+            except Exception as e:  # noqa: BLE001 - ORT's refusal of this graph at its full level
+                log.debug("partial runs at ORT's extended optimisation level (%s)", e)
+                self.extended = True
+        return session(proto, self.threads, externals=externals, extended=True, **kw)
 
     def changed(self, arrays: dict[str, np.ndarray]) -> list[str]:
         """The names of ``arrays`` whose values differ from the base's (at first the unedited ones)."""
@@ -503,7 +519,7 @@ class Resume:
         del g.input[:]
         g.input.extend(ins)
         # many sessions live at once, each run now and then: no arena kept at its largest run's size
-        sess = session(p, self.threads, externals=ext, mem_pattern=run, arena=False)
+        sess = self._made(p, ext, mem_pattern=run, arena=False)
         return sess, [i.name for i in sess.get_inputs()]
 
 
