@@ -273,7 +273,7 @@ class Job:
             # from their first edited node (else the zeroed probe's whole run), else a rewritten candidate timed
             # (the first group's first step); every timing that decides the search is the fastest of
             # damage.TIMINGS runs (one run's time moves between runs)
-            t_one, timings = 0.0, {}
+            t_one, timings, partial_off = 0.0, {}, False
             first = [(g, g.width - damage.step_size(g.width, g.kind, ratios.round_to)) for g in pool]
             first = [(g, k) for g, k in first if k >= 1]
             if fed is not None:
@@ -314,8 +314,7 @@ class Job:
                     if t_part is not None and t_part >= t_fed:  # partial runs no faster than the whole zeroed
                         # model (ORT's extended level, which a piece may need, can cost more than it saves)
                         fed.resume().ok = False
-                        t_part = None
-                        timings["partial_runs_off"] = True
+                        t_part, partial_off = None, True
                 else:
                     fed.discard()
                 timings.update(rewritten=t_edit, zeroed=t_fed)
@@ -347,6 +346,7 @@ class Job:
                 fed.discard()  # its sessions and held values go before recovery needs the memory
             return self._keep_plan(skeleton, scored, keep), {"samples": n, "compensated": recovered,
                                                               "candidates": "zeroed" if zeroed else "rewritten",
+                                                              **({"partial_runs_off": True} if partial_off else {}),
                                                               "timings": timings,
                                                               "seconds": time.perf_counter() - t0,
                                                               "measurement_seconds": t_one,
