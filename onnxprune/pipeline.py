@@ -311,8 +311,9 @@ class Job:
                     fed.prepare()
                     if t_part is None:
                         t_part = from_mid_depth()
-                    if t_part is not None and t_part >= t_fed:  # partial runs no faster than the whole zeroed
-                        # model (ORT's extended level, which a piece may need, can cost more than it saves)
+                    if t_part is not None and fed.resume() is not None and fed.resume().extended and t_part >= t_fed:
+                        # pieces at ORT's extended level (the full one refused them) no faster than the whole
+                        # zeroed model at the full level: whole runs (at the full level a piece does less work)
                         fed.resume().ok = False
                         t_part, partial_off = None, True
                 else:

@@ -554,10 +554,10 @@ def test_the_search_is_sized_by_a_candidate_at_mid_depth_not_the_whole_probe(tmp
 
 
 def test_partial_runs_no_faster_than_the_whole_zeroed_model_are_turned_off(tmp_path, monkeypatch):
-    """Timings scripted: rewritten 1 s, the whole zeroed probe 0.5 s, a
-    candidate at mid depth run from its first edit 0.6 s (a piece at ORT's
-    extended level can cost more than it saves): candidates are zeroed, run
-    whole, and the search is sized by the whole run."""
+    """Pieces at ORT's extended level (the full one refused them) and timings
+    scripted: rewritten 1 s, the whole zeroed probe 0.5 s, a candidate at mid
+    depth run from its first edit 0.6 s: candidates are zeroed, run whole,
+    and the search is sized by the whole run."""
     from onnxprune import pipeline as P
     from onnxprune.runtime.capture import Resume
 
@@ -566,8 +566,14 @@ def test_partial_runs_no_faster_than_the_whole_zeroed_model_are_turned_off(tmp_p
     job, search = _vit_search(tmp_path)
     fed = search.fed
     partial = []
-    real = Resume.run
+    real, init = Resume.run, Resume.__init__
     monkeypatch.setattr(Resume, "run", lambda self, *a, **kw: partial.append(1) or real(self, *a, **kw))
+
+    def at_extended_level(self, *a, **kw):  # as if ORT's full level had refused a piece
+        init(self, *a, **kw)
+        self.extended = True
+
+    monkeypatch.setattr(Resume, "__init__", at_extended_level)
 
     def scripted(fn, keep, times=None):
         return fn(keep), (1.0 if fn is not fed else 0.5 if keep is fed.probe else 0.6)
