@@ -415,3 +415,96 @@ def test_torch_multihead_attention_sequence_first_logits_refitted(tmp_path):
     err = {j: float(((runtime.session(r.proto).run(None, {"x": held})[0] - y0) ** 2).sum()) for j, r in out.items()}
     print(err)
     assert err[True] < err[False], err
+
+
+@pytest.mark.parametrize("equation, kind", [
+    ("bhid,bhjd->bhij", "einsum"), ("bhid,bhdj->bhij", "matmul"), ("B G H I D, B G H J D -> B G H I J", "einsum"),
+    ("...id,...jd->...ij", "einsum"),
+    ("bhid,bhjd->bhji", None), ("bhid,bjhd->bhij", None), ("bhid,bhjd->bij", None),
+    ("bhij,bhjd->bhid", "matmul"),  # a MatMul's contraction: logits only where a Softmax follows (_logit_sites)
+    ("bhid,bhid->bhii", None), ("id,jd", None)])
+def test_einsum_equations_that_form_attention_logits(equation, kind):
+    from onnxprune.recover.graph import _einsum_logits
+
+    assert _einsum_logits(equation) == kind
+
+
+def _einsum_net(torch, layout: str, form: str):
+    """Two pre-norm attention blocks on 4x4 patches of a 16 px image; the logits
+    formed by ``form``: "einsum" (``torch.einsum``) or "matmul" (``q @ k^T``)."""
+
+    def logits(q, k, eq):
+        return torch.einsum(eq, q, k) if form == "einsum" else q @ k.transpose(-1, -2)
+
+    class Block(torch.nn.Module):
+        def __init__(s, C=32, H=4):
+            super().__init__()
+            s.H, s.ln, s.qkv, s.proj = H, torch.nn.LayerNorm(C), torch.nn.Linear(C, 3 * C), torch.nn.Linear(C, C)
+            s.f1, s.f2 = torch.nn.Linear(C, 2 * C), torch.nn.Linear(2 * C, C)
+
+        def forward(s, x):
+            B, T, C = x.shape
+            d = C // s.H
+            if layout == "windows":  # MaxViT: [B, G, P, C] windows, heads split after the layer
+                G = 4
+                q, k, v = torch.chunk(s.qkv(s.ln(x)).reshape(B, G, T // G, 3 * C), 3, dim=-1)
+                q, k, v = (t.reshape(B, G, T // G, s.H, d).permute(0, 1, 3, 2, 4) for t in (q, k, v))
+                a = logits(q * d ** -0.5, k, "bghid,bghjd->bghij").softmax(-1)
+                o = (a @ v).permute(0, 1, 3, 2, 4).reshape(B, T, C)
+            else:
+                q, k, v = s.qkv(s.ln(x)).reshape(B, T, 3, s.H, d).permute(2, 0, 3, 1, 4)
+                if layout == "k":
+                    a = logits(q * d ** -0.5, k, "bhid,bhjd->bhij")
+                elif form == "einsum":  # k^T on the right, as a MatMul takes it
+                    a = torch.einsum("bhid,bhdj->bhij", q * d ** -0.5, k.transpose(-1, -2))
+                else:
+                    a = q * d ** -0.5 @ k.transpose(-1, -2)
+                o = (a.softmax(-1) @ v).transpose(1, 2).reshape(B, T, C)
+            x = x + s.proj(o)
+            return x + s.f2(torch.nn.functional.gelu(s.f1(x)))
+
+    class M(torch.nn.Module):
+        def __init__(s, C=32):
+            super().__init__()
+            s.embed = torch.nn.Conv2d(3, C, 4, 4)
+            s.blocks = torch.nn.Sequential(Block(C), Block(C))
+            s.head = torch.nn.Linear(C, 10)
+
+        def forward(s, x):
+            return s.head(s.blocks(s.embed(x).flatten(2).transpose(1, 2)).mean(1))
+
+    torch.manual_seed(0)
+    return M().eval()
+
+
+@pytest.mark.parametrize("layout", ["k", "kt", "windows"])
+def test_einsum_attention_logits_refitted(tmp_path, layout):
+    """Attention logits written with ``torch.einsum`` (legacy export: ``Einsum``
+    ops): ``bhid,bhjd->bhij`` (k untransposed), ``bhid,bhdj->bhij`` (k^T, a
+    MatMul's contraction) and MaxViT's windowed ``bghid,bghjd->bghij`` with q/k/v
+    from ``torch.chunk`` of one layer. Pruning head dims, the logits are
+    re-fitted jointly (held-out logit error down) and the recovered model is the
+    one recovery makes of the same weights with the logits formed by a MatMul."""
+    import warnings
+
+    torch = pytest.importorskip("torch")
+    warnings.filterwarnings("ignore")
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "calib.npy", rng.standard_normal((64, 3, 16, 16)).astype(np.float32))
+    held = rng.standard_normal((32, 3, 16, 16)).astype(np.float32)
+    ratios = {"default": 0, "kinds": {"head_dim": 0.5}, "importance": "l2"}
+    got = {}
+    for form in ("einsum", "matmul"):
+        path = str(tmp_path / f"{form}.onnx")
+        torch.onnx.export(_einsum_net(torch, layout, form), (torch.randn(2, 3, 16, 16),), path, dynamo=False,
+                          opset_version=17, input_names=["x"], dynamic_axes={"x": {0: "n"}})
+        assert sum(n.op_type == "Einsum" for n in onnx.load(path).graph.node) == (2 if form == "einsum" else 0)
+        res = prune(path, ratios, calib=str(tmp_path / "calib.npy"), recover="ridge")
+        rows = [r for r in res.recovery if r.method == "qk-logits"]
+        assert [r.op for r in rows] == ["Einsum" if form == "einsum" else "MatMul"] * 2, format_rows(res.recovery)
+        assert all(r.status == "refit" and r.held_after < 0.9 * r.held_before for r in rows), format_rows(res.recovery)
+        got[form] = runtime.session(res.proto).run(None, {"x": held})[0]
+    y0 = runtime.session(onnx.load(str(tmp_path / "einsum.onnx"))).run(None, {"x": held})[0]
+    scale = float(np.abs(got["matmul"] - y0).max())
+    assert scale > 1e-3  # the pruning changed the outputs: equal recoveries below are not two untouched models
+    np.testing.assert_allclose(got["einsum"], got["matmul"], atol=1e-3 * scale + 1e-5)

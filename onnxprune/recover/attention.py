@@ -22,7 +22,8 @@ matched with the operands' rows put in that order. A head is re-fitted jointly o
 held-out calibration sources (the squared logit error over pairs of tokens).
 The logits are found where they are formed (:func:`~onnxprune.recover.graph._logit_sites`):
 a q.k^T MatMul going to a Softmax (operands ``[..., tokens, d]`` and
-``[..., d, tokens]``), the ONNX ``Attention`` op (4-D ``[B, heads, tokens, d]``
+``[..., d, tokens]``), an ``Einsum`` that forms them the same way or from ``[..., tokens, d]``
+operands on both sides (``bgpid,bgpjd->bgpij``, as torchvision's MaxViT writes it), the ONNX ``Attention`` op (4-D ``[B, heads, tokens, d]``
 or 3-D ``[B, tokens, heads * d]`` q and k) and onnxruntime's
 ``MultiHeadAttention`` with separate 3-D q/k/v, whose packed bias is added to
 q and k inside the op (the fit targets include it, and the written columns
@@ -42,6 +43,7 @@ from onnxprune.recover.fit import LayerRow, _Fit, _logit_err, _logit_factors, _m
 from onnxprune.recover.graph import _attention_linears, _attention_pairs, _Initializers, is_packed_attention
 
 
+TWO_OPERANDS = ("matmul", "einsum")  # logits formed from q and k alone (no op of their own with heads or a bias)
 LAMBDAS = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)  # ridge strengths tried for the joint fit (relative, as for the layers)
 
 
@@ -59,6 +61,7 @@ class _Logits:
     failed: str = ""
     folds: dict = field(default_factory=dict)  # fold -> [G, [Cq], [Ck], [Sq], [Sk]] per head
     kind: str = "matmul"  # where the logits are formed (graph._logit_sites): k^T on the right for "matmul"
+    # (and an Einsum that contracts as one), k as [..., tokens, d] for "einsum"
     num_heads: int = 0  # heads side by side in the last axis of 3-D operands (attention ops)
     bias: tuple = (None, None)  # q and k biases the op adds itself (MultiHeadAttention), original widths
     layer_bias: tuple = (None, None)  # the original bias Adds of q's and k's MatMuls (their columns include them)
@@ -125,7 +128,7 @@ def plan(g, fits: list[_Fit], original) -> list[_Logits]:
     for p in _attention_pairs(g, by_name):
         on = onodes.get(p["node"])
         fq, fk = by_name[p["q_fit"]], by_name[p["k_fit"]]
-        if on is None or len(on.input) < 2 or (p["kind"] == "matmul") != (len(on.input) == 2) \
+        if on is None or len(on.input) < 2 or (p["kind"] in TWO_OPERANDS) != (len(on.input) == 2) \
                 or fq.row.level != fk.row.level or fq.dense.get("transA") or fk.dense.get("transA"):
             continue
         row = LayerRow(node=p["node"], op=on.op_type, status="skipped", method="qk-logits", level=fq.row.level,
@@ -134,7 +137,7 @@ def plan(g, fits: list[_Fit], original) -> list[_Logits]:
         lg = _Logits(row=row, fq=fq, fk=fk, q_val=on.input[0], k_val=k_val, kind=p["kind"])
         try:
             lg.layer_bias = (_layer_bias(fq, onodes, inits), _layer_bias(fk, onodes, inits))
-            got = _heads_and_bias(on, inits) if p["kind"] != "matmul" else (0, (None, None))
+            got = _heads_and_bias(on, inits) if p["kind"] not in TWO_OPERANDS else (0, (None, None))
         except Exception as e:  # an unreadable constant: the separate fits stay
             lg.layer_bias, got = (0.0, 0.0), f"could not read the attention's constants: {type(e).__name__}: {e}"
         if quantized:
@@ -174,7 +177,7 @@ def _operands(lg: _Logits, oq, ok, rows: int):
         if x is None or not lg.num_heads or nq % lg.num_heads:
             return None
         return (x @ d["w"][:, :nq] + d["b"][:nq], x @ d["w"][:, nq:2 * nq] + d["b"][nq:2 * nq], nq // lg.num_heads)
-    flat = lg.kind != "matmul" and oq.ndim == 3
+    flat = lg.kind not in TWO_OPERANDS and oq.ndim == 3
     if flat and (not lg.num_heads or oq.shape[-1] % lg.num_heads):
         return None
     q, k = _rows(oq, rows, False, flat), _rows(ok, rows, lg.kind == "matmul", flat)
@@ -213,7 +216,7 @@ def _map(lg: _Logits, yq, yk, oq, ok) -> None:
     q, k, d = got
     take = slice(0, min(len(rq), 2048))
     mq, mk = _match_columns(q[take], rq[take]), _match_columns(k[take], rk[take])
-    if (mq is None or mk is None) and lg.kind == "matmul" and yq.ndim == 3 and yq.shape[0] != yq.shape[1]:
+    if (mq is None or mk is None) and lg.kind in TWO_OPERANDS and yq.ndim == 3 and yq.shape[0] != yq.shape[1]:
         lg.seq_tokens = yq.shape[0]  # sequence first ([tokens, B, C]): the operands' rows in that order
         got = _operands(lg, oq, ok, len(rq))
         if got is not None:

@@ -598,15 +598,42 @@ def _reaches_softmax(value, hops: int = 8) -> bool:  # 4 ops, each maybe followe
     return False
 
 
+def _einsum_logits(equation: str) -> str | None:
+    """How an ``Einsum`` forms q.k^T, as a :func:`_logit_sites` kind: ``"matmul"`` for
+    ``P id, P dj -> P ij`` (k^T on the right, as a MatMul), ``"einsum"`` for ``P id, P jd -> P ij``
+    (MaxViT's ``bgpid,bgpjd->bgpij``: both operands ``[..., tokens, d]``), with the same batch
+    letters ``P`` (or ``...``) in the same places everywhere; None for any other contraction."""
+    eq = equation.replace(" ", "")
+    if eq.count("->") != 1 or eq.count(",") != 1:
+        return None
+    lhs, out = eq.split("->")
+    a, b = lhs.split(",")
+    if not (len(a) == len(b) == len(out) >= 2) or not (a[:-2] == b[:-2] == out[:-2]):
+        return None
+    prefix, (i, d), (x, y), (oi, oj) = a[:-2], a[-2:], b[-2:], out[-2:]
+    if len({i, d, oj}) != 3 or any(c in prefix or c == "." for c in (i, d, oj)) or oi != i:
+        return None
+    if (x, y) == (oj, d):
+        return "einsum"
+    if (x, y) == (d, oj):
+        return "matmul"
+    return None
+
+
 def _logit_sites(g: _Graph):
     """Where attention logits are formed, as ``(node, q value, k value, kind)``:
     a q.k^T MatMul of two activations going to a Softmax (``kind`` "matmul",
-    its right operand is k^T), the ONNX ``Attention`` op ("attention") and
+    its right operand is k^T), an ``Einsum`` that contracts the same way ("matmul") or
+    with k untransposed ("einsum", :func:`_einsum_logits`), the ONNX ``Attention`` op ("attention") and
     onnxruntime's ``MultiHeadAttention`` with separate 3-D q/k/v ("mha")."""
     for n in g.g:
         if n.op_type == "MatMul" and len(n.inputs) == 2 and all(v is not None and g.const(v) is None for v in n.inputs) \
                 and _reaches_softmax(n.outputs[0]):
             yield n, n.inputs[0], n.inputs[1], "matmul"
+        elif n.op_type == "Einsum" and n.domain in ("", "ai.onnx") and len(n.inputs) == 2 \
+                and all(v is not None and g.const(v) is None for v in n.inputs) and _reaches_softmax(n.outputs[0]) \
+                and (kind := _einsum_logits(str(g.attr(n, "equation", "")))) is not None:
+            yield n, n.inputs[0], n.inputs[1], kind
         elif n.op_type == "Attention" and n.domain in ("", "ai.onnx") and len(n.inputs) >= 3 \
                 and all(v is not None for v in n.inputs[:3]):
             yield n, n.inputs[0], n.inputs[1], "attention"
