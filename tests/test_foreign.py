@@ -531,6 +531,68 @@ def test_paddle_svtr_attention_gets_heads_and_head_dims_pruned():
     assert all(r.status == "PASS" for r in checked)
 
 
+def swin_mask_like() -> onnx.ModelProto:
+    """torchvision's Swin through the legacy exporter, shifted-window blocks:
+    the logits of every window ``[batch * windows, heads, N, N]`` are reshaped
+    to ``[batch, windows, heads, N, N]`` to add the shift mask, the target a
+    ``Concat`` of a run-time ``Div`` (windows per image from shapes), the windows,
+    the heads and N as constants, then back to ``[-1, heads, N, N]``. 8 tokens in
+    2 windows of 4; C 16 = 4 heads of 4."""
+    C, H, D, N, NW = 16, 4, 4, 4, 2
+    return model(f"""g (float[batch, {N * NW}, {C}] x) => (float[batch, {N * NW}, {C}] y) {{
+  [qkv_mm] q0 = MatMul(x, wqkv)
+  qkv = Add(q0, bqkv)
+  r = Reshape(qkv, tgt5)
+  p = Transpose <perm=[2,0,3,1,4]> (r)
+  q = Gather <axis=0> (p, i0)
+  k = Gather <axis=0> (p, i1)
+  v = Gather <axis=0> (p, i2)
+  kt = Transpose <perm=[0,1,3,2]> (k)
+  a0 = MatMul(q, kt)
+  a1 = Mul(a0, scale)
+  s = Shape(a1)
+  bw = Gather <axis=0> (s, i0)
+  b = Div(bw, nw)
+  b1 = Unsqueeze(b, z1)
+  tgt = Concat <axis=0> (b1, nw1, heads1, n1, n1)
+  m5 = Reshape(a1, tgt)
+  masked = Add(m5, mask)
+  a2 = Reshape(masked, back)
+  a = Softmax <axis=-1> (a2)
+  o = MatMul(a, v)
+  ot = Transpose <perm=[0,2,1,3]> (o)
+  o2 = Reshape(ot, merged)
+  [proj] y0 = MatMul(o2, wproj)
+  y = Add(y0, bproj)
+}}""", {"wqkv": W(C, 3 * C), "bqkv": W(3 * C), "tgt5": np.array([-1, N, 3, H, D], np.int64),
+        "i0": np.array(0, np.int64), "i1": np.array(1, np.int64), "i2": np.array(2, np.int64),
+        "scale": np.array(D ** -0.5, np.float32), "nw": np.array(NW, np.int64), "z1": np.array([0], np.int64),
+        "nw1": np.array([NW], np.int64), "heads1": np.array([H], np.int64), "n1": np.array([N], np.int64),
+        "mask": np.where(_rng.random((1, NW, 1, N, N)) < 0.3, -100.0, 0.0).astype(np.float32),
+        "back": np.array([-1, H, N, N], np.int64), "merged": np.array([-1, N * NW, C], np.int64),
+        "wproj": W(C, C), "bproj": W(C)})
+
+
+def test_swin_shifted_window_mask_reshape_gets_heads_pruned():
+    """A Reshape target with a piece computed at run time that cannot be
+    followed (a Div of sizes) beside the heads as a constant: the heads are
+    rewritten there (they were frozen: 'Reshape target computed at run time')
+    and pass the oracle; the pruned model runs at another batch size."""
+    m = swin_mask_like()
+    onnx.checker.check_model(m, full_check=True)
+    job = Job.open(m)
+    live = {g.kind: g.width for g in job.groups if not g.frozen}
+    assert live.get("heads") == 4, [(g.kind, g.width, g.frozen, g.reason) for g in job.groups]
+    rows = verify(m, Ratios.from_dict({"default": 0, "kinds": {"heads": 0.5}}))
+    checked = [r for r in rows if r.max_rel_err is not None and r.kind == "heads"]
+    assert checked and all(r.status == "PASS" for r in checked), rows
+    from onnxprune.api import prune
+
+    res = prune(m, {"default": 0, "kinds": {"heads": 0.5}})
+    x = np.random.default_rng(0).standard_normal((3, 8, 16)).astype(np.float32)
+    assert runtime.session(res.proto).run(None, {"x": x})[0].shape == (3, 8, 16)
+
+
 def _qdq_pair(tmp_path, per_channel=True, weight_type="QInt8"):
     """A small float CNN and its QDQ version from onnxruntime's static quantizer."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static

@@ -47,7 +47,20 @@ def _merge(ctx: RuleContext, node, spaces, dims) -> Space | None:
 
 def shape_vector(ctx: RuleContext, node: ir.Node, slot: int):
     """Resolve an int64 shape-like input into elements:
-    ``("const", value, node, slot, index)``, ``("dim", value, axis)`` or ``("unknown",)``."""
+    ``("const", value, node, slot, index)``, ``("dim", value, axis)`` or ``("unknown",)``;
+    None where not even its length is known. A piece that cannot be followed (a
+    ``Div`` of two run-time sizes: Swin's windows per image) is ``("unknown",)`` per
+    element where its length is known, so the constants beside it in a ``Concat`` (the
+    heads of Swin's shifted-window mask reshape) still resolve."""
+    vec = _shape_vector(ctx, node, slot)
+    if vec is None:
+        d = ctx.dims(node.inputs[slot])
+        if d is not None and len(d) <= 1 and all(isinstance(x, int) for x in d):
+            return [("unknown",)] * (d[0] if d else 1)
+    return vec
+
+
+def _shape_vector(ctx: RuleContext, node: ir.Node, slot: int):
     v = node.inputs[slot]
     arr = ctx.const(v)
     if arr is not None:
