@@ -121,10 +121,7 @@ def _shape_vector(ctx: RuleContext, node: ir.Node, slot: int):
         if data is None or st is None or en is None or len(p.inputs) > 4:
             return None
         return data[int(st.reshape(-1)[0]) : int(min(en.reshape(-1)[0], INT_MAX))]
-    d = ctx.dims(v)
-    if d and d[0] is not None:
-        return [("unknown",)] * d[0]
-    return None
+    return None  # shape_vector: unknown elements where the length is known
 
 
 def bind_shape(ctx: RuleContext, node: ir.Node, slot: int, out_lay, what: str) -> None:
