@@ -597,6 +597,11 @@ def _qdq_pair(tmp_path, per_channel=True, weight_type="QInt8"):
     """A small float CNN and its QDQ version from onnxruntime's static quantizer."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
+    rng = np.random.default_rng(7)  # its own weights, whichever tests ran before
+
+    def W(*shape):
+        return (rng.standard_normal(shape) * 0.5).astype(np.float32)
+
     f = model("""g (float[1, 3, 8, 8] x) => (float[1, 4] y) {
   [c1] a = Conv <pads=[1,1,1,1]> (x, w1, b1)
   r = Relu(a)
