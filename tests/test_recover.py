@@ -687,9 +687,9 @@ def test_sequence_first_layers_put_each_row_in_its_own_samples_fold(tmp_path, mo
     seen = []
     real = R._accumulate
 
-    def spy(fit, rows, fold):
+    def spy(fit, rows, fold, *rest):
         seen.append((fit.row.node, {int(v): int((fold == v).sum()) for v in np.unique(fold)}))
-        return real(fit, rows, fold)
+        return real(fit, rows, fold, *rest)
 
     monkeypatch.setattr(R, "_accumulate", spy)
     res = prune(path, {"default": 0, "kinds": {"heads": 0.5, "embed": 0.25}}, calib=str(tmp_path / "c.npz"),
@@ -886,3 +886,131 @@ def test_the_held_out_check_finds_the_batch_axis_of_a_sequence_first_output():
     assert not h["worse"] and held_out_check(orig, rec, pruned, feeds, fold, 1)["worse"]
     assert batch_axis((5, 8, 3), 8) == 1 and batch_axis((8, 8), 8) == 0 and batch_axis((5, 3), 8) is None
     assert "nothing compared" in held_out_text({**h, "outputs": 0})
+
+
+# --------------------------------------------------------------------------- targets behind a clamp
+
+
+def test_clamped_targets_leave_free_what_the_clamp_hides():
+    from onnxprune.recover.fit import _clamped_targets, _Fit
+
+    # one feature, weight 1, bias 0: the pruned prediction is the feature itself
+    X = np.array([[-3.0], [2.0], [-1.0], [5.0], [9.0], [7.0]], np.float32)
+    Y = np.array([[-5.0], [-4.0], [0.5], [3.0], [8.0], [6.0]], np.float32)  # the original's values
+    f = _Fit(row=None, node=None, x_name="x", y_name="y", kept_out=np.arange(1), groups=[(slice(None), slice(None))],
+             w0=[np.array([[1.0], [0.0]])], kind="dense", clamp=(0.0, 6.0))
+    (_, T), = _clamped_targets(f, [(X, Y)], f.w0)
+    # row 0: both below 0 -> the prediction stays (-3); row 1: the prediction crossed -> the bound (0);
+    # rows 2, 3: inside -> the original; row 4: both above 6 -> the prediction (9); row 5: at 6 -> max(7, 6)
+    assert T[:, 0].tolist() == [-3.0, 0.0, 0.5, 3.0, 9.0, 7.0]
+    f.clamp = (0.0, math.inf)  # a Relu: nothing above is free
+    (_, T), = _clamped_targets(f, [(X, Y)], f.w0)
+    assert T[:, 0].tolist() == [-3.0, 0.0, 0.5, 3.0, 8.0, 6.0]
+    (_, T), = _clamped_targets(f, [(X, Y)], [np.array([[0.5], [-1.0]])])  # another anchor: 0.5 x - 1
+    assert T[:, 0].tolist() == [-2.5, 0.0, 0.5, 3.0, 8.0, 6.0]
+    f.clamp = None
+    assert _clamped_targets(f, [(X, Y)], f.w0)[0][1] is Y
+
+
+def _conv_then(act_nodes, inits_extra=(), opset=20, out="y"):
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"), *act_nodes]
+    inits = [_t("w", rng.standard_normal((4, 3, 1, 1))), *inits_extra]
+    return _model(nodes, inits, ["N", 3, 4, 4], out, ["N", 4, 4, 4], opset=opset)
+
+
+@pytest.mark.parametrize("case,expected", [
+    ("relu", (0.0, math.inf)),
+    ("clip6", (0.0, 6.0)),
+    ("clip_max_only", (-math.inf, 6.0)),
+    ("clip_attrs", (-1.0, 1.0)),
+    ("clip_none", None),
+    ("two_readers", None),
+    ("graph_output", None),
+    ("sigmoid", None),
+])
+def test_the_clamp_after_a_layer_is_read_only_when_nothing_else_sees_its_output(case, expected):
+    import onnx_ir as ir
+
+    from onnxprune.recover.graph import _Graph, clamp_after
+
+    c = numpy_helper.from_array(np.array(0.0, np.float32), "lo"), numpy_helper.from_array(np.array(6.0, np.float32), "hi")
+    m = {
+        "relu": lambda: _conv_then([helper.make_node("Relu", ["c"], ["y"])]),
+        "clip6": lambda: _conv_then([helper.make_node("Clip", ["c", "lo", "hi"], ["y"])], c),
+        "clip_max_only": lambda: _conv_then([helper.make_node("Clip", ["c", "", "hi"], ["y"])], c[1:]),
+        "clip_attrs": lambda: _conv_then([helper.make_node("Clip", ["c"], ["y"], min=-1.0, max=1.0)], opset=6),
+        "clip_none": lambda: _conv_then([helper.make_node("Clip", ["c"], ["y"])]),
+        "two_readers": lambda: _conv_then([helper.make_node("Relu", ["c"], ["r"]), helper.make_node("Add", ["r", "c"], ["y"])]),
+        "graph_output": lambda: _conv_then([helper.make_node("Relu", ["c"], ["y"])], out="c"),
+        "sigmoid": lambda: _conv_then([helper.make_node("Sigmoid", ["c"], ["y"])]),
+    }[case]()
+    g = _Graph(ir.serde.deserialize_model(m))
+    assert clamp_after(g, g.nodes["conv"]) == expected
+
+
+def relu_gated(seed):
+    """x[N,6,8,8] -> Conv 1x1 6->24 -> Relu -> Conv 1x1 24->8 -> Relu. Half of the
+    hidden channels are weak (the l2 ranking drops them) but push the second
+    conv's outputs down hard: what they took away mostly ends below zero,
+    where the last Relu hides it."""
+    rng = np.random.default_rng(seed)
+    w1 = rng.standard_normal((24, 6, 1, 1)) / np.sqrt(6)
+    w1[12:] *= 0.3
+    w2 = rng.standard_normal((8, 24, 1, 1)) / np.sqrt(12)
+    w2[:, 12:] = -0.5 * np.abs(w2[:, 12:]) / 0.3
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1"),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2"], ["c2"], name="conv2"),
+        helper.make_node("Relu", ["c2"], ["y"], name="relu2"),
+    ]
+    return _model(nodes, [_t("w1", w1), _t("w2", w2)], ["N", 6, 8, 8], "y", ["N", 8, 8, 8])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_layer_before_a_relu_is_fitted_to_what_passes_it(seed):
+    # conv2 loses the weak half of its inputs; what they took away lies mostly below zero, where
+    # the Relu hides it, so a fit that does not chase it is closer to the original on held-out inputs
+    m = relu_gated(seed)
+    calib = _batches((16, 6, 8, 8), 4, seed=10 + seed)
+    held = _batches((16, 6, 8, 8), 2, seed=20 + seed)
+    errs = {}
+    for clamp in (False, True):
+        res, out, rows = _run(m, {"default": 0.5, "scope": "local"}, calib, ridge=1e-4, ridge_select=False,
+                              validate=False, clamp=clamp)
+        _valid(out)
+        assert [r.status for r in rows if r.node == "conv2"] == ["refit"], format_rows(rows)
+        errs[clamp] = _rel(m, out, held)
+        conv2 = next(r for r in rows if r.node == "conv2")
+        assert (conv2.target == "clamped") == clamp and ("^ fitted to what passes" in format_rows(rows)) == clamp
+    assert errs[True] < 0.95 * errs[False], errs
+
+
+def relu_heavy(seed):
+    """x[N,6,8,8] -> Conv 1x1 6->24 -> Relu -> Conv 3x3 24->8 with a negative bias
+    -> Relu: most of the second conv's values are hidden by its Relu."""
+    rng = np.random.default_rng(seed)
+    w1 = rng.standard_normal((24, 6, 1, 1)) / np.sqrt(6)
+    w2, b2 = rng.standard_normal((8, 24, 3, 3)) / np.sqrt(24 * 9), np.full(8, -0.6)
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1"),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c2"], ["y"], name="relu2"),
+    ]
+    return _model(nodes, [_t("w1", w1), _t("w2", w2), _t("b2", b2)], ["N", 6, 8, 8], "y", ["N", 8, 8, 8])
+
+
+@pytest.mark.parametrize("ratio", [0.25, 0.5, 0.75])
+def test_clamped_targets_do_no_worse_than_the_plain_fit_however_much_a_layer_lost(ratio):
+    # anchored on the plain fit's own values, the clamped passes can only give up what the Relu hides
+    m = relu_heavy(0)
+    calib, held = _batches((16, 6, 8, 8), 4, seed=10), _batches((16, 6, 8, 8), 2, seed=20)
+    errs = {}
+    for clamp in (False, True):
+        _, out, rows = _run(m, {"default": ratio, "scope": "local"}, calib, ridge=1e-4, ridge_select=False,
+                            validate=False, clamp=clamp)
+        assert [r.status for r in rows if r.node == "conv2"] == ["refit"], format_rows(rows)
+        errs[clamp] = _rel(m, out, held)
+    assert errs[True] <= 1.01 * errs[False], errs

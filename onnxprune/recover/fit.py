@@ -73,6 +73,7 @@ class _Fit:
     folds: dict = field(default_factory=dict)  # fold -> (G, C, yy) lists: the same statistics per fold of sources
     shift: dict = field(default_factory=dict)  # group -> the first rows' mean input, which wide products are centred on
     quant: dict = field(default_factory=dict)  # "w" / "b": a QDQ model's quantized constant (core.quant.Dequantized)
+    clamp: tuple | None = None  # (lo, hi): the layer's output goes only through Relu / Clip to these bounds
 
 
 # --------------------------------------------------------------------------- regression rows
@@ -248,14 +249,40 @@ def _dense_rows(fit: _Fit, x: np.ndarray, y: np.ndarray, rng, budget: int, strea
     return [(X, Y)], sample
 
 
-def _accumulate(fit: _Fit, rows, fold: np.ndarray) -> None:
+def _clamped_targets(fit: _Fit, rows, anchor: list) -> list:
+    """Targets that ask nothing the following clamp (``fit.clamp``: a Relu or
+    Clip that alone reads the layer's output) would hide. Where the original's
+    value lies at or beyond a bound, any value on that side gives the same
+    output after the clamp, so the target becomes ``anchor``'s prediction (a
+    first fit's weights, per group ``[d + 1, m]``) kept on that side of the
+    bound (the bound itself where it crosses): rows the first fit already
+    sends past the bound ask nothing more, rows it brings back inside are
+    pulled to the bound. One step of the alternating least squares of a
+    regression through a ReLU: the Gram matrices are unchanged, only the
+    cross products move."""
+    if fit.clamp is None:
+        return rows
+    lo, hi = fit.clamp
+    out = []
+    for (X, Y, *phase), W in zip(rows, anchor):
+        P = X @ W[:-1].astype(X.dtype) + W[-1].astype(X.dtype)
+        T = np.where(Y <= lo, np.minimum(P, lo), Y) if np.isfinite(lo) else Y
+        T = np.where(Y >= hi, np.maximum(P, hi), T) if np.isfinite(hi) else T
+        out.append((X, T.astype(Y.dtype), *phase))
+    return out
+
+
+def _accumulate(fit: _Fit, rows, fold: np.ndarray, targets_only: bool = False) -> None:
     """Add the regression rows to the layer's statistics, per fold of sources
     (``fold``: the fold of each row; -1: a row kept out of every fit, left
     out here); the totals are the sums over folds.
     Inputs of :data:`FLOAT32_FROM` features or more are multiplied in float32,
     centred on the first rows' mean so the products do not cancel, and turned
     back into float64 sums of the raw rows (half the time of the widest
-    products: a ViT-S's projections)."""
+    products: a ViT-S's projections). ``targets_only``: the same rows again
+    with new targets (:func:`_clamped_targets`' later passes, after
+    :func:`reset_targets`): only the cross products and the targets' sums
+    of squares are added; the Gram matrices stay."""
     for k in np.unique(fold):
         if k < 0:
             continue
@@ -263,7 +290,7 @@ def _accumulate(fit: _Fit, rows, fold: np.ndarray) -> None:
         G, C, yy = fit.folds.setdefault(int(k), ([], [], []))
         for gi, (X, Y, *phase) in enumerate(rows):
             if phase:  # a ConvTranspose: per output phase, its taps only (_Blocks)
-                _accumulate_blocks(fit, X[sel], Y[sel].astype(np.float64), phase[0][sel], gi, G, C, yy)
+                _accumulate_blocks(fit, X[sel], Y[sel].astype(np.float64), phase[0][sel], gi, G, C, yy, targets_only)
                 continue
             if len(G) <= gi:
                 G.append(np.zeros((X.shape[1] + 1, X.shape[1] + 1)))
@@ -277,19 +304,35 @@ def _accumulate(fit: _Fit, rows, fold: np.ndarray) -> None:
             Xa[:, :-1] = X[sel] - fit.shift[gi].astype(dt) if wide else X[sel]
             Xa[:, -1] = 1.0
             Yk = Y[sel].astype(dt)
-            g, c = (Xa.T @ Xa).astype(np.float64), (Xa.T @ Yk).astype(np.float64)
+            c = (Xa.T @ Yk).astype(np.float64)
             if wide:  # from the centred rows back to the raw ones: x = x_c + mu
-                mu, s, n = fit.shift[gi], g[:-1, -1].copy(), g[-1, -1]
-                g[:-1, :-1] += np.outer(s, mu) + np.outer(mu, s) + n * np.outer(mu, mu)
-                g[:-1, -1] = g[-1, :-1] = s + n * mu
-                c[:-1] += np.outer(mu, c[-1])
-            G[gi] += g
+                c[:-1] += np.outer(fit.shift[gi], c[-1])
+            if not targets_only:
+                g = (Xa.T @ Xa).astype(np.float64)
+                if wide:
+                    mu, s, n = fit.shift[gi], g[:-1, -1].copy(), g[-1, -1]
+                    g[:-1, :-1] += np.outer(s, mu) + np.outer(mu, s) + n * np.outer(mu, mu)
+                    g[:-1, -1] = g[-1, :-1] = s + n * mu
+                G[gi] += g
             C[gi] += c
             yy[gi] += np.einsum("ij,ij->j", Yk, Yk, dtype=np.float64)
-    fit.n += int(np.count_nonzero(fold >= 0))
+    if not targets_only:
+        fit.n += int(np.count_nonzero(fold >= 0))
 
 
-def _accumulate_blocks(fit: _Fit, X, Y, phase, gi: int, G: list, C: list, yy: list) -> None:
+def reset_targets(fit: _Fit) -> None:
+    """Zero the statistics that depend on the targets (per fold: the cross
+    products and the targets' sums of squares), keeping the Gram matrices, for
+    another pass over the same rows with new targets."""
+    for G, C, yy in fit.folds.values():
+        for c in C:
+            c[:] = 0
+        for v in yy:
+            v[:] = 0
+    fit.G, fit.C, fit.yy = [], [], []
+
+
+def _accumulate_blocks(fit: _Fit, X, Y, phase, gi: int, G: list, C: list, yy: list, targets_only: bool = False) -> None:
     blocks = fit.conv["blocks"]
     if len(G) <= gi:
         G.append(_Blocks(blocks, X.shape[1]))
@@ -301,10 +344,12 @@ def _accumulate_blocks(fit: _Fit, X, Y, phase, gi: int, G: list, C: list, yy: li
         if not r.any():
             continue
         Xp = X[r][:, cols].astype(np.float64)
-        g.parts[p] += Xp.T @ Xp
-        g.border[cols] += Xp.sum(0)
+        if not targets_only:
+            g.parts[p] += Xp.T @ Xp
+            g.border[cols] += Xp.sum(0)
         C[gi][cols] += Xp.T @ Y[r]
-    g.corner += len(Y)
+    if not targets_only:
+        g.corner += len(Y)
     C[gi][-1] += Y.sum(0)
     yy[gi] += (Y * Y).sum(0)
 

@@ -4,6 +4,7 @@ hands to the rewriter (:func:`_write_back`: recovery edits nothing itself).
 """
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 
 import numpy as np
@@ -375,7 +376,8 @@ def _plan_fit(g: _Graph, orig: dict[str, str], name: str, ins, outs, max_feature
         row.features = d
         if method == "ridge" and max(geo.get("up", (1,))) > 1:  # the normal equations split by output phase
             geo["blocks"] = tap_blocks(cpg, geo)
-        return _Fit(groups=groups, w0=w0, kind="conv", conv=geo, **fit_kw)
+        clamp = clamp_after(g, node) if method == "ridge" and not quant else None
+        return _Fit(groups=groups, w0=w0, kind="conv", conv=geo, clamp=clamp, **fit_kw)
     if op == "Gemm":
         ta, tb = int(g.attr(node, "transA", 0)), int(g.attr(node, "transB", 0))
         alpha, beta = float(g.attr(node, "alpha", 1.0)), float(g.attr(node, "beta", 1.0))
@@ -400,7 +402,8 @@ def _plan_fit(g: _Graph, orig: dict[str, str], name: str, ins, outs, max_feature
             return row
         row.features = W.shape[0]
         w0 = [np.vstack([W, bias[None]]).astype(np.float64)]
-        return _Fit(groups=[(slice(None), slice(None))], w0=w0, kind="dense",
+        clamp = clamp_after(g, node) if method == "ridge" and not quant else None
+        return _Fit(groups=[(slice(None), slice(None))], w0=w0, kind="dense", clamp=clamp,
                     dense=dict(transA=ta, transB=tb, alpha=alpha, beta=beta, src_dims=_source_dims(node.inputs[0])),
                     **fit_kw)
     # MatMul with a constant right operand
@@ -448,6 +451,31 @@ def _source_dims(value, hops: int = 6) -> list | None:
             return None
         v = src
     return None
+
+
+def clamp_after(g: _Graph, node) -> tuple | None:
+    """``(lo, hi)`` when ``node``'s output is read by one ``Relu`` or a ``Clip``
+    with constant bounds and by nothing else (not a graph output): the
+    values beyond the bounds are not seen downstream. None otherwise."""
+    v = node.outputs[0]
+    uses = list(v.uses())
+    if len(uses) != 1 or v.is_graph_output() or uses[0].idx != 0 or uses[0].node.domain not in ("", "ai.onnx"):
+        return None
+    act = uses[0].node
+    if act.op_type == "Relu":
+        return (0.0, math.inf)
+    if act.op_type != "Clip":
+        return None
+    bounds = []
+    for i, (attr, default) in enumerate((("min", -math.inf), ("max", math.inf)), 1):
+        if len(act.inputs) > i and act.inputs[i] is not None:
+            c = g.const(act.inputs[i])
+            if c is None or c.size != 1:
+                return None
+            bounds.append(float(c.reshape(-1)[0]))
+        else:
+            bounds.append(float(g.attr(act, attr, default)))
+    return None if bounds == [-math.inf, math.inf] else tuple(bounds)
 
 
 def _quantized_bias_add(g: _Graph, node, width: int):
