@@ -925,6 +925,9 @@ def _conv_then(act_nodes, inits_extra=(), opset=20, out="y"):
     ("clip_max_only", (-math.inf, 6.0)),
     ("clip_attrs", (-1.0, 1.0)),
     ("clip_none", None),
+    ("hardswish", (-3.0, math.inf)),
+    ("hardsigmoid_torch", (-3.0, 3.0)),
+    ("hardsigmoid_default", (-2.5, 2.5)),
     ("two_readers", None),
     ("graph_output", None),
     ("sigmoid", None),
@@ -941,12 +944,16 @@ def test_the_clamp_after_a_layer_is_read_only_when_nothing_else_sees_its_output(
         "clip_max_only": lambda: _conv_then([helper.make_node("Clip", ["c", "", "hi"], ["y"])], c[1:]),
         "clip_attrs": lambda: _conv_then([helper.make_node("Clip", ["c"], ["y"], min=-1.0, max=1.0)], opset=6),
         "clip_none": lambda: _conv_then([helper.make_node("Clip", ["c"], ["y"])]),
+        "hardswish": lambda: _conv_then([helper.make_node("HardSwish", ["c"], ["y"])]),
+        "hardsigmoid_torch": lambda: _conv_then([helper.make_node("HardSigmoid", ["c"], ["y"], alpha=1 / 6)]),
+        "hardsigmoid_default": lambda: _conv_then([helper.make_node("HardSigmoid", ["c"], ["y"])]),
         "two_readers": lambda: _conv_then([helper.make_node("Relu", ["c"], ["r"]), helper.make_node("Add", ["r", "c"], ["y"])]),
         "graph_output": lambda: _conv_then([helper.make_node("Relu", ["c"], ["y"])], out="c"),
         "sigmoid": lambda: _conv_then([helper.make_node("Sigmoid", ["c"], ["y"])]),
     }[case]()
     g = _Graph(ir.serde.deserialize_model(m))
-    assert clamp_after(g, g.nodes["conv"]) == expected
+    got = clamp_after(g, g.nodes["conv"])
+    assert got == (expected if expected is None else pytest.approx(expected)), got
 
 
 def relu_gated(seed):

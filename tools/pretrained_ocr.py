@@ -1,6 +1,6 @@
 """Recovery on a real-weight text recogniser with attention: rendered text lines, labels known.
 
-    python tools/pretrained_ocr.py [--targets 0.9,0.7,0.5] [--calib-batches 4] [--eval 300]
+    python tools/pretrained_ocr.py [--targets 0.9,0.7,0.5] [--calib-batches 4] [--eval 300] [--ablate-clamp]
 
 The model is PaddleOCR's PP-OCRv4 recogniser (``ch_PP-OCRv4_rec_infer.onnx``) as
 shipped in the ``rapidocr_onnxruntime`` wheel on PyPI: SVTR-LCNet, a PP-LCNetV3
@@ -174,6 +174,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--attention", action=argparse.BooleanOptionalAction, default=True,
                     help=f"also the plan {ATTENTION}: heads and head dims, which the MACs targets leave alone")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "pretrained_ocr.md"))
+    ap.add_argument("--ablate-clamp", action="store_true",
+                    help="also recover each plan with every layer fitted to its own output even where a Relu / Clip / "
+                         "HardSwish / HardSigmoid hides part of it (the API's recover_options clamp=False)")
     ap.add_argument("--importance", help="ranks for the budget rows instead of --recover's (e.g. l2), scope damage")
     ap.add_argument("--recon-rows-per-feature", type=int,
                     help="rows per feature after which the recon ranks stop reading calibration batches "
@@ -210,16 +213,28 @@ def main(argv: list[str] | None = None) -> None:
             out = os.path.join(CACHE, f"{name.strip('%')}_{'rec' if rec else 'pruned'}.onnx")
             report = out + ".json"
             t0 = time.perf_counter()
+            plan = os.path.join(CACHE, f"{name.strip('%')}_plan.json")
             line, _ = run(model, "--ratios", ratios, "--calib", calib, "--calib-batches", str(args.calib_batches),
-                          "--input-shape", f"x:N,3,{H},{W}", *(["--recover"] if rec else []), "-o", out,
-                          "--report", report, "-q")
+                          "--input-shape", f"x:N,3,{H},{W}", *(["--recover", "--save-plan", plan] if rec else []),
+                          "-o", out, "--report", report, "-q")
             secs = time.perf_counter() - t0
+            if rec and args.ablate_clamp:  # the same plan, every layer fitted to its own output
+                from onnxprune.api import prune
+
+                plain = out.replace(".onnx", "_unclamped.onnx")
+                prune(model, plan=plan, calib=calib, calib_batches=args.calib_batches, input_shapes=[f"x:N,3,{H},{W}"],
+                      recover="ridge", recover_options={"clamp": False}, output=plain)
+                u = compare(ref, outputs(plain, ex), truth, chars)
+                entry["recovered_unclamped"] = u
             m = compare(ref, outputs(out, ex), truth, chars)
             with open(report) as f:
                 rep = json.load(f)
             cells += [f"{m['read']:.1f} / {m['same']:.1f} / {m['steps']:.1f} / {m['kl']:.3f}", f"{secs:.0f}s"]
             entry["recovered" if rec else "pruned"] = {**m, "seconds": secs, "line": line, "removed": removed(rep),
                                                        "macs": rep["after"]["macs"] / rep["before"]["macs"]}
+        if "recovered_unclamped" in entry:
+            u = entry["recovered_unclamped"]
+            cells.append(f"{u['read']:.1f} / {u['same']:.1f} / {u['steps']:.1f} / {u['kl']:.3f}")
         cells[1:1] = [f"{entry['recovered']['macs']:.1%}", entry["recovered"]["removed"]]
         rows.append(cells)
         raw["results"][name] = entry
@@ -230,8 +245,11 @@ def main(argv: list[str] | None = None) -> None:
             "same top character per step, % / KL per step. What the plan removes: `--recover`'s plan (without "
             "`--recover` the damage search measures its candidates as they will be written, so the plain prune's "
             "plan differs; it is in the .json)\n\n")
-    text += md(["plan", "MACs kept", "what --recover's plan removes", "pruned", "prune time", "after --recover",
-                "prune + recover time"], rows)
+    head = ["plan", "MACs kept", "what --recover's plan removes", "pruned", "prune time", "after --recover",
+            "prune + recover time"]
+    if args.ablate_clamp:
+        head.append("after --recover, every layer fitted to its own output, Relu / Clip / HardSwish or not")
+    text += md(head, rows)
     text += (f"\n\n{32 * args.calib_batches} calibration lines; fonts {', '.join(os.path.basename(f or 'built-in') for f in fonts(CALIB_FONTS))} "
              f"calibrate, {', '.join(os.path.basename(f or 'built-in') for f in fonts(EVAL_FONTS))} evaluate; "
              f"CPU {os.cpu_count()} cores\n")

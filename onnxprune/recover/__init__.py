@@ -50,8 +50,8 @@ block can, as sequential calibration feeds errors forward (GPTQ). Only where
 ``r`` is final when the layer is fitted (every re-fitted layer upstream of it
 is at a lower level); two branches of one ``Add`` never both correct for the other.
 
-A layer whose output only goes through a ``Relu`` or a ``Clip`` with constant
-bounds is not asked to reproduce what the clamp hides: after its plain fit,
+A layer whose output only goes through a ``Relu``, a ``Clip`` with constant
+bounds, a ``HardSwish`` or a ``HardSigmoid`` is not asked to reproduce what the clamp hides: after its plain fit,
 :data:`CLAMP_PASSES` more passes over the same rows (no ORT run, the Gram
 matrices kept) take as target, where the original's value lies at or beyond a
 bound, the previous fit's value kept on that side of it
@@ -668,7 +668,7 @@ def format_rows(rows: list[LayerRow]) -> str:
     if stream:
         lines.append("* fitted to the original's residual sum minus the pruned stream (takes up what the stream lost upstream)")
     if clamped:
-        lines.append("^ fitted to what passes the Relu / Clip after it (errors of those targets)")
+        lines.append("^ fitted to what passes the clamp after it (Relu, Clip, HardSwish, HardSigmoid; errors of those targets)")
     return "\n".join(lines)
 
 

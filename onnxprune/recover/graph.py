@@ -454,9 +454,10 @@ def _source_dims(value, hops: int = 6) -> list | None:
 
 
 def clamp_after(g: _Graph, node) -> tuple | None:
-    """``(lo, hi)`` when ``node``'s output is read by one ``Relu`` or a ``Clip``
-    with constant bounds and by nothing else (not a graph output): the
-    values beyond the bounds are not seen downstream. None otherwise."""
+    """``(lo, hi)`` when ``node``'s output is read by one ``Relu``, ``Clip``
+    with constant bounds, ``HardSwish`` or ``HardSigmoid`` and by nothing else
+    (not a graph output): the values beyond the bounds are not seen downstream
+    (each the same output there). None otherwise."""
     v = node.outputs[0]
     uses = list(v.uses())
     if len(uses) != 1 or v.is_graph_output() or uses[0].idx != 0 or uses[0].node.domain not in ("", "ai.onnx"):
@@ -464,6 +465,11 @@ def clamp_after(g: _Graph, node) -> tuple | None:
     act = uses[0].node
     if act.op_type == "Relu":
         return (0.0, math.inf)
+    if act.op_type == "HardSwish":  # x * max(0, min(1, x / 6 + 1 / 2)): 0 at and below -3, x itself above 3
+        return (-3.0, math.inf)
+    if act.op_type == "HardSigmoid":  # max(0, min(1, alpha x + beta))
+        alpha, beta = float(g.attr(act, "alpha", 0.2)), float(g.attr(act, "beta", 0.5))
+        return (-beta / alpha, (1 - beta) / alpha) if alpha > 0 else None
     if act.op_type != "Clip":
         return None
     bounds = []
