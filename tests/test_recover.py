@@ -1021,3 +1021,53 @@ def test_clamped_targets_do_no_worse_than_the_plain_fit_however_much_a_layer_los
         assert [r.status for r in rows if r.node == "conv2"] == ["refit"], format_rows(rows)
         errs[clamp] = _rel(m, out, held)
     assert errs[True] <= 1.01 * errs[False], errs
+
+
+@pytest.mark.parametrize("layout", ["dense", "wide", "blocks"])
+def test_a_pass_with_new_targets_over_the_same_rows_keeps_the_gram_and_replaces_the_rest(layout):
+    """reset_targets + _accumulate(targets_only) over the same rows with new
+    targets gives the statistics of a fresh pass with those targets (the Gram
+    matrices kept, the cross products and target sums replaced), per fold."""
+    from types import SimpleNamespace
+
+    from onnxprune.recover.fit import FLOAT32_FROM, _accumulate, _totals, reset_targets, tap_blocks
+
+    rng = np.random.default_rng(5)
+    if layout == "blocks":
+        blocks = tap_blocks(2, {"k": (2, 2), "up": (2, 2), "pads": [0, 0, 0, 0]})
+        d = 8
+    else:
+        blocks, d = None, (FLOAT32_FROM + 4 if layout == "wide" else 12)
+    batches = []
+    for _ in range(3):
+        X = (rng.standard_normal((300, d)) + (5.0 if layout == "wide" else 0.0)).astype(np.float32)
+        phase = rng.integers(0, 4, 300)
+        if blocks is not None:
+            for p, cols in enumerate(blocks):
+                X[np.ix_(phase != p, cols)] = 0
+        Y1, Y2 = (rng.standard_normal((300, 3)).astype(np.float32) for _ in range(2))
+        batches.append((X, Y1, Y2, phase, rng.integers(-1, 2, 300)))
+
+    def rows(X, Y, phase):
+        return [(X, Y, phase)] if blocks is not None else [(X, Y)]
+
+    def new():
+        return SimpleNamespace(conv={"blocks": blocks} if blocks else {}, folds={}, shift={}, n=0, G=[], C=[], yy=[])
+
+    again, fresh = new(), new()
+    for X, Y1, _, phase, fold in batches:
+        _accumulate(again, rows(X, Y1, phase), fold)
+    reset_targets(again)
+    for X, _, Y2, phase, fold in batches:
+        _accumulate(again, rows(X, Y2, phase), fold, targets_only=True)
+        _accumulate(fresh, rows(X, Y2, phase), fold)
+    assert again.n == fresh.n and set(again.folds) == set(fresh.folds) == {0, 1}
+    for k in fresh.folds:
+        (Ga,), (Ca,), (ya,) = again.folds[k]
+        (Gf,), (Cf,), (yf,) = fresh.folds[k]
+        np.testing.assert_allclose(Ca, Cf, rtol=1e-5, atol=1e-3)
+        np.testing.assert_allclose(ya, yf, rtol=1e-6)
+        W = rng.standard_normal((d + 1, 3))
+        np.testing.assert_allclose(Ga @ W, Gf @ W, rtol=1e-6, atol=1e-6)
+    _totals(again)
+    assert len(again.C) == 1
