@@ -51,7 +51,8 @@ block can, as sequential calibration feeds errors forward (GPTQ). Only where
 is at a lower level); two branches of one ``Add`` never both correct for the other.
 
 A layer whose output only goes through a ``Relu``, a ``Clip`` with constant
-bounds, a ``HardSwish`` or a ``HardSigmoid`` is not asked to reproduce what the clamp hides: after its plain fit,
+bounds, a ``HardSwish`` or a ``HardSigmoid`` (directly or through constant
+per-channel steps: :func:`onnxprune.recover.graph.clamp_after`) is not asked to reproduce what the clamp hides: after its plain fit,
 :data:`CLAMP_PASSES` more passes over the same rows (no ORT run, the Gram
 matrices kept) take as target, where the original's value lies at or beyond a
 bound, the previous fit's value kept on that side of it

@@ -73,7 +73,7 @@ class _Fit:
     folds: dict = field(default_factory=dict)  # fold -> (G, C, yy) lists: the same statistics per fold of sources
     shift: dict = field(default_factory=dict)  # group -> the first rows' mean input, which wide products are centred on
     quant: dict = field(default_factory=dict)  # "w" / "b": a QDQ model's quantized constant (core.quant.Dequantized)
-    clamp: tuple | None = None  # (lo, hi): the layer's output goes only through Relu / Clip to these bounds
+    clamp: tuple | None = None  # (lo, hi): beyond these a clamp after the layer hides its values (floats or per channel)
 
 
 # --------------------------------------------------------------------------- regression rows
@@ -262,12 +262,13 @@ def _clamped_targets(fit: _Fit, rows, anchor: list) -> list:
     cross products move."""
     if fit.clamp is None:
         return rows
-    lo, hi = fit.clamp
+    lo, hi = fit.clamp  # floats, or one bound per output channel of the pruned layer
     out = []
-    for (X, Y, *phase), W in zip(rows, anchor):
+    for (X, Y, *phase), W, (_, osl) in zip(rows, anchor, fit.groups):
+        l, h = (np.asarray(v, np.float64) if np.ndim(v) == 0 else np.asarray(v, np.float64)[osl] for v in (lo, hi))
         P = X @ W[:-1].astype(X.dtype) + W[-1].astype(X.dtype)
-        T = np.where(Y <= lo, np.minimum(P, lo), Y) if np.isfinite(lo) else Y
-        T = np.where(Y >= hi, np.maximum(P, hi), T) if np.isfinite(hi) else T
+        T = np.where(Y <= l, np.minimum(P, l), Y) if np.any(l > -np.inf) else Y  # +inf: the channel is all free
+        T = np.where(Y >= h, np.maximum(P, h), T) if np.any(h < np.inf) else T
         out.append((X, T.astype(Y.dtype), *phase))
     return out
 

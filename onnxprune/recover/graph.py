@@ -376,7 +376,7 @@ def _plan_fit(g: _Graph, orig: dict[str, str], name: str, ins, outs, max_feature
         row.features = d
         if method == "ridge" and max(geo.get("up", (1,))) > 1:  # the normal equations split by output phase
             geo["blocks"] = tap_blocks(cpg, geo)
-        clamp = clamp_after(g, node) if method == "ridge" and not quant else None
+        clamp = clamp_after(g, node, w.ndim, 1, m) if method == "ridge" and not quant else None
         return _Fit(groups=groups, w0=w0, kind="conv", conv=geo, clamp=clamp, **fit_kw)
     if op == "Gemm":
         ta, tb = int(g.attr(node, "transA", 0)), int(g.attr(node, "transB", 0))
@@ -402,7 +402,7 @@ def _plan_fit(g: _Graph, orig: dict[str, str], name: str, ins, outs, max_feature
             return row
         row.features = W.shape[0]
         w0 = [np.vstack([W, bias[None]]).astype(np.float64)]
-        clamp = clamp_after(g, node) if method == "ridge" and not quant else None
+        clamp = clamp_after(g, node, 2, -1, n_out) if method == "ridge" and not quant else None
         return _Fit(groups=[(slice(None), slice(None))], w0=w0, kind="dense", clamp=clamp,
                     dense=dict(transA=ta, transB=tb, alpha=alpha, beta=beta, src_dims=_source_dims(node.inputs[0])),
                     **fit_kw)
@@ -429,6 +429,9 @@ def _plan_fit(g: _Graph, orig: dict[str, str], name: str, ins, outs, max_feature
     fit = _Fit(groups=[(slice(None), slice(None))], w0=w0, kind="dense",
                dense=dict(matmul=True, bias=bias, src_dims=_source_dims(node.inputs[0])), **fit_kw)
     fit.bias_add = bias_add.name if bias_add is not None else None
+    if method == "ridge" and not quant:  # its bias Add is one of the steps
+        shape = node.outputs[0].shape
+        fit.clamp = clamp_after(g, node, None if shape is None else len(shape), -1, w.shape[1])
     return fit
 
 
@@ -453,16 +456,89 @@ def _source_dims(value, hops: int = 6) -> list | None:
     return None
 
 
-def clamp_after(g: _Graph, node) -> tuple | None:
-    """``(lo, hi)`` when ``node``'s output is read by one ``Relu``, ``Clip``
-    with constant bounds, ``HardSwish`` or ``HardSigmoid`` and by nothing else
-    (not a graph output): the values beyond the bounds are not seen downstream
-    (each the same output there). None otherwise."""
-    v = node.outputs[0]
-    uses = list(v.uses())
-    if len(uses) != 1 or v.is_graph_output() or uses[0].idx != 0 or uses[0].node.domain not in ("", "ai.onnx"):
+AFFINE_HOPS = 4  # constant Mul / Div / Add / Sub and BatchNormalization nodes looked through on the way to a clamp
+
+
+def _channel_vector(c: np.ndarray, rank: int | None, axis: int, width: int):
+    """A constant that broadcasts against an output of ``rank`` dims as one
+    value per channel along ``axis`` (``width`` channels): a float, or a
+    ``[width]`` vector; None when it varies along another axis."""
+    c = np.asarray(c, np.float64)
+    if c.size == 1:
+        return float(c.reshape(-1)[0])
+    if rank is None:  # unknown: only the last axis can be told
+        if axis != -1:
+            return None
+        rank = max(c.ndim, 1)
+    if c.ndim > rank:
         return None
-    act = uses[0].node
+    shape = (1,) * (rank - c.ndim) + c.shape
+    axis = axis % rank
+    if shape[axis] != width or any(d != 1 for i, d in enumerate(shape) if i != axis):
+        return None
+    return c.reshape(-1)
+
+
+def clamp_after(g: _Graph, node, rank: int | None, axis: int, width: int) -> tuple | None:
+    """``(lo, hi)`` when ``node``'s output reaches a ``Relu``, ``Clip`` with
+    constant bounds, ``HardSwish`` or ``HardSigmoid`` through nothing but
+    constant per-channel affine steps (``Mul``, ``Div``, ``Add``, ``Sub``,
+    an inference ``BatchNormalization``; a MatMul's bias ``Add`` among them),
+    each value read by the next step alone and none a graph output: beyond
+    those bounds (in the node's own output values; floats, or one per channel
+    of the ``width`` along ``axis`` of its ``rank``-dim output) every value
+    gives the same output after the clamp. None otherwise."""
+    a, b = 1.0, 0.0  # the clamp's input is a * y + b
+    v = node.outputs[0]
+    for _ in range(AFFINE_HOPS + 1):
+        uses = list(v.uses())
+        if len(uses) != 1 or v.is_graph_output() or uses[0].node.domain not in ("", "ai.onnx"):
+            return None
+        nxt, idx = uses[0].node, uses[0].idx
+        op = nxt.op_type
+        if op in ("Mul", "Div", "Add", "Sub") and len(nxt.inputs) == 2 and (idx == 0 or op in ("Mul", "Add")):
+            c = g.const(nxt.inputs[1 - idx])
+            c = None if c is None else _channel_vector(c, rank, axis, width)
+            if c is None or (op == "Div" and np.any(np.asarray(c) == 0)):
+                return None
+            if op == "Mul":
+                a, b = a * c, b * c
+            elif op == "Div":
+                a, b = a / c, b / c
+            else:
+                b = b + c if op == "Add" else b - c
+            v = nxt.outputs[0]
+            continue
+        if op == "BatchNormalization" and idx == 0 and len(nxt.outputs) == 1 and rank is not None and axis % rank == 1:
+            p = [g.const(x) if x is not None else None for x in nxt.inputs[1:5]]
+            if len(p) != 4 or any(x is None or x.size != width for x in p) or int(g.attr(nxt, "training_mode", 0)):
+                return None
+            scale, bias, mean, var = (x.reshape(-1).astype(np.float64) for x in p)
+            k = scale / np.sqrt(var + float(g.attr(nxt, "epsilon", 1e-5)))
+            a, b = a * k, b * k + bias - mean * k
+            v = nxt.outputs[0]
+            continue
+        if idx != 0:
+            return None
+        bounds = _clamp_bounds(g, nxt)
+        if bounds is None:
+            return None
+        lo, hi = bounds
+        if isinstance(a, float) and isinstance(b, float) and a == 1.0 and b == 0.0:
+            return bounds
+        a, b = np.broadcast_to(a, (width,)).astype(np.float64), np.broadcast_to(b, (width,)).astype(np.float64)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ylo, yhi = (lo - b) / a, (hi - b) / a
+        flip = a < 0
+        ylo, yhi = np.where(flip, yhi, ylo), np.where(flip, ylo, yhi)
+        # a channel the steps multiply by 0 is constant after them: any value of its own is free
+        ylo, yhi = np.where(a == 0, np.inf, ylo), np.where(a == 0, -np.inf, yhi)
+        return ylo, yhi
+    return None
+
+
+def _clamp_bounds(g: _Graph, act) -> tuple | None:
+    """The input bounds beyond which ``act`` (a Relu, Clip, HardSwish or HardSigmoid) is flat."""
     if act.op_type == "Relu":
         return (0.0, math.inf)
     if act.op_type == "HardSwish":  # x * max(0, min(1, x / 6 + 1 / 2)): 0 at and below -3, x itself above 3
