@@ -108,7 +108,7 @@ from onnxprune.rewrite import Journal, name_nodes, needs_names, unique_node_name
 from onnxprune.runtime import session
 from onnxprune.runtime.capture import Frontier
 
-CLAMP_PASSES = 2  # passes with clamped targets after the plain fit of a layer behind a Relu / Clip (EfficientNet-Lite0
+CLAMP_PASSES = 2  # passes with clamped targets after the plain fit of a layer behind a clamp (EfficientNet-Lite0
 # at 70% of its MACs, KL on new photos after --recover: 1.353 without, 0.795 with one, 0.735 with two)
 REFIT_ALL_SECONDS = 45.0  # a recovery that took longer is not done again on every source (refit_all=None)
 
@@ -226,8 +226,9 @@ def recover_model(
     the pruned model on every source (the same cross-validated choices, made
     with the kept-out sources in), so no photo is left out of the model that
     is written; None: when the checked pass took at most
-    :data:`REFIT_ALL_SECONDS`. ``clamp``: a layer whose output only goes through a
-    Relu or Clip is not asked to reproduce what that clamp hides (see
+    :data:`REFIT_ALL_SECONDS`. ``clamp``: a layer whose output only reaches a
+    clamp (Relu, Clip, HardSwish, HardSigmoid; :func:`onnxprune.recover.graph.clamp_after`)
+    is not asked to reproduce what that clamp hides (see
     :func:`onnxprune.recover.fit._clamped_targets`; ridge only). Returns one :class:`LayerRow` per consumer (and
     per joint q/k fit)."""
     if method not in METHODS:
@@ -351,7 +352,7 @@ def recover_model(
             px, oy = front_p.get(x_names), front_o.get(y_names)
             t1 = time.perf_counter()
             timing["run"] += t1 - t0
-            # a layer behind a Relu / Clip: further passes over the same rows (sampled again the same way),
+            # a layer behind a clamp: further passes over the same rows (sampled and built again the same way),
             # whose targets leave free what the clamp hides around the previous pass's solution
             two = [f for f in todo if clamp and method == "ridge" and f.clamp is not None]
             states = {f.row.node: rngs[f.row.node].bit_generator.state for f in two}
@@ -653,7 +654,7 @@ def format_rows(rows: list[LayerRow]) -> str:
     relative error of each layer's output on the calibration data, and on
     held-out sources (cross-validated) where the ridge strength was chosen; a
     ``*`` marks the layers fitted to the residual sum (their errors are of that target), a ``^``
-    those fitted to what passes the Relu / Clip after them."""
+    those fitted to what passes the clamp after them."""
     w = max([7] + [len(r.op) for r in rows])
     head = (f"{'node':<36} {'op':<{w}} {'lvl':>3} {'in kept':>10} {'status':<8} {'err before':>10} {'err after':>10} "
             f"{'held-out before':>15} {'held-out after':>14}  reason")

@@ -73,7 +73,8 @@ class _Fit:
     folds: dict = field(default_factory=dict)  # fold -> (G, C, yy) lists: the same statistics per fold of sources
     shift: dict = field(default_factory=dict)  # group -> the first rows' mean input, which wide products are centred on
     quant: dict = field(default_factory=dict)  # "w" / "b": a QDQ model's quantized constant (core.quant.Dequantized)
-    clamp: tuple | None = None  # (lo, hi): beyond these a clamp after the layer hides its values (floats or per channel)
+    clamp: tuple | None = None  # (lo, hi): beyond these a clamp after the layer hides its values (floats or per
+    # channel; graph.clamp_after); used by ridge fits only
 
 
 # --------------------------------------------------------------------------- regression rows
@@ -250,8 +251,9 @@ def _dense_rows(fit: _Fit, x: np.ndarray, y: np.ndarray, rng, budget: int, strea
 
 
 def _clamped_targets(fit: _Fit, rows, anchor: list) -> list:
-    """Targets that ask nothing the following clamp (``fit.clamp``: a Relu or
-    Clip that alone reads the layer's output) would hide. Where the original's
+    """Targets that ask nothing the clamp after the layer would hide
+    (``fit.clamp``: its bounds in the layer's own values, from
+    :func:`onnxprune.recover.graph.clamp_after`). Where the original's
     value lies at or beyond a bound, any value on that side gives the same
     output after the clamp, so the target becomes ``anchor``'s prediction (a
     first fit's weights, per group ``[d + 1, m]``) kept on that side of the

@@ -376,7 +376,7 @@ def _plan_fit(g: _Graph, orig: dict[str, str], name: str, ins, outs, max_feature
         row.features = d
         if method == "ridge" and max(geo.get("up", (1,))) > 1:  # the normal equations split by output phase
             geo["blocks"] = tap_blocks(cpg, geo)
-        clamp = clamp_after(g, node, w.ndim, 1, m) if method == "ridge" and not quant else None
+        clamp = None if quant else clamp_after(g, node, w.ndim, 1, m)
         return _Fit(groups=groups, w0=w0, kind="conv", conv=geo, clamp=clamp, **fit_kw)
     if op == "Gemm":
         ta, tb = int(g.attr(node, "transA", 0)), int(g.attr(node, "transB", 0))
@@ -402,7 +402,7 @@ def _plan_fit(g: _Graph, orig: dict[str, str], name: str, ins, outs, max_feature
             return row
         row.features = W.shape[0]
         w0 = [np.vstack([W, bias[None]]).astype(np.float64)]
-        clamp = clamp_after(g, node, 2, -1, n_out) if method == "ridge" and not quant else None
+        clamp = None if quant else clamp_after(g, node, 2, -1, n_out)
         return _Fit(groups=[(slice(None), slice(None))], w0=w0, kind="dense", clamp=clamp,
                     dense=dict(transA=ta, transB=tb, alpha=alpha, beta=beta, src_dims=_source_dims(node.inputs[0])),
                     **fit_kw)
@@ -429,7 +429,7 @@ def _plan_fit(g: _Graph, orig: dict[str, str], name: str, ins, outs, max_feature
     fit = _Fit(groups=[(slice(None), slice(None))], w0=w0, kind="dense",
                dense=dict(matmul=True, bias=bias, src_dims=_source_dims(node.inputs[0])), **fit_kw)
     fit.bias_add = bias_add.name if bias_add is not None else None
-    if method == "ridge" and not quant:  # its bias Add is one of the steps
+    if not quant:  # its bias Add is one of the steps
         shape = node.outputs[0].shape
         fit.clamp = clamp_after(g, node, None if shape is None else len(shape), -1, w.shape[1])
     return fit
