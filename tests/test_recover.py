@@ -1157,3 +1157,22 @@ def test_a_layer_whose_clamp_is_behind_affine_steps_is_fitted_to_what_passes_it(
         assert row.status == "refit" and (row.target == "clamped") == clamp, format_rows(rows)
         errs[clamp] = _rel(m, out, held)
     assert errs[True] < 0.98 * errs[False], errs
+
+
+def test_rows_kept_for_the_clamp_passes_give_what_rows_built_again_give(monkeypatch):
+    """The clamp passes reuse the level's regression rows (within CLAMP_ROWS_BYTES); with no room they are
+    built again from the replayed random state: the written weights must be the same either way."""
+    import onnxprune.recover as rec
+
+    m = relu_heavy(1)
+    calib = _batches((16, 6, 8, 8), 4, seed=11)
+    got = {}
+    for room in (rec.CLAMP_ROWS_BYTES, 0):
+        monkeypatch.setattr(rec, "CLAMP_ROWS_BYTES", room)
+        _, out, rows = _run(m, {"default": 0.5, "scope": "local"}, calib, validate=False, clamp=True)
+        assert [(r.status, r.target) for r in rows if r.node == "conv2"] == [("refit", "clamped")], format_rows(rows)
+        got[room] = {t.name: numpy_helper.to_array(t) for t in out.graph.initializer}
+    kept, built = got.values()
+    assert kept.keys() == built.keys()
+    for k in kept:
+        np.testing.assert_array_equal(kept[k], built[k], err_msg=k)

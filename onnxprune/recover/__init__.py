@@ -54,7 +54,7 @@ A layer whose output only goes through a ``Relu``, a ``Clip`` with constant
 bounds, a ``HardSwish`` or a ``HardSigmoid`` (directly or through constant
 per-channel steps: :func:`onnxprune.recover.graph.clamp_after`) is not asked to reproduce what the clamp hides: after its plain fit,
 :data:`CLAMP_PASSES` more passes over the same rows (no ORT run, the Gram
-matrices kept) take as target, where the original's value lies at or beyond a
+matrices kept, the rows too within :data:`CLAMP_ROWS_BYTES`) take as target, where the original's value lies at or beyond a
 bound, the previous fit's value kept on that side of it
 (:func:`onnxprune.recover.fit._clamped_targets`).
 
@@ -110,6 +110,8 @@ from onnxprune.runtime.capture import Frontier
 
 CLAMP_PASSES = 2  # passes with clamped targets after the plain fit of a layer behind a clamp (EfficientNet-Lite0
 # at 70% of its MACs, KL on new photos after --recover: 1.353 without, 0.795 with one, 0.735 with two)
+CLAMP_ROWS_BYTES = 1 << 30  # a level's regression rows kept for its clamp passes (past this, built again: the same
+# rows, from the replayed random state); EfficientNet-Lite0 at 90% of its MACs spent 8 s building them again
 REFIT_ALL_SECONDS = 45.0  # a recovery that took longer is not done again on every source (refit_all=None)
 
 log = logging.getLogger(__name__)
@@ -309,12 +311,35 @@ def recover_model(
     front_p = Frontier(model, fd_list, threads, frontier_bytes)
     front_o = Frontier(original, fd_list, threads, frontier_bytes)
 
-    def _gather(f, bi, px, oy, anchor=None, targets_only=False):
+    kept_rows: dict = {}  # (layer, batch) -> its regression rows, for the clamp passes of this level
+    kept_bytes = [0]
+
+    def _gather(f, bi, px, oy, anchor=None, targets_only=False, keep=False):
         """Add batch ``bi``'s regression rows of ``f`` to its statistics; ``anchor``: the weights its
         clamped targets are taken from (the previous pass's solution; None: the plain targets);
-        ``targets_only``: the rows of an earlier pass again, only their targets new."""
+        ``targets_only``: the rows of an earlier pass again, only their targets new (from ``kept_rows``
+        where ``keep`` stored them within :data:`CLAMP_ROWS_BYTES`, else built again)."""
         if f.row.status == "skipped" and f.row.reason:
             return
+        got = kept_rows.get((f.row.node, bi)) if targets_only else None
+        if got is None:
+            got = _rows(f, bi, px, oy)
+            if got is None:
+                return
+            size = sum(a.nbytes for r in got[0] for a in r)
+            if keep and kept_bytes[0] + size <= CLAMP_ROWS_BYTES:
+                kept_rows[(f.row.node, bi)] = got
+                kept_bytes[0] += size
+        rws, sample = got
+        if anchor is not None:
+            rws = _clamped_targets(f, rws, anchor)
+        fb = fold_of[bi][np.minimum(sample, len(fold_of[bi]) - 1)]  # -1: kept out for the whole-model check
+        with np.errstate(over="ignore", invalid="ignore"):  # overflowing activations: see finite()
+            _accumulate(f, rws, fb if hold else np.where(fb >= 0, 0, -1), targets_only)
+
+    def _rows(f, bi, px, oy):
+        """Batch ``bi``'s regression rows of ``f`` and the sample of each (None: the layer cannot be fitted,
+        said in its row)."""
         x, y = px[f.x_name][bi], oy[f.y_name][bi]
         stream = None
         if f.row.node in res:
@@ -333,13 +358,7 @@ def recover_model(
             got, f.row.reason = None, f"could not build regression rows: {type(e).__name__}: {e}"
         if got is None:
             f.row.reason = f.row.reason or "input/output shapes do not match a linear layer"
-            return
-        rws, sample = got
-        if anchor is not None:
-            rws = _clamped_targets(f, rws, anchor)
-        fb = fold_of[bi][np.minimum(sample, len(fold_of[bi]) - 1)]  # -1: kept out for the whole-model check
-        with np.errstate(over="ignore", invalid="ignore"):  # overflowing activations: see finite()
-            _accumulate(f, rws, fb if hold else np.where(fb >= 0, 0, -1), targets_only)
+        return got
 
     try:
         for done, lvl in enumerate(sorted(by_level), 1):
@@ -356,9 +375,10 @@ def recover_model(
             # whose targets leave free what the clamp hides around the previous pass's solution
             two = [f for f in todo if clamp and method == "ridge" and f.clamp is not None]
             states = {f.row.node: rngs[f.row.node].bit_generator.state for f in two}
+            behind = {f.row.node for f in two}
             for bi in range(len(batches)):
                 for f in todo:
-                    _gather(f, bi, px, oy)
+                    _gather(f, bi, px, oy, keep=f.row.node in behind)
                 for lg in here:
                     fold = fold_of[bi] if hold else np.where(fold_of[bi] >= 0, 0, -1)
                     try:
@@ -379,6 +399,8 @@ def recover_model(
                     f.row.target = "clamped"
                     for bi in range(len(batches)):
                         _gather(f, bi, px, oy, anchor, targets_only=True)
+            kept_rows.clear()
+            kept_bytes[0] = 0
             del px, oy
             bar.step(done, f"level {lvl}: {', '.join(f.row.node for f in todo)}"[:60], force=done == len(by_level) and not bar.tty)
             final: dict[str, list] = {}  # fit -> the solution to write (absent: the pruned weights stay)

@@ -267,11 +267,13 @@ def _clamped_targets(fit: _Fit, rows, anchor: list) -> list:
     lo, hi = fit.clamp  # floats, or one bound per output channel of the pruned layer
     out = []
     for (X, Y, *phase), W, (_, osl) in zip(rows, anchor, fit.groups):
-        l, h = (np.asarray(v, np.float64) if np.ndim(v) == 0 else np.asarray(v, np.float64)[osl] for v in (lo, hi))
-        P = X @ W[:-1].astype(X.dtype) + W[-1].astype(X.dtype)
-        T = np.where(Y <= l, np.minimum(P, l), Y) if np.any(l > -np.inf) else Y  # +inf: the channel is all free
-        T = np.where(Y >= h, np.maximum(P, h), T) if np.any(h < np.inf) else T
-        out.append((X, T.astype(Y.dtype), *phase))
+        # in the rows' own precision (float64 temporaries took almost twice as long)
+        l, h = (np.asarray(v, Y.dtype) if np.ndim(v) == 0 else np.asarray(v, Y.dtype)[osl] for v in (lo, hi))
+        P = X @ W[:-1].astype(X.dtype)
+        P += W[-1].astype(X.dtype)
+        T = np.where(Y <= l, np.minimum(P, l), Y) if np.any(l > -np.inf) else Y  # -inf: no lower bound there
+        T = np.where(Y >= h, np.maximum(P, h, out=P), T) if np.any(h < np.inf) else T
+        out.append((X, T, *phase))
     return out
 
 
