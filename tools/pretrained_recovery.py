@@ -266,6 +266,12 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--draws", type=int, default=1,
                     help="recover each plan's configuration from this many calibration draws in all (other crops of "
                          "the same calibration photos), and report the spread")
+    ap.add_argument("--calib-photos", default="",
+                    help="also recover each plan from crops of only the first K calibration photos (as many crops, "
+                         "a draw of their own), for each K of this comma list: how the result grows with the photos")
+    ap.add_argument("--seen", action="store_true",
+                    help="also score each recovered model on new crops of the calibration photos themselves (the "
+                         "gap to the new photos is what the fits learnt of their photos)")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "pretrained_recovery.md"))
     return ap
 
@@ -338,6 +344,14 @@ def main(argv: list[str] | None = None) -> None:
     conf = np.exp(ref - ref.max(1, keepdims=True))
     conf = (conf / conf.sum(1, keepdims=True)).max(1)
     sure = conf >= CONFIDENT
+    counts = [int(k) for k in args.calib_photos.split(",") if k]
+    if any(not 1 <= k <= len(cal_files) for k in counts):
+        raise SystemExit(f"--calib-photos: each count between 1 and {len(cal_files)} (the calibration photos)")
+    if args.seen:  # other crops of the photos that calibrated (its own draw: the main one stays as it was)
+        x_seen = crops(cal_files, args.eval, np.random.default_rng(3000))
+        ref_seen = logits(model, x_seen)
+        sure_seen = np.exp(ref_seen - ref_seen.max(1, keepdims=True))
+        sure_seen = (sure_seen / sure_seen.sum(1, keepdims=True)).max(1) >= CONFIDENT
     floor = {rel: noise_floor(model, x_eval, ref, sure, rel) for rel in (0.005, 0.01)}
     rows, raw = [], {"split": args.split, "photos": [os.path.basename(f) for f in files], "results": {}}
     best: dict[float, tuple] = {}
@@ -377,6 +391,19 @@ def main(argv: list[str] | None = None) -> None:
                     sc = scores(ref, logits(plain, x_eval), sure)
                     cells.insert(-2, cell(sc))
                     entry["recovered_unclamped"] = {**sc, "seconds": secs}
+                for k in counts if rec else ():
+                    x, src = crops(cal_files[:k], 32 * args.calib_batches, np.random.default_rng(2000 + k), sources=True)
+                    few = os.path.join(work, f"calib_{k}photos.npz")
+                    np.savez(few, x=x, source=src)
+                    got = out.replace(".onnx", f"_{k}photos.onnx")
+                    recover_plain(model, plan, few, args.calib_batches, got, None, {})
+                    sc = scores(ref, logits(got, x_eval), sure)
+                    cells.insert(-2, cell(sc))
+                    entry[f"recovered_{k}photos"] = sc
+                if rec and args.seen:
+                    sc = scores(ref_seen, logits(out, x_seen), sure_seen)
+                    cells.insert(-2, cell(sc))
+                    entry["recovered_seen_photos"] = sc
             if draws:
                 got = [entry["recovered"]]
                 for k, path in enumerate(draws, 1):
@@ -410,10 +437,15 @@ def main(argv: list[str] | None = None) -> None:
     if args.fold_seeds:
         head[-1:-1] = [f"--recover, {args.fold_seeds} fold seeds: checked pass only (range)",
                        f"--recover, {args.fold_seeds} fold seeds: then again on every source (default; range)"]
+    extra = []  # in the order of the cells
     if args.ablate_stream:
-        head.insert(4, "after --recover, residual branches fitted to their own output")
+        extra.append("after --recover, residual branches fitted to their own output")
     if args.ablate_clamp:
-        head.insert(4, "after --recover, every layer fitted to its own output, Relu / Clip or not")
+        extra.append("after --recover, every layer fitted to its own output, Relu / Clip or not")
+    extra += [f"after --recover calibrated on {k} of the {len(cal_files)} photos" for k in counts]
+    if args.seen:
+        extra.append("after --recover, on new crops of the calibration photos")
+    head[4:4] = extra
     if draws:
         head.insert(-1, f"after --recover, mean of {args.draws} calibration draws (range of the agreement)")
     text += md(head, rows)
@@ -430,6 +462,15 @@ def main(argv: list[str] | None = None) -> None:
              f"it is at least {CONFIDENT:g} on {int(sure.sum())} of them); "
              f"CPU {os.cpu_count()} cores. How fragile the top-1 on these crops is: the original with every weight "
              f"multiplied by 1 + 0.5% Gaussian noise scores {cell(floor[0.005])}, with 1% {cell(floor[0.01])}\n")
+    if counts:
+        text += (f"\nCalibrated on K photos: {32 * args.calib_batches} crops of the first K calibration photos, a draw "
+                 "of their own for each K (the same plan; a draw of all of them differs from the main column by "
+                 "the draw alone).\n")
+    if args.seen:
+        text += (f"\nOn new crops of the calibration photos: {args.eval} other crops of the photos that calibrated "
+                 "(the original's top-1 probability on them at least "
+                 f"{CONFIDENT:g} on {int(sure_seen.sum())}); the gap to the new photos is what the fits learnt of "
+                 "their own photos.\n")
     raw["noise_floor"] = {str(k): v for k, v in floor.items()}
     write_results(args.out, text, raw)
 
