@@ -1176,3 +1176,33 @@ def test_rows_kept_for_the_clamp_passes_give_what_rows_built_again_give(monkeypa
     assert kept.keys() == built.keys()
     for k in kept:
         np.testing.assert_array_equal(kept[k], built[k], err_msg=k)
+
+
+def test_the_ridge_search_started_at_an_earlier_choice_finds_it_with_fewer_solves(monkeypatch):
+    """_select(start=...) (a clamp pass's final choice starts where the plain fit's was): on a problem whose
+    held-out error has one minimum it returns the strength the default search finds, with fewer solves."""
+    from types import SimpleNamespace
+
+    import onnxprune.recover.fit as fitmod
+    from onnxprune.recover.fit import _accumulate, _select, _totals
+
+    rng = np.random.default_rng(3)
+    d, m = 20, 4
+    Wt = rng.standard_normal((d, m))
+    fit = SimpleNamespace(conv={}, folds={}, shift={}, n=0, G=[], C=[], yy=[], w0=[np.zeros((d + 1, m))])
+    for k in range(2):  # two folds of few, noisy rows: a strength well away from the default start wins
+        X = rng.standard_normal((40, d)).astype(np.float32)
+        Y = (X @ Wt + 3.0 * rng.standard_normal((40, m))).astype(np.float32)
+        _accumulate(fit, [(X, Y)], np.full(40, k))
+    _totals(fit)
+    solves = []
+    real = fitmod._ridge
+    monkeypatch.setattr(fitmod, "_ridge", lambda *a: solves.append(a[-1]) or real(*a))
+    lam, _, err = _select(fit, 1e-2)
+    searched = len(solves)
+    assert math.isfinite(lam) and lam != fitmod.SELECT_FROM, lam
+    solves.clear()
+    again, _, err_again = _select(fit, 1e-2, start=lam)
+    assert again == lam and err_again == err
+    assert len(solves) < searched, (solves, searched)
+    assert min(s for s in solves if math.isfinite(s)) == 10.0 ** (round(math.log10(lam)) - 1)  # began beside it

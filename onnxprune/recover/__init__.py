@@ -111,7 +111,7 @@ from onnxprune.runtime.capture import Frontier
 CLAMP_PASSES = 2  # passes with clamped targets after the plain fit of a layer behind a clamp (EfficientNet-Lite0
 # at 70% of its MACs, KL on new photos after --recover: 1.353 without, 0.795 with one, 0.735 with two)
 CLAMP_ROWS_BYTES = 1 << 30  # a level's regression rows kept for its clamp passes (past this, built again: the same
-# rows, from the replayed random state); EfficientNet-Lite0 at 90% of its MACs spent 8 s building them again
+# rows, from the replayed random state)
 REFIT_ALL_SECONDS = 45.0  # a recovery that took longer is not done again on every source (refit_all=None)
 
 log = logging.getLogger(__name__)
@@ -386,12 +386,16 @@ def recover_model(
                                              oy[lg.q_val][bi], oy[lg.k_val][bi], fold, rngs[id(lg)], rows_per_batch)
                     except Exception as e:  # shape surprises: the separate fits stay, never crash
                         lg.failed = f"could not gather the q/k statistics: {type(e).__name__}: {e}"
+            chosen: dict = {}  # layer -> the strength its plain fit chose: every later pass's solve, and where its
+            # final choice starts from (a search per pass took a third of ResNet-50's recovery)
             for _ in range(CLAMP_PASSES):
                 for f in two:
                     if f.row.reason or not f.folds or not finite(f):
                         continue
                     _totals(f)
-                    lam = _select(f, ridge)[0] if hold else None
+                    if f.row.node not in chosen:
+                        chosen[f.row.node] = _select(f, ridge)[0] if hold else None
+                    lam = chosen[f.row.node]
                     first = _solve(f, method, ridge if lam is None else lam)
                     reset_targets(f)
                     rngs[f.row.node].bit_generator.state = states[f.row.node]
@@ -413,7 +417,7 @@ def recover_model(
                     f.folds = {}
                     continue
                 _totals(f)
-                lam, held_before, held_after = _select(f, ridge) if hold else (None, 0.0, 0.0)
+                lam, held_before, held_after = _select(f, ridge, chosen.get(f.row.node)) if hold else (None, 0.0, 0.0)
                 f.row.ridge = lam if lam is not None else (ridge if method == "ridge" else None)
                 if lam is not None and np.isinf(lam):  # cross-validation chose the bias alone
                     f.row.ridge, f.row.method = None, "bias"

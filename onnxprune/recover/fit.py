@@ -406,11 +406,13 @@ def _ridge(G, C, W0, lam_rel: float):
     return W
 
 
-def _select(fit: _Fit, ridge: float) -> tuple[float | None, float, float]:
+def _select(fit: _Fit, ridge: float, start: float | None = None) -> tuple[float | None, float, float]:
     """Choose the ridge strength by cross-validation over folds of *sources*:
     fit on the other folds, measure on each in turn. Returns ``(strength,
     held-out error of the pruned weights, held-out error of the fit)`` (sums of
-    squares); ``strength`` is None with fewer than two folds."""
+    squares); ``strength`` is None with fewer than two folds. ``start``: where
+    the search begins (a strength chosen for the same rows with other targets:
+    a clamp pass), else :data:`SELECT_FROM`."""
     folds = list(fit.folds.values())
     base = sum(_sq_err(Gv, Cv, yv, W0) for Gk, Ck, yk in folds for Gv, Cv, yv, W0 in zip(Gk, Ck, yk, fit.w0))
     if len(folds) < 2:
@@ -426,16 +428,20 @@ def _select(fit: _Fit, ridge: float) -> tuple[float | None, float, float]:
                             for fold in split for Gt, Ct, W0, Gv, Cv, yv in fold)
         return errs[lam]
 
-    # downhill over powers of ten from SELECT_FROM and its two neighbours
+    # downhill over powers of ten from the start and its two neighbours
     # (each evaluation is a solve per fold: the cost of recovery on wide
     # layers; where the start is best, three of them)
-    lo, hi = ridge * 1e-4, max(ridge * 1e3, 10.0)
-    start = min(max(SELECT_FROM, lo * 10), hi / 10)
-    for lam in (start * 1e-1, start, start * 1e1):
-        cv(lam)
+    # (strengths 10 ** e for whole e, so a given start and the default one meet on the same grid)
+    e_lo = math.ceil(math.log10(ridge * 1e-4) - 1e-9) if ridge > 0 else -30  # ridge 0: no floor but the data's
+    e_hi = math.floor(math.log10(max(ridge * 1e3, 10.0)) + 1e-9)
+    start = SELECT_FROM if start is None or not math.isfinite(start) or start <= 0 else start
+    e0 = min(max(round(math.log10(start)), e_lo + 1), e_hi - 1)
+    for e in (e0 - 1, e0, e0 + 1):
+        cv(10.0 ** e)
     while True:
         best = min(errs, key=errs.get)
-        step = [v for v in (best / 10, best * 10) if lo * 0.999 <= v <= hi * 1.001 and v not in errs]
+        eb = round(math.log10(best))
+        step = [10.0 ** e for e in (eb - 1, eb + 1) if e_lo <= e <= e_hi and 10.0 ** e not in errs]
         if not step:
             break
         for v in step:
