@@ -158,6 +158,12 @@ def compare(ref: np.ndarray, got: np.ndarray) -> tuple[float, float]:
 CONFIDENT = 0.5  # the original's top-1 probability above which a crop counts as one it is sure about
 
 
+def top1_prob(ref: np.ndarray) -> np.ndarray:
+    """The original's top-1 probability on each crop (softmax of its logits ``ref``)."""
+    p = np.exp(ref - ref.max(1, keepdims=True))
+    return (p / p.sum(1, keepdims=True)).max(1)
+
+
 def scores(ref: np.ndarray, got: np.ndarray, sure: np.ndarray) -> dict:
     """Top-1 agreement on every crop and on the crops the original is sure
     about (``sure``: a mask), and the KL divergence, as a dict."""
@@ -341,8 +347,7 @@ def main(argv: list[str] | None = None) -> None:
     x_eval = crops(ev_files, args.eval, rng)
     np.save(evalx, x_eval)
     ref = logits(model, x_eval)
-    conf = np.exp(ref - ref.max(1, keepdims=True))
-    conf = (conf / conf.sum(1, keepdims=True)).max(1)
+    conf = top1_prob(ref)
     sure = conf >= CONFIDENT
     counts = [int(k) for k in args.calib_photos.split(",") if k]
     if any(not 1 <= k <= len(cal_files) for k in counts):
@@ -350,8 +355,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.seen:  # other crops of the photos that calibrated (its own draw: the main one stays as it was)
         x_seen = crops(cal_files, args.eval, np.random.default_rng(3000))
         ref_seen = logits(model, x_seen)
-        sure_seen = np.exp(ref_seen - ref_seen.max(1, keepdims=True))
-        sure_seen = (sure_seen / sure_seen.sum(1, keepdims=True)).max(1) >= CONFIDENT
+        sure_seen = top1_prob(ref_seen) >= CONFIDENT
     floor = {rel: noise_floor(model, x_eval, ref, sure, rel) for rel in (0.005, 0.01)}
     rows, raw = [], {"split": args.split, "photos": [os.path.basename(f) for f in files], "results": {}}
     best: dict[float, tuple] = {}

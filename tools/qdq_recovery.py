@@ -31,7 +31,7 @@ import onnxruntime as ort
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import md, write_results  # noqa: E402
 from pretrained_recovery import (CACHE, CONFIDENT, cell, crops, logits, model_and_photos, plain_and_recovered,  # noqa: E402
-                                 run, scores)
+                                 run, scores, top1_prob)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -87,8 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     qdq = os.path.join(work, "lite0_qdq.onnx")
     q_secs = quantize(model, qdq, x)
     ref = logits(qdq, x_eval)
-    conf = np.exp(ref - ref.max(1, keepdims=True))
-    sure = (conf / conf.sum(1, keepdims=True)).max(1) >= CONFIDENT
+    sure = top1_prob(ref) >= CONFIDENT
     float_ref = scores(ref, logits(model, x_eval), sure)  # what quantizing alone moved
     batching = ["--calib", calib, "--calib-batches", str(args.calib_batches)]
     rows, raw = [], {"quantize_seconds": q_secs, "float_vs_quantized": float_ref, "results": {}}
