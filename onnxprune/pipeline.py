@@ -333,10 +333,18 @@ class Job:
             if steps != damage.STEPS:
                 bar.show(f"scope damage: steps of 1/{steps} of a group (steps of 1/{damage.STEPS} would take about "
                          f"{expected[damage.STEPS]:.0f}s, over {damage.SEARCH_SECONDS:.0f}s)", force=True)
+            # a search that even its coarsest steps are expected to take longer than damage.SEARCH_SECONDS gets
+            # that budget in measurements (as deterministic as the step size: from the same timing); once spent,
+            # the remaining steps are taken on the damages last measured (damage.allocate)
+            cap = max(len(pool), int(damage.SEARCH_SECONDS / (t_one * damage.RUN_OVERHEAD))) \
+                if t_one > 0 and expected[steps] > damage.SEARCH_SECONDS else None
             keep, info = damage.allocate(pool, order, measure, estimate, metric, target, round_to=ratios.round_to,
                                          progress=bar.show, steps_to_width=steps,
-                                         settled=fed.settle if fed is not None and fed.use else None)
-            bar.show(f"scope damage: {info['measurements']} candidates measured", force=True)
+                                         settled=fed.settle if fed is not None and fed.use else None,
+                                         max_measurements=cap)
+            bar.show(f"scope damage: {info['measurements']} candidates measured"
+                     + (f" (the budget of about {damage.SEARCH_SECONDS:.0f}s); the last {info['unmeasured']} steps taken on "
+                        f"the damages last measured" if info["unmeasured"] else ""), force=True)
             zeroed = fed is not None and fed.use
             part = fed.resume() if zeroed else None
             if part is not None:
@@ -352,7 +360,8 @@ class Job:
                                                               "seconds": time.perf_counter() - t0,
                                                               "measurement_seconds": t_one,
                                                               "expected_seconds": expected[steps],
-                                                              "expected_by_steps": expected, **info}
+                                                              "expected_by_steps": expected,
+                                                              "max_measurements": cap, **info}
 
         search.scored, search.skeleton, search.order = scored, skeleton, order
         search.fed, search.rewritten = fed, rewritten

@@ -193,7 +193,9 @@ def target_text(t: dict) -> str:
                 f"reached{met}; scope damage: {t['steps']} steps chosen by measured output damage "
                 f"({t['damage']:.4g} on {t['samples']} calibration samples), {t['measurements']} candidates "
                 f"measured in {t['seconds']:.0f}s"
-                + (f" ({t['partial_runs']} run from the first node they edit)" if t.get("partial_runs") else ""))
+                + (f" ({t['partial_runs']} run from the first node they edit)" if t.get("partial_runs") else "")
+                + (f"; the last {t['unmeasured']} steps taken on the damages last measured (the search's budget of "
+                   f"{t['max_measurements']} measurements spent)" if t.get("unmeasured") else ""))
     used = t["ratios_used"]
     parts = [f"default {used['default']:.4f}"] if used.get("default") else []
     for key in ("kinds", "sets", "layers"):

@@ -200,6 +200,43 @@ def test_a_coarser_search_takes_fewer_measurements_and_still_meets_the_budget():
     assert D.step_size(64, "channels", 1, 4) == 16 and D.step_size(6, "heads", 1, 4) == 1
 
 
+def test_once_its_measurements_are_spent_the_search_takes_its_steps_on_the_damages_last_measured():
+    gs = _groups(*[(64, "channels")] * 4)
+    est, total = _linear_estimate(gs, {g.id: 1.0 for g in gs})
+    weight = {0: 1.0, 1: 1.5, 2: 2.0, 3: 2.5}
+
+    def measure(keep):
+        return sum(weight[g] * (64 - len(k)) ** 2 for g, k in keep.items())
+
+    order = {g.id: np.arange(64) for g in gs}
+    free = D.allocate(gs, order, measure, est, "macs", 0.5 * total)[1]
+    keep, capped = D.allocate(gs, order, measure, est, "macs", 0.5 * total, max_measurements=10)
+    assert free["unmeasured"] == 0 and free["measurements"] > 20
+    # the sensitivity pass (4), then re-measurements until 10 are spent (the step in hand finishes its own)
+    assert 10 <= capped["measurements"] <= 10 + D.MAX_REMEASURE and capped["met"]
+    assert capped["unmeasured"] > 0 and capped["steps"] == free["steps"]
+    # the damage of the unmeasured steps is what the second-order model expects: the plan's true damage
+    # stays within a small factor of it
+    assert 0.5 * measure(keep) <= capped["damage"] <= 2.0 * measure(keep)
+
+
+def test_unmeasured_steps_are_spread_by_the_second_order_model():
+    # four equally sensitive groups (damage grows with the square of the channels lost) and a budget spent
+    # after the sensitivity pass: with no measurement after it, the steps spread over the groups (a step that
+    # kept its last measured price would send every step to the same group)
+    gs = _groups(*[(64, "channels")] * 4)
+    est, total = _linear_estimate(gs, {g.id: 1.0 for g in gs})
+
+    def measure(keep):
+        return sum((64 - len(k)) ** 2 for k in keep.values())
+
+    order = {g.id: np.arange(64) for g in gs}
+    keep, info = D.allocate(gs, order, measure, est, "macs", 0.5 * total, max_measurements=4)
+    # 32 steps of 4 channels; the first is the sensitivity pass's own measurement on the unpruned model
+    assert info["measurements"] == 4 and info["steps"] == 32 and info["unmeasured"] == 31
+    assert sorted(64 - len(k) for k in keep.values()) == [32, 32, 32, 32]
+
+
 # ------------------------------------------------------------------ (c) on a model
 
 
@@ -317,6 +354,24 @@ def test_a_search_over_its_time_budget_takes_coarser_steps(tmp_path, monkeypatch
     plan = job.plan(Ratios.from_dict({"target_macs": 0.7, "scope": "damage"}), _calib(tmp_path, n=64))
     assert plan.target["step"] == step and plan.target["met"]
     assert plan.target["expected_seconds"] > 0
+
+
+@pytest.mark.parametrize("seconds", [math.inf, 0.0])
+def test_a_search_its_coarsest_steps_cannot_fit_is_held_to_its_budget_in_measurements(tmp_path, monkeypatch,
+                                                                                       seconds, capsys):
+    monkeypatch.setattr(D, "SEARCH_SECONDS", seconds)  # 0: every search is too slow, even at the coarsest steps
+    job = Job.open(_dead_cnn())
+    plan = job.plan(Ratios.from_dict({"target_macs": 0.7, "scope": "damage"}), _calib(tmp_path, n=64))
+    t = plan.target
+    assert t["met"]
+    if seconds:  # sized within its budget: no cap
+        assert t["max_measurements"] is None and t["unmeasured"] == 0
+    else:  # the budget in measurements: the sensitivity pass alone, then every step taken on what it measured
+        groups = len([g for g in job.groups if not g.frozen and g.width > 1])
+        assert t["max_measurements"] == groups and t["measurements"] == groups
+        assert t["unmeasured"] == t["steps"] - 1 > 0  # the first step: the sensitivity pass's measurement
+        from onnxprune.report import target_text
+        assert f"the last {t['unmeasured']} steps taken on the damages last measured" in target_text(t)
 
 
 def test_an_unreachable_budget_warns_only_when_something_was_pruned(tmp_path):

@@ -27,7 +27,13 @@ model gets a search sized to :data:`SEARCH_SECONDS`: fewer samples per
 candidate (down to :data:`MIN_SAMPLES`) and coarser steps
 (:func:`planned_steps`: 1/8 or 1/4 of a group; heads still one at a time), but
 not so coarse that the budget is met in fewer than :data:`MIN_STEPS` steps
-while a finer search is expected within :data:`OVER` budgets. The module is
+while a finer search is expected within :data:`OVER` budgets. A search that
+even the coarsest steps are expected to take longer than the budget is held to it
+in measurements (``SEARCH_SECONDS`` over a measurement's time and
+:data:`RUN_OVERHEAD`; the sensitivity pass is always whole): once they are
+spent, the remaining steps are taken on the damages last measured, each
+further step of a group priced by the second-order model (the damage grows
+with the square of the steps it lost), with no run of its own. The module is
 pure: measuring is the caller's (``measure(keep)``), and so is counting
 (``estimate(keep)``). When ``--recover`` follows, the pipeline measures each
 candidate with the removed channels' mean contribution folded into their
@@ -70,6 +76,9 @@ MIN_SAMPLES = 6  # ... but not fewer than this. A ViT-S with a dense decoder on 
 # zeroed in one session): 6 samples 0.974 / 163 s at 90% MACs, 0.915 / 171 s at 70%; 8 samples 0.983 / 172 s
 # and 0.915 / 184 s (tools/pretrained_vit.py); 4: worse, more candidates
 MAX_REMEASURE = 4  # stale candidates re-measured per step before the best fresh one is taken
+RUN_OVERHEAD = 1.2  # a measurement in the search takes about this much longer than the timed candidate (moving the
+# held values on, settling on each plan): the ViT-S with a dense decoder at 70% of its MACs, 157 measurements in 73 s
+# after 0.381 s timed, in 82 s after 0.433 s (1.22, 1.21)
 SEARCH_SECONDS = 60.0  # a search expected to take longer takes coarser steps ...
 STEP_CHOICES = (16, 8, 4)  # ... the finest of these that fits (planned_steps). Expected from a zeroed candidate at
 # mid depth where candidates run from their first edit (the whole probe's run expected about 1.9x the real time):
@@ -169,14 +178,20 @@ def planned_steps(groups, estimate, metric: str, target: float, round_to: int, s
 
 
 def allocate(groups, order: dict[int, np.ndarray], measure, estimate, metric: str, target: float,
-             round_to: int = 1, progress=None, steps_to_width: int = STEPS, settled=None) -> tuple[dict[int, np.ndarray], dict]:
+             round_to: int = 1, progress=None, steps_to_width: int = STEPS, settled=None,
+             max_measurements: int | None = None) -> tuple[dict[int, np.ndarray], dict]:
     """The plan (group id -> kept indices) that meets ``target`` (an absolute
     count of ``metric``) with the least measured damage found by the greedy
     search. ``groups``: the prunable groups (``.id``, ``.width``, ``.kind``,
     ``.set_name``); ``order[id]``: its channels, most important first;
     ``measure(keep)``: the damage of a plan; ``estimate(keep)``: its counts;
     ``settled(keep)``, when given: told each plan the search moves to (every
-    later candidate is that plan and one more step).
+    later candidate is that plan and one more step). ``max_measurements``:
+    once this many are spent (the sensitivity pass is always whole), the
+    remaining steps are taken without measuring, on the damages last
+    measured, a group's next step priced by the second-order model (its
+    damage grows with the square of the steps it lost: step ``j`` costs
+    ``2j - 1`` units); ``info["unmeasured"]`` counts these steps.
     Returns the plan and an info dict (measurements, damage, the steps taken)."""
     groups = [g for g in groups if g.width > 1]
     removed = {g.id: 0 for g in groups}
@@ -227,14 +242,16 @@ def allocate(groups, order: dict[int, np.ndarray], measure, estimate, metric: st
             heapq.heappush(heap, (m[0], g.id, state, m[1]))
         if progress:
             progress(f"sensitivity: {i + 1}/{len(groups)} groups measured")
+    unmeasured, taken = 0, {g.id: 0 for g in groups}  # steps taken per group
     while count > target and heap:
         chosen, tries = None, 0
+        spent = max_measurements is not None and evals >= max_measurements
         while heap:
             s, gid, at, d = heap[0]
             if at == state:  # measured on the current plan and still the cheapest
                 chosen = heapq.heappop(heap)
                 break
-            if tries >= MAX_REMEASURE:  # the cheapest freshly measured one, else this one as last measured
+            if spent or tries >= MAX_REMEASURE:  # the cheapest freshly measured one, else this one as last measured
                 fresh = [e for e in heap if e[2] == state]
                 chosen = min(fresh) if fresh else heap[0]
                 heap.remove(chosen)
@@ -248,6 +265,7 @@ def allocate(groups, order: dict[int, np.ndarray], measure, estimate, metric: st
         if chosen is None:
             break
         s, gid, at, d = chosen
+        fresh = at == state
         t = trial(gid)
         new_count = estimate(keep_of(t))[metric]
         if new_count < target:  # the last step: only as many channels as the budget still needs
@@ -263,8 +281,13 @@ def allocate(groups, order: dict[int, np.ndarray], measure, estimate, metric: st
                 t = {**removed, gid: int(c[hi])}
                 new_count, at = estimate(keep_of(t))[metric], -1  # a smaller step than measured
         damage = d if at == state else damage + max(s, 0.0) * (count - new_count)
+        unmeasured += spent and not fresh
+        taken[gid] += 1
         removed, count, state = t, new_count, state + 1
-        if settled is not None and count > target:
+        if spent:  # no measurement will price its next step: the second-order model's growth, step j -> j + 1
+            j = taken[gid]
+            s = max(s, 0.0) * (2 * j + 1) / (2 * j - 1)
+        elif settled is not None and count > target:
             settled(keep_of(removed))
         history.append({"group": gid, "set": by_id[gid].set_name, "removed": removed[gid], "width": by_id[gid].width,
                         metric: count, "damage": damage})
@@ -273,12 +296,12 @@ def allocate(groups, order: dict[int, np.ndarray], measure, estimate, metric: st
                      f"({evals} measurements)")
         if trial(gid) is not None:
             heapq.heappush(heap, (s, gid, -1, d))  # its next step: as costly as this one until re-measured
-    info = {"measurements": evals, "steps": len(history), "step": f"1/{steps_to_width}", "damage": damage,
+    info = {"measurements": evals, "steps": len(history), "unmeasured": unmeasured, "step": f"1/{steps_to_width}", "damage": damage,
             "met": count <= target,
             "history": history}
     return keep_of(removed), info
 
 
 __all__ = ["allocate", "planned_steps", "output_damage", "is_logits", "step_size", "STEPS", "STEP_CHOICES",
-           "SEARCH_SECONDS", "PER_STEP", "MIN_STEPS", "OVER", "ZEROED", "RESUME", "ZEROED_GAIN", "TIMINGS",
+           "SEARCH_SECONDS", "PER_STEP", "RUN_OVERHEAD", "MIN_STEPS", "OVER", "ZEROED", "RESUME", "ZEROED_GAIN", "TIMINGS",
            "MAX_FRACTION", "SAMPLES", "RUN_SECONDS", "MIN_SAMPLES", "WARM_GAIN"]
