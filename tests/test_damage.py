@@ -166,6 +166,16 @@ def test_steps_are_as_fine_as_the_time_budget_allows():
     assert steps == D.STEP_CHOICES[-1]  # nothing fits: the coarsest, never a refusal
 
 
+def test_a_group_whose_step_saves_almost_nothing_does_not_decide_the_expected_steps():
+    # the four groups of above plus a squeeze-excite-like group whose channels cost almost nothing: counted, 1 / its
+    # saving would multiply the expected steps by about 10,000 / 5 and send a search of seconds to the coarsest steps
+    gs = _groups(*[(64, "channels")] * 4, (64, "channels"))
+    est, total = _linear_estimate(gs, {0: 1.0, 1: 1.0, 2: 1.0, 3: 1.0, 4: 1e-4})
+    want = {16: 5 + D.PER_STEP * 16, 8: 5 + D.PER_STEP * 8, 4: 5 + D.PER_STEP * 4}  # as above: 16 / 8 / 4 steps
+    steps, guess = D.planned_steps(gs, est, "macs", total - 64, 1, seconds=1.0, budget=want[16] + 0.5, min_steps=0)
+    assert steps == 16 and guess == {16: pytest.approx(want[16])}
+
+
 def test_a_budget_is_not_spent_in_too_few_coarse_steps():
     """A step count that would meet the budget in fewer than min_steps steps
     gives way to the next finer one when that is expected within OVER
