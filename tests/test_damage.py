@@ -194,15 +194,20 @@ def test_a_budget_is_not_spent_in_too_few_coarse_steps():
     assert D.MIN_STEPS > 4  # the default floor
 
 
-def test_a_coarser_search_takes_fewer_measurements_and_still_meets_the_budget():
+def _quadratic_groups(weight: dict):
+    """Four groups of 64 channels, 1 MAC each, whose damage grows with the square of the channels each lost
+    (times its ``weight``): the groups, their estimate, the total MACs, the damage and the channel order."""
     gs = _groups(*[(64, "channels")] * 4)
     est, total = _linear_estimate(gs, {g.id: 1.0 for g in gs})
-    weight = {0: 1.0, 1: 2.0, 2: 3.0, 3: 4.0}
 
     def measure(keep):
         return sum(weight[g] * (64 - len(k)) ** 2 for g, k in keep.items())
 
-    order = {g.id: np.arange(64) for g in gs}
+    return gs, est, total, measure, {g.id: np.arange(64) for g in gs}
+
+
+def test_a_coarser_search_takes_fewer_measurements_and_still_meets_the_budget():
+    gs, est, total, measure, order = _quadratic_groups({0: 1.0, 1: 2.0, 2: 3.0, 3: 4.0})
     fine = D.allocate(gs, order, measure, est, "macs", 0.75 * total)[1]
     coarse = D.allocate(gs, order, measure, est, "macs", 0.75 * total, steps_to_width=4)[1]
     assert fine["step"] == "1/16" and coarse["step"] == "1/4"
@@ -211,14 +216,7 @@ def test_a_coarser_search_takes_fewer_measurements_and_still_meets_the_budget():
 
 
 def test_once_its_measurements_are_spent_the_search_takes_its_steps_on_the_damages_last_measured():
-    gs = _groups(*[(64, "channels")] * 4)
-    est, total = _linear_estimate(gs, {g.id: 1.0 for g in gs})
-    weight = {0: 1.0, 1: 1.5, 2: 2.0, 3: 2.5}
-
-    def measure(keep):
-        return sum(weight[g] * (64 - len(k)) ** 2 for g, k in keep.items())
-
-    order = {g.id: np.arange(64) for g in gs}
+    gs, est, total, measure, order = _quadratic_groups({0: 1.0, 1: 1.5, 2: 2.0, 3: 2.5})
     free = D.allocate(gs, order, measure, est, "macs", 0.5 * total)[1]
     keep, capped = D.allocate(gs, order, measure, est, "macs", 0.5 * total, max_measurements=10)
     assert free["unmeasured"] == 0 and free["measurements"] > 20
@@ -234,13 +232,7 @@ def test_unmeasured_steps_are_spread_by_the_second_order_model():
     # four equally sensitive groups (damage grows with the square of the channels lost) and a budget spent
     # after the sensitivity pass: with no measurement after it, the steps spread over the groups (a step that
     # kept its last measured price would send every step to the same group)
-    gs = _groups(*[(64, "channels")] * 4)
-    est, total = _linear_estimate(gs, {g.id: 1.0 for g in gs})
-
-    def measure(keep):
-        return sum((64 - len(k)) ** 2 for k in keep.values())
-
-    order = {g.id: np.arange(64) for g in gs}
+    gs, est, total, measure, order = _quadratic_groups({0: 1.0, 1: 1.0, 2: 1.0, 3: 1.0})
     keep, info = D.allocate(gs, order, measure, est, "macs", 0.5 * total, max_measurements=4)
     # 32 steps of 4 channels; the first is the sensitivity pass's own measurement on the unpruned model
     assert info["measurements"] == 4 and info["steps"] == 32 and info["unmeasured"] == 31
