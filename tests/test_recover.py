@@ -189,11 +189,11 @@ def test_token_mlp_matmul_3d_and_inserted_bias():
     _valid(out)
     by = {r.node: r for r in rows}
     assert by["fc2"].status == "refit" and by["fc2"].op == "MatMul"
-    # tokens flattened to rows: once the whole-model check on a quarter of the 128 samples (kept out of
-    # every fit) has passed, recovery is done again on all of them
+    # tokens flattened to rows: once the whole-model check on an eighth of the 128 samples (each its own
+    # source, kept out of every fit) has passed, recovery is done again on all of them
     assert by["fc2"].samples == 4 * 32 * 6
     _, _, first = _run(m, {"default": 0.5}, calib, refit_all=False)
-    assert {r.node: r for r in first}["fc2"].samples == (4 * 32 - 32) * 6
+    assert {r.node: r for r in first}["fc2"].samples == (4 * 32 - 16) * 6
     # fc2 had no bias: recovery added one after it, keeping the output names
     assert any(n.op_type == "Add" and n.name.startswith("fc2__recover_bias") for n in out.graph.node)
     assert [o.name for o in out.graph.output] == ["y"]
@@ -477,7 +477,7 @@ def test_cli_recover_holds_out_sources_and_prints_the_check(tmp_path, capsys):
     kept_out = int(line.split("(")[1].split(" samples")[0])
     timing = next(ln for ln in text.splitlines() if ln.startswith("recovery time:"))
     assert line.endswith("then recovered again on every source") and "the second, on every source: " in timing
-    assert kept_out in (24, 25, 26)  # 2 whole sources of the 10 (samples alone would give 32 of 128)
+    assert kept_out in (12, 13)  # 1 whole source of the 10 (an eighth of the samples alone would give 16 of 128)
     report = json.loads(rep.read_text())
     rows, st = report["recovery"], report["recovery_stats"]
     assert st["held_out"]["samples"] == kept_out and st["held_out"]["refit_all"] is True
@@ -488,7 +488,7 @@ def test_cli_recover_holds_out_sources_and_prints_the_check(tmp_path, capsys):
 
 
 def test_after_the_check_passes_recovery_is_done_again_on_every_source(monkeypatch):
-    """The whole-model check keeps a quarter of the sources out of every fit;
+    """The whole-model check keeps an eighth of the sources out of every fit;
     once it passes, the written model is recovered again on every source (the
     same as a recovery that kept none out), unless the first pass was slow."""
     import onnxprune.recover as R
@@ -528,6 +528,7 @@ def test_the_whole_model_check_reads_both_frontiers_and_matches_running_the_mode
     three models on the kept-out samples."""
     import onnxprune.recover.check as C
     from onnxprune.plan.importance.calib import Calibration
+    from onnxprune.recover import CHECK_FRACTION
     from onnxprune.recover.fit import _folds
 
     m = small_cnn()
@@ -543,7 +544,7 @@ def test_the_whole_model_check_reads_both_frontiers_and_matches_running_the_mode
     out, _ = recover(m, res.proto, res.analyzed.ctx, res.plan.keep, cal, progress=False, stats=stats, refit_all=False)
     got = stats["held_out"]
     feeds = [{"x": b} for b in xb]
-    fold = _folds(feeds, src, 0, reserve=0.25)
+    fold = _folds(feeds, src, 0, reserve=CHECK_FRACTION)
     assert runs == [got["samples"]] and 0 < got["samples"] < 128  # the pruned model only, on the kept-out samples
     runs.clear()
     want = C.held_out_check(m, res.proto, out, feeds, fold, 1)

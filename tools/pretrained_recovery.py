@@ -283,7 +283,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def recover_seeds(model: str, plan: str, calib: str, batches: int, norm, x_eval, ref, sure, seeds: int) -> dict:
-    """The plan recovered with ``seeds`` splits of the sources into folds and the kept-out quarter: the
+    """The plan recovered with ``seeds`` splits of the sources into folds and the kept-out share: the
     model of the checked pass (``refit_all`` off) and the default (recovered again on every source)."""
     from onnxprune.api import prune
 

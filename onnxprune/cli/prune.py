@@ -27,7 +27,7 @@ def parser() -> argparse.ArgumentParser:
                    help="closed-form recovery from --calib data, no labels: re-fit every layer that reads pruned channels "
                    "(ridge, the default), match per-channel output statistics (stats), or fold the removed channels' mean "
                    "into the bias (bias). Fits are judged on calibration sources they did not see (a 'source' array "
-                   "in an .npz, else groups of look-alike images); a quarter of the sources checks the whole model")
+                   "in an .npz, else groups of look-alike images); an eighth of the sources checks the whole model")
     p.add_argument("--plan", help="replay a plan file saved by --save-plan (instead of --ratios)")
     p.add_argument("--save-plan", help="write the plan (groups by member names, kept indices) as JSON here")
     shape_opt(p)
