@@ -52,8 +52,12 @@ class Journal:
     def record(self, fn) -> None:
         self._undo.append(fn)
 
-    def undo(self) -> None:
-        while self._undo:
+    def mark(self) -> int:
+        """Where the log stands now: :meth:`undo` to it undoes only what came after."""
+        return len(self._undo)
+
+    def undo(self, to: int = 0) -> None:
+        while len(self._undo) > to:
             self._undo.pop()()
 
 

@@ -508,3 +508,40 @@ def test_einsum_attention_logits_refitted(tmp_path, layout):
     scale = float(np.abs(got["matmul"] - y0).max())
     assert scale > 1e-3  # the pruning changed the outputs: equal recoveries below are not two untouched models
     np.testing.assert_allclose(got["einsum"], got["matmul"], atol=1e-3 * scale + 1e-5)
+
+
+def test_joint_fit_is_written_from_every_source_and_checked_without_the_kept_out_ones(monkeypatch):
+    """With 8 or more sources an eighth is kept out of the checked fits: the
+    first block's q/k (whose qkv layer reads the model's input, the same rows
+    in every recovery) is written as a recovery that keeps nothing out writes
+    it, and the model the whole-model check runs has it as a recovery that
+    writes its checked fits has it."""
+    import onnxprune.recover as R
+    from onnxprune.plan.importance.calib import Calibration
+    from onnxprune.recover.fit import _folds
+
+    m = attention_model()
+    xs = _inputs(4, seed=1)
+    src = [np.arange(16 * i, 16 * (i + 1)) % 10 for i in range(4)]
+    fold = _folds([{"x": x} for x in xs], src, 0, reserve=R.CHECK_FRACTION)
+    for x, f in zip(xs, fold):  # the kept-out source unlike the rest: fits that learnt from it differ
+        x[f < 0] = x[f < 0] * 2 + 0.5
+    cal = Calibration(xs, None, "random", sources=src)
+    res = prune(m, {"kinds": {"head_dim": 0.5}, "scope": "local", "importance": "l2"})
+    judged = []
+    real = R.held_out_check
+    monkeypatch.setattr(R, "held_out_check", lambda o, p, rec, *a, **k: judged.append(rec) or real(o, p, rec, *a, **k))
+
+    def qkv(**kw):
+        out, rows = recover(m, res.proto, res.analyzed.ctx, res.plan.keep, cal, progress=False, rows_per_batch=512,
+                            ridge_select=False, **kw)
+        assert {r.node: r.status for r in rows if r.method == "qk-logits"}.get("b0_qk") == "refit", format_rows(rows)
+        return out, next(numpy_helper.to_array(t) for t in out.graph.initializer if t.name.startswith("b0_wqkv"))
+
+    written, w_one = qkv()
+    w_check = next(numpy_helper.to_array(t) for t in judged[-1].graph.initializer if t.name.startswith("b0_wqkv"))
+    _, w_every = qkv(check_fraction=0.0)
+    _, w_checked = qkv(refit_all=False)
+    np.testing.assert_allclose(w_one, w_every, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(w_check, w_checked, rtol=1e-4, atol=1e-5)
+    assert np.abs(w_one - w_check).max() > 1e-3

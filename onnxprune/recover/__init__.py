@@ -65,12 +65,18 @@ ridge strength of each layer is chosen by 2-fold cross-validation over
 sources (infinite strength among the candidates: the pruned weights with only
 the bias re-fitted), and a fit that does not beat the pruned weights on
 held-out sources is not applied (shrinking towards ``W0`` *is* the ridge). An eighth of the
-sources (:data:`CHECK_FRACTION`, when there are at least 8) is kept out of every fit: on it the whole
-recovered model is compared with the pruned one, and if it is further from
-the original there, the pruned model is returned. If it is closer, recovery
-runs again from the pruned model on every source (when the first pass took
-at most ``REFIT_ALL_SECONDS``), so the written model has seen every photo:
-which sources were kept out otherwise moves the result by several points.
+sources (:data:`CHECK_FRACTION`, when there are at least 8) is kept out of the
+*checked* fits: every layer is solved twice from the same statistics, once
+without the kept-out rows (checked) and once with them (written; the next
+levels read its outputs). The model with the checked fits is compared with
+the pruned one on the kept-out sources, and if it is further from the
+original there, the pruned model is returned; else the written fits stay, so
+the written model has seen every photo (which sources were kept out
+otherwise moves the result by several points) in one pass through the
+models. The checked fits' inputs come from the written fits upstream, which
+did see the kept-out rows: the check is of each layer's own fit on new
+sources, not of a recovery that never met them (``refit_all=True``: that
+recovery, then a second pass on every source).
 
 The package: ``fit.py`` is the arithmetic (plain numpy: regression rows,
 statistics per fold, the ridge solve and its strength), ``graph.py`` finds
@@ -112,11 +118,9 @@ CLAMP_PASSES = 2  # passes with clamped targets after the plain fit of a layer b
 # at 70% of its MACs, KL on new photos after --recover: 1.353 without, 0.795 with one, 0.735 with two)
 CLAMP_ROWS_BYTES = 1 << 30  # a level's regression rows kept for its clamp passes (past this, built again: the same
 # rows, from the replayed random state)
-REFIT_ALL_SECONDS = 45.0  # a recovery that took longer is not done again on every source (refit_all=None)
-CHECK_FRACTION = 0.125  # of the sources (with 8 or more), kept out of every fit for the whole-model check. A recovery
-# too slow to run again writes fits that never saw them: the ViT-S with a dense decoder at 70% of its MACs, one plan,
-# Pearson per crop on new photos over three fold seeds: 0.891 / 0.899 / 0.897 with a quarter kept out, 0.905 / 0.899 /
-# 0.901 with an eighth (2 of 12 photos), 0.913 with none (seed 0: no check)
+CHECK_FRACTION = 0.125  # of the sources (with 8 or more), kept out of the checked fits for the whole-model check
+# (the ViT-S with a dense decoder at 70% of its MACs, one plan, the checked fits written, Pearson per crop on new
+# photos over three fold seeds: 0.891 / 0.899 / 0.897 with a quarter kept out, 0.905 / 0.899 / 0.901 with an eighth)
 
 log = logging.getLogger(__name__)
 
@@ -227,12 +231,12 @@ def recover_model(
     ridge only). ``residual``: a layer whose output is added to the residual
     stream (``y + r``) is fitted to the original's sum minus the pruned ``r``,
     so it also takes up what the stream lost upstream (ridge only; see
-    :func:`onnxprune.recover.graph._residuals`). ``refit_all``: once the
-    whole-model check on the kept-out sources has passed, recover again from
-    the pruned model on every source (the same cross-validated choices, made
-    with the kept-out sources in), so no photo is left out of the model that
-    is written; None: when the checked pass took at most
-    :data:`REFIT_ALL_SECONDS`. ``clamp``: a layer whose output only reaches a
+    :func:`onnxprune.recover.graph._residuals`). ``refit_all``: None (the
+    default): one pass, each layer solved with and without the kept-out rows,
+    the check judging the fits without them and the fits with them written;
+    True: the check's pass leaves the kept-out sources out of every fit and,
+    once the check has passed, recovery runs again from the pruned model on
+    every source (two passes); False: that first pass is written. ``clamp``: a layer whose output only reaches a
     clamp (Relu, Clip, HardSwish, HardSigmoid; :func:`onnxprune.recover.graph.clamp_after`)
     is not asked to reproduce what that clamp hides (see
     :func:`onnxprune.recover.fit._clamped_targets`; ridge only). Returns one :class:`LayerRow` per consumer (and
@@ -241,13 +245,13 @@ def recover_model(
         raise ValueError(f"method must be one of {METHODS}, not {method!r}")
     import os
 
-    t_start = time.perf_counter()
     threads = threads or (os.cpu_count() or 1)
     given = batches
     sources = getattr(batches, "sources", None)
     # a Calibration: its feed dicts for a multi-input model (token ids, masks, ...), else its first-input arrays
     batches = list(getattr(batches, "inputs", None) or getattr(batches, "batches", batches))
     journal = journal if journal is not None else Journal()
+    mark = journal.mark()  # this recovery's edits come after it
     if name_nodes(model.graph):  # old exporters name no node: layers are addressed by name
         if ctx.graph is not model.graph:  # the analysis of the same pruned graph (the API's recover())
             name_nodes(ctx.graph)
@@ -302,6 +306,10 @@ def recover_model(
     fd_list = [feeds(b) for b in batches]
     fold_of = _folds(fd_list, sources, seed, reserve=check_fraction)
     hold = method == "ridge" and ridge_select and len({int(k) for f in fold_of for k in np.unique(f) if k >= 0}) >= 2
+    # one pass, two fits per layer: the checked one without the kept-out rows (the whole-model check runs it) and
+    # the written one with them, which the next levels read (refit_all None; True: a second pass, False: the checked)
+    shadow = refit_all is None and validate and any(np.any(fo < 0) for fo in fold_of)
+    written: dict = {}  # layer -> (its fit, the written solution, the checked one)
     timing = {"run": 0.0, "fit": 0.0}
     bar = Progress("recover", len(by_level), progress)
     # rows are sampled per layer from its own stream: which other layers are fitted changes none of them
@@ -339,7 +347,7 @@ def recover_model(
             rws = _clamped_targets(f, rws, anchor)
         fb = fold_of[bi][np.minimum(sample, len(fold_of[bi]) - 1)]  # -1: kept out for the whole-model check
         with np.errstate(over="ignore", invalid="ignore"):  # overflowing activations: see finite()
-            _accumulate(f, rws, fb if hold else np.where(fb >= 0, 0, -1), targets_only)
+            _accumulate(f, rws, fb if hold else np.where(fb >= 0, 0, -1), targets_only, out=shadow)
 
     def _rows(f, bi, px, oy):
         """Batch ``bi``'s regression rows of ``f`` and the sample of each (None: the layer cannot be fitted,
@@ -387,7 +395,8 @@ def recover_model(
                     fold = fold_of[bi] if hold else np.where(fold_of[bi] >= 0, 0, -1)
                     try:
                         attention.accumulate(lg, px[lg.fq.x_name][bi], oy[lg.fq.y_name][bi], oy[lg.fk.y_name][bi],
-                                             oy[lg.q_val][bi], oy[lg.k_val][bi], fold, rngs[id(lg)], rows_per_batch)
+                                             oy[lg.q_val][bi], oy[lg.k_val][bi], fold, rngs[id(lg)], rows_per_batch,
+                                             out=shadow)
                     except Exception as e:  # shape surprises: the separate fits stay, never crash
                         lg.failed = f"could not gather the q/k statistics: {type(e).__name__}: {e}"
             chosen: dict = {}  # layer -> the strength its plain fit chose: every later pass's solve, and where its
@@ -400,6 +409,7 @@ def recover_model(
                     if f.row.node not in chosen:
                         chosen[f.row.node] = _select(f, ridge)[0] if hold else None
                     lam = chosen[f.row.node]
+                    _totals(f, out=shadow)  # the anchor: the written fit's
                     first = _solve(f, method, ridge if lam is None else lam)
                     reset_targets(f)
                     rngs[f.row.node].bit_generator.state = states[f.row.node]
@@ -412,6 +422,7 @@ def recover_model(
             del px, oy
             bar.step(done, f"level {lvl}: {', '.join(f.row.node for f in todo)}"[:60], force=done == len(by_level) and not bar.tty)
             final: dict[str, list] = {}  # fit -> the solution to write (absent: the pruned weights stay)
+            checked: dict[str, list] = {}  # ... and the one without the kept-out rows, for the check (shadow)
             for f in todo:
                 if f.row.reason or not f.folds:
                     f.row.status = "skipped"
@@ -426,6 +437,9 @@ def recover_model(
                 if lam is not None and np.isinf(lam):  # cross-validation chose the bias alone
                     f.row.ridge, f.row.method = None, "bias"
                     f.row.reason = "bias only: no re-fit of the weights beat it on held-out sources"
+                if shadow:
+                    Wc = _solve(f, method, ridge if lam is None else lam)
+                    _totals(f, out=True)
                 Ws = _solve(f, method, ridge if lam is None else lam)
                 tot_y = sum(float(yy.sum()) for yy in f.yy)
                 before = sum(_sq_err(G, C, yy, W) for G, C, yy, W in zip(f.G, f.C, f.yy, f.w0))
@@ -449,17 +463,20 @@ def recover_model(
                 else:
                     final[f.row.node] = Ws
                     f.row.status = "refit"
+                    if shadow:
+                        checked[f.row.node] = Wc if all(np.all(np.isfinite(W)) for W in Wc) else f.w0
                 f.G, f.C, f.folds = [], [], {}  # free the Gram matrices
                 f.row.seconds = (time.perf_counter() - t0) / len(todo)
             for lg in here:
                 try:
-                    attention.solve(lg, final, ridge)
+                    attention.solve(lg, final, ridge, checked if shadow else None)
                 except (np.linalg.LinAlgError, ValueError) as e:  # e.g. statistics too few for a head
                     lg.row.status, lg.row.reason = "skipped", f"joint q/k fit failed: {type(e).__name__}: {e}"
                 lg.folds = {}
             for f in todo:
                 if f.row.node in final:
                     _write_back(g, f, final[f.row.node], journal)
+                    written[f.row.node] = (f, final[f.row.node], checked.get(f.row.node, f.w0))
             timing["fit"] += time.perf_counter() - t1
         if validate:
             known = _final_outputs(front_o, front_p, original, model, fold_of)
@@ -477,26 +494,47 @@ def recover_model(
         work = io.full_proto(model)
         try:
             onnx.checker.check_model(work, full_check=True)
-            check = held_out_check(original, pruned, work, fd_list, fold_of, threads, known)  # runs the recovered model
+            if shadow:  # the check runs the checked fits; the written model must run too
+                session(work, threads).run(None, feeds(batches[0]))
+                judged = _checked_model(model, g, written, journal, mark)
+                known = {"original": known["original"]} if known else None
+            check = held_out_check(original, pruned, judged if shadow else work, fd_list, fold_of, threads, known)
             if check is None:  # nothing kept out: the recovered model must still run
                 session(work, threads).run(None, feeds(batches[0]))
         except Exception as e:  # never hand out an invalid model
-            journal.undo()
+            journal.undo(mark)
             return _reverted(rows, f"recovered model failed validation: {e}")
         if stats is not None:
             stats["held_out"] = check
+        if check is not None and shadow:
+            check["shadow"] = True
+        elif check is not None and refit_all is False:
+            check["refit_all"] = False
         if check is not None and check["worse"]:
-            journal.undo()
+            journal.undo(mark)
             return _reverted(rows, "the whole recovered model was further from the original on held-out sources")
-        if check is not None and (refit_all or refit_all is None and time.perf_counter() - t_start <= REFIT_ALL_SECONDS):
-            return _refit_all(original, model, ctx, keep, given, rows, journal, stats, threads, feeds(batches[0]),
+        if check is not None and refit_all:
+            return _refit_all(original, model, ctx, keep, given, rows, journal, mark, stats, threads, feeds(batches[0]),
                               dict(method=method, ridge=ridge, rows_per_batch=rows_per_batch, max_features=max_features,
                                    threads=threads, seed=seed, progress=progress, layers=layers,
                                    ridge_select=ridge_select, frontier_bytes=frontier_bytes,
                                    attention_logits=attention_logits, residual=residual, clamp=clamp))
-        if check is not None and refit_all is None:
-            check["refit_all"] = False
     return rows
+
+
+def _checked_model(model: ir.Model, g: _Graph, written: dict, journal: Journal, mark: int) -> onnx.ModelProto:
+    """The model with every layer's checked fit (the one that never saw the
+    kept-out rows) in place of the written one, as a proto; ``model`` is left
+    with the written fits, recorded in ``journal`` after ``mark`` (where this
+    recovery's edits begin)."""
+    journal.undo(mark)
+    for f, _, Wc in written.values():
+        _write_back(g, f, Wc, journal)
+    judged = io.full_proto(model)
+    journal.undo(mark)
+    for f, Ws, _ in written.values():
+        _write_back(g, f, Ws, journal)
+    return judged
 
 
 def _final_outputs(front_o: Frontier, front_p: Frontier, original: onnx.ModelProto, model: ir.Model,
@@ -518,12 +556,12 @@ def _final_outputs(front_o: Frontier, front_p: Frontier, original: onnx.ModelPro
     return {k: [[np.asarray(v[o][b]) for o in names] for b in range(len(fold_of))] for k, v in got.items()}
 
 
-def _refit_all(original, model, ctx, keep, batches, rows, journal, stats, threads, feed, kw) -> list[LayerRow]:
+def _refit_all(original, model, ctx, keep, batches, rows, journal, mark, stats, threads, feed, kw) -> list[LayerRow]:
     """The recovery done again from the pruned model on every source (the
     kept-out ones too), after the whole-model check passed; its rows carry the
     checked pass's held-out errors where it has none of its own. Where the new
     fit fails validation, the pruned model is returned."""
-    journal.undo()
+    journal.undo(mark)
     t0 = time.perf_counter()
     again: dict = {}
     rows2 = recover_model(original, model, ctx, keep, batches, validate=False, check_fraction=0.0, stats=again,
@@ -533,7 +571,7 @@ def _refit_all(original, model, ctx, keep, batches, rows, journal, stats, thread
         onnx.checker.check_model(work, full_check=True)
         session(work, threads).run(None, feed)
     except Exception as e:  # never hand out an invalid model
-        journal.undo()
+        journal.undo(mark)
         return _reverted(rows2, f"the re-fit on every source failed validation: {e}")
     if stats is not None:
         for k in ("run_s", "fit_s", "passes"):
@@ -670,12 +708,14 @@ def held_out_text(h) -> str:
     agree = (f"; top-1 agreement {h['agree_pruned']:.1f}% -> {h['agree_recovered']:.1f}%, "
              f"KL {h['kl_pruned']:.3g} -> {h['kl_recovered']:.3g}" if "agree_pruned" in h else "")
     kept = " (worse: kept the pruned weights)" if h["worse"] else ""
-    again = ("; then recovered again on every source" if h.get("refit_all") else
-             f"; not recovered again on every source (the first pass took over {REFIT_ALL_SECONDS:.0f}s)"
-             if h.get("refit_all") is False else "")
+    again = ("; the written fits also learnt from the kept-out sources (the checked ones, without them, are "
+             "what this judges)" if h.get("shadow") else "; then recovered again on every source"
+             if h.get("refit_all") else "; the written fits never saw the kept-out sources" if h.get("refit_all") is False
+             else "")
     odd = (f"; the original's own outputs were not finite in {h['nonfinite']} values (overflow on these inputs?), "
            "compared without them" if h.get("nonfinite") else "")
-    return (f"held-out check ({h['samples']} samples from sources no fit saw): output error vs the original "
+    saw = "the checked fits never saw" if h.get("shadow") else "no fit saw"
+    return (f"held-out check ({h['samples']} samples from sources {saw}): output error vs the original "
             f"{h['err_pruned']:.4f} pruned -> {h['err_recovered']:.4f} recovered{agree}{kept}{again}{odd}")
 
 

@@ -254,10 +254,11 @@ def _map(lg: _Logits, yq, yk, oq, ok) -> None:
         lg.failed = "no head lost dims"
 
 
-def accumulate(lg: _Logits, x, yq, yk, oq, ok, fold, rng, budget: int) -> None:
+def accumulate(lg: _Logits, x, yq, yk, oq, ok, fold, rng, budget: int, out: bool = False) -> None:
     """Add one batch: ``x`` the pruned model's input to q/k, ``yq``/``yk`` the
     original linear layers' outputs, ``oq``/``ok`` the original q and k
-    operands; ``fold``: the fold of each sample (-1: kept out)."""
+    operands; ``fold``: the fold of each sample (-1: kept out of the checked
+    fits; summed apart for the written ones with ``out``)."""
     if lg.failed:
         return
     if lg.heads is None:
@@ -281,7 +282,7 @@ def accumulate(lg: _Logits, x, yq, yk, oq, ok, fold, rng, budget: int) -> None:
     Xa[:, -1] = 1.0
     tq, tk = q[take] / lg.scale[0], k[take] / lg.scale[1]
     for v in np.unique(fb):
-        if v < 0:
+        if v < 0 and not out:
             continue
         s = fb == v
         Xs = Xa[s]
@@ -325,20 +326,30 @@ def _offset(cols: np.ndarray, off: np.ndarray) -> np.ndarray:
     return out
 
 
-def solve(lg: _Logits, final: dict, ridge: float) -> None:
+def solve(lg: _Logits, final: dict, ridge: float, checked: dict | None = None) -> None:
     """Re-fit q and k jointly per head where that beats the separate fits on
     held-out folds; ``final``: fit name -> its solution (the list of
     :func:`~onnxprune.recover.fit._solve`; absent: the pruned weights stay),
-    given the jointly fitted columns when any head is."""
-    if lg.failed or not lg.folds or any(f.row.status == "skipped" for f in (lg.fq, lg.fk)):
+    given the jointly fitted columns when any head is. Rows kept out of the
+    checked fits (fold -1) are in the written fit only; ``checked``: the same
+    for the fits without them (the whole-model check's), given their own
+    jointly fitted columns."""
+    if lg.failed or not any(k >= 0 for k in lg.folds) or any(f.row.status == "skipped" for f in (lg.fq, lg.fk)):
         lg.row.reason = lg.failed or "its q or k layer was not re-fitted"
         return
     fq, fk = lg.fq, lg.fk
     # copies: the solutions in ``final`` change only once every head is done
     Wq = final.get(fq.row.node, fq.w0)[0].copy()
     Wk = Wq if fk is fq else final.get(fk.row.node, fk.w0)[0].copy()
-    folds = list(lg.folds.values())
+    folds = [v for k, v in lg.folds.items() if k >= 0]
     tot = [sum(f[0] for f in folds)] + [[sum(f[j][i] for f in folds) for i in range(len(lg.heads))] for j in (1, 2, 3, 4)]
+    out = lg.folds.get(-1)
+    # the written fit's statistics: the checked ones and the rows kept out of them
+    every = tot if out is None else [tot[0] + out[0]] + [[t + o for t, o in zip(tot[j], out[j])] for j in (1, 2, 3, 4)]
+    checked = checked if out is not None else None
+    if checked is not None:
+        Wq_c = checked.get(fq.row.node, fq.w0)[0].copy()
+        Wk_c = Wq_c if fk is fq else checked.get(fk.row.node, fk.w0)[0].copy()
     sums = {"pruned": 0.0, "written": 0.0, "base": 0.0}
     held = {"pruned": 0.0, "chosen": 0.0}
     joint, lams = 0, []
@@ -366,13 +377,15 @@ def solve(lg: _Logits, final: dict, ridge: float) -> None:
         h["lam"] = min(h["by_lam"], key=h["by_lam"].get) if h["by_lam"] else ridge
     for lam in {h["lam"] for h in heads}:  # each head's fit on every fold, at its strength
         at = [i for i, h in enumerate(heads) if h["lam"] == lam]
-        pairs = _logit_factors(tot[0], [(tot[1][i], tot[2][i], *heads[i]["zero"], heads[i]["r"]) for i in at], lam)
-        for i, AB in zip(at, pairs):
+        args = lambda t: [(t[1][i], t[2][i], *heads[i]["zero"], heads[i]["r"]) for i in at]  # noqa: E731
+        for i, AB in zip(at, _logit_factors(every[0], args(every), lam)):
             heads[i]["fit"] = AB
+        for i, AB in zip(at, _logit_factors(tot[0], args(tot), lam) if checked is not None else ()):
+            heads[i]["fit_checked"] = AB
     for i, ((pq, pk, c0, d, kept), h) in enumerate(zip(lg.heads, heads)):
         cand, err, lam, (A, B), (oq, ok) = h["cand"], h["err"], h["lam"], h["fit"], h["shift"]
         err["joint"] = h["by_lam"].get(lam, 0.0)
-        on_calib = {c: _logit_err(tot[0], tot[1][i], tot[2][i], tot[3][i], tot[4][i], a, b)
+        on_calib = {c: _logit_err(every[0], every[1][i], every[2][i], every[3][i], every[4][i], a, b)
                     for c, (a, b) in {**cand, "joint": (A, B)}.items()}
         if len(folds) < 2:
             err = on_calib
@@ -382,9 +395,13 @@ def solve(lg: _Logits, final: dict, ridge: float) -> None:
             joint += 1
             _put(fq, Wq, pq, _offset(A, -oq))
             _put(fk, Wk, pk, _offset(B, -ok))
+            if checked is not None:
+                Ac, Bc = h["fit_checked"]
+                _put(fq, Wq_c, pq, _offset(Ac, -oq))
+                _put(fk, Wk_c, pk, _offset(Bc, -ok))
         sums["pruned"] += on_calib["pruned"]
         sums["written"] += on_calib[use]
-        sums["base"] += float(np.trace(tot[3][i] @ tot[4][i]))
+        sums["base"] += float(np.trace(every[3][i] @ every[4][i]))
         held["pruned"] += err["pruned"]
         held["chosen"] += err[use]
         lams.append(lam)
@@ -392,7 +409,7 @@ def solve(lg: _Logits, final: dict, ridge: float) -> None:
     lg.row.err_before, lg.row.err_after = rel(sums["pruned"]), rel(sums["written"])
     if len(folds) > 1:
         lg.row.held_before, lg.row.held_after = rel(held["pruned"]), rel(held["chosen"])
-    lg.row.samples = int(tot[0][-1, -1])
+    lg.row.samples = int(every[0][-1, -1])
     lg.row.ridge = sorted(lams)[len(lams) // 2] if lams else None  # the median of the heads' strengths
     lg.row.outputs_kept = f"{joint}/{len(lg.heads)} heads"
     if not joint:
@@ -401,6 +418,8 @@ def solve(lg: _Logits, final: dict, ridge: float) -> None:
     lg.row.status = "refit"
     lg.row.reason = f"q and k of {joint} of {len(lg.heads)} heads that lost dims re-fitted for the logits"
     final[fq.row.node], final[fk.row.node] = [Wq], [Wk]
+    if checked is not None:
+        checked[fq.row.node], checked[fk.row.node] = [Wq_c], [Wk_c]
     for f in {id(fq): fq, id(fk): fk}.values():  # a layer whose own re-fit was refused is written for these columns
         if f.row.status == "kept":
             f.row.status = "refit"

@@ -277,10 +277,11 @@ def _clamped_targets(fit: _Fit, rows, anchor: list) -> list:
     return out
 
 
-def _accumulate(fit: _Fit, rows, fold: np.ndarray, targets_only: bool = False) -> None:
+def _accumulate(fit: _Fit, rows, fold: np.ndarray, targets_only: bool = False, out: bool = False) -> None:
     """Add the regression rows to the layer's statistics, per fold of sources
-    (``fold``: the fold of each row; -1: a row kept out of every fit, left
-    out here); the totals are the sums over folds.
+    (``fold``: the fold of each row; -1: a row kept out of the checked fits,
+    left out here unless ``out``: then summed apart, as fold -1, for the fits
+    that are written); the totals are the sums over folds.
     Inputs of :data:`FLOAT32_FROM` features or more are multiplied in float32,
     centred on the first rows' mean so the products do not cancel, and turned
     back into float64 sums of the raw rows (half the time of the widest
@@ -289,7 +290,7 @@ def _accumulate(fit: _Fit, rows, fold: np.ndarray, targets_only: bool = False) -
     :func:`reset_targets`): only the cross products and the targets' sums
     of squares are added; the Gram matrices stay."""
     for k in np.unique(fold):
-        if k < 0:
+        if k < 0 and not out:
             continue
         sel = fold == k
         G, C, yy = fit.folds.setdefault(int(k), ([], [], []))
@@ -322,7 +323,7 @@ def _accumulate(fit: _Fit, rows, fold: np.ndarray, targets_only: bool = False) -
             C[gi] += c
             yy[gi] += np.einsum("ij,ij->j", Yk, Yk, dtype=np.float64)
     if not targets_only:
-        fit.n += int(np.count_nonzero(fold >= 0))
+        fit.n += int(len(fold) if out else np.count_nonzero(fold >= 0))
 
 
 def reset_targets(fit: _Fit) -> None:
@@ -373,9 +374,10 @@ def finite(fit: _Fit) -> bool:
     return True
 
 
-def _totals(fit: _Fit) -> None:
-    """``fit.G, fit.C, fit.yy``: the statistics of all folds together."""
-    parts = list(fit.folds.values())
+def _totals(fit: _Fit, out: bool = False) -> None:
+    """``fit.G, fit.C, fit.yy``: the statistics of all cross-validation folds
+    together, and of the kept-out rows too (fold -1) with ``out``."""
+    parts = [v for k, v in fit.folds.items() if k >= 0 or out]
     fit.G = [sum(p[0][gi] for p in parts) for gi in range(len(parts[0][0]))]
     fit.C = [sum(p[1][gi] for p in parts) for gi in range(len(parts[0][1]))]
     fit.yy = [sum(p[2][gi] for p in parts) for gi in range(len(parts[0][2]))]
@@ -413,7 +415,7 @@ def _select(fit: _Fit, ridge: float, start: float | None = None) -> tuple[float 
     squares); ``strength`` is None with fewer than two folds. ``start``: where
     the search begins (a strength chosen for the same rows with other targets:
     a clamp pass), else :data:`SELECT_FROM`."""
-    folds = list(fit.folds.values())
+    folds = [v for k, v in fit.folds.items() if k >= 0]  # fit.G ...: their totals (_totals without out)
     base = sum(_sq_err(Gv, Cv, yv, W0) for Gk, Ck, yk in folds for Gv, Cv, yv, W0 in zip(Gk, Ck, yk, fit.w0))
     if len(folds) < 2:
         return None, base, base
