@@ -294,9 +294,11 @@ def recover_seeds(model: str, plan: str, calib: str, batches: int, norm, x_eval,
         got = []
         for seed in range(seeds):
             path = os.path.join(os.path.dirname(plan), "seed_tmp.onnx")
+            t0 = time.perf_counter()
             prune(model, plan=plan, calib=calib, calib_batches=batches, calib_norm=norm, recover="ridge",
                   recover_options={**opts, "seed": seed}, output=path)
-            got.append(scores(ref, logits(path, x_eval), sure))
+            secs = time.perf_counter() - t0
+            got.append({**scores(ref, logits(path, x_eval), sure), "seconds": secs})
         out[name] = got
     return out
 
@@ -383,7 +385,8 @@ def main(argv: list[str] | None = None) -> None:
                     for k in ("checked", "again", "every"):
                         a = [g["agree"] for g in got[k]]
                         mean = {m: float(np.mean([g[m] for g in got[k]])) for m in ("agree", "agree_sure", "kl")}
-                        cells.insert(-1, f"{cell(mean)} ({min(a):.1f}-{max(a):.1f})")
+                        secs = float(np.mean([g["seconds"] for g in got[k]]))
+                        cells.insert(-1, f"{cell(mean)} ({min(a):.1f}-{max(a):.1f}; {secs:.0f} s)")
                 if rec and args.ablate_stream:
                     plain = out.replace(".onnx", "_plain.onnx")
                     secs = recover_plain(model, plan, calib, args.calib_batches, plain, norm[-1] if norm else None)
@@ -441,7 +444,8 @@ def main(argv: list[str] | None = None) -> None:
             f"{CONFIDENT:g}), / KL(original || pruned) on real-photo crops\n\n")
     head = ["MACs target", "config", "pruned", "prune time", "after --recover", "prune + recover time"]
     if args.fold_seeds:
-        head[-1:-1] = [f"--recover, {args.fold_seeds} fold seeds: checked pass only (range)",
+        head[-1:-1] = [f"--recover, {args.fold_seeds} fold seeds: checked pass only (range; mean seconds of the plan's "
+                       "recovery through the API)",
                        f"--recover, {args.fold_seeds} fold seeds: then again on every source (range)",
                        f"--recover, {args.fold_seeds} fold seeds: one pass, fits on every source written (default; range)"]
     extra = []  # in the order of the cells
