@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
                 "held-out output error, pruned -> recovered", "prune + recover + verify"], rows)
             + f"\n\n{ok} of {len(tried)} exported models ran, verified and recovered; `target_macs` {args.target}; timm, random weights with "
             f"random norms and layer scales, {args.exporter} torch export; `--calib` a folder of 12 photos, the check on the "
-            f"photos kept out of every fit; CPU {os.cpu_count()} cores\n")
+            f"photos kept out of the checked fits (the written fits learn from every photo); CPU {os.cpu_count()} cores\n")
     write_results(args.out, text, raw)
     if ok < len(tried):
         raise SystemExit(1)
