@@ -524,6 +524,8 @@ def test_one_pass_writes_fits_on_every_source_and_the_check_judges_fits_without_
     assert st0.get("held_out") is None  # nothing kept out: no check
     np.testing.assert_allclose(one, every, rtol=1e-4, atol=1e-5)
     assert np.abs(one - checked).max() > 1e-4  # the kept-out sources changed the fits
+    _, unchecked, _ = rec(ridge_select=False, validate=False)  # no check: nothing kept out
+    np.testing.assert_allclose(unchecked, every, rtol=1e-4, atol=1e-5)
     assert st["passes"] == st1["passes"] <= st0["passes"] + 1  # one pass each (+ the outputs for the check)
     # the check ran the checked fits, not the written ones: the written model, which learnt from the kept-out
     # sources, is closer to the original on them than the check says

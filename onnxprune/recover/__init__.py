@@ -304,7 +304,7 @@ def recover_model(
     # folds of calibration *sources* (crops of one photo are one source), and a
     # fit that does not beat the pruned weights on held-out sources is refused
     fd_list = [feeds(b) for b in batches]
-    fold_of = _folds(fd_list, sources, seed, reserve=check_fraction)
+    fold_of = _folds(fd_list, sources, seed, reserve=check_fraction if validate else 0.0)  # no check: none kept out
     hold = method == "ridge" and ridge_select and len({int(k) for f in fold_of for k in np.unique(f) if k >= 0}) >= 2
     # one pass, two fits per layer: the checked one without the kept-out rows (the whole-model check runs it) and
     # the written one with them, which the next levels read (refit_all None; True: a second pass, False: the checked)
@@ -476,7 +476,10 @@ def recover_model(
             for f in todo:
                 if f.row.node in final:
                     _write_back(g, f, final[f.row.node], journal)
-                    written[f.row.node] = (f, final[f.row.node], checked.get(f.row.node, f.w0))
+                if f.row.node in final and shadow:
+                    # in float32, as written (twice the weights' size, not four times)
+                    written[f.row.node] = (f, [np.asarray(W, np.float32) for W in final[f.row.node]],
+                                           [np.asarray(W, np.float32) for W in checked.get(f.row.node, f.w0)])
             timing["fit"] += time.perf_counter() - t1
         if validate:
             known = _final_outputs(front_o, front_p, original, model, fold_of)
