@@ -1230,3 +1230,28 @@ def test_the_ridge_search_started_at_an_earlier_choice_finds_it_with_fewer_solve
     assert again == lam and err_again == err
     assert len(solves) < searched, (solves, searched)
     assert min(s for s in solves if math.isfinite(s)) == 10.0 ** (round(math.log10(lam)) - 1)  # began beside it
+
+
+def test_the_ridge_strength_chosen_on_some_folds_is_scaled_to_the_rows_of_the_fit():
+    """A strength chosen by cross-validation (each fit on the other folds) is
+    relative to those fits' Gram matrices; the fit on the totals has more rows,
+    so it is solved at the strength times the share of rows a cross-validation
+    fit trained on: folds of 30 and 50 rows and 20 kept out, all summed: each
+    cross-validation fit saw 50 or 30 rows, 40 on average, of the 100."""
+    from onnxprune.recover.fit import _Fit, _ridge, _solve, _totals, train_share
+
+    rng = np.random.default_rng(0)
+    f = _Fit.__new__(_Fit)
+    f.folds, f.w0 = {}, [rng.standard_normal((4, 2))]
+    for k, n in ((0, 30), (1, 50), (-1, 20)):
+        X = np.c_[rng.standard_normal((n, 3)), np.ones(n)]
+        Y = rng.standard_normal((n, 2))
+        f.folds[k] = ([X.T @ X], [X.T @ Y], [(Y * Y).sum(0)])
+    _totals(f, out=True)
+    assert train_share(f) == pytest.approx(0.4)
+    np.testing.assert_allclose(_solve(f, "ridge", 0.5)[0], _ridge(f.G[0], f.C[0], f.w0[0], 0.2))
+    _totals(f)  # the checked fit: 40 of 80
+    np.testing.assert_allclose(_solve(f, "ridge", 0.5)[0], _ridge(f.G[0], f.C[0], f.w0[0], 0.25))
+    del f.folds[1]  # one fold: nothing chosen by cross-validation, nothing scaled
+    _totals(f)
+    np.testing.assert_allclose(_solve(f, "ridge", 0.5)[0], _ridge(f.G[0], f.C[0], f.w0[0], 0.5))

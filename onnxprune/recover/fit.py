@@ -481,7 +481,32 @@ def _sq_err(G, C, yy, W) -> float:
     return float(max(yy.sum() - 2 * np.sum(W * C) + np.sum(W * (G @ W)), 0.0))
 
 
+def _rows_in(G) -> float:
+    """How many regression rows a Gram matrix sums (its intercept corner)."""
+    return float(G.corner) if isinstance(G, _Blocks) else float(G[-1, -1])
+
+
+def train_share(fit: _Fit) -> float:
+    """The rows a cross-validation fit trains on (the other folds, on average)
+    over the rows of the totals being solved (``fit.G``): the ridge strength
+    chosen on those folds is scaled by it for the fit on the totals. The
+    strength is relative to the Gram matrix's mean diagonal, which grows with
+    the rows, while the penalty that generalises does not: a strength chosen
+    on half the sources over-regularises a fit on all of them (EfficientNet-Lite0
+    at 70% of its MACs, KL on new photos 0.755 / 0.756 -> 0.723 / 0.711 over two
+    fold seeds). 1 with fewer than two folds."""
+    folds = [v[0][0] for k, v in fit.folds.items() if k >= 0 and v[0]]
+    if len(folds) < 2 or not fit.G:
+        return 1.0
+    n = [_rows_in(G) for G in folds]
+    return float(np.mean([sum(n) - k for k in n])) / max(_rows_in(fit.G[0]), 1.0)
+
+
 def _solve(fit: _Fit, method: str, ridge: float) -> list:
+    """The layer's solution on its totals (``fit.G, fit.C, fit.yy``); for
+    ``ridge``, the strength scaled by :func:`train_share`."""
+    if method == "ridge" and math.isfinite(ridge):
+        ridge = ridge * train_share(fit)
     out = []
     for G, C, yy, W0 in zip(fit.G, fit.C, fit.yy, fit.w0):
         n = G[-1, -1]
