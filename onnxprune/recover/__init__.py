@@ -209,6 +209,7 @@ def recover_model(
     residual: bool = True,
     refit_all: bool | None = None,
     clamp: bool = True,
+    scale_ridge: bool = True,
 ) -> list[LayerRow]:
     """Re-fit every consumer of pruned channels in closed form; no labels.
 
@@ -239,7 +240,9 @@ def recover_model(
     every source (two passes); False: that first pass is written. ``clamp``: a layer whose output only reaches a
     clamp (Relu, Clip, HardSwish, HardSigmoid; :func:`onnxprune.recover.graph.clamp_after`)
     is not asked to reproduce what that clamp hides (see
-    :func:`onnxprune.recover.fit._clamped_targets`; ridge only). Returns one :class:`LayerRow` per consumer (and
+    :func:`onnxprune.recover.fit._clamped_targets`; ridge only). ``scale_ridge``: the
+    strength cross-validation chose, scaled for the fit on the totals by the
+    share of rows its fits trained on (:func:`onnxprune.recover.fit.train_share`). Returns one :class:`LayerRow` per consumer (and
     per joint q/k fit)."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, not {method!r}")
@@ -410,7 +413,7 @@ def recover_model(
                         chosen[f.row.node] = _select(f, ridge)[0] if hold else None
                     lam = chosen[f.row.node]
                     _totals(f, out=shadow)  # the anchor: the written fit's
-                    first = _solve(f, method, ridge if lam is None else lam)
+                    first = _solve(f, method, ridge if lam is None else lam, scale_ridge)
                     reset_targets(f)
                     rngs[f.row.node].bit_generator.state = states[f.row.node]
                     anchor = first if all(np.all(np.isfinite(W)) for W in first) else f.w0
@@ -438,9 +441,9 @@ def recover_model(
                     f.row.ridge, f.row.method = None, "bias"
                     f.row.reason = "bias only: no re-fit of the weights beat it on held-out sources"
                 if shadow:
-                    Wc = _solve(f, method, ridge if lam is None else lam)
+                    Wc = _solve(f, method, ridge if lam is None else lam, scale_ridge)
                     _totals(f, out=True)
-                Ws = _solve(f, method, ridge if lam is None else lam)
+                Ws = _solve(f, method, ridge if lam is None else lam, scale_ridge)
                 tot_y = sum(float(yy.sum()) for yy in f.yy)
                 before = sum(_sq_err(G, C, yy, W) for G, C, yy, W in zip(f.G, f.C, f.yy, f.w0))
                 after = sum(_sq_err(G, C, yy, W) for G, C, yy, W in zip(f.G, f.C, f.yy, Ws))
@@ -521,7 +524,8 @@ def recover_model(
                               dict(method=method, ridge=ridge, rows_per_batch=rows_per_batch, max_features=max_features,
                                    threads=threads, seed=seed, progress=progress, layers=layers,
                                    ridge_select=ridge_select, frontier_bytes=frontier_bytes,
-                                   attention_logits=attention_logits, residual=residual, clamp=clamp))
+                                   attention_logits=attention_logits, residual=residual, clamp=clamp,
+                                   scale_ridge=scale_ridge))
     return rows
 
 

@@ -502,10 +502,10 @@ def train_share(fit: _Fit) -> float:
     return float(np.mean([sum(n) - k for k in n])) / max(_rows_in(fit.G[0]), 1.0)
 
 
-def _solve(fit: _Fit, method: str, ridge: float) -> list:
+def _solve(fit: _Fit, method: str, ridge: float, scale: bool = True) -> list:
     """The layer's solution on its totals (``fit.G, fit.C, fit.yy``); for
-    ``ridge``, the strength scaled by :func:`train_share`."""
-    if method == "ridge" and math.isfinite(ridge):
+    ``ridge``, the strength scaled by :func:`train_share` (``scale``)."""
+    if method == "ridge" and scale and math.isfinite(ridge):
         ridge = ridge * train_share(fit)
     out = []
     for G, C, yy, W0 in zip(fit.G, fit.C, fit.yy, fit.w0):
