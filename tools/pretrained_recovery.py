@@ -381,15 +381,6 @@ def main(argv: list[str] | None = None) -> None:
                 entry["recovered" if rec else "pruned"] = {**sc, "seconds": secs, "line": line}
                 if rec and (t not in best or sc["agree"] > best[t][0]):
                     best[t] = (sc["agree"], out, name)
-                if rec and args.fold_seeds:
-                    got = recover_seeds(model, plan, calib, args.calib_batches, norm[-1] if norm else None, x_eval,
-                                        ref, sure, args.fold_seeds)
-                    entry["fold_seeds"] = got
-                    for k in ("checked", "again", "every"):
-                        a = [g["agree"] for g in got[k]]
-                        mean = {m: float(np.mean([g[m] for g in got[k]])) for m in ("agree", "agree_sure", "kl")}
-                        secs = float(np.mean([g["seconds"] for g in got[k]]))
-                        cells.insert(-1, f"{cell(mean)} ({min(a):.1f}-{max(a):.1f}; {secs:.0f} s)")
                 if rec and args.ablate_stream:
                     plain = out.replace(".onnx", "_plain.onnx")
                     secs = recover_plain(model, plan, calib, args.calib_batches, plain, norm[-1] if norm else None)
@@ -422,6 +413,15 @@ def main(argv: list[str] | None = None) -> None:
                     sc = scores(ref_seen, logits(out, x_seen), sure_seen)
                     cells.insert(-2, cell(sc))
                     entry["recovered_seen_photos"] = sc
+                if rec and args.fold_seeds:  # after the cells that go before "after --recover"
+                    got = recover_seeds(model, plan, calib, args.calib_batches, norm[-1] if norm else None, x_eval,
+                                        ref, sure, args.fold_seeds)
+                    entry["fold_seeds"] = got
+                    for k in ("checked", "again", "every"):
+                        a = [g["agree"] for g in got[k]]
+                        mean = {m: float(np.mean([g[m] for g in got[k]])) for m in ("agree", "agree_sure", "kl")}
+                        secs = float(np.mean([g["seconds"] for g in got[k]]))
+                        cells.insert(-1, f"{cell(mean)} ({min(a):.1f}-{max(a):.1f}; {secs:.0f} s)")
             if draws:
                 got = [entry["recovered"]]
                 for k, path in enumerate(draws, 1):
