@@ -493,8 +493,8 @@ def train_share(fit: _Fit) -> float:
     strength is relative to the Gram matrix's mean diagonal, which grows with
     the rows, while the penalty that generalises does not: a strength chosen
     on half the sources over-regularises a fit on all of them (EfficientNet-Lite0
-    at 70% of its MACs, KL on new photos 0.755 / 0.756 -> 0.723 / 0.711 over two
-    fold seeds). 1 with fewer than two folds."""
+    at 70% of its MACs, one plan, KL on new photos 0.755 -> 0.723:
+    ``tools/results/pretrained_recovery_scaled.md``). 1 with fewer than two folds."""
     folds = [v[0][0] for k, v in fit.folds.items() if k >= 0 and v[0]]
     if len(folds) < 2 or not fit.G:
         return 1.0
